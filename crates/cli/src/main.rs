@@ -1,0 +1,56 @@
+//! `meshward`: the command-line entry point. This file parses arguments and
+//! dispatches; each subcommand lives in its own module and calls into the
+//! library crates, which own all the logic.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod ca;
+mod cert;
+mod describe;
+mod output;
+mod policy;
+mod validate;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshward", version, about = "Zero-trust service-to-service security: Istio-compatible policies, mTLS and a built-in CA")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate Istio security and networking resources; print every error.
+    Validate(validate::Args),
+    /// Test and evaluate authorization and peer-authentication policies offline.
+    #[command(subcommand)]
+    Policy(policy::Command),
+    /// Show the effective mTLS mode and the policies that apply to one workload.
+    Describe(describe::Args),
+    /// Certificate authority operations (create a root/intermediate, issue workload certificates).
+    #[command(subcommand)]
+    Ca(ca::Command),
+    /// Certificate inspection.
+    #[command(subcommand)]
+    Cert(cert::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(args),
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Describe(args) => describe::run(args),
+        Command::Ca(cmd) => ca::run(cmd),
+        Command::Cert(cmd) => cert::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

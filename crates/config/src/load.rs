@@ -1,0 +1,479 @@
+//! Loading files and directories into a validated [`ConfigSet`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::decode::{self, Fields};
+use crate::diag::{Diagnostic, Diagnostics, Severity, Sink};
+use crate::model::mesh::MeshConfig;
+use crate::model::networking::{DestinationRule, ServiceEntry, WorkloadEntry};
+use crate::model::security::{Action, AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::model::{ObjectMeta, Origin, Resource, check_name, check_namespace};
+use crate::yaml::{self, Node, Pos};
+
+/// Largest configuration file accepted.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The kinds meshward acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    PeerAuthentication,
+    AuthorizationPolicy,
+    RequestAuthentication,
+    DestinationRule,
+    ServiceEntry,
+    WorkloadEntry,
+    MeshConfig,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::MeshConfig => "MeshConfig",
+        }
+    }
+
+    /// The API group and versions a kind is accepted in.
+    fn api(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
+                ("security.istio.io", &["v1", "v1beta1"])
+            }
+            Kind::DestinationRule | Kind::ServiceEntry | Kind::WorkloadEntry => {
+                ("networking.istio.io", &["v1", "v1beta1", "v1alpha3"])
+            }
+            Kind::MeshConfig => ("meshward.io", &["v1alpha1"]),
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Kind> {
+        Some(match name {
+            "PeerAuthentication" => Kind::PeerAuthentication,
+            "AuthorizationPolicy" => Kind::AuthorizationPolicy,
+            "RequestAuthentication" => Kind::RequestAuthentication,
+            "DestinationRule" => Kind::DestinationRule,
+            "ServiceEntry" => Kind::ServiceEntry,
+            "WorkloadEntry" => Kind::WorkloadEntry,
+            "MeshConfig" => Kind::MeshConfig,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated set of resources: everything one mesh is configured with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigSet {
+    pub mesh: MeshConfig,
+    pub peer_authentications: Vec<Resource<PeerAuthentication>>,
+    pub authorization_policies: Vec<Resource<AuthorizationPolicy>>,
+    pub request_authentications: Vec<Resource<RequestAuthentication>>,
+    pub destination_rules: Vec<Resource<DestinationRule>>,
+    pub service_entries: Vec<Resource<ServiceEntry>>,
+    pub workload_entries: Vec<Resource<WorkloadEntry>>,
+}
+
+impl ConfigSet {
+    /// How many resources of each kind the set holds, for summaries.
+    pub fn counts(&self) -> Vec<(Kind, usize)> {
+        [
+            (Kind::PeerAuthentication, self.peer_authentications.len()),
+            (Kind::AuthorizationPolicy, self.authorization_policies.len()),
+            (Kind::RequestAuthentication, self.request_authentications.len()),
+            (Kind::DestinationRule, self.destination_rules.len()),
+            (Kind::ServiceEntry, self.service_entries.len()),
+            (Kind::WorkloadEntry, self.workload_entries.len()),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
+/// A successful load: the set and the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: ConfigSet,
+    pub warnings: Diagnostics,
+}
+
+/// Loads files and directories (see [`Loader::add_path`]) all-or-nothing.
+pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, Diagnostics> {
+    let mut loader = Loader::new();
+    for p in paths {
+        loader.add_path(p.as_ref());
+    }
+    loader.finish()
+}
+
+/// Accumulates sources, then validates the whole set in [`Loader::finish`].
+#[derive(Debug, Default)]
+pub struct Loader {
+    set: ConfigSet,
+    diags: Vec<Diagnostic>,
+    order: u32,
+    skipped: BTreeMap<String, usize>,
+    first_skipped: Option<(Arc<str>, Pos)>,
+    mesh_origin: Option<(Arc<str>, u32)>,
+    seen: BTreeMap<(Kind, String, String), (Arc<str>, u32)>,
+}
+
+impl Loader {
+    pub fn new() -> Loader {
+        Loader::default()
+    }
+
+    /// Adds a file, or every `.yaml`/`.yml`/`.json` file under a directory
+    /// (recursively, in sorted path order). Unreadable paths are errors.
+    pub fn add_path(&mut self, path: &Path) {
+        let mut files = Vec::new();
+        if let Err(e) = collect_files(path, &mut files, true) {
+            self.io_error(path, &e);
+            return;
+        }
+        files.sort();
+        for file in files {
+            self.add_file(&file);
+        }
+    }
+
+    fn add_file(&mut self, file: &Path) {
+        match std::fs::metadata(file) {
+            Ok(m) if m.len() > MAX_FILE_BYTES => {
+                let name: Arc<str> = Arc::from(file.display().to_string());
+                self.diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: name,
+                    pos: Pos { line: 1, col: 1 },
+                    resource: None,
+                    field: None,
+                    message: format!("file is larger than {MAX_FILE_BYTES} bytes"),
+                });
+                return;
+            }
+            Err(e) => {
+                self.io_error(file, &e);
+                return;
+            }
+            Ok(_) => {}
+        }
+        match std::fs::read(file) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => self.add_source(&file.display().to_string(), &text),
+                Err(_) => {
+                    let name: Arc<str> = Arc::from(file.display().to_string());
+                    self.error_at(&name, Pos { line: 1, col: 1 }, "file is not valid UTF-8".to_string());
+                }
+            },
+            Err(e) => self.io_error(file, &e),
+        }
+    }
+
+    fn io_error(&mut self, path: &Path, e: &std::io::Error) {
+        let name: Arc<str> = Arc::from(path.display().to_string());
+        self.error_at(&name, Pos { line: 0, col: 0 }, format!("cannot read: {e}"));
+    }
+
+    fn error_at(&mut self, file: &Arc<str>, pos: Pos, message: String) {
+        self.diags.push(Diagnostic {
+            severity: Severity::Error,
+            file: file.clone(),
+            pos,
+            resource: None,
+            field: None,
+            message,
+        });
+    }
+
+    /// Adds the documents of one YAML text; `name` is used in diagnostics.
+    pub fn add_source(&mut self, name: &str, text: &str) {
+        let file: Arc<str> = Arc::from(name);
+        let docs = match yaml::parse_stream(text) {
+            Ok(docs) => docs,
+            Err(e) => {
+                self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message));
+                return;
+            }
+        };
+        for doc in docs {
+            self.add_document(&file, &doc.root);
+        }
+    }
+
+    /// Adds a plain `meshConfig` block (the content of Istio's `mesh` key).
+    pub fn add_mesh_config_source(&mut self, name: &str, text: &str) {
+        let file: Arc<str> = Arc::from(name);
+        match yaml::parse_one(text) {
+            Ok(Some(node)) => {
+                if !self.claim_mesh(&file, node.pos) {
+                    return;
+                }
+                let mut sink = Sink { file: file.clone(), resource: Some("meshConfig".to_string()), out: &mut self.diags };
+                self.set.mesh = MeshConfig::decode(&mut sink, &node, "");
+            }
+            Ok(None) => {}
+            Err(e) => self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message)),
+        }
+    }
+
+    fn claim_mesh(&mut self, file: &Arc<str>, pos: Pos) -> bool {
+        if let Some((f, line)) = &self.mesh_origin {
+            let msg = format!("mesh settings are already defined at {f}:{line}; only one MeshConfig is allowed");
+            self.error_at(file, pos, msg);
+            return false;
+        }
+        self.mesh_origin = Some((file.clone(), pos.line));
+        true
+    }
+
+    fn add_document(&mut self, file: &Arc<str>, root: &Node) {
+        if !matches!(root.value, yaml::Value::Map(_)) {
+            self.error_at(file, root.pos, format!("expected a Kubernetes resource (a mapping with apiVersion and kind), found {}", root.type_name()));
+            return;
+        }
+        let api_version = root.get("apiVersion").and_then(Node::as_str);
+        let kind_name = root.get("kind").and_then(Node::as_str);
+        let (Some(api_version), Some(kind_name)) = (api_version, kind_name) else {
+            self.error_at(file, root.pos, "resource must have string fields apiVersion and kind".to_string());
+            return;
+        };
+        if kind_name == "List" && api_version == "v1" {
+            let Some(items) = root.get("items") else { return };
+            match &items.value {
+                yaml::Value::Seq(items) => {
+                    for item in items {
+                        self.add_document(file, item);
+                    }
+                }
+                _ => self.error_at(file, items.pos, "List.items must be a list".to_string()),
+            }
+            return;
+        }
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let kind = Kind::from_name(kind_name).filter(|k| k.api().0 == group);
+        let Some(kind) = kind else {
+            *self.skipped.entry(kind_name.to_string()).or_default() += 1;
+            if self.first_skipped.is_none() {
+                self.first_skipped = Some((file.clone(), root.pos));
+            }
+            return;
+        };
+        self.order += 1;
+        let order = self.order;
+        let mut sink = Sink { file: file.clone(), resource: None, out: &mut self.diags };
+        let mut f = Fields::new(&mut sink, root, "");
+        f.ignore("apiVersion");
+        f.ignore("kind");
+        f.ignore("status");
+        let meta = decode_meta(&mut sink, f.take("metadata"), root.pos, kind);
+        sink.resource = Some(format!("{kind} {}/{}", meta.namespace, meta.name));
+        let (_, versions) = kind.api();
+        if !versions.contains(&version) {
+            sink.error(root.pos, "apiVersion", format!("{kind} is not served in {api_version} (supported: {})", versions.iter().map(|v| format!("{group}/{v}")).collect::<Vec<_>>().join(", ")));
+        }
+        let spec_node = f.take("spec");
+        f.finish(&mut sink);
+        let empty = Node { pos: root.pos, value: yaml::Value::Map(Vec::new()) };
+        let spec = spec_node.unwrap_or(&empty);
+        let origin = Origin { file: file.clone(), line: root.pos.line, order };
+        let key = (kind, meta.namespace.clone(), meta.name.clone());
+        if let Some((f0, l0)) = self.seen.get(&key) {
+            sink.error(root.pos, "metadata.name", format!("{kind} {}/{} is defined twice (first at {f0}:{l0})", meta.namespace, meta.name));
+        }
+        if kind != Kind::AuthorizationPolicy && meta.annotations.contains_key(DRY_RUN_ANNOTATION) {
+            sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("{kind} does not support the {DRY_RUN_ANNOTATION} annotation; remove it"));
+        }
+        match kind {
+            Kind::PeerAuthentication => {
+                let spec = PeerAuthentication::decode(&mut sink, spec, "spec");
+                self.set.peer_authentications.push(Resource { meta, origin, spec });
+            }
+            Kind::AuthorizationPolicy => {
+                let spec = AuthorizationPolicy::decode(&mut sink, spec, "spec");
+                if let Some(v) = meta.annotations.get(DRY_RUN_ANNOTATION) {
+                    if matches!(spec.action, Action::Audit | Action::Custom) {
+                        sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("the {DRY_RUN_ANNOTATION} annotation only supports ALLOW and DENY policies, found {}", spec.action));
+                    } else if parse_go_bool(v).is_none() {
+                        sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("\"{v}\" is not a boolean (expected \"true\" or \"false\")"));
+                    }
+                }
+                self.set.authorization_policies.push(Resource { meta, origin, spec });
+            }
+            Kind::RequestAuthentication => {
+                let spec = RequestAuthentication::decode(&mut sink, spec, "spec");
+                self.set.request_authentications.push(Resource { meta, origin, spec });
+            }
+            Kind::DestinationRule => {
+                let spec = DestinationRule::decode(&mut sink, spec, "spec");
+                self.set.destination_rules.push(Resource { meta, origin, spec });
+            }
+            Kind::ServiceEntry => {
+                let spec = ServiceEntry::decode(&mut sink, spec, "spec");
+                self.set.service_entries.push(Resource { meta, origin, spec });
+            }
+            Kind::WorkloadEntry => {
+                let spec = WorkloadEntry::decode(&mut sink, spec, "spec");
+                self.set.workload_entries.push(Resource { meta, origin, spec });
+            }
+            Kind::MeshConfig => {
+                let mesh = MeshConfig::decode(&mut sink, spec, "spec");
+                if self.claim_mesh(file, root.pos) {
+                    self.set.mesh = mesh;
+                }
+            }
+        }
+        self.seen.insert(key, (file.clone(), root.pos.line));
+    }
+
+    /// Cross-resource checks, then the all-or-nothing verdict.
+    pub fn finish(mut self) -> Result<Loaded, Diagnostics> {
+        if !self.skipped.is_empty() {
+            let (file, pos) = self.first_skipped.clone().unwrap_or((Arc::from("<input>"), Pos::default()));
+            let total: usize = self.skipped.values().sum();
+            let list: Vec<String> = self.skipped.iter().map(|(k, n)| format!("{k} ({n})")).collect();
+            self.diags.push(Diagnostic {
+                severity: Severity::Warning,
+                file,
+                pos,
+                resource: None,
+                field: None,
+                message: format!("skipped {total} resource(s) of kinds meshward does not act on: {}", list.join(", ")),
+            });
+        }
+        self.cross_checks();
+        let diags = Diagnostics(self.diags);
+        if diags.has_errors() {
+            Err(diags)
+        } else {
+            Ok(Loaded { config: self.set, warnings: diags })
+        }
+    }
+
+    fn cross_checks(&mut self) {
+        let root_ns = self.set.mesh.root_namespace.clone();
+        let ra_namespaces: BTreeSet<&str> =
+            self.set.request_authentications.iter().map(|r| r.meta.namespace.as_str()).collect();
+        let mut warnings = Vec::new();
+        for p in &self.set.authorization_policies {
+            let warn = |msg: String, field: &str| Diagnostic {
+                severity: Severity::Warning,
+                file: p.origin.file.clone(),
+                pos: Pos { line: p.origin.line, col: 1 },
+                resource: Some(format!("AuthorizationPolicy {}", p.key())),
+                field: Some(field.to_string()),
+                message: msg,
+            };
+            if p.spec.uses_jwt()
+                && !ra_namespaces.contains(p.meta.namespace.as_str())
+                && !ra_namespaces.contains(root_ns.as_str())
+            {
+                warnings.push(warn(
+                    format!("uses requestPrincipals or request.auth.* but no RequestAuthentication exists in namespace \"{}\" or \"{root_ns}\"; these conditions can never be satisfied", p.meta.namespace),
+                    "spec.rules",
+                ));
+            }
+            if p.spec.action == Action::Custom {
+                if let Some(name) = p.spec.provider.as_deref().filter(|n| !n.is_empty()) {
+                    match self.set.mesh.provider(name) {
+                        None => warnings.push(warn(
+                            format!("extension provider \"{name}\" is not defined in the mesh config; requests to the selected workloads will be denied"),
+                            "spec.provider.name",
+                        )),
+                        Some(prov) if !prov.is_authz() => warnings.push(warn(
+                            format!("extension provider \"{name}\" is a {} provider, not an authorization provider; requests to the selected workloads will be denied", prov.kind),
+                            "spec.provider.name",
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+            if p.spec.selector.as_ref().is_some_and(|s| s.match_labels.is_empty()) {
+                warnings.push(warn("selector has no labels and selects every workload in the namespace".to_string(), "spec.selector"));
+            }
+        }
+        self.diags.extend(warnings);
+    }
+}
+
+/// The annotation that makes an AuthorizationPolicy evaluate without enforcing.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Go's `strconv.ParseBool`, which Istio uses for the dry-run annotation.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+const IGNORED_META: &[&str] = &[
+    "uid",
+    "resourceVersion",
+    "generation",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "generateName",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+];
+
+fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos, kind: Kind) -> ObjectMeta {
+    let Some(node) = node else {
+        sink.error(pos, "metadata", "missing required field \"metadata\"");
+        return ObjectMeta { namespace: "default".into(), ..ObjectMeta::default() };
+    };
+    let mut f = Fields::new(sink, node, "metadata");
+    let name = f.require(sink, "name").and_then(|n| decode::string(sink, n, "metadata.name")).unwrap_or_default();
+    if let Err(e) = check_name(&name) {
+        sink.error(node.pos, "metadata.name", e);
+    }
+    let namespace = f.string(sink, "namespace").unwrap_or_else(|| "default".to_string());
+    if let Err(e) = check_namespace(&namespace) {
+        sink.error(node.pos, "metadata.namespace", e);
+    }
+    let labels = f.string_map(sink, "labels");
+    let annotations = f.string_map(sink, "annotations");
+    let creation_timestamp = f.string(sink, "creationTimestamp");
+    for key in IGNORED_META {
+        f.ignore(key);
+    }
+    f.finish(sink);
+    let _ = kind;
+    ObjectMeta { name, namespace, labels, annotations, creation_timestamp }
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>, top: bool) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        entries.sort();
+        for entry in entries {
+            let hidden = entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            if !hidden {
+                collect_files(&entry, out, false)?;
+            }
+        }
+    } else if top || is_config_file(path) {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+fn is_config_file(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}

@@ -1,0 +1,473 @@
+//! `networking.istio.io` kinds that matter for security: DestinationRule (its
+//! client TLS settings), ServiceEntry and WorkloadEntry (workloads and
+//! services outside Kubernetes).
+
+use std::collections::BTreeMap;
+
+use crate::decode::{self, Fields};
+use crate::diag::Sink;
+use crate::model::{WorkloadSelector, check_label_key, check_label_value, check_name};
+use crate::values;
+use crate::yaml::Node;
+
+/// Fields Istio defines that carry no security meaning; they are accepted
+/// and ignored so that users can apply their existing manifests.
+const IGNORED_TRAFFIC_POLICY: &[&str] = &[
+    "loadBalancer",
+    "connectionPool",
+    "outlierDetection",
+    "tunnel",
+    "proxyProtocol",
+    "retryBudget",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "DISABLE",
+            TlsMode::Simple => "SIMPLE",
+            TlsMode::Mutual => "MUTUAL",
+            TlsMode::IstioMutual => "ISTIO_MUTUAL",
+        }
+    }
+}
+
+/// `ClientTLSSettings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: bool,
+    pub ca_crl: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortTrafficPolicy {
+    pub port: u16,
+    pub tls: Option<ClientTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrafficPolicy {
+    pub tls: Option<ClientTls>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DestinationRule {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<Subset>,
+    pub export_to: Vec<String>,
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+impl DestinationRule {
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> DestinationRule {
+        let mut f = Fields::new(sink, node, path);
+        let host_path = f.field_path("host");
+        let host = f
+            .require(sink, "host")
+            .and_then(|n| decode::string(sink, n, &host_path))
+            .unwrap_or_default();
+        if host.is_empty() {
+            sink.error(f.pos(), &host_path, "host must not be empty");
+        }
+        let tp_path = f.field_path("trafficPolicy");
+        let traffic_policy = f.take("trafficPolicy").map(|n| decode_traffic_policy(sink, n, &tp_path));
+        let subsets = f
+            .list(sink, "subsets", |sink, n, p| {
+                let mut sf = Fields::new(sink, n, p);
+                let name = sf.string(sink, "name").unwrap_or_default();
+                if name.is_empty() {
+                    sink.error(n.pos, &format!("{p}.name"), "subset name must not be empty");
+                }
+                let labels = sf.string_map(sink, "labels");
+                let tp = format!("{p}.trafficPolicy");
+                let traffic_policy = sf.take("trafficPolicy").map(|n| decode_traffic_policy(sink, n, &tp));
+                sf.finish(sink);
+                Some(Subset {
+                    name,
+                    labels,
+                    traffic_policy,
+                })
+            })
+            .unwrap_or_default();
+        let export_to = f.strings(sink, "exportTo");
+        let ws_path = f.field_path("workloadSelector");
+        let workload_selector = f.take("workloadSelector").map(|n| WorkloadSelector::decode(sink, n, &ws_path));
+        f.finish(sink);
+        DestinationRule {
+            host,
+            traffic_policy,
+            subsets,
+            export_to,
+            workload_selector,
+        }
+    }
+}
+
+fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> TrafficPolicy {
+    let mut f = Fields::new(sink, node, path);
+    for key in IGNORED_TRAFFIC_POLICY {
+        f.ignore(key);
+    }
+    let tls_path = f.field_path("tls");
+    let tls = f.take("tls").and_then(|n| decode_client_tls(sink, n, &tls_path));
+    let mut seen = BTreeMap::new();
+    let port_level_settings = f
+        .list(sink, "portLevelSettings", |sink, n, p| {
+            let mut pf = Fields::new(sink, n, p);
+            for key in IGNORED_TRAFFIC_POLICY {
+                pf.ignore(key);
+            }
+            let port_path = format!("{p}.port");
+            let port = match pf.take("port") {
+                Some(pn) => {
+                    let mut nf = Fields::new(sink, pn, &port_path);
+                    let num_path = format!("{port_path}.number");
+                    let number = nf.require(sink, "number").and_then(|x| decode::integer(sink, x, &num_path));
+                    nf.finish(sink);
+                    match number {
+                        Some(v) if (1..=65535).contains(&v) => Some(v as u16),
+                        Some(v) => {
+                            sink.error(pn.pos, &num_path, format!("port {v} is out of range (1-65535)"));
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                None => {
+                    sink.error(n.pos, &port_path, "port is required in portLevelSettings");
+                    None
+                }
+            };
+            let tls_path = format!("{p}.tls");
+            let tls = pf.take("tls").and_then(|t| decode_client_tls(sink, t, &tls_path));
+            pf.finish(sink);
+            let port = port?;
+            if seen.insert(port, ()).is_some() {
+                sink.error(n.pos, &port_path, format!("port {port} is listed more than once"));
+            }
+            Some(PortTrafficPolicy { port, tls })
+        })
+        .unwrap_or_default();
+    f.finish(sink);
+    TrafficPolicy {
+        tls,
+        port_level_settings,
+    }
+}
+
+fn decode_client_tls(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<ClientTls> {
+    let mut f = Fields::new(sink, node, path);
+    let mode_path = f.field_path("mode");
+    let mode = match f.take("mode") {
+        None => Some(TlsMode::Disable),
+        Some(n) => decode::string(sink, n, &mode_path).and_then(|s| {
+            Some(match s.as_str() {
+                "DISABLE" => TlsMode::Disable,
+                "SIMPLE" => TlsMode::Simple,
+                "MUTUAL" => TlsMode::Mutual,
+                "ISTIO_MUTUAL" => TlsMode::IstioMutual,
+                _ => {
+                    sink.error(n.pos, &mode_path, format!("unknown TLS mode \"{s}\" (expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)"));
+                    return None;
+                }
+            })
+        }),
+    };
+    let tls = ClientTls {
+        mode: mode.unwrap_or(TlsMode::Disable),
+        client_certificate: f.string(sink, "clientCertificate"),
+        private_key: f.string(sink, "privateKey"),
+        ca_certificates: f.string(sink, "caCertificates"),
+        credential_name: f.string(sink, "credentialName"),
+        subject_alt_names: f.strings(sink, "subjectAltNames"),
+        sni: f.string(sink, "sni"),
+        insecure_skip_verify: f.bool(sink, "insecureSkipVerify").unwrap_or(false),
+        ca_crl: f.string(sink, "caCrl"),
+    };
+    f.finish(sink);
+    let set = |o: &Option<String>| o.as_deref().is_some_and(|s| !s.is_empty());
+    match tls.mode {
+        TlsMode::IstioMutual => {
+            for (name, v) in [
+                ("clientCertificate", &tls.client_certificate),
+                ("privateKey", &tls.private_key),
+                ("caCertificates", &tls.ca_certificates),
+                ("credentialName", &tls.credential_name),
+            ] {
+                if set(v) {
+                    sink.warn(node.pos, &format!("{path}.{name}"), format!("{name} is ignored with ISTIO_MUTUAL (the mesh supplies the certificates)"));
+                }
+            }
+        }
+        TlsMode::Mutual => {
+            if set(&tls.credential_name) {
+                for (name, v) in [("clientCertificate", &tls.client_certificate), ("privateKey", &tls.private_key), ("caCertificates", &tls.ca_certificates)] {
+                    if set(v) {
+                        sink.error(node.pos, &format!("{path}.{name}"), format!("{name} cannot be set together with credentialName"));
+                    }
+                }
+            } else {
+                for (name, v) in [("clientCertificate", &tls.client_certificate), ("privateKey", &tls.private_key)] {
+                    if !set(v) {
+                        sink.error(node.pos, &format!("{path}.{name}"), format!("MUTUAL TLS requires {name} (or credentialName)"));
+                    }
+                }
+            }
+        }
+        TlsMode::Simple | TlsMode::Disable => {}
+    }
+    if tls.insecure_skip_verify {
+        let conflict = match tls.mode {
+            TlsMode::Simple => set(&tls.ca_certificates) || set(&tls.credential_name) || !tls.subject_alt_names.is_empty(),
+            TlsMode::Mutual => set(&tls.ca_certificates) || !tls.subject_alt_names.is_empty(),
+            _ => false,
+        };
+        if conflict {
+            sink.error(node.pos, &format!("{path}.insecureSkipVerify"), "cannot specify caCertificates, credentialName or subjectAltNames when insecureSkipVerify is true");
+        }
+    }
+    mode.map(|_| tls)
+}
+
+// ---------------------------------------------------------------- ServiceEntry
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePort {
+    pub number: u16,
+    /// Upper-cased protocol (`HTTP`, `HTTP2`, `GRPC`, `TCP`, `TLS`, ...), if given.
+    pub protocol: Option<String>,
+    pub name: String,
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    /// Whether traffic on this port is handled as HTTP, by Istio's rules: an
+    /// explicit protocol wins, else the name prefix (`http-`, `grpc`, ...).
+    pub fn is_http(&self) -> bool {
+        let proto = self.protocol.clone().unwrap_or_else(|| {
+            self.name.split('-').next().unwrap_or_default().to_ascii_uppercase()
+        });
+        matches!(proto.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
+    }
+}
+
+const PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceEntry {
+    pub hosts: Vec<String>,
+    pub addresses: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    pub location: Option<String>,
+    pub resolution: Option<String>,
+    pub endpoints: Vec<WorkloadEntry>,
+    pub workload_selector: Option<BTreeMap<String, String>>,
+    pub export_to: Vec<String>,
+    pub subject_alt_names: Vec<String>,
+}
+
+impl ServiceEntry {
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> ServiceEntry {
+        let mut f = Fields::new(sink, node, path);
+        let hosts_path = f.field_path("hosts");
+        let hosts = f.strings(sink, "hosts");
+        if hosts.is_empty() {
+            sink.error(f.pos(), &hosts_path, "at least one host is required");
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            if h == "*" || h.is_empty() {
+                sink.error(f.pos(), &format!("{hosts_path}[{i}]"), format!("invalid host \"{h}\""));
+            }
+        }
+        let addresses = f.strings(sink, "addresses");
+        for (i, a) in addresses.iter().enumerate() {
+            if let Err(e) = values::parse_ip_block(a) {
+                sink.error(f.pos(), &format!("{}[{i}]", f.field_path("addresses")), e);
+            }
+        }
+        let mut names = BTreeMap::new();
+        let mut numbers = BTreeMap::new();
+        let ports = f
+            .list(sink, "ports", |sink, n, p| {
+                let port = decode_service_port(sink, n, p)?;
+                if names.insert(port.name.clone(), ()).is_some() {
+                    sink.error(n.pos, &format!("{p}.name"), format!("port name \"{}\" is used more than once", port.name));
+                }
+                if numbers.insert(port.number, ()).is_some() {
+                    sink.error(n.pos, &format!("{p}.number"), format!("port number {} is used more than once", port.number));
+                }
+                Some(port)
+            })
+            .unwrap_or_default();
+        let location = enum_field(sink, &mut f, "location", &["MESH_EXTERNAL", "MESH_INTERNAL"]);
+        let resolution = enum_field(sink, &mut f, "resolution", &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]);
+        let endpoints = f
+            .list(sink, "endpoints", |sink, n, p| Some(WorkloadEntry::decode(sink, n, p)))
+            .unwrap_or_default();
+        let ws_path = f.field_path("workloadSelector");
+        let workload_selector = f.take("workloadSelector").map(|n| {
+            let mut wf = Fields::new(sink, n, &ws_path);
+            let labels = wf.string_map(sink, "labels");
+            wf.finish(sink);
+            labels
+        });
+        if workload_selector.is_some() && !endpoints.is_empty() {
+            sink.error(f.pos(), &ws_path, "only one of workloadSelector or endpoints can be set");
+        }
+        let export_to = f.strings(sink, "exportTo");
+        let subject_alt_names = f.strings(sink, "subjectAltNames");
+        f.finish(sink);
+        ServiceEntry {
+            hosts,
+            addresses,
+            ports,
+            location,
+            resolution,
+            endpoints,
+            workload_selector,
+            export_to,
+            subject_alt_names,
+        }
+    }
+}
+
+fn enum_field(sink: &mut Sink<'_>, f: &mut Fields<'_>, key: &str, allowed: &[&str]) -> Option<String> {
+    let path = f.field_path(key);
+    let node = f.take(key)?;
+    let s = decode::string(sink, node, &path)?;
+    if allowed.contains(&s.as_str()) {
+        Some(s)
+    } else {
+        sink.error(node.pos, &path, format!("unknown value \"{s}\" (expected one of {})", allowed.join(", ")));
+        None
+    }
+}
+
+fn port_number(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u16> {
+    let v = decode::integer(sink, node, path)?;
+    if (1..=65535).contains(&v) {
+        Some(v as u16)
+    } else {
+        sink.error(node.pos, path, format!("port {v} is out of range (1-65535)"));
+        None
+    }
+}
+
+fn decode_service_port(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<ServicePort> {
+    let mut f = Fields::new(sink, node, path);
+    let num_path = f.field_path("number");
+    let number = f.require(sink, "number").and_then(|n| port_number(sink, n, &num_path));
+    let proto_path = f.field_path("protocol");
+    let protocol = f.take("protocol").and_then(|n| {
+        let s = decode::string(sink, n, &proto_path)?;
+        let upper = s.to_ascii_uppercase();
+        if PROTOCOLS.contains(&upper.as_str()) {
+            Some(upper)
+        } else {
+            sink.error(n.pos, &proto_path, format!("unknown protocol \"{s}\" (expected one of {})", PROTOCOLS.join(", ")));
+            None
+        }
+    });
+    let name_path = f.field_path("name");
+    let name = f.require(sink, "name").and_then(|n| decode::string(sink, n, &name_path)).unwrap_or_default();
+    let tp_path = f.field_path("targetPort");
+    let target_port = f.take("targetPort").and_then(|n| port_number(sink, n, &tp_path));
+    f.finish(sink);
+    Some(ServicePort {
+        number: number?,
+        protocol,
+        name,
+        target_port,
+    })
+}
+
+// ---------------------------------------------------------------- WorkloadEntry
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadEntry {
+    pub address: Option<String>,
+    pub ports: BTreeMap<String, u16>,
+    pub labels: BTreeMap<String, String>,
+    pub network: Option<String>,
+    pub locality: Option<String>,
+    pub weight: Option<u32>,
+    pub service_account: Option<String>,
+}
+
+impl WorkloadEntry {
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> WorkloadEntry {
+        let mut f = Fields::new(sink, node, path);
+        let address = f.string(sink, "address");
+        let mut ports = BTreeMap::new();
+        let ports_path = f.field_path("ports");
+        if let Some(pn) = f.take("ports") {
+            if let crate::yaml::Value::Map(entries) = &pn.value {
+                for (k, v) in entries {
+                    let name = k.scalar_text().unwrap_or_default().to_string();
+                    if let Some(p) = port_number(sink, v, &format!("{ports_path}.{name}")) {
+                        ports.insert(name, p);
+                    }
+                }
+            } else {
+                sink.error(pn.pos, &ports_path, format!("expected a mapping of port name to number, found {}", pn.type_name()));
+            }
+        }
+        let labels = f.string_map(sink, "labels");
+        for (k, v) in &labels {
+            let field = format!("{}.{k}", f.field_path("labels"));
+            if let Err(e) = check_label_key(k).and_then(|_| check_label_value(v)) {
+                sink.error(f.pos(), &field, e);
+            }
+        }
+        let network = f.string(sink, "network");
+        let locality = f.string(sink, "locality");
+        let weight_path = f.field_path("weight");
+        let weight = f.take("weight").and_then(|n| decode::integer(sink, n, &weight_path)).and_then(|w| u32::try_from(w).ok());
+        let sa_path = f.field_path("serviceAccount");
+        let service_account = f.string(sink, "serviceAccount");
+        if let Some(sa) = &service_account {
+            if let Err(e) = check_name(sa) {
+                sink.error(f.pos(), &sa_path, e);
+            }
+        }
+        if address.as_deref().is_none_or(str::is_empty) && network.is_none() {
+            sink.error(f.pos(), &f.field_path("address"), "address is required (unless network is set)");
+        }
+        f.finish(sink);
+        WorkloadEntry {
+            address,
+            ports,
+            labels,
+            network,
+            locality,
+            weight,
+            service_account,
+        }
+    }
+}

@@ -1,0 +1,784 @@
+//! `security.istio.io` kinds: PeerAuthentication, AuthorizationPolicy,
+//! RequestAuthentication, with Istio's validation rules.
+
+use std::collections::BTreeMap;
+
+use crate::decode::{self, Fields};
+use crate::diag::Sink;
+use crate::model::{TargetRef, WorkloadSelector, decode_attachment};
+use crate::values::{self, ConditionKey};
+use crate::yaml::Node;
+
+// ---------------------------------------------------------------- PeerAuthentication
+
+/// A PeerAuthentication mTLS mode. `Unset` inherits from the parent scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Unset => "UNSET",
+            MtlsMode::Disable => "DISABLE",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Strict => "STRICT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MtlsMode> {
+        Some(match s {
+            "UNSET" => MtlsMode::Unset,
+            "DISABLE" => MtlsMode::Disable,
+            "PERMISSIVE" => MtlsMode::Permissive,
+            "STRICT" => MtlsMode::Strict,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerAuthentication {
+    pub selector: Option<WorkloadSelector>,
+    pub target_refs: Vec<TargetRef>,
+    /// `mtls.mode`; `Unset` when `mtls` or its mode is absent.
+    pub mode: Option<MtlsMode>,
+    pub port_level_mtls: BTreeMap<u16, MtlsMode>,
+}
+
+impl PeerAuthentication {
+    /// The mode of the whole policy, `Unset` when not given.
+    pub fn mode(&self) -> MtlsMode {
+        self.mode.unwrap_or(MtlsMode::Unset)
+    }
+
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> PeerAuthentication {
+        let mut f = Fields::new(sink, node, path);
+        let (selector, target_refs) = decode_attachment(sink, &mut f);
+        let mode = f.take("mtls").and_then(|n| decode_mtls(sink, n, &format!("{path}.mtls")));
+        let mut port_level_mtls = BTreeMap::new();
+        let plm_path = f.field_path("portLevelMtls");
+        if let Some(plm) = f.take("portLevelMtls") {
+            match &plm.value {
+                crate::yaml::Value::Map(entries) => {
+                    for (k, v) in entries {
+                        let key_text = k.scalar_text().unwrap_or_default();
+                        let field = format!("{plm_path}[{key_text}]");
+                        let port = match crate::yaml::parse_int(key_text) {
+                            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+                            Some(_) => {
+                                sink.error(k.pos, &field, format!("port {key_text} is out of range (1-65535)"));
+                                None
+                            }
+                            None => {
+                                sink.error(k.pos, &field, format!("\"{key_text}\" is not a port number"));
+                                None
+                            }
+                        };
+                        let mode = decode_mtls(sink, v, &field);
+                        if v.is_null() {
+                            sink.error(v.pos, &field, "port-level mtls must set a mode");
+                        }
+                        if let (Some(port), Some(mode)) = (port, mode) {
+                            port_level_mtls.insert(port, mode);
+                        }
+                    }
+                    if !entries.is_empty()
+                        && selector.as_ref().is_none_or(|s| s.match_labels.is_empty())
+                    {
+                        sink.error(plm.pos, &plm_path, "portLevelMtls requires a workload selector with matchLabels");
+                    }
+                    if !entries.is_empty() && !target_refs.is_empty() {
+                        sink.error(plm.pos, &plm_path, "portLevelMtls cannot be used with targetRefs");
+                    }
+                }
+                _ => sink.error(plm.pos, &plm_path, format!("expected a mapping of port to mtls settings, found {}", plm.type_name())),
+            }
+        }
+        f.finish(sink);
+        PeerAuthentication {
+            selector,
+            target_refs,
+            mode,
+            port_level_mtls,
+        }
+    }
+}
+
+fn decode_mtls(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<MtlsMode> {
+    let mut f = Fields::new(sink, node, path);
+    let mode_path = f.field_path("mode");
+    let mode = f.take("mode").and_then(|n| {
+        let s = decode::string(sink, n, &mode_path)?;
+        MtlsMode::parse(&s).or_else(|| {
+            sink.error(n.pos, &mode_path, format!("unknown mode \"{s}\" (expected UNSET, DISABLE, PERMISSIVE or STRICT)"));
+            None
+        })
+    });
+    f.finish(sink);
+    Some(mode.unwrap_or(MtlsMode::Unset))
+}
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+            Action::Custom => "CUSTOM",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    pub selector: Option<WorkloadSelector>,
+    pub target_refs: Vec<TargetRef>,
+    pub action: Action,
+    /// `provider.name`, for CUSTOM.
+    pub provider: Option<String>,
+    pub rules: Vec<Rule>,
+}
+
+/// One rule: every present part (`from`, `to`, `when`) must match.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+impl Source {
+    pub fn uses_request_principals(&self) -> bool {
+        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Operation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub ports: Vec<String>,
+    pub not_ports: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// The key as written.
+    pub key_text: String,
+    pub key: ConditionKey,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+impl AuthorizationPolicy {
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> AuthorizationPolicy {
+        let mut f = Fields::new(sink, node, path);
+        let (selector, target_refs) = decode_attachment(sink, &mut f);
+        let action_path = f.field_path("action");
+        let action_node = f.take("action");
+        let action = action_node
+            .and_then(|n| {
+                let s = decode::string(sink, n, &action_path)?;
+                Some(match s.as_str() {
+                    "ALLOW" => Action::Allow,
+                    "DENY" => Action::Deny,
+                    "AUDIT" => Action::Audit,
+                    "CUSTOM" => Action::Custom,
+                    other => {
+                        sink.error(n.pos, &action_path, format!("unknown action \"{other}\" (expected ALLOW, DENY, AUDIT or CUSTOM)"));
+                        return None;
+                    }
+                })
+            })
+            .unwrap_or(Action::Allow);
+        let provider_path = f.field_path("provider");
+        let provider_node = f.take("provider");
+        let provider = provider_node.map(|n| {
+            let mut pf = Fields::new(sink, n, &provider_path);
+            let name = pf.string(sink, "name").unwrap_or_default();
+            pf.finish(sink);
+            name
+        });
+        let rules_node = f.take("rules");
+        let rules_path = f.field_path("rules");
+        let rules: Vec<Rule> = rules_node
+            .map(|n| decode::list(sink, n, &rules_path, decode_rule))
+            .unwrap_or_default();
+        let has_rules = rules_node.is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()));
+        let pos = f.pos();
+        match action {
+            Action::Custom => {
+                match provider.as_deref() {
+                    None => sink.error(pos, &provider_path, "CUSTOM action requires a provider"),
+                    Some("") => sink.error(provider_node.map_or(pos, |n| n.pos), &format!("{provider_path}.name"), "provider name must not be empty"),
+                    Some(_) => {}
+                }
+                if !has_rules {
+                    sink.error(pos, &rules_path, "CUSTOM action requires at least one rule (use `rules: [{}]` to send every request to the provider)");
+                }
+                check_custom_rules(sink, &rules, rules_node, &rules_path);
+            }
+            _ => {
+                if let Some(n) = provider_node {
+                    sink.error(n.pos, &provider_path, format!("provider can only be used with the CUSTOM action, not {action}"));
+                }
+                if action == Action::Deny && !has_rules {
+                    sink.error(action_node.map_or(pos, |n| n.pos), &rules_path, "DENY action requires at least one rule (a DENY policy without rules never matches; use `rules: [{}]` to deny everything)");
+                }
+            }
+        }
+        f.finish(sink);
+        AuthorizationPolicy {
+            selector,
+            target_refs,
+            action,
+            provider,
+            rules,
+        }
+    }
+
+    /// Whether the policy uses request principals or `request.auth.*` keys,
+    /// which need a RequestAuthentication to ever be satisfied.
+    pub fn uses_jwt(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.from.iter().any(Source::uses_request_principals)
+                || r.when.iter().any(|c| c.key.needs_jwt())
+        })
+    }
+}
+
+/// CUSTOM rules are evaluated before the peer identity and JWT are taken
+/// into account by the external authorizer, so Istio refuses identity fields.
+fn check_custom_rules(sink: &mut Sink<'_>, rules: &[Rule], node: Option<&Node>, path: &str) {
+    let pos = node.map(|n| n.pos).unwrap_or_default();
+    for (i, rule) in rules.iter().enumerate() {
+        for (j, src) in rule.from.iter().enumerate() {
+            for (field, set) in [
+                ("principals", !src.principals.is_empty()),
+                ("notPrincipals", !src.not_principals.is_empty()),
+                ("requestPrincipals", !src.request_principals.is_empty()),
+                ("notRequestPrincipals", !src.not_request_principals.is_empty()),
+                ("namespaces", !src.namespaces.is_empty()),
+                ("notNamespaces", !src.not_namespaces.is_empty()),
+                ("serviceAccounts", !src.service_accounts.is_empty()),
+                ("notServiceAccounts", !src.not_service_accounts.is_empty()),
+            ] {
+                if set {
+                    sink.error(pos, &format!("{path}[{i}].from[{j}].source.{field}"), format!("{field} is not supported with the CUSTOM action"));
+                }
+            }
+        }
+        for (j, cond) in rule.when.iter().enumerate() {
+            if matches!(
+                cond.key,
+                ConditionKey::SourceNamespace | ConditionKey::SourcePrincipal | ConditionKey::SourceServiceAccount
+            ) || cond.key.needs_jwt()
+            {
+                sink.error(pos, &format!("{path}[{i}].when[{j}].key"), format!("{} is not supported with the CUSTOM action", cond.key_text));
+            }
+        }
+    }
+}
+
+fn decode_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Rule> {
+    if node.is_null() {
+        sink.error(node.pos, path, "rule must not be null (write {} for a rule that matches every request)");
+        return None;
+    }
+    let mut f = Fields::new(sink, node, path);
+    for key in ["from", "to"] {
+        if f.peek(key).is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if s.is_empty())) {
+            sink.error(node.pos, &f.field_path(key), format!("`{key}` must not be empty (omit it instead)"));
+        }
+    }
+    let from = f.list(sink, "from", decode_from).unwrap_or_default();
+    let to = f.list(sink, "to", decode_to).unwrap_or_default();
+    let when = f.list(sink, "when", decode_condition).unwrap_or_default();
+    f.finish(sink);
+    Some(Rule { from, to, when })
+}
+
+fn decode_from(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source> {
+    let mut f = Fields::new(sink, node, path);
+    let src_path = f.field_path("source");
+    let source = match f.take("source") {
+        Some(n) => decode_source(sink, n, &src_path),
+        None => {
+            sink.error(node.pos, &src_path, "from entry must have a source (\"source\" is required)");
+            None
+        }
+    };
+    f.finish(sink);
+    source
+}
+
+fn decode_to(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Operation> {
+    let mut f = Fields::new(sink, node, path);
+    let op_path = f.field_path("operation");
+    let op = match f.take("operation") {
+        Some(n) => decode_operation(sink, n, &op_path),
+        None => {
+            sink.error(node.pos, &op_path, "to entry must have an operation (\"operation\" is required)");
+            None
+        }
+    };
+    f.finish(sink);
+    op
+}
+
+/// Reads a list of non-empty strings, checking each with `check`.
+fn checked_strings(
+    sink: &mut Sink<'_>,
+    f: &mut Fields<'_>,
+    key: &str,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Vec<String> {
+    let path = f.field_path(key);
+    let Some(node) = f.take(key) else {
+        return Vec::new();
+    };
+    decode::list(sink, node, &path, |sink, n, p| {
+        let s = decode::string(sink, n, p)?;
+        if s.is_empty() {
+            sink.error(n.pos, p, "empty value is not allowed");
+            return None;
+        }
+        if let Err(e) = check(&s) {
+            sink.error(n.pos, p, e);
+            return None;
+        }
+        Some(s)
+    })
+}
+
+fn no_check(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+fn check_ip(s: &str) -> Result<(), String> {
+    values::parse_ip_block(s).map(|_| ())
+}
+
+fn check_port(s: &str) -> Result<(), String> {
+    values::parse_port(s).map(|_| ())
+}
+
+/// `ns/sa` or `sa` (the policy's namespace), as Istio's `CheckServiceAccount`.
+fn check_service_account(s: &str) -> Result<(), String> {
+    if s.contains('*') {
+        return Err(format!("wildcard is not allowed in service account \"{s}\""));
+    }
+    if s.len() > 320 {
+        return Err(format!("service account \"{s}\" is longer than 320 characters"));
+    }
+    match s.split('/').collect::<Vec<_>>().as_slice() {
+        [_] => Ok(()),
+        ["", _] => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace in \"{s}\"")),
+        [_, ""] => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount in \"{s}\"")),
+        [_, _] => Ok(()),
+        _ => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found \"{s}\"")),
+    }
+}
+
+/// In namespaces `*` may appear anywhere (Istio turns each into `.*`).
+fn check_namespace_value(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// `*` may stand only at the start or the end of a value (or alone).
+fn check_wildcard(s: &str) -> Result<(), String> {
+    let inner = s.strip_prefix('*').unwrap_or(s);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    if s != "*" && inner.contains('*') {
+        Err(format!("\"{s}\": '*' is only supported at the start or the end of a value"))
+    } else {
+        Ok(())
+    }
+}
+
+const MAX_SERVICE_ACCOUNTS: usize = 16;
+
+fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source> {
+    let mut f = Fields::new(sink, node, path);
+    let s = Source {
+        principals: checked_strings(sink, &mut f, "principals", check_wildcard),
+        not_principals: checked_strings(sink, &mut f, "notPrincipals", check_wildcard),
+        request_principals: checked_strings(sink, &mut f, "requestPrincipals", check_wildcard),
+        not_request_principals: checked_strings(sink, &mut f, "notRequestPrincipals", check_wildcard),
+        namespaces: checked_strings(sink, &mut f, "namespaces", check_namespace_value),
+        not_namespaces: checked_strings(sink, &mut f, "notNamespaces", check_namespace_value),
+        service_accounts: checked_strings(sink, &mut f, "serviceAccounts", check_service_account),
+        not_service_accounts: checked_strings(sink, &mut f, "notServiceAccounts", check_service_account),
+        ip_blocks: checked_strings(sink, &mut f, "ipBlocks", check_ip),
+        not_ip_blocks: checked_strings(sink, &mut f, "notIpBlocks", check_ip),
+        remote_ip_blocks: checked_strings(sink, &mut f, "remoteIpBlocks", check_ip),
+        not_remote_ip_blocks: checked_strings(sink, &mut f, "notRemoteIpBlocks", check_ip),
+    };
+    f.finish(sink);
+    if s == Source::default() {
+        sink.error(node.pos, path, "source must not be empty: set at least one field");
+        return None;
+    }
+    let uses_sa = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+    let uses_identity = !s.principals.is_empty()
+        || !s.not_principals.is_empty()
+        || !s.namespaces.is_empty()
+        || !s.not_namespaces.is_empty();
+    if uses_sa && uses_identity {
+        let field = if s.service_accounts.is_empty() { "notServiceAccounts" } else { "serviceAccounts" };
+        sink.error(node.pos, &format!("{path}.{field}"), "cannot set serviceAccounts (or notServiceAccounts) together with namespaces or principals (or their not* forms)");
+    }
+    for (field, list) in [("serviceAccounts", &s.service_accounts), ("notServiceAccounts", &s.not_service_accounts)] {
+        if list.len() > MAX_SERVICE_ACCOUNTS {
+            sink.error(node.pos, &format!("{path}.{field}"), format!("at most {MAX_SERVICE_ACCOUNTS} service accounts are allowed, found {}", list.len()));
+        }
+    }
+    Some(s)
+}
+
+fn decode_operation(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Operation> {
+    let mut f = Fields::new(sink, node, path);
+    let op = Operation {
+        hosts: checked_strings(sink, &mut f, "hosts", check_wildcard),
+        not_hosts: checked_strings(sink, &mut f, "notHosts", check_wildcard),
+        ports: checked_strings(sink, &mut f, "ports", check_port),
+        not_ports: checked_strings(sink, &mut f, "notPorts", check_port),
+        methods: checked_strings(sink, &mut f, "methods", values::check_method),
+        not_methods: checked_strings(sink, &mut f, "notMethods", values::check_method),
+        paths: checked_strings(sink, &mut f, "paths", check_path_value),
+        not_paths: checked_strings(sink, &mut f, "notPaths", check_path_value),
+    };
+    f.finish(sink);
+    if op == Operation::default() {
+        sink.error(node.pos, path, "operation must not be empty: set at least one field");
+        return None;
+    }
+    Some(op)
+}
+
+fn check_path_value(s: &str) -> Result<(), String> {
+    values::check_path(s)?;
+    if !(s.contains('{')) {
+        check_wildcard(s)?;
+    }
+    Ok(())
+}
+
+fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Condition> {
+    let mut f = Fields::new(sink, node, path);
+    let key_path = f.field_path("key");
+    let key_text = f.require(sink, "key").and_then(|n| decode::string(sink, n, &key_path));
+    let key = key_text.as_deref().and_then(|k| match values::parse_condition_key(k) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            sink.error(node.pos, &key_path, e);
+            None
+        }
+    });
+    let check: fn(&str) -> Result<(), String> = match &key {
+        Some(ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp) => check_ip,
+        Some(ConditionKey::DestinationPort) => check_port,
+        Some(ConditionKey::SourceServiceAccount) => check_service_account,
+        Some(ConditionKey::SourcePrincipal | ConditionKey::SourceNamespace) => check_wildcard,
+        _ => no_check,
+    };
+    let has_values = has_items(&f, "values");
+    let has_not_values = has_items(&f, "notValues");
+    let values = checked_strings(sink, &mut f, "values", check);
+    let not_values = checked_strings(sink, &mut f, "notValues", check);
+    f.finish(sink);
+    if !has_values && !has_not_values {
+        sink.error(node.pos, path, format!("condition on \"{}\" must set at least one of values or notValues", key_text.as_deref().unwrap_or_default()));
+        return None;
+    }
+    Some(Condition {
+        key_text: key_text?,
+        key: key?,
+        values,
+        not_values,
+    })
+}
+
+fn has_items(f: &Fields<'_>, key: &str) -> bool {
+    f.peek(key).is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()))
+}
+
+// ---------------------------------------------------------------- RequestAuthentication
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestAuthentication {
+    pub selector: Option<WorkloadSelector>,
+    pub target_refs: Vec<TargetRef>,
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtHeader {
+    pub name: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtRule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks: Option<String>,
+    pub from_headers: Vec<JwtHeader>,
+    pub from_params: Vec<String>,
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: Option<String>,
+    pub forward_original_token: bool,
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    pub timeout: Option<String>,
+    pub space_delimited_claims: Vec<String>,
+}
+
+impl RequestAuthentication {
+    pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> RequestAuthentication {
+        let mut f = Fields::new(sink, node, path);
+        let (selector, target_refs) = decode_attachment(sink, &mut f);
+        let jwt_rules = f.list(sink, "jwtRules", decode_jwt_rule).unwrap_or_default();
+        f.finish(sink);
+        RequestAuthentication {
+            selector,
+            target_refs,
+            jwt_rules,
+        }
+    }
+}
+
+fn non_empty_strings(sink: &mut Sink<'_>, f: &mut Fields<'_>, key: &str) -> Vec<String> {
+    checked_strings(sink, f, key, no_check)
+}
+
+fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRule> {
+    let mut f = Fields::new(sink, node, path);
+    let issuer = f.string(sink, "issuer").unwrap_or_default();
+    let audiences = non_empty_strings(sink, &mut f, "audiences");
+    let jwks_uri_path = f.field_path("jwksUri");
+    let jwks_uri_node = f.take("jwksUri");
+    let jwks_uri = jwks_uri_node.and_then(|n| decode::string(sink, n, &jwks_uri_path));
+    let jwks_path = f.field_path("jwks");
+    let jwks_node = f.take("jwks");
+    let jwks = jwks_node.and_then(|n| decode::string(sink, n, &jwks_path));
+    let from_headers = f
+        .list(sink, "fromHeaders", |sink, n, p| {
+            let mut hf = Fields::new(sink, n, p);
+            let name = hf.string(sink, "name").unwrap_or_default();
+            let prefix = hf.string(sink, "prefix").unwrap_or_default();
+            hf.finish(sink);
+            if name.is_empty() {
+                sink.error(n.pos, &format!("{p}.name"), "header name must not be empty");
+            }
+            Some(JwtHeader { name, prefix })
+        })
+        .unwrap_or_default();
+    let from_params = non_empty_strings(sink, &mut f, "fromParams");
+    let from_cookies = non_empty_strings(sink, &mut f, "fromCookies");
+    let output_payload_to_header = f.string(sink, "outputPayloadToHeader");
+    let forward_original_token = f.bool(sink, "forwardOriginalToken").unwrap_or(false);
+    let output_claim_to_headers = f
+        .list(sink, "outputClaimToHeaders", |sink, n, p| {
+            let mut cf = Fields::new(sink, n, p);
+            let header = cf.string(sink, "header").unwrap_or_default();
+            let claim = cf.string(sink, "claim").unwrap_or_default();
+            cf.finish(sink);
+            if let Err(e) = check_header_name(&header) {
+                sink.error(n.pos, &format!("{p}.header"), e);
+            }
+            if claim.is_empty() {
+                sink.error(n.pos, &format!("{p}.claim"), "claim must not be empty");
+            }
+            Some(ClaimToHeader { header, claim })
+        })
+        .unwrap_or_default();
+    let timeout_path = f.field_path("timeout");
+    let timeout_node = f.take("timeout");
+    let timeout = timeout_node.and_then(|n| decode::string(sink, n, &timeout_path));
+    if let (Some(t), Some(n)) = (&timeout, timeout_node) {
+        if let Err(e) = check_duration(t) {
+            sink.error(n.pos, &timeout_path, e);
+        }
+    }
+    let space_delimited_claims = non_empty_strings(sink, &mut f, "spaceDelimitedClaims");
+    f.finish(sink);
+
+    if issuer.is_empty() && jwks_uri.as_deref().is_none_or(str::is_empty) {
+        sink.error(node.pos, &format!("{path}.issuer"), "issuer or jwksUri must be set");
+    }
+    if let (Some(uri), Some(n)) = (&jwks_uri, jwks_uri_node) {
+        if let Err(e) = check_jwks_uri(uri) {
+            sink.error(n.pos, &jwks_uri_path, e);
+        }
+    }
+    if jwks_uri.is_some() && jwks.is_some() {
+        sink.error(node.pos, &jwks_path, "jwks and jwksUri cannot both be set");
+    }
+    if let (Some(text), Some(n)) = (&jwks, jwks_node) {
+        if let Err(e) = check_jwks(text) {
+            sink.error(n.pos, &jwks_path, e);
+        }
+    }
+    Some(JwtRule {
+        issuer,
+        audiences,
+        jwks_uri,
+        jwks,
+        from_headers,
+        from_params,
+        from_cookies,
+        output_payload_to_header,
+        forward_original_token,
+        output_claim_to_headers,
+        timeout,
+        space_delimited_claims,
+    })
+}
+
+/// HTTP header names are tokens (RFC 9110); pseudo-headers such as
+/// `:authority` cannot be written by a filter.
+fn check_header_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("header must not be empty".to_string());
+    }
+    if name.starts_with(':') {
+        return Err(format!("header \"{name}\" is a pseudo-header and cannot be set"));
+    }
+    // Istio's ValidateStrictHTTPHeaderName: ^[-A-Za-z0-9]+$
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("header \"{name}\" is not a valid header name (letters, digits and '-')"));
+    }
+    Ok(())
+}
+
+fn check_jwks_uri(uri: &str) -> Result<(), String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| format!("jwksUri \"{uri}\" is not a URL"))?;
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("jwksUri \"{uri}\": unsupported scheme \"{scheme}\" (expected http or https)"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        host_port.split_once(']').map(|(h, _)| h.trim_start_matches('[')).unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    if host.is_empty() {
+        return Err(format!("jwksUri \"{uri}\" has no host"));
+    }
+    let port = if host_port.starts_with('[') {
+        host_port.split_once("]:").map(|(_, p)| p)
+    } else {
+        host_port.split_once(':').map(|(_, p)| p)
+    };
+    if let Some(port) = port {
+        values::parse_port(port).map_err(|e| format!("jwksUri \"{uri}\": {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_jwks(text: &str) -> Result<(), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("jwks is not a valid JSON Web Key Set: {e}"))?;
+    if value.get("keys").is_some_and(serde_json::Value::is_array) {
+        Ok(())
+    } else {
+        Err("jwks is not a valid JSON Web Key Set: expected an object with a \"keys\" list".to_string())
+    }
+}
+
+/// Go/protobuf durations: `1.5s`, `300ms`, `1m30s`; at least 1ms.
+pub fn check_duration(text: &str) -> Result<(), String> {
+    let secs = parse_duration(text)?;
+    if secs < 0.001 {
+        return Err(format!("duration \"{text}\" must be at least 1ms"));
+    }
+    Ok(())
+}
+
+/// Parses a Go-style duration into seconds.
+pub fn parse_duration(text: &str) -> Result<f64, String> {
+    let err = || format!("\"{text}\" is not a duration (for example \"5s\", \"300ms\", \"1h30m\")");
+    let mut rest = text;
+    let mut total = 0.0;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+        if num_len == 0 {
+            return Err(err());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| err())?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += n * factor;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
