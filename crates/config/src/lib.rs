@@ -20,6 +20,6 @@ pub mod values;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
-pub use load::{ConfigSet, Kind, Loaded, Loader, load_paths};
+pub use load::{ConfigSet, DRY_RUN_ANNOTATION, Kind, Loaded, Loader, load_paths, parse_go_bool};
 pub use model::mesh::{MeshConfig, PathNormalization};
 pub use model::{ObjectMeta, Origin, Resource, WorkloadSelector};

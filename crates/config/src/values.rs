@@ -133,7 +133,6 @@ impl ConditionKey {
                 | ConditionKey::RequestAuthAudiences
                 | ConditionKey::RequestAuthPresenter
                 | ConditionKey::RequestAuthClaims(_)
-                | ConditionKey::Experimental(_)
         )
     }
 

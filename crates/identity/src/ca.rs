@@ -535,7 +535,7 @@ impl CertificateAuthority {
 
         // rcgen re-encodes the issuer name from the parsed subject; it
         // supports only single-valued RDNs (and would panic on an empty one).
-        if ca_parsed.subject().iter().any(|rdn| rdn.len() != 1) {
+        if ca_parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
             return Err(CaLoadError::BadCertificate {
                 path: paths.ca_cert.clone(),
                 reason: "multi-valued or empty RDNs in the subject are not supported".into(),

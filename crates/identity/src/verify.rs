@@ -34,6 +34,9 @@ pub enum SvidError {
     NoCertificate,
     #[error("malformed certificate: {reason}")]
     Malformed { reason: String },
+    /// No trusted root signed this chain: an unknown issuer name, or a
+    /// CA with a trusted name whose key did not sign it (another root with
+    /// the same subject, as Istio roots often share `O=cluster.local`).
     #[error("certificate does not chain to a trusted root")]
     UnknownIssuer,
     #[error("certificate (or its chain) has expired")]
@@ -42,8 +45,6 @@ pub enum SvidError {
     NotYetValid,
     #[error("a CA certificate was presented as an end-entity certificate")]
     CaUsedAsLeaf,
-    #[error("certificate signature is invalid")]
-    BadSignature,
     #[error("certificate is not valid for {usage} (extended key usage)")]
     WrongUsage { usage: &'static str },
     #[error("chain verification failed: {reason}")]
@@ -247,8 +248,12 @@ fn map_webpki(e: webpki::Error, side: Side) -> SvidError {
         W::CertExpired { .. } => SvidError::Expired,
         W::CertNotValidYet { .. } => SvidError::NotYetValid,
         W::CaUsedAsEndEntity => SvidError::CaUsedAsLeaf,
-        W::InvalidSignatureForPublicKey => SvidError::BadSignature,
-        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => SvidError::WrongUsage {
+        // Path building tries every CA whose name matches; a signature that
+        // does not verify means that CA did not issue the certificate.
+        W::InvalidSignatureForPublicKey
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKey => SvidError::UnknownIssuer,
+        W::RequiredEkuNotFoundContext(_) => SvidError::WrongUsage {
             usage: match side {
                 Side::Server => "serverAuth",
                 Side::Client => "clientAuth",

@@ -1,1 +1,29 @@
-//! placeholder
+//! Pure policy decisions for meshward.
+//!
+//! Given a validated [`meshward_config::ConfigSet`], this crate answers two
+//! questions exactly as Istio does: which mTLS mode a workload port has
+//! (PeerAuthentication), and whether a connection or request is allowed
+//! (AuthorizationPolicy: CUSTOM, then DENY, then ALLOW; AUDIT and dry-run
+//! reported only). Every decision carries its explanation.
+//!
+//! Policies are compiled once; [`PolicyEngine::workload`] collects the ones
+//! that select one workload, so a decision costs what those policies cost.
+//! No I/O, no async, no global state.
+
+#![forbid(unsafe_code)]
+
+mod compile;
+mod decision;
+mod engine;
+pub mod matcher;
+pub mod normalize;
+mod peer;
+mod request;
+pub mod suite;
+
+pub use compile::PolicyRef;
+pub use decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};
+pub use engine::{PolicyEngine, Workload, WorkloadPolicy};
+pub use normalize::{PathError, normalize_path};
+pub use peer::{ModeSource, PeerDecision, PeerModes};
+pub use request::{Headers, HttpAttributes, JwtAuth, NoHeaders, Request};

@@ -1,0 +1,252 @@
+//! The policy index and per-workload compiled policy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use meshward_config::model::security::{Action, MtlsMode};
+use meshward_config::{ConfigSet, MeshConfig, PathNormalization};
+
+use crate::compile::{CompiledPolicy, Compiler, DEFAULT_SPACE_DELIMITED, Facts, PolicyRef};
+use crate::decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};
+use crate::normalize::normalize_path;
+use crate::peer::{PeerDecision, PeerModes};
+use crate::request::Request;
+
+/// The destination workload a decision is made for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Workload {
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct IndexedPolicy {
+    compiled: Arc<CompiledPolicy>,
+    /// `None`: selects every workload in scope.
+    selector: Option<BTreeMap<String, String>>,
+}
+
+/// All policies of a mesh, compiled once and indexed by namespace, so that
+/// compiling the view of one workload only looks at its namespace and the
+/// root namespace.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    config: Arc<ConfigSet>,
+    by_namespace: HashMap<String, Vec<IndexedPolicy>>,
+}
+
+impl PolicyEngine {
+    pub fn new(config: Arc<ConfigSet>) -> PolicyEngine {
+        let compiler = Compiler { mesh: &config.mesh };
+        let mut by_namespace: HashMap<String, Vec<IndexedPolicy>> = HashMap::new();
+        for p in &config.authorization_policies {
+            // Policies attached with targetRefs apply to gateways and
+            // waypoints, never to sidecar workloads.
+            if !p.spec.target_refs.is_empty() {
+                continue;
+            }
+            by_namespace.entry(p.meta.namespace.clone()).or_default().push(IndexedPolicy {
+                compiled: Arc::new(compiler.policy(p)),
+                selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            });
+        }
+        PolicyEngine { config, by_namespace }
+    }
+
+    pub fn config(&self) -> &ConfigSet {
+        &self.config
+    }
+
+    pub fn mesh(&self) -> &MeshConfig {
+        &self.config.mesh
+    }
+
+    /// Compiles the policy view of one workload.
+    pub fn workload(&self, w: &Workload) -> WorkloadPolicy {
+        let root = &self.config.mesh.root_namespace;
+        let mut view = WorkloadPolicy {
+            workload: w.clone(),
+            peer: PeerModes::compute(&self.config, root, w),
+            custom: Vec::new(),
+            deny: Vec::new(),
+            allow: Vec::new(),
+            audit: Vec::new(),
+            dry_run: Vec::new(),
+            space_delimited: DEFAULT_SPACE_DELIMITED.iter().map(|s| s.to_string()).collect(),
+            normalization: self.config.mesh.path_normalization,
+            mesh: Arc::clone(&self.config),
+        };
+        let namespaces: &[&str] = if *root == w.namespace { &[root.as_str()] } else { &[root.as_str(), w.namespace.as_str()] };
+        for ns in namespaces {
+            for p in self.by_namespace.get(*ns).into_iter().flatten() {
+                let selected = p.selector.as_ref().is_none_or(|sel| {
+                    sel.iter().all(|(k, v)| w.labels.get(k).is_some_and(|l| l == v))
+                });
+                if !selected {
+                    continue;
+                }
+                let c = Arc::clone(&p.compiled);
+                match (c.id.action, c.id.dry_run) {
+                    (_, true) => view.dry_run.push(c),
+                    (Action::Custom, _) => view.custom.push(c),
+                    (Action::Deny, _) => view.deny.push(c),
+                    (Action::Allow, _) => view.allow.push(c),
+                    (Action::Audit, _) => view.audit.push(c),
+                }
+            }
+        }
+        for ra in &self.config.request_authentications {
+            let applies = ra.spec.target_refs.is_empty()
+                && (ra.meta.namespace == *root || ra.meta.namespace == w.namespace)
+                && ra.spec.selector.as_ref().is_none_or(|s| s.matches(&w.labels));
+            if applies {
+                for rule in &ra.spec.jwt_rules {
+                    view.space_delimited.extend(rule.space_delimited_claims.iter().cloned());
+                }
+            }
+        }
+        view
+    }
+}
+
+/// The compiled policies that apply to one workload. Deciding costs only
+/// what these policies cost, whatever the size of the mesh.
+#[derive(Debug)]
+pub struct WorkloadPolicy {
+    workload: Workload,
+    peer: PeerModes,
+    custom: Vec<Arc<CompiledPolicy>>,
+    /// Root-namespace policies come first, as Istio orders them.
+    deny: Vec<Arc<CompiledPolicy>>,
+    allow: Vec<Arc<CompiledPolicy>>,
+    audit: Vec<Arc<CompiledPolicy>>,
+    dry_run: Vec<Arc<CompiledPolicy>>,
+    space_delimited: BTreeSet<String>,
+    normalization: PathNormalization,
+    mesh: Arc<ConfigSet>,
+}
+
+impl WorkloadPolicy {
+    pub fn workload(&self) -> &Workload {
+        &self.workload
+    }
+
+    pub fn peer_modes(&self) -> &PeerModes {
+        &self.peer
+    }
+
+    /// The effective mTLS mode on a workload port.
+    pub fn mtls(&self, port: u16) -> &PeerDecision {
+        self.peer.for_port(port)
+    }
+
+    /// Every authorization policy that applies, in evaluation order.
+    pub fn policies(&self) -> Vec<Arc<PolicyRef>> {
+        self.custom
+            .iter()
+            .chain(&self.audit)
+            .chain(&self.deny)
+            .chain(&self.allow)
+            .chain(&self.dry_run)
+            .map(|p| Arc::clone(&p.id))
+            .collect()
+    }
+
+    /// The full inbound decision: the peer-authentication mode of the port
+    /// (STRICT refuses plaintext), then authorization.
+    pub fn decide(&self, req: &Request<'_>) -> Decision {
+        let peer = self.mtls(req.port);
+        if peer.mode == MtlsMode::Strict && req.principal.is_none() {
+            return Decision::new(Verdict::Deny, Reason::PlaintextRejected { source: peer.source.to_string() });
+        }
+        self.authorize(req)
+    }
+
+    /// The authorization decision alone: CUSTOM, then DENY, then ALLOW;
+    /// AUDIT and dry-run policies are evaluated and reported only.
+    pub fn authorize(&self, req: &Request<'_>) -> Decision {
+        let path = match req.http {
+            Some(h) => match normalize_path(h.path, self.normalization) {
+                Ok(p) => p,
+                Err(e) => return Decision::new(Verdict::Deny, Reason::InvalidPath(e.to_string())),
+            },
+            None => std::borrow::Cow::Borrowed(""),
+        };
+        let facts = Facts { req, path: &path, space_delimited: &self.space_delimited };
+
+        let mut ext_authz = None;
+        for p in &self.custom {
+            if let Some(rule) = first_match(p, &facts, true) {
+                let name = p.provider.clone().unwrap_or_default();
+                let valid = self.mesh.mesh.provider(&name).is_some_and(|prov| prov.is_authz());
+                if !valid {
+                    return Decision::new(Verdict::Deny, Reason::CustomProviderMissing { provider: name })
+                        .with_policy(p, rule);
+                }
+                ext_authz = Some(ExtAuthzCheck { provider: name, policy: RuleRef { policy: Arc::clone(&p.id), rule } });
+                break;
+            }
+        }
+
+        let mut decision = self.enforce(&facts);
+        decision.ext_authz = ext_authz;
+        for p in &self.audit {
+            if let Some(rule) = first_match(p, &facts, true) {
+                decision.audit.push(RuleRef { policy: Arc::clone(&p.id), rule });
+            }
+        }
+        if !self.dry_run.is_empty() {
+            decision.dry_run = self.dry_run_results(&facts);
+        }
+        decision
+    }
+
+    fn enforce(&self, facts: &Facts<'_, '_>) -> Decision {
+        for p in &self.deny {
+            if let Some(rule) = first_match(p, facts, true) {
+                return Decision::new(Verdict::Deny, Reason::DenyMatched).with_policy(p, rule);
+            }
+        }
+        if self.allow.is_empty() {
+            return Decision::new(Verdict::Allow, Reason::NoAllowPolicies);
+        }
+        for p in &self.allow {
+            if let Some(rule) = first_match(p, facts, false) {
+                return Decision::new(Verdict::Allow, Reason::AllowMatched).with_policy(p, rule);
+            }
+        }
+        Decision::new(
+            Verdict::Deny,
+            Reason::NoAllowMatched { policies: self.allow.iter().map(|p| p.id.to_string()).collect() },
+        )
+    }
+
+    fn dry_run_results(&self, facts: &Facts<'_, '_>) -> Vec<DryRunResult> {
+        let mut out = Vec::new();
+        let mut allow_seen = false;
+        let mut allow_matched = false;
+        for p in &self.dry_run {
+            let deny_like = p.id.action == Action::Deny;
+            let matched = first_match(p, facts, deny_like);
+            if !deny_like {
+                allow_seen = true;
+            }
+            if let Some(rule) = matched {
+                allow_matched |= !deny_like;
+                let would = if deny_like { Verdict::Deny } else { Verdict::Allow };
+                out.push(DryRunResult { rule: RuleRef { policy: Arc::clone(&p.id), rule }, would });
+            }
+        }
+        if allow_seen && !allow_matched {
+            if let Some(p) = self.dry_run.iter().find(|p| p.id.action == Action::Allow) {
+                out.push(DryRunResult { rule: RuleRef { policy: Arc::clone(&p.id), rule: usize::MAX }, would: Verdict::Deny });
+            }
+        }
+        out
+    }
+}
+
+fn first_match(p: &CompiledPolicy, facts: &Facts<'_, '_>, deny_like: bool) -> Option<usize> {
+    p.rules.iter().position(|r| r.matches(facts, deny_like))
+}
