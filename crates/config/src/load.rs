@@ -150,34 +150,45 @@ impl Loader {
     }
 
     fn add_file(&mut self, file: &Path) {
+        if let Some(text) = self.read_text(file) {
+            self.add_source(&file.display().to_string(), &text);
+        }
+    }
+
+    /// Adds a file holding a plain `meshConfig` block.
+    pub fn add_mesh_config_path(&mut self, file: &Path) {
+        if let Some(text) = self.read_text(file) {
+            self.add_mesh_config_source(&file.display().to_string(), &text);
+        }
+    }
+
+    /// Reads a file, refusing oversized and non-UTF-8 ones.
+    fn read_text(&mut self, file: &Path) -> Option<String> {
+        let name: Arc<str> = Arc::from(file.display().to_string());
+        let start = Pos { line: 1, col: 1 };
         match std::fs::metadata(file) {
             Ok(m) if m.len() > MAX_FILE_BYTES => {
-                let name: Arc<str> = Arc::from(file.display().to_string());
-                self.diags.push(Diagnostic {
-                    severity: Severity::Error,
-                    file: name,
-                    pos: Pos { line: 1, col: 1 },
-                    resource: None,
-                    field: None,
-                    message: format!("file is larger than {MAX_FILE_BYTES} bytes"),
-                });
-                return;
+                self.error_at(&name, start, format!("file is larger than {MAX_FILE_BYTES} bytes"));
+                return None;
             }
             Err(e) => {
                 self.io_error(file, &e);
-                return;
+                return None;
             }
             Ok(_) => {}
         }
         match std::fs::read(file) {
             Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => self.add_source(&file.display().to_string(), &text),
+                Ok(text) => Some(text),
                 Err(_) => {
-                    let name: Arc<str> = Arc::from(file.display().to_string());
-                    self.error_at(&name, Pos { line: 1, col: 1 }, "file is not valid UTF-8".to_string());
+                    self.error_at(&name, start, "file is not valid UTF-8".to_string());
+                    None
                 }
             },
-            Err(e) => self.io_error(file, &e),
+            Err(e) => {
+                self.io_error(file, &e);
+                None
+            }
         }
     }
 
@@ -353,6 +364,14 @@ impl Loader {
             });
         }
         self.cross_checks();
+        // Report in reading order: files as first seen, lines ascending.
+        let mut files: Vec<Arc<str>> = Vec::new();
+        for d in &self.diags {
+            if !files.contains(&d.file) {
+                files.push(d.file.clone());
+            }
+        }
+        self.diags.sort_by_key(|d| (files.iter().position(|f| *f == d.file), d.pos.line));
         let diags = Diagnostics(self.diags);
         if diags.has_errors() {
             Err(diags)

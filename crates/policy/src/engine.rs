@@ -20,6 +20,30 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
+impl Workload {
+    /// The workload a WorkloadEntry describes (service account `default`
+    /// when none is given, as in Kubernetes).
+    pub fn from_entry(entry: &meshward_config::Resource<meshward_config::model::WorkloadEntry>) -> Workload {
+        Workload {
+            namespace: entry.meta.namespace.clone(),
+            service_account: entry.spec.service_account.clone().unwrap_or_else(|| "default".to_string()),
+            labels: entry.spec.labels.clone(),
+        }
+    }
+
+    /// `ns/sa` rendered as this workload's principal in `trust_domain`.
+    pub fn principal(&self, trust_domain: &str) -> String {
+        format!("{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        write!(f, "namespace {}, service account {}, labels {{{}}}", self.namespace, self.service_account, labels.join(", "))
+    }
+}
+
 #[derive(Debug)]
 struct IndexedPolicy {
     compiled: Arc<CompiledPolicy>,

@@ -28,7 +28,11 @@ pub struct Suite {
 pub struct Case {
     pub name: String,
     pub line: u32,
+    /// Inline resources (`config: |`).
     pub config: String,
+    /// meshward extension: files or directories of resources, relative to
+    /// the test file (`configPaths: [../policies]`), loaded before `config`.
+    pub config_paths: Vec<String>,
     pub check: CaseKind,
 }
 
@@ -145,7 +149,11 @@ fn parse_case(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Case> {
     let name = f.require(sink, "name").and_then(|n| decode::string(sink, n, &format!("{path}.name")));
     sink.resource = name.as_ref().map(|n| format!("case {n}"));
     let kind = f.require(sink, "kind").and_then(|n| decode::string(sink, n, &format!("{path}.kind")));
-    let config = f.require(sink, "config").and_then(|n| decode::string(sink, n, &format!("{path}.config")));
+    let config = f.string(sink, "config");
+    let config_paths = f.strings(sink, "configPaths");
+    if config.is_none() && config_paths.is_empty() {
+        sink.error(node.pos, &format!("{path}.config"), "a case needs `config` (inline resources) or `configPaths`");
+    }
     let check = match kind.as_deref() {
         Some("authz") => {
             let workload = f.require(sink, "workload").map(|n| parse_workload(sink, n, &format!("{path}.workload")));
@@ -176,7 +184,7 @@ fn parse_case(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Case> {
     };
     f.finish(sink);
     sink.resource = None;
-    Some(Case { name: name?, line: node.pos.line, config: config?, check: check? })
+    Some(Case { name: name?, line: node.pos.line, config: config.unwrap_or_default(), config_paths, check: check? })
 }
 
 fn parse_workload(sink: &mut Sink<'_>, node: &Node, path: &str) -> Workload {
@@ -352,9 +360,19 @@ fn parse_request(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Request
     })
 }
 
+/// Adds the resources a case names by path to a loader. The caller owns file
+/// access (this crate does no I/O); see `meshward policy test`.
+pub type PathLoader<'a> = &'a dyn Fn(&mut Loader, &str);
+
 /// Loads a case's config; `Err` holds the rendered errors.
-fn load_config(suite: &Suite, case: &Case) -> Result<meshward_config::Loaded, Diagnostics> {
+fn load_config(suite: &Suite, case: &Case, paths: PathLoader<'_>) -> Result<meshward_config::Loaded, Diagnostics> {
     let mut loader = Loader::new();
+    for p in &case.config_paths {
+        paths(&mut loader, p);
+    }
+    if case.config.trim().is_empty() {
+        return loader.finish();
+    }
     loader.add_source(&format!("{} [case {} config]", suite.file, case.name), &case.config);
     loader.finish()
 }
@@ -363,8 +381,8 @@ fn errors_text(d: &Diagnostics) -> String {
     d.0.iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect::<Vec<_>>().join("\n")
 }
 
-/// Runs every check of a suite.
-pub fn run_suite(suite: &Suite) -> Vec<CheckResult> {
+/// Runs every check of a suite; `paths` loads `configPaths` entries.
+pub fn run_suite(suite: &Suite, paths: PathLoader<'_>) -> Vec<CheckResult> {
     let mut results = Vec::new();
     for case in &suite.cases {
         let result = |check: String, passed: bool, expected: String, actual: String, explanation: String| CheckResult {
@@ -377,7 +395,7 @@ pub fn run_suite(suite: &Suite) -> Vec<CheckResult> {
         };
         match &case.check {
             CaseKind::Validate { expect_valid, error_contains } => {
-                let outcome = load_config(suite, case);
+                let outcome = load_config(suite, case, paths);
                 let (passed, actual, explanation) = match (&outcome, expect_valid) {
                     (Ok(_), true) => (true, "valid".to_string(), String::new()),
                     (Ok(_), false) => (false, "valid".to_string(), "the resource was accepted".to_string()),
@@ -398,7 +416,7 @@ pub fn run_suite(suite: &Suite) -> Vec<CheckResult> {
                 };
                 results.push(result("validate".to_string(), passed, expected, actual, explanation));
             }
-            CaseKind::Authz { workload, requests } => match load_config(suite, case) {
+            CaseKind::Authz { workload, requests } => match load_config(suite, case, paths) {
                 Err(d) => {
                     for r in requests {
                         results.push(result(r.name.clone(), false, r.expect.to_string(), "config rejected".to_string(), errors_text(&d)));
@@ -413,7 +431,7 @@ pub fn run_suite(suite: &Suite) -> Vec<CheckResult> {
                     }
                 }
             },
-            CaseKind::Peer { workload, checks } => match load_config(suite, case) {
+            CaseKind::Peer { workload, checks } => match load_config(suite, case, paths) {
                 Err(d) => {
                     for c in checks {
                         results.push(result(format!("port {}", c.port), false, c.expect.to_string(), "config rejected".to_string(), errors_text(&d)));
