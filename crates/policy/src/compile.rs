@@ -14,7 +14,7 @@ use meshward_config::values::ConditionKey;
 use meshward_config::{MeshConfig, Resource};
 use serde_json::Value;
 
-use crate::matcher::{Glob, PathMatch, StrMatch, ip_in, namespace_glob, service_account_globs};
+use crate::matcher::{Glob, NamespaceMatch, PathMatch, StrMatch, ip_in, service_account_globs};
 use crate::request::Request;
 
 /// Which policy decided, for explanations, logs and metrics.
@@ -63,7 +63,7 @@ struct Clause {
 #[derive(Debug)]
 enum Cond {
     Principal(Vec<StrMatch>),
-    Namespace(Vec<Glob>),
+    Namespace(Vec<NamespaceMatch>),
     ServiceAccount(Vec<Glob>),
     RequestPrincipal(Vec<(StrMatch, StrMatch)>),
     SourceIp(Vec<IpNet>),
@@ -156,7 +156,7 @@ impl Compiler<'_> {
             Cond::ServiceAccount(v.iter().flat_map(|x| service_account(x, policy_ns)).collect())
         });
         push(&mut out, &s.namespaces, &s.not_namespaces, |v| {
-            Cond::Namespace(v.iter().map(|x| namespace_glob(x)).collect())
+            Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect())
         });
         push(&mut out, &s.remote_ip_blocks, &s.not_remote_ip_blocks, |v| Cond::RemoteIp(nets(v)));
         push(&mut out, &s.ip_blocks, &s.not_ip_blocks, |v| Cond::SourceIp(nets(v)));
@@ -183,7 +183,7 @@ impl Compiler<'_> {
             ConditionKey::SourceIp => Box::new(|v| Cond::SourceIp(nets(v))),
             ConditionKey::RemoteIp => Box::new(|v| Cond::RemoteIp(nets(v))),
             ConditionKey::DestinationIp => Box::new(|v| Cond::DestinationIp(nets(v))),
-            ConditionKey::SourceNamespace => Box::new(|v| Cond::Namespace(v.iter().map(|x| namespace_glob(x)).collect())),
+            ConditionKey::SourceNamespace => Box::new(|v| Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect())),
             ConditionKey::SourcePrincipal => Box::new(|v| Cond::Principal(self.principals(v))),
             ConditionKey::SourceServiceAccount => {
                 let ns = policy_ns.to_string();
@@ -332,9 +332,8 @@ impl Cond {
         let req = f.req;
         match self {
             Cond::Principal(m) => req.principal.is_some_and(|p| m.iter().any(|m| m.matches(p))),
-            Cond::Namespace(g) | Cond::ServiceAccount(g) => {
-                req.principal.is_some_and(|p| g.iter().any(|g| g.matches(p)))
-            }
+            Cond::Namespace(m) => req.principal.is_some_and(|p| m.iter().any(|m| m.matches(p))),
+            Cond::ServiceAccount(g) => req.principal.is_some_and(|p| g.iter().any(|g| g.matches(p))),
             Cond::RequestPrincipal(m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
                 let (iss, sub) = a.issuer_subject();
                 m.iter().any(|(mi, ms)| mi.matches(iss) && ms.matches(sub))

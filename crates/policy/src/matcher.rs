@@ -125,6 +125,32 @@ pub fn namespace_glob(value: &str) -> Glob {
     g.lit("/").any(0)
 }
 
+/// A namespace matcher: a plain substring search for the common literal
+/// value (`.*/ns/foo/.*` is "contains `/ns/foo/`"), a glob otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceMatch {
+    Contains(Box<str>),
+    Glob(Glob),
+}
+
+impl NamespaceMatch {
+    pub fn new(value: &str) -> NamespaceMatch {
+        if value.contains('*') {
+            NamespaceMatch::Glob(namespace_glob(value))
+        } else {
+            NamespaceMatch::Contains(format!("/ns/{value}/").into())
+        }
+    }
+
+    #[inline]
+    pub fn matches(&self, principal: &str) -> bool {
+        match self {
+            NamespaceMatch::Contains(needle) => principal.contains(&**needle),
+            NamespaceMatch::Glob(g) => g.matches(principal),
+        }
+    }
+}
+
 /// `serviceAccounts` value `ns/sa`: Istio matches the peer SPIFFE ID against
 /// `spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`. Principals here carry no
 /// `spiffe://` prefix, so the trust domain is the leading `.+`.
