@@ -28,17 +28,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let policy = engine.workload(&workload);
     let config = engine.config();
     println!("Workload {}: {workload}", args.workload);
-    println!("  identity: spiffe://{}", workload.principal(&config.mesh.trust_domain));
+    println!(
+        "  identity: spiffe://{}",
+        workload.principal(&config.mesh.trust_domain)
+    );
 
     // Ports: those the workload or its services declare, plus port-level overrides.
     let mut ports: BTreeSet<u16> = policy.peer_modes().ports.keys().copied().collect();
-    for e in config.workload_entries.iter().filter(|e| e.meta.namespace == workload.namespace && e.spec.labels == workload.labels) {
+    for e in config
+        .workload_entries
+        .iter()
+        .filter(|e| e.meta.namespace == workload.namespace && e.spec.labels == workload.labels)
+    {
         ports.extend(e.spec.ports.values().copied());
     }
-    for se in config.service_entries.iter().filter(|s| s.meta.namespace == workload.namespace) {
-        let selects = se.spec.workload_selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v)));
+    for se in config
+        .service_entries
+        .iter()
+        .filter(|s| s.meta.namespace == workload.namespace)
+    {
+        let selects = se
+            .spec
+            .workload_selector
+            .as_ref()
+            .is_some_and(|sel| sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v)));
         if selects {
-            ports.extend(se.spec.ports.iter().map(|p| p.target_port.unwrap_or(p.number)));
+            ports.extend(
+                se.spec
+                    .ports
+                    .iter()
+                    .map(|p| p.target_port.unwrap_or(p.number)),
+            );
         }
     }
     println!("\nPeer authentication (inbound mTLS):");
@@ -55,14 +75,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("  none: every request is allowed");
     }
     for p in &policies {
-        let spec = config.authorization_policies.iter().find(|r| r.meta.namespace == p.namespace && r.meta.name == p.name);
+        let spec = config
+            .authorization_policies
+            .iter()
+            .find(|r| r.meta.namespace == p.namespace && r.meta.name == p.name);
         let rules = spec.map_or(0, |r| r.spec.rules.len());
-        let scope = if p.namespace == config.mesh.root_namespace { " (mesh-wide, root namespace)" } else { "" };
-        let dry = if p.dry_run { " [dry-run: evaluated, not enforced]" } else { "" };
-        let origin = spec.map(|r| format!("{}:{}", r.origin.file, r.origin.line)).unwrap_or_default();
-        println!("  {:<6} {p}{scope}{dry}: {rules} rule(s), {origin}", p.action.as_str());
+        let scope = if p.namespace == config.mesh.root_namespace {
+            " (mesh-wide, root namespace)"
+        } else {
+            ""
+        };
+        let dry = if p.dry_run {
+            " [dry-run: evaluated, not enforced]"
+        } else {
+            ""
+        };
+        let origin = spec
+            .map(|r| format!("{}:{}", r.origin.file, r.origin.line))
+            .unwrap_or_default();
+        println!(
+            "  {:<6} {p}{scope}{dry}: {rules} rule(s), {origin}",
+            p.action.as_str()
+        );
     }
-    let has_allow = policies.iter().any(|p| p.action == meshward_config::model::Action::Allow && !p.dry_run);
+    let has_allow = policies
+        .iter()
+        .any(|p| p.action == meshward_config::model::Action::Allow && !p.dry_run);
     if has_allow {
         println!("  => requests that match no ALLOW rule are denied");
     }
@@ -72,8 +110,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|r| {
             r.spec.target_refs.is_empty()
-                && (r.meta.namespace == workload.namespace || r.meta.namespace == config.mesh.root_namespace)
-                && r.spec.selector.as_ref().is_none_or(|s| s.matches(&workload.labels))
+                && (r.meta.namespace == workload.namespace
+                    || r.meta.namespace == config.mesh.root_namespace)
+                && r.spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&workload.labels))
         })
         .collect();
     println!("\nRequest authentication (JWT):");

@@ -14,7 +14,11 @@ mod policy;
 mod validate;
 
 #[derive(Debug, Parser)]
-#[command(name = "meshward", version, about = "Zero-trust service-to-service security: Istio-compatible policies, mTLS and a built-in CA")]
+#[command(
+    name = "meshward",
+    version,
+    about = "Zero-trust service-to-service security: Istio-compatible policies, mTLS and a built-in CA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,7 +32,7 @@ enum Command {
     #[command(subcommand)]
     Policy(policy::Command),
     /// Show the effective mTLS mode and the policies that apply to one workload.
-    Describe(describe::Args),
+    Describe(Box<describe::Args>),
     /// Certificate authority operations (create a root/intermediate, issue workload certificates).
     #[command(subcommand)]
     Ca(ca::Command),
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Policy(cmd) => policy::run(cmd),
-        Command::Describe(args) => describe::run(args),
+        Command::Describe(args) => describe::run(*args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
     };

@@ -38,7 +38,10 @@ pub fn load_or_fail(args: &ConfigArgs) -> anyhow::Result<Loaded> {
         }
         Err(diags) => {
             eprint!("{diags}");
-            bail!("the configuration is invalid ({} errors); nothing was evaluated", diags.errors().count())
+            bail!(
+                "the configuration is invalid ({} errors); nothing was evaluated",
+                diags.errors().count()
+            )
         }
     }
 }
@@ -51,7 +54,9 @@ pub fn print_warnings(d: &Diagnostics) {
 
 /// Parses `key=value`.
 pub fn key_value(s: &str) -> anyhow::Result<(String, String)> {
-    let (k, v) = s.split_once('=').with_context(|| format!("expected key=value, got \"{s}\""))?;
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("expected key=value, got \"{s}\""))?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -80,26 +85,41 @@ pub fn resolve_workload(
 ) -> anyhow::Result<meshward_policy::Workload> {
     let mut workload = meshward_policy::Workload::default();
     if let Some(name) = name {
-        let (ns, n) = name.split_once('/').with_context(|| format!("workload \"{name}\" must be written namespace/name"))?;
-        match config.workload_entries.iter().find(|e| e.meta.namespace == ns && e.meta.name == n) {
+        let (ns, n) = name
+            .split_once('/')
+            .with_context(|| format!("workload \"{name}\" must be written namespace/name"))?;
+        match config
+            .workload_entries
+            .iter()
+            .find(|e| e.meta.namespace == ns && e.meta.name == n)
+        {
             Some(entry) => workload = meshward_policy::Workload::from_entry(entry),
             None => {
                 workload.namespace = ns.to_string();
                 workload.service_account = n.to_string();
                 if args.labels.is_empty() {
                     workload.labels.insert("app".to_string(), n.to_string());
-                    eprintln!("note: no WorkloadEntry {name}; assuming labels app={n} and service account {n}");
+                    eprintln!(
+                        "note: no WorkloadEntry {name}; assuming labels app={n} and service account {n}"
+                    );
                 }
             }
         }
     } else {
-        workload.namespace = args.namespace.clone().context("name the workload: --workload NS/NAME, or --namespace with --label")?;
+        workload.namespace = args
+            .namespace
+            .clone()
+            .context("name the workload: --workload NS/NAME, or --namespace with --label")?;
         workload.service_account = "default".to_string();
     }
-    if let Some(ns) = &args.namespace {
-        if name.is_some() && ns != &workload.namespace {
-            bail!("--namespace {ns} contradicts workload {}", name.unwrap_or_default());
-        }
+    if let Some(ns) = &args.namespace
+        && name.is_some()
+        && ns != &workload.namespace
+    {
+        bail!(
+            "--namespace {ns} contradicts workload {}",
+            name.unwrap_or_default()
+        );
     }
     workload.labels.extend(args.labels.iter().cloned());
     if let Some(sa) = &args.service_account {

@@ -17,7 +17,7 @@ pub enum Command {
     /// Run policy test cases (files or directories of .yaml suites).
     Test(TestArgs),
     /// Answer one what-if question: is this request allowed?
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,14 +85,17 @@ pub struct EvalArgs {
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Test(args) => test(args),
-        Command::Eval(args) => eval(args),
+        Command::Eval(args) => eval(*args),
     }
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
         entries.sort();
         for e in entries {
             if e.is_dir() || e.extension().is_some_and(|x| x == "yaml" || x == "yml") {
@@ -127,7 +130,8 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let load_paths = move |loader: &mut meshward_config::Loader, p: &str| loader.add_path(&base.join(p));
+        let load_paths =
+            move |loader: &mut meshward_config::Loader, p: &str| loader.add_path(&base.join(p));
         for r in run_suite(&suite, &load_paths) {
             if r.passed {
                 passed += 1;
@@ -136,7 +140,10 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
                 }
             } else {
                 failed += 1;
-                println!("FAIL {name}: {} / {}: expected {}, got {}", r.case, r.check, r.expected, r.actual);
+                println!(
+                    "FAIL {name}: {} / {}: expected {}, got {}",
+                    r.case, r.check, r.expected, r.actual
+                );
                 for line in r.explanation.lines() {
                     println!("       {line}");
                 }
@@ -144,13 +151,18 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let loaded = output::load_or_fail(&args.config)?;
     let engine = PolicyEngine::new(Arc::new(loaded.config));
-    let workload = output::resolve_workload(engine.config(), args.workload.as_deref(), &args.target)?;
+    let workload =
+        output::resolve_workload(engine.config(), args.workload.as_deref(), &args.target)?;
     let principal = match (&args.principal, &args.from_sa) {
         (Some(p), _) => Some(p.strip_prefix("spiffe://").unwrap_or(p).to_string()),
         (None, Some(sa)) => {
@@ -161,7 +173,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for h in &args.headers {
-        let (n, v) = h.split_once(':').with_context(|| format!("header \"{h}\" must be written \"name: value\""))?;
+        let (n, v) = h
+            .split_once(':')
+            .with_context(|| format!("header \"{h}\" must be written \"name: value\""))?;
         headers
             .entry(n.trim().to_ascii_lowercase())
             .and_modify(|e| {
@@ -172,13 +186,20 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let auth = match &args.jwt_claims {
         Some(json) => {
-            let value: serde_json::Value = serde_json::from_str(json).context("--jwt-claims is not valid JSON")?;
-            let serde_json::Value::Object(claims) = value else { bail!("--jwt-claims must be a JSON object") };
+            let value: serde_json::Value =
+                serde_json::from_str(json).context("--jwt-claims is not valid JSON")?;
+            let serde_json::Value::Object(claims) = value else {
+                bail!("--jwt-claims must be a JSON object")
+            };
             Some(JwtAuth::from_claims(claims))
         }
         None => None,
     };
-    let default_host = args.workload.as_deref().and_then(|w| w.split_once('/')).map(|(ns, n)| format!("{n}.{ns}.svc.cluster.local"));
+    let default_host = args
+        .workload
+        .as_deref()
+        .and_then(|w| w.split_once('/'))
+        .map(|(ns, n)| format!("{n}.{ns}.svc.cluster.local"));
     let host = args.host.clone().or(default_host).unwrap_or_default();
     let http = (args.protocol == "http").then(|| HttpAttributes {
         method: &args.method,
@@ -204,10 +225,22 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let verdict = decision.with_ext_authz_result(args.ext_authz == "allow");
     println!("{verdict}");
     println!("  workload: {workload}");
-    println!("  mTLS on port {}: {} ({})", args.port, policy.mtls(args.port).mode, policy.mtls(args.port).source);
+    println!(
+        "  mTLS on port {}: {} ({})",
+        args.port,
+        policy.mtls(args.port).mode,
+        policy.mtls(args.port).source
+    );
     println!("  {decision}");
     if decision.ext_authz.is_some() {
-        println!("  external authorizer answer assumed: {} (--ext-authz)", args.ext_authz);
+        println!(
+            "  external authorizer answer assumed: {} (--ext-authz)",
+            args.ext_authz
+        );
     }
-    Ok(if verdict == Verdict::Allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if verdict == Verdict::Allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

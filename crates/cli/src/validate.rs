@@ -25,8 +25,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let warnings = loaded.warnings.warnings().count();
             println!(
                 "valid: {total} resources{}{}",
-                if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) },
-                if warnings > 0 { format!(", {warnings} warnings") } else { String::new() }
+                if parts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", parts.join(", "))
+                },
+                if warnings > 0 {
+                    format!(", {warnings} warnings")
+                } else {
+                    String::new()
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -35,7 +43,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{d}");
             }
             let errors = diags.errors().count();
-            println!("invalid: {errors} error{}; nothing was accepted", if errors == 1 { "" } else { "s" });
+            println!(
+                "invalid: {errors} error{}; nothing was accepted",
+                if errors == 1 { "" } else { "s" }
+            );
             Ok(ExitCode::from(1))
         }
     }

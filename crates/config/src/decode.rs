@@ -42,7 +42,11 @@ impl<'n> Fields<'n> {
             Value::Map(entries) => entries,
             _ if node.is_null() => &[],
             _ => {
-                sink.error(node.pos, path, format!("expected a mapping, found {}", node.type_name()));
+                sink.error(
+                    node.pos,
+                    path,
+                    format!("expected a mapping, found {}", node.type_name()),
+                );
                 &[]
             }
         };
@@ -68,7 +72,10 @@ impl<'n> Fields<'n> {
 
     /// Takes a field; `key: null` reads as absent.
     pub fn take(&mut self, key: &str) -> Option<&'n Node> {
-        let i = self.entries.iter().position(|(k, _)| k.scalar_text() == Some(key))?;
+        let i = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.scalar_text() == Some(key))?;
         self.used[i] = true;
         let value = &self.entries[i].1;
         (!value.is_null()).then_some(value)
@@ -87,7 +94,11 @@ impl<'n> Fields<'n> {
     pub fn require(&mut self, sink: &mut Sink<'_>, key: &str) -> Option<&'n Node> {
         let node = self.take(key);
         if node.is_none() {
-            sink.error(self.pos, &self.path, format!("missing required field \"{key}\""));
+            sink.error(
+                self.pos,
+                &self.path,
+                format!("missing required field \"{key}\""),
+            );
         }
         node
     }
@@ -104,12 +115,16 @@ impl<'n> Fields<'n> {
 
     pub fn strings(&mut self, sink: &mut Sink<'_>, key: &str) -> Vec<String> {
         let path = self.field_path(key);
-        self.take(key).map(|n| strings(sink, n, &path)).unwrap_or_default()
+        self.take(key)
+            .map(|n| strings(sink, n, &path))
+            .unwrap_or_default()
     }
 
     pub fn string_map(&mut self, sink: &mut Sink<'_>, key: &str) -> BTreeMap<String, String> {
         let path = self.field_path(key);
-        self.take(key).map(|n| string_map(sink, n, &path)).unwrap_or_default()
+        self.take(key)
+            .map(|n| string_map(sink, n, &path))
+            .unwrap_or_default()
     }
 
     /// Decodes a list field with `item` for each element.
@@ -135,7 +150,11 @@ impl<'n> Fields<'n> {
         for ((key, _), used) in self.entries.iter().zip(&self.used) {
             if !used {
                 let name = key.scalar_text().unwrap_or_default();
-                sink.error(key.pos, &child(&self.path, name), format!("unknown field \"{name}\""));
+                sink.error(
+                    key.pos,
+                    &child(&self.path, name),
+                    format!("unknown field \"{name}\""),
+                );
             }
         }
     }
@@ -156,7 +175,11 @@ pub fn string(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<String> {
             None
         }
         _ => {
-            sink.error(node.pos, path, format!("expected a string, found {}", node.type_name()));
+            sink.error(
+                node.pos,
+                path,
+                format!("expected a string, found {}", node.type_name()),
+            );
             None
         }
     }
@@ -169,7 +192,11 @@ pub fn boolean(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<bool> {
             ty: ScalarType::Bool,
         } => Some(text.eq_ignore_ascii_case("true")),
         _ => {
-            sink.error(node.pos, path, format!("expected true or false, found {}", node.type_name()));
+            sink.error(
+                node.pos,
+                path,
+                format!("expected true or false, found {}", node.type_name()),
+            );
             None
         }
     }
@@ -187,7 +214,11 @@ pub fn integer(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<i64> {
             None
         }),
         _ => {
-            sink.error(node.pos, path, format!("expected an integer, found {}", node.type_name()));
+            sink.error(
+                node.pos,
+                path,
+                format!("expected an integer, found {}", node.type_name()),
+            );
             None
         }
     }
@@ -206,14 +237,18 @@ pub fn list<'n, T>(
             .filter_map(|(i, n)| item(sink, n, &index(path, i)))
             .collect(),
         _ => {
-            sink.error(node.pos, path, format!("expected a list, found {}", node.type_name()));
+            sink.error(
+                node.pos,
+                path,
+                format!("expected a list, found {}", node.type_name()),
+            );
             Vec::new()
         }
     }
 }
 
 pub fn strings(sink: &mut Sink<'_>, node: &Node, path: &str) -> Vec<String> {
-    list(sink, node, path, |s, n, p| string(s, n, p))
+    list(sink, node, path, string)
 }
 
 pub fn string_map(sink: &mut Sink<'_>, node: &Node, path: &str) -> BTreeMap<String, String> {
@@ -228,7 +263,11 @@ pub fn string_map(sink: &mut Sink<'_>, node: &Node, path: &str) -> BTreeMap<Stri
             }
         }
         _ if node.is_null() => {}
-        _ => sink.error(node.pos, path, format!("expected a mapping, found {}", node.type_name())),
+        _ => sink.error(
+            node.pos,
+            path,
+            format!("expected a mapping, found {}", node.type_name()),
+        ),
     }
     out
 }

@@ -8,7 +8,9 @@ use crate::decode::{self, Fields};
 use crate::diag::{Diagnostic, Diagnostics, Severity, Sink};
 use crate::model::mesh::MeshConfig;
 use crate::model::networking::{DestinationRule, ServiceEntry, WorkloadEntry};
-use crate::model::security::{Action, AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::model::security::{
+    Action, AuthorizationPolicy, PeerAuthentication, RequestAuthentication,
+};
 use crate::model::{ObjectMeta, Origin, Resource, check_name, check_namespace};
 use crate::yaml::{self, Node, Pos};
 
@@ -91,7 +93,10 @@ impl ConfigSet {
         [
             (Kind::PeerAuthentication, self.peer_authentications.len()),
             (Kind::AuthorizationPolicy, self.authorization_policies.len()),
-            (Kind::RequestAuthentication, self.request_authentications.len()),
+            (
+                Kind::RequestAuthentication,
+                self.request_authentications.len(),
+            ),
             (Kind::DestinationRule, self.destination_rules.len()),
             (Kind::ServiceEntry, self.service_entries.len()),
             (Kind::WorkloadEntry, self.workload_entries.len()),
@@ -168,7 +173,11 @@ impl Loader {
         let start = Pos { line: 1, col: 1 };
         match std::fs::metadata(file) {
             Ok(m) if m.len() > MAX_FILE_BYTES => {
-                self.error_at(&name, start, format!("file is larger than {MAX_FILE_BYTES} bytes"));
+                self.error_at(
+                    &name,
+                    start,
+                    format!("file is larger than {MAX_FILE_BYTES} bytes"),
+                );
                 return None;
             }
             Err(e) => {
@@ -231,7 +240,11 @@ impl Loader {
                 if !self.claim_mesh(&file, node.pos) {
                     return;
                 }
-                let mut sink = Sink { file: file.clone(), resource: Some("meshConfig".to_string()), out: &mut self.diags };
+                let mut sink = Sink {
+                    file: file.clone(),
+                    resource: Some("meshConfig".to_string()),
+                    out: &mut self.diags,
+                };
                 self.set.mesh = MeshConfig::decode(&mut sink, &node, "");
             }
             Ok(None) => {}
@@ -241,7 +254,9 @@ impl Loader {
 
     fn claim_mesh(&mut self, file: &Arc<str>, pos: Pos) -> bool {
         if let Some((f, line)) = &self.mesh_origin {
-            let msg = format!("mesh settings are already defined at {f}:{line}; only one MeshConfig is allowed");
+            let msg = format!(
+                "mesh settings are already defined at {f}:{line}; only one MeshConfig is allowed"
+            );
             self.error_at(file, pos, msg);
             return false;
         }
@@ -251,17 +266,30 @@ impl Loader {
 
     fn add_document(&mut self, file: &Arc<str>, root: &Node) {
         if !matches!(root.value, yaml::Value::Map(_)) {
-            self.error_at(file, root.pos, format!("expected a Kubernetes resource (a mapping with apiVersion and kind), found {}", root.type_name()));
+            self.error_at(
+                file,
+                root.pos,
+                format!(
+                    "expected a Kubernetes resource (a mapping with apiVersion and kind), found {}",
+                    root.type_name()
+                ),
+            );
             return;
         }
         let api_version = root.get("apiVersion").and_then(Node::as_str);
         let kind_name = root.get("kind").and_then(Node::as_str);
         let (Some(api_version), Some(kind_name)) = (api_version, kind_name) else {
-            self.error_at(file, root.pos, "resource must have string fields apiVersion and kind".to_string());
+            self.error_at(
+                file,
+                root.pos,
+                "resource must have string fields apiVersion and kind".to_string(),
+            );
             return;
         };
         if kind_name == "List" && api_version == "v1" {
-            let Some(items) = root.get("items") else { return };
+            let Some(items) = root.get("items") else {
+                return;
+            };
             match &items.value {
                 yaml::Value::Seq(items) => {
                     for item in items {
@@ -275,7 +303,7 @@ impl Loader {
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let kind = Kind::from_name(kind_name).filter(|k| k.api().0 == group);
         let Some(kind) = kind else {
-            *self.skipped.entry(kind_name.to_string()).or_default() += 1;
+            *self.skipped.entry(format!("{kind_name} {api_version}")).or_default() += 1;
             if self.first_skipped.is_none() {
                 self.first_skipped = Some((file.clone(), root.pos));
             }
@@ -283,7 +311,11 @@ impl Loader {
         };
         self.order += 1;
         let order = self.order;
-        let mut sink = Sink { file: file.clone(), resource: None, out: &mut self.diags };
+        let mut sink = Sink {
+            file: file.clone(),
+            resource: None,
+            out: &mut self.diags,
+        };
         let mut f = Fields::new(&mut sink, root, "");
         f.ignore("apiVersion");
         f.ignore("kind");
@@ -292,24 +324,55 @@ impl Loader {
         sink.resource = Some(format!("{kind} {}/{}", meta.namespace, meta.name));
         let (_, versions) = kind.api();
         if !versions.contains(&version) {
-            sink.error(root.pos, "apiVersion", format!("{kind} is not served in {api_version} (supported: {})", versions.iter().map(|v| format!("{group}/{v}")).collect::<Vec<_>>().join(", ")));
+            sink.error(
+                root.pos,
+                "apiVersion",
+                format!(
+                    "{kind} is not served in {api_version} (supported: {})",
+                    versions
+                        .iter()
+                        .map(|v| format!("{group}/{v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
         }
         let spec_node = f.take("spec");
         f.finish(&mut sink);
-        let empty = Node { pos: root.pos, value: yaml::Value::Map(Vec::new()) };
+        let empty = Node {
+            pos: root.pos,
+            value: yaml::Value::Map(Vec::new()),
+        };
         let spec = spec_node.unwrap_or(&empty);
-        let origin = Origin { file: file.clone(), line: root.pos.line, order };
+        let origin = Origin {
+            file: file.clone(),
+            line: root.pos.line,
+            order,
+        };
         let key = (kind, meta.namespace.clone(), meta.name.clone());
         if let Some((f0, l0)) = self.seen.get(&key) {
-            sink.error(root.pos, "metadata.name", format!("{kind} {}/{} is defined twice (first at {f0}:{l0})", meta.namespace, meta.name));
+            sink.error(
+                root.pos,
+                "metadata.name",
+                format!(
+                    "{kind} {}/{} is defined twice (first at {f0}:{l0})",
+                    meta.namespace, meta.name
+                ),
+            );
         }
         if kind != Kind::AuthorizationPolicy && meta.annotations.contains_key(DRY_RUN_ANNOTATION) {
-            sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("{kind} does not support the {DRY_RUN_ANNOTATION} annotation; remove it"));
+            sink.error(
+                root.pos,
+                &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"),
+                format!("{kind} does not support the {DRY_RUN_ANNOTATION} annotation; remove it"),
+            );
         }
         match kind {
             Kind::PeerAuthentication => {
                 let spec = PeerAuthentication::decode(&mut sink, spec, "spec");
-                self.set.peer_authentications.push(Resource { meta, origin, spec });
+                self.set
+                    .peer_authentications
+                    .push(Resource { meta, origin, spec });
             }
             Kind::AuthorizationPolicy => {
                 let spec = AuthorizationPolicy::decode(&mut sink, spec, "spec");
@@ -317,26 +380,40 @@ impl Loader {
                     if matches!(spec.action, Action::Audit | Action::Custom) {
                         sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("the {DRY_RUN_ANNOTATION} annotation only supports ALLOW and DENY policies, found {}", spec.action));
                     } else if parse_go_bool(v).is_none() {
-                        sink.error(root.pos, &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"), format!("\"{v}\" is not a boolean (expected \"true\" or \"false\")"));
+                        sink.error(
+                            root.pos,
+                            &format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"),
+                            format!("\"{v}\" is not a boolean (expected \"true\" or \"false\")"),
+                        );
                     }
                 }
-                self.set.authorization_policies.push(Resource { meta, origin, spec });
+                self.set
+                    .authorization_policies
+                    .push(Resource { meta, origin, spec });
             }
             Kind::RequestAuthentication => {
                 let spec = RequestAuthentication::decode(&mut sink, spec, "spec");
-                self.set.request_authentications.push(Resource { meta, origin, spec });
+                self.set
+                    .request_authentications
+                    .push(Resource { meta, origin, spec });
             }
             Kind::DestinationRule => {
                 let spec = DestinationRule::decode(&mut sink, spec, "spec");
-                self.set.destination_rules.push(Resource { meta, origin, spec });
+                self.set
+                    .destination_rules
+                    .push(Resource { meta, origin, spec });
             }
             Kind::ServiceEntry => {
                 let spec = ServiceEntry::decode(&mut sink, spec, "spec");
-                self.set.service_entries.push(Resource { meta, origin, spec });
+                self.set
+                    .service_entries
+                    .push(Resource { meta, origin, spec });
             }
             Kind::WorkloadEntry => {
                 let spec = WorkloadEntry::decode(&mut sink, spec, "spec");
-                self.set.workload_entries.push(Resource { meta, origin, spec });
+                self.set
+                    .workload_entries
+                    .push(Resource { meta, origin, spec });
             }
             Kind::MeshConfig => {
                 let mesh = MeshConfig::decode(&mut sink, spec, "spec");
@@ -351,16 +428,26 @@ impl Loader {
     /// Cross-resource checks, then the all-or-nothing verdict.
     pub fn finish(mut self) -> Result<Loaded, Diagnostics> {
         if !self.skipped.is_empty() {
-            let (file, pos) = self.first_skipped.clone().unwrap_or((Arc::from("<input>"), Pos::default()));
+            let (file, pos) = self
+                .first_skipped
+                .clone()
+                .unwrap_or((Arc::from("<input>"), Pos::default()));
             let total: usize = self.skipped.values().sum();
-            let list: Vec<String> = self.skipped.iter().map(|(k, n)| format!("{k} ({n})")).collect();
+            let list: Vec<String> = self
+                .skipped
+                .iter()
+                .map(|(k, n)| format!("{k} ({n})"))
+                .collect();
             self.diags.push(Diagnostic {
                 severity: Severity::Warning,
                 file,
                 pos,
                 resource: None,
                 field: None,
-                message: format!("skipped {total} resource(s) of kinds meshward does not act on: {}", list.join(", ")),
+                message: format!(
+                    "skipped {total} resource(s) of kinds meshward does not act on: {}",
+                    list.join(", ")
+                ),
             });
         }
         self.cross_checks();
@@ -371,25 +458,36 @@ impl Loader {
                 files.push(d.file.clone());
             }
         }
-        self.diags.sort_by_key(|d| (files.iter().position(|f| *f == d.file), d.pos.line));
+        self.diags
+            .sort_by_key(|d| (files.iter().position(|f| *f == d.file), d.pos.line));
         let diags = Diagnostics(self.diags);
         if diags.has_errors() {
             Err(diags)
         } else {
-            Ok(Loaded { config: self.set, warnings: diags })
+            Ok(Loaded {
+                config: self.set,
+                warnings: diags,
+            })
         }
     }
 
     fn cross_checks(&mut self) {
         let root_ns = self.set.mesh.root_namespace.clone();
-        let ra_namespaces: BTreeSet<&str> =
-            self.set.request_authentications.iter().map(|r| r.meta.namespace.as_str()).collect();
+        let ra_namespaces: BTreeSet<&str> = self
+            .set
+            .request_authentications
+            .iter()
+            .map(|r| r.meta.namespace.as_str())
+            .collect();
         let mut warnings = Vec::new();
         for p in &self.set.authorization_policies {
             let warn = |msg: String, field: &str| Diagnostic {
                 severity: Severity::Warning,
                 file: p.origin.file.clone(),
-                pos: Pos { line: p.origin.line, col: 1 },
+                pos: Pos {
+                    line: p.origin.line,
+                    col: 1,
+                },
                 resource: Some(format!("AuthorizationPolicy {}", p.key())),
                 field: Some(field.to_string()),
                 message: msg,
@@ -403,9 +501,10 @@ impl Loader {
                     "spec.rules",
                 ));
             }
-            if p.spec.action == Action::Custom {
-                if let Some(name) = p.spec.provider.as_deref().filter(|n| !n.is_empty()) {
-                    match self.set.mesh.provider(name) {
+            if p.spec.action == Action::Custom
+                && let Some(name) = p.spec.provider.as_deref().filter(|n| !n.is_empty())
+            {
+                match self.set.mesh.provider(name) {
                         None => warnings.push(warn(
                             format!("extension provider \"{name}\" is not defined in the mesh config; requests to the selected workloads will be denied"),
                             "spec.provider.name",
@@ -416,10 +515,17 @@ impl Loader {
                         )),
                         Some(_) => {}
                     }
-                }
             }
-            if p.spec.selector.as_ref().is_some_and(|s| s.match_labels.is_empty()) {
-                warnings.push(warn("selector has no labels and selects every workload in the namespace".to_string(), "spec.selector"));
+            if p.spec
+                .selector
+                .as_ref()
+                .is_some_and(|s| s.match_labels.is_empty())
+            {
+                warnings.push(warn(
+                    "selector has no labels and selects every workload in the namespace"
+                        .to_string(),
+                    "spec.selector",
+                ));
             }
         }
         self.diags.extend(warnings);
@@ -454,14 +560,22 @@ const IGNORED_META: &[&str] = &[
 fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos, kind: Kind) -> ObjectMeta {
     let Some(node) = node else {
         sink.error(pos, "metadata", "missing required field \"metadata\"");
-        return ObjectMeta { namespace: "default".into(), ..ObjectMeta::default() };
+        return ObjectMeta {
+            namespace: "default".into(),
+            ..ObjectMeta::default()
+        };
     };
     let mut f = Fields::new(sink, node, "metadata");
-    let name = f.require(sink, "name").and_then(|n| decode::string(sink, n, "metadata.name")).unwrap_or_default();
+    let name = f
+        .require(sink, "name")
+        .and_then(|n| decode::string(sink, n, "metadata.name"))
+        .unwrap_or_default();
     if let Err(e) = check_name(&name) {
         sink.error(node.pos, "metadata.name", e);
     }
-    let namespace = f.string(sink, "namespace").unwrap_or_else(|| "default".to_string());
+    let namespace = f
+        .string(sink, "namespace")
+        .unwrap_or_else(|| "default".to_string());
     if let Err(e) = check_namespace(&namespace) {
         sink.error(node.pos, "metadata.namespace", e);
     }
@@ -473,16 +587,27 @@ fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos, kind: Kind) -
     }
     f.finish(sink);
     let _ = kind;
-    ObjectMeta { name, namespace, labels, annotations, creation_timestamp }
+    ObjectMeta {
+        name,
+        namespace,
+        labels,
+        annotations,
+        creation_timestamp,
+    }
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>, top: bool) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
         entries.sort();
         for entry in entries {
-            let hidden = entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = entry
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if !hidden {
                 collect_files(&entry, out, false)?;
             }
@@ -494,5 +619,8 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>, top: bool) -> std::io::Res
 }
 
 fn is_config_file(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }

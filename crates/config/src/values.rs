@@ -26,7 +26,9 @@ pub fn parse_ip_block(text: &str) -> Result<IpNet, String> {
                 .ok_or_else(|| format!("\"{text}\" has an invalid prefix length (0-{max})"))?;
             IpNet::new(ip, len).map_err(|e| format!("\"{text}\": {e}"))
         }
-        None => Err(format!("\"{text}\" is not a valid IP address or CIDR block")),
+        None => Err(format!(
+            "\"{text}\" is not a valid IP address or CIDR block"
+        )),
     }
 }
 
@@ -53,9 +55,15 @@ pub fn check_method(text: &str) -> Result<(), String> {
         return Err("empty method".to_string());
     }
     if core.chars().any(|c| c.is_ascii_lowercase()) {
-        return Err(format!("\"{text}\" is not an HTTP method (methods are upper case, e.g. \"{}\")", text.to_ascii_uppercase()));
+        return Err(format!(
+            "\"{text}\" is not an HTTP method (methods are upper case, e.g. \"{}\")",
+            text.to_ascii_uppercase()
+        ));
     }
-    if !core.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+    if !core
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
         return Err(format!("\"{text}\" is not an HTTP method"));
     }
     Ok(())
@@ -76,15 +84,21 @@ pub fn check_path(text: &str) -> Result<(), String> {
     for seg in trimmed.split('/') {
         match seg {
             "{*}" | "{**}" if seen_glob => {
-                return Err(format!("invalid path \"{text}\": {{**}} must be the last operator"));
+                return Err(format!(
+                    "invalid path \"{text}\": {{**}} must be the last operator"
+                ));
             }
             "{*}" => {}
             "{**}" => seen_glob = true,
             _ if seg.contains('{') || seg.contains('}') => {
-                return Err(format!("invalid path \"{text}\": '{{' or '}}' is only allowed in the operators {{*}} and {{**}}"));
+                return Err(format!(
+                    "invalid path \"{text}\": '{{' or '}}' is only allowed in the operators {{*}} and {{**}}"
+                ));
             }
             _ if has_template && !is_pchar_segment(seg) => {
-                return Err(format!("invalid path template \"{text}\": segment \"{seg}\" is not a plain path segment"));
+                return Err(format!(
+                    "invalid path template \"{text}\": segment \"{seg}\" is not a plain path segment"
+                ));
             }
             _ => {}
         }
@@ -155,14 +169,18 @@ pub fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
     {
         let name = bracketed(rest, key)?;
         if name.len() != 1 || name[0].is_empty() {
-            return Err(format!("invalid key \"{key}\": expected request.headers[<header-name>]"));
+            return Err(format!(
+                "invalid key \"{key}\": expected request.headers[<header-name>]"
+            ));
         }
         return Ok(ConditionKey::RequestHeader(name[0].to_ascii_lowercase()));
     }
     if let Some(rest) = key.strip_prefix("request.auth.claims") {
         let path = bracketed(rest, key)?;
         if path.is_empty() || path.iter().any(|p| p.is_empty()) {
-            return Err(format!("invalid key \"{key}\": expected request.auth.claims[<claim>] or request.auth.claims[<claim>][<nested>]"));
+            return Err(format!(
+                "invalid key \"{key}\": expected request.auth.claims[<claim>] or request.auth.claims[<claim>][<nested>]"
+            ));
         }
         return Ok(ConditionKey::RequestAuthClaims(path));
     }
@@ -186,13 +204,19 @@ pub fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
         "connection.sni" => ConditionKey::ConnectionSni,
         "" => return Err("key must not be empty".to_string()),
         "destination.namespace" => {
-            return Err("attribute destination.namespace is replaced by metadata.namespace".to_string());
+            return Err(
+                "attribute destination.namespace is replaced by metadata.namespace".to_string(),
+            );
         }
         "destination.name" | "destination.user" => {
-            return Err(format!("attribute {key} is deprecated (only supported in v1alpha1)"));
+            return Err(format!(
+                "attribute {key} is deprecated (only supported in v1alpha1)"
+            ));
         }
         _ if key.starts_with("destination.labels") => {
-            return Err(format!("attribute {key} is replaced by the workload selector"));
+            return Err(format!(
+                "attribute {key} is replaced by the workload selector"
+            ));
         }
         _ => return Err(format!("unknown condition key \"{key}\"")),
     })
@@ -250,7 +274,11 @@ mod tests {
         assert!(check_method("GET").is_ok());
         assert!(check_method("*").is_ok());
         assert!(check_method("P*").is_ok());
-        assert!(check_method("get").unwrap_err().contains("not an HTTP method"));
+        assert!(
+            check_method("get")
+                .unwrap_err()
+                .contains("not an HTTP method")
+        );
         assert!(check_method("GE T").is_err());
     }
 
@@ -271,10 +299,16 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert_eq!(parse_condition_key("request.headers[X-Foo]"), Ok(ConditionKey::RequestHeader("x-foo".into())));
+        assert_eq!(
+            parse_condition_key("request.headers[X-Foo]"),
+            Ok(ConditionKey::RequestHeader("x-foo".into()))
+        );
         assert_eq!(
             parse_condition_key("request.auth.claims[a][b]"),
-            Ok(ConditionKey::RequestAuthClaims(vec!["a".into(), "b".into()]))
+            Ok(ConditionKey::RequestAuthClaims(vec![
+                "a".into(),
+                "b".into()
+            ]))
         );
         assert!(parse_condition_key("request.headers").is_err());
         assert!(parse_condition_key("request.headers[]").is_err());

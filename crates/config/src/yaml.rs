@@ -74,7 +74,13 @@ pub struct Node {
 
 impl Node {
     pub fn is_null(&self) -> bool {
-        matches!(self.value, Value::Scalar { ty: ScalarType::Null, .. })
+        matches!(
+            self.value,
+            Value::Scalar {
+                ty: ScalarType::Null,
+                ..
+            }
+        )
     }
 
     /// The text of a scalar of any type.
@@ -247,13 +253,13 @@ impl Builder {
                 self.root = None;
             }
             Event::DocumentEnd => {
-                if let Some(root) = self.root.take() {
-                    if !root.is_null() {
-                        self.documents.push(Document {
-                            line: root.pos.line.max(1),
-                            root,
-                        });
-                    }
+                if let Some(root) = self.root.take()
+                    && !root.is_null()
+                {
+                    self.documents.push(Document {
+                        line: root.pos.line.max(1),
+                        root,
+                    });
                 }
             }
             Event::Alias(id) => {
@@ -264,7 +270,10 @@ impl Builder {
                     .ok_or_else(|| Self::error(pos, "alias refers to an unknown anchor"))?;
                 self.nodes += count_nodes(&node);
                 if self.nodes > MAX_NODES {
-                    return Err(Self::error(pos, "alias expansion makes the document too large"));
+                    return Err(Self::error(
+                        pos,
+                        "alias expansion makes the document too large",
+                    ));
                 }
                 self.complete(node, 0)?;
             }
@@ -338,7 +347,10 @@ impl Builder {
 
     fn push(&mut self, frame: Frame, pos: Pos) -> Result<(), SyntaxError> {
         if self.stack.len() >= MAX_DEPTH {
-            return Err(Self::error(pos, format!("nesting deeper than {MAX_DEPTH} levels")));
+            return Err(Self::error(
+                pos,
+                format!("nesting deeper than {MAX_DEPTH} levels"),
+            ));
         }
         self.nodes += 1;
         if self.nodes > MAX_NODES {
@@ -360,13 +372,13 @@ impl Builder {
                     if !matches!(node.value, Value::Scalar { .. }) {
                         return Err(Self::error(node.pos, "mapping keys must be scalars"));
                     }
-                    if let Some(text) = node.scalar_text() {
-                        if entries.iter().any(|(k, _)| k.scalar_text() == Some(text)) {
-                            return Err(Self::error(
-                                node.pos,
-                                format!("duplicate mapping key \"{text}\""),
-                            ));
-                        }
+                    if let Some(text) = node.scalar_text()
+                        && entries.iter().any(|(k, _)| k.scalar_text() == Some(text))
+                    {
+                        return Err(Self::error(
+                            node.pos,
+                            format!("duplicate mapping key \"{text}\""),
+                        ));
                     }
                     *key = Some(node);
                 }
@@ -440,7 +452,13 @@ mod tests {
         let docs = parse_stream("a: 1\nb: \"2\"\nc: [x, true, ~]\n---\n---\nd: {}\n").unwrap();
         assert_eq!(docs.len(), 2);
         let root = &docs[0].root;
-        assert_eq!(root.get("a").unwrap().value, Value::Scalar { text: "1".into(), ty: ScalarType::Int });
+        assert_eq!(
+            root.get("a").unwrap().value,
+            Value::Scalar {
+                text: "1".into(),
+                ty: ScalarType::Int
+            }
+        );
         assert_eq!(root.get("b").unwrap().as_str(), Some("2"));
         let c = root.get("c").unwrap();
         assert_eq!(c.pos, Pos { line: 3, col: 4 });
@@ -496,6 +514,15 @@ mod tests {
     #[test]
     fn aliases_resolve() {
         let docs = parse_stream("base: &b {app: x}\nsel: *b\n").unwrap();
-        assert_eq!(docs[0].root.get("sel").unwrap().get("app").unwrap().as_str(), Some("x"));
+        assert_eq!(
+            docs[0]
+                .root
+                .get("sel")
+                .unwrap()
+                .get("app")
+                .unwrap()
+                .as_str(),
+            Some("x")
+        );
     }
 }

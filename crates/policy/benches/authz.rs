@@ -27,7 +27,11 @@ fn policy_yaml(i: usize, total: usize) -> String {
     } else {
         (format!("ns-{}", i % 100), format!("app: svc-{i}"))
     };
-    let selector = if selector.is_empty() { String::new() } else { format!("  selector:\n    matchLabels:\n      {selector}\n") };
+    let selector = if selector.is_empty() {
+        String::new()
+    } else {
+        format!("  selector:\n    matchLabels:\n      {selector}\n")
+    };
     let body = match i % 4 {
         // DENY on an admin path from a namespace.
         0 => format!(
@@ -78,7 +82,10 @@ fn target() -> Workload {
     Workload {
         namespace: "production".into(),
         service_account: "target".into(),
-        labels: BTreeMap::from([("app".into(), "target".into()), ("version".into(), "v1".into())]),
+        labels: BTreeMap::from([
+            ("app".into(), "target".into()),
+            ("version".into(), "v1".into()),
+        ]),
     }
 }
 
@@ -87,8 +94,10 @@ fn bench_decide(c: &mut Criterion) {
     for total in [10usize, 1_000, 10_000] {
         let engine = PolicyEngine::new(Arc::new(load(total)));
         let policy = engine.workload(&target());
-        let headers: BTreeMap<String, String> =
-            BTreeMap::from([("x-team".into(), "frontend".into()), ("user-agent".into(), "bench".into())]);
+        let headers: BTreeMap<String, String> = BTreeMap::from([
+            ("x-team".into(), "frontend".into()),
+            ("user-agent".into(), "bench".into()),
+        ]);
         let http = HttpAttributes {
             method: "GET",
             path: "/api/v1/products/42",
@@ -125,13 +134,17 @@ fn bench_compile(c: &mut Criterion) {
             })
         });
         let text = mesh_yaml(total);
-        group.bench_with_input(BenchmarkId::new("parse_validate", total), &text, |b, text| {
-            b.iter(|| {
-                let mut loader = Loader::new();
-                loader.add_source("bench.yaml", text);
-                black_box(loader.finish().is_ok())
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("parse_validate", total),
+            &text,
+            |b, text| {
+                b.iter(|| {
+                    let mut loader = Loader::new();
+                    loader.add_source("bench.yaml", text);
+                    black_box(loader.finish().is_ok())
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use meshward_config::model::security::{Action, AuthorizationPolicy, Condition, Operation, Rule, Source};
+use meshward_config::model::security::{
+    Action, AuthorizationPolicy, Condition, Operation, Rule, Source,
+};
 use meshward_config::values::ConditionKey;
 use meshward_config::{MeshConfig, Resource};
 use serde_json::Value;
@@ -105,6 +107,9 @@ pub(crate) struct Facts<'r, 'a> {
     pub space_delimited: &'r BTreeSet<String>,
 }
 
+/// Builds the condition for a list of values of one `when` key.
+type CondBuilder<'a> = Box<dyn Fn(&[String]) -> Cond + 'a>;
+
 pub(crate) struct Compiler<'m> {
     pub mesh: &'m MeshConfig,
 }
@@ -126,7 +131,12 @@ impl Compiler<'_> {
                 dry_run,
             }),
             provider: p.spec.provider.clone(),
-            rules: p.spec.rules.iter().map(|r| self.rule(r, &p.meta.namespace)).collect(),
+            rules: p
+                .spec
+                .rules
+                .iter()
+                .map(|r| self.rule(r, &p.meta.namespace))
+                .collect(),
         }
     }
 
@@ -141,33 +151,69 @@ impl Compiler<'_> {
                 None => unevaluable = true,
             }
         }
-        let http_only = from.iter().chain(to.iter()).flatten().chain(when.iter()).any(|c| c.cond.http_only());
-        CompiledRule { from, to, when, http_only, unevaluable }
+        let http_only = from
+            .iter()
+            .chain(to.iter())
+            .flatten()
+            .chain(when.iter())
+            .any(|c| c.cond.http_only());
+        CompiledRule {
+            from,
+            to,
+            when,
+            http_only,
+            unevaluable,
+        }
     }
 
     fn source(&self, s: &Source, policy_ns: &str) -> Vec<Clause> {
         let mut out = Vec::new();
         let principals = |v: &[String]| Cond::Principal(self.principals(v));
         push(&mut out, &s.principals, &s.not_principals, principals);
-        push(&mut out, &s.request_principals, &s.not_request_principals, |v| {
-            Cond::RequestPrincipal(v.iter().map(|x| request_principal(x)).collect())
-        });
-        push(&mut out, &s.service_accounts, &s.not_service_accounts, |v| {
-            Cond::ServiceAccount(v.iter().flat_map(|x| service_account(x, policy_ns)).collect())
-        });
+        push(
+            &mut out,
+            &s.request_principals,
+            &s.not_request_principals,
+            |v| Cond::RequestPrincipal(v.iter().map(|x| request_principal(x)).collect()),
+        );
+        push(
+            &mut out,
+            &s.service_accounts,
+            &s.not_service_accounts,
+            |v| {
+                Cond::ServiceAccount(
+                    v.iter()
+                        .flat_map(|x| service_account(x, policy_ns))
+                        .collect(),
+                )
+            },
+        );
         push(&mut out, &s.namespaces, &s.not_namespaces, |v| {
             Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect())
         });
-        push(&mut out, &s.remote_ip_blocks, &s.not_remote_ip_blocks, |v| Cond::RemoteIp(nets(v)));
-        push(&mut out, &s.ip_blocks, &s.not_ip_blocks, |v| Cond::SourceIp(nets(v)));
+        push(
+            &mut out,
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            |v| Cond::RemoteIp(nets(v)),
+        );
+        push(&mut out, &s.ip_blocks, &s.not_ip_blocks, |v| {
+            Cond::SourceIp(nets(v))
+        });
         out
     }
 
     fn operation(&self, o: &Operation) -> Vec<Clause> {
         let mut out = Vec::new();
-        push(&mut out, &o.hosts, &o.not_hosts, |v| Cond::Host(v.iter().map(|h| host(h)).collect()));
-        push(&mut out, &o.methods, &o.not_methods, |v| Cond::Method(v.iter().map(|m| StrMatch::new(m)).collect()));
-        push(&mut out, &o.paths, &o.not_paths, |v| Cond::Path(v.iter().map(|p| PathMatch::new(p)).collect()));
+        push(&mut out, &o.hosts, &o.not_hosts, |v| {
+            Cond::Host(v.iter().map(|h| host(h)).collect())
+        });
+        push(&mut out, &o.methods, &o.not_methods, |v| {
+            Cond::Method(v.iter().map(|m| StrMatch::new(m)).collect())
+        });
+        push(&mut out, &o.paths, &o.not_paths, |v| {
+            Cond::Path(v.iter().map(|p| PathMatch::new(p)).collect())
+        });
         push(&mut out, &o.ports, &o.not_ports, |v| Cond::Port(ports(v)));
         out
     }
@@ -175,23 +221,34 @@ impl Compiler<'_> {
     /// `None` when the condition cannot be evaluated by meshward.
     fn condition(&self, c: &Condition, policy_ns: &str) -> Option<Vec<Clause>> {
         let strs = |v: &[String]| v.iter().map(|x| StrMatch::new(x)).collect::<Vec<_>>();
-        let build: Box<dyn Fn(&[String]) -> Cond> = match &c.key {
+        let build: CondBuilder<'_> = match &c.key {
             ConditionKey::RequestHeader(name) => {
                 let name: Box<str> = name.as_str().into();
-                Box::new(move |v| Cond::Header(name.clone(), v.iter().map(|x| (x != "*").then(|| StrMatch::new(x))).collect()))
+                Box::new(move |v| {
+                    Cond::Header(
+                        name.clone(),
+                        v.iter()
+                            .map(|x| (x != "*").then(|| StrMatch::new(x)))
+                            .collect(),
+                    )
+                })
             }
             ConditionKey::SourceIp => Box::new(|v| Cond::SourceIp(nets(v))),
             ConditionKey::RemoteIp => Box::new(|v| Cond::RemoteIp(nets(v))),
             ConditionKey::DestinationIp => Box::new(|v| Cond::DestinationIp(nets(v))),
-            ConditionKey::SourceNamespace => Box::new(|v| Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect())),
+            ConditionKey::SourceNamespace => {
+                Box::new(|v| Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect()))
+            }
             ConditionKey::SourcePrincipal => Box::new(|v| Cond::Principal(self.principals(v))),
             ConditionKey::SourceServiceAccount => {
                 let ns = policy_ns.to_string();
-                Box::new(move |v| Cond::ServiceAccount(v.iter().flat_map(|x| service_account(x, &ns)).collect()))
+                Box::new(move |v| {
+                    Cond::ServiceAccount(v.iter().flat_map(|x| service_account(x, &ns)).collect())
+                })
             }
-            ConditionKey::RequestAuthPrincipal => {
-                Box::new(|v| Cond::RequestPrincipal(v.iter().map(|x| request_principal(x)).collect()))
-            }
+            ConditionKey::RequestAuthPrincipal => Box::new(|v| {
+                Cond::RequestPrincipal(v.iter().map(|x| request_principal(x)).collect())
+            }),
             ConditionKey::RequestAuthAudiences => Box::new(move |v| Cond::Audience(strs(v))),
             ConditionKey::RequestAuthPresenter => Box::new(move |v| Cond::Presenter(strs(v))),
             ConditionKey::RequestAuthClaims(path) => {
@@ -239,22 +296,39 @@ impl Compiler<'_> {
     }
 }
 
-fn push(out: &mut Vec<Clause>, values: &[String], not_values: &[String], build: impl Fn(&[String]) -> Cond) {
+fn push(
+    out: &mut Vec<Clause>,
+    values: &[String],
+    not_values: &[String],
+    build: impl Fn(&[String]) -> Cond,
+) {
     if !values.is_empty() {
-        out.push(Clause { cond: build(values), negate: false });
+        out.push(Clause {
+            cond: build(values),
+            negate: false,
+        });
     }
     if !not_values.is_empty() {
-        out.push(Clause { cond: build(not_values), negate: true });
+        out.push(Clause {
+            cond: build(not_values),
+            negate: true,
+        });
     }
 }
 
 fn nets(values: &[String]) -> Vec<IpNet> {
     // Validated on load; anything unparsable is left out, so it never matches.
-    values.iter().filter_map(|v| crate::matcher::ip_block(v)).collect()
+    values
+        .iter()
+        .filter_map(|v| crate::matcher::ip_block(v))
+        .collect()
 }
 
 fn ports(values: &[String]) -> Vec<u16> {
-    values.iter().filter_map(|v| meshward_config::values::parse_port(v).ok()).collect()
+    values
+        .iter()
+        .filter_map(|v| meshward_config::values::parse_port(v).ok())
+        .collect()
 }
 
 fn host(value: &str) -> Option<StrMatch> {
@@ -276,7 +350,11 @@ fn request_principal(value: &str) -> (StrMatch, StrMatch) {
     if let Some(rest) = value.strip_prefix('*') {
         return match split {
             Some((iss, sub)) => {
-                let iss = if iss == "*" { StrMatch::NonEmpty } else { StrMatch::Suffix(iss[1..].into()) };
+                let iss = if iss == "*" {
+                    StrMatch::NonEmpty
+                } else {
+                    StrMatch::Suffix(iss[1..].into())
+                };
                 (iss, StrMatch::Exact(sub.into()))
             }
             None => (StrMatch::NonEmpty, StrMatch::Suffix(rest.into())),
@@ -285,7 +363,11 @@ fn request_principal(value: &str) -> (StrMatch, StrMatch) {
     if let Some(rest) = value.strip_suffix('*') {
         return match split {
             Some((iss, sub)) => {
-                let sub = if sub == "*" { StrMatch::NonEmpty } else { StrMatch::Prefix(sub[..sub.len() - 1].into()) };
+                let sub = if sub == "*" {
+                    StrMatch::NonEmpty
+                } else {
+                    StrMatch::Prefix(sub[..sub.len() - 1].into())
+                };
                 (StrMatch::Exact(iss.into()), sub)
             }
             None => (StrMatch::Prefix(rest.into()), StrMatch::NonEmpty),
@@ -331,24 +413,35 @@ impl Cond {
     fn matches(&self, f: &Facts<'_, '_>) -> bool {
         let req = f.req;
         match self {
-            Cond::Principal(m) => req.principal.is_some_and(|p| m.iter().any(|m| m.matches(p))),
-            Cond::Namespace(m) => req.principal.is_some_and(|p| m.iter().any(|m| m.matches(p))),
-            Cond::ServiceAccount(g) => req.principal.is_some_and(|p| g.iter().any(|g| g.matches(p))),
+            Cond::Principal(m) => req
+                .principal
+                .is_some_and(|p| m.iter().any(|m| m.matches(p))),
+            Cond::Namespace(m) => req
+                .principal
+                .is_some_and(|p| m.iter().any(|m| m.matches(p))),
+            Cond::ServiceAccount(g) => req
+                .principal
+                .is_some_and(|p| g.iter().any(|g| g.matches(p))),
             Cond::RequestPrincipal(m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
-                let (iss, sub) = a.issuer_subject();
-                m.iter().any(|(mi, ms)| mi.matches(iss) && ms.matches(sub))
+                m.iter()
+                    .any(|(mi, ms)| mi.matches(&a.issuer) && ms.matches(&a.subject))
             }),
             Cond::SourceIp(n) => any_net(n, req.source_ip),
             Cond::RemoteIp(n) => any_net(n, req.remote_ip()),
             Cond::DestinationIp(n) => req.destination_ip.is_some_and(|ip| any_net(n, ip)),
             Cond::Host(m) => req.http.is_some_and(|h| {
-                m.iter().any(|m| m.as_ref().is_none_or(|m| m.matches_ignore_case(h.host)))
+                m.iter()
+                    .any(|m| m.as_ref().is_none_or(|m| m.matches_ignore_case(h.host)))
             }),
-            Cond::Method(m) => req.http.is_some_and(|h| m.iter().any(|m| m.matches(h.method))),
+            Cond::Method(m) => req
+                .http
+                .is_some_and(|h| m.iter().any(|m| m.matches(h.method))),
             Cond::Path(m) => req.http.is_some() && m.iter().any(|m| m.matches(f.path)),
             Cond::Port(p) => p.contains(&req.port),
             Cond::Header(name, m) => req.http.is_some_and(|h| {
-                h.headers.header(name).is_some_and(|v| m.iter().any(|m| m.as_ref().is_none_or(|m| m.matches(&v))))
+                h.headers
+                    .header(name)
+                    .is_some_and(|v| m.iter().any(|m| m.as_ref().is_none_or(|m| m.matches(&v))))
             }),
             Cond::Claim(path, m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
                 let mut value = a.claims.get(&path[0]);
@@ -358,10 +451,11 @@ impl Cond {
                 let split = path.len() == 1 && f.space_delimited.contains(&path[0]);
                 value.is_some_and(|v| claim_matches(v, m, split))
             }),
-            Cond::Audience(m) => req
-                .http
-                .and_then(|h| h.auth)
-                .is_some_and(|a| a.audiences.iter().any(|aud| m.iter().any(|m| m.matches(aud)))),
+            Cond::Audience(m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
+                a.audiences
+                    .iter()
+                    .any(|aud| m.iter().any(|m| m.matches(aud)))
+            }),
             Cond::Presenter(m) => req
                 .http
                 .and_then(|h| h.auth)
@@ -376,9 +470,13 @@ impl Cond {
 /// string element matching any value. Space-delimited claims are split first.
 fn claim_matches(value: &Value, m: &[StrMatch], split: bool) -> bool {
     match value {
-        Value::String(s) if split => s.split_whitespace().any(|part| m.iter().any(|m| m.matches(part))),
+        Value::String(s) if split => s
+            .split_whitespace()
+            .any(|part| m.iter().any(|m| m.matches(part))),
         Value::String(s) => m.iter().any(|m| m.matches(s)),
-        Value::Array(items) => items.iter().any(|i| i.as_str().is_some_and(|s| m.iter().any(|m| m.matches(s)))),
+        Value::Array(items) => items
+            .iter()
+            .any(|i| i.as_str().is_some_and(|s| m.iter().any(|m| m.matches(s)))),
         _ => false,
     }
 }

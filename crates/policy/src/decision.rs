@@ -39,7 +39,11 @@ impl fmt::Display for RuleRef {
         if self.rule == usize::MAX {
             write!(f, "{} policy {}", self.policy.action, self.policy)
         } else {
-            write!(f, "rule {} of {} policy {}", self.rule, self.policy.action, self.policy)
+            write!(
+                f,
+                "rule {} of {} policy {}",
+                self.rule, self.policy.action, self.policy
+            )
         }
     }
 }
@@ -53,12 +57,18 @@ pub enum Reason {
     AllowMatched,
     DenyMatched,
     /// ALLOW policies apply but none matched.
-    NoAllowMatched { policies: Vec<String> },
+    NoAllowMatched {
+        policies: Vec<String>,
+    },
     /// STRICT mTLS on the port and the peer sent plaintext.
-    PlaintextRejected { source: String },
+    PlaintextRejected {
+        source: String,
+    },
     /// A CUSTOM policy matched but its provider is not a defined
     /// authorization provider: fail closed.
-    CustomProviderMissing { provider: String },
+    CustomProviderMissing {
+        provider: String,
+    },
     /// The request path cannot be normalized safely.
     InvalidPath(String),
 }
@@ -108,11 +118,21 @@ pub struct Decision {
 
 impl Decision {
     pub(crate) fn new(verdict: Verdict, reason: Reason) -> Decision {
-        Decision { verdict, reason, decided_by: None, ext_authz: None, audit: Vec::new(), dry_run: Vec::new() }
+        Decision {
+            verdict,
+            reason,
+            decided_by: None,
+            ext_authz: None,
+            audit: Vec::new(),
+            dry_run: Vec::new(),
+        }
     }
 
     pub(crate) fn with_policy(mut self, p: &CompiledPolicy, rule: usize) -> Decision {
-        self.decided_by = Some(RuleRef { policy: Arc::clone(&p.id), rule });
+        self.decided_by = Some(RuleRef {
+            policy: Arc::clone(&p.id),
+            rule,
+        });
         self
     }
 
@@ -122,7 +142,11 @@ impl Decision {
 
     /// The verdict once the external authorizer (if any) has answered.
     pub fn with_ext_authz_result(&self, ext_allowed: bool) -> Verdict {
-        if self.ext_authz.is_some() && !ext_allowed { Verdict::Deny } else { self.verdict }
+        if self.ext_authz.is_some() && !ext_allowed {
+            Verdict::Deny
+        } else {
+            self.verdict
+        }
     }
 }
 
@@ -131,17 +155,23 @@ impl fmt::Display for Decision {
         write!(f, "{}: ", self.verdict)?;
         match (&self.reason, &self.decided_by) {
             (Reason::AllowMatched | Reason::DenyMatched, Some(r)) => write!(f, "matched {r}")?,
-            (Reason::NoAllowPolicies, _) => f.write_str("no ALLOW policy applies to this workload and no DENY policy matched")?,
+            (Reason::NoAllowPolicies, _) => {
+                f.write_str("no ALLOW policy applies to this workload and no DENY policy matched")?
+            }
             (Reason::NoAllowMatched { policies }, _) => write!(
                 f,
                 "no rule of the ALLOW policies that apply matched ({})",
                 policies.join(", ")
             )?,
-            (Reason::PlaintextRejected { source }, _) => {
-                write!(f, "plaintext connection refused: mTLS mode STRICT from {source}")?
-            }
+            (Reason::PlaintextRejected { source }, _) => write!(
+                f,
+                "plaintext connection refused: mTLS mode STRICT from {source}"
+            )?,
             (Reason::CustomProviderMissing { provider }, r) => {
-                write!(f, "CUSTOM provider \"{provider}\" is not a defined authorization provider")?;
+                write!(
+                    f,
+                    "CUSTOM provider \"{provider}\" is not a defined authorization provider"
+                )?;
                 if let Some(r) = r {
                     write!(f, " (matched {r})")?;
                 }
@@ -150,7 +180,11 @@ impl fmt::Display for Decision {
             (reason, _) => write!(f, "{}", reason.code())?,
         }
         if let Some(ext) = &self.ext_authz {
-            write!(f, "; also requires external authorization by \"{}\" ({})", ext.provider, ext.policy)?;
+            write!(
+                f,
+                "; also requires external authorization by \"{}\" ({})",
+                ext.provider, ext.policy
+            )?;
         }
         for a in &self.audit {
             write!(f, "; audited by {a}")?;

@@ -23,24 +23,43 @@ pub struct Workload {
 impl Workload {
     /// The workload a WorkloadEntry describes (service account `default`
     /// when none is given, as in Kubernetes).
-    pub fn from_entry(entry: &meshward_config::Resource<meshward_config::model::WorkloadEntry>) -> Workload {
+    pub fn from_entry(
+        entry: &meshward_config::Resource<meshward_config::model::WorkloadEntry>,
+    ) -> Workload {
         Workload {
             namespace: entry.meta.namespace.clone(),
-            service_account: entry.spec.service_account.clone().unwrap_or_else(|| "default".to_string()),
+            service_account: entry
+                .spec
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".to_string()),
             labels: entry.spec.labels.clone(),
         }
     }
 
     /// `ns/sa` rendered as this workload's principal in `trust_domain`.
     pub fn principal(&self, trust_domain: &str) -> String {
-        format!("{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+        format!(
+            "{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
     }
 }
 
 impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        write!(f, "namespace {}, service account {}, labels {{{}}}", self.namespace, self.service_account, labels.join(", "))
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(
+            f,
+            "namespace {}, service account {}, labels {{{}}}",
+            self.namespace,
+            self.service_account,
+            labels.join(", ")
+        )
     }
 }
 
@@ -70,12 +89,18 @@ impl PolicyEngine {
             if !p.spec.target_refs.is_empty() {
                 continue;
             }
-            by_namespace.entry(p.meta.namespace.clone()).or_default().push(IndexedPolicy {
-                compiled: Arc::new(compiler.policy(p)),
-                selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
-            });
+            by_namespace
+                .entry(p.meta.namespace.clone())
+                .or_default()
+                .push(IndexedPolicy {
+                    compiled: Arc::new(compiler.policy(p)),
+                    selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+                });
         }
-        PolicyEngine { config, by_namespace }
+        PolicyEngine {
+            config,
+            by_namespace,
+        }
     }
 
     pub fn config(&self) -> &ConfigSet {
@@ -97,15 +122,23 @@ impl PolicyEngine {
             allow: Vec::new(),
             audit: Vec::new(),
             dry_run: Vec::new(),
-            space_delimited: DEFAULT_SPACE_DELIMITED.iter().map(|s| s.to_string()).collect(),
+            space_delimited: DEFAULT_SPACE_DELIMITED
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             normalization: self.config.mesh.path_normalization,
             mesh: Arc::clone(&self.config),
         };
-        let namespaces: &[&str] = if *root == w.namespace { &[root.as_str()] } else { &[root.as_str(), w.namespace.as_str()] };
+        let namespaces: &[&str] = if *root == w.namespace {
+            &[root.as_str()]
+        } else {
+            &[root.as_str(), w.namespace.as_str()]
+        };
         for ns in namespaces {
             for p in self.by_namespace.get(*ns).into_iter().flatten() {
                 let selected = p.selector.as_ref().is_none_or(|sel| {
-                    sel.iter().all(|(k, v)| w.labels.get(k).is_some_and(|l| l == v))
+                    sel.iter()
+                        .all(|(k, v)| w.labels.get(k).is_some_and(|l| l == v))
                 });
                 if !selected {
                     continue;
@@ -123,10 +156,15 @@ impl PolicyEngine {
         for ra in &self.config.request_authentications {
             let applies = ra.spec.target_refs.is_empty()
                 && (ra.meta.namespace == *root || ra.meta.namespace == w.namespace)
-                && ra.spec.selector.as_ref().is_none_or(|s| s.matches(&w.labels));
+                && ra
+                    .spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&w.labels));
             if applies {
                 for rule in &ra.spec.jwt_rules {
-                    view.space_delimited.extend(rule.space_delimited_claims.iter().cloned());
+                    view.space_delimited
+                        .extend(rule.space_delimited_claims.iter().cloned());
                 }
             }
         }
@@ -182,7 +220,12 @@ impl WorkloadPolicy {
     pub fn decide(&self, req: &Request<'_>) -> Decision {
         let peer = self.mtls(req.port);
         if peer.mode == MtlsMode::Strict && req.principal.is_none() {
-            return Decision::new(Verdict::Deny, Reason::PlaintextRejected { source: peer.source.to_string() });
+            return Decision::new(
+                Verdict::Deny,
+                Reason::PlaintextRejected {
+                    source: peer.source.to_string(),
+                },
+            );
         }
         self.authorize(req)
     }
@@ -197,18 +240,35 @@ impl WorkloadPolicy {
             },
             None => std::borrow::Cow::Borrowed(""),
         };
-        let facts = Facts { req, path: &path, space_delimited: &self.space_delimited };
+        let facts = Facts {
+            req,
+            path: &path,
+            space_delimited: &self.space_delimited,
+        };
 
         let mut ext_authz = None;
         for p in &self.custom {
             if let Some(rule) = first_match(p, &facts, true) {
                 let name = p.provider.clone().unwrap_or_default();
-                let valid = self.mesh.mesh.provider(&name).is_some_and(|prov| prov.is_authz());
+                let valid = self
+                    .mesh
+                    .mesh
+                    .provider(&name)
+                    .is_some_and(|prov| prov.is_authz());
                 if !valid {
-                    return Decision::new(Verdict::Deny, Reason::CustomProviderMissing { provider: name })
-                        .with_policy(p, rule);
+                    return Decision::new(
+                        Verdict::Deny,
+                        Reason::CustomProviderMissing { provider: name },
+                    )
+                    .with_policy(p, rule);
                 }
-                ext_authz = Some(ExtAuthzCheck { provider: name, policy: RuleRef { policy: Arc::clone(&p.id), rule } });
+                ext_authz = Some(ExtAuthzCheck {
+                    provider: name,
+                    policy: RuleRef {
+                        policy: Arc::clone(&p.id),
+                        rule,
+                    },
+                });
                 break;
             }
         }
@@ -217,7 +277,10 @@ impl WorkloadPolicy {
         decision.ext_authz = ext_authz;
         for p in &self.audit {
             if let Some(rule) = first_match(p, &facts, true) {
-                decision.audit.push(RuleRef { policy: Arc::clone(&p.id), rule });
+                decision.audit.push(RuleRef {
+                    policy: Arc::clone(&p.id),
+                    rule,
+                });
             }
         }
         if !self.dry_run.is_empty() {
@@ -242,7 +305,9 @@ impl WorkloadPolicy {
         }
         Decision::new(
             Verdict::Deny,
-            Reason::NoAllowMatched { policies: self.allow.iter().map(|p| p.id.to_string()).collect() },
+            Reason::NoAllowMatched {
+                policies: self.allow.iter().map(|p| p.id.to_string()).collect(),
+            },
         )
     }
 
@@ -258,14 +323,31 @@ impl WorkloadPolicy {
             }
             if let Some(rule) = matched {
                 allow_matched |= !deny_like;
-                let would = if deny_like { Verdict::Deny } else { Verdict::Allow };
-                out.push(DryRunResult { rule: RuleRef { policy: Arc::clone(&p.id), rule }, would });
+                let would = if deny_like {
+                    Verdict::Deny
+                } else {
+                    Verdict::Allow
+                };
+                out.push(DryRunResult {
+                    rule: RuleRef {
+                        policy: Arc::clone(&p.id),
+                        rule,
+                    },
+                    would,
+                });
             }
         }
-        if allow_seen && !allow_matched {
-            if let Some(p) = self.dry_run.iter().find(|p| p.id.action == Action::Allow) {
-                out.push(DryRunResult { rule: RuleRef { policy: Arc::clone(&p.id), rule: usize::MAX }, would: Verdict::Deny });
-            }
+        if allow_seen
+            && !allow_matched
+            && let Some(p) = self.dry_run.iter().find(|p| p.id.action == Action::Allow)
+        {
+            out.push(DryRunResult {
+                rule: RuleRef {
+                    policy: Arc::clone(&p.id),
+                    rule: usize::MAX,
+                },
+                would: Verdict::Deny,
+            });
         }
         out
     }

@@ -50,8 +50,12 @@ impl StrMatch {
         let v = value.as_bytes();
         match self {
             StrMatch::Exact(p) => value.eq_ignore_ascii_case(p),
-            StrMatch::Prefix(p) => v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p.as_bytes()),
-            StrMatch::Suffix(p) => v.len() >= p.len() && v[v.len() - p.len()..].eq_ignore_ascii_case(p.as_bytes()),
+            StrMatch::Prefix(p) => {
+                v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            StrMatch::Suffix(p) => {
+                v.len() >= p.len() && v[v.len() - p.len()..].eq_ignore_ascii_case(p.as_bytes())
+            }
             StrMatch::NonEmpty => !value.is_empty(),
         }
     }
@@ -105,7 +109,9 @@ impl Glob {
 fn glob_match(parts: &[GlobPart], v: &[u8]) -> bool {
     match parts.split_first() {
         None => v.is_empty(),
-        Some((GlobPart::Lit(l), rest)) => v.starts_with(l.as_bytes()) && glob_match(rest, &v[l.len()..]),
+        Some((GlobPart::Lit(l), rest)) => {
+            v.starts_with(l.as_bytes()) && glob_match(rest, &v[l.len()..])
+        }
         Some((GlobPart::Any { min }, rest)) => {
             if rest.is_empty() {
                 return v.len() >= *min;
@@ -166,7 +172,12 @@ pub fn service_account_globs(namespace: &str, name: &str) -> [Glob; 4] {
         }
         g
     };
-    [base(false, false), base(true, false), base(false, true), base(true, true)]
+    [
+        base(false, false),
+        base(true, false),
+        base(false, true),
+        base(true, true),
+    ]
 }
 
 /// A path value: Istio's string forms, or a `{*}`/`{**}` template.
@@ -285,7 +296,11 @@ mod tests {
 
     #[test]
     fn service_accounts() {
-        let any = |p: &str| service_account_globs("cert-manager.io", "sa").iter().any(|g| g.matches(p));
+        let any = |p: &str| {
+            service_account_globs("cert-manager.io", "sa")
+                .iter()
+                .any(|g| g.matches(p))
+        };
         assert!(any("td/ns/cert-manager.io/sa/sa"));
         assert!(!any("td/ns/cert-managerXio/sa/sa"));
         assert!(any("td/ns/cert-manager.io/x/y/sa/sa/z"));

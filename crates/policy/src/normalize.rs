@@ -37,7 +37,10 @@ pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<Cow<'_, str>
         return Ok(Cow::Borrowed(path));
     }
     let bytes = path.as_bytes();
-    let merge = matches!(mode, PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes);
+    let merge = matches!(
+        mode,
+        PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
+    );
     let needs_work = bytes.iter().any(|b| matches!(b, b'%' | b'\\'))
         || path.contains("/.")
         || (merge && path.contains("//"));
@@ -81,7 +84,9 @@ pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<Cow<'_, str>
     }
     // Only ASCII bytes were replaced by ASCII bytes, so UTF-8 is preserved;
     // fall back to a lossy conversion rather than panic if that ever changed.
-    Ok(Cow::Owned(String::from_utf8(result).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())))
+    Ok(Cow::Owned(String::from_utf8(result).unwrap_or_else(|e| {
+        String::from_utf8_lossy(e.as_bytes()).into_owned()
+    })))
 }
 
 fn hex_pair(a: u8, b: u8) -> Option<u8> {
@@ -100,9 +105,7 @@ fn remove_dot_segments(input: &[u8]) -> Vec<u8> {
     while !inp.is_empty() {
         if inp.starts_with(b"../") {
             inp = &inp[3..];
-        } else if inp.starts_with(b"./") {
-            inp = &inp[2..];
-        } else if inp.starts_with(b"/./") {
+        } else if inp.starts_with(b"./") || inp.starts_with(b"/./") {
             inp = &inp[2..];
         } else if inp == b"/." {
             inp = b"/";
@@ -114,7 +117,10 @@ fn remove_dot_segments(input: &[u8]) -> Vec<u8> {
             inp = b"";
         } else {
             let start = usize::from(inp[0] == b'/');
-            let end = inp[start..].iter().position(|b| *b == b'/').map_or(inp.len(), |p| p + start);
+            let end = inp[start..]
+                .iter()
+                .position(|b| *b == b'/')
+                .map_or(inp.len(), |p| p + start);
             out.extend_from_slice(&inp[..end]);
             inp = &inp[end..];
         }
@@ -135,11 +141,26 @@ mod tests {
             ("/app/../admin", "/admin", "/admin", "/admin"),
             ("/app//", "/app//", "/app/", "/app/"),
             ("/app/%2f", "/app/%2f", "/app/%2f", "/app/"),
-            ("/xyz%30..//abc", "/xyz0..//abc", "/xyz0../abc", "/xyz0../abc"),
+            (
+                "/xyz%30..//abc",
+                "/xyz0..//abc",
+                "/xyz0../abc",
+                "/xyz0../abc",
+            ),
             ("/app/%2E./admin", "/admin", "/admin", "/admin"),
             ("/app\\admin", "/app/admin", "/app/admin", "/app/admin"),
-            ("/app/\\/\\/\\admin", "/app//////admin", "/app/admin", "/app/admin"),
-            ("/%2Fapp%5cadmin%5Cabc", "/%2Fapp%5cadmin%5Cabc", "/%2Fapp%5cadmin%5Cabc", "/app/admin/abc"),
+            (
+                "/app/\\/\\/\\admin",
+                "/app//////admin",
+                "/app/admin",
+                "/app/admin",
+            ),
+            (
+                "/%2Fapp%5cadmin%5Cabc",
+                "/%2Fapp%5cadmin%5Cabc",
+                "/%2Fapp%5cadmin%5Cabc",
+                "/app/admin/abc",
+            ),
             (
                 "/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc",
                 "/%5Capp%2f%5c%2F..%2fadmin%5c/abc",
@@ -152,8 +173,16 @@ mod tests {
         ];
         for (input, base, merge, decode) in cases {
             assert_eq!(normalize_path(input, Base).unwrap(), base, "BASE {input}");
-            assert_eq!(normalize_path(input, MergeSlashes).unwrap(), merge, "MERGE {input}");
-            assert_eq!(normalize_path(input, DecodeAndMergeSlashes).unwrap(), decode, "DECODE {input}");
+            assert_eq!(
+                normalize_path(input, MergeSlashes).unwrap(),
+                merge,
+                "MERGE {input}"
+            );
+            assert_eq!(
+                normalize_path(input, DecodeAndMergeSlashes).unwrap(),
+                decode,
+                "DECODE {input}"
+            );
         }
     }
 
@@ -161,7 +190,10 @@ mod tests {
     fn query_and_none() {
         assert_eq!(normalize_path("/a?x=/../b", Base).unwrap(), "/a");
         assert_eq!(normalize_path("/a/../b?q", None).unwrap(), "/a/../b");
-        assert!(matches!(normalize_path("/plain/path", Base).unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(
+            normalize_path("/plain/path", Base).unwrap(),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(normalize_path("/a%00b", Base), Err(PathError::EncodedNul));
         assert_eq!(normalize_path("/a%zz/%4", Base).unwrap(), "/a%zz/%4");
     }

@@ -38,6 +38,9 @@ impl std::fmt::Display for ModeSource {
     }
 }
 
+/// Builds the [`ModeSource`] of a scope from the policy's `namespace/name`.
+type ScopeKind = fn(String) -> ModeSource;
+
 /// The effective mode of one port, with its origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerDecision {
@@ -62,7 +65,11 @@ impl PeerModes {
         let mut namespace: Option<&Resource<PeerAuthentication>> = None;
         let mut workload: Option<&Resource<PeerAuthentication>> = None;
         for p in &config.peer_authentications {
-            let labels_empty = p.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty());
+            let labels_empty = p
+                .spec
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.match_labels.is_empty());
             if !p.spec.target_refs.is_empty() {
                 continue;
             }
@@ -75,34 +82,58 @@ impl PeerModes {
                 }
             } else if p.meta.namespace == w.namespace
                 && p.meta.namespace != root_ns
-                && p.spec.selector.as_ref().is_some_and(|s| s.matches(&w.labels))
+                && p.spec
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| s.matches(&w.labels))
             {
                 older(&mut workload, p);
             }
         }
-        let mut effective = PeerDecision { mode: MtlsMode::Permissive, source: ModeSource::Default };
-        let scopes: [(Option<&Resource<PeerAuthentication>>, fn(String) -> ModeSource); 3] =
-            [(mesh, ModeSource::Mesh), (namespace, ModeSource::Namespace), (workload, ModeSource::Workload)];
+        let mut effective = PeerDecision {
+            mode: MtlsMode::Permissive,
+            source: ModeSource::Default,
+        };
+        let scopes: [(Option<&Resource<PeerAuthentication>>, ScopeKind); 3] = [
+            (mesh, ModeSource::Mesh),
+            (namespace, ModeSource::Namespace),
+            (workload, ModeSource::Workload),
+        ];
         for (policy, source) in scopes {
-            if let Some(p) = policy {
-                if p.spec.mode() != MtlsMode::Unset {
-                    effective = PeerDecision { mode: p.spec.mode(), source: source(p.key()) };
-                }
+            if let Some(p) = policy
+                && p.spec.mode() != MtlsMode::Unset
+            {
+                effective = PeerDecision {
+                    mode: p.spec.mode(),
+                    source: source(p.key()),
+                };
             }
         }
         let mut ports = BTreeMap::new();
         if let Some(p) = workload {
             for (port, mode) in &p.spec.port_level_mtls {
                 if *mode != MtlsMode::Unset {
-                    ports.insert(*port, PeerDecision { mode: *mode, source: ModeSource::Port(p.key()) });
+                    ports.insert(
+                        *port,
+                        PeerDecision {
+                            mode: *mode,
+                            source: ModeSource::Port(p.key()),
+                        },
+                    );
                 }
             }
         }
-        PeerModes { workload: effective, ports }
+        PeerModes {
+            workload: effective,
+            ports,
+        }
     }
 }
 
-fn older<'a>(slot: &mut Option<&'a Resource<PeerAuthentication>>, p: &'a Resource<PeerAuthentication>) {
+fn older<'a>(
+    slot: &mut Option<&'a Resource<PeerAuthentication>>,
+    p: &'a Resource<PeerAuthentication>,
+) {
     if slot.is_none_or(|cur| p.is_older_than(cur)) {
         *slot = Some(p);
     }

@@ -22,7 +22,10 @@ impl Headers for BTreeMap<String, String> {
 /// Headers as name/value pairs; names are compared case-insensitively.
 impl Headers for [(String, String)] {
     fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        let mut values = self.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let mut values = self
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str());
         let first = values.next()?;
         match values.next() {
             None => Some(Cow::Borrowed(first)),
@@ -51,8 +54,10 @@ impl Headers for NoHeaders {
 /// The outcome of a successful JWT validation (RequestAuthentication).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JwtAuth {
-    /// `<iss>/<sub>`.
-    pub principal: String,
+    /// The `iss` claim.
+    pub issuer: String,
+    /// The `sub` claim.
+    pub subject: String,
     /// The `aud` claim.
     pub audiences: Vec<String>,
     /// The `azp` claim.
@@ -67,22 +72,35 @@ impl JwtAuth {
         let s = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
         let audiences = match claims.get("aud") {
             Some(serde_json::Value::String(a)) => vec![a.clone()],
-            Some(serde_json::Value::Array(list)) => {
-                list.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-            }
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             _ => Vec::new(),
         };
         JwtAuth {
-            principal: format!("{}/{}", s("iss").unwrap_or_default(), s("sub").unwrap_or_default()),
+            issuer: s("iss").unwrap_or_default(),
+            subject: s("sub").unwrap_or_default(),
             audiences,
             presenter: s("azp"),
             claims,
         }
     }
 
-    /// Splits the principal into issuer and subject at the last `/`.
-    pub fn issuer_subject(&self) -> (&str, &str) {
-        self.principal.rsplit_once('/').unwrap_or((&self.principal, ""))
+    /// Facts given as a request principal `<iss>/<sub>`, split at the last
+    /// `/` (the issuer may contain `/`, the subject then may not).
+    pub fn from_principal(principal: &str) -> JwtAuth {
+        let (issuer, subject) = principal.rsplit_once('/').unwrap_or((principal, ""));
+        JwtAuth {
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+            ..JwtAuth::default()
+        }
+    }
+
+    /// The request principal, `<iss>/<sub>`.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
     }
 }
 
@@ -104,7 +122,7 @@ impl std::fmt::Debug for HttpAttributes<'_> {
             .field("method", &self.method)
             .field("path", &self.path)
             .field("host", &self.host)
-            .field("auth", &self.auth.map(|a| &a.principal))
+            .field("auth", &self.auth.map(|a| (&a.issuer, &a.subject)))
             .finish_non_exhaustive()
     }
 }

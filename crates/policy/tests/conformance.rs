@@ -28,13 +28,21 @@ fn istio_conformance_corpus_passes() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "expected the full corpus in {}, found {} files", dir.display(), files.len());
+    assert!(
+        files.len() >= 10,
+        "expected the full corpus in {}, found {} files",
+        dir.display(),
+        files.len()
+    );
     let (mut passed, mut failed) = (0, Vec::new());
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().to_string();
-        let suite = parse_suite(&name, &text).unwrap_or_else(|d| panic!("cannot parse {name}:\n{d}"));
-        for r in run_suite(&suite, &|_, p| panic!("the corpus uses no configPaths ({p})")) {
+        let suite =
+            parse_suite(&name, &text).unwrap_or_else(|d| panic!("cannot parse {name}:\n{d}"));
+        for r in run_suite(&suite, &|_, p| {
+            panic!("the corpus uses no configPaths ({p})")
+        }) {
             if r.passed {
                 passed += 1;
             } else {
@@ -49,7 +57,12 @@ fn istio_conformance_corpus_passes() {
             }
         }
     }
-    assert!(failed.is_empty(), "{} conformance checks failed ({passed} passed):\n{}", failed.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} conformance checks failed ({passed} passed):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
     // The corpus held 242 checks when this was written; far fewer means
     // files were not found or parsed, not that everything passed.
     assert!(passed >= 240, "suspiciously few checks ran: {passed}");

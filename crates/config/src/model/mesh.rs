@@ -125,7 +125,11 @@ impl MeshConfig {
         m.trust_domain_aliases = f.strings(sink, "trustDomainAliases");
         for (i, td) in m.trust_domain_aliases.iter().enumerate() {
             if let Err(e) = check_trust_domain(td) {
-                sink.error(f.pos(), &format!("{}[{i}]", f.field_path("trustDomainAliases")), e);
+                sink.error(
+                    f.pos(),
+                    &format!("{}[{i}]", f.field_path("trustDomainAliases")),
+                    e,
+                );
             }
         }
         if let Some(b) = f.bool(sink, "enableAutoMtls") {
@@ -135,34 +139,41 @@ impl MeshConfig {
         if let Some(pn) = f.take("pathNormalization") {
             let mut pf = Fields::new(sink, pn, &pn_path);
             let norm_path = pf.field_path("normalization");
-            if let Some(n) = pf.take("normalization") {
-                if let Some(s) = decode::string(sink, n, &norm_path) {
-                    m.path_normalization = match s.as_str() {
-                        "NONE" => PathNormalization::None,
-                        "DEFAULT" | "BASE" => PathNormalization::Base,
-                        "MERGE_SLASHES" => PathNormalization::MergeSlashes,
-                        "DECODE_AND_MERGE_SLASHES" => PathNormalization::DecodeAndMergeSlashes,
-                        _ => {
-                            sink.error(n.pos, &norm_path, format!("unknown normalization \"{s}\" (expected NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES)"));
-                            PathNormalization::Base
-                        }
-                    };
-                }
+            if let Some(n) = pf.take("normalization")
+                && let Some(s) = decode::string(sink, n, &norm_path)
+            {
+                m.path_normalization = match s.as_str() {
+                    "NONE" => PathNormalization::None,
+                    "DEFAULT" | "BASE" => PathNormalization::Base,
+                    "MERGE_SLASHES" => PathNormalization::MergeSlashes,
+                    "DECODE_AND_MERGE_SLASHES" => PathNormalization::DecodeAndMergeSlashes,
+                    _ => {
+                        sink.error(n.pos, &norm_path, format!("unknown normalization \"{s}\" (expected NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES)"));
+                        PathNormalization::Base
+                    }
+                };
             }
             pf.finish(sink);
         }
         m.workload_cert_ttl = f.string(sink, "workloadCertTtl");
-        if let Some(ttl) = &m.workload_cert_ttl {
-            if let Err(e) = super::security::check_duration(ttl) {
-                sink.error(f.pos(), &f.field_path("workloadCertTtl"), e);
-            }
+        if let Some(ttl) = &m.workload_cert_ttl
+            && let Err(e) = super::security::check_duration(ttl)
+        {
+            sink.error(f.pos(), &f.field_path("workloadCertTtl"), e);
         }
         let mut names = std::collections::BTreeSet::new();
         m.extension_providers = f
             .list(sink, "extensionProviders", |sink, n, p| {
                 let provider = decode_provider(sink, n, p)?;
                 if !names.insert(provider.name.clone()) {
-                    sink.error(n.pos, &format!("{p}.name"), format!("extension provider \"{}\" is defined more than once", provider.name));
+                    sink.error(
+                        n.pos,
+                        &format!("{p}.name"),
+                        format!(
+                            "extension provider \"{}\" is defined more than once",
+                            provider.name
+                        ),
+                    );
                 }
                 Some(provider)
             })
@@ -175,7 +186,14 @@ impl MeshConfig {
             f.ignore(key);
         }
         if !ignored.is_empty() {
-            sink.warn(f.pos(), path, format!("meshward does not act on these mesh settings: {}", ignored.join(", ")));
+            sink.warn(
+                f.pos(),
+                path,
+                format!(
+                    "meshward does not act on these mesh settings: {}",
+                    ignored.join(", ")
+                ),
+            );
         }
         f.finish(sink);
         m
@@ -186,7 +204,11 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
     let mut f = Fields::new(sink, node, path);
     let name = f.string(sink, "name").unwrap_or_default();
     if name.is_empty() {
-        sink.error(node.pos, &f.field_path("name"), "extension provider name must not be empty");
+        sink.error(
+            node.pos,
+            &f.field_path("name"),
+            "extension provider name must not be empty",
+        );
     }
     let crate::yaml::Value::Map(entries) = &node.value else {
         f.finish(sink);
@@ -198,7 +220,14 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
         .filter(|k| *k != "name")
         .collect();
     if kinds.len() != 1 {
-        sink.error(node.pos, path, format!("extension provider \"{name}\" must set exactly one provider type, found {}", kinds.len()));
+        sink.error(
+            node.pos,
+            path,
+            format!(
+                "extension provider \"{name}\" must set exactly one provider type, found {}",
+                kinds.len()
+            ),
+        );
         for k in &kinds {
             f.ignore(k);
         }
@@ -211,13 +240,28 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
     let (mut service, mut port) = (None, None);
     if kind == "envoyExtAuthzHttp" || kind == "envoyExtAuthzGrpc" {
         let body_path = format!("{path}.{kind}");
-        service = settings.get("service").and_then(|s| s.as_str()).map(str::to_string);
-        port = settings.get("port").and_then(|p| p.as_u64()).and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+        service = settings
+            .get("service")
+            .and_then(|s| s.as_str())
+            .map(str::to_string);
+        port = settings
+            .get("port")
+            .and_then(|p| p.as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0);
         if service.as_deref().is_none_or(str::is_empty) {
-            sink.error(node.pos, &format!("{body_path}.service"), "service is required");
+            sink.error(
+                node.pos,
+                &format!("{body_path}.service"),
+                "service is required",
+            );
         }
         if port.is_none() {
-            sink.error(node.pos, &format!("{body_path}.port"), "port is required (1-65535)");
+            sink.error(
+                node.pos,
+                &format!("{body_path}.port"),
+                "port is required (1-65535)",
+            );
         }
     }
     f.finish(sink);
@@ -234,12 +278,14 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
 pub fn check_trust_domain(td: &str) -> Result<(), String> {
     let ok = !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
     if ok {
         Ok(())
     } else {
-        Err(format!("\"{td}\" is not a valid trust domain (lower-case letters, digits, '.', '-', '_')"))
+        Err(format!(
+            "\"{td}\" is not a valid trust domain (lower-case letters, digits, '.', '-', '_')"
+        ))
     }
 }

@@ -62,7 +62,10 @@ impl<T> Resource<T> {
     /// one, and otherwise the load order: the policy read first is the older.
     /// RFC 3339 UTC timestamps in Kubernetes' fixed format sort as strings.
     pub fn is_older_than<U>(&self, other: &Resource<U>) -> bool {
-        match (&self.meta.creation_timestamp, &other.meta.creation_timestamp) {
+        match (
+            &self.meta.creation_timestamp,
+            &other.meta.creation_timestamp,
+        ) {
             (Some(a), Some(b)) if a != b => a < b,
             _ => self.origin.order < other.origin.order,
         }
@@ -111,8 +114,14 @@ impl TargetRef {
         let mut f = Fields::new(sink, node, path);
         let r = TargetRef {
             group: f.string(sink, "group").unwrap_or_default(),
-            kind: f.require(sink, "kind").and_then(|n| crate::decode::string(sink, n, &format!("{path}.kind"))).unwrap_or_default(),
-            name: f.require(sink, "name").and_then(|n| crate::decode::string(sink, n, &format!("{path}.name"))).unwrap_or_default(),
+            kind: f
+                .require(sink, "kind")
+                .and_then(|n| crate::decode::string(sink, n, &format!("{path}.kind")))
+                .unwrap_or_default(),
+            name: f
+                .require(sink, "name")
+                .and_then(|n| crate::decode::string(sink, n, &format!("{path}.name")))
+                .unwrap_or_default(),
             namespace: f.string(sink, "namespace"),
         };
         f.finish(sink);
@@ -127,7 +136,9 @@ pub(crate) fn decode_attachment(
     f: &mut Fields<'_>,
 ) -> (Option<WorkloadSelector>, Vec<TargetRef>) {
     let sel_path = f.field_path("selector");
-    let selector = f.take("selector").map(|n| WorkloadSelector::decode(sink, n, &sel_path));
+    let selector = f
+        .take("selector")
+        .map(|n| WorkloadSelector::decode(sink, n, &sel_path));
     let mut refs = Vec::new();
     let ref_path = f.field_path("targetRef");
     if let Some(n) = f.take("targetRef") {
@@ -136,7 +147,11 @@ pub(crate) fn decode_attachment(
     let had_single = !refs.is_empty();
     if let Some(list) = f.list(sink, "targetRefs", TargetRef::decode) {
         if had_single && !list.is_empty() {
-            sink.error(f.pos(), &f.field_path("targetRefs"), "only one of targetRef or targetRefs can be set");
+            sink.error(
+                f.pos(),
+                &f.field_path("targetRefs"),
+                "only one of targetRef or targetRefs can be set",
+            );
         }
         refs.extend(list);
     }
@@ -154,13 +169,19 @@ pub(crate) fn decode_attachment(
 /// at most 63 characters.
 pub fn check_selector_label(key: &str, value: &str) -> Result<(), String> {
     if key.is_empty() {
-        return Err(format!("empty key is not supported in selector: \"={value}\""));
+        return Err(format!(
+            "empty key is not supported in selector: \"={value}\""
+        ));
     }
     if key.contains('*') || value.contains('*') {
-        return Err(format!("wildcard is not supported in selector: \"{key}={value}\""));
+        return Err(format!(
+            "wildcard is not supported in selector: \"{key}={value}\""
+        ));
     }
     if value.len() > 63 {
-        return Err(format!("label value for \"{key}\" is longer than 63 characters"));
+        return Err(format!(
+            "label value for \"{key}\" is longer than 63 characters"
+        ));
     }
     Ok(())
 }
@@ -173,10 +194,12 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(p) = prefix {
-        if p.is_empty() || p.len() > 253 || !p.split('.').all(is_dns_label) {
-            return Err(format!("invalid label key \"{key}\": prefix must be a DNS subdomain"));
-        }
+    if let Some(p) = prefix
+        && (p.is_empty() || p.len() > 253 || !p.split('.').all(is_dns_label))
+    {
+        return Err(format!(
+            "invalid label key \"{key}\": prefix must be a DNS subdomain"
+        ));
     }
     if !is_label_name(name) {
         return Err(format!(
@@ -189,7 +212,9 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
 /// Label values: empty, or like a label name. Istio also refuses wildcards.
 pub fn check_label_value(value: &str) -> Result<(), String> {
     if value.contains('*') {
-        return Err(format!("wildcard is not supported in selector label value \"{value}\""));
+        return Err(format!(
+            "wildcard is not supported in selector label value \"{value}\""
+        ));
     }
     if value.is_empty() || is_label_name(value) {
         Ok(())
@@ -206,7 +231,8 @@ fn is_label_name(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -215,7 +241,8 @@ fn is_dns_label(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Names and namespaces are DNS-1123 subdomains/labels in Kubernetes.
@@ -233,7 +260,9 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
     if is_dns_label(ns) {
         Ok(())
     } else {
-        Err(format!("\"{ns}\" is not a valid namespace (a DNS label: lower-case alphanumerics and '-', at most 63 characters)"))
+        Err(format!(
+            "\"{ns}\" is not a valid namespace (a DNS label: lower-case alphanumerics and '-', at most 63 characters)"
+        ))
     }
 }
 

@@ -94,7 +94,9 @@ impl DestinationRule {
             sink.error(f.pos(), &host_path, "host must not be empty");
         }
         let tp_path = f.field_path("trafficPolicy");
-        let traffic_policy = f.take("trafficPolicy").map(|n| decode_traffic_policy(sink, n, &tp_path));
+        let traffic_policy = f
+            .take("trafficPolicy")
+            .map(|n| decode_traffic_policy(sink, n, &tp_path));
         let subsets = f
             .list(sink, "subsets", |sink, n, p| {
                 let mut sf = Fields::new(sink, n, p);
@@ -104,7 +106,9 @@ impl DestinationRule {
                 }
                 let labels = sf.string_map(sink, "labels");
                 let tp = format!("{p}.trafficPolicy");
-                let traffic_policy = sf.take("trafficPolicy").map(|n| decode_traffic_policy(sink, n, &tp));
+                let traffic_policy = sf
+                    .take("trafficPolicy")
+                    .map(|n| decode_traffic_policy(sink, n, &tp));
                 sf.finish(sink);
                 Some(Subset {
                     name,
@@ -115,7 +119,9 @@ impl DestinationRule {
             .unwrap_or_default();
         let export_to = f.strings(sink, "exportTo");
         let ws_path = f.field_path("workloadSelector");
-        let workload_selector = f.take("workloadSelector").map(|n| WorkloadSelector::decode(sink, n, &ws_path));
+        let workload_selector = f
+            .take("workloadSelector")
+            .map(|n| WorkloadSelector::decode(sink, n, &ws_path));
         f.finish(sink);
         DestinationRule {
             host,
@@ -133,7 +139,9 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
         f.ignore(key);
     }
     let tls_path = f.field_path("tls");
-    let tls = f.take("tls").and_then(|n| decode_client_tls(sink, n, &tls_path));
+    let tls = f
+        .take("tls")
+        .and_then(|n| decode_client_tls(sink, n, &tls_path));
     let mut seen = BTreeMap::new();
     let port_level_settings = f
         .list(sink, "portLevelSettings", |sink, n, p| {
@@ -146,12 +154,18 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
                 Some(pn) => {
                     let mut nf = Fields::new(sink, pn, &port_path);
                     let num_path = format!("{port_path}.number");
-                    let number = nf.require(sink, "number").and_then(|x| decode::integer(sink, x, &num_path));
+                    let number = nf
+                        .require(sink, "number")
+                        .and_then(|x| decode::integer(sink, x, &num_path));
                     nf.finish(sink);
                     match number {
                         Some(v) if (1..=65535).contains(&v) => Some(v as u16),
                         Some(v) => {
-                            sink.error(pn.pos, &num_path, format!("port {v} is out of range (1-65535)"));
+                            sink.error(
+                                pn.pos,
+                                &num_path,
+                                format!("port {v} is out of range (1-65535)"),
+                            );
                             None
                         }
                         None => None,
@@ -163,11 +177,17 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
                 }
             };
             let tls_path = format!("{p}.tls");
-            let tls = pf.take("tls").and_then(|t| decode_client_tls(sink, t, &tls_path));
+            let tls = pf
+                .take("tls")
+                .and_then(|t| decode_client_tls(sink, t, &tls_path));
             pf.finish(sink);
             let port = port?;
             if seen.insert(port, ()).is_some() {
-                sink.error(n.pos, &port_path, format!("port {port} is listed more than once"));
+                sink.error(
+                    n.pos,
+                    &port_path,
+                    format!("port {port} is listed more than once"),
+                );
             }
             Some(PortTrafficPolicy { port, tls })
         })
@@ -223,18 +243,33 @@ fn decode_client_tls(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Cli
                 }
             }
         }
-        TlsMode::Mutual => {
-            if set(&tls.credential_name) {
-                for (name, v) in [("clientCertificate", &tls.client_certificate), ("privateKey", &tls.private_key), ("caCertificates", &tls.ca_certificates)] {
-                    if set(v) {
-                        sink.error(node.pos, &format!("{path}.{name}"), format!("{name} cannot be set together with credentialName"));
-                    }
+        TlsMode::Simple | TlsMode::Mutual if set(&tls.credential_name) => {
+            for (name, v) in [
+                ("clientCertificate", &tls.client_certificate),
+                ("privateKey", &tls.private_key),
+                ("caCertificates", &tls.ca_certificates),
+                ("caCrl", &tls.ca_crl),
+            ] {
+                if set(v) {
+                    sink.error(
+                        node.pos,
+                        &format!("{path}.{name}"),
+                        format!("{name} cannot be set together with credentialName"),
+                    );
                 }
-            } else {
-                for (name, v) in [("clientCertificate", &tls.client_certificate), ("privateKey", &tls.private_key)] {
-                    if !set(v) {
-                        sink.error(node.pos, &format!("{path}.{name}"), format!("MUTUAL TLS requires {name} (or credentialName)"));
-                    }
+            }
+        }
+        TlsMode::Mutual => {
+            for (name, v) in [
+                ("clientCertificate", &tls.client_certificate),
+                ("privateKey", &tls.private_key),
+            ] {
+                if !set(v) {
+                    sink.error(
+                        node.pos,
+                        &format!("{path}.{name}"),
+                        format!("MUTUAL TLS requires {name} (or credentialName)"),
+                    );
                 }
             }
         }
@@ -242,7 +277,11 @@ fn decode_client_tls(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Cli
     }
     if tls.insecure_skip_verify {
         let conflict = match tls.mode {
-            TlsMode::Simple => set(&tls.ca_certificates) || set(&tls.credential_name) || !tls.subject_alt_names.is_empty(),
+            TlsMode::Simple => {
+                set(&tls.ca_certificates)
+                    || set(&tls.credential_name)
+                    || !tls.subject_alt_names.is_empty()
+            }
             TlsMode::Mutual => set(&tls.ca_certificates) || !tls.subject_alt_names.is_empty(),
             _ => false,
         };
@@ -269,7 +308,11 @@ impl ServicePort {
     /// explicit protocol wins, else the name prefix (`http-`, `grpc`, ...).
     pub fn is_http(&self) -> bool {
         let proto = self.protocol.clone().unwrap_or_else(|| {
-            self.name.split('-').next().unwrap_or_default().to_ascii_uppercase()
+            self.name
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase()
         });
         matches!(proto.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
     }
@@ -302,7 +345,11 @@ impl ServiceEntry {
         }
         for (i, h) in hosts.iter().enumerate() {
             if h == "*" || h.is_empty() {
-                sink.error(f.pos(), &format!("{hosts_path}[{i}]"), format!("invalid host \"{h}\""));
+                sink.error(
+                    f.pos(),
+                    &format!("{hosts_path}[{i}]"),
+                    format!("invalid host \"{h}\""),
+                );
             }
         }
         let addresses = f.strings(sink, "addresses");
@@ -317,18 +364,38 @@ impl ServiceEntry {
             .list(sink, "ports", |sink, n, p| {
                 let port = decode_service_port(sink, n, p)?;
                 if names.insert(port.name.clone(), ()).is_some() {
-                    sink.error(n.pos, &format!("{p}.name"), format!("port name \"{}\" is used more than once", port.name));
+                    sink.error(
+                        n.pos,
+                        &format!("{p}.name"),
+                        format!("port name \"{}\" is used more than once", port.name),
+                    );
                 }
                 if numbers.insert(port.number, ()).is_some() {
-                    sink.error(n.pos, &format!("{p}.number"), format!("port number {} is used more than once", port.number));
+                    sink.error(
+                        n.pos,
+                        &format!("{p}.number"),
+                        format!("port number {} is used more than once", port.number),
+                    );
                 }
                 Some(port)
             })
             .unwrap_or_default();
-        let location = enum_field(sink, &mut f, "location", &["MESH_EXTERNAL", "MESH_INTERNAL"]);
-        let resolution = enum_field(sink, &mut f, "resolution", &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]);
+        let location = enum_field(
+            sink,
+            &mut f,
+            "location",
+            &["MESH_EXTERNAL", "MESH_INTERNAL"],
+        );
+        let resolution = enum_field(
+            sink,
+            &mut f,
+            "resolution",
+            &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"],
+        );
         let endpoints = f
-            .list(sink, "endpoints", |sink, n, p| Some(WorkloadEntry::decode(sink, n, p)))
+            .list(sink, "endpoints", |sink, n, p| {
+                Some(WorkloadEntry::decode(sink, n, p))
+            })
             .unwrap_or_default();
         let ws_path = f.field_path("workloadSelector");
         let workload_selector = f.take("workloadSelector").map(|n| {
@@ -338,7 +405,11 @@ impl ServiceEntry {
             labels
         });
         if workload_selector.is_some() && !endpoints.is_empty() {
-            sink.error(f.pos(), &ws_path, "only one of workloadSelector or endpoints can be set");
+            sink.error(
+                f.pos(),
+                &ws_path,
+                "only one of workloadSelector or endpoints can be set",
+            );
         }
         let export_to = f.strings(sink, "exportTo");
         let subject_alt_names = f.strings(sink, "subjectAltNames");
@@ -357,14 +428,26 @@ impl ServiceEntry {
     }
 }
 
-fn enum_field(sink: &mut Sink<'_>, f: &mut Fields<'_>, key: &str, allowed: &[&str]) -> Option<String> {
+fn enum_field(
+    sink: &mut Sink<'_>,
+    f: &mut Fields<'_>,
+    key: &str,
+    allowed: &[&str],
+) -> Option<String> {
     let path = f.field_path(key);
     let node = f.take(key)?;
     let s = decode::string(sink, node, &path)?;
     if allowed.contains(&s.as_str()) {
         Some(s)
     } else {
-        sink.error(node.pos, &path, format!("unknown value \"{s}\" (expected one of {})", allowed.join(", ")));
+        sink.error(
+            node.pos,
+            &path,
+            format!(
+                "unknown value \"{s}\" (expected one of {})",
+                allowed.join(", ")
+            ),
+        );
         None
     }
 }
@@ -374,7 +457,11 @@ fn port_number(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u16> {
     if (1..=65535).contains(&v) {
         Some(v as u16)
     } else {
-        sink.error(node.pos, path, format!("port {v} is out of range (1-65535)"));
+        sink.error(
+            node.pos,
+            path,
+            format!("port {v} is out of range (1-65535)"),
+        );
         None
     }
 }
@@ -382,7 +469,9 @@ fn port_number(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<u16> {
 fn decode_service_port(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<ServicePort> {
     let mut f = Fields::new(sink, node, path);
     let num_path = f.field_path("number");
-    let number = f.require(sink, "number").and_then(|n| port_number(sink, n, &num_path));
+    let number = f
+        .require(sink, "number")
+        .and_then(|n| port_number(sink, n, &num_path));
     let proto_path = f.field_path("protocol");
     let protocol = f.take("protocol").and_then(|n| {
         let s = decode::string(sink, n, &proto_path)?;
@@ -390,14 +479,26 @@ fn decode_service_port(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<S
         if PROTOCOLS.contains(&upper.as_str()) {
             Some(upper)
         } else {
-            sink.error(n.pos, &proto_path, format!("unknown protocol \"{s}\" (expected one of {})", PROTOCOLS.join(", ")));
+            sink.error(
+                n.pos,
+                &proto_path,
+                format!(
+                    "unknown protocol \"{s}\" (expected one of {})",
+                    PROTOCOLS.join(", ")
+                ),
+            );
             None
         }
     });
     let name_path = f.field_path("name");
-    let name = f.require(sink, "name").and_then(|n| decode::string(sink, n, &name_path)).unwrap_or_default();
+    let name = f
+        .require(sink, "name")
+        .and_then(|n| decode::string(sink, n, &name_path))
+        .unwrap_or_default();
     let tp_path = f.field_path("targetPort");
-    let target_port = f.take("targetPort").and_then(|n| port_number(sink, n, &tp_path));
+    let target_port = f
+        .take("targetPort")
+        .and_then(|n| port_number(sink, n, &tp_path));
     f.finish(sink);
     Some(ServicePort {
         number: number?,
@@ -435,7 +536,14 @@ impl WorkloadEntry {
                     }
                 }
             } else {
-                sink.error(pn.pos, &ports_path, format!("expected a mapping of port name to number, found {}", pn.type_name()));
+                sink.error(
+                    pn.pos,
+                    &ports_path,
+                    format!(
+                        "expected a mapping of port name to number, found {}",
+                        pn.type_name()
+                    ),
+                );
             }
         }
         let labels = f.string_map(sink, "labels");
@@ -448,16 +556,23 @@ impl WorkloadEntry {
         let network = f.string(sink, "network");
         let locality = f.string(sink, "locality");
         let weight_path = f.field_path("weight");
-        let weight = f.take("weight").and_then(|n| decode::integer(sink, n, &weight_path)).and_then(|w| u32::try_from(w).ok());
+        let weight = f
+            .take("weight")
+            .and_then(|n| decode::integer(sink, n, &weight_path))
+            .and_then(|w| u32::try_from(w).ok());
         let sa_path = f.field_path("serviceAccount");
         let service_account = f.string(sink, "serviceAccount");
-        if let Some(sa) = &service_account {
-            if let Err(e) = check_name(sa) {
-                sink.error(f.pos(), &sa_path, e);
-            }
+        if let Some(sa) = &service_account
+            && let Err(e) = check_name(sa)
+        {
+            sink.error(f.pos(), &sa_path, e);
         }
         if address.as_deref().is_none_or(str::is_empty) && network.is_none() {
-            sink.error(f.pos(), &f.field_path("address"), "address is required (unless network is set)");
+            sink.error(
+                f.pos(),
+                &f.field_path("address"),
+                "address is required (unless network is set)",
+            );
         }
         f.finish(sink);
         WorkloadEntry {

@@ -65,7 +65,9 @@ impl PeerAuthentication {
     pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> PeerAuthentication {
         let mut f = Fields::new(sink, node, path);
         let (selector, target_refs) = decode_attachment(sink, &mut f);
-        let mode = f.take("mtls").and_then(|n| decode_mtls(sink, n, &format!("{path}.mtls")));
+        let mode = f
+            .take("mtls")
+            .and_then(|n| decode_mtls(sink, n, &format!("{path}.mtls")));
         let mut port_level_mtls = BTreeMap::new();
         let plm_path = f.field_path("portLevelMtls");
         if let Some(plm) = f.take("portLevelMtls") {
@@ -77,11 +79,19 @@ impl PeerAuthentication {
                         let port = match crate::yaml::parse_int(key_text) {
                             Some(p) if (1..=65535).contains(&p) => Some(p as u16),
                             Some(_) => {
-                                sink.error(k.pos, &field, format!("port {key_text} is out of range (1-65535)"));
+                                sink.error(
+                                    k.pos,
+                                    &field,
+                                    format!("port {key_text} is out of range (1-65535)"),
+                                );
                                 None
                             }
                             None => {
-                                sink.error(k.pos, &field, format!("\"{key_text}\" is not a port number"));
+                                sink.error(
+                                    k.pos,
+                                    &field,
+                                    format!("\"{key_text}\" is not a port number"),
+                                );
                                 None
                             }
                         };
@@ -96,13 +106,28 @@ impl PeerAuthentication {
                     if !entries.is_empty()
                         && selector.as_ref().is_none_or(|s| s.match_labels.is_empty())
                     {
-                        sink.error(plm.pos, &plm_path, "portLevelMtls requires a workload selector with matchLabels");
+                        sink.error(
+                            plm.pos,
+                            &plm_path,
+                            "portLevelMtls requires a workload selector with matchLabels",
+                        );
                     }
                     if !entries.is_empty() && !target_refs.is_empty() {
-                        sink.error(plm.pos, &plm_path, "portLevelMtls cannot be used with targetRefs");
+                        sink.error(
+                            plm.pos,
+                            &plm_path,
+                            "portLevelMtls cannot be used with targetRefs",
+                        );
                     }
                 }
-                _ => sink.error(plm.pos, &plm_path, format!("expected a mapping of port to mtls settings, found {}", plm.type_name())),
+                _ => sink.error(
+                    plm.pos,
+                    &plm_path,
+                    format!(
+                        "expected a mapping of port to mtls settings, found {}",
+                        plm.type_name()
+                    ),
+                ),
             }
         }
         f.finish(sink);
@@ -121,7 +146,11 @@ fn decode_mtls(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<MtlsMode>
     let mode = f.take("mode").and_then(|n| {
         let s = decode::string(sink, n, &mode_path)?;
         MtlsMode::parse(&s).or_else(|| {
-            sink.error(n.pos, &mode_path, format!("unknown mode \"{s}\" (expected UNSET, DISABLE, PERMISSIVE or STRICT)"));
+            sink.error(
+                n.pos,
+                &mode_path,
+                format!("unknown mode \"{s}\" (expected UNSET, DISABLE, PERMISSIVE or STRICT)"),
+            );
             None
         })
     });
@@ -232,7 +261,13 @@ impl AuthorizationPolicy {
                     "AUDIT" => Action::Audit,
                     "CUSTOM" => Action::Custom,
                     other => {
-                        sink.error(n.pos, &action_path, format!("unknown action \"{other}\" (expected ALLOW, DENY, AUDIT or CUSTOM)"));
+                        sink.error(
+                            n.pos,
+                            &action_path,
+                            format!(
+                                "unknown action \"{other}\" (expected ALLOW, DENY, AUDIT or CUSTOM)"
+                            ),
+                        );
                         return None;
                     }
                 })
@@ -251,13 +286,18 @@ impl AuthorizationPolicy {
         let rules: Vec<Rule> = rules_node
             .map(|n| decode::list(sink, n, &rules_path, decode_rule))
             .unwrap_or_default();
-        let has_rules = rules_node.is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()));
+        let has_rules = rules_node
+            .is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()));
         let pos = f.pos();
         match action {
             Action::Custom => {
                 match provider.as_deref() {
                     None => sink.error(pos, &provider_path, "CUSTOM action requires a provider"),
-                    Some("") => sink.error(provider_node.map_or(pos, |n| n.pos), &format!("{provider_path}.name"), "provider name must not be empty"),
+                    Some("") => sink.error(
+                        provider_node.map_or(pos, |n| n.pos),
+                        &format!("{provider_path}.name"),
+                        "provider name must not be empty",
+                    ),
                     Some(_) => {}
                 }
                 if !has_rules {
@@ -267,7 +307,11 @@ impl AuthorizationPolicy {
             }
             _ => {
                 if let Some(n) = provider_node {
-                    sink.error(n.pos, &provider_path, format!("provider can only be used with the CUSTOM action, not {action}"));
+                    sink.error(
+                        n.pos,
+                        &provider_path,
+                        format!("provider can only be used with the CUSTOM action, not {action}"),
+                    );
                 }
                 if action == Action::Deny && !has_rules {
                     sink.error(action_node.map_or(pos, |n| n.pos), &rules_path, "DENY action requires at least one rule (a DENY policy without rules never matches; use `rules: [{}]` to deny everything)");
@@ -304,24 +348,37 @@ fn check_custom_rules(sink: &mut Sink<'_>, rules: &[Rule], node: Option<&Node>, 
                 ("principals", !src.principals.is_empty()),
                 ("notPrincipals", !src.not_principals.is_empty()),
                 ("requestPrincipals", !src.request_principals.is_empty()),
-                ("notRequestPrincipals", !src.not_request_principals.is_empty()),
+                (
+                    "notRequestPrincipals",
+                    !src.not_request_principals.is_empty(),
+                ),
                 ("namespaces", !src.namespaces.is_empty()),
                 ("notNamespaces", !src.not_namespaces.is_empty()),
                 ("serviceAccounts", !src.service_accounts.is_empty()),
                 ("notServiceAccounts", !src.not_service_accounts.is_empty()),
             ] {
                 if set {
-                    sink.error(pos, &format!("{path}[{i}].from[{j}].source.{field}"), format!("{field} is not supported with the CUSTOM action"));
+                    sink.error(
+                        pos,
+                        &format!("{path}[{i}].from[{j}].source.{field}"),
+                        format!("{field} is not supported with the CUSTOM action"),
+                    );
                 }
             }
         }
         for (j, cond) in rule.when.iter().enumerate() {
             if matches!(
                 cond.key,
-                ConditionKey::SourceNamespace | ConditionKey::SourcePrincipal | ConditionKey::SourceServiceAccount
+                ConditionKey::SourceNamespace
+                    | ConditionKey::SourcePrincipal
+                    | ConditionKey::SourceServiceAccount
             ) || cond.key.needs_jwt()
             {
-                sink.error(pos, &format!("{path}[{i}].when[{j}].key"), format!("{} is not supported with the CUSTOM action", cond.key_text));
+                sink.error(
+                    pos,
+                    &format!("{path}[{i}].when[{j}].key"),
+                    format!("{} is not supported with the CUSTOM action", cond.key_text),
+                );
             }
         }
     }
@@ -329,13 +386,23 @@ fn check_custom_rules(sink: &mut Sink<'_>, rules: &[Rule], node: Option<&Node>, 
 
 fn decode_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Rule> {
     if node.is_null() {
-        sink.error(node.pos, path, "rule must not be null (write {} for a rule that matches every request)");
+        sink.error(
+            node.pos,
+            path,
+            "rule must not be null (write {} for a rule that matches every request)",
+        );
         return None;
     }
     let mut f = Fields::new(sink, node, path);
     for key in ["from", "to"] {
-        if f.peek(key).is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if s.is_empty())) {
-            sink.error(node.pos, &f.field_path(key), format!("`{key}` must not be empty (omit it instead)"));
+        if f.peek(key)
+            .is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if s.is_empty()))
+        {
+            sink.error(
+                node.pos,
+                &f.field_path(key),
+                format!("`{key}` must not be empty (omit it instead)"),
+            );
         }
     }
     let from = f.list(sink, "from", decode_from).unwrap_or_default();
@@ -351,7 +418,11 @@ fn decode_from(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source> {
     let source = match f.take("source") {
         Some(n) => decode_source(sink, n, &src_path),
         None => {
-            sink.error(node.pos, &src_path, "from entry must have a source (\"source\" is required)");
+            sink.error(
+                node.pos,
+                &src_path,
+                "from entry must have a source (\"source\" is required)",
+            );
             None
         }
     };
@@ -365,7 +436,11 @@ fn decode_to(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Operation> 
     let op = match f.take("operation") {
         Some(n) => decode_operation(sink, n, &op_path),
         None => {
-            sink.error(node.pos, &op_path, "to entry must have an operation (\"operation\" is required)");
+            sink.error(
+                node.pos,
+                &op_path,
+                "to entry must have an operation (\"operation\" is required)",
+            );
             None
         }
     };
@@ -413,17 +488,27 @@ fn check_port(s: &str) -> Result<(), String> {
 /// `ns/sa` or `sa` (the policy's namespace), as Istio's `CheckServiceAccount`.
 fn check_service_account(s: &str) -> Result<(), String> {
     if s.contains('*') {
-        return Err(format!("wildcard is not allowed in service account \"{s}\""));
+        return Err(format!(
+            "wildcard is not allowed in service account \"{s}\""
+        ));
     }
     if s.len() > 320 {
-        return Err(format!("service account \"{s}\" is longer than 320 characters"));
+        return Err(format!(
+            "service account \"{s}\" is longer than 320 characters"
+        ));
     }
     match s.split('/').collect::<Vec<_>>().as_slice() {
         [_] => Ok(()),
-        ["", _] => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace in \"{s}\"")),
-        [_, ""] => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount in \"{s}\"")),
+        ["", _] => Err(format!(
+            "expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace in \"{s}\""
+        )),
+        [_, ""] => Err(format!(
+            "expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount in \"{s}\""
+        )),
         [_, _] => Ok(()),
-        _ => Err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found \"{s}\"")),
+        _ => Err(format!(
+            "expected format 'serviceAccount' or 'namespace/serviceAccount', found \"{s}\""
+        )),
     }
 }
 
@@ -437,7 +522,9 @@ fn check_wildcard(s: &str) -> Result<(), String> {
     let inner = s.strip_prefix('*').unwrap_or(s);
     let inner = inner.strip_suffix('*').unwrap_or(inner);
     if s != "*" && inner.contains('*') {
-        Err(format!("\"{s}\": '*' is only supported at the start or the end of a value"))
+        Err(format!(
+            "\"{s}\": '*' is only supported at the start or the end of a value"
+        ))
     } else {
         Ok(())
     }
@@ -451,11 +538,21 @@ fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source>
         principals: checked_strings(sink, &mut f, "principals", check_wildcard),
         not_principals: checked_strings(sink, &mut f, "notPrincipals", check_wildcard),
         request_principals: checked_strings(sink, &mut f, "requestPrincipals", check_wildcard),
-        not_request_principals: checked_strings(sink, &mut f, "notRequestPrincipals", check_wildcard),
+        not_request_principals: checked_strings(
+            sink,
+            &mut f,
+            "notRequestPrincipals",
+            check_wildcard,
+        ),
         namespaces: checked_strings(sink, &mut f, "namespaces", check_namespace_value),
         not_namespaces: checked_strings(sink, &mut f, "notNamespaces", check_namespace_value),
         service_accounts: checked_strings(sink, &mut f, "serviceAccounts", check_service_account),
-        not_service_accounts: checked_strings(sink, &mut f, "notServiceAccounts", check_service_account),
+        not_service_accounts: checked_strings(
+            sink,
+            &mut f,
+            "notServiceAccounts",
+            check_service_account,
+        ),
         ip_blocks: checked_strings(sink, &mut f, "ipBlocks", check_ip),
         not_ip_blocks: checked_strings(sink, &mut f, "notIpBlocks", check_ip),
         remote_ip_blocks: checked_strings(sink, &mut f, "remoteIpBlocks", check_ip),
@@ -463,7 +560,11 @@ fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source>
     };
     f.finish(sink);
     if s == Source::default() {
-        sink.error(node.pos, path, "source must not be empty: set at least one field");
+        sink.error(
+            node.pos,
+            path,
+            "source must not be empty: set at least one field",
+        );
         return None;
     }
     let uses_sa = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
@@ -472,12 +573,26 @@ fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source>
         || !s.namespaces.is_empty()
         || !s.not_namespaces.is_empty();
     if uses_sa && uses_identity {
-        let field = if s.service_accounts.is_empty() { "notServiceAccounts" } else { "serviceAccounts" };
+        let field = if s.service_accounts.is_empty() {
+            "notServiceAccounts"
+        } else {
+            "serviceAccounts"
+        };
         sink.error(node.pos, &format!("{path}.{field}"), "cannot set serviceAccounts (or notServiceAccounts) together with namespaces or principals (or their not* forms)");
     }
-    for (field, list) in [("serviceAccounts", &s.service_accounts), ("notServiceAccounts", &s.not_service_accounts)] {
+    for (field, list) in [
+        ("serviceAccounts", &s.service_accounts),
+        ("notServiceAccounts", &s.not_service_accounts),
+    ] {
         if list.len() > MAX_SERVICE_ACCOUNTS {
-            sink.error(node.pos, &format!("{path}.{field}"), format!("at most {MAX_SERVICE_ACCOUNTS} service accounts are allowed, found {}", list.len()));
+            sink.error(
+                node.pos,
+                &format!("{path}.{field}"),
+                format!(
+                    "at most {MAX_SERVICE_ACCOUNTS} service accounts are allowed, found {}",
+                    list.len()
+                ),
+            );
         }
     }
     Some(s)
@@ -497,7 +612,11 @@ fn decode_operation(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Oper
     };
     f.finish(sink);
     if op == Operation::default() {
-        sink.error(node.pos, path, "operation must not be empty: set at least one field");
+        sink.error(
+            node.pos,
+            path,
+            "operation must not be empty: set at least one field",
+        );
         return None;
     }
     Some(op)
@@ -514,19 +633,26 @@ fn check_path_value(s: &str) -> Result<(), String> {
 fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Condition> {
     let mut f = Fields::new(sink, node, path);
     let key_path = f.field_path("key");
-    let key_text = f.require(sink, "key").and_then(|n| decode::string(sink, n, &key_path));
-    let key = key_text.as_deref().and_then(|k| match values::parse_condition_key(k) {
-        Ok(key) => Some(key),
-        Err(e) => {
-            sink.error(node.pos, &key_path, e);
-            None
-        }
-    });
+    let key_text = f
+        .require(sink, "key")
+        .and_then(|n| decode::string(sink, n, &key_path));
+    let key = key_text
+        .as_deref()
+        .and_then(|k| match values::parse_condition_key(k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                sink.error(node.pos, &key_path, e);
+                None
+            }
+        });
     let check: fn(&str) -> Result<(), String> = match &key {
-        Some(ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp) => check_ip,
+        Some(ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp) => {
+            check_ip
+        }
         Some(ConditionKey::DestinationPort) => check_port,
         Some(ConditionKey::SourceServiceAccount) => check_service_account,
-        Some(ConditionKey::SourcePrincipal | ConditionKey::SourceNamespace) => check_wildcard,
+        Some(ConditionKey::SourcePrincipal) => check_wildcard,
+        Some(ConditionKey::SourceNamespace) => check_namespace_value,
         _ => no_check,
     };
     let has_values = has_items(&f, "values");
@@ -535,7 +661,14 @@ fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Cond
     let not_values = checked_strings(sink, &mut f, "notValues", check);
     f.finish(sink);
     if !has_values && !has_not_values {
-        sink.error(node.pos, path, format!("condition on \"{}\" must set at least one of values or notValues", key_text.as_deref().unwrap_or_default()));
+        sink.error(
+            node.pos,
+            path,
+            format!(
+                "condition on \"{}\" must set at least one of values or notValues",
+                key_text.as_deref().unwrap_or_default()
+            ),
+        );
         return None;
     }
     Some(Condition {
@@ -547,7 +680,8 @@ fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Cond
 }
 
 fn has_items(f: &Fields<'_>, key: &str) -> bool {
-    f.peek(key).is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()))
+    f.peek(key)
+        .is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if !s.is_empty()))
 }
 
 // ---------------------------------------------------------------- RequestAuthentication
@@ -591,7 +725,9 @@ impl RequestAuthentication {
     pub(crate) fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> RequestAuthentication {
         let mut f = Fields::new(sink, node, path);
         let (selector, target_refs) = decode_attachment(sink, &mut f);
-        let jwt_rules = f.list(sink, "jwtRules", decode_jwt_rule).unwrap_or_default();
+        let jwt_rules = f
+            .list(sink, "jwtRules", decode_jwt_rule)
+            .unwrap_or_default();
         f.finish(sink);
         RequestAuthentication {
             selector,
@@ -649,29 +785,33 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     let timeout_path = f.field_path("timeout");
     let timeout_node = f.take("timeout");
     let timeout = timeout_node.and_then(|n| decode::string(sink, n, &timeout_path));
-    if let (Some(t), Some(n)) = (&timeout, timeout_node) {
-        if let Err(e) = check_duration(t) {
-            sink.error(n.pos, &timeout_path, e);
-        }
+    if let (Some(t), Some(n)) = (&timeout, timeout_node)
+        && let Err(e) = check_duration(t)
+    {
+        sink.error(n.pos, &timeout_path, e);
     }
     let space_delimited_claims = non_empty_strings(sink, &mut f, "spaceDelimitedClaims");
     f.finish(sink);
 
     if issuer.is_empty() && jwks_uri.as_deref().is_none_or(str::is_empty) {
-        sink.error(node.pos, &format!("{path}.issuer"), "issuer or jwksUri must be set");
+        sink.error(
+            node.pos,
+            &format!("{path}.issuer"),
+            "issuer or jwksUri must be set",
+        );
     }
-    if let (Some(uri), Some(n)) = (&jwks_uri, jwks_uri_node) {
-        if let Err(e) = check_jwks_uri(uri) {
-            sink.error(n.pos, &jwks_uri_path, e);
-        }
+    if let (Some(uri), Some(n)) = (&jwks_uri, jwks_uri_node)
+        && let Err(e) = check_jwks_uri(uri)
+    {
+        sink.error(n.pos, &jwks_uri_path, e);
     }
     if jwks_uri.is_some() && jwks.is_some() {
         sink.error(node.pos, &jwks_path, "jwks and jwksUri cannot both be set");
     }
-    if let (Some(text), Some(n)) = (&jwks, jwks_node) {
-        if let Err(e) = check_jwks(text) {
-            sink.error(n.pos, &jwks_path, e);
-        }
+    if let (Some(text), Some(n)) = (&jwks, jwks_node)
+        && let Err(e) = check_jwks(text)
+    {
+        sink.error(n.pos, &jwks_path, e);
     }
     Some(JwtRule {
         issuer,
@@ -696,11 +836,15 @@ fn check_header_name(name: &str) -> Result<(), String> {
         return Err("header must not be empty".to_string());
     }
     if name.starts_with(':') {
-        return Err(format!("header \"{name}\" is a pseudo-header and cannot be set"));
+        return Err(format!(
+            "header \"{name}\" is a pseudo-header and cannot be set"
+        ));
     }
     // Istio's ValidateStrictHTTPHeaderName: ^[-A-Za-z0-9]+$
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("header \"{name}\" is not a valid header name (letters, digits and '-')"));
+        return Err(format!(
+            "header \"{name}\" is not a valid header name (letters, digits and '-')"
+        ));
     }
     Ok(())
 }
@@ -710,12 +854,17 @@ fn check_jwks_uri(uri: &str) -> Result<(), String> {
         .split_once("://")
         .ok_or_else(|| format!("jwksUri \"{uri}\" is not a URL"))?;
     if scheme != "http" && scheme != "https" {
-        return Err(format!("jwksUri \"{uri}\": unsupported scheme \"{scheme}\" (expected http or https)"));
+        return Err(format!(
+            "jwksUri \"{uri}\": unsupported scheme \"{scheme}\" (expected http or https)"
+        ));
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host = if host_port.starts_with('[') {
-        host_port.split_once(']').map(|(h, _)| h.trim_start_matches('[')).unwrap_or_default()
+        host_port
+            .split_once(']')
+            .map(|(h, _)| h.trim_start_matches('['))
+            .unwrap_or_default()
     } else {
         host_port.split(':').next().unwrap_or_default()
     };
@@ -734,12 +883,15 @@ fn check_jwks_uri(uri: &str) -> Result<(), String> {
 }
 
 fn check_jwks(text: &str) -> Result<(), String> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("jwks is not a valid JSON Web Key Set: {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("jwks is not a valid JSON Web Key Set: {e}"))?;
     if value.get("keys").is_some_and(serde_json::Value::is_array) {
         Ok(())
     } else {
-        Err("jwks is not a valid JSON Web Key Set: expected an object with a \"keys\" list".to_string())
+        Err(
+            "jwks is not a valid JSON Web Key Set: expected an object with a \"keys\" list"
+                .to_string(),
+        )
     }
 }
 
@@ -748,6 +900,12 @@ pub fn check_duration(text: &str) -> Result<(), String> {
     let secs = parse_duration(text)?;
     if secs < 0.001 {
         return Err(format!("duration \"{text}\" must be at least 1ms"));
+    }
+    let ms = secs * 1000.0;
+    if (ms - ms.round()).abs() > 1e-6 {
+        return Err(format!(
+            "duration \"{text}\": only durations to millisecond precision are supported"
+        ));
     }
     Ok(())
 }
@@ -761,13 +919,17 @@ pub fn parse_duration(text: &str) -> Result<f64, String> {
         return Err(err());
     }
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
         if num_len == 0 {
             return Err(err());
         }
         let n: f64 = rest[..num_len].parse().map_err(|_| err())?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
