@@ -34,7 +34,12 @@ fuzz() {
     local secs=${1:-60}
     command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
     for t in $(cd fuzz && cargo +nightly fuzz list); do
-        (cd fuzz && cargo +nightly fuzz run "$t" -- -max_total_time="$secs")
+        local corpus=()
+        if [ "$t" = config_loader ]; then
+            mkdir -p fuzz/corpus/config_loader
+            corpus=(corpus/config_loader ../examples/shop/policies)
+        fi
+        (cd fuzz && cargo +nightly fuzz run "$t" "${corpus[@]}" -- -max_total_time="$secs" -rss_limit_mb=2048)
     done
 }
 

@@ -303,7 +303,10 @@ impl Loader {
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let kind = Kind::from_name(kind_name).filter(|k| k.api().0 == group);
         let Some(kind) = kind else {
-            *self.skipped.entry(format!("{kind_name} {api_version}")).or_default() += 1;
+            *self
+                .skipped
+                .entry(format!("{kind_name} {api_version}"))
+                .or_default() += 1;
             if self.first_skipped.is_none() {
                 self.first_skipped = Some((file.clone(), root.pos));
             }

@@ -32,7 +32,10 @@ fn bench_issue(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("issue");
     group.throughput(Throughput::Elements(1));
-    for (name, ca_key) in [("ec-p256-ca", KeyType::EcP256), ("rsa-2048-ca", KeyType::Rsa2048)] {
+    for (name, ca_key) in [
+        ("ec-p256-ca", KeyType::EcP256),
+        ("rsa-2048-ca", KeyType::Rsa2048),
+    ] {
         let ca = authority(ca_key);
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -66,7 +66,10 @@ pub enum CaLoadError {
     )]
     UnsupportedKey { path: PathBuf, kind: String },
     #[error("{}: private key does not match the certificate in {}", key_path.display(), cert_path.display())]
-    KeyMismatch { key_path: PathBuf, cert_path: PathBuf },
+    KeyMismatch {
+        key_path: PathBuf,
+        cert_path: PathBuf,
+    },
     #[error("{}: certificate {subject:?} is not a CA (basicConstraints CA:TRUE missing)", path.display())]
     NotCa { path: PathBuf, subject: String },
     #[error("{}: certificate {subject:?} lacks the keyCertSign key usage", path.display())]
@@ -236,6 +239,16 @@ impl RootCa {
     /// The root key as PKCS#8 PEM. Store it offline.
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
+    }
+
+    /// Writes `root-key.pem` (mode 0600) into `dir`.
+    pub fn write_key(&self, dir: &Path, overwrite: bool) -> Result<(), PemError> {
+        pem::write_file(
+            &dir.join(ROOT_KEY_FILE),
+            self.key_pem().as_bytes(),
+            FileKind::Secret,
+            overwrite,
+        )
     }
 
     /// The root's expiry.
@@ -466,8 +479,7 @@ impl CertificateAuthority {
         let ca_parsed = parse_cert(&ca_cert, &paths.ca_cert)?;
         check_ca_cert(&ca_parsed, &paths.ca_cert, now)?;
         let key_der = pem::key_from_pem(key_pem, &paths.ca_key)?;
-        let (key, key_type) =
-            key_matching(&key_der, &paths.ca_key, &ca_parsed, &paths.ca_cert)?;
+        let (key, key_type) = key_matching(&key_der, &paths.ca_key, &ca_parsed, &paths.ca_cert)?;
 
         // The root.
         let root_parsed = parse_cert(&root, &paths.root_cert)?;
@@ -535,7 +547,11 @@ impl CertificateAuthority {
 
         // rcgen re-encodes the issuer name from the parsed subject; it
         // supports only single-valued RDNs (and would panic on an empty one).
-        if ca_parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
+        if ca_parsed
+            .subject()
+            .iter()
+            .any(|rdn| rdn.iter().count() != 1)
+        {
             return Err(CaLoadError::BadCertificate {
                 path: paths.ca_cert.clone(),
                 reason: "multi-valued or empty RDNs in the subject are not supported".into(),
@@ -555,11 +571,10 @@ impl CertificateAuthority {
             not_after,
             settings,
         };
-        ca.self_test(now)
-            .map_err(|reason| CaLoadError::SelfTest {
-                path: paths.ca_cert.clone(),
-                reason,
-            })?;
+        ca.self_test(now).map_err(|reason| CaLoadError::SelfTest {
+            path: paths.ca_cert.clone(),
+            reason,
+        })?;
         Ok(ca)
     }
 
@@ -569,15 +584,15 @@ impl CertificateAuthority {
     fn self_test(&self, now: OffsetDateTime) -> Result<(), String> {
         let id = SpiffeId::workload(&self.trust_domain, "meshward-selftest", "selftest")
             .map_err(|e| e.to_string())?;
-        let key = crate::issue::WorkloadKey::generate(KeyType::EcP256).map_err(|e| e.to_string())?;
+        let key =
+            crate::issue::WorkloadKey::generate(KeyType::EcP256).map_err(|e| e.to_string())?;
         let csr = key.csr_der(&id).map_err(|e| e.to_string())?;
         let issued = self
             .sign_csr_at(&csr, &id, Some(Duration::from_secs(60)), now)
             .map_err(|e| e.to_string())?;
         let bundle = crate::bundle::TrustBundle::from_roots([self.root.clone()])
             .map_err(|e| e.to_string())?;
-        let verifier =
-            crate::verify::SvidVerifier::new(bundle, crate::verify::TrustDomains::any());
+        let verifier = crate::verify::SvidVerifier::new(bundle, crate::verify::TrustDomains::any());
         let (leaf, rest) = (issued.leaf(), issued.ca_chain());
         let unix = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
             u64::try_from(now.unix_timestamp()).unwrap_or_default(),
@@ -678,7 +693,7 @@ pub(crate) fn parse_cert<'a>(
     path: &Path,
 ) -> Result<X509Certificate<'a>, CaLoadError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(CaLoadError::BadCertificate {
             path: path.to_owned(),
             reason: "trailing data after the certificate".into(),
@@ -779,8 +794,8 @@ fn key_matching(
         path: cert_path.to_owned(),
         kind: kind.to_string(),
     })?;
-    let key = KeyPair::from_der_and_sign_algo(key_der, key_type.signature_algorithm()).map_err(
-        |e| {
+    let key =
+        KeyPair::from_der_and_sign_algo(key_der, key_type.signature_algorithm()).map_err(|e| {
             // A key of another type than the certificate's cannot be parsed as that type.
             CaLoadError::BadKey {
                 path: key_path.to_owned(),
@@ -788,8 +803,7 @@ fn key_matching(
                     "cannot use it as a {key_type} key (the certificate's key type): {e}"
                 ),
             }
-        },
-    )?;
+        })?;
     if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
         return Err(CaLoadError::KeyMismatch {
             key_path: key_path.to_owned(),

@@ -192,12 +192,14 @@ pub fn server_config(
     verifier: SvidVerifier,
     resolver: CredentialResolver,
 ) -> Result<ServerConfig, rustls::Error> {
-    Ok(ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(verifier)))
-    .with_cert_resolver(Arc::new(resolver)))
+    Ok(
+        ServerConfig::builder_with_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(verifier)))
+        .with_cert_resolver(Arc::new(resolver)),
+    )
 }
 
 /// A mesh client config: the server must present an SVID accepted by
@@ -207,13 +209,15 @@ pub fn client_config(
     verifier: SpiffeServerVerifier,
     resolver: CredentialResolver,
 ) -> Result<ClientConfig, rustls::Error> {
-    Ok(ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .dangerous()
-    // Not a weakening: SpiffeServerVerifier verifies the full chain and the
-    // SPIFFE identity; it only replaces DNS-name matching, which SVIDs lack.
-    .with_custom_certificate_verifier(Arc::new(verifier))
-    .with_client_cert_resolver(Arc::new(resolver)))
+    Ok(
+        ClientConfig::builder_with_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        // Not a weakening: SpiffeServerVerifier verifies the full chain and the
+        // SPIFFE identity; it only replaces DNS-name matching, which SVIDs lack.
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(resolver)),
+    )
 }

@@ -72,8 +72,14 @@ mod tests {
     fn parses() {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
-        assert_eq!(parse_duration("10y").unwrap(), Duration::from_secs(3650 * 86_400));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("10y").unwrap(),
+            Duration::from_secs(3650 * 86_400)
+        );
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("45s").unwrap(), Duration::from_secs(45));
         for bad in ["", "h", "24", "24x", "-1h", "1.5h", "99999999999999999999y"] {
@@ -85,6 +91,9 @@ mod tests {
     fn formats() {
         assert_eq!(format_duration(Duration::from_secs(45)), "45s");
         assert_eq!(format_duration(Duration::from_secs(86_399)), "23h59m");
-        assert_eq!(format_duration(Duration::from_secs(90 * 86_400 + 7200)), "90d2h");
+        assert_eq!(
+            format_duration(Duration::from_secs(90 * 86_400 + 7200)),
+            "90d2h"
+        );
     }
 }

@@ -70,7 +70,10 @@ pub struct InspectReport {
 
 /// Inspects every certificate of a PEM file; verifies the chain (first
 /// certificate, the rest as intermediates) against `roots` if given.
-pub fn inspect_file(path: &Path, roots: Option<&TrustBundle>) -> Result<InspectReport, InspectError> {
+pub fn inspect_file(
+    path: &Path,
+    roots: Option<&TrustBundle>,
+) -> Result<InspectReport, InspectError> {
     let certs = pem::read_certs(path)?;
     inspect_certs(&certs, path, roots, OffsetDateTime::now_utc())
 }
@@ -190,7 +193,10 @@ fn verify_ca_chain(
     for (i, pair) in parsed.windows(2).enumerate() {
         let [child, parent] = pair else { continue };
         if child.verify_signature(Some(parent.public_key())).is_err() {
-            return invalid(format!("certificate #{i} is not signed by certificate #{}", i + 1));
+            return invalid(format!(
+                "certificate #{i} is not signed by certificate #{}",
+                i + 1
+            ));
         }
     }
     let Some(last) = parsed.last() else {

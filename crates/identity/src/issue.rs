@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SanType,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -25,6 +25,13 @@ use crate::ca::{CertificateAuthority, random_serial};
 use crate::keys::{KeyGenError, KeyType, PublicKeyKind};
 use crate::pem;
 use crate::spiffe::{SpiffeId, SpiffeIdError};
+
+/// File names written by [`write_workload_files`] (Istio's workload file names).
+pub const KEY_FILE: &str = "key.pem";
+/// The leaf then the CA chain.
+pub const WORKLOAD_CHAIN_FILE: &str = "cert-chain.pem";
+/// The root.
+pub const WORKLOAD_ROOT_FILE: &str = "root-cert.pem";
 
 /// Leaves are backdated by this much to tolerate clock skew between hosts
 /// (the lifetime counted from "now" is unchanged).
@@ -192,6 +199,47 @@ impl WorkloadKey {
     }
 }
 
+/// Writes `key.pem` (mode 0600), `cert-chain.pem` (leaf first) and
+/// `root-cert.pem` into `dir` (created if absent). Refuses to overwrite
+/// unless `overwrite`.
+pub fn write_workload_files(
+    dir: &std::path::Path,
+    key: &WorkloadKey,
+    issued: &IssuedCertificate,
+    overwrite: bool,
+) -> Result<(), pem::PemError> {
+    std::fs::create_dir_all(dir).map_err(|source| pem::PemError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !overwrite {
+        for f in [KEY_FILE, WORKLOAD_CHAIN_FILE, WORKLOAD_ROOT_FILE] {
+            let p = dir.join(f);
+            if p.exists() {
+                return Err(pem::PemError::Exists { path: p });
+            }
+        }
+    }
+    pem::write_file(
+        &dir.join(KEY_FILE),
+        key.private_key_pem().as_bytes(),
+        pem::FileKind::Secret,
+        overwrite,
+    )?;
+    pem::write_file(
+        &dir.join(WORKLOAD_CHAIN_FILE),
+        issued.chain_pem().as_bytes(),
+        pem::FileKind::Public,
+        overwrite,
+    )?;
+    pem::write_file(
+        &dir.join(WORKLOAD_ROOT_FILE),
+        issued.root_pem().as_bytes(),
+        pem::FileKind::Public,
+        overwrite,
+    )
+}
+
 /// The subject public key of a CSR, in the form rcgen needs to embed it.
 struct CsrPublicKey {
     raw: Vec<u8>,
@@ -229,12 +277,11 @@ impl CertificateAuthority {
         ttl: Option<Duration>,
     ) -> Result<IssuedCertificate, IssueError> {
         use rustls_pki_types::pem::PemObject as _;
-        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(
-            csr_pem.as_bytes(),
-        )
-        .map_err(|e| IssueError::MalformedCsr {
-            reason: e.to_string(),
-        })?;
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+                .map_err(|e| IssueError::MalformedCsr {
+                    reason: e.to_string(),
+                })?;
         self.sign_csr(&der, authenticated, ttl)
     }
 
@@ -263,7 +310,7 @@ impl CertificateAuthority {
 
         // 2. Parse the CSR and check proof of possession.
         let csr = match X509CertificationRequest::from_der(csr_der) {
-            Ok((rest, csr)) if rest.is_empty() => csr,
+            Ok(([], csr)) => csr,
             Ok(_) => {
                 return Err(IssueError::MalformedCsr {
                     reason: "trailing data".into(),
@@ -308,7 +355,8 @@ impl CertificateAuthority {
             reason: "lifetime too large".into(),
         })?;
         let not_after = now.saturating_add(ttl).min(self.not_after);
-        let not_before = now.saturating_sub(time::Duration::seconds(LEAF_BACKDATE.as_secs() as i64));
+        let not_before =
+            now.saturating_sub(time::Duration::seconds(LEAF_BACKDATE.as_secs() as i64));
 
         // 6. Build the certificate from our decisions only.
         let mut params = CertificateParams::default();
@@ -416,8 +464,10 @@ fn ia5(s: &str) -> Result<rcgen::string::Ia5String, IssueError> {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

@@ -34,10 +34,7 @@ pub enum PemError {
 
 /// Decodes every `CERTIFICATE` block of `pem` (other blocks are skipped).
 /// `origin` names the source in errors.
-pub fn certs_from_pem(
-    pem: &[u8],
-    origin: &Path,
-) -> Result<Vec<CertificateDer<'static>>, PemError> {
+pub fn certs_from_pem(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PemError::Invalid {
@@ -218,9 +215,15 @@ mod tests {
             Err(PemError::Missing { .. })
         ));
         assert!(matches!(
-            certs_from_pem(b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", p),
+            certs_from_pem(
+                b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                p
+            ),
             Err(PemError::Invalid { .. })
         ));
-        assert!(matches!(key_from_pem(b"", p), Err(PemError::Missing { .. })));
+        assert!(matches!(
+            key_from_pem(b"", p),
+            Err(PemError::Missing { .. })
+        ));
     }
 }

@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::ca::CertificateAuthority;
-use crate::credentials::{CredentialResolver, CredentialsError, CurrentCredentials, WorkloadCredentials};
+use crate::credentials::{
+    CredentialResolver, CredentialsError, CurrentCredentials, WorkloadCredentials,
+};
 use crate::issue::{IssueError, WorkloadKey};
 use crate::keys::{KeyGenError, KeyType};
 use crate::spiffe::SpiffeId;

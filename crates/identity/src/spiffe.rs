@@ -146,7 +146,9 @@ impl SpiffeId {
     pub fn trust_domain_str(&self) -> &str {
         // Invariant: `path_start` was computed by `parse` as SCHEME.len() + td.len(),
         // both within `uri` and on char boundaries (SCHEME and td are ASCII).
-        self.uri.get(SCHEME.len()..self.path_start).unwrap_or_default()
+        self.uri
+            .get(SCHEME.len()..self.path_start)
+            .unwrap_or_default()
     }
 
     /// The trust domain.

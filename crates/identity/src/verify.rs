@@ -223,7 +223,9 @@ pub(crate) fn identity_of_parsed(parsed: &X509Certificate<'_>) -> Result<SpiffeI
 }
 
 /// The peer identity after a handshake, from `peer_certificates()`.
-pub fn peer_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, SvidError> {
+pub fn peer_identity(
+    peer_certificates: Option<&[CertificateDer<'_>]>,
+) -> Result<SpiffeId, SvidError> {
     match peer_certificates.and_then(|c| c.first()) {
         Some(leaf) => identity_of(leaf),
         None => Err(SvidError::NoCertificate),
@@ -251,8 +253,7 @@ fn map_webpki(e: webpki::Error, side: Side) -> SvidError {
         // Path building tries every CA whose name matches; a signature that
         // does not verify means that CA did not issue the certificate.
         W::InvalidSignatureForPublicKey
-        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
-        | W::UnsupportedSignatureAlgorithmForPublicKey => SvidError::UnknownIssuer,
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => SvidError::UnknownIssuer,
         W::RequiredEkuNotFoundContext(_) => SvidError::WrongUsage {
             usage: match side {
                 Side::Server => "serverAuth",
@@ -317,7 +318,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if let Some(expected) = &self.expected
             && !expected.contains(&id)
         {
-            return Err(to_rustls(SvidError::UnexpectedIdentity { id: id.to_string() }));
+            return Err(to_rustls(SvidError::UnexpectedIdentity {
+                id: id.to_string(),
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }

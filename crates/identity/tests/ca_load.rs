@@ -77,7 +77,10 @@ fn missing_file() {
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
     std::fs::remove_file(dir.path().join("cert-chain.pem")).unwrap();
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::File(PemError::Read { .. })), "{err}");
+    assert!(
+        matches!(err, CaLoadError::File(PemError::Read { .. })),
+        "{err}"
+    );
     names(&err, "cert-chain.pem");
 }
 
@@ -87,7 +90,10 @@ fn unreadable_pem() {
         let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
         write(&dir.path().join(file), "not a certificate\n");
         let err = load(dir.path()).unwrap_err();
-        assert!(matches!(err, CaLoadError::File(PemError::Missing { .. })), "{err}");
+        assert!(
+            matches!(err, CaLoadError::File(PemError::Missing { .. })),
+            "{err}"
+        );
         names(&err, file);
     }
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
@@ -96,13 +102,19 @@ fn unreadable_pem() {
         "-----BEGIN CERTIFICATE-----\n$$$$\n-----END CERTIFICATE-----\n",
     );
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::File(PemError::Invalid { .. })), "{err}");
+    assert!(
+        matches!(err, CaLoadError::File(PemError::Invalid { .. })),
+        "{err}"
+    );
     names(&err, "ca-cert.pem");
 
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
     write(&dir.path().join("ca-key.pem"), "garbage");
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::File(PemError::Missing { .. })), "{err}");
+    assert!(
+        matches!(err, CaLoadError::File(PemError::Missing { .. })),
+        "{err}"
+    );
     names(&err, "ca-key.pem");
 }
 
@@ -140,14 +152,16 @@ fn key_of_another_type() {
 }
 
 /// Writes a cacerts dir whose ca-cert.pem is `ca` (key `key`) under `root`.
-fn write_custom(dir: &Path, root: &RootCa, ca: &rustls_pki_types::CertificateDer<'_>, key: &KeyPair) {
+fn write_custom(
+    dir: &Path,
+    root: &RootCa,
+    ca: &rustls_pki_types::CertificateDer<'_>,
+    key: &KeyPair,
+) {
     write(&dir.join("ca-cert.pem"), pem_cert(ca));
     write(&dir.join("ca-key.pem"), key.serialize_pem());
     write(&dir.join("root-cert.pem"), root.cert_pem());
-    write(
-        &dir.join("cert-chain.pem"),
-        pem_cert(ca) + &root.cert_pem(),
-    );
+    write(&dir.join("cert-chain.pem"), pem_cert(ca) + &root.cert_pem());
 }
 
 #[test]
@@ -168,7 +182,10 @@ fn certificate_that_is_not_a_ca() {
     c.is_ca = IsCa::NoCa;
     let cert = c.build(&key, Some((root.cert(), &root_key(&root))));
     write_custom(dir.path(), &root, &cert, &key);
-    assert!(matches!(load(dir.path()).unwrap_err(), CaLoadError::NotCa { .. }));
+    assert!(matches!(
+        load(dir.path()).unwrap_err(),
+        CaLoadError::NotCa { .. }
+    ));
 }
 
 #[test]
@@ -181,7 +198,10 @@ fn ca_without_key_cert_sign() {
     let cert = c.build(&key, Some((root.cert(), &root_key(&root))));
     write_custom(dir.path(), &root, &cert, &key);
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::MissingKeyCertSign { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::MissingKeyCertSign { .. }),
+        "{err}"
+    );
     names(&err, "ca-cert.pem");
 }
 
@@ -231,16 +251,25 @@ fn chain_that_does_not_end_at_the_root() {
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
     let other = root(TD, KeyType::EcP256);
     let ca_cert = std::fs::read_to_string(dir.path().join("ca-cert.pem")).unwrap();
-    write(&dir.path().join("cert-chain.pem"), ca_cert + &other.cert_pem());
+    write(
+        &dir.path().join("cert-chain.pem"),
+        ca_cert + &other.cert_pem(),
+    );
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::ChainDoesNotEndAtRoot { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::ChainDoesNotEndAtRoot { .. }),
+        "{err}"
+    );
     names(&err, "cert-chain.pem");
 
     // root-cert.pem is another root than the chain's.
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
     write(&dir.path().join("root-cert.pem"), other.cert_pem());
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::ChainDoesNotEndAtRoot { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::ChainDoesNotEndAtRoot { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -250,7 +279,10 @@ fn chain_whose_links_do_not_verify() {
     let other = root(TD, KeyType::EcP256);
     let ca_cert = std::fs::read_to_string(dir.path().join("ca-cert.pem")).unwrap();
     write(&dir.path().join("root-cert.pem"), other.cert_pem());
-    write(&dir.path().join("cert-chain.pem"), ca_cert + &other.cert_pem());
+    write(
+        &dir.path().join("cert-chain.pem"),
+        ca_cert + &other.cert_pem(),
+    );
     let err = load(dir.path()).unwrap_err();
     assert!(
         matches!(err, CaLoadError::ChainBroken { index: 0, .. }),
@@ -264,7 +296,10 @@ fn chain_that_does_not_start_at_ca_cert() {
     let (dir, root) = written(KeyType::EcP256, KeyType::EcP256);
     write(&dir.path().join("cert-chain.pem"), root.cert_pem());
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::ChainDoesNotStartAtCaCert { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::ChainDoesNotStartAtCaCert { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -275,7 +310,10 @@ fn root_that_is_not_self_signed() {
     write(&dir.path().join("root-cert.pem"), &ca_cert);
     write(&dir.path().join("cert-chain.pem"), &ca_cert);
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::RootNotSelfSigned { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::RootNotSelfSigned { .. }),
+        "{err}"
+    );
     names(&err, "root-cert.pem");
 }
 
@@ -290,7 +328,10 @@ fn trust_domain_must_be_known_and_consistent() {
         },
     )
     .unwrap_err();
-    assert!(matches!(err, CaLoadError::TrustDomainMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::TrustDomainMismatch { .. }),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let root = root(TD, KeyType::EcP256);
@@ -332,7 +373,7 @@ fn self_signed_root_as_signing_ca() {
     let root = root(TD, KeyType::EcP256);
     let root_der = root.cert().clone();
     let ca = root.into_authority(CaSettings::default()).unwrap();
-    assert_eq!(ca.chain(), [root_der.clone()]);
+    assert_eq!(ca.chain(), std::slice::from_ref(&root_der));
     let (_, issued) = issue(&ca, &workload("default", "api"));
     assert_eq!(issued.chain().len(), 2);
     assert_eq!(issued.root(), &root_der);

@@ -9,8 +9,8 @@ use meshward_identity::ca::{CaSettings, CertificateAuthority};
 use meshward_identity::issue::{IssueError, WorkloadKey};
 use meshward_identity::keys::KeyType;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use x509_parser::prelude::*;
 
@@ -56,7 +56,11 @@ fn leaf_has_exactly_the_granted_properties() {
         .general_names
         .clone();
     assert_eq!(sans, vec![GeneralName::URI(who.as_str())]);
-    assert_eq!(leaf.subject().iter().count(), 0, "subject must not be copied");
+    assert_eq!(
+        leaf.subject().iter().count(),
+        0,
+        "subject must not be copied"
+    );
     let bc = leaf.basic_constraints().unwrap().unwrap().value;
     assert!(!bc.ca);
     let ku = leaf.key_usage().unwrap().unwrap().value;
@@ -123,12 +127,18 @@ fn ttl_is_capped_by_max_and_by_ca_expiry() {
     let issued = ca
         .sign_csr(&csr, &who, Some(Duration::from_secs(10 * 86_400)))
         .unwrap();
-    assert_eq!((issued.not_after() - issued.not_before()).whole_seconds(), 3600 + 60);
+    assert_eq!(
+        (issued.not_after() - issued.not_before()).whole_seconds(),
+        3600 + 60
+    );
 
     let short = ca
         .sign_csr(&csr, &who, Some(Duration::from_secs(600)))
         .unwrap();
-    assert_eq!((short.not_after() - short.not_before()).whole_seconds(), 600 + 60);
+    assert_eq!(
+        (short.not_after() - short.not_before()).whole_seconds(),
+        600 + 60
+    );
 
     // Never past the CA: an intermediate that expires in 2 hours.
     let root = root(TD, KeyType::EcP256);
@@ -167,10 +177,16 @@ fn refuses_another_trust_domain() {
     let err = ca
         .sign_csr(&csr, &workload("default", "api"), None)
         .unwrap_err();
-    assert!(matches!(err, IssueError::ForeignTrustDomain { .. }), "{err}");
+    assert!(
+        matches!(err, IssueError::ForeignTrustDomain { .. }),
+        "{err}"
+    );
     // The caller is authenticated in another trust domain.
     let err = ca.sign_csr(&csr, &foreign, None).unwrap_err();
-    assert!(matches!(err, IssueError::ForeignTrustDomain { .. }), "{err}");
+    assert!(
+        matches!(err, IssueError::ForeignTrustDomain { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -194,12 +210,18 @@ fn refuses_a_ca_request() {
         p.subject_alt_names = vec![uri(who.as_str())];
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     });
-    assert_eq!(ca.sign_csr(&csr, &who, None).unwrap_err(), IssueError::CaRequested);
+    assert_eq!(
+        ca.sign_csr(&csr, &who, None).unwrap_err(),
+        IssueError::CaRequested
+    );
     let csr = csr_with(&key, |p| {
         p.subject_alt_names = vec![uri(who.as_str())];
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
     });
-    assert_eq!(ca.sign_csr(&csr, &who, None).unwrap_err(), IssueError::CaRequested);
+    assert_eq!(
+        ca.sign_csr(&csr, &who, None).unwrap_err(),
+        IssueError::CaRequested
+    );
 }
 
 #[test]
@@ -207,7 +229,9 @@ fn refuses_non_spiffe_uri_and_non_workload_identity() {
     let ca = ca();
     let who = workload("default", "api");
     let key = KeyPair::generate().unwrap();
-    let csr = csr_with(&key, |p| p.subject_alt_names = vec![uri("https://example.com/x")]);
+    let csr = csr_with(&key, |p| {
+        p.subject_alt_names = vec![uri("https://example.com/x")]
+    });
     assert!(matches!(
         ca.sign_csr(&csr, &who, None).unwrap_err(),
         IssueError::InvalidRequestedId { .. }
@@ -220,7 +244,10 @@ fn refuses_non_spiffe_uri_and_non_workload_identity() {
     let err = ca
         .sign_csr(&csr, &id("spiffe://cluster.local/admin"), None)
         .unwrap_err();
-    assert!(matches!(err, IssueError::NotWorkloadIdentity { .. }), "{err}");
+    assert!(
+        matches!(err, IssueError::NotWorkloadIdentity { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -242,7 +269,10 @@ fn refuses_bad_csrs() {
     csr[last] ^= 0x55;
     let err = ca.sign_csr(&csr, &who, None).unwrap_err();
     assert!(
-        matches!(err, IssueError::BadCsrSignature | IssueError::MalformedCsr { .. }),
+        matches!(
+            err,
+            IssueError::BadCsrSignature | IssueError::MalformedCsr { .. }
+        ),
         "{err}"
     );
 }
@@ -252,7 +282,8 @@ fn pem_csr_and_pem_outputs() {
     let ca = ca();
     let who = workload("default", "api");
     let key = WorkloadKey::generate(KeyType::EcP256).unwrap();
-    let csr_pem = meshward_identity::pem::encode("CERTIFICATE REQUEST", &key.csr_der(&who).unwrap());
+    let csr_pem =
+        meshward_identity::pem::encode("CERTIFICATE REQUEST", &key.csr_der(&who).unwrap());
     let issued = ca.sign_csr_pem(&csr_pem, &who, None).unwrap();
     assert_eq!(issued.chain_pem().matches("BEGIN CERTIFICATE").count(), 3);
     assert_eq!(issued.root_pem().matches("BEGIN CERTIFICATE").count(), 1);

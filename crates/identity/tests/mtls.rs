@@ -40,10 +40,7 @@ struct Outcome {
 }
 
 /// One handshake + a ping/pong; each side reports the peer identity it saw.
-async fn handshake(
-    server_cfg: rustls::ServerConfig,
-    client_cfg: rustls::ClientConfig,
-) -> Outcome {
+async fn handshake(server_cfg: rustls::ServerConfig, client_cfg: rustls::ClientConfig) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
@@ -84,13 +81,15 @@ async fn handshake(
                 Err(e) => Err(e.to_string()),
             }
         }
-        Err(e) => Err(match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-            Some(r) => match svid_error_of(r) {
-                Some(svid) => format!("svid:{svid:?}"),
-                None => r.to_string(),
+        Err(e) => Err(
+            match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(r) => match svid_error_of(r) {
+                    Some(svid) => format!("svid:{svid:?}"),
+                    None => r.to_string(),
+                },
+                None => e.to_string(),
             },
-            None => e.to_string(),
-        }),
+        ),
     };
     Outcome {
         client,
@@ -115,15 +114,31 @@ async fn mutual_tls_sees_both_identities() {
     )
     .unwrap();
     let out = handshake(server_cfg, client_cfg).await;
-    assert_eq!(out.client.unwrap().0, api, "client sees the server's identity");
-    assert_eq!(out.server.unwrap(), web, "server sees the client's identity");
+    assert_eq!(
+        out.client.unwrap().0,
+        api,
+        "client sees the server's identity"
+    );
+    assert_eq!(
+        out.server.unwrap(),
+        web,
+        "server sees the client's identity"
+    );
 }
 
 #[tokio::test]
 async fn rsa_intermediates_of_two_clusters_interoperate() {
     let shared = root(TD, KeyType::Rsa2048);
-    let east = ca_from(&shared.new_intermediate(&opts(TD, KeyType::Rsa2048, days(30))).unwrap());
-    let west = ca_from(&shared.new_intermediate(&opts(TD, KeyType::EcP384, days(30))).unwrap());
+    let east = ca_from(
+        &shared
+            .new_intermediate(&opts(TD, KeyType::Rsa2048, days(30)))
+            .unwrap(),
+    );
+    let west = ca_from(
+        &shared
+            .new_intermediate(&opts(TD, KeyType::EcP384, days(30)))
+            .unwrap(),
+    );
     let api = workload("east", "api");
     let web = workload("west", "web");
     let out = handshake(
@@ -199,7 +214,8 @@ async fn published_credentials_swap_for_new_handshakes() {
     let api = workload("default", "api");
     let first = Arc::new(creds(&ca, &api));
     let (tx, rx) = watch::channel(Some(first.clone()));
-    let server_cfg = server_config(svid_verifier(&[root.cert()]), CredentialResolver::new(rx)).unwrap();
+    let server_cfg =
+        server_config(svid_verifier(&[root.cert()]), CredentialResolver::new(rx)).unwrap();
     let client = || {
         client_config(
             SpiffeServerVerifier::new(svid_verifier(&[root.cert()])),

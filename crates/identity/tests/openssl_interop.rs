@@ -41,7 +41,10 @@ fn issue_and_openssl_verify(ca: &CertificateAuthority, dir: &Path, strict: bool)
     let text = openssl_ok(&["x509", "-in", "cert-chain.pem", "-noout", "-text"], &out);
     assert!(text.contains(&format!("URI:{who}")), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
-    assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -110,11 +113,27 @@ fn int_ext(key_usage: &str) -> String {
 fn genkey(kind: &str, out: &str, dir: &Path) {
     match kind {
         "ec" => openssl_ok(
-            &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", out],
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                out,
+            ],
             dir,
         ),
         "ec384" => openssl_ok(
-            &["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", out],
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                out,
+            ],
             dir,
         ),
         "rsa" => openssl_ok(&["genrsa", "-traditional", "-out", out, "2048"], dir),
@@ -135,23 +154,52 @@ fn openssl_cacerts(dir: &Path, root_kind: &str, int_kind: &str, root_ku: bool, i
     genkey(root_kind, "root-key.pem", dir);
     openssl_ok(
         &[
-            "req", "-x509", "-new", "-config", "root.cnf", "-key", "root-key.pem", "-sha256",
-            "-days", "3650", "-out", "root-cert.pem",
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            "root.cnf",
+            "-key",
+            "root-key.pem",
+            "-sha256",
+            "-days",
+            "3650",
+            "-out",
+            "root-cert.pem",
         ],
         dir,
     );
     genkey(int_kind, "ca-key.pem", dir);
     openssl_ok(
         &[
-            "req", "-new", "-key", "ca-key.pem", "-subj", "/O=OpenSSL Test Org/CN=OpenSSL Test Intermediate",
-            "-out", "ca.csr",
+            "req",
+            "-new",
+            "-key",
+            "ca-key.pem",
+            "-subj",
+            "/O=OpenSSL Test Org/CN=OpenSSL Test Intermediate",
+            "-out",
+            "ca.csr",
         ],
         dir,
     );
     openssl_ok(
         &[
-            "x509", "-req", "-in", "ca.csr", "-CA", "root-cert.pem", "-CAkey", "root-key.pem",
-            "-CAcreateserial", "-days", "730", "-sha256", "-extfile", "int.ext", "-out",
+            "x509",
+            "-req",
+            "-in",
+            "ca.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "730",
+            "-sha256",
+            "-extfile",
+            "int.ext",
+            "-out",
             "ca-cert.pem",
         ],
         dir,
@@ -178,7 +226,13 @@ fn openssl_made_cas_load_as_plug_in_cas() {
         ("ec384", "ec384", false),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        openssl_cacerts(dir.path(), root_kind, int_kind, root_ku, "keyCertSign,cRLSign,digitalSignature");
+        openssl_cacerts(
+            dir.path(),
+            root_kind,
+            int_kind,
+            root_ku,
+            "keyCertSign,cRLSign,digitalSignature",
+        );
         let key_pem = std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap();
         assert!(
             key_pem.contains("BEGIN EC PRIVATE KEY") || key_pem.contains("BEGIN RSA PRIVATE KEY"),
@@ -197,7 +251,10 @@ fn openssl_made_ca_errors() {
     let dir = tempfile::tempdir().unwrap();
     openssl_cacerts(dir.path(), "ec", "ec", true, "digitalSignature");
     let err = CertificateAuthority::load_dir(dir.path(), settings()).unwrap_err();
-    assert!(matches!(err, CaLoadError::MissingKeyCertSign { .. }), "{err}");
+    assert!(
+        matches!(err, CaLoadError::MissingKeyCertSign { .. }),
+        "{err}"
+    );
 
     // RSA 1024 is too small.
     let dir = tempfile::tempdir().unwrap();
@@ -210,7 +267,11 @@ fn openssl_made_ca_errors() {
     let dir = tempfile::tempdir().unwrap();
     openssl_cacerts(dir.path(), "ec", "ec", true, "keyCertSign,cRLSign");
     genkey("ec", "other-key.pem", dir.path());
-    std::fs::rename(dir.path().join("other-key.pem"), dir.path().join("ca-key.pem")).unwrap();
+    std::fs::rename(
+        dir.path().join("other-key.pem"),
+        dir.path().join("ca-key.pem"),
+    )
+    .unwrap();
     let err = CertificateAuthority::load_dir(dir.path(), settings()).unwrap_err();
     assert!(matches!(err, CaLoadError::KeyMismatch { .. }), "{err}");
 }

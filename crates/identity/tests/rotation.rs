@@ -92,7 +92,10 @@ async fn renews_between_50_and_60_percent_of_the_lifetime() {
     let mut published = Vec::new();
     for _ in 0..4 {
         rx.changed().await.unwrap();
-        let creds = rx.borrow_and_update().clone().expect("credentials published");
+        let creds = rx
+            .borrow_and_update()
+            .clone()
+            .expect("credentials published");
         published.push((Instant::now(), creds));
     }
     for pair in published.windows(2) {
@@ -102,7 +105,11 @@ async fn renews_between_50_and_60_percent_of_the_lifetime() {
             (0.5 * LIFETIME - 1.0..=0.6 * LIFETIME + 0.01).contains(&gap),
             "renewed after {gap}s"
         );
-        assert_ne!(pair[0].1.chain()[0], pair[1].1.chain()[0], "a new certificate");
+        assert_ne!(
+            pair[0].1.chain()[0],
+            pair[1].1.chain()[0],
+            "a new certificate"
+        );
     }
     // Fresh key per certificate.
     assert_eq!(ca.attempts().len(), 4);
@@ -130,7 +137,11 @@ async fn keeps_serving_until_expiry_while_the_ca_is_down_with_backoff() {
 
     // Retries: exponential backoff 1, 2, 4, 8, 16, 32 s (+ up to 10% jitter).
     let attempts = ca.attempts();
-    let gaps: Vec<f64> = attempts.windows(2).skip(1).map(|w| secs(w[1] - w[0])).collect();
+    let gaps: Vec<f64> = attempts
+        .windows(2)
+        .skip(1)
+        .map(|w| secs(w[1] - w[0]))
+        .collect();
     assert!(gaps.len() >= 5, "{gaps:?}");
     for (i, gap) in gaps.iter().take(5).enumerate() {
         let base = f64::from(1u32 << i);
@@ -155,7 +166,10 @@ async fn recovers_when_the_ca_comes_back_without_a_gap() {
     let second = rx.borrow_and_update().clone().expect("never withdrawn");
     let at = secs(Instant::now() - t0);
     // 50-60% of the lifetime, then 1 + 2 + 4 s of backoff (+ jitter).
-    assert!((0.5 * LIFETIME + 5.0..=0.6 * LIFETIME + 7.8).contains(&at), "{at}");
+    assert!(
+        (0.5 * LIFETIME + 5.0..=0.6 * LIFETIME + 7.8).contains(&at),
+        "{at}"
+    );
     assert_ne!(first.chain()[0], second.chain()[0]);
     assert_eq!(ca.attempts().len(), 5);
 }

@@ -19,8 +19,12 @@ fn verifier(roots: &[&CertificateDer<'static>]) -> SvidVerifier {
 
 fn check(v: &SvidVerifier, chain: &[CertificateDer<'static>]) -> Result<String, SvidError> {
     let (leaf, rest) = chain.split_first().unwrap();
-    let a = v.verify_now(leaf, rest, Side::Server).map(|id| id.to_string());
-    let b = v.verify_now(leaf, rest, Side::Client).map(|id| id.to_string());
+    let a = v
+        .verify_now(leaf, rest, Side::Server)
+        .map(|id| id.to_string());
+    let b = v
+        .verify_now(leaf, rest, Side::Client)
+        .map(|id| id.to_string());
     assert_eq!(a, b, "client and server side must agree");
     a
 }
@@ -34,10 +38,7 @@ fn accepts_valid_svid_and_returns_identity() {
     let v = verifier(&[root.cert()]);
     assert_eq!(check(&v, issued.chain()).unwrap(), who.to_string());
     // Works without the root in the presented chain, too.
-    assert_eq!(
-        check(&v, &issued.chain()[..2]).unwrap(),
-        who.to_string()
-    );
+    assert_eq!(check(&v, &issued.chain()[..2]).unwrap(), who.to_string());
     assert_eq!(identity_of(issued.leaf()).unwrap(), who);
 }
 
@@ -47,7 +48,10 @@ fn rejects_certificate_from_another_root() {
     let other_root = root(TD, KeyType::EcP256);
     let (_, issued) = issue(&ca_from(&m), &workload("default", "api"));
     let v = verifier(&[other_root.cert()]);
-    assert_eq!(check(&v, issued.chain()).unwrap_err(), SvidError::UnknownIssuer);
+    assert_eq!(
+        check(&v, issued.chain()).unwrap_err(),
+        SvidError::UnknownIssuer
+    );
 }
 
 #[test]
@@ -116,7 +120,10 @@ fn rejects_ca_certificate_used_as_leaf() {
         check(&v, &[m.ca_cert.clone(), root.cert().clone()]).unwrap_err(),
         SvidError::CaUsedAsLeaf
     );
-    assert_eq!(identity_of(&m.ca_cert).unwrap_err(), SvidError::CaUsedAsLeaf);
+    assert_eq!(
+        identity_of(&m.ca_cert).unwrap_err(),
+        SvidError::CaUsedAsLeaf
+    );
 }
 
 #[test]
@@ -147,10 +154,7 @@ fn the_rejections_are_distinct() {
         },
         SvidError::CaUsedAsLeaf,
     ];
-    let names: std::collections::HashSet<_> = errors
-        .iter()
-        .map(|e| std::mem::discriminant(e))
-        .collect();
+    let names: std::collections::HashSet<_> = errors.iter().map(std::mem::discriminant).collect();
     assert_eq!(names.len(), errors.len());
 }
 
@@ -163,7 +167,10 @@ fn bundle_with_several_roots_accepts_each() {
     let (_, new_leaf) = issue(&ca_from(&new_m), &workload("b", "b"));
     let mut bundle = TrustBundle::from_roots([old_root.cert().clone()]).unwrap();
     assert!(bundle.add(new_root.cert().clone()).unwrap());
-    assert!(!bundle.add(new_root.cert().clone()).unwrap(), "deduplicated");
+    assert!(
+        !bundle.add(new_root.cert().clone()).unwrap(),
+        "deduplicated"
+    );
     let v = SvidVerifier::new(bundle.clone(), TrustDomains::only([td(TD)]));
     check(&v, old_leaf.chain()).unwrap();
     check(&v, new_leaf.chain()).unwrap();
@@ -171,7 +178,10 @@ fn bundle_with_several_roots_accepts_each() {
     // End of the overlap: the old root is removed.
     assert!(bundle.remove(old_root.cert()));
     let v = SvidVerifier::new(bundle.clone(), TrustDomains::only([td(TD)]));
-    assert_eq!(check(&v, old_leaf.chain()).unwrap_err(), SvidError::UnknownIssuer);
+    assert_eq!(
+        check(&v, old_leaf.chain()).unwrap_err(),
+        SvidError::UnknownIssuer
+    );
     check(&v, new_leaf.chain()).unwrap();
 
     // PEM round trip.

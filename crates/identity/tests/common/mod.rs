@@ -105,7 +105,7 @@ impl Custom {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, self.cn);
         p.distinguished_name = dn;
-        p.is_ca = self.is_ca.clone();
+        p.is_ca = self.is_ca;
         p.key_usages = self.key_usages.clone();
         p.subject_alt_names = self
             .uris
