@@ -11,6 +11,7 @@ mod cert;
 mod describe;
 mod output;
 mod policy;
+mod proxy;
 mod validate;
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,8 @@ enum Command {
     Policy(policy::Command),
     /// Show the effective mTLS mode and the policies that apply to one workload.
     Describe(Box<describe::Args>),
+    /// Run the sidecar proxy for one workload.
+    Proxy(Box<proxy::Args>),
     /// Certificate authority operations (create a root/intermediate, issue workload certificates).
     #[command(subcommand)]
     Ca(ca::Command),
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Describe(args) => describe::run(*args),
+        Command::Proxy(args) => proxy::run(*args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
     };

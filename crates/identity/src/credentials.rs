@@ -40,6 +40,19 @@ pub enum CredentialsError {
     Key { reason: String },
 }
 
+/// Why credentials files cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialsFileError {
+    #[error(transparent)]
+    Pem(#[from] crate::pem::PemError),
+    #[error("{path}: {source}")]
+    Invalid {
+        path: String,
+        source: CredentialsError,
+    },
+}
+
 /// A workload's key and certificate chain, ready for rustls.
 #[derive(Debug, Clone)]
 pub struct WorkloadCredentials {
@@ -58,6 +71,29 @@ impl WorkloadCredentials {
         chain: Vec<CertificateDer<'static>>,
         expected: &SpiffeId,
     ) -> Result<Self, CredentialsError> {
+        Self::from_parts(key.private_key_der(), chain, Some(expected))
+    }
+
+    /// Loads `key.pem` and `cert-chain.pem` (leaf first) from a directory,
+    /// as `meshward ca issue` writes them; the identity is the leaf's.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self, CredentialsFileError> {
+        let key_path = dir.join("key.pem");
+        let chain_path = dir.join("cert-chain.pem");
+        let key = crate::pem::key_from_pem(&crate::pem::read_file(&key_path)?, &key_path)?;
+        let chain = crate::pem::read_certs(&chain_path)?;
+        Self::from_parts(key, chain, None).map_err(|source| CredentialsFileError::Invalid {
+            path: chain_path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Pairs a private key with a chain (leaf first); when `expected` is
+    /// given the leaf must be an SVID for it.
+    pub fn from_parts(
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+        chain: Vec<CertificateDer<'static>>,
+        expected: Option<&SpiffeId>,
+    ) -> Result<Self, CredentialsError> {
         let leaf = chain.first().ok_or(CredentialsError::EmptyChain)?;
         let parsed = match X509Certificate::from_der(leaf) {
             Ok((_, c)) => c,
@@ -68,7 +104,9 @@ impl WorkloadCredentials {
             }
         };
         let id = identity_of_parsed(&parsed)?;
-        if id != *expected {
+        if let Some(expected) = expected
+            && id != *expected
+        {
             return Err(CredentialsError::WrongIdentity {
                 got: id.to_string(),
                 expected: expected.to_string(),
@@ -76,7 +114,7 @@ impl WorkloadCredentials {
         }
         let signing_key = rustls::crypto::aws_lc_rs::default_provider()
             .key_provider
-            .load_private_key(key.private_key_der())
+            .load_private_key(key)
             .map_err(|e| CredentialsError::Key {
                 reason: e.to_string(),
             })?;

@@ -30,7 +30,10 @@ pub mod verify;
 
 pub use bundle::TrustBundle;
 pub use ca::{CaLoadError, CaMaterial, CaOptions, CaSettings, CertificateAuthority, RootCa};
-pub use credentials::{CredentialResolver, WorkloadCredentials, client_config, server_config};
+pub use credentials::{
+    CredentialResolver, CredentialsError, CredentialsFileError, WorkloadCredentials, client_config,
+    server_config,
+};
 pub use issue::{IssueError, IssuedCertificate, WorkloadKey};
 pub use keys::KeyType;
 pub use rotation::{CaClient, Rotation, RotationConfig, spawn_rotation};

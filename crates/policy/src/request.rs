@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Request headers, looked up by lower-case name.
-pub trait Headers {
+pub trait Headers: Sync {
     /// The value of a header; repeated headers are joined with `,` as Envoy
     /// does before matching. `name` is lower case.
     fn header(&self, name: &str) -> Option<Cow<'_, str>>;

@@ -1,0 +1,106 @@
+//! `meshward proxy`: the sidecar, from a static bootstrap.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use meshward_proxy::{Bootstrap, Options};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Files or directories of mesh resources (watched for changes).
+    #[arg(long = "config", short = 'c', value_name = "PATH", required = true)]
+    config: Vec<PathBuf>,
+    /// A file holding Istio's meshConfig block.
+    #[arg(long, value_name = "FILE")]
+    mesh_config: Option<PathBuf>,
+    /// This workload: namespace/name of its WorkloadEntry.
+    #[arg(long, short = 'w', value_name = "NS/NAME")]
+    workload: String,
+    /// Directory with key.pem, cert-chain.pem and root-cert.pem (as
+    /// `meshward ca issue` writes them; watched for changes).
+    #[arg(long, value_name = "DIR")]
+    certs: PathBuf,
+    /// Admin endpoints: readiness, config dump, certificates, metrics.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Prometheus endpoint (Istio's merged metrics port).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Do not write the JSON access log to stdout.
+    #[arg(long)]
+    no_access_log: bool,
+    /// Do not reload configuration and certificates when files change.
+    #[arg(long)]
+    no_watch: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
+    /// Log filter for stderr (tracing syntax, e.g. `info,meshward=debug`).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&args.log).context("invalid --log filter")?;
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if args.worker_threads > 0 {
+        rt.worker_threads(args.worker_threads);
+    }
+    let rt = rt.build().context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let bootstrap = Bootstrap {
+            config_paths: args.config,
+            mesh_config: args.mesh_config,
+            workload: args.workload,
+            certs_dir: args.certs,
+        };
+        let options = Options {
+            admin: args.admin,
+            metrics: args.metrics,
+            access_log: !args.no_access_log,
+            watch: !args.no_watch,
+        };
+        let proxy = meshward_proxy::start(bootstrap, options).await?;
+        for l in proxy.listeners.iter() {
+            eprintln!(
+                "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
+                l.name, l.address
+            );
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        drop(proxy);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

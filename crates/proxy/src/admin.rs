@@ -1,0 +1,185 @@
+//! Admin endpoints (default 127.0.0.1:15000), the offline counterparts of
+//! `istioctl proxy-config`:
+//!
+//! - `GET /healthz/ready`: 200 once listeners are bound and config and
+//!   certificates are loaded, 503 before;
+//! - `GET /config_dump`: the effective configuration (version, workload,
+//!   inbound ports with their mTLS mode, outbound listeners, the
+//!   authorization policies that apply, the services known);
+//! - `GET /listeners`: every listener the proxy has bound;
+//! - `GET /certs`: the loaded workload certificate and trust roots;
+//! - `GET /stats/prometheus` (also `/metrics`): Prometheus metrics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::http_in::Body;
+use crate::state::State;
+
+/// A listener the proxy bound, for `/listeners`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: SocketAddr,
+    pub kind: &'static str,
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json_response(value: serde_json::Value) -> Response<Body> {
+    text(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&value).unwrap_or_default(),
+    )
+}
+
+/// Serves the admin (or metrics-only) endpoints.
+pub async fn serve(
+    state: Arc<State>,
+    listener: TcpListener,
+    listeners: Arc<Vec<ListenerInfo>>,
+    metrics_only: bool,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let listeners = Arc::clone(&listeners);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                let listeners = Arc::clone(&listeners);
+                async move { Ok::<_, Infallible>(route(&state, &listeners, req, metrics_only)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    state: &State,
+    listeners: &[ListenerInfo],
+    req: Request<Incoming>,
+    metrics_only: bool,
+) -> Response<Body> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match (req.uri().path(), metrics_only) {
+        ("/stats/prometheus" | "/metrics", _) => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.encode(),
+        ),
+        ("/healthz/ready", _) => {
+            if state.is_ready() {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
+            }
+        }
+        (_, true) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        ("/config_dump", false) => json_response(config_dump(state)),
+        ("/listeners", false) => json_response(json!(listeners)),
+        ("/certs", false) => json_response(certs(state)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /healthz/ready /config_dump /listeners /certs /stats/prometheus\n".into(),
+        ),
+    }
+}
+
+fn config_dump(state: &State) -> serde_json::Value {
+    let snap = state.snapshot();
+    let inbound: Vec<_> = snap
+        .inbound
+        .iter()
+        .map(|p| {
+            let d = snap.policy.mtls(p.port);
+            json!({"name": p.name, "port": p.port, "protocol": p.protocol, "app": p.app, "mtls_mode": d.mode.as_str(), "mtls_source": d.source.to_string()})
+        })
+        .collect();
+    let policies: Vec<_> = snap
+        .policy
+        .policies()
+        .iter()
+        .map(|p| json!({"namespace": p.namespace, "name": p.name, "action": p.action.as_str(), "dry_run": p.dry_run}))
+        .collect();
+    let services: Vec<_> = snap
+        .services
+        .iter()
+        .map(|s| {
+            json!({
+                "name": format!("{}/{}", s.namespace, s.name),
+                "hosts": s.hosts,
+                "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "endpoints": s.endpoints,
+                "identities": s.identities,
+                "tls": s.tls.as_ref().map(|t| t.mode.as_str()),
+            })
+        })
+        .collect();
+    json!({
+        "version": snap.version,
+        "workload": snap.workload_name,
+        "identity": snap.identity,
+        "labels": snap.workload.labels,
+        "inbound": inbound,
+        "outbound": {"http": snap.outbound, "tcp": snap.tcp_outbound},
+        "authorization_policies": policies,
+        "services": services,
+    })
+}
+
+fn certs(state: &State) -> serde_json::Value {
+    let tls = state.tls();
+    let now = time::OffsetDateTime::now_utc();
+    let origin = std::path::Path::new("certs");
+    let chain = meshward_identity::inspect::inspect_certs(
+        tls.credentials.chain(),
+        origin,
+        Some(&tls.bundle),
+        now,
+    );
+    let roots = meshward_identity::inspect::inspect_certs(tls.bundle.roots(), origin, None, now);
+    json!({
+        "identity": tls.credentials.id().to_string(),
+        "chain": chain.map(|r| json!(r)).unwrap_or_else(|e| json!({"error": e.to_string()})),
+        "roots": roots.map(|r| json!(r.certificates)).unwrap_or_else(|e| json!({"error": e.to_string()})),
+    })
+}

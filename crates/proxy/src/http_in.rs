@@ -1,0 +1,201 @@
+//! The inbound HTTP path: HTTP/1.1 and HTTP/2 from the peer, one
+//! authorization decision per request, `403 RBAC: access denied` on deny,
+//! and forwarding to the application over HTTP/1.1 with the proxy's own
+//! `x-forwarded-client-cert`.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderValue};
+use http::{HeaderMap, Request as HttpRequest, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshward_policy::{HttpAttributes, Request};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::inbound::Conn;
+use crate::state::State;
+use crate::telemetry::{AccessRecord, now_rfc3339};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// Request headers as the policy engine reads them.
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl meshward_policy::Headers for HeaderView<'_> {
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self.0.get_all(name).iter().filter_map(|v| v.to_str().ok());
+        let first = values.next()?;
+        match values.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = format!("{first},{second}");
+                for v in values {
+                    joined.push(',');
+                    joined.push_str(v);
+                }
+                Some(Cow::Owned(joined))
+            }
+        }
+    }
+}
+
+pub fn full(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
+
+/// Serves HTTP on one accepted (and, when mTLS, authenticated) connection.
+pub async fn serve<S>(state: Arc<State>, conn: Arc<Conn>, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(Arc::clone(&state), Arc::clone(&conn), req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    conn: Arc<Conn>,
+    mut req: HttpRequest<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let snap = state.snapshot();
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    let method = req.method().as_str().to_string();
+    let decision = {
+        let headers = HeaderView(req.headers());
+        let facts = Request {
+            principal: conn.principal(),
+            source_ip: conn.peer.ip(),
+            remote_ip: None,
+            destination_ip: Some(conn.local.ip()),
+            port: conn.port,
+            sni: conn.sni.as_deref(),
+            http: Some(HttpAttributes {
+                method: &method,
+                path: &path,
+                host: &host,
+                headers: &headers,
+                auth: None,
+            }),
+        };
+        snap.policy.decide(&facts)
+    };
+    // CUSTOM (external authorization) is not available in this proxy yet:
+    // a request that needs it is denied rather than let through.
+    let ext_missing = decision.ext_authz.is_some();
+    let allowed = decision.is_allowed() && !ext_missing;
+
+    let (resp, flags) = if !allowed {
+        (full(StatusCode::FORBIDDEN, "RBAC: access denied"), "-")
+    } else {
+        // Replace whatever XFCC the caller sent with our own.
+        req.headers_mut().remove(XFCC);
+        if conn.mtls {
+            let value = format!(
+                "By={};Hash={};Subject=\"\";URI={}",
+                snap.identity,
+                conn.cert_hash.as_deref().unwrap_or_default(),
+                conn.identity.as_deref().unwrap_or_default()
+            );
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                req.headers_mut().insert(XFCC, v);
+            }
+        }
+        if !req.headers().contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            req.headers_mut().insert(HOST, v);
+        }
+        let uri = format!("http://{}{}", conn.app, path);
+        match uri.parse::<Uri>() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "bad request path")),
+        }
+        *req.version_mut() = Version::HTTP_11;
+        match state.app_client.request(req).await {
+            Ok(resp) => (resp.map(|b| b.boxed()), "-"),
+            Err(e) => {
+                tracing::debug!(error = %e, app = %conn.app, "application unreachable");
+                (
+                    full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+                    "UF",
+                )
+            }
+        }
+    };
+
+    let status = resp.status().as_u16();
+    let mut labels = conn.labels(&state, "http");
+    labels.response_code = status.to_string();
+    labels.response_flags = flags.to_string();
+    state.metrics.record_request(&labels, started.elapsed());
+    let (decision_word, reason) = if ext_missing && decision.is_allowed() {
+        ("deny", "ext_authz_unavailable".to_string())
+    } else {
+        (
+            if decision.is_allowed() {
+                "allow"
+            } else {
+                "deny"
+            },
+            decision.reason.code().to_string(),
+        )
+    };
+    state.metrics.access().write(&AccessRecord {
+        time: now_rfc3339(),
+        kind: "http",
+        reporter: "destination",
+        src_addr: conn.peer.to_string(),
+        src_identity: conn.identity.clone(),
+        dst_addr: conn.local.to_string(),
+        dst_service: None,
+        dst_identity: Some(snap.identity.clone()),
+        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
+        method: Some(method),
+        path: Some(path),
+        authority: Some(host),
+        response_code: Some(status),
+        decision: decision_word,
+        reason,
+        policy: decision.decided_by.as_ref().map(|r| r.policy.to_string()),
+        rule: decision.decided_by.as_ref().map(|r| r.rule),
+        explanation: decision.to_string(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_sent: 0,
+        bytes_received: 0,
+    });
+    Ok(resp)
+}

@@ -1,0 +1,385 @@
+//! Inbound: one listener per workload port. Each connection is classified
+//! from its first bytes (TLS or plaintext), held to the port's effective
+//! PeerAuthentication mode, and handed to the HTTP or TCP path.
+//!
+//! | mode       | mesh mTLS           | other TLS    | plaintext |
+//! |------------|---------------------|--------------|-----------|
+//! | STRICT     | terminate, identify | terminate (fails without a mesh certificate) | refuse |
+//! | PERMISSIVE | terminate, identify | pass through as TCP | accept |
+//! | DISABLE    | pass through as TCP | pass through as TCP | accept |
+//!
+//! Mesh mTLS is recognised as Istio does, by the `istio*` ALPN values
+//! sidecars offer. Every refusal is logged with its reason; nothing is
+//! forwarded before the decision allows it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::rewind::{Rewind, read_client_hello};
+use meshward_config::model::security::MtlsMode;
+use meshward_policy::{Decision, Request, Verdict};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::snapshot::{InboundPort, Protocol};
+use crate::state::State;
+use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
+
+/// How long a client may take to send its first bytes or finish the TLS
+/// handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Facts about one accepted inbound connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub port: u16,
+    pub app: SocketAddr,
+    /// `spiffe://...` of the mTLS peer.
+    pub identity: Option<String>,
+    /// SHA-256 of the peer's leaf certificate, hex (for XFCC).
+    pub cert_hash: Option<String>,
+    pub sni: Option<String>,
+    pub mtls: bool,
+}
+
+impl Conn {
+    /// The principal as policies spell it (no `spiffe://`).
+    pub fn principal(&self) -> Option<&str> {
+        self.identity
+            .as_deref()
+            .map(|i| i.strip_prefix("spiffe://").unwrap_or(i))
+    }
+
+    /// Labels for this connection (reporter destination); the response code
+    /// and protocol are filled in per request.
+    pub fn labels(&self, state: &State, protocol: &'static str) -> TrafficLabels {
+        let snap = state.snapshot();
+        let (src_ns, src_sa) = match &self.identity {
+            Some(id) => principal_parts(id),
+            None => ("unknown".to_string(), "unknown".to_string()),
+        };
+        let _ = src_sa;
+        let name = snap
+            .workload_name
+            .split('/')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        TrafficLabels {
+            reporter: "destination",
+            source_workload: "unknown".to_string(),
+            source_workload_namespace: src_ns,
+            source_principal: self
+                .identity
+                .clone()
+                .unwrap_or_else(|| "unknown".to_string()),
+            destination_workload: name.clone(),
+            destination_workload_namespace: snap.workload.namespace.clone(),
+            destination_principal: snap.identity.clone(),
+            destination_service: "unknown".to_string(),
+            destination_service_name: name,
+            destination_service_namespace: snap.workload.namespace.clone(),
+            request_protocol: protocol,
+            response_code: String::new(),
+            response_flags: "-".to_string(),
+            connection_security_policy: TrafficLabels::security(self.mtls),
+        }
+    }
+}
+
+/// Accepts connections on one workload port until the listener fails.
+pub async fn serve(state: Arc<State>, port: InboundPort, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(port = port.port, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            handle(state, port.port, stream, peer).await;
+        });
+    }
+}
+
+async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let snap = state.snapshot();
+    let Some(info) = snap.inbound_port(port).cloned() else {
+        tracing::warn!(
+            port,
+            "connection on a port the configuration no longer has; closing"
+        );
+        return;
+    };
+    let local = stream
+        .local_addr()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
+    let mode = snap.policy.mtls(port).mode;
+    drop(snap);
+    let mut conn = Conn {
+        peer,
+        local,
+        port,
+        app: info.app,
+        identity: None,
+        cert_hash: None,
+        sni: None,
+        mtls: false,
+    };
+
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => first[0] == 0x16,
+        // Nothing sent: a server-first protocol. Only plaintext can be that.
+        Err(_) => false,
+    };
+
+    if !is_tls {
+        if mode == MtlsMode::Strict {
+            refuse(
+                &state,
+                &conn,
+                started,
+                "plaintext_rejected",
+                format!("plaintext connection refused: mTLS mode STRICT on port {port}"),
+            );
+            return;
+        }
+        return dispatch(state, conn, info.protocol, stream, started).await;
+    }
+    if mode == MtlsMode::Disable {
+        return passthrough(state, conn, stream, started).await;
+    }
+
+    let mut stream = stream;
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut stream)).await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => {
+            refuse(
+                &state,
+                &conn,
+                started,
+                "tls_error",
+                format!("invalid TLS ClientHello: {e}"),
+            );
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &state,
+                &conn,
+                started,
+                "tls_timeout",
+                "TLS ClientHello timed out".to_string(),
+            );
+            return;
+        }
+    };
+    conn.sni = hello.sni.clone();
+    let stream = Rewind::new(hello.bytes, stream);
+    if mode == MtlsMode::Permissive && !hello.mesh_alpn {
+        // TLS that is not mesh mTLS (the application's own TLS): passed
+        // through untouched in PERMISSIVE mode, as Istio does.
+        return tcp(state, conn, stream, started).await;
+    }
+    let tls = state.tls();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server));
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                Some(rustls_err) => match meshward_identity::verify::svid_error_of(rustls_err) {
+                    Some(svid) => format!("peer certificate rejected: {svid}"),
+                    None => format!("TLS handshake failed: {rustls_err}"),
+                },
+                None => format!("TLS handshake failed: {e}"),
+            };
+            refuse(&state, &conn, started, "tls_handshake_failed", reason);
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &state,
+                &conn,
+                started,
+                "tls_timeout",
+                "TLS handshake timed out".to_string(),
+            );
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    let certs = session.peer_certificates();
+    match meshward_identity::peer_identity(certs) {
+        Ok(id) => conn.identity = Some(id.to_string()),
+        Err(e) => {
+            refuse(
+                &state,
+                &conn,
+                started,
+                "no_peer_identity",
+                format!("peer presented no usable SVID: {e}"),
+            );
+            return;
+        }
+    }
+    conn.cert_hash = certs.and_then(|c| c.first()).map(|leaf| {
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            leaf.as_ref(),
+        ))
+    });
+    conn.mtls = true;
+    dispatch(state, conn, info.protocol, stream, started).await;
+}
+
+async fn dispatch<S>(state: Arc<State>, conn: Conn, protocol: Protocol, io: S, started: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match protocol {
+        Protocol::Http => crate::http_in::serve(state, Arc::new(conn), io).await,
+        Protocol::Tcp => tcp(state, conn, io, started).await,
+    }
+}
+
+/// DISABLE mode and TLS bytes: forward untouched, after the connection-level
+/// decision (which sees no peer identity).
+async fn passthrough(state: Arc<State>, conn: Conn, stream: TcpStream, started: Instant) {
+    tcp(state, conn, stream, started).await;
+}
+
+/// The TCP path: one decision per connection, then bytes both ways.
+async fn tcp<S>(state: Arc<State>, conn: Conn, mut io: S, started: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let snap = state.snapshot();
+    let req = Request {
+        principal: conn.principal(),
+        source_ip: conn.peer.ip(),
+        remote_ip: None,
+        destination_ip: Some(conn.local.ip()),
+        port: conn.port,
+        sni: conn.sni.as_deref(),
+        http: None,
+    };
+    let decision = snap.policy.decide(&req);
+    drop(snap);
+    let allowed = decision.is_allowed() && decision.ext_authz.is_none();
+    let mut labels = conn.labels(&state, "tcp");
+    if !allowed {
+        labels.response_flags = "UAEX".to_string();
+        state.metrics.tcp_opened(&labels);
+        state.metrics.tcp_closed(&labels, 0, 0);
+        log_tcp(&state, &conn, &decision, started, 0, 0, None);
+        return;
+    }
+    state.metrics.tcp_opened(&labels);
+    let (sent, received, error) = match TcpStream::connect(conn.app).await {
+        Ok(mut app) => {
+            let _ = app.set_nodelay(true);
+            match tokio::io::copy_bidirectional(&mut io, &mut app).await {
+                Ok((from_peer, to_peer)) => (to_peer, from_peer, None),
+                Err(e) => (0, 0, Some(format!("connection error: {e}"))),
+            }
+        }
+        Err(e) => (
+            0,
+            0,
+            Some(format!("application at {} unreachable: {e}", conn.app)),
+        ),
+    };
+    if error.is_some() {
+        labels.response_flags = "UF".to_string();
+    }
+    state.metrics.tcp_closed(&labels, sent, received);
+    log_tcp(&state, &conn, &decision, started, sent, received, error);
+}
+
+fn log_tcp(
+    state: &State,
+    conn: &Conn,
+    d: &Decision,
+    started: Instant,
+    sent: u64,
+    received: u64,
+    error: Option<String>,
+) {
+    let snap = state.snapshot();
+    let (decision, reason) = if d.ext_authz.is_some() && d.verdict == Verdict::Allow {
+        ("deny", "ext_authz_unavailable".to_string())
+    } else {
+        (
+            if d.is_allowed() { "allow" } else { "deny" },
+            d.reason.code().to_string(),
+        )
+    };
+    state.metrics.access().write(&AccessRecord {
+        time: now_rfc3339(),
+        kind: "tcp",
+        reporter: "destination",
+        src_addr: conn.peer.to_string(),
+        src_identity: conn.identity.clone(),
+        dst_addr: conn.local.to_string(),
+        dst_service: None,
+        dst_identity: Some(snap.identity.clone()),
+        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
+        method: None,
+        path: None,
+        authority: None,
+        response_code: None,
+        decision,
+        reason: error.unwrap_or(reason),
+        policy: d.decided_by.as_ref().map(|r| r.policy.to_string()),
+        rule: d.decided_by.as_ref().map(|r| r.rule),
+        explanation: d.to_string(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_sent: sent,
+        bytes_received: received,
+    });
+}
+
+/// Logs a connection refused before any decision could be made.
+fn refuse(state: &State, conn: &Conn, started: Instant, reason: &str, explanation: String) {
+    let snap = state.snapshot();
+    let mut labels = conn.labels(state, "tcp");
+    labels.response_flags = "UAEX".to_string();
+    state.metrics.tcp_opened(&labels);
+    state.metrics.tcp_closed(&labels, 0, 0);
+    state.metrics.access().write(&AccessRecord {
+        time: now_rfc3339(),
+        kind: "connection",
+        reporter: "destination",
+        src_addr: conn.peer.to_string(),
+        src_identity: conn.identity.clone(),
+        dst_addr: conn.local.to_string(),
+        dst_service: None,
+        dst_identity: Some(snap.identity.clone()),
+        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
+        method: None,
+        path: None,
+        authority: None,
+        response_code: None,
+        decision: "deny",
+        reason: reason.to_string(),
+        policy: None,
+        rule: None,
+        explanation,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_sent: 0,
+        bytes_received: 0,
+    });
+}

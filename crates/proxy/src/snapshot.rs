@@ -1,0 +1,468 @@
+//! What one proxy needs from the mesh configuration: its own workload
+//! (ports, where the application listens, its compiled policies) and the
+//! services it may call (hosts, ports, endpoints, identities, TLS settings).
+//!
+//! A snapshot is immutable; a configuration change builds a new one, which
+//! is swapped in atomically (see [`crate::source`]).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use meshward_config::model::networking::{ClientTls, TlsMode};
+use meshward_config::model::{ServicePort, WorkloadEntry};
+use meshward_config::{ConfigSet, Resource};
+use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy};
+
+/// Annotation on a WorkloadEntry: where the application listens, per port
+/// name: `"http=127.0.0.1:18080,metrics=19090"` (a bare port means
+/// 127.0.0.1). Default: 127.0.0.1 and the workload port.
+pub const APP_PORTS: &str = "meshward.io/app-ports";
+/// Annotation on a WorkloadEntry: `"false"` when the workload runs without a
+/// sidecar, so callers send it plaintext under auto-mTLS.
+pub const HAS_PROXY: &str = "meshward.io/proxy";
+/// Annotation on a WorkloadEntry: the address of its outbound HTTP
+/// listener (where the application sends plaintext requests), e.g.
+/// `"127.0.0.1:15001"`.
+pub const OUTBOUND: &str = "meshward.io/outbound";
+/// Annotation on a WorkloadEntry: local TCP listeners for TCP services,
+/// `"127.0.0.1:15432=db.prod.svc.cluster.local:5432,..."`.
+pub const TCP_OUTBOUND: &str = "meshward.io/tcp-outbound";
+
+/// Why a snapshot cannot be built for this proxy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    #[error("no WorkloadEntry {0} in the configuration")]
+    UnknownWorkload(String),
+    #[error("WorkloadEntry {workload}: {annotation}: {reason}")]
+    BadAnnotation {
+        workload: String,
+        annotation: &'static str,
+        reason: String,
+    },
+    #[error("WorkloadEntry {0} has no address")]
+    NoAddress(String),
+}
+
+/// How traffic on a port is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// One inbound port of this workload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InboundPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Where the application listens.
+    pub app: SocketAddr,
+}
+
+/// One endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Port name to number (the endpoint's own ports).
+    pub ports: BTreeMap<String, u16>,
+    /// `spiffe://...` identity the endpoint must present.
+    pub identity: String,
+    pub has_proxy: bool,
+}
+
+/// A service the workload may call.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub hosts: Vec<String>,
+    #[serde(skip)]
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+    /// Identities a server of this service may present (secure naming).
+    pub identities: Vec<String>,
+    /// DestinationRule TLS settings: default and per port.
+    #[serde(skip)]
+    pub tls: Option<ClientTls>,
+    #[serde(skip)]
+    pub port_tls: BTreeMap<u16, ClientTls>,
+}
+
+impl Service {
+    /// The client TLS settings for a service port, if a DestinationRule sets them.
+    pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
+        self.port_tls.get(&port).or(self.tls.as_ref())
+    }
+
+    /// The endpoint port for a service port: the same name on the endpoint,
+    /// else the target port, else the service port number.
+    pub fn endpoint_port(&self, svc_port: &ServicePort, ep: &Endpoint) -> u16 {
+        ep.ports
+            .get(&svc_port.name)
+            .copied()
+            .or(svc_port.target_port)
+            .unwrap_or(svc_port.number)
+    }
+}
+
+/// A TCP outbound listener: local address to service host and port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TcpOutbound {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+/// This proxy's view of the mesh.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<ConfigSet>,
+    pub workload_name: String,
+    pub workload: Workload,
+    pub identity: String,
+    pub address: IpAddr,
+    pub inbound: Vec<InboundPort>,
+    pub outbound: Option<SocketAddr>,
+    pub tcp_outbound: Vec<TcpOutbound>,
+    pub policy: WorkloadPolicy,
+    pub services: Vec<Arc<Service>>,
+    /// Lower-case host (without port) to service index.
+    hosts: BTreeMap<String, usize>,
+}
+
+impl Snapshot {
+    /// Builds the view of workload `ns/name` (a WorkloadEntry).
+    pub fn build(
+        config: Arc<ConfigSet>,
+        workload_name: &str,
+        version: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        let (ns, name) = workload_name
+            .split_once('/')
+            .unwrap_or(("default", workload_name));
+        let entry = config
+            .workload_entries
+            .iter()
+            .find(|e| e.meta.namespace == ns && e.meta.name == name)
+            .ok_or_else(|| SnapshotError::UnknownWorkload(workload_name.to_string()))?;
+        let bad = |annotation: &'static str, reason: String| SnapshotError::BadAnnotation {
+            workload: workload_name.to_string(),
+            annotation,
+            reason,
+        };
+        let address: IpAddr = entry
+            .spec
+            .address
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| SnapshotError::NoAddress(workload_name.to_string()))?;
+        let app_ports = parse_app_ports(entry).map_err(|r| bad(APP_PORTS, r))?;
+        let protocols = port_protocols(&config, entry);
+        let mut inbound = Vec::new();
+        for (port_name, port) in &entry.spec.ports {
+            let app = app_ports
+                .get(port_name.as_str())
+                .copied()
+                .unwrap_or(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), *port));
+            let protocol = protocols
+                .get(port)
+                .copied()
+                .unwrap_or_else(|| protocol_of_name(port_name, None));
+            inbound.push(InboundPort {
+                name: port_name.clone(),
+                port: *port,
+                protocol,
+                app,
+            });
+        }
+        let outbound = match entry.meta.annotations.get(OUTBOUND) {
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| bad(OUTBOUND, format!("\"{v}\" is not an address:port")))?,
+            ),
+            None => None,
+        };
+        let tcp_outbound = parse_tcp_outbound(entry).map_err(|r| bad(TCP_OUTBOUND, r))?;
+        let workload = Workload::from_entry(entry);
+        let identity = format!("spiffe://{}", workload.principal(&config.mesh.trust_domain));
+        let engine = PolicyEngine::new(Arc::clone(&config));
+        let policy = engine.workload(&workload);
+        let (services, hosts) = build_services(&config);
+        Ok(Snapshot {
+            version,
+            workload_name: workload_name.to_string(),
+            workload,
+            identity,
+            address,
+            inbound,
+            outbound,
+            tcp_outbound,
+            policy,
+            services,
+            hosts,
+            config,
+        })
+    }
+
+    /// The service a Host header names (port and case ignored).
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
+        let bare = strip_port(host).to_ascii_lowercase();
+        let bare = bare.trim_end_matches('.');
+        self.hosts.get(bare).map(|i| &self.services[*i])
+    }
+
+    pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
+        self.inbound.iter().find(|p| p.port == port)
+    }
+
+    /// The trust domain of the mesh.
+    pub fn trust_domain(&self) -> &str {
+        &self.config.mesh.trust_domain
+    }
+
+    /// The effective client TLS mode towards an endpoint: the
+    /// DestinationRule's, else auto-mTLS (mTLS when the endpoint has a
+    /// proxy, plaintext when it does not).
+    pub fn tls_mode(&self, svc: &Service, port: u16, ep: &Endpoint) -> TlsMode {
+        match svc.tls_for(port) {
+            Some(tls) => tls.mode,
+            None if ep.has_proxy && self.config.mesh.enable_auto_mtls => TlsMode::IstioMutual,
+            None => TlsMode::Disable,
+        }
+    }
+}
+
+/// `host:port` or `[v6]:port` to host.
+pub fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Istio's protocol selection: an explicit protocol, else the port name's
+/// prefix (`http`, `http2`, `grpc`, `grpc-web`, `http-foo`); anything else TCP.
+pub fn protocol_of_name(name: &str, protocol: Option<&str>) -> Protocol {
+    let p = protocol.map(str::to_ascii_uppercase).unwrap_or_else(|| {
+        name.split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+    });
+    match p.as_str() {
+        "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => Protocol::Http,
+        _ => Protocol::Tcp,
+    }
+}
+
+fn parse_app_ports(
+    entry: &Resource<WorkloadEntry>,
+) -> Result<BTreeMap<String, SocketAddr>, String> {
+    let mut out = BTreeMap::new();
+    let Some(v) = entry.meta.annotations.get(APP_PORTS) else {
+        return Ok(out);
+    };
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("\"{item}\" is not name=address"))?;
+        if !entry.spec.ports.contains_key(name) {
+            return Err(format!(
+                "port \"{name}\" is not one of the WorkloadEntry's ports"
+            ));
+        }
+        let addr = match addr.parse::<u16>() {
+            Ok(p) => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), p),
+            Err(_) => addr
+                .parse()
+                .map_err(|_| format!("\"{addr}\" is not a port or address:port"))?,
+        };
+        out.insert(name.to_string(), addr);
+    }
+    Ok(out)
+}
+
+fn parse_tcp_outbound(entry: &Resource<WorkloadEntry>) -> Result<Vec<TcpOutbound>, String> {
+    let mut out = Vec::new();
+    let Some(v) = entry.meta.annotations.get(TCP_OUTBOUND) else {
+        return Ok(out);
+    };
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (listen, target) = item
+            .split_once('=')
+            .ok_or_else(|| format!("\"{item}\" is not listen=host:port"))?;
+        let listen = listen
+            .parse()
+            .map_err(|_| format!("\"{listen}\" is not an address:port"))?;
+        let (host, port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| format!("\"{target}\" is not host:port"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("\"{port}\" is not a port"))?;
+        out.push(TcpOutbound {
+            listen,
+            host: host.to_ascii_lowercase(),
+            port,
+        });
+    }
+    Ok(out)
+}
+
+/// Protocols of this workload's ports, from the ServiceEntries selecting it.
+fn port_protocols(config: &ConfigSet, entry: &Resource<WorkloadEntry>) -> BTreeMap<u16, Protocol> {
+    let mut out = BTreeMap::new();
+    for se in &config.service_entries {
+        let selects =
+            se.meta.namespace == entry.meta.namespace
+                && se.spec.workload_selector.as_ref().is_some_and(|sel| {
+                    sel.iter().all(|(k, v)| entry.spec.labels.get(k) == Some(v))
+                });
+        if !selects {
+            continue;
+        }
+        for p in &se.spec.ports {
+            let number = entry
+                .spec
+                .ports
+                .get(&p.name)
+                .copied()
+                .or(p.target_port)
+                .unwrap_or(p.number);
+            out.entry(number)
+                .or_insert_with(|| protocol_of_name(&p.name, p.protocol.as_deref()));
+        }
+    }
+    out
+}
+
+fn build_services(config: &ConfigSet) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
+    let td = &config.mesh.trust_domain;
+    let mut services = Vec::new();
+    let mut hosts = BTreeMap::new();
+    for se in &config.service_entries {
+        let mut endpoints = Vec::new();
+        let endpoint_of =
+            |e: &WorkloadEntry, ns: &str, annotations: Option<&BTreeMap<String, String>>| {
+                let address = e.address.as_deref()?.parse().ok()?;
+                let sa = e
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string());
+                let has_proxy = annotations
+                    .and_then(|a| a.get(HAS_PROXY))
+                    .is_none_or(|v| v != "false");
+                Some(Endpoint {
+                    address,
+                    ports: e.ports.clone(),
+                    identity: format!("spiffe://{td}/ns/{ns}/sa/{sa}"),
+                    has_proxy,
+                })
+            };
+        match &se.spec.workload_selector {
+            Some(sel) => {
+                for we in &config.workload_entries {
+                    let selected = we.meta.namespace == se.meta.namespace
+                        && sel.iter().all(|(k, v)| we.spec.labels.get(k) == Some(v));
+                    if selected {
+                        endpoints.extend(endpoint_of(
+                            &we.spec,
+                            &we.meta.namespace,
+                            Some(&we.meta.annotations),
+                        ));
+                    }
+                }
+            }
+            None => {
+                for e in &se.spec.endpoints {
+                    // Inline endpoints of an external service have no sidecar
+                    // unless annotated otherwise on the ServiceEntry.
+                    let mut ep = endpoint_of(e, &se.meta.namespace, Some(&se.meta.annotations));
+                    if let Some(ep) = ep.as_mut() {
+                        ep.has_proxy = se
+                            .meta
+                            .annotations
+                            .get(HAS_PROXY)
+                            .is_some_and(|v| v == "true");
+                    }
+                    endpoints.extend(ep);
+                }
+            }
+        }
+        let mut identities: Vec<String> = endpoints.iter().map(|e| e.identity.clone()).collect();
+        identities.extend(se.spec.subject_alt_names.iter().cloned());
+        identities.sort();
+        identities.dedup();
+        let (tls, port_tls) = destination_tls(config, &se.spec.hosts, &se.meta.namespace);
+        let idx = services.len();
+        for h in &se.spec.hosts {
+            hosts.entry(h.to_ascii_lowercase()).or_insert(idx);
+        }
+        services.push(Arc::new(Service {
+            namespace: se.meta.namespace.clone(),
+            name: se.meta.name.clone(),
+            hosts: se.spec.hosts.clone(),
+            ports: se.spec.ports.clone(),
+            endpoints,
+            identities,
+            tls,
+            port_tls,
+        }));
+    }
+    (services, hosts)
+}
+
+/// The DestinationRule for a service: one in the service's namespace first,
+/// then one in the root namespace (Istio's lookup order, simplified: exact
+/// host match; subsets are not used for TLS here).
+fn destination_tls(
+    config: &ConfigSet,
+    hosts: &[String],
+    ns: &str,
+) -> (Option<ClientTls>, BTreeMap<u16, ClientTls>) {
+    let root = &config.mesh.root_namespace;
+    let matching = |r: &&Resource<meshward_config::model::DestinationRule>| {
+        hosts.iter().any(|h| {
+            h.eq_ignore_ascii_case(&r.spec.host)
+                || short_host_matches(&r.spec.host, h, &r.meta.namespace)
+        })
+    };
+    let dr = config
+        .destination_rules
+        .iter()
+        .filter(matching)
+        .find(|r| r.meta.namespace == ns)
+        .or_else(|| {
+            config
+                .destination_rules
+                .iter()
+                .filter(matching)
+                .find(|r| &r.meta.namespace == root)
+        });
+    let Some(dr) = dr else {
+        return (None, BTreeMap::new());
+    };
+    let Some(tp) = &dr.spec.traffic_policy else {
+        return (None, BTreeMap::new());
+    };
+    let port_tls = tp
+        .port_level_settings
+        .iter()
+        .filter_map(|p| p.tls.clone().map(|t| (p.port, t)))
+        .collect();
+    (tp.tls.clone(), port_tls)
+}
+
+/// A DestinationRule may name a service by its short name in its namespace.
+fn short_host_matches(dr_host: &str, host: &str, dr_ns: &str) -> bool {
+    !dr_host.contains('.')
+        && host.eq_ignore_ascii_case(&format!("{dr_host}.{dr_ns}.svc.cluster.local"))
+}

@@ -1,0 +1,236 @@
+//! The proxy's live state: the current snapshot and TLS material, each
+//! swapped atomically on change, and the loaders that build them from the
+//! static bootstrap (a config directory and a certificate directory). A
+//! change that fails to load is refused and the old state is kept.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use meshward_config::Loader;
+use meshward_identity::verify::TrustDomains;
+use meshward_identity::{
+    CredentialResolver, SpiffeId, SpiffeServerVerifier, SvidVerifier, TrustBundle, TrustDomain,
+    WorkloadCredentials,
+};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::snapshot::Snapshot;
+use crate::telemetry::Metrics;
+
+/// ALPN values Istio sidecars use for mesh mTLS, then plain HTTP ones.
+pub const MESH_ALPN: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
+/// What the inbound mTLS server accepts.
+pub const SERVER_ALPN: &[&[u8]] = &[
+    b"h2",
+    b"http/1.1",
+    b"istio-h2",
+    b"istio-http/1.1",
+    b"istio-http/1.0",
+    b"istio",
+    b"istio-peer-exchange",
+];
+
+/// Where the proxy reads its configuration and certificates.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// Files or directories of mesh resources.
+    pub config_paths: Vec<PathBuf>,
+    pub mesh_config: Option<PathBuf>,
+    /// This workload, `namespace/name` of its WorkloadEntry.
+    pub workload: String,
+    /// `key.pem`, `cert-chain.pem`, `root-cert.pem`.
+    pub certs_dir: PathBuf,
+}
+
+/// Why a load failed; the proxy keeps its previous state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("invalid configuration:\n{0}")]
+    Config(meshward_config::Diagnostics),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("certificates: {0}")]
+    Credentials(#[from] meshward_identity::CredentialsFileError),
+    #[error("trust bundle: {0}")]
+    Bundle(#[from] meshward_identity::bundle::BundleError),
+    #[error("certificate {got} does not belong to this workload ({expected})")]
+    WrongIdentity { got: String, expected: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("trust domain: {0}")]
+    TrustDomain(String),
+}
+
+/// TLS material derived from the certificate directory and the mesh's
+/// trust domains.
+#[derive(Debug)]
+pub struct TlsState {
+    pub credentials: Arc<WorkloadCredentials>,
+    pub bundle: TrustBundle,
+    pub server: Arc<ServerConfig>,
+    verifier: SvidVerifier,
+    resolver: CredentialResolver,
+    /// Client configs per set of expected server identities.
+    clients: Mutex<HashMap<Vec<String>, Arc<ClientConfig>>>,
+}
+
+impl TlsState {
+    fn build(
+        credentials: WorkloadCredentials,
+        bundle: TrustBundle,
+        domains: Vec<TrustDomain>,
+    ) -> Result<TlsState, LoadError> {
+        let verifier = SvidVerifier::new(bundle.clone(), TrustDomains::only(domains));
+        let resolver = CredentialResolver::fixed(credentials.clone());
+        let mut server = meshward_identity::server_config(verifier.clone(), resolver.clone())?;
+        server.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(TlsState {
+            credentials: Arc::new(credentials),
+            bundle,
+            server: Arc::new(server),
+            verifier,
+            resolver,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A mesh client config that accepts only servers presenting one of
+    /// `identities` (secure naming); cached per identity set.
+    pub fn client_for(&self, identities: &[String]) -> Result<Arc<ClientConfig>, LoadError> {
+        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(identities) {
+            return Ok(Arc::clone(c));
+        }
+        let expected: Vec<SpiffeId> = identities
+            .iter()
+            .filter_map(|i| SpiffeId::parse(i).ok())
+            .collect();
+        // An empty expectation would accept any mesh identity: never do that.
+        let server_verifier = SpiffeServerVerifier::expecting(self.verifier.clone(), expected);
+        let mut config = meshward_identity::client_config(server_verifier, self.resolver.clone())?;
+        config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
+        let config = Arc::new(config);
+        cache.insert(identities.to_vec(), Arc::clone(&config));
+        Ok(config)
+    }
+
+    /// Verifies a peer certificate chain like the mTLS handshake did, for
+    /// callers that only hold the DER (not needed on the hot path).
+    pub fn verifier(&self) -> &SvidVerifier {
+        &self.verifier
+    }
+}
+
+/// Everything a connection handler reads: lock-free loads of the current
+/// snapshot and TLS state.
+#[derive(Debug)]
+pub struct State {
+    pub bootstrap: Bootstrap,
+    snapshot: ArcSwap<Snapshot>,
+    tls: ArcSwap<TlsState>,
+    version: AtomicU64,
+    ready: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    /// Pooled HTTP/1.1 connections to the local application.
+    pub app_client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        hyper::body::Incoming,
+    >,
+    pub outbound: crate::outbound::Outbound,
+}
+
+impl State {
+    /// Loads everything once; any failure here stops the proxy from starting.
+    pub fn load(bootstrap: Bootstrap, metrics: Arc<Metrics>) -> Result<Arc<State>, LoadError> {
+        let snapshot = load_snapshot(&bootstrap, 1)?;
+        let tls = load_tls(&bootstrap, &snapshot)?;
+        Ok(Arc::new(State {
+            bootstrap,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            tls: ArcSwap::from_pointee(tls),
+            version: AtomicU64::new(1),
+            ready: AtomicBool::new(false),
+            metrics,
+            app_client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build(hyper_util::client::legacy::connect::HttpConnector::new()),
+            outbound: crate::outbound::Outbound::default(),
+        }))
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn tls(&self) -> Arc<TlsState> {
+        self.tls.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Re-reads the configuration; on failure the current snapshot stays.
+    pub fn reload_config(&self) -> Result<u64, LoadError> {
+        let version = self.version.load(Ordering::Acquire) + 1;
+        let snapshot = load_snapshot(&self.bootstrap, version)?;
+        // The trust domain may have changed: rebuild TLS for the new snapshot.
+        let tls = load_tls(&self.bootstrap, &snapshot)?;
+        self.version.store(version, Ordering::Release);
+        self.snapshot.store(Arc::new(snapshot));
+        self.tls.store(Arc::new(tls));
+        Ok(version)
+    }
+
+    /// Re-reads the certificates; on failure the current ones stay.
+    pub fn reload_certs(&self) -> Result<(), LoadError> {
+        let tls = load_tls(&self.bootstrap, &self.snapshot())?;
+        self.tls.store(Arc::new(tls));
+        Ok(())
+    }
+}
+
+fn load_snapshot(b: &Bootstrap, version: u64) -> Result<Snapshot, LoadError> {
+    let mut loader = Loader::new();
+    if let Some(mc) = &b.mesh_config {
+        loader.add_mesh_config_path(mc);
+    }
+    for p in &b.config_paths {
+        loader.add_path(p);
+    }
+    let loaded = loader.finish().map_err(LoadError::Config)?;
+    for w in loaded.warnings.warnings() {
+        tracing::warn!(target: "meshward::config", "{w}");
+    }
+    Ok(Snapshot::build(
+        Arc::new(loaded.config),
+        &b.workload,
+        version,
+    )?)
+}
+
+fn load_tls(b: &Bootstrap, snapshot: &Snapshot) -> Result<TlsState, LoadError> {
+    let credentials = WorkloadCredentials::from_dir(&b.certs_dir)?;
+    if credentials.id().as_str() != snapshot.identity {
+        return Err(LoadError::WrongIdentity {
+            got: credentials.id().to_string(),
+            expected: snapshot.identity.clone(),
+        });
+    }
+    let bundle = TrustBundle::from_pem_file(&b.certs_dir.join("root-cert.pem"))?;
+    let mesh = &snapshot.config.mesh;
+    let mut domains = Vec::new();
+    for td in std::iter::once(&mesh.trust_domain).chain(&mesh.trust_domain_aliases) {
+        domains.push(TrustDomain::new(td).map_err(|e| LoadError::TrustDomain(e.to_string()))?);
+    }
+    TlsState::build(credentials, bundle, domains)
+}
