@@ -1,0 +1,670 @@
+//! End to end: the seeds' shop as real `meshward proxy` processes on
+//! 127.0.0.1 with in-process applications. Covers mTLS between proxies,
+//! per-request authorization with 403 and the deciding policy in the access
+//! log, STRICT and PERMISSIVE ports, a client certificate from another CA,
+//! secure naming, auto-mTLS to a workload without a proxy, XFCC
+//! replacement, Istio metrics, and live reload of policies and certificates.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use support::*;
+
+struct Ports {
+    catalog: u16,
+    orders: u16,
+    orders_metrics: u16,
+    cart: u16,
+    out_frontend: u16,
+    out_payment: u16,
+    out_dev: u16,
+    out_scraper: u16,
+}
+
+fn workload(ns: &str, name: &str, sa: &str, ports: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{annotations}}}\nspec:\n  address: 127.0.0.1\n  labels: {{app: {name}}}\n  serviceAccount: {sa}\n  ports: {{{ports}}}\n---\n"
+    )
+}
+
+fn service(ns: &str, name: &str, app: &str, ports: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  ports: [{ports}]\n  workloadSelector: {{labels: {{app: {app}}}}}\n  resolution: STATIC\n---\n"
+    )
+}
+
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: production}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: frontend-to-product-catalog, namespace: production}
+spec:
+  selector: {matchLabels: {app: product-catalog}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/production/sa/frontend"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/api/v1/products", "/api/v1/products/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payment-to-orders, namespace: production}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/production/sa/payment-service"]}}]
+    to: [{operation: {methods: ["GET", "POST", "PUT"], paths: ["/api/v1/orders/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-metrics-scraping, namespace: production}
+spec:
+  rules:
+  - from: [{source: {namespaces: ["monitoring"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/metrics"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-development, namespace: production}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: ["development"]}}]
+"#;
+
+fn shop_config(p: &Ports, legacy: SocketAddr) -> String {
+    let mut c = String::new();
+    c += &workload(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        &format!("http: {}", p.catalog),
+        "",
+    );
+    c += &workload(
+        "production",
+        "orders",
+        "orders",
+        &format!("http: {}, http-metrics: {}", p.orders, p.orders_metrics),
+        "",
+    );
+    c += &workload(
+        "production",
+        "cart",
+        "cart",
+        &format!("http: {}", p.cart),
+        "",
+    );
+    c += &workload(
+        "production",
+        "frontend",
+        "frontend",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{}\"", p.out_frontend),
+    );
+    c += &workload(
+        "production",
+        "payment-service",
+        "payment-service",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{}\"", p.out_payment),
+    );
+    c += &workload(
+        "development",
+        "dev-tools",
+        "dev-tools",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{}\"", p.out_dev),
+    );
+    c += &workload(
+        "monitoring",
+        "scraper",
+        "prometheus",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{}\"", p.out_scraper),
+    );
+    c += &workload(
+        "production",
+        "legacy",
+        "legacy",
+        &format!("http: {}", legacy.port()),
+        "meshward.io/proxy: \"false\"",
+    );
+    // Claims to be product-catalog but points at cart's proxy.
+    c += &format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: impostor, namespace: production}}\nspec:\n  address: 127.0.0.1\n  labels: {{app: impostor}}\n  serviceAccount: product-catalog\n  ports: {{http: {}}}\n---\n",
+        p.cart
+    );
+    c += &service(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    c += &service(
+        "production",
+        "orders",
+        "orders",
+        "{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: http-metrics, protocol: HTTP}",
+    );
+    c += &service(
+        "production",
+        "legacy",
+        "legacy",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    c += &service(
+        "production",
+        "impostor",
+        "impostor",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    // The orders metrics port accepts plaintext (a Prometheus outside the mesh).
+    c += &format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: orders-metrics, namespace: production}}\nspec:\n  selector: {{matchLabels: {{app: orders}}}}\n  portLevelMtls:\n    {}: {{mode: PERMISSIVE}}\n---\n",
+        p.orders_metrics
+    );
+    c += &format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: prometheus-outside-mesh, namespace: production}}\nspec:\n  selector: {{matchLabels: {{app: orders}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [\"127.0.0.0/8\"]}}}}]\n    to: [{{operation: {{ports: [\"{}\"], methods: [\"GET\"], paths: [\"/metrics\"]}}}}]\n---\n",
+        p.orders_metrics
+    );
+    c
+}
+
+fn app_ports(app: SocketAddr) -> String {
+    format!("http=127.0.0.1:{}", app.port())
+}
+
+const CATALOG: &str = "product-catalog.production.svc.cluster.local";
+const ORDERS: &str = "orders.production.svc.cluster.local";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_mesh_enforces_identity_and_policy() {
+    let mesh = Mesh::new();
+    let p = Ports {
+        catalog: free_port(),
+        orders: free_port(),
+        orders_metrics: free_port(),
+        cart: free_port(),
+        out_frontend: free_port(),
+        out_payment: free_port(),
+        out_dev: free_port(),
+        out_scraper: free_port(),
+    };
+    let catalog_app = App::start("product-catalog").await;
+    let orders_app = App::start("orders").await;
+    let cart_app = App::start("cart").await;
+    let legacy_app = App::start("legacy").await;
+    let mut config = shop_config(&p, legacy_app.addr);
+    // Where each application listens.
+    config = config.replace(
+        "name: product-catalog\n  namespace: production\n  annotations: {}",
+        &format!("name: product-catalog\n  namespace: production\n  annotations: {{meshward.io/app-ports: \"{}\"}}", app_ports(catalog_app.addr)),
+    );
+    config = config.replace(
+        "name: orders\n  namespace: production\n  annotations: {}",
+        &format!(
+            "name: orders\n  namespace: production\n  annotations: {{meshward.io/app-ports: \"http=127.0.0.1:{0},http-metrics=127.0.0.1:{0}\"}}",
+            orders_app.addr.port()
+        ),
+    );
+    config = config.replace(
+        "name: cart\n  namespace: production\n  annotations: {}",
+        &format!(
+            "name: cart\n  namespace: production\n  annotations: {{meshward.io/app-ports: \"{}\"}}",
+            app_ports(cart_app.addr)
+        ),
+    );
+    mesh.write_config("workloads.yaml", &config);
+    mesh.write_config("policies.yaml", POLICIES);
+
+    let catalog = mesh
+        .proxy(
+            "production/product-catalog",
+            &mesh.issue("catalog", "production", "product-catalog"),
+        )
+        .await;
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let _cart = mesh
+        .proxy("production/cart", &mesh.issue("cart", "production", "cart"))
+        .await;
+    let frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let _payment = mesh
+        .proxy(
+            "production/payment-service",
+            &mesh.issue("payment", "production", "payment-service"),
+        )
+        .await;
+    let _dev = mesh
+        .proxy(
+            "development/dev-tools",
+            &mesh.issue("dev", "development", "dev-tools"),
+        )
+        .await;
+    let _scraper = mesh
+        .proxy(
+            "monitoring/scraper",
+            &mesh.issue("scraper", "monitoring", "prometheus"),
+        )
+        .await;
+    let out = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+
+    // Allowed calls succeed, through mTLS between the two proxies.
+    let forged = [(
+        "x-forwarded-client-cert",
+        "By=spiffe://evil;URI=spiffe://cluster.local/ns/production/sa/payment-service",
+    )];
+    assert_eq!(
+        get(out(p.out_frontend), CATALOG, "/api/v1/products", &forged).await,
+        Some((200, "product-catalog".into()))
+    );
+    assert_eq!(
+        get(
+            out(p.out_frontend),
+            CATALOG,
+            "/api/v1/products/42?fields=name",
+            &[]
+        )
+        .await,
+        Some((200, "product-catalog".into()))
+    );
+    let seen = catalog_app.last().unwrap();
+    assert_eq!(seen.path, "/api/v1/products/42?fields=name");
+
+    // The application sees the proxy's XFCC, never the caller's.
+    let first = catalog_app.seen.lock().unwrap()[0].clone();
+    let xfcc = &first.headers["x-forwarded-client-cert"];
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/production/sa/product-catalog;Hash="),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.ends_with(";Subject=\"\";URI=spiffe://cluster.local/ns/production/sa/frontend"),
+        "{xfcc}"
+    );
+
+    // Denied: 403 with Istio's body, and the access log says why.
+    assert_eq!(
+        request(
+            out(p.out_frontend),
+            "DELETE",
+            CATALOG,
+            "/api/v1/products/42",
+            &[]
+        )
+        .await,
+        Ok((403, "RBAC: access denied".into()))
+    );
+    assert_eq!(
+        request(out(p.out_payment), "POST", ORDERS, "/api/v1/orders/7", &[]).await,
+        Ok((200, "orders".into()))
+    );
+    assert_eq!(
+        get(out(p.out_frontend), ORDERS, "/api/v1/orders/7", &[]).await,
+        Some((403, "RBAC: access denied".into()))
+    );
+    assert_eq!(
+        get(out(p.out_dev), CATALOG, "/api/v1/products", &[]).await,
+        Some((403, "RBAC: access denied".into()))
+    );
+    let log = catalog.access_log();
+    let dev_line = log
+        .iter()
+        .find(|l| l["src.identity"] == "spiffe://cluster.local/ns/development/sa/dev-tools")
+        .expect("access log line for the development call");
+    assert_eq!(dev_line["decision"], "deny");
+    assert_eq!(dev_line["policy"], "production/deny-development");
+    assert_eq!(dev_line["response_code"], 403);
+    assert_eq!(dev_line["tls.mode"], "mutual_tls");
+    let delete_line = log
+        .iter()
+        .find(|l| l["method"] == "DELETE")
+        .expect("access log line for DELETE");
+    assert_eq!(delete_line["reason"], "no_allow_matched");
+    assert!(
+        delete_line["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("production/frontend-to-product-catalog"),
+        "{delete_line}"
+    );
+
+    // STRICT: a plaintext client is refused before any HTTP is served.
+    let plain = request(out(p.catalog), "GET", CATALOG, "/api/v1/products", &[]).await;
+    assert!(
+        plain.is_err(),
+        "plaintext to a STRICT port must fail, got {plain:?}"
+    );
+    assert!(
+        catalog
+            .access_log()
+            .iter()
+            .any(|l| l["reason"] == "plaintext_rejected")
+    );
+
+    // PERMISSIVE metrics port: mTLS from the monitoring namespace and
+    // plaintext from outside the mesh are both accepted.
+    assert_eq!(
+        get(
+            out(p.out_scraper),
+            &format!("{ORDERS}:9090"),
+            "/metrics",
+            &[]
+        )
+        .await,
+        Some((200, "orders".into()))
+    );
+    assert_eq!(
+        get(out(p.orders_metrics), ORDERS, "/metrics", &[]).await,
+        Some((200, "orders".into()))
+    );
+    // ...and the plaintext request carried no client certificate details.
+    assert!(
+        !orders_app
+            .last()
+            .unwrap()
+            .headers
+            .contains_key("x-forwarded-client-cert")
+    );
+
+    // Secure naming: the endpoint claims product-catalog but cart answers.
+    let (status, _) = get(
+        out(p.out_frontend),
+        "impostor.production.svc.cluster.local",
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        cart_app.seen.lock().unwrap().is_empty(),
+        "the impostor must not receive the request"
+    );
+    let line = frontend
+        .access_log()
+        .into_iter()
+        .find(|l| l["dst.service"] == "impostor.production.svc.cluster.local")
+        .unwrap();
+    assert!(
+        line["reason"].as_str().unwrap().contains("upstream"),
+        "{line}"
+    );
+
+    // Auto-mTLS: a workload without a proxy is called in plaintext.
+    assert_eq!(
+        get(
+            out(p.out_frontend),
+            "legacy.production.svc.cluster.local",
+            "/hello",
+            &[]
+        )
+        .await,
+        Some((200, "legacy".into()))
+    );
+    assert!(
+        !legacy_app
+            .last()
+            .unwrap()
+            .headers
+            .contains_key("x-forwarded-client-cert")
+    );
+    let line = frontend
+        .access_log()
+        .into_iter()
+        .find(|l| l["dst.service"] == "legacy.production.svc.cluster.local")
+        .unwrap();
+    assert_eq!(line["tls.mode"], "none");
+
+    // Istio metrics: connection_security_policy tells mTLS from plaintext.
+    let (_, cat_metrics) = catalog.admin_get("/stats/prometheus").await;
+    assert!(
+        metric(
+            &cat_metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("response_code", "200"),
+                ("connection_security_policy", "mutual_tls"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/production/sa/frontend"
+                )
+            ]
+        ) >= 2.0,
+        "{cat_metrics}"
+    );
+    assert!(
+        metric(
+            &cat_metrics,
+            "istio_requests_total",
+            &[("response_code", "403")]
+        ) >= 2.0
+    );
+    let (_, ord_metrics) = orders.admin_get("/stats/prometheus").await;
+    assert!(
+        metric(
+            &ord_metrics,
+            "istio_requests_total",
+            &[
+                ("connection_security_policy", "none"),
+                ("response_code", "200")
+            ]
+        ) >= 1.0,
+        "{ord_metrics}"
+    );
+    assert!(
+        metric(
+            &ord_metrics,
+            "istio_requests_total",
+            &[
+                ("connection_security_policy", "mutual_tls"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/monitoring/sa/prometheus"
+                )
+            ]
+        ) >= 1.0
+    );
+    let (_, front_metrics) = frontend.admin_get("/stats/prometheus").await;
+    assert!(
+        metric(
+            &front_metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service_name", "legacy"),
+                ("connection_security_policy", "none")
+            ]
+        ) >= 1.0,
+        "{front_metrics}"
+    );
+
+    // A client certificate from another CA is refused.
+    run_ok(&[
+        "ca",
+        "init",
+        "--out",
+        mesh.path("other-ca").to_str().unwrap(),
+    ]);
+    let rogue = mesh.issue_from("other-ca", "rogue", "production", "frontend");
+    let result = rogue_request(
+        &rogue,
+        &mesh.path("certs/frontend/root-cert.pem"),
+        out(p.catalog),
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "a certificate from another CA must be refused, got {result:?}"
+    );
+    eventually("the rejected handshake in the access log", || {
+        let found = catalog
+            .access_log()
+            .iter()
+            .any(|l| l["reason"] == "tls_handshake_failed");
+        async move { found.then_some(()) }
+    })
+    .await;
+}
+
+/// An mTLS request to `addr` with the credentials in `dir`, trusting `root`.
+async fn rogue_request(
+    dir: &std::path::Path,
+    root: &std::path::Path,
+    addr: SocketAddr,
+) -> Result<(u16, String), String> {
+    use meshward_identity::verify::TrustDomains;
+    let creds = meshward_identity::WorkloadCredentials::from_dir(dir).map_err(|e| e.to_string())?;
+    let bundle = meshward_identity::TrustBundle::from_pem_file(root).map_err(|e| e.to_string())?;
+    let verifier = meshward_identity::SpiffeServerVerifier::new(
+        meshward_identity::SvidVerifier::new(bundle, TrustDomains::any()),
+    );
+    let mut config = meshward_identity::client_config(
+        verifier,
+        meshward_identity::CredentialResolver::fixed(creds),
+    )
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send_on(&mut send, "GET", CATALOG, "/api/v1/products", &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_and_certificate_changes_apply_without_dropping_connections() {
+    let mesh = Mesh::new();
+    let (cat_port, out_port) = (free_port(), free_port());
+    let app = App::start("product-catalog").await;
+    let mut config = workload(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        &format!("http: {cat_port}"),
+        &format!(
+            "meshward.io/app-ports: \"http=127.0.0.1:{}\"",
+            app.addr.port()
+        ),
+    );
+    config += &workload(
+        "production",
+        "frontend",
+        "frontend",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{out_port}\""),
+    );
+    config += &service(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    mesh.write_config("workloads.yaml", &config);
+    mesh.write_config("policies.yaml", POLICIES);
+    let catalog_certs = mesh.issue("catalog", "production", "product-catalog");
+    let catalog = mesh
+        .proxy("production/product-catalog", &catalog_certs)
+        .await;
+    let _frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+
+    let mut conn = connect(SocketAddr::from(([127, 0, 0, 1], out_port))).await;
+    assert_eq!(
+        send_on(&mut conn, "GET", CATALOG, "/api/v1/products", &[]).await,
+        Ok((200, "product-catalog".into()))
+    );
+
+    // Rotate the server's certificate.
+    let serial = |body: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["chain"]["certificates"][0]["serial"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = serial(&catalog.admin_get("/certs").await.1);
+    mesh.issue("catalog", "production", "product-catalog");
+    eventually("the rotated certificate to be loaded", || async {
+        let now = serial(&catalog.admin_get("/certs").await.1);
+        (!now.is_empty() && now != before).then_some(())
+    })
+    .await;
+
+    // Change the policy: products become read-only for nobody.
+    let v1 = catalog.config_version().await;
+    mesh.write_config(
+        "policies.yaml",
+        &POLICIES.replace(
+            "paths: [\"/api/v1/products\", \"/api/v1/products/*\"]",
+            "paths: [\"/api/v2/*\"]",
+        ),
+    );
+    eventually("the new policy to be loaded", || async {
+        (catalog.config_version().await > v1).then_some(())
+    })
+    .await;
+
+    // Same client connection: the next request sees the new policy.
+    assert_eq!(
+        send_on(&mut conn, "GET", CATALOG, "/api/v1/products", &[]).await,
+        Ok((403, "RBAC: access denied".into()))
+    );
+    assert_eq!(
+        send_on(&mut conn, "GET", CATALOG, "/api/v2/items", &[]).await,
+        Ok((200, "product-catalog".into()))
+    );
+
+    // An invalid change is refused; the proxy keeps the last good state.
+    let v2 = catalog.config_version().await;
+    mesh.write_config(
+        "policies.yaml",
+        &POLICIES.replace("methods: [\"GET\"]", "methods: [\"get\"]"),
+    );
+    eventually("the invalid change to be refused", || async {
+        let (_, m) = catalog.admin_get("/stats/prometheus").await;
+        (metric(&m, "meshward_config_rejected_total", &[]) >= 1.0
+            || m.contains("meshward_config_rejected_total 1"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(catalog.config_version().await, v2);
+    assert_eq!(
+        send_on(&mut conn, "GET", CATALOG, "/api/v2/items", &[]).await,
+        Ok((200, "product-catalog".into()))
+    );
+}

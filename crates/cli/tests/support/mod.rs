@@ -1,0 +1,386 @@
+//! Test mesh builder for end-to-end tests: a CA, workloads with real
+//! `meshward proxy` processes on 127.0.0.1, in-process echo applications,
+//! and HTTP clients. Children are killed on drop and their output is
+//! printed when a test fails.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshward");
+
+/// How long readiness and eventual-consistency waits may take.
+pub fn patience() -> Duration {
+    Duration::from_secs(
+        std::env::var("MESHWARD_TEST_PATIENCE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    )
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A free port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn run_ok(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "meshward {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A request as the echo application saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// An in-process HTTP/1.1 application that answers `200 <name>` and records
+/// what it received.
+pub struct App {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl App {
+    pub async fn start(name: &'static str) -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let seen2 = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = Arc::clone(&seen2);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<Incoming>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            let headers = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_string(),
+                                        v.to_str().unwrap_or_default().to_string(),
+                                    )
+                                })
+                                .collect();
+                            seen.lock().unwrap().push(Seen {
+                                method: req.method().to_string(),
+                                path: req.uri().to_string(),
+                                headers,
+                            });
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(name),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        App { addr, seen, task }
+    }
+
+    pub fn last(&self) -> Option<Seen> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+}
+
+/// A running `meshward proxy`.
+pub struct ProxyProcess {
+    pub name: String,
+    pub admin: SocketAddr,
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ProxyProcess {
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            self.stdout.lock().unwrap(),
+            self.name,
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        get(self.admin, "admin", path, &[])
+            .await
+            .unwrap_or((0, String::new()))
+    }
+
+    pub async fn config_version(&self) -> u64 {
+        let (_, body) = self.admin_get("/config_dump").await;
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let out: Arc<Mutex<String>> = Arc::default();
+    let out2 = Arc::clone(&out);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out2.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+/// A test mesh: CA, config directory, certificates per workload.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    pub fn new() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mesh { dir };
+        std::fs::create_dir_all(m.config_dir()).unwrap();
+        run_ok(&["ca", "init", "--out", m.path("ca").to_str().unwrap()]);
+        m
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.path("config")
+    }
+
+    pub fn write_config(&self, file: &str, yaml: &str) {
+        // Write then rename, so a watcher never sees half a file.
+        let tmp = self.path(&format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config_dir().join(file)).unwrap();
+    }
+
+    /// Issues `spiffe://cluster.local/ns/NS/sa/SA` into `certs/NAME`.
+    pub fn issue(&self, name: &str, ns: &str, sa: &str) -> PathBuf {
+        self.issue_from("ca", name, ns, sa)
+    }
+
+    pub fn issue_from(&self, ca: &str, name: &str, ns: &str, sa: &str) -> PathBuf {
+        let out = self.path(&format!("certs/{name}"));
+        let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        run_ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            self.path(ca).to_str().unwrap(),
+            "--id",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        out
+    }
+
+    /// Starts a proxy for workload `ns/name` and waits until it is ready.
+    pub async fn proxy(&self, workload: &str, certs: &Path) -> ProxyProcess {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut child = Command::new(BIN)
+            .args([
+                "proxy",
+                "--config",
+                self.config_dir().to_str().unwrap(),
+                "--workload",
+                workload,
+                "--certs",
+                certs.to_str().unwrap(),
+                "--admin",
+                &admin.to_string(),
+                "--worker-threads",
+                "1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = pump(child.stdout.take().unwrap());
+        let stderr = pump(child.stderr.take().unwrap());
+        let p = ProxyProcess {
+            name: workload.to_string(),
+            admin,
+            child,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + patience();
+        loop {
+            if let Some((200, _)) = get(admin, "admin", "/healthz/ready", &[]).await {
+                return p;
+            }
+            if Instant::now() > deadline {
+                panic!("proxy {workload} did not become ready\n{}", p.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a new connection: `(status, body)`.
+pub async fn get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    request(addr, "GET", host, path, headers).await.ok()
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send_on(&mut send, method, host, path, headers).await
+}
+
+/// A request on an existing connection.
+pub async fn send_on(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A kept-alive HTTP/1.1 connection.
+pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+pub fn executor() -> TokioExecutor {
+    TokioExecutor::new()
+}
+
+/// The value of a Prometheus sample whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
