@@ -364,7 +364,9 @@ impl SpiffeClientVerifier {
             .bundle
             .anchors()
             .iter()
-            .map(|a| DistinguishedName::from(a.subject.as_ref().to_vec()))
+            // Trust anchors hold the Name's contents; the wire form needs the
+            // outer SEQUENCE (BoringSSL rejects the message otherwise).
+            .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
             .collect();
         Self { inner, hints }
     }
