@@ -326,19 +326,18 @@ async fn shop_mesh_enforces_identity_and_policy() {
         get(out(p.out_dev), CATALOG, "/api/v1/products", &[]).await,
         Some((403, "RBAC: access denied".into()))
     );
-    let log = catalog.access_log();
-    let dev_line = log
-        .iter()
-        .find(|l| l["src.identity"] == "spiffe://cluster.local/ns/development/sa/dev-tools")
-        .expect("access log line for the development call");
+    let dev_line = catalog
+        .log_line("the development call", |l| {
+            l["src.identity"] == "spiffe://cluster.local/ns/development/sa/dev-tools"
+        })
+        .await;
     assert_eq!(dev_line["decision"], "deny");
     assert_eq!(dev_line["policy"], "production/deny-development");
     assert_eq!(dev_line["response_code"], 403);
     assert_eq!(dev_line["tls.mode"], "mutual_tls");
-    let delete_line = log
-        .iter()
-        .find(|l| l["method"] == "DELETE")
-        .expect("access log line for DELETE");
+    let delete_line = catalog
+        .log_line("DELETE", |l| l["method"] == "DELETE")
+        .await;
     assert_eq!(delete_line["reason"], "no_allow_matched");
     assert!(
         delete_line["explanation"]
@@ -354,12 +353,9 @@ async fn shop_mesh_enforces_identity_and_policy() {
         plain.is_err(),
         "plaintext to a STRICT port must fail, got {plain:?}"
     );
-    assert!(
-        catalog
-            .access_log()
-            .iter()
-            .any(|l| l["reason"] == "plaintext_rejected")
-    );
+    catalog
+        .log_line("plaintext refusal", |l| l["reason"] == "plaintext_rejected")
+        .await;
 
     // PERMISSIVE metrics port: mTLS from the monitoring namespace and
     // plaintext from outside the mesh are both accepted.
@@ -401,10 +397,10 @@ async fn shop_mesh_enforces_identity_and_policy() {
         "the impostor must not receive the request"
     );
     let line = frontend
-        .access_log()
-        .into_iter()
-        .find(|l| l["dst.service"] == "impostor.production.svc.cluster.local")
-        .unwrap();
+        .log_line("impostor call", |l| {
+            l["dst.service"] == "impostor.production.svc.cluster.local"
+        })
+        .await;
     assert!(
         line["reason"].as_str().unwrap().contains("upstream"),
         "{line}"
@@ -429,10 +425,10 @@ async fn shop_mesh_enforces_identity_and_policy() {
             .contains_key("x-forwarded-client-cert")
     );
     let line = frontend
-        .access_log()
-        .into_iter()
-        .find(|l| l["dst.service"] == "legacy.production.svc.cluster.local")
-        .unwrap();
+        .log_line("legacy call", |l| {
+            l["dst.service"] == "legacy.production.svc.cluster.local"
+        })
+        .await;
     assert_eq!(line["tls.mode"], "none");
 
     // Istio metrics: connection_security_policy tells mTLS from plaintext.
@@ -533,6 +529,21 @@ async fn rogue_request(
     root: &std::path::Path,
     addr: SocketAddr,
 ) -> Result<(u16, String), String> {
+    let tls = mtls_connect(dir, root, addr, b"istio-http/1.1").await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send_on(&mut send, "GET", CATALOG, "/api/v1/products", &[]).await
+}
+
+/// An mTLS connection to `addr` with the credentials in `dir`, trusting `root`.
+async fn mtls_connect(
+    dir: &std::path::Path,
+    root: &std::path::Path,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use meshward_identity::verify::TrustDomains;
     let creds = meshward_identity::WorkloadCredentials::from_dir(dir).map_err(|e| e.to_string())?;
     let bundle = meshward_identity::TrustBundle::from_pem_file(root).map_err(|e| e.to_string())?;
@@ -544,22 +555,73 @@ async fn rogue_request(
         meshward_identity::CredentialResolver::fixed(creds),
     )
     .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"istio-http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
             tcp,
         )
         .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_mtls_is_authorized_per_request() {
+    use http_body_util::BodyExt;
+    let mesh = Mesh::new();
+    let cat_port = free_port();
+    let app = App::start("product-catalog").await;
+    let mut c = workload(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        &format!("http: {cat_port}"),
+        &format!(
+            "meshward.io/app-ports: \"http=127.0.0.1:{}\"",
+            app.addr.port()
+        ),
+    );
+    c += &workload("production", "frontend", "frontend", "", "");
+    mesh.write_config("workloads.yaml", &c);
+    mesh.write_config("policies.yaml", POLICIES);
+    let _catalog = mesh
+        .proxy(
+            "production/product-catalog",
+            &mesh.issue("catalog", "production", "product-catalog"),
+        )
+        .await;
+    let certs = mesh.issue("frontend", "production", "frontend");
+    let tls = mtls_connect(
+        &certs,
+        &certs.join("root-cert.pem"),
+        SocketAddr::from(([127, 0, 0, 1], cat_port)),
+        b"h2",
+    )
+    .await
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
-    send_on(&mut send, "GET", CATALOG, "/api/v1/products", &[]).await
+    // Two requests on one HTTP/2 connection, decided one by one.
+    for (path, expected) in [("/api/v1/products", 200), ("/admin", 403)] {
+        let req = http::Request::builder()
+            .uri(format!("https://{CATALOG}{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), expected, "{path}");
+        let _ = resp.into_body().collect().await;
+    }
+    // The application got HTTP/1.1 with the Host taken from :authority.
+    assert_eq!(app.last().unwrap().headers["host"], CATALOG);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,4 +729,174 @@ async fn policy_and_certificate_changes_apply_without_dropping_connections() {
         send_on(&mut conn, "GET", CATALOG, "/api/v2/items", &[]).await,
         Ok((200, "product-catalog".into()))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_services_and_destination_rules() {
+    let mesh = Mesh::new();
+    let (db_port, pay_tcp, front_tcp, out_front) =
+        (free_port(), free_port(), free_port(), free_port());
+    let echo = Echo::start().await;
+    let app = App::start("product-catalog").await;
+    let cat_port = free_port();
+    let mut c = workload(
+        "production",
+        "orders-db",
+        "orders-db",
+        &format!("mongo: {db_port}"),
+        &format!(
+            "meshward.io/app-ports: \"mongo=127.0.0.1:{}\"",
+            echo.addr.port()
+        ),
+    );
+    c += &workload(
+        "production",
+        "payment-service",
+        "payment-service",
+        "",
+        &format!(
+            "meshward.io/tcp-outbound: \"127.0.0.1:{pay_tcp}=orders-db.production.svc.cluster.local:27017\""
+        ),
+    );
+    c += &workload(
+        "production",
+        "frontend",
+        "frontend",
+        "",
+        &format!(
+            "meshward.io/tcp-outbound: \"127.0.0.1:{front_tcp}=orders-db.production.svc.cluster.local:27017\", meshward.io/outbound: \"127.0.0.1:{out_front}\""
+        ),
+    );
+    c += &workload(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        &format!("http: {cat_port}"),
+        &format!(
+            "meshward.io/app-ports: \"http=127.0.0.1:{}\"",
+            app.addr.port()
+        ),
+    );
+    c += &service(
+        "production",
+        "orders-db",
+        "orders-db",
+        "{number: 27017, name: mongo, protocol: MONGO}",
+    );
+    c += &service(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    // A DestinationRule that turns mTLS off towards the catalog: its STRICT
+    // inbound then refuses the plaintext connection.
+    c += "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: catalog-plaintext, namespace: production}\nspec:\n  host: product-catalog.production.svc.cluster.local\n  trafficPolicy: {tls: {mode: DISABLE}}\n---\n";
+    mesh.write_config("workloads.yaml", &c);
+    mesh.write_config(
+        "policies.yaml",
+        r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mongodb-policy, namespace: production}
+spec:
+  selector: {matchLabels: {app: orders-db}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/production/sa/payment-service"]}}]
+    to: [{operation: {ports: ["DBPORT"]}}]
+  # An HTTP-only rule never allows TCP traffic.
+  - from: [{source: {principals: ["cluster.local/ns/production/sa/frontend"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"#
+        .replace("DBPORT", &db_port.to_string())
+        .as_str(),
+    );
+    let db = mesh
+        .proxy(
+            "production/orders-db",
+            &mesh.issue("db", "production", "orders-db"),
+        )
+        .await;
+    let _pay = mesh
+        .proxy(
+            "production/payment-service",
+            &mesh.issue("pay", "production", "payment-service"),
+        )
+        .await;
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("front", "production", "frontend"),
+        )
+        .await;
+    let _cat = mesh
+        .proxy(
+            "production/product-catalog",
+            &mesh.issue("cat", "production", "product-catalog"),
+        )
+        .await;
+    let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+
+    // Allowed: bytes flow both ways through mTLS.
+    assert_eq!(
+        tcp_roundtrip(local(pay_tcp), b"ping from payment").await,
+        Ok(b"ping from payment".to_vec())
+    );
+    // Denied: the connection is closed, nothing reaches the database.
+    let denied = tcp_roundtrip(local(front_tcp), b"ping from frontend").await;
+    assert!(
+        denied.is_err(),
+        "frontend must be refused on TCP, got {denied:?}"
+    );
+    let allowed = db
+        .log_line("allowed TCP", |l| {
+            l["kind"] == "tcp" && l["decision"] == "allow"
+        })
+        .await;
+    assert_eq!(
+        allowed["src.identity"],
+        "spiffe://cluster.local/ns/production/sa/payment-service"
+    );
+    assert_eq!(allowed["bytes_received"], 17);
+    assert_eq!(allowed["policy"], "production/mongodb-policy");
+    let refused = db
+        .log_line("denied TCP", |l| {
+            l["kind"] == "tcp" && l["decision"] == "deny"
+        })
+        .await;
+    assert_eq!(
+        refused["src.identity"],
+        "spiffe://cluster.local/ns/production/sa/frontend"
+    );
+    let (_, m) = db.admin_get("/stats/prometheus").await;
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[("connection_security_policy", "mutual_tls")]
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_received_bytes_total",
+            &[(
+                "source_principal",
+                "spiffe://cluster.local/ns/production/sa/payment-service"
+            )]
+        ) >= 17.0
+    );
+
+    // DestinationRule DISABLE: the frontend sends plaintext, STRICT refuses it.
+    let (status, _) = get(local(out_front), CATALOG, "/", &[]).await.unwrap();
+    assert_eq!(status, 503);
+    let line = front
+        .log_line("catalog call", |l| l["dst.service"] == CATALOG)
+        .await;
+    assert_eq!(line["tls.mode"], "none");
 }

@@ -158,6 +158,20 @@ impl ProxyProcess {
             .collect()
     }
 
+    /// The first access log line matching `pred`, waiting for it: lines
+    /// reach the test through a pipe, a little after the proxy wrote them.
+    pub async fn log_line(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(&format!("access log line of {}: {what}", self.name), || {
+            let found = self.access_log().into_iter().find(|l| pred(l));
+            async move { found }
+        })
+        .await
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
@@ -383,4 +397,51 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// An in-process TCP echo server.
+pub struct Echo {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    pub async fn start() -> Echo {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Echo { addr, task }
+    }
+}
+
+/// Sends `msg` over TCP and reads the same number of bytes back; `Err` when
+/// the connection is closed first.
+pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(patience(), s.read_exact(&mut buf))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
 }
