@@ -466,3 +466,175 @@ fn short_host_matches(dr_host: &str, host: &str, dr_ns: &str) -> bool {
     !dr_host.contains('.')
         && host.eq_ignore_ascii_case(&format!("{dr_host}.{dr_ns}.svc.cluster.local"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(yaml: &str, workload: &str) -> Result<Snapshot, SnapshotError> {
+        let mut loader = meshward_config::Loader::new();
+        loader.add_source("test.yaml", yaml);
+        let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
+        Snapshot::build(Arc::new(config), workload, 1)
+    }
+
+    const BASE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: api
+  namespace: prod
+  annotations:
+    meshward.io/app-ports: "http=127.0.0.1:18080, grpc-api=19090"
+    meshward.io/outbound: "127.0.0.1:15001"
+    meshward.io/tcp-outbound: "127.0.0.1:15432=DB.prod.svc.cluster.local:5432"
+spec:
+  address: 127.0.0.1
+  labels: {app: api}
+  serviceAccount: api-sa
+  ports: {http: 8080, grpc-api: 9090, db: 5432, tcp-raw: 7000}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{number: 80, name: db, protocol: HTTP, targetPort: 5432}]
+  workloadSelector: {labels: {app: api}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: legacy
+  namespace: prod
+  annotations: {meshward.io/proxy: "false"}
+spec: {address: 10.0.0.9, labels: {app: legacy}, ports: {http: 80}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: prod}
+spec:
+  hosts: [legacy.prod.svc.cluster.local]
+  ports: [{number: 80, name: http}]
+  workloadSelector: {labels: {app: legacy}}
+"#;
+
+    #[test]
+    fn workload_ports_protocols_and_app_addresses() {
+        let s = snapshot(BASE, "prod/api").unwrap();
+        assert_eq!(s.identity, "spiffe://cluster.local/ns/prod/sa/api-sa");
+        let port = |n: u16| s.inbound_port(n).unwrap().clone();
+        assert_eq!(port(8080).protocol, Protocol::Http);
+        assert_eq!(port(8080).app, "127.0.0.1:18080".parse().unwrap());
+        assert_eq!(port(9090).protocol, Protocol::Http, "grpc prefix");
+        assert_eq!(
+            port(9090).app,
+            "127.0.0.1:19090".parse().unwrap(),
+            "bare port means 127.0.0.1"
+        );
+        assert_eq!(
+            port(5432).protocol,
+            Protocol::Http,
+            "the ServiceEntry protocol wins over the name"
+        );
+        assert_eq!(port(7000).protocol, Protocol::Tcp);
+        assert_eq!(
+            port(7000).app,
+            "127.0.0.1:7000".parse().unwrap(),
+            "default: same port on 127.0.0.1"
+        );
+        assert_eq!(s.outbound, Some("127.0.0.1:15001".parse().unwrap()));
+        assert_eq!(s.tcp_outbound[0].host, "db.prod.svc.cluster.local");
+        assert_eq!(s.tcp_outbound[0].port, 5432);
+    }
+
+    #[test]
+    fn services_hosts_and_auto_mtls() {
+        let s = snapshot(BASE, "prod/api").unwrap();
+        let legacy = s
+            .service_for_host("Legacy.Prod.svc.cluster.local:80")
+            .unwrap();
+        assert_eq!(
+            legacy.endpoints[0].identity,
+            "spiffe://cluster.local/ns/prod/sa/default"
+        );
+        assert!(!legacy.endpoints[0].has_proxy);
+        assert_eq!(
+            s.tls_mode(legacy, 80, &legacy.endpoints[0]),
+            TlsMode::Disable
+        );
+        let api = s.service_for_host("api.prod.svc.cluster.local").unwrap();
+        assert_eq!(s.tls_mode(api, 80, &api.endpoints[0]), TlsMode::IstioMutual);
+        assert_eq!(api.endpoint_port(&api.ports[0], &api.endpoints[0]), 5432);
+        assert!(s.service_for_host("unknown.host").is_none());
+    }
+
+    #[test]
+    fn destination_rule_port_settings_override_auto_mtls() {
+        let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: legacy, namespace: prod}\nspec:\n  host: legacy\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n    portLevelSettings:\n    - port: {number: 80}\n      tls: {mode: DISABLE}\n";
+        let s = snapshot(&format!("{BASE}{dr}"), "prod/api").unwrap();
+        let legacy = s.service_for_host("legacy.prod.svc.cluster.local").unwrap();
+        assert_eq!(
+            s.tls_mode(legacy, 80, &legacy.endpoints[0]),
+            TlsMode::Disable
+        );
+        assert_eq!(
+            s.tls_mode(legacy, 81, &legacy.endpoints[0]),
+            TlsMode::IstioMutual
+        );
+    }
+
+    #[test]
+    fn bad_bootstrap_facts_are_errors() {
+        assert_eq!(
+            snapshot(BASE, "prod/nope").unwrap_err(),
+            SnapshotError::UnknownWorkload("prod/nope".into())
+        );
+        let bad = BASE.replace("http=127.0.0.1:18080, grpc-api=19090", "http=nowhere");
+        assert!(matches!(
+            snapshot(&bad, "prod/api").unwrap_err(),
+            SnapshotError::BadAnnotation {
+                annotation: APP_PORTS,
+                ..
+            }
+        ));
+        let bad = BASE.replace("http=127.0.0.1:18080, grpc-api=19090", "metrics=9000");
+        assert!(
+            snapshot(&bad, "prod/api")
+                .unwrap_err()
+                .to_string()
+                .contains("not one of the WorkloadEntry's ports")
+        );
+        let bad = BASE.replace("\"127.0.0.1:15001\"", "\"localhost\"");
+        assert!(matches!(
+            snapshot(&bad, "prod/api").unwrap_err(),
+            SnapshotError::BadAnnotation {
+                annotation: OUTBOUND,
+                ..
+            }
+        ));
+        let bad = BASE.replace("=DB.prod.svc.cluster.local:5432", "");
+        assert!(matches!(
+            snapshot(&bad, "prod/api").unwrap_err(),
+            SnapshotError::BadAnnotation {
+                annotation: TCP_OUTBOUND,
+                ..
+            }
+        ));
+        let bad = BASE.replace("address: 127.0.0.1", "address: api.example.com");
+        assert_eq!(
+            snapshot(&bad, "prod/api").unwrap_err(),
+            SnapshotError::NoAddress("prod/api".into())
+        );
+    }
+
+    #[test]
+    fn hosts_without_ports() {
+        assert_eq!(strip_port("a.b:8080"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(protocol_of_name("http-web", None), Protocol::Http);
+        assert_eq!(protocol_of_name("web", Some("grpc")), Protocol::Http);
+        assert_eq!(protocol_of_name("https", None), Protocol::Tcp);
+    }
+}
