@@ -158,10 +158,16 @@ async fn handle(
     };
 
     let status = resp.status().as_u16();
-    let mut labels = conn.labels(&state, "http");
-    labels.response_code = status.to_string();
-    labels.response_flags = flags.to_string();
-    state.metrics.record_request(&labels, started.elapsed());
+    let handles = conn.handles.get_or_insert(0, status, flags, || {
+        let mut labels = conn.labels(&state, "http");
+        labels.response_code = status.to_string();
+        labels.response_flags = flags.to_string();
+        state.metrics.request_handles(&labels)
+    });
+    handles.record(started.elapsed());
+    if !state.metrics.access().enabled() {
+        return Ok(resp);
+    }
     let (decision_word, reason) = if ext_missing && decision.is_allowed() {
         ("deny", "ext_authz_unavailable".to_string())
     } else {

@@ -31,7 +31,7 @@ use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Facts about one accepted inbound connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub local: SocketAddr,
@@ -43,6 +43,8 @@ pub struct Conn {
     pub cert_hash: Option<String>,
     pub sni: Option<String>,
     pub mtls: bool,
+    /// Request metric handles of this connection, by response code.
+    pub handles: crate::telemetry::HandleCache,
 }
 
 impl Conn {
@@ -132,6 +134,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         cert_hash: None,
         sni: None,
         mtls: false,
+        handles: Default::default(),
     };
 
     let mut first = [0u8; 1];
@@ -318,6 +321,9 @@ fn log_tcp(
     received: u64,
     error: Option<String>,
 ) {
+    if !state.metrics.access().enabled() {
+        return;
+    }
     let snap = state.snapshot();
     let (decision, reason) = if d.ext_authz.is_some() && d.verdict == Verdict::Allow {
         ("deny", "ext_authz_unavailable".to_string())

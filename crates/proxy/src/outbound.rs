@@ -361,7 +361,9 @@ pub async fn serve_http(state: Arc<State>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(Arc::clone(&state), peer, req));
+            let cache = Arc::new(crate::telemetry::HandleCache::default());
+            let svc =
+                service_fn(move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "outbound connection ended with an error");
@@ -415,6 +417,7 @@ fn source_labels(
 async fn handle(
     state: Arc<State>,
     peer: SocketAddr,
+    cache: Arc<crate::telemetry::HandleCache>,
     mut req: HttpRequest<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
@@ -501,10 +504,17 @@ async fn handle(
     };
     let mtls = route.as_ref().is_some_and(|r| r.mode != TlsMode::Disable);
     let status = resp.status().as_u16();
-    let mut labels = source_labels(&snap, route.as_ref(), "http", mtls);
-    labels.response_code = status.to_string();
-    labels.response_flags = flags.to_string();
-    state.metrics.record_request(&labels, started.elapsed());
+    let tag = route.as_ref().map_or(0, |r| service_tag(&r.svc));
+    let handles = cache.get_or_insert(tag, status, flags, || {
+        let mut labels = source_labels(&snap, route.as_ref(), "http", mtls);
+        labels.response_code = status.to_string();
+        labels.response_flags = flags.to_string();
+        state.metrics.request_handles(&labels)
+    });
+    handles.record(started.elapsed());
+    if !state.metrics.access().enabled() {
+        return Ok(resp);
+    }
     state.metrics.access().write(&AccessRecord {
         time: now_rfc3339(),
         kind: "http",
@@ -535,6 +545,23 @@ async fn handle(
         bytes_received: 0,
     });
     Ok(resp)
+}
+
+/// A stable small key for a service (FNV-1a of `namespace/name`), to tell
+/// its metric handles apart in a connection's cache.
+fn service_tag(svc: &Service) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in svc
+        .namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(svc.name.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    // Tag 0 means "no route".
+    (h as usize) | 1
 }
 
 fn tls_word(mode: TlsMode) -> &'static str {

@@ -131,10 +131,16 @@ impl Metrics {
     }
 
     pub fn record_request(&self, labels: &TrafficLabels, duration: Duration) {
-        self.requests.get_or_create(labels).inc();
-        self.durations
-            .get_or_create(labels)
-            .observe(duration.as_secs_f64() * 1000.0);
+        self.request_handles(labels).record(duration);
+    }
+
+    /// The counter and histogram of one label set, to keep and reuse (a
+    /// connection records many requests with the same labels).
+    pub fn request_handles(&self, labels: &TrafficLabels) -> RequestHandles {
+        RequestHandles {
+            count: self.requests.get_or_create_owned(labels),
+            duration: self.durations.get_or_create_owned(labels),
+        }
     }
 
     pub fn tcp_opened(&self, labels: &TrafficLabels) {
@@ -161,6 +167,52 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Metric handles for one label set.
+#[derive(Debug, Clone)]
+pub struct RequestHandles {
+    count: Counter,
+    duration: Histogram,
+}
+
+impl RequestHandles {
+    pub fn record(&self, duration: Duration) {
+        self.count.inc();
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+    }
+}
+
+/// Per-connection cache of request metric handles by response code and
+/// flags, so the hot path builds no label set after the first request.
+#[derive(Debug, Default)]
+pub struct HandleCache(Mutex<Vec<(usize, u16, &'static str, RequestHandles)>>);
+
+impl HandleCache {
+    /// `tag` tells apart label sets that differ in more than code and flags
+    /// (the destination service, outbound).
+    pub fn get_or_insert(
+        &self,
+        tag: usize,
+        code: u16,
+        flags: &'static str,
+        make: impl FnOnce() -> RequestHandles,
+    ) -> RequestHandles {
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((.., h)) = entries
+            .iter()
+            .find(|(t, c, f, _)| *t == tag && *c == code && *f == flags)
+        {
+            return h.clone();
+        }
+        let h = make();
+        // Bounded: a connection sees few distinct outcomes; start over if not.
+        if entries.len() >= 64 {
+            entries.clear();
+        }
+        entries.push((tag, code, flags, h.clone()));
+        h
     }
 }
 
@@ -208,6 +260,10 @@ pub enum AccessLog {
 impl AccessLog {
     pub fn stdout() -> AccessLog {
         AccessLog::Stdout(Mutex::new(std::io::stdout()))
+    }
+
+    pub fn enabled(&self) -> bool {
+        matches!(self, AccessLog::Stdout(_))
     }
 
     pub fn write(&self, record: &AccessRecord) {
