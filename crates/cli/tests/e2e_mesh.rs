@@ -164,6 +164,12 @@ fn shop_config(p: &Ports, legacy: SocketAddr) -> String {
     );
     c += &service(
         "production",
+        "cart",
+        "cart",
+        "{number: 8080, name: http, protocol: HTTP}",
+    );
+    c += &service(
+        "production",
         "impostor",
         "impostor",
         "{number: 8080, name: http, protocol: HTTP}",
@@ -382,6 +388,17 @@ async fn shop_mesh_enforces_identity_and_policy() {
             .contains_key("x-forwarded-client-cert")
     );
 
+    // A pooled connection to cart, verified as cart (cart denies everything).
+    assert_eq!(
+        get(
+            out(p.out_frontend),
+            "cart.production.svc.cluster.local",
+            "/",
+            &[]
+        )
+        .await,
+        Some((403, "RBAC: access denied".into()))
+    );
     // Secure naming: the endpoint claims product-catalog but cart answers.
     let (status, _) = get(
         out(p.out_frontend),

@@ -48,6 +48,41 @@ impl meshward_policy::Headers for HeaderView<'_> {
     }
 }
 
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1): they describe one
+/// connection and must not be forwarded, or a `Connection: close` from one
+/// side would tear down the proxy's pooled connection on the other.
+/// `te: trailers` is kept (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if name != http::header::TE {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(http::header::TE);
+    }
+}
+
 pub fn full(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
@@ -123,6 +158,7 @@ async fn handle(
     } else {
         // Replace whatever XFCC the caller sent with our own.
         req.headers_mut().remove(XFCC);
+        strip_hop_by_hop(req.headers_mut());
         if conn.mtls {
             let value = format!(
                 "By={};Hash={};Subject=\"\";URI={}",
@@ -146,7 +182,10 @@ async fn handle(
         }
         *req.version_mut() = Version::HTTP_11;
         match state.app_client.request(req).await {
-            Ok(resp) => (resp.map(|b| b.boxed()), "-"),
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                (resp.map(|b| b.boxed()), "-")
+            }
             Err(e) => {
                 tracing::debug!(error = %e, app = %conn.app, "application unreachable");
                 (
@@ -204,4 +243,38 @@ async fn handle(
         bytes_received: 0,
     });
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "secret"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("x-kept", "yes"),
+        ] {
+            h.insert(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.contains_key(http::header::TE),
+            "te: trailers is kept for gRPC"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http_in::{Body, XFCC, full};
+use crate::http_in::{Body, XFCC, full, strip_hop_by_hop};
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -38,12 +38,17 @@ use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts
 /// Where and how to connect for one upstream authority.
 #[derive(Clone)]
 struct Target {
+    addr: SocketAddr,
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
 }
 
-/// Connects plaintext (`http://`) or with the TLS settings registered for
-/// the authority (`https://`).
+/// Connects plaintext (`http://ip:port`), or for `https://KEY` with the
+/// address and TLS settings registered under that key. The key names the
+/// address *and* what the server must prove (mode, expected identities,
+/// DestinationRule files), so the connection pool, which is keyed by
+/// authority, never hands a connection verified for one service to a
+/// request for another that expects a different identity.
 #[derive(Clone, Default)]
 pub struct MeshConnector {
     targets: Arc<Mutex<HashMap<String, Target>>>,
@@ -129,12 +134,16 @@ impl tower_service::Service<Uri> for MeshConnector {
                 .cloned()
         });
         Box::pin(async move {
-            let tcp = TcpStream::connect(&authority).await?;
-            let _ = tcp.set_nodelay(true);
             match tls {
-                None => Ok(TokioIo::new(Upstream::Plain(tcp))),
+                None => {
+                    let tcp = TcpStream::connect(&authority).await?;
+                    let _ = tcp.set_nodelay(true);
+                    Ok(TokioIo::new(Upstream::Plain(tcp)))
+                }
                 Some(None) => Err(format!("no TLS settings for {authority}").into()),
                 Some(Some(t)) => {
+                    let tcp = TcpStream::connect(t.addr).await?;
+                    let _ = tcp.set_nodelay(true);
                     let s = tokio_rustls::TlsConnector::from(t.config)
                         .connect(t.server_name, tcp)
                         .await?;
@@ -185,10 +194,31 @@ enum RouteError {
 /// The chosen upstream for one request or connection.
 struct Route {
     svc: Arc<Service>,
-    endpoint: Endpoint,
+    /// Index into `svc.endpoints`.
+    endpoint: usize,
     addr: SocketAddr,
     mode: TlsMode,
     tls: Option<Target>,
+    /// Pool key for TLS upstreams (see [`MeshConnector`]).
+    key: Option<String>,
+}
+
+impl Route {
+    fn endpoint(&self) -> &Endpoint {
+        &self.svc.endpoints[self.endpoint]
+    }
+}
+
+/// FNV-1a, for short stable keys.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for part in parts {
+        for b in part.iter().chain(std::iter::once(&0u8)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
 }
 
 impl Outbound {
@@ -219,9 +249,10 @@ impl Outbound {
             return Err(RouteError::NoEndpoints(svc.name.clone()));
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
-        let endpoint = svc.endpoints[i].clone();
-        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, &endpoint));
-        let mode = snap.tls_mode(svc, svc_port.number, &endpoint);
+        let endpoint = &svc.endpoints[i];
+        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, endpoint));
+        let mode = snap.tls_mode(svc, svc_port.number, endpoint);
+        let mut key_parts: Vec<String> = vec![addr.to_string(), mode.as_str().to_string()];
         let tls = match mode {
             TlsMode::Disable => None,
             TlsMode::IstioMutual => {
@@ -229,7 +260,9 @@ impl Outbound {
                     .tls()
                     .client_for(&svc.identities)
                     .map_err(|e| RouteError::Tls(e.to_string()))?;
+                key_parts.extend(svc.identities.iter().cloned());
                 Some(Target {
+                    addr,
                     config,
                     server_name: ServerName::IpAddress(endpoint.address.into()),
                 })
@@ -244,20 +277,38 @@ impl Outbound {
                     .sni
                     .clone()
                     .unwrap_or_else(|| strip_port(host).to_string());
+                key_parts.push(name.clone());
+                key_parts.push(format!("{:p}", Arc::as_ptr(&config)));
                 let server_name =
                     ServerName::try_from(name).map_err(|e| RouteError::Tls(e.to_string()))?;
                 Some(Target {
+                    addr,
                     config,
                     server_name,
                 })
             }
         };
+        let key = tls.as_ref().map(|_| {
+            let parts: Vec<&[u8]> = key_parts.iter().map(|p| p.as_bytes()).collect();
+            format!("m{:016x}.mesh:{}", fnv(&parts), addr.port())
+        });
+        if let (Some(k), Some(t)) = (&key, &tls) {
+            let mut targets = self
+                .connector
+                .targets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !targets.contains_key(k) {
+                targets.insert(k.clone(), t.clone());
+            }
+        }
         Ok(Route {
             svc: Arc::clone(svc),
-            endpoint,
+            endpoint: i,
             addr,
             mode,
             tls,
+            key,
         })
     }
 
@@ -385,7 +436,7 @@ fn source_labels(
         .unwrap_or_default()
         .to_string();
     let (dst_ns, _) = route
-        .map(|r| principal_parts(&r.endpoint.identity))
+        .map(|r| principal_parts(&r.endpoint().identity))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
     TrafficLabels {
         reporter: "source",
@@ -396,7 +447,7 @@ fn source_labels(
         destination_workload_namespace: dst_ns,
         destination_principal: route
             .filter(|_| mtls)
-            .map(|r| r.endpoint.identity.clone())
+            .map(|r| r.endpoint().identity.clone())
             .unwrap_or_else(|| "unknown".to_string()),
         destination_service: route
             .and_then(|r| r.svc.hosts.first().cloned())
@@ -454,22 +505,17 @@ async fn handle(
         Ok(route) => {
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);
+            strip_hop_by_hop(req.headers_mut());
             if !req.headers().contains_key(HOST)
                 && let Ok(v) = HeaderValue::from_str(&host)
             {
                 req.headers_mut().insert(HOST, v);
             }
-            let scheme = if route.tls.is_some() { "https" } else { "http" };
-            if let Some(t) = &route.tls {
-                state
-                    .outbound
-                    .connector
-                    .targets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(route.addr.to_string(), t.clone());
-            }
-            match format!("{scheme}://{}{path}", route.addr).parse::<Uri>() {
+            let target = match &route.key {
+                Some(key) => format!("https://{key}{path}"),
+                None => format!("http://{}{path}", route.addr),
+            };
+            match target.parse::<Uri>() {
                 Err(_) => (
                     full(StatusCode::BAD_REQUEST, "bad request path"),
                     "-",
@@ -480,8 +526,11 @@ async fn handle(
                     *req.uri_mut() = uri;
                     *req.version_mut() = http::Version::HTTP_11;
                     match state.outbound.client.request(req).await {
-                        Ok(resp) => (
-                            resp.map(|b| b.boxed()),
+                        Ok(mut resp) => (
+                            {
+                                strip_hop_by_hop(resp.headers_mut());
+                                resp.map(|b| b.boxed())
+                            },
                             "-",
                             "forwarded".to_string(),
                             Some(route),
@@ -529,7 +578,7 @@ async fn handle(
         dst_identity: route
             .as_ref()
             .filter(|_| mtls)
-            .map(|r| r.endpoint.identity.clone()),
+            .map(|r| r.endpoint().identity.clone()),
         tls_mode: route.as_ref().map_or("none", |r| tls_word(r.mode)),
         method: Some(method),
         path: Some(path),
@@ -631,7 +680,7 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 src_identity: Some(snap.identity.clone()),
                 dst_addr: route.addr.to_string(),
                 dst_service: route.svc.hosts.first().cloned(),
-                dst_identity: mtls.then(|| route.endpoint.identity.clone()),
+                dst_identity: mtls.then(|| route.endpoint().identity.clone()),
                 tls_mode: tls_word(route.mode),
                 method: None,
                 path: None,
