@@ -191,6 +191,7 @@ fn app_ports(app: SocketAddr) -> String {
 }
 
 const CATALOG: &str = "product-catalog.production.svc.cluster.local";
+const CATALOG_ID: &str = "spiffe://cluster.local/ns/production/sa/product-catalog";
 const ORDERS: &str = "orders.production.svc.cluster.local";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,6 +513,44 @@ async fn shop_mesh_enforces_identity_and_policy() {
         "{front_metrics}"
     );
 
+    // Admin endpoints: the effective configuration and certificates.
+    let (_, dump) = catalog.admin_get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["identity"], CATALOG_ID);
+    assert_eq!(dump["inbound"][0]["port"], p.catalog);
+    assert_eq!(dump["inbound"][0]["mtls_mode"], "STRICT");
+    let names: Vec<&str> = dump["authorization_policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"frontend-to-product-catalog") && names.contains(&"deny-development"),
+        "{names:?}"
+    );
+    let (_, listeners) = catalog.admin_get("/listeners").await;
+    assert!(
+        listeners.contains(&format!("127.0.0.1:{}", p.catalog)),
+        "{listeners}"
+    );
+    let (_, certs) = catalog.admin_get("/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs["identity"], CATALOG_ID);
+    assert_eq!(certs["chain"]["verification"]["status"], "valid");
+    // The metrics port serves metrics only.
+    let (status, body) = get(catalog.metrics, "metrics", "/stats/prometheus", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("istio_requests_total"));
+    assert_eq!(
+        get(catalog.metrics, "metrics", "/config_dump", &[])
+            .await
+            .map(|r| r.0),
+        Some(404)
+    );
+
     // A client certificate from another CA is refused.
     run_ok(&[
         "ca",
@@ -806,6 +845,19 @@ async fn tcp_services_and_destination_rules() {
         "product-catalog",
         "{number: 8080, name: http, protocol: HTTP}",
     );
+    // An application doing its own TLS on a PERMISSIVE port.
+    let tls_port = free_port();
+    c += &workload(
+        "production",
+        "tls-app",
+        "tls-app",
+        &format!("tcp-tls: {tls_port}"),
+        &format!(
+            "meshward.io/app-ports: \"tcp-tls=127.0.0.1:{}\"",
+            echo.addr.port()
+        ),
+    );
+    c += "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: tls-app, namespace: production}\nspec:\n  selector: {matchLabels: {app: tls-app}}\n  mtls: {mode: PERMISSIVE}\n---\n";
     // A DestinationRule that turns mTLS off towards the catalog: its STRICT
     // inbound then refuses the plaintext connection.
     c += "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: catalog-plaintext, namespace: production}\nspec:\n  host: product-catalog.production.svc.cluster.local\n  trafficPolicy: {tls: {mode: DISABLE}}\n---\n";
@@ -909,6 +961,20 @@ spec:
         ) >= 17.0
     );
 
+    // PERMISSIVE passes TLS that is not mesh mTLS (no istio ALPN) through
+    // untouched: the echo application returns the very ClientHello bytes.
+    let _tls_app = mesh
+        .proxy(
+            "production/tls-app",
+            &mesh.issue("tls-app", "production", "tls-app"),
+        )
+        .await;
+    let hello = client_hello_bytes();
+    assert_eq!(
+        tcp_roundtrip(local(tls_port), &hello).await,
+        Ok(hello.clone())
+    );
+
     // DestinationRule DISABLE: the frontend sends plaintext, STRICT refuses it.
     let (status, _) = get(local(out_front), CATALOG, "/", &[]).await.unwrap();
     assert_eq!(status, 503);
@@ -916,4 +982,26 @@ spec:
         .log_line("catalog call", |l| l["dst.service"] == CATALOG)
         .await;
     assert_eq!(line["tls.mode"], "none");
+}
+
+/// A real TLS ClientHello (ALPN h2, no mesh ALPN), as raw bytes.
+fn client_hello_bytes() -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(std::iter::empty());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), "app.example.com".try_into().unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
 }

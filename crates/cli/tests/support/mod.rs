@@ -143,6 +143,8 @@ impl App {
 pub struct ProxyProcess {
     pub name: String,
     pub admin: SocketAddr,
+    /// The Prometheus-only endpoint (`--metrics`).
+    pub metrics: SocketAddr,
     child: Child,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
@@ -278,6 +280,7 @@ impl Mesh {
     /// Starts a proxy for workload `ns/name` and waits until it is ready.
     pub async fn proxy(&self, workload: &str, certs: &Path) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut child = Command::new(BIN)
             .args([
                 "proxy",
@@ -289,6 +292,8 @@ impl Mesh {
                 certs.to_str().unwrap(),
                 "--admin",
                 &admin.to_string(),
+                "--metrics",
+                &metrics.to_string(),
                 "--worker-threads",
                 "1",
             ])
@@ -301,6 +306,7 @@ impl Mesh {
         let p = ProxyProcess {
             name: workload.to_string(),
             admin,
+            metrics,
             child,
             stdout,
             stderr,
