@@ -26,4 +26,4 @@ pub use decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdi
 pub use engine::{PolicyEngine, Workload, WorkloadPolicy};
 pub use normalize::{PathError, normalize_path};
 pub use peer::{ModeSource, PeerDecision, PeerModes};
-pub use request::{Headers, HttpAttributes, JwtAuth, NoHeaders, Request};
+pub use request::{Headers, HttpAttributes, JwtAuth, NoHeaders, Request, join_values};

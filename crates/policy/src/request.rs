@@ -22,21 +22,27 @@ impl Headers for BTreeMap<String, String> {
 /// Headers as name/value pairs; names are compared case-insensitively.
 impl Headers for [(String, String)] {
     fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        let mut values = self
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str());
-        let first = values.next()?;
-        match values.next() {
-            None => Some(Cow::Borrowed(first)),
-            Some(second) => {
-                let mut joined = format!("{first},{second}");
-                for v in values {
-                    joined.push(',');
-                    joined.push_str(v);
-                }
-                Some(Cow::Owned(joined))
+        join_values(
+            self.iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str()),
+        )
+    }
+}
+
+/// The values of a repeated header joined with `,` (borrowed when there is
+/// only one), as Envoy presents them to matchers.
+pub fn join_values<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+    let first = values.next()?;
+    match values.next() {
+        None => Some(Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = format!("{first},{second}");
+            for v in values {
+                joined.push(',');
+                joined.push_str(v);
             }
+            Some(Cow::Owned(joined))
         }
     }
 }

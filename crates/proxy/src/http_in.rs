@@ -21,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::inbound::Conn;
 use crate::state::State;
-use crate::telemetry::{AccessRecord, now_rfc3339};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -32,20 +31,24 @@ struct HeaderView<'a>(&'a HeaderMap);
 
 impl meshward_policy::Headers for HeaderView<'_> {
     fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        let mut values = self.0.get_all(name).iter().filter_map(|v| v.to_str().ok());
-        let first = values.next()?;
-        match values.next() {
-            None => Some(Cow::Borrowed(first)),
-            Some(second) => {
-                let mut joined = format!("{first},{second}");
-                for v in values {
-                    joined.push(',');
-                    joined.push_str(v);
-                }
-                Some(Cow::Owned(joined))
-            }
-        }
+        meshward_policy::join_values(self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()))
     }
+}
+
+/// `Host` (or the HTTP/2 `:authority`), the request target and the method.
+pub fn request_line(req: &HttpRequest<Incoming>) -> (String, String, String) {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    (host, path, req.method().as_str().to_string())
 }
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1): they describe one
@@ -116,19 +119,7 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let snap = state.snapshot();
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    let method = req.method().as_str().to_string();
+    let (host, path, method) = request_line(&req);
     let decision = {
         let headers = HeaderView(req.headers());
         let facts = Request {
@@ -207,41 +198,12 @@ async fn handle(
     if !state.metrics.access().enabled() {
         return Ok(resp);
     }
-    let (decision_word, reason) = if ext_missing && decision.is_allowed() {
-        ("deny", "ext_authz_unavailable".to_string())
-    } else {
-        (
-            if decision.is_allowed() {
-                "allow"
-            } else {
-                "deny"
-            },
-            decision.reason.code().to_string(),
-        )
-    };
-    state.metrics.access().write(&AccessRecord {
-        time: now_rfc3339(),
-        kind: "http",
-        reporter: "destination",
-        src_addr: conn.peer.to_string(),
-        src_identity: conn.identity.clone(),
-        dst_addr: conn.local.to_string(),
-        dst_service: None,
-        dst_identity: Some(snap.identity.clone()),
-        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
-        method: Some(method),
-        path: Some(path),
-        authority: Some(host),
-        response_code: Some(status),
-        decision: decision_word,
-        reason,
-        policy: decision.decided_by.as_ref().map(|r| r.policy.to_string()),
-        rule: decision.decided_by.as_ref().map(|r| r.rule),
-        explanation: decision.to_string(),
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent: 0,
-        bytes_received: 0,
-    });
+    let mut record = conn.record(&snap.identity, "http", started, Some(&decision));
+    record.method = Some(method);
+    record.path = Some(path);
+    record.authority = Some(host);
+    record.response_code = Some(status);
+    state.metrics.access().write(&record);
     Ok(resp)
 }
 

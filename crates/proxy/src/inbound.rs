@@ -48,6 +48,43 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// An access record of this connection (reporter destination), with the
+    /// decision's fields when there is one, and a deny otherwise.
+    pub fn record(
+        &self,
+        own_identity: &str,
+        kind: &'static str,
+        started: Instant,
+        d: Option<&Decision>,
+    ) -> AccessRecord {
+        let (decision, reason) = d.map_or(("deny", String::new()), decision_words);
+        AccessRecord {
+            time: now_rfc3339(),
+            kind,
+            reporter: "destination",
+            src_addr: self.peer.to_string(),
+            src_identity: self.identity.clone(),
+            dst_addr: self.local.to_string(),
+            dst_service: None,
+            dst_identity: Some(own_identity.to_string()),
+            tls_mode: if self.mtls { "mutual_tls" } else { "none" },
+            method: None,
+            path: None,
+            authority: None,
+            response_code: None,
+            decision,
+            reason,
+            policy: d
+                .and_then(|d| d.decided_by.as_ref())
+                .map(|r| r.policy.to_string()),
+            rule: d.and_then(|d| d.decided_by.as_ref()).map(|r| r.rule),
+            explanation: d.map(ToString::to_string).unwrap_or_default(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
     /// The principal as policies spell it (no `spiffe://`).
     pub fn principal(&self) -> Option<&str> {
         self.identity
@@ -325,37 +362,27 @@ fn log_tcp(
         return;
     }
     let snap = state.snapshot();
-    let (decision, reason) = if d.ext_authz.is_some() && d.verdict == Verdict::Allow {
+    let mut record = conn.record(&snap.identity, "tcp", started, Some(d));
+    if let Some(e) = error {
+        record.reason = e;
+    }
+    record.bytes_sent = sent;
+    record.bytes_received = received;
+    state.metrics.access().write(&record);
+}
+
+/// The access-log `decision` and `reason` of a decision. An allow that
+/// still needs the external authorizer is a deny: ext-authz is not
+/// available in this proxy, and it fails closed.
+pub fn decision_words(d: &Decision) -> (&'static str, String) {
+    if d.ext_authz.is_some() && d.verdict == Verdict::Allow {
         ("deny", "ext_authz_unavailable".to_string())
     } else {
         (
             if d.is_allowed() { "allow" } else { "deny" },
             d.reason.code().to_string(),
         )
-    };
-    state.metrics.access().write(&AccessRecord {
-        time: now_rfc3339(),
-        kind: "tcp",
-        reporter: "destination",
-        src_addr: conn.peer.to_string(),
-        src_identity: conn.identity.clone(),
-        dst_addr: conn.local.to_string(),
-        dst_service: None,
-        dst_identity: Some(snap.identity.clone()),
-        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
-        method: None,
-        path: None,
-        authority: None,
-        response_code: None,
-        decision,
-        reason: error.unwrap_or(reason),
-        policy: d.decided_by.as_ref().map(|r| r.policy.to_string()),
-        rule: d.decided_by.as_ref().map(|r| r.rule),
-        explanation: d.to_string(),
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent: sent,
-        bytes_received: received,
-    });
+    }
 }
 
 /// Logs a connection refused before any decision could be made.
@@ -365,27 +392,8 @@ fn refuse(state: &State, conn: &Conn, started: Instant, reason: &str, explanatio
     labels.response_flags = "UAEX".to_string();
     state.metrics.tcp_opened(&labels);
     state.metrics.tcp_closed(&labels, 0, 0);
-    state.metrics.access().write(&AccessRecord {
-        time: now_rfc3339(),
-        kind: "connection",
-        reporter: "destination",
-        src_addr: conn.peer.to_string(),
-        src_identity: conn.identity.clone(),
-        dst_addr: conn.local.to_string(),
-        dst_service: None,
-        dst_identity: Some(snap.identity.clone()),
-        tls_mode: if conn.mtls { "mutual_tls" } else { "none" },
-        method: None,
-        path: None,
-        authority: None,
-        response_code: None,
-        decision: "deny",
-        reason: reason.to_string(),
-        policy: None,
-        rule: None,
-        explanation,
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent: 0,
-        bytes_received: 0,
-    });
+    let mut record = conn.record(&snap.identity, "connection", started, None);
+    record.reason = reason.to_string();
+    record.explanation = explanation;
+    state.metrics.access().write(&record);
 }

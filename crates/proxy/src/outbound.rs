@@ -30,7 +30,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http_in::{Body, XFCC, full, strip_hop_by_hop};
+use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -473,20 +473,8 @@ async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let snap = state.snapshot();
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+    let (host, path, method) = request_line(&req);
     let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    let method = req.method().as_str().to_string();
     let route = state.outbound.route(&state, &snap, &host, port_hint);
     let (resp, flags, reason, route) = match route {
         Err(e) => {
