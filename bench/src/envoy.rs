@@ -109,7 +109,7 @@ static_resources:
 
 /// Bootstrap of the server-side (inbound) Envoy, with the RBAC filter that
 /// Istio generates for the bench AuthorizationPolicy (ALLOW principal
-/// `cluster.local/ns/bench/sa/client`, methods [GET], paths ["/*"]).
+/// `cluster.local/ns/bench/sa/client`, methods `[GET]`, paths `["/*"]`).
 pub fn server_bootstrap(certs: &Certs, p: &Ports) -> String {
     let client_id = certs::spiffe_uri(certs::CLIENT_SA);
     format!(

@@ -3,7 +3,7 @@
 //! services it may call (hosts, ports, endpoints, identities, TLS settings).
 //!
 //! A snapshot is immutable; a configuration change builds a new one, which
-//! is swapped in atomically (see [`crate::source`]).
+//! is swapped in atomically (see [`crate::state`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
