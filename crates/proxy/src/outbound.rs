@@ -209,16 +209,21 @@ impl Route {
     }
 }
 
-/// FNV-1a, for short stable keys.
-fn fnv(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for part in parts {
-        for b in part.iter().chain(std::iter::once(&0u8)) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
+/// FNV-1a over NUL-separated parts, for short stable keys.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf29ce484222325)
     }
-    h
+
+    fn add(&mut self, part: &[u8]) -> &mut Fnv {
+        for b in part.iter().chain(std::iter::once(&0u8)) {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+        self
+    }
 }
 
 impl Outbound {
@@ -252,7 +257,13 @@ impl Outbound {
         let endpoint = &svc.endpoints[i];
         let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, endpoint));
         let mode = snap.tls_mode(svc, svc_port.number, endpoint);
-        let mut key_parts: Vec<String> = vec![addr.to_string(), mode.as_str().to_string()];
+        let mut key = Fnv::new();
+        match addr.ip() {
+            std::net::IpAddr::V4(ip) => key.add(&ip.octets()),
+            std::net::IpAddr::V6(ip) => key.add(&ip.octets()),
+        };
+        key.add(&addr.port().to_be_bytes())
+            .add(mode.as_str().as_bytes());
         let tls = match mode {
             TlsMode::Disable => None,
             TlsMode::IstioMutual => {
@@ -260,7 +271,9 @@ impl Outbound {
                     .tls()
                     .client_for(&svc.identities)
                     .map_err(|e| RouteError::Tls(e.to_string()))?;
-                key_parts.extend(svc.identities.iter().cloned());
+                for id in &svc.identities {
+                    key.add(id.as_bytes());
+                }
                 Some(Target {
                     addr,
                     config,
@@ -277,8 +290,8 @@ impl Outbound {
                     .sni
                     .clone()
                     .unwrap_or_else(|| strip_port(host).to_string());
-                key_parts.push(name.clone());
-                key_parts.push(format!("{:p}", Arc::as_ptr(&config)));
+                key.add(name.as_bytes())
+                    .add(&(Arc::as_ptr(&config) as usize).to_ne_bytes());
                 let server_name =
                     ServerName::try_from(name).map_err(|e| RouteError::Tls(e.to_string()))?;
                 Some(Target {
@@ -288,10 +301,9 @@ impl Outbound {
                 })
             }
         };
-        let key = tls.as_ref().map(|_| {
-            let parts: Vec<&[u8]> = key_parts.iter().map(|p| p.as_bytes()).collect();
-            format!("m{:016x}.mesh:{}", fnv(&parts), addr.port())
-        });
+        let key = tls
+            .as_ref()
+            .map(|_| format!("m{:016x}.mesh:{}", key.0, addr.port()));
         if let (Some(k), Some(t)) = (&key, &tls) {
             let mut targets = self
                 .connector
@@ -587,16 +599,10 @@ async fn handle(
 /// A stable small key for a service (FNV-1a of `namespace/name`), to tell
 /// its metric handles apart in a connection's cache.
 fn service_tag(svc: &Service) -> usize {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in svc
-        .namespace
-        .bytes()
-        .chain(std::iter::once(b'/'))
-        .chain(svc.name.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
+    let h = Fnv::new()
+        .add(svc.namespace.as_bytes())
+        .add(svc.name.as_bytes())
+        .0;
     // Tag 0 means "no route".
     (h as usize) | 1
 }
