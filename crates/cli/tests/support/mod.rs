@@ -294,6 +294,8 @@ impl Mesh {
                 &admin.to_string(),
                 "--metrics",
                 &metrics.to_string(),
+                "--log",
+                &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
                 "--worker-threads",
                 "1",
             ])
@@ -367,6 +369,8 @@ pub async fn send_on(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::new())).unwrap();
+    // A kept-alive connection may still be finishing the previous exchange.
+    send.ready().await.map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let body = resp
