@@ -52,10 +52,11 @@ pub struct Options {
 pub enum StartError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         addr: SocketAddr,
         what: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("cannot watch files: {0}")]

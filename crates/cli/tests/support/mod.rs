@@ -49,13 +49,23 @@ where
     }
 }
 
-/// A free port on 127.0.0.1 (bound and released).
+/// A free port on 127.0.0.1 for configuration that must name one.
+///
+/// Ports come from below the kernel's ephemeral range (32768+), so a port
+/// handed out here cannot be taken meanwhile by a socket bound to port 0 or
+/// by an outgoing connection; a per-process counter (offset by the process
+/// id) keeps the tests of one binary apart, and each port is checked free.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn run_ok(args: &[&str]) {
@@ -305,7 +315,7 @@ impl Mesh {
             .unwrap();
         let stdout = pump(child.stdout.take().unwrap());
         let stderr = pump(child.stderr.take().unwrap());
-        let p = ProxyProcess {
+        let mut p = ProxyProcess {
             name: workload.to_string(),
             admin,
             metrics,
@@ -317,6 +327,12 @@ impl Mesh {
         loop {
             if let Some((200, _)) = get(admin, "admin", "/healthz/ready", &[]).await {
                 return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!(
+                    "proxy {workload} exited ({status}) before it was ready\n{}",
+                    p.logs()
+                );
             }
             if Instant::now() > deadline {
                 panic!("proxy {workload} did not become ready\n{}", p.logs());
