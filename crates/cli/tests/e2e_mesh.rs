@@ -961,6 +961,40 @@ spec:
         ) >= 17.0
     );
 
+    // A policy change closes open TCP connections it no longer allows.
+    let mut long_lived = tokio::net::TcpStream::connect(local(pay_tcp))
+        .await
+        .unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        long_lived.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        long_lived.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        let v1 = db.config_version().await;
+        let policies = std::fs::read_to_string(mesh.config_dir().join("policies.yaml")).unwrap();
+        mesh.write_config(
+            "policies.yaml",
+            &policies.replace("sa/payment-service", "sa/someone-else"),
+        );
+        eventually("the new policy on orders-db", || async {
+            (db.config_version().await > v1).then_some(())
+        })
+        .await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(patience(), long_lived.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the connection must be closed, got {read:?}"
+        );
+        db.log_line("closed by the policy change", |l| {
+            l["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("policy_changed"))
+        })
+        .await;
+    }
+
     // PERMISSIVE passes TLS that is not mesh mTLS (no istio ALPN) through
     // untouched: the echo application returns the very ClientHello bytes.
     let _tls_app = mesh

@@ -328,12 +328,17 @@ where
         return;
     }
     state.metrics.tcp_opened(&labels);
+    let (id, close) = state.tcp_conns.track(&conn);
     let (sent, received, error) = match TcpStream::connect(conn.app).await {
         Ok(mut app) => {
             let _ = app.set_nodelay(true);
-            match tokio::io::copy_bidirectional(&mut io, &mut app).await {
-                Ok((from_peer, to_peer)) => (to_peer, from_peer, None),
-                Err(e) => (0, 0, Some(format!("connection error: {e}"))),
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut io, &mut app) => match r {
+                    Ok((from_peer, to_peer)) => (to_peer, from_peer, None),
+                    Err(e) => (0, 0, Some(format!("connection error: {e}"))),
+                },
+                // Byte counts of a connection closed this way are not known.
+                () = close.notified() => (0, 0, Some("policy_changed: the new policy denies this connection".to_string())),
             }
         }
         Err(e) => (
@@ -342,6 +347,7 @@ where
             Some(format!("application at {} unreachable: {e}", conn.app)),
         ),
     };
+    state.tcp_conns.untrack(id);
     if error.is_some() {
         labels.response_flags = "UF".to_string();
     }
@@ -364,6 +370,9 @@ fn log_tcp(
     let snap = state.snapshot();
     let mut record = conn.record(&snap.identity, "tcp", started, Some(d));
     if let Some(e) = error {
+        if e.starts_with("policy_changed") {
+            record.decision = "deny";
+        }
         record.reason = e;
     }
     record.bytes_sent = sent;

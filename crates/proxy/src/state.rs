@@ -141,6 +141,88 @@ pub struct State {
         hyper::body::Incoming,
     >,
     pub outbound: crate::outbound::Outbound,
+    /// Open inbound TCP connections, re-checked when policy changes.
+    pub tcp_conns: TcpTracker,
+}
+
+/// An open inbound TCP connection's facts and the signal that closes it.
+#[derive(Debug)]
+struct Tracked {
+    principal: Option<String>,
+    peer: std::net::IpAddr,
+    local: std::net::IpAddr,
+    port: u16,
+    sni: Option<String>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// The open inbound TCP connections. A configuration change re-decides
+/// each one and closes those no longer allowed, so a revoked permission
+/// does not live on in a long-lived connection.
+#[derive(Debug, Default)]
+pub struct TcpTracker {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Tracked>>,
+}
+
+impl TcpTracker {
+    /// Registers a connection; the returned `Notify` fires when it must close.
+    pub fn track(&self, conn: &crate::inbound::Conn) -> (u64, Arc<tokio::sync::Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let t = Tracked {
+            principal: conn.principal().map(str::to_string),
+            peer: conn.peer.ip(),
+            local: conn.local.ip(),
+            port: conn.port,
+            sni: conn.sni.clone(),
+            close: Arc::clone(&close),
+        };
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, t);
+        (id, close)
+    }
+
+    pub fn untrack(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Re-decides every open connection against `snapshot`; returns how many
+    /// were told to close.
+    fn recheck(&self, snapshot: &Snapshot) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for t in conns.values() {
+            let req = meshward_policy::Request {
+                principal: t.principal.as_deref(),
+                source_ip: t.peer,
+                remote_ip: None,
+                destination_ip: Some(t.local),
+                port: t.port,
+                sni: t.sni.as_deref(),
+                http: None,
+            };
+            let d = snapshot.policy.decide(&req);
+            if !(d.is_allowed() && d.ext_authz.is_none()) {
+                t.close.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
 }
 
 impl State {
@@ -160,6 +242,7 @@ impl State {
             )
             .build(hyper_util::client::legacy::connect::HttpConnector::new()),
             outbound: crate::outbound::Outbound::default(),
+            tcp_conns: TcpTracker::default(),
         }))
     }
 
@@ -199,8 +282,13 @@ impl State {
             tracing::warn!(target: "meshward::config", "the workload's addresses or ports changed: restart the proxy to listen on the new ones");
         }
         self.version.store(version, Ordering::Release);
-        self.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
+        let closed = self.tcp_conns.recheck(&snapshot);
+        if closed > 0 {
+            tracing::info!(target: "meshward::config", closed, "closed TCP connections the new policy denies");
+        }
         Ok(version)
     }
 
