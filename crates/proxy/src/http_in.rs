@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshward_policy::{HttpAttributes, Request};
+use meshward_policy::HttpAttributes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::inbound::Conn;
@@ -122,21 +122,13 @@ async fn handle(
     let (host, path, method) = request_line(&req);
     let decision = {
         let headers = HeaderView(req.headers());
-        let facts = Request {
-            principal: conn.principal(),
-            source_ip: conn.peer.ip(),
-            remote_ip: None,
-            destination_ip: Some(conn.local.ip()),
-            port: conn.port,
-            sni: conn.sni.as_deref(),
-            http: Some(HttpAttributes {
-                method: &method,
-                path: &path,
-                host: &host,
-                headers: &headers,
-                auth: None,
-            }),
-        };
+        let facts = conn.facts(Some(HttpAttributes {
+            method: &method,
+            path: &path,
+            host: &host,
+            headers: &headers,
+            auth: None,
+        }));
         snap.policy.decide(&facts)
     };
     // CUSTOM (external authorization) is not available in this proxy yet:

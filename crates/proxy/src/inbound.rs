@@ -85,6 +85,20 @@ impl Conn {
         }
     }
 
+    /// The facts a decision about this connection (and, for HTTP, one of
+    /// its requests) is made on. No forwarded client address is trusted.
+    pub fn facts<'a>(&'a self, http: Option<meshward_policy::HttpAttributes<'a>>) -> Request<'a> {
+        Request {
+            principal: self.principal(),
+            source_ip: self.peer.ip(),
+            remote_ip: None,
+            destination_ip: Some(self.local.ip()),
+            port: self.port,
+            sni: self.sni.as_deref(),
+            http,
+        }
+    }
+
     /// The principal as policies spell it (no `spiffe://`).
     pub fn principal(&self) -> Option<&str> {
         self.identity
@@ -307,16 +321,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let snap = state.snapshot();
-    let req = Request {
-        principal: conn.principal(),
-        source_ip: conn.peer.ip(),
-        remote_ip: None,
-        destination_ip: Some(conn.local.ip()),
-        port: conn.port,
-        sni: conn.sni.as_deref(),
-        http: None,
-    };
-    let decision = snap.policy.decide(&req);
+    let decision = snap.policy.decide(&conn.facts(None));
     drop(snap);
     let allowed = decision.is_allowed() && decision.ext_authz.is_none();
     let mut labels = conn.labels(&state, "tcp");
