@@ -281,10 +281,10 @@ impl Outbound {
                 })
             }
             TlsMode::Simple | TlsMode::Mutual => {
-                let settings = svc
-                    .tls_for(svc_port.number)
-                    .cloned()
-                    .unwrap_or_else(|| unreachable_settings(mode));
+                // SIMPLE and MUTUAL come only from a DestinationRule.
+                let settings = svc.tls_for(svc_port.number).cloned().ok_or_else(|| {
+                    RouteError::Tls("no DestinationRule TLS settings".to_string())
+                })?;
                 let config = self.file_config(&settings)?;
                 let name = settings
                     .sni
@@ -394,20 +394,6 @@ impl Outbound {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, Arc::clone(&config));
         Ok(config)
-    }
-}
-
-fn unreachable_settings(mode: TlsMode) -> ClientTls {
-    ClientTls {
-        mode,
-        client_certificate: None,
-        private_key: None,
-        ca_certificates: None,
-        credential_name: None,
-        subject_alt_names: Vec::new(),
-        sni: None,
-        insecure_skip_verify: false,
-        ca_crl: None,
     }
 }
 
