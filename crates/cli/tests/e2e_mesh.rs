@@ -1039,3 +1039,146 @@ fn client_hello_bytes() -> Vec<u8> {
     }
     out
 }
+
+/// A cleartext HTTP/2 application answering like a gRPC server: a data
+/// frame, then trailers with `grpc-status`.
+async fn grpc_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        seen.lock().unwrap().push(format!(
+                            "{:?} {}",
+                            req.version(),
+                            req.uri().path()
+                        ));
+                        async move {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+                                Ok(Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                                Ok(Frame::trailers(trailers)),
+                            ];
+                            let body = StreamBody::new(futures_util::stream::iter(frames));
+                            let mut resp = http::Response::new(body);
+                            resp.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_flows_over_http2_end_to_end_with_trailers() {
+    use http_body_util::BodyExt;
+    let mesh = Mesh::new();
+    let (grpc_port, out) = (free_port(), free_port());
+    let (app, seen) = grpc_app().await;
+    let mut c = workload(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        &format!("grpc-api: {grpc_port}"),
+        &format!(
+            "meshward.io/app-ports: \"grpc-api=127.0.0.1:{}\"",
+            app.port()
+        ),
+    );
+    c += &workload(
+        "production",
+        "frontend",
+        "frontend",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{out}\""),
+    );
+    c += &service(
+        "production",
+        "product-catalog",
+        "product-catalog",
+        "{number: 9090, name: grpc-api, protocol: GRPC}",
+    );
+    c += "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: grpc, namespace: production}\nspec:\n  selector: {matchLabels: {app: product-catalog}}\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/production/sa/frontend\"]}}]\n    to: [{operation: {methods: [\"POST\"], paths: [\"/shop.Catalog/*\"]}}]\n---\n";
+    mesh.write_config("mesh.yaml", &c);
+    let _catalog = mesh
+        .proxy(
+            "production/product-catalog",
+            &mesh.issue("catalog", "production", "product-catalog"),
+        )
+        .await;
+    let frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+
+    // The application (a gRPC client) speaks cleartext HTTP/2 to its proxy.
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], out)))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let call = |path: &'static str| {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://product-catalog.production.svc.cluster.local:9090{path}"
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
+            .unwrap()
+    };
+    let resp = send.send_request(call("/shop.Catalog/List")).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        body.trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "trailers cross both proxies"
+    );
+    assert_eq!(body.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        ["HTTP/2.0 /shop.Catalog/List"],
+        "the application got HTTP/2"
+    );
+    // Authorization still applies per call.
+    let resp = send.send_request(call("/admin.Admin/Drop")).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let line = frontend
+        .log_line("the gRPC call", |l| l["path"] == "/shop.Catalog/List")
+        .await;
+    assert_eq!(line["tls.mode"], "mutual_tls");
+}

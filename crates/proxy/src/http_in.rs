@@ -163,8 +163,14 @@ async fn handle(
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "bad request path")),
         }
-        *req.version_mut() = Version::HTTP_11;
-        match state.app_client.request(req).await {
+        let client = if conn.app_h2 {
+            *req.version_mut() = Version::HTTP_2;
+            &state.app_client_h2
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            &state.app_client
+        };
+        match client.request(req).await {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
                 (resp.map(|b| b.boxed()), "-")

@@ -37,6 +37,8 @@ pub struct Conn {
     pub local: SocketAddr,
     pub port: u16,
     pub app: SocketAddr,
+    /// The application speaks cleartext HTTP/2 on this port (gRPC).
+    pub app_h2: bool,
     /// `spiffe://...` of the mTLS peer.
     pub identity: Option<String>,
     /// SHA-256 of the peer's leaf certificate, hex (for XFCC).
@@ -181,6 +183,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         local,
         port,
         app: info.app,
+        app_h2: info.app_h2,
         identity: None,
         cert_hash: None,
         sni: None,

@@ -39,12 +39,15 @@ use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts
 #[derive(Clone)]
 struct Target {
     addr: SocketAddr,
-    config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
+    /// TLS settings, or plaintext.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// Speak HTTP/2 (gRPC): prior knowledge in plaintext, ALPN under TLS.
+    h2: bool,
 }
 
-/// Connects plaintext (`http://ip:port`), or for `https://KEY` with the
-/// address and TLS settings registered under that key. The key names the
+/// Connects to the target registered under the request's authority (a
+/// key, `m<hash>.mesh:<port>`): its address, plaintext or TLS, HTTP/1.1 or
+/// HTTP/2. The key names the
 /// address *and* what the server must prove (mode, expected identities,
 /// DestinationRule files), so the connection pool, which is keyed by
 /// authority, never hands a connection verified for one service to a
@@ -63,13 +66,22 @@ impl std::fmt::Debug for MeshConnector {
 /// A plaintext or TLS upstream connection.
 #[derive(Debug)]
 pub enum Upstream {
-    Plain(TcpStream),
+    /// Plaintext; `true` for HTTP/2 with prior knowledge.
+    Plain(TcpStream, bool),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Connection for Upstream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        let h2 = match self {
+            Upstream::Plain(_, h2) => *h2,
+            Upstream::Tls(s) => matches!(s.get_ref().1.alpn_protocol(), Some(b"h2" | b"istio-h2")),
+        };
+        if h2 {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
     }
 }
 
@@ -80,7 +92,7 @@ impl AsyncRead for Upstream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -93,21 +105,21 @@ impl AsyncWrite for Upstream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Plain(s, _) => Pin::new(s).poll_flush(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -126,26 +138,22 @@ impl tower_service::Service<Uri> for MeshConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-        let tls = (uri.scheme_str() == Some("https")).then(|| {
-            self.targets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&authority)
-                .cloned()
-        });
+        let target = self
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&authority)
+            .cloned();
         Box::pin(async move {
-            match tls {
-                None => {
-                    let tcp = TcpStream::connect(&authority).await?;
-                    let _ = tcp.set_nodelay(true);
-                    Ok(TokioIo::new(Upstream::Plain(tcp)))
-                }
-                Some(None) => Err(format!("no TLS settings for {authority}").into()),
-                Some(Some(t)) => {
-                    let tcp = TcpStream::connect(t.addr).await?;
-                    let _ = tcp.set_nodelay(true);
-                    let s = tokio_rustls::TlsConnector::from(t.config)
-                        .connect(t.server_name, tcp)
+            // Unknown key: never guess where or how to connect.
+            let t = target.ok_or_else(|| format!("no upstream registered for {authority}"))?;
+            let tcp = TcpStream::connect(t.addr).await?;
+            let _ = tcp.set_nodelay(true);
+            match t.tls {
+                None => Ok(TokioIo::new(Upstream::Plain(tcp, t.h2))),
+                Some((config, server_name)) => {
+                    let s = tokio_rustls::TlsConnector::from(config)
+                        .connect(server_name, tcp)
                         .await?;
                     Ok(TokioIo::new(Upstream::Tls(Box::new(s))))
                 }
@@ -198,9 +206,9 @@ struct Route {
     endpoint: usize,
     addr: SocketAddr,
     mode: TlsMode,
-    tls: Option<Target>,
-    /// Pool key for TLS upstreams (see [`MeshConnector`]).
-    key: Option<String>,
+    target: Target,
+    /// Pool key (see [`MeshConnector`]).
+    key: String,
 }
 
 impl Route {
@@ -262,23 +270,24 @@ impl Outbound {
             std::net::IpAddr::V4(ip) => key.add(&ip.octets()),
             std::net::IpAddr::V6(ip) => key.add(&ip.octets()),
         };
+        // HTTP/2 end to end for gRPC/HTTP2 ports, except to external TLS
+        // services (DestinationRule files carry no ALPN choice).
+        let h2 = crate::snapshot::is_h2(&svc_port.name, svc_port.protocol.as_deref())
+            && !matches!(mode, TlsMode::Simple | TlsMode::Mutual);
         key.add(&addr.port().to_be_bytes())
-            .add(mode.as_str().as_bytes());
+            .add(mode.as_str().as_bytes())
+            .add(&[u8::from(h2)]);
         let tls = match mode {
             TlsMode::Disable => None,
             TlsMode::IstioMutual => {
                 let config = state
                     .tls()
-                    .client_for(&svc.identities)
+                    .client_for(&svc.identities, h2)
                     .map_err(|e| RouteError::Tls(e.to_string()))?;
                 for id in &svc.identities {
                     key.add(id.as_bytes());
                 }
-                Some(Target {
-                    addr,
-                    config,
-                    server_name: ServerName::IpAddress(endpoint.address.into()),
-                })
+                Some((config, ServerName::IpAddress(endpoint.address.into())))
             }
             TlsMode::Simple | TlsMode::Mutual => {
                 // SIMPLE and MUTUAL come only from a DestinationRule.
@@ -294,24 +303,19 @@ impl Outbound {
                     .add(&(Arc::as_ptr(&config) as usize).to_ne_bytes());
                 let server_name =
                     ServerName::try_from(name).map_err(|e| RouteError::Tls(e.to_string()))?;
-                Some(Target {
-                    addr,
-                    config,
-                    server_name,
-                })
+                Some((config, server_name))
             }
         };
-        let key = tls
-            .as_ref()
-            .map(|_| format!("m{:016x}.mesh:{}", key.0, addr.port()));
-        if let (Some(k), Some(t)) = (&key, &tls) {
+        let target = Target { addr, tls, h2 };
+        let key = format!("m{:016x}.mesh:{}", key.0, addr.port());
+        {
             let mut targets = self
                 .connector
                 .targets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if !targets.contains_key(k) {
-                targets.insert(k.clone(), t.clone());
+            if !targets.contains_key(&key) {
+                targets.insert(key.clone(), target.clone());
             }
         }
         Ok(Route {
@@ -319,7 +323,7 @@ impl Outbound {
             endpoint: i,
             addr,
             mode,
-            tls,
+            target,
             key,
         })
     }
@@ -497,10 +501,7 @@ async fn handle(
             {
                 req.headers_mut().insert(HOST, v);
             }
-            let target = match &route.key {
-                Some(key) => format!("https://{key}{path}"),
-                None => format!("http://{}{path}", route.addr),
-            };
+            let target = format!("http://{}{path}", route.key);
             match target.parse::<Uri>() {
                 Err(_) => (
                     full(StatusCode::BAD_REQUEST, "bad request path"),
@@ -510,7 +511,11 @@ async fn handle(
                 ),
                 Ok(uri) => {
                     *req.uri_mut() = uri;
-                    *req.version_mut() = http::Version::HTTP_11;
+                    *req.version_mut() = if route.target.h2 {
+                        http::Version::HTTP_2
+                    } else {
+                        http::Version::HTTP_11
+                    };
                     match state.outbound.client.request(req).await {
                         Ok(mut resp) => (
                             {
@@ -633,14 +638,14 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
             let result = async {
                 let tcp = TcpStream::connect(route.addr).await?;
                 let _ = tcp.set_nodelay(true);
-                match &route.tls {
+                match &route.target.tls {
                     None => {
                         let mut tcp = tcp;
                         tokio::io::copy_bidirectional(&mut stream, &mut tcp).await
                     }
-                    Some(t) => {
-                        let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(&t.config))
-                            .connect(t.server_name.clone(), tcp)
+                    Some((config, server_name)) => {
+                        let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                            .connect(server_name.clone(), tcp)
                             .await?;
                         tokio::io::copy_bidirectional(&mut stream, &mut tls).await
                     }

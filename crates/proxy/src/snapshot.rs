@@ -61,6 +61,9 @@ pub struct InboundPort {
     pub protocol: Protocol,
     /// Where the application listens.
     pub app: SocketAddr,
+    /// The application speaks HTTP/2 (cleartext, prior knowledge) on this
+    /// port: protocol `GRPC` or `HTTP2`.
+    pub app_h2: bool,
 }
 
 /// One endpoint of a service.
@@ -169,15 +172,16 @@ impl Snapshot {
                 .get(port_name.as_str())
                 .copied()
                 .unwrap_or(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), *port));
-            let protocol = protocols
+            let (protocol, app_h2) = protocols
                 .get(port)
                 .copied()
-                .unwrap_or_else(|| protocol_of_name(port_name, None));
+                .unwrap_or_else(|| (protocol_of_name(port_name, None), is_h2(port_name, None)));
             inbound.push(InboundPort {
                 name: port_name.clone(),
                 port: *port,
                 protocol,
                 app,
+                app_h2,
             });
         }
         let outbound = match entry.meta.annotations.get(OUTBOUND) {
@@ -263,6 +267,18 @@ pub fn protocol_of_name(name: &str, protocol: Option<&str>) -> Protocol {
     }
 }
 
+/// Whether a port carries HTTP/2 end to end (`GRPC`, `HTTP2`), by Istio's
+/// protocol selection rules.
+pub fn is_h2(name: &str, protocol: Option<&str>) -> bool {
+    let p = protocol.map(str::to_ascii_uppercase).unwrap_or_else(|| {
+        name.split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+    });
+    matches!(p.as_str(), "GRPC" | "HTTP2")
+}
+
 fn parse_app_ports(
     entry: &Resource<WorkloadEntry>,
 ) -> Result<BTreeMap<String, SocketAddr>, String> {
@@ -318,7 +334,10 @@ fn parse_tcp_outbound(entry: &Resource<WorkloadEntry>) -> Result<Vec<TcpOutbound
 }
 
 /// Protocols of this workload's ports, from the ServiceEntries selecting it.
-fn port_protocols(config: &ConfigSet, entry: &Resource<WorkloadEntry>) -> BTreeMap<u16, Protocol> {
+fn port_protocols(
+    config: &ConfigSet,
+    entry: &Resource<WorkloadEntry>,
+) -> BTreeMap<u16, (Protocol, bool)> {
     let mut out = BTreeMap::new();
     for se in &config.service_entries {
         let selects =
@@ -337,8 +356,12 @@ fn port_protocols(config: &ConfigSet, entry: &Resource<WorkloadEntry>) -> BTreeM
                 .copied()
                 .or(p.target_port)
                 .unwrap_or(p.number);
-            out.entry(number)
-                .or_insert_with(|| protocol_of_name(&p.name, p.protocol.as_deref()));
+            out.entry(number).or_insert_with(|| {
+                (
+                    protocol_of_name(&p.name, p.protocol.as_deref()),
+                    is_h2(&p.name, p.protocol.as_deref()),
+                )
+            });
         }
     }
     out

@@ -22,6 +22,8 @@ use crate::telemetry::Metrics;
 
 /// ALPN values Istio sidecars use for mesh mTLS, then plain HTTP ones.
 pub const MESH_ALPN: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
+/// ALPN offered towards HTTP/2 (gRPC) services.
+pub const MESH_ALPN_H2: &[&[u8]] = &[b"istio-h2", b"h2"];
 /// What the inbound mTLS server accepts.
 pub const SERVER_ALPN: &[&[u8]] = &[
     b"h2",
@@ -75,7 +77,7 @@ pub struct TlsState {
     verifier: SvidVerifier,
     resolver: CredentialResolver,
     /// Client configs per set of expected server identities.
-    clients: Mutex<HashMap<Vec<String>, Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<(Vec<String>, bool), Arc<ClientConfig>>>,
 }
 
 impl TlsState {
@@ -99,10 +101,15 @@ impl TlsState {
     }
 
     /// A mesh client config that accepts only servers presenting one of
-    /// `identities` (secure naming); cached per identity set.
-    pub fn client_for(&self, identities: &[String]) -> Result<Arc<ClientConfig>, LoadError> {
+    /// `identities` (secure naming), offering HTTP/2 or HTTP/1.1; cached.
+    pub fn client_for(
+        &self,
+        identities: &[String],
+        h2: bool,
+    ) -> Result<Arc<ClientConfig>, LoadError> {
         let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(identities) {
+        let key = (identities.to_vec(), h2);
+        if let Some(c) = cache.get(&key) {
             return Ok(Arc::clone(c));
         }
         let expected: Vec<SpiffeId> = identities
@@ -112,9 +119,10 @@ impl TlsState {
         // An empty expectation would accept any mesh identity: never do that.
         let server_verifier = SpiffeServerVerifier::expecting(self.verifier.clone(), expected);
         let mut config = meshward_identity::client_config(server_verifier, self.resolver.clone())?;
-        config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
+        let alpn = if h2 { MESH_ALPN_H2 } else { MESH_ALPN };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let config = Arc::new(config);
-        cache.insert(identities.to_vec(), Arc::clone(&config));
+        cache.insert(key, Arc::clone(&config));
         Ok(config)
     }
 
@@ -137,6 +145,11 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Pooled HTTP/1.1 connections to the local application.
     pub app_client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        hyper::body::Incoming,
+    >,
+    /// The same over cleartext HTTP/2 (prior knowledge), for gRPC ports.
+    pub app_client_h2: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         hyper::body::Incoming,
     >,
@@ -240,6 +253,11 @@ impl State {
             app_client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .build(hyper_util::client::legacy::connect::HttpConnector::new()),
+            app_client_h2: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .http2_only(true)
             .build(hyper_util::client::legacy::connect::HttpConnector::new()),
             outbound: crate::outbound::Outbound::default(),
             tcp_conns: TcpTracker::default(),
