@@ -67,6 +67,9 @@ pub enum LoadError {
     TrustDomain(String),
 }
 
+/// Expected server identities and whether HTTP/2 is offered.
+type ClientKey = (Vec<String>, bool);
+
 /// TLS material derived from the certificate directory and the mesh's
 /// trust domains.
 #[derive(Debug)]
@@ -77,7 +80,7 @@ pub struct TlsState {
     verifier: SvidVerifier,
     resolver: CredentialResolver,
     /// Client configs per set of expected server identities.
-    clients: Mutex<HashMap<(Vec<String>, bool), Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
 impl TlsState {
