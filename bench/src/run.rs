@@ -371,16 +371,26 @@ async fn preflight(dep: &mut Deployment, t: &Target, s: &Settings) -> Result<Opt
     }))
 }
 
-/// Reserves `n` distinct free loopback ports (all bound at once, then released).
+/// Picks `n` distinct free loopback ports for configuration that must name
+/// them. They come from below the kernel's ephemeral range (32768+), so no
+/// socket bound to port 0 and no outgoing connection can take one between
+/// this check and the proxy binding it.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("reserving loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 500) * 20;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..12_000 {
+        if ports.len() == n {
+            return Ok(ports);
+        }
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = (20_000 + (base - 20_000 + offset) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    anyhow::bail!("no {n} free loopback ports between 20000 and 32000")
 }
 
 async fn wait_ready(
