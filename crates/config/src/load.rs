@@ -323,7 +323,7 @@ impl Loader {
         f.ignore("apiVersion");
         f.ignore("kind");
         f.ignore("status");
-        let meta = decode_meta(&mut sink, f.take("metadata"), root.pos, kind);
+        let meta = decode_meta(&mut sink, f.take("metadata"), root.pos);
         sink.resource = Some(format!("{kind} {}/{}", meta.namespace, meta.name));
         let (_, versions) = kind.api();
         if !versions.contains(&version) {
@@ -560,7 +560,7 @@ const IGNORED_META: &[&str] = &[
     "deletionGracePeriodSeconds",
 ];
 
-fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos, kind: Kind) -> ObjectMeta {
+fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos) -> ObjectMeta {
     let Some(node) = node else {
         sink.error(pos, "metadata", "missing required field \"metadata\"");
         return ObjectMeta {
@@ -589,7 +589,6 @@ fn decode_meta(sink: &mut Sink<'_>, node: Option<&Node>, pos: Pos, kind: Kind) -
         f.ignore(key);
     }
     f.finish(sink);
-    let _ = kind;
     ObjectMeta {
         name,
         namespace,

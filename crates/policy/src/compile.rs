@@ -258,10 +258,6 @@ impl Compiler<'_> {
             ConditionKey::DestinationPort => Box::new(|v| Cond::Port(ports(v))),
             ConditionKey::ConnectionSni => Box::new(move |v| Cond::Sni(strs(v))),
             ConditionKey::Experimental(_) => return None,
-            // `ConditionKey` is non-exhaustive for forward compatibility:
-            // anything new is treated as unevaluable (fail closed for ALLOW).
-            #[allow(unreachable_patterns)]
-            _ => return None,
         };
         let mut out = Vec::new();
         push(&mut out, &c.values, &c.not_values, |v| build(v));

@@ -213,7 +213,9 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         return dispatch(state, conn, info.protocol, stream, started).await;
     }
     if mode == MtlsMode::Disable {
-        return passthrough(state, conn, stream, started).await;
+        // DISABLE: TLS bytes pass through untouched, after the
+        // connection-level decision (which sees no peer identity).
+        return tcp(state, conn, stream, started).await;
     }
 
     let mut stream = stream;
@@ -310,12 +312,6 @@ where
         Protocol::Http => crate::http_in::serve(state, Arc::new(conn), io).await,
         Protocol::Tcp => tcp(state, conn, io, started).await,
     }
-}
-
-/// DISABLE mode and TLS bytes: forward untouched, after the connection-level
-/// decision (which sees no peer identity).
-async fn passthrough(state: Arc<State>, conn: Conn, stream: TcpStream, started: Instant) {
-    tcp(state, conn, stream, started).await;
 }
 
 /// The TCP path: one decision per connection, then bytes both ways.

@@ -272,7 +272,7 @@ impl Outbound {
         };
         // HTTP/2 end to end for gRPC/HTTP2 ports, except to external TLS
         // services (DestinationRule files carry no ALPN choice).
-        let h2 = crate::snapshot::is_h2(&svc_port.name, svc_port.protocol.as_deref())
+        let h2 = svc_port.app_protocol() == meshward_config::model::AppProtocol::Http2
             && !matches!(mode, TlsMode::Simple | TlsMode::Mutual);
         key.add(&addr.port().to_be_bytes())
             .add(mode.as_str().as_bytes())

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use meshward_config::model::networking::{ClientTls, TlsMode};
-use meshward_config::model::{ServicePort, WorkloadEntry};
+use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy};
 
@@ -175,7 +175,7 @@ impl Snapshot {
             let (protocol, app_h2) = protocols
                 .get(port)
                 .copied()
-                .unwrap_or_else(|| (protocol_of_name(port_name, None), is_h2(port_name, None)));
+                .unwrap_or_else(|| inbound_protocol(port_name, None));
             inbound.push(InboundPort {
                 name: port_name.clone(),
                 port: *port,
@@ -224,11 +224,6 @@ impl Snapshot {
         self.inbound.iter().find(|p| p.port == port)
     }
 
-    /// The trust domain of the mesh.
-    pub fn trust_domain(&self) -> &str {
-        &self.config.mesh.trust_domain
-    }
-
     /// The effective client TLS mode towards an endpoint: the
     /// DestinationRule's, else auto-mTLS (mTLS when the endpoint has a
     /// proxy, plaintext when it does not).
@@ -252,31 +247,16 @@ pub fn strip_port(host: &str) -> &str {
     }
 }
 
-/// Istio's protocol selection: an explicit protocol, else the port name's
-/// prefix (`http`, `http2`, `grpc`, `grpc-web`, `http-foo`); anything else TCP.
-pub fn protocol_of_name(name: &str, protocol: Option<&str>) -> Protocol {
-    let p = protocol.map(str::to_ascii_uppercase).unwrap_or_else(|| {
-        name.split('-')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_uppercase()
-    });
-    match p.as_str() {
-        "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => Protocol::Http,
-        _ => Protocol::Tcp,
-    }
-}
-
-/// Whether a port carries HTTP/2 end to end (`GRPC`, `HTTP2`), by Istio's
-/// protocol selection rules.
-pub fn is_h2(name: &str, protocol: Option<&str>) -> bool {
-    let p = protocol.map(str::to_ascii_uppercase).unwrap_or_else(|| {
-        name.split('-')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_uppercase()
-    });
-    matches!(p.as_str(), "GRPC" | "HTTP2")
+/// The inbound handling of a port (HTTP or TCP) and whether the
+/// application speaks HTTP/2, from Istio's protocol selection.
+fn inbound_protocol(name: &str, protocol: Option<&str>) -> (Protocol, bool) {
+    let p = AppProtocol::select(name, protocol);
+    let handling = if p.is_http() {
+        Protocol::Http
+    } else {
+        Protocol::Tcp
+    };
+    (handling, p == AppProtocol::Http2)
 }
 
 fn parse_app_ports(
@@ -356,12 +336,8 @@ fn port_protocols(
                 .copied()
                 .or(p.target_port)
                 .unwrap_or(p.number);
-            out.entry(number).or_insert_with(|| {
-                (
-                    protocol_of_name(&p.name, p.protocol.as_deref()),
-                    is_h2(&p.name, p.protocol.as_deref()),
-                )
-            });
+            out.entry(number)
+                .or_insert_with(|| inbound_protocol(&p.name, p.protocol.as_deref()));
         }
     }
     out
@@ -656,8 +632,11 @@ spec:
         assert_eq!(strip_port("a.b:8080"), "a.b");
         assert_eq!(strip_port("a.b"), "a.b");
         assert_eq!(strip_port("[::1]:80"), "::1");
-        assert_eq!(protocol_of_name("http-web", None), Protocol::Http);
-        assert_eq!(protocol_of_name("web", Some("grpc")), Protocol::Http);
-        assert_eq!(protocol_of_name("https", None), Protocol::Tcp);
+        assert_eq!(inbound_protocol("http-web", None).0, Protocol::Http);
+        assert_eq!(
+            inbound_protocol("web", Some("grpc")),
+            (Protocol::Http, true)
+        );
+        assert_eq!(inbound_protocol("https", None).0, Protocol::Tcp);
     }
 }

@@ -128,12 +128,6 @@ impl TlsState {
         cache.insert(key, Arc::clone(&config));
         Ok(config)
     }
-
-    /// Verifies a peer certificate chain like the mTLS handshake did, for
-    /// callers that only hold the DER (not needed on the hot path).
-    pub fn verifier(&self) -> &SvidVerifier {
-        &self.verifier
-    }
 }
 
 /// Everything a connection handler reads: lock-free loads of the current
@@ -206,14 +200,6 @@ impl TcpTracker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-    }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Re-decides every open connection against `snapshot`; returns how many

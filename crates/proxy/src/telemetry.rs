@@ -130,10 +130,6 @@ impl Metrics {
         }
     }
 
-    pub fn record_request(&self, labels: &TrafficLabels, duration: Duration) {
-        self.request_handles(labels).record(duration);
-    }
-
     /// The counter and histogram of one label set, to keep and reuse (a
     /// connection records many requests with the same labels).
     pub fn request_handles(&self, labels: &TrafficLabels) -> RequestHandles {

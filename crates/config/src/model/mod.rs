@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::decode::Fields;
 use crate::diag::Sink;
-use crate::yaml::{Node, Pos};
+use crate::yaml::Node;
 
 pub mod mesh;
 pub mod networking;
@@ -13,7 +13,7 @@ pub mod security;
 
 pub use mesh::{ExtensionProvider, MeshConfig};
 pub use networking::{
-    ClientTls, DestinationRule, PortTrafficPolicy, ServiceEntry, ServicePort, TlsMode,
+    AppProtocol, ClientTls, DestinationRule, PortTrafficPolicy, ServiceEntry, ServicePort, TlsMode,
     TrafficPolicy, WorkloadEntry,
 };
 pub use security::{
@@ -264,11 +264,4 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
             "\"{ns}\" is not a valid namespace (a DNS label: lower-case alphanumerics and '-', at most 63 characters)"
         ))
     }
-}
-
-/// A position-carrying string, for values whose errors are found after decoding.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Located<T> {
-    pub pos: Pos,
-    pub value: T,
 }

@@ -303,18 +303,48 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
 }
 
-impl ServicePort {
-    /// Whether traffic on this port is handled as HTTP, by Istio's rules: an
-    /// explicit protocol wins, else the name prefix (`http-`, `grpc`, ...).
-    pub fn is_http(&self) -> bool {
-        let proto = self.protocol.clone().unwrap_or_else(|| {
-            self.name
-                .split('-')
+/// How traffic on a port is handled, by Istio's protocol selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (`http`, `grpc-web`).
+    Http,
+    /// HTTP/2 end to end (`http2`, `grpc`).
+    Http2,
+    /// Anything else is opaque TCP.
+    Tcp,
+}
+
+impl AppProtocol {
+    /// An explicit protocol wins, else the port name's prefix (`http-web`,
+    /// `grpc`, ...), case-insensitively.
+    pub fn select(name: &str, protocol: Option<&str>) -> AppProtocol {
+        let p = protocol.map(str::to_ascii_uppercase).unwrap_or_else(|| {
+            name.split('-')
                 .next()
                 .unwrap_or_default()
                 .to_ascii_uppercase()
         });
-        matches!(proto.as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
+        match p.as_str() {
+            "HTTP" | "GRPC-WEB" => AppProtocol::Http,
+            "HTTP2" | "GRPC" => AppProtocol::Http2,
+            _ => AppProtocol::Tcp,
+        }
+    }
+
+    pub fn is_http(self) -> bool {
+        self != AppProtocol::Tcp
+    }
+}
+
+impl ServicePort {
+    /// How traffic on this port is handled.
+    pub fn app_protocol(&self) -> AppProtocol {
+        AppProtocol::select(&self.name, self.protocol.as_deref())
+    }
+
+    /// Whether traffic on this port is handled as HTTP.
+    pub fn is_http(&self) -> bool {
+        self.app_protocol().is_http()
     }
 }
 
