@@ -119,7 +119,8 @@ impl TlsState {
             .iter()
             .filter_map(|i| SpiffeId::parse(i).ok())
             .collect();
-        // An empty expectation would accept any mesh identity: never do that.
+        // Secure naming: only these identities. An empty set accepts no server
+        // (fail closed); the any-identity verifier is never used for mesh traffic.
         let server_verifier = SpiffeServerVerifier::expecting(self.verifier.clone(), expected);
         let mut config = meshward_identity::client_config(server_verifier, self.resolver.clone())?;
         let alpn = if h2 { MESH_ALPN_H2 } else { MESH_ALPN };
