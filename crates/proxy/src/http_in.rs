@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HOST, HeaderValue};
 use http::{HeaderMap, Request as HttpRequest, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
@@ -16,10 +16,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshward_policy::HttpAttributes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use meshward_policy::{Decision, HttpAttributes};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use crate::h1::codec::{self, Framing, RequestHead};
+use crate::h1::{self, ForwardError, ReadError};
 use crate::inbound::Conn;
+use crate::rewind::Rewind;
 use crate::state::State;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -100,8 +104,291 @@ pub fn full(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
-/// Serves HTTP on one accepted (and, when mTLS, authenticated) connection.
-pub async fn serve<S>(state: Arc<State>, conn: Arc<Conn>, io: S)
+/// Serves HTTP on one accepted (and, when mTLS, authenticated) connection:
+/// HTTP/1.x on the fast path ([`crate::h1`]); HTTP/2 (recognised by its
+/// preface, with or without TLS) and ports whose application speaks
+/// HTTP/2 through hyper.
+pub async fn serve<S>(state: Arc<State>, conn: Arc<Conn>, mut io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if conn.app_h2 {
+        return serve_hyper(state, conn, io).await;
+    }
+    let mut buf = BytesMut::with_capacity(h1::READ_BUF);
+    match h1::sniff_h2(&mut io, &mut buf).await {
+        Ok(Some(true)) => serve_hyper(state, conn, Rewind::new(buf.to_vec(), io)).await,
+        Ok(Some(false)) => serve_h1(state, conn, io, buf).await,
+        Ok(None) | Err(_) => {}
+    }
+}
+
+/// The `x-forwarded-client-cert` value for a request on `conn` (Istio's
+/// format: the proxy's identity, the peer certificate's hash and URI).
+fn xfcc(own_identity: &str, conn: &Conn) -> String {
+    format!(
+        "By={own_identity};Hash={};Subject=\"\";URI={}",
+        conn.cert_hash.as_deref().unwrap_or_default(),
+        conn.identity.as_deref().unwrap_or_default()
+    )
+}
+
+/// The HTTP/1.x fast path: requests are read, decided and forwarded one at
+/// a time (pipelined requests wait their turn) over one connection to the
+/// application, opened on first use and reopened when the application
+/// closes it.
+async fn serve_h1<S>(state: Arc<State>, conn: Arc<Conn>, mut io: S, mut buf: BytesMut)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut app = AppConn::default();
+    let mut out = Vec::with_capacity(1024);
+    // The XFCC value, and the proxy identity it was made for.
+    let mut xfcc_cache: Option<(String, String)> = None;
+    loop {
+        let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => return,
+            Err(ReadError::Head(e)) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
+                let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
+                return;
+            }
+        };
+        let started = Instant::now();
+        let snap = state.snapshot();
+        let target = match h1::target(&head) {
+            Ok(t) if head.method() != "CONNECT" => t,
+            Ok(_) | Err(_) => {
+                let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+                return;
+            }
+        };
+        let decision = snap.policy.decide(&conn.facts(Some(HttpAttributes {
+            method: head.method(),
+            path: &target.path,
+            host: target.host,
+            headers: &h1::HeaderView(&head),
+            auth: None,
+        })));
+        let line = [head.method(), &*target.path, target.host];
+        let framing = head.framing();
+        // A request whose body is not read cannot be followed by another.
+        let mut close = !head.keep_alive();
+        // CUSTOM (external authorization) is not available yet: a request
+        // that needs it is denied rather than let through.
+        if !decision.is_allowed() || decision.ext_authz.is_some() {
+            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            let sent = h1::reply(&mut io, 403, "RBAC: access denied", close).await;
+            account(
+                &state,
+                &conn,
+                &snap.identity,
+                started,
+                (403, "-"),
+                &decision,
+                line,
+            );
+            if sent.is_err() || close {
+                return;
+            }
+            continue;
+        }
+        if head.expects_continue() && io.write_all(h1::CONTINUE).await.is_err() {
+            return;
+        }
+        if xfcc_cache
+            .as_ref()
+            .is_none_or(|(by, _)| *by != snap.identity)
+        {
+            xfcc_cache = Some((snap.identity.clone(), xfcc(&snap.identity, &conn)));
+        }
+        let mut extra: [(&str, &[u8]); 2] = [("", b""); 2];
+        let mut n_extra = 0;
+        if conn.mtls
+            && let Some((_, value)) = &xfcc_cache
+        {
+            extra[n_extra] = (XFCC, value.as_bytes());
+            n_extra += 1;
+        }
+        let host_added = target.absolute || head.header("host").is_none();
+        if host_added {
+            extra[n_extra] = ("host", target.host.as_bytes());
+            n_extra += 1;
+        }
+        let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
+        let outcome = app
+            .exchange(
+                &conn,
+                &mut io,
+                &mut buf,
+                &mut out,
+                |out| {
+                    codec::write_request(&head, &target.path, drop, &extra[..n_extra], false, out);
+                },
+                framing,
+                head.method(),
+                close,
+            )
+            .await;
+        let (status, flags) = match outcome {
+            Exchange::Done { status, close: c } => {
+                close |= c;
+                (status, "-")
+            }
+            Exchange::NoResponse(status, flags, body) => {
+                close = true;
+                let _ = h1::reply(&mut io, status, body, true).await;
+                (status, flags)
+            }
+            Exchange::Aborted(status, flags) => {
+                close = true;
+                (status, flags)
+            }
+        };
+        account(
+            &state,
+            &conn,
+            &snap.identity,
+            started,
+            (status, flags),
+            &decision,
+            line,
+        );
+        if close {
+            let _ = io.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// How one forwarded exchange ended.
+enum Exchange {
+    /// The response was forwarded; `close`: the downstream connection must
+    /// close after it.
+    Done { status: u16, close: bool },
+    /// No response came: answer with this status, flags and body, then
+    /// close.
+    NoResponse(u16, &'static str, &'static str),
+    /// The exchange broke after the response started (or while the request
+    /// body was read): nothing more can be sent; close.
+    Aborted(u16, &'static str),
+}
+
+/// The connection to the application of one downstream connection.
+#[derive(Default)]
+struct AppConn {
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+    /// The stream served an earlier request (it may have been closed by the
+    /// application since).
+    reused: bool,
+}
+
+impl AppConn {
+    /// Forwards one request (head written by `write_head`, body framed by
+    /// `framing`) and its response. A request without a body on a reused
+    /// connection that the application had closed is retried once on a new
+    /// connection.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange<S>(
+        &mut self,
+        conn: &Conn,
+        down: &mut S,
+        down_buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+        write_head: impl Fn(&mut Vec<u8>),
+        framing: Framing,
+        method: &str,
+        close_down: bool,
+    ) -> Exchange
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut retried = false;
+        let resp = loop {
+            if self.stream.is_none() {
+                match TcpStream::connect(conn.app).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        self.stream = Some(s);
+                        self.buf.clear();
+                        self.reused = false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, app = %conn.app, "application unreachable");
+                        return Exchange::NoResponse(503, "UF", "upstream connect error");
+                    }
+                }
+            }
+            let Some(up) = self.stream.as_mut() else {
+                unreachable!("connected above")
+            };
+            out.clear();
+            write_head(out);
+            let can_retry = self.reused && !retried && framing == Framing::Empty;
+            match h1::forward(down, down_buf, up, framing, out).await {
+                Ok(_) => {}
+                Err(ForwardError::Write(_)) if can_retry => {
+                    retried = true;
+                    self.stream = None;
+                    continue;
+                }
+                Err(ForwardError::Write(_)) => {
+                    self.stream = None;
+                    return Exchange::NoResponse(503, "UC", h1::UPSTREAM_RESET);
+                }
+                Err(ForwardError::Body(_)) => {
+                    self.stream = None;
+                    return Exchange::NoResponse(400, "-", "bad request body");
+                }
+                Err(ForwardError::Read(_) | ForwardError::Truncated) => {
+                    self.stream = None;
+                    return Exchange::Aborted(400, "DC");
+                }
+            }
+            match h1::read_response(up, &mut self.buf, down).await {
+                Ok(resp) => break resp,
+                Err(Some(status)) => {
+                    self.stream = None;
+                    return Exchange::NoResponse(
+                        status,
+                        "UPE",
+                        "upstream sent an invalid response",
+                    );
+                }
+                Err(None) if can_retry => {
+                    retried = true;
+                    self.stream = None;
+                }
+                Err(None) => {
+                    self.stream = None;
+                    return Exchange::NoResponse(503, "UC", h1::UPSTREAM_RESET);
+                }
+            }
+        };
+        let Some(up) = self.stream.as_mut() else {
+            unreachable!("the response was read from it")
+        };
+        self.reused = true;
+        let framing = resp.framing(method);
+        let close = close_down || framing == Framing::UntilClose;
+        out.clear();
+        codec::write_response(&resp, close, out);
+        let status = resp.status();
+        let result = h1::forward(up, &mut self.buf, down, framing, out).await;
+        if result.is_err() || !resp.keep_alive() || framing == Framing::UntilClose {
+            self.stream = None;
+        }
+        match result {
+            Ok(_) => Exchange::Done { status, close },
+            Err(ForwardError::Write(_)) => Exchange::Aborted(status, "DC"),
+            Err(_) => Exchange::Aborted(status, "UPE"),
+        }
+    }
+}
+
+async fn serve_hyper<S>(state: Arc<State>, conn: Arc<Conn>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,16 +429,10 @@ async fn handle(
         // Replace whatever XFCC the caller sent with our own.
         req.headers_mut().remove(XFCC);
         strip_hop_by_hop(req.headers_mut());
-        if conn.mtls {
-            let value = format!(
-                "By={};Hash={};Subject=\"\";URI={}",
-                snap.identity,
-                conn.cert_hash.as_deref().unwrap_or_default(),
-                conn.identity.as_deref().unwrap_or_default()
-            );
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                req.headers_mut().insert(XFCC, v);
-            }
+        if conn.mtls
+            && let Ok(v) = HeaderValue::from_str(&xfcc(&snap.identity, &conn))
+        {
+            req.headers_mut().insert(XFCC, v);
         }
         if !req.headers().contains_key(HOST)
             && let Ok(v) = HeaderValue::from_str(&host)
@@ -186,23 +467,45 @@ async fn handle(
     };
 
     let status = resp.status().as_u16();
+    account(
+        &state,
+        &conn,
+        &snap.identity,
+        started,
+        (status, flags),
+        &decision,
+        [&method, &path, &host],
+    );
+    Ok(resp)
+}
+
+/// Records one inbound request: its metrics and, when enabled, its access
+/// log line. `line` is the method, path and host.
+fn account(
+    state: &State,
+    conn: &Conn,
+    own_identity: &str,
+    started: Instant,
+    (status, flags): (u16, &'static str),
+    decision: &Decision,
+    [method, path, host]: [&str; 3],
+) {
     let handles = conn.handles.get_or_insert(0, status, flags, || {
-        let mut labels = conn.labels(&state, "http");
+        let mut labels = conn.labels(state, "http");
         labels.response_code = status.to_string();
         labels.response_flags = flags.to_string();
         state.metrics.request_handles(&labels)
     });
     handles.record(started.elapsed());
     if !state.metrics.access().enabled() {
-        return Ok(resp);
+        return;
     }
-    let mut record = conn.record(&snap.identity, "http", started, Some(&decision));
-    record.method = Some(method);
-    record.path = Some(path);
-    record.authority = Some(host);
+    let mut record = conn.record(own_identity, "http", started, Some(decision));
+    record.method = Some(method.to_string());
+    record.path = Some(path.to_string());
+    record.authority = Some(host.to_string());
     record.response_code = Some(status);
     state.metrics.access().write(&record);
-    Ok(resp)
 }
 
 #[cfg(test)]

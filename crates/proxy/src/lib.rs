@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod h1;
 pub mod http_in;
 pub mod inbound;
 pub mod outbound;

@@ -14,11 +14,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use http::header::{HOST, HeaderValue};
 use http::{Request as HttpRequest, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -27,10 +28,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshward_config::model::networking::{ClientTls, TlsMode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::h1::codec::{self, Framing, RequestHead};
+use crate::h1::{self, ForwardError, ReadError};
 use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
+use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -147,18 +151,78 @@ impl tower_service::Service<Uri> for MeshConnector {
         Box::pin(async move {
             // Unknown key: never guess where or how to connect.
             let t = target.ok_or_else(|| format!("no upstream registered for {authority}"))?;
-            let tcp = TcpStream::connect(t.addr).await?;
-            let _ = tcp.set_nodelay(true);
-            match t.tls {
-                None => Ok(TokioIo::new(Upstream::Plain(tcp, t.h2))),
-                Some((config, server_name)) => {
-                    let s = tokio_rustls::TlsConnector::from(config)
-                        .connect(server_name, tcp)
-                        .await?;
-                    Ok(TokioIo::new(Upstream::Tls(Box::new(s))))
-                }
-            }
+            Ok(TokioIo::new(connect(&t).await?))
         })
+    }
+}
+
+/// Opens a connection to `t`: TCP, then TLS when its settings say so
+/// (verifying the server as they require).
+async fn connect(t: &Target) -> io::Result<Upstream> {
+    let tcp = TcpStream::connect(t.addr).await?;
+    let _ = tcp.set_nodelay(true);
+    match &t.tls {
+        None => Ok(Upstream::Plain(tcp, t.h2)),
+        Some((config, server_name)) => {
+            let s = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                .connect(server_name.clone(), tcp)
+                .await?;
+            Ok(Upstream::Tls(Box::new(s)))
+        }
+    }
+}
+
+/// Idle HTTP/1.1 upstream connections of the fast path, by pool key (the
+/// same key as [`MeshConnector`]'s: address, mode and expected
+/// identities), so a connection verified for one service is only reused
+/// for requests that expect the same server.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<String, Vec<(Upstream, Instant)>>>,
+}
+
+/// How long an idle upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle connections kept per key.
+const POOL_MAX_IDLE: usize = 64;
+
+impl Pool {
+    /// An idle connection for `key` that is still open, if any.
+    fn checkout(&self, key: &str) -> Option<Upstream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some((mut up, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE && up.is_open() {
+                return Some(up);
+            }
+        }
+        None
+    }
+
+    /// Keeps `up` for reuse; connections idle too long are dropped here.
+    fn checkin(&self, key: String, up: Upstream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+            !list.is_empty()
+        });
+        let list = idle.entry(key).or_default();
+        if list.len() < POOL_MAX_IDLE {
+            list.push((up, Instant::now()));
+        }
+    }
+}
+
+impl Upstream {
+    /// Whether an idle connection is still usable: reading it must find
+    /// nothing to read yet. End of stream, an error or unexpected bytes all
+    /// mean it must not carry another request. (Under TLS, post-handshake
+    /// messages such as session tickets are consumed on the way.)
+    fn is_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(Pin::new(self).poll_read(&mut cx, &mut buf), Poll::Pending)
     }
 }
 
@@ -167,7 +231,10 @@ impl tower_service::Service<Uri> for MeshConnector {
 #[derive(Debug)]
 pub struct Outbound {
     client: Client<MeshConnector, Incoming>,
+    /// For HTTP/1.x requests to HTTP/2 upstreams (bodies buffered).
+    client_full: Client<MeshConnector, Full<Bytes>>,
     connector: MeshConnector,
+    pool: Pool,
     next: AtomicUsize,
     /// Client configs built from DestinationRule files, by settings.
     file_configs: Mutex<HashMap<String, Arc<ClientConfig>>>,
@@ -177,9 +244,12 @@ impl Default for Outbound {
     fn default() -> Self {
         let connector = MeshConnector::default();
         let client = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let client_full = Client::builder(TokioExecutor::new()).build(connector.clone());
         Outbound {
             client,
+            client_full,
             connector,
+            pool: Pool::default(),
             next: AtomicUsize::new(0),
             file_configs: Mutex::new(HashMap::new()),
         }
@@ -308,16 +378,6 @@ impl Outbound {
         };
         let target = Target { addr, tls, h2 };
         let key = format!("m{:016x}.mesh:{}", key.0, addr.port());
-        {
-            let mut targets = self
-                .connector
-                .targets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if !targets.contains_key(&key) {
-                targets.insert(key.clone(), target.clone());
-            }
-        }
         Ok(Route {
             svc: Arc::clone(svc),
             endpoint: i,
@@ -326,6 +386,18 @@ impl Outbound {
             target,
             key,
         })
+    }
+
+    /// Makes `route`'s key known to the hyper client's connector.
+    fn register(&self, route: &Route) {
+        let mut targets = self
+            .connector
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !targets.contains_key(&route.key) {
+            targets.insert(route.key.clone(), route.target.clone());
+        }
     }
 
     /// A client config from a DestinationRule's files (SIMPLE, MUTUAL).
@@ -414,14 +486,246 @@ pub async fn serve_http(state: Arc<State>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let cache = Arc::new(crate::telemetry::HandleCache::default());
-            let svc =
-                service_fn(move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!(error = %e, "outbound connection ended with an error");
+            let mut stream = stream;
+            let mut buf = BytesMut::with_capacity(h1::READ_BUF);
+            match h1::sniff_h2(&mut stream, &mut buf).await {
+                Ok(Some(false)) => serve_h1(state, peer, stream, buf).await,
+                Ok(Some(true)) => {
+                    serve_hyper(state, peer, Rewind::new(buf.to_vec(), stream)).await;
+                }
+                Ok(None) | Err(_) => {}
             }
         });
+    }
+}
+
+/// Serves an HTTP/2 connection from the application through hyper.
+async fn serve_hyper<S>(state: Arc<State>, peer: SocketAddr, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cache = Arc::new(crate::telemetry::HandleCache::default());
+    let svc = service_fn(move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "outbound connection ended with an error");
+    }
+}
+
+/// The upstream connection a downstream connection is using, and its key.
+type Current = Option<(String, Upstream)>;
+
+/// The HTTP/1.x fast path from the application: each request is routed by
+/// its host, sent on a pooled connection for its route (kept while the
+/// next requests go the same way), and its response streamed back.
+async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut buf: BytesMut) {
+    let cache = crate::telemetry::HandleCache::default();
+    let mut current: Current = None;
+    let mut up_buf = BytesMut::new();
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => break,
+            Err(ReadError::Head(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "bad request head");
+                let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
+                break;
+            }
+        };
+        let started = Instant::now();
+        let snap = state.snapshot();
+        let target = match h1::target(&head) {
+            Ok(t) if head.method() != "CONNECT" => t,
+            Ok(_) | Err(_) => {
+                let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+                break;
+            }
+        };
+        let line = [head.method(), &*target.path, target.host];
+        let port_hint = target
+            .host
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok());
+        let framing = head.framing();
+        let mut close = !head.keep_alive();
+        let route = match state.outbound.route(&state, &snap, target.host, port_hint) {
+            Ok(route) => route,
+            Err(e) => {
+                let status = if matches!(e, RouteError::NoService(_) | RouteError::NoPort(..)) {
+                    404
+                } else {
+                    503
+                };
+                close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+                let sent = h1::reply(&mut io, status, "no healthy upstream", close).await;
+                let outcome = (status, "NR", e.to_string());
+                account(&state, &snap, &cache, peer, started, None, outcome, line);
+                if sent.is_err() || close {
+                    break;
+                }
+                continue;
+            }
+        };
+        if head.expects_continue() && io.write_all(h1::CONTINUE).await.is_err() {
+            break;
+        }
+        let host_added = target.absolute || head.header("host").is_none();
+        let extra: &[(&str, &[u8])] = if host_added {
+            &[("host", target.host.as_bytes())]
+        } else {
+            &[]
+        };
+        let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
+        let write_head = |out: &mut Vec<u8>| {
+            codec::write_request(&head, &target.path, drop, extra, false, out);
+        };
+        let (status, flags, reason) = if route.target.h2 {
+            bridge_h2(
+                &state, &route, &head, &target, &mut io, &mut buf, framing, close,
+            )
+            .await
+        } else {
+            exchange(
+                &state.outbound.pool,
+                &route,
+                &mut current,
+                (&mut io, &mut buf),
+                &mut up_buf,
+                &mut out,
+                write_head,
+                (framing, head.method(), close),
+            )
+            .await
+        };
+        if flags != "-" {
+            close = true;
+        }
+        account(
+            &state,
+            &snap,
+            &cache,
+            peer,
+            started,
+            Some(&route),
+            (status, flags, reason),
+            line,
+        );
+        if close {
+            let _ = io.shutdown().await;
+            break;
+        }
+    }
+    if let Some((key, up)) = current {
+        state.outbound.pool.checkin(key, up);
+    }
+}
+
+/// Forwards one request and its response on the route's connection: the
+/// current one when it is for the same key, else a pooled or new one. A
+/// request without a body is retried once on a new connection when a
+/// reused one turns out closed. Returns the status, response flags and the
+/// access log reason.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    pool: &Pool,
+    route: &Route,
+    current: &mut Current,
+    (down, down_buf): (&mut TcpStream, &mut BytesMut),
+    up_buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    write_head: impl Fn(&mut Vec<u8>),
+    (framing, method, close_down): (Framing, &str, bool),
+) -> (u16, &'static str, String) {
+    if current.as_ref().is_some_and(|(key, _)| *key != route.key)
+        && let Some((key, up)) = current.take()
+    {
+        pool.checkin(key, up);
+    }
+    let mut retried = false;
+    let resp = loop {
+        // A retry goes to a new connection, never to another idle one.
+        if current.is_none()
+            && !retried
+            && let Some(up) = pool.checkout(&route.key)
+        {
+            *current = Some((route.key.clone(), up));
+        }
+        let reused = current.is_some();
+        if current.is_none() {
+            match connect(&route.target).await {
+                Ok(up) => *current = Some((route.key.clone(), up)),
+                Err(e) => {
+                    let _ = h1::reply(down, 503, "upstream connect error", true).await;
+                    return (503, "UF", format!("upstream {} failed: {e}", route.addr));
+                }
+            }
+            up_buf.clear();
+        }
+        let Some((_, up)) = current.as_mut() else {
+            unreachable!("set above")
+        };
+        out.clear();
+        write_head(out);
+        let can_retry = reused && framing == Framing::Empty;
+        let failure = match h1::forward(down, down_buf, up, framing, out).await {
+            Ok(_) => match h1::read_response(up, up_buf, down).await {
+                Ok(resp) => break resp,
+                Err(None) => format!("upstream {} closed before responding", route.addr),
+                Err(Some(status)) => {
+                    *current = None;
+                    let _ =
+                        h1::reply(down, status, "upstream sent an invalid response", true).await;
+                    return (
+                        status,
+                        "UPE",
+                        format!("invalid response from {}", route.addr),
+                    );
+                }
+            },
+            Err(ForwardError::Write(e)) => format!("upstream {} failed: {e}", route.addr),
+            Err(ForwardError::Body(e)) => {
+                *current = None;
+                let _ = h1::reply(down, 400, "bad request body", true).await;
+                return (400, "DPE", e.to_string());
+            }
+            Err(ForwardError::Read(_) | ForwardError::Truncated) => {
+                *current = None;
+                return (
+                    400,
+                    "DC",
+                    "downstream closed in the request body".to_string(),
+                );
+            }
+        };
+        *current = None;
+        if can_retry {
+            retried = true;
+            continue;
+        }
+        let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
+        return (503, "UC", failure);
+    };
+    let Some((_, up)) = current.as_mut() else {
+        unreachable!("the response was read from it")
+    };
+    let framing = resp.framing(method);
+    let close = close_down || framing == Framing::UntilClose;
+    out.clear();
+    codec::write_response(&resp, close, out);
+    let status = resp.status();
+    let result = h1::forward(up, up_buf, down, framing, out).await;
+    if result.is_err() || !resp.keep_alive() || framing == Framing::UntilClose {
+        *current = None;
+    }
+    match result {
+        Ok(_) => (status, "-", "forwarded".to_string()),
+        Err(ForwardError::Write(_)) => (status, "DC", "downstream closed".to_string()),
+        Err(e) => (
+            status,
+            "UPE",
+            format!("response body from {}: {e:?}", route.addr),
+        ),
     }
 }
 
@@ -493,6 +797,7 @@ async fn handle(
             )
         }
         Ok(route) => {
+            state.outbound.register(&route);
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);
             strip_hop_by_hop(req.headers_mut());
@@ -542,18 +847,199 @@ async fn handle(
             }
         }
     };
-    let mtls = route.as_ref().is_some_and(|r| r.mode != TlsMode::Disable);
     let status = resp.status().as_u16();
-    let tag = route.as_ref().map_or(0, |r| service_tag(&r.svc));
+    let outcome = (status, flags, reason);
+    account(
+        &state,
+        &snap,
+        &cache,
+        peer,
+        started,
+        route.as_ref(),
+        outcome,
+        [&method, &path, &host],
+    );
+    Ok(resp)
+}
+
+/// Largest request body an HTTP/1.x request to an HTTP/2 upstream may have
+/// (it is read whole before it is sent).
+const BRIDGE_MAX_BODY: u64 = 4 * 1024 * 1024;
+
+/// An HTTP/1.x request to an HTTP/2 upstream (a `grpc`/`http2` port): the
+/// body is read whole, the request goes through hyper's HTTP/2 client, and
+/// the response is written back as HTTP/1.1 (chunked unless its length is
+/// known). Chunked request bodies are not bridged (411).
+#[allow(clippy::too_many_arguments)]
+async fn bridge_h2(
+    state: &State,
+    route: &Route,
+    head: &RequestHead,
+    target: &h1::Target<'_>,
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    framing: Framing,
+    close: bool,
+) -> (u16, &'static str, String) {
+    let refuse = |status: u16, why: &str| (status, "DPE", why.to_string());
+    let len = match framing {
+        Framing::Empty => 0,
+        Framing::Length(n) if n <= BRIDGE_MAX_BODY => n,
+        Framing::Length(_) => {
+            let _ = h1::reply(io, 413, "request body too large", true).await;
+            return refuse(413, "request body too large for an HTTP/2 upstream");
+        }
+        Framing::Chunked | Framing::UntilClose => {
+            let _ = h1::reply(io, 411, "length required", true).await;
+            return refuse(411, "chunked request body to an HTTP/2 upstream");
+        }
+    };
+    let mut body = Vec::with_capacity(usize::try_from(len).unwrap_or_default());
+    if h1::forward(io, buf, &mut body, framing, &mut Vec::new())
+        .await
+        .is_err()
+    {
+        return (
+            400,
+            "DC",
+            "downstream closed in the request body".to_string(),
+        );
+    }
+    let mut req = HttpRequest::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = match http::Method::from_bytes(head.method().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return refuse(400, "invalid method"),
+    };
+    match format!("http://{}{}", route.key, target.path).parse::<Uri>() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => {
+            let _ = h1::reply(io, 400, "bad request path", true).await;
+            return refuse(400, "bad request path");
+        }
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    for (name, value) in head.iter() {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            req.headers_mut().append(n, v);
+        }
+    }
+    req.headers_mut().remove(XFCC);
+    strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().remove(http::header::CONTENT_LENGTH);
+    if let Ok(v) = HeaderValue::from_str(target.host) {
+        req.headers_mut().insert(HOST, v);
+    }
+    state.outbound.register(route);
+    let resp = match state.outbound.client_full.request(req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let _ = h1::reply(io, 503, "upstream connect error", true).await;
+            return (503, "UF", format!("upstream {} failed: {e}", route.addr));
+        }
+    };
+    let status = resp.status().as_u16();
+    match write_h1_response(io, resp, head.method() == "HEAD", close).await {
+        Ok(()) => (status, "-", "forwarded".to_string()),
+        Err(e) => (status, "UPE", format!("response from {}: {e}", route.addr)),
+    }
+}
+
+/// Writes a hyper response to an HTTP/1.1 client.
+async fn write_h1_response(
+    io: &mut TcpStream,
+    resp: Response<Incoming>,
+    head_request: bool,
+    close: bool,
+) -> Result<(), BoxError> {
+    use std::io::Write as _;
+    let (mut parts, mut body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let no_body = head_request
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let length = hyper::body::Body::size_hint(&body).exact();
+    let chunked = !no_body && length.is_none();
+    let mut out = Vec::with_capacity(512);
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )?;
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH && !no_body {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match length {
+        _ if no_body => {}
+        Some(n) => write!(out, "content-length: {n}\r\n")?,
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    io.write_all(&out).await?;
+    if no_body {
+        return Ok(io.flush().await?);
+    }
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            // Trailers have no place in this response.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            io.write_all(format!("{:x}\r\n", data.len()).as_bytes())
+                .await?;
+            io.write_all(&data).await?;
+            io.write_all(b"\r\n").await?;
+        } else {
+            io.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        io.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(io.flush().await?)
+}
+
+/// Records one outbound request: its metrics and, when enabled, its access
+/// log line. `outcome` is the status, response flags and reason; `line`
+/// the method, path and host.
+#[allow(clippy::too_many_arguments)]
+fn account(
+    state: &State,
+    snap: &Snapshot,
+    cache: &crate::telemetry::HandleCache,
+    peer: SocketAddr,
+    started: Instant,
+    route: Option<&Route>,
+    (status, flags, reason): (u16, &'static str, String),
+    [method, path, host]: [&str; 3],
+) {
+    let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
+    let tag = route.map_or(0, |r| service_tag(&r.svc));
     let handles = cache.get_or_insert(tag, status, flags, || {
-        let mut labels = source_labels(&snap, route.as_ref(), "http", mtls);
+        let mut labels = source_labels(snap, route, "http", mtls);
         labels.response_code = status.to_string();
         labels.response_flags = flags.to_string();
         state.metrics.request_handles(&labels)
     });
     handles.record(started.elapsed());
     if !state.metrics.access().enabled() {
-        return Ok(resp);
+        return;
     }
     state.metrics.access().write(&AccessRecord {
         time: now_rfc3339(),
@@ -561,19 +1047,15 @@ async fn handle(
         reporter: "source",
         src_addr: peer.to_string(),
         src_identity: Some(snap.identity.clone()),
-        dst_addr: route
-            .as_ref()
-            .map(|r| r.addr.to_string())
-            .unwrap_or_default(),
-        dst_service: route.as_ref().and_then(|r| r.svc.hosts.first().cloned()),
+        dst_addr: route.map(|r| r.addr.to_string()).unwrap_or_default(),
+        dst_service: route.and_then(|r| r.svc.hosts.first().cloned()),
         dst_identity: route
-            .as_ref()
             .filter(|_| mtls)
             .map(|r| r.endpoint().identity.clone()),
-        tls_mode: route.as_ref().map_or("none", |r| tls_word(r.mode)),
-        method: Some(method),
-        path: Some(path),
-        authority: Some(host),
+        tls_mode: route.map_or("none", |r| tls_word(r.mode)),
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+        authority: Some(host.to_string()),
         response_code: Some(status),
         decision: if flags == "-" { "allow" } else { "error" },
         reason,
@@ -584,7 +1066,6 @@ async fn handle(
         bytes_sent: 0,
         bytes_received: 0,
     });
-    Ok(resp)
 }
 
 /// A stable small key for a service (FNV-1a of `namespace/name`), to tell

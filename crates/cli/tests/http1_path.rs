@@ -1,0 +1,514 @@
+//! End to end: the HTTP/1.1 fast path of both proxies, byte for byte.
+//! Real `meshward proxy` processes: a client-side proxy (outbound
+//! listener) and a server-side proxy in front of an application. Requests
+//! are written as raw bytes, so framing edge cases reach the proxies
+//! exactly as sent: chunked bodies and responses, pipelining,
+//! `Expect: 100-continue`, HTTP/1.0, ambiguous framing (request
+//! smuggling), oversized heads, an application that closes idle
+//! connections, and an HTTP/1.1 client calling an HTTP/2 port.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HOST: &str = "orders.production.svc.cluster.local";
+
+/// What the application received: method, target and body of each request.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// An HTTP/1.1 (or, with `h2`, cleartext HTTP/2) application: answers
+/// `METHOD TARGET BODY`, and `/stream` with a chunked body in two parts.
+async fn body_app(h2: bool) -> (SocketAddr, Log, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let log2 = Arc::clone(&log);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let log = Arc::clone(&log2);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<Incoming>| {
+                    let log = Arc::clone(&log);
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        // HTTP/1.1: the request-target as sent; HTTP/2:
+                        // the path (the URI carries the authority).
+                        let target = if h2 {
+                            parts.uri.path_and_query().unwrap().to_string()
+                        } else {
+                            parts.uri.to_string()
+                        };
+                        let line = format!(
+                            "{} {} {}",
+                            parts.method,
+                            target,
+                            String::from_utf8_lossy(&body)
+                        );
+                        log.lock().unwrap().push(line.clone());
+                        let body: BoxBody<Bytes, Infallible> = if parts.uri.path() == "/stream" {
+                            let parts = [Bytes::from("part1,"), Bytes::from("part2")];
+                            BodyExt::boxed(StreamBody::new(stream::iter(
+                                parts.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+                            )))
+                        } else {
+                            BodyExt::boxed(Full::new(Bytes::from(line)))
+                        };
+                        Ok::<_, Infallible>(http::Response::new(body))
+                    }
+                });
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(executor())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, log, task)
+}
+
+/// An application that answers one request per connection and then closes
+/// it without saying so (as an idle timeout does): `200 once`.
+async fn closing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce")
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A raw HTTP/1.1 connection.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A response as read off the wire.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more bytes; false at end of stream.
+    async fn more(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(patience(), self.s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => panic!("no response within {:?}", patience()),
+        }
+    }
+
+    /// Reads one response (Content-Length, chunked or until close).
+    async fn response(&mut self) -> Resp {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(self.more().await, "closed before a response head");
+        };
+        let head = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
+        let status = head[9..12].parse().unwrap();
+        let lower = head.to_ascii_lowercase();
+        let length = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(|v| v.trim().parse::<usize>().unwrap());
+        let mut body = Vec::new();
+        if lower.contains("transfer-encoding: chunked") {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    assert!(self.more().await, "closed in a chunk size");
+                };
+                let size_line =
+                    String::from_utf8(self.buf.drain(..line_end + 2).collect()).unwrap();
+                let size = usize::from_str_radix(size_line.trim(), 16).unwrap();
+                while self.buf.len() < size + 2 {
+                    assert!(self.more().await, "closed in a chunk");
+                }
+                body.extend(self.buf.drain(..size));
+                self.buf.drain(..2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = length {
+            while self.buf.len() < n {
+                assert!(self.more().await, "closed in the body");
+            }
+            body.extend(self.buf.drain(..n));
+        } else if status >= 200 && status != 204 && status != 304 {
+            while self.more().await {}
+            body.append(&mut self.buf);
+        }
+        Resp {
+            status,
+            head,
+            body: String::from_utf8(body).unwrap(),
+        }
+    }
+
+    /// Whether the peer closes the connection (reads nothing more).
+    async fn closed(&mut self) -> bool {
+        !self.more().await && self.buf.is_empty()
+    }
+}
+
+struct Pair {
+    _mesh: Mesh,
+    client: ProxyProcess,
+    server: ProxyProcess,
+    /// The client proxy's outbound listener.
+    outbound: SocketAddr,
+    /// The server proxy's inbound port (PERMISSIVE: plaintext accepted).
+    inbound: SocketAddr,
+}
+
+/// A client workload (`production/frontend`) and a server workload
+/// (`production/orders`) in front of `app`, on a port named `port_name`.
+/// Frontend may do anything but `/forbidden`; the port is PERMISSIVE, so
+/// tests can also talk plaintext to the server proxy directly.
+async fn pair(app: SocketAddr, port_name: &str) -> Pair {
+    let mesh = Mesh::new();
+    let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let protocol = if port_name == "http2" {
+        "HTTP2"
+    } else {
+        "HTTP"
+    };
+    let config = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: orders
+  namespace: production
+  annotations: {{meshward.io/app-ports: "{port_name}=127.0.0.1:{app_port}"}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: orders}}
+  serviceAccount: orders
+  ports: {{{port_name}: {in_port}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: frontend
+  namespace: production
+  annotations: {{meshward.io/outbound: "{outbound}"}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: frontend}}
+  serviceAccount: frontend
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: orders, namespace: production}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: {in_port}, name: {port_name}, protocol: {protocol}}}]
+  workloadSelector: {{labels: {{app: orders}}}}
+  resolution: STATIC
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: production}}
+spec: {{mtls: {{mode: PERMISSIVE}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  rules:
+  - to: [{{operation: {{notPaths: ["/forbidden"]}}}}]
+"#,
+        app_port = app.port(),
+        in_port = inbound.port(),
+    );
+    mesh.write_config("mesh.yaml", &config);
+    let server = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let client = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    Pair {
+        _mesh: mesh,
+        client,
+        server,
+        outbound,
+        inbound,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_pipelining_and_continue_cross_both_proxies_intact() {
+    let (app, log, _task) = body_app(false).await;
+    let p = pair(app, "http").await;
+    let mut c = Raw::connect(p.outbound).await;
+
+    // A chunked request body, and a pipelined second request in the same
+    // write: both answered, in order, on one connection.
+    c.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n\
+             GET /second HTTP/1.1\r\nHost: {HOST}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "POST /echo hello world"));
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /second "));
+
+    // A chunked response comes back chunked, whole.
+    c.send(format!("GET /stream HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{}",
+        r.head
+    );
+    assert_eq!(r.body, "part1,part2");
+
+    // Expect: 100-continue is answered by the proxy before the body is sent.
+    c.send(
+        format!(
+            "PUT /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let interim = c.response().await;
+    assert_eq!(interim.status, 100);
+    c.send(b"data").await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "PUT /upload data"));
+
+    // A denied request with a body: 403. The server proxy never reads the
+    // body, so it closes its connection; the client proxy's connection
+    // with the application stays usable.
+    let denied =
+        format!("POST /forbidden HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\n\r\nabc");
+    c.send(denied.as_bytes()).await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    c.send(format!("GET /after HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response().await.body, "GET /after ");
+    let mut direct = Raw::connect(p.inbound).await;
+    direct.send(denied.as_bytes()).await;
+    let r = direct.response().await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.head.to_ascii_lowercase().contains("connection: close"),
+        "{}",
+        r.head
+    );
+    assert!(
+        direct.closed().await,
+        "a denied request's unread body ends the connection"
+    );
+
+    // HTTP/1.0: answered, then the connection closes.
+    let mut c = Raw::connect(p.outbound).await;
+    c.send(format!("GET /old HTTP/1.0\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /old "));
+    assert!(c.closed().await);
+
+    // Absolute-form targets are forwarded in origin-form.
+    let mut c = Raw::connect(p.outbound).await;
+    c.send(format!("GET http://{HOST}/abs?q=1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /abs?q=1 "));
+
+    assert_eq!(log.lock().unwrap().len(), 7, "{:?}", log.lock().unwrap());
+    // Every request crossed the mesh with mTLS (the server proxy saw the
+    // frontend's identity).
+    p.server
+        .log_line("an mTLS request from the frontend", |l| {
+            l["path"] == "/upload"
+                && l["src.identity"] == "spiffe://cluster.local/ns/production/sa/frontend"
+                && l["tls.mode"] == "mutual_tls"
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_oversized_requests_are_refused_on_both_sides() {
+    let (app, log, _task) = body_app(false).await;
+    let p = pair(app, "http").await;
+    let big = "x".repeat(70 * 1024);
+    let cases: Vec<(String, u16)> = vec![
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+            ),
+            400,
+        ),
+        (
+            format!("POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            400,
+        ),
+        ("GET / HTTP/1.1\r\n\r\n".to_string(), 400),
+        (
+            format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Big: {big}\r\n\r\n"),
+            431,
+        ),
+    ];
+    for target in [p.outbound, p.inbound] {
+        for (req, status) in &cases {
+            let mut c = Raw::connect(target).await;
+            c.send(req.as_bytes()).await;
+            let r = c.response().await;
+            assert_eq!(
+                r.status,
+                *status,
+                "{target}: {}",
+                &req[..req.len().min(120)]
+            );
+            assert!(
+                c.closed().await,
+                "the connection closes after a bad request"
+            );
+        }
+        // A chunked body with an invalid chunk: the request is not
+        // completed upstream.
+        let mut c = Raw::connect(target).await;
+        c.send(format!("POST /bad HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n").as_bytes())
+            .await;
+        let r = c.response().await;
+        assert_eq!(r.status, 400, "{target}");
+    }
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "nothing ambiguous reached the application: {:?}",
+        log.lock().unwrap()
+    );
+    let _ = (&p.client, &p.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_closing_idle_connections_is_retried_transparently() {
+    let (app, _task) = closing_app().await;
+    let p = pair(app, "http").await;
+    // Through both proxies and directly to the server proxy: the second
+    // request on the connection finds the application's connection closed
+    // and goes out again on a new one.
+    for target in [p.outbound, p.inbound] {
+        let mut c = Raw::connect(target).await;
+        for i in 0..3 {
+            c.send(format!("GET /{i} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+                .await;
+            let r = c.response().await;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (200, "once"),
+                "{target} request {i}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_reaches_an_http2_port() {
+    let (app, log, _task) = body_app(true).await;
+    let p = pair(app, "http2").await;
+    let mut c = Raw::connect(p.outbound).await;
+    c.send(format!("POST /h2 HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\nhi").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "POST /h2 hi"));
+    c.send(format!("GET /stream HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "part1,part2"));
+    // A chunked request body cannot be bridged: 411, not a guess.
+    c.send(
+        format!("POST /h2 HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.response().await.status, 411);
+    assert_eq!(log.lock().unwrap().len(), 2);
+    let _ = (&p.client, &p.server);
+}

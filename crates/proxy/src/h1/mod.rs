@@ -1,0 +1,413 @@
+//! The HTTP/1.1 fast path, used by the inbound and outbound HTTP listeners
+//! for HTTP/1.x traffic (HTTP/2 goes through hyper).
+//!
+//! A request is read head first; the head is parsed in place
+//! ([`codec`]), decided on (authorization inbound, routing outbound),
+//! written upstream rewritten (hop-by-hop headers dropped, the proxy's own
+//! headers added), and its body is forwarded byte for byte as it arrives,
+//! framed by `Content-Length` or chunked encoding. The response comes back
+//! the same way. One task serves a downstream connection and its upstream
+//! connection; nothing is buffered beyond what one read returns, and a head
+//! and the first body bytes go out in one write (one TLS record, one
+//! syscall). Every ambiguity in framing is refused (see [`codec`]), so the
+//! proxy and the application can never disagree on where a request ends.
+
+pub mod codec;
+
+use std::borrow::Cow;
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use codec::{ChunkedScanner, Framing, HeadError, RequestHead, ResponseHead};
+
+/// Read buffer size of each side of a connection.
+pub const READ_BUF: usize = 16 * 1024;
+
+/// The HTTP/2 connection preface (prior knowledge).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Why reading a head failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The head is invalid or too large.
+    Head(HeadError),
+    /// The peer closed the connection in the middle of a head.
+    Truncated,
+    Io(io::Error),
+}
+
+/// Why forwarding a body failed, and on which side.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// Reading from the sending side failed.
+    Read(io::Error),
+    /// The sending side closed before the body ended.
+    Truncated,
+    /// The chunked encoding is invalid.
+    Body(codec::BodyError),
+    /// Writing to the receiving side failed.
+    Write(io::Error),
+}
+
+/// Reads more bytes into `buf`; 0 means end of stream.
+async fn fill<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_BUF / 4 {
+        buf.reserve(READ_BUF);
+    }
+    io.read_buf(buf).await
+}
+
+/// Reads until `parse` finds a complete head in `buf`. `Ok(None)`: the peer
+/// closed cleanly before sending anything.
+pub async fn read_head<S, H>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    parse: fn(&mut BytesMut) -> Result<Option<H>, HeadError>,
+) -> Result<Option<H>, ReadError>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        if !buf.is_empty()
+            && let Some(head) = parse(buf).map_err(ReadError::Head)?
+        {
+            return Ok(Some(head));
+        }
+        if fill(io, buf).await.map_err(ReadError::Io)? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ReadError::Truncated)
+            };
+        }
+    }
+}
+
+/// Writes `out` (a head, possibly empty) and then the body framed by
+/// `framing`: first the bytes already in `buf`, then what `src` sends, until
+/// the body ends. Bytes after the body (a pipelined request) stay in `buf`.
+/// The first body bytes go out in the same write as the head. Returns the
+/// number of body bytes forwarded.
+pub async fn forward<R, W>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    dst: &mut W,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> Result<u64, ForwardError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut remaining = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunked = ChunkedScanner::default();
+    let mut total = 0u64;
+    loop {
+        let (take, done) = match framing {
+            Framing::Empty => (0, true),
+            Framing::Length(_) => {
+                let take = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
+                remaining -= take as u64;
+                (take, remaining == 0)
+            }
+            Framing::Chunked => chunked.scan(buf).map_err(ForwardError::Body)?,
+            Framing::UntilClose => (buf.len(), false),
+        };
+        if out.is_empty() {
+            if take > 0 {
+                dst.write_all(&buf[..take])
+                    .await
+                    .map_err(ForwardError::Write)?;
+            }
+        } else {
+            out.extend_from_slice(&buf[..take]);
+            dst.write_all(out).await.map_err(ForwardError::Write)?;
+            out.clear();
+        }
+        buf.advance(take);
+        total += take as u64;
+        dst.flush().await.map_err(ForwardError::Write)?;
+        if done {
+            return Ok(total);
+        }
+        if fill(src, buf).await.map_err(ForwardError::Read)? == 0 {
+            return if framing == Framing::UntilClose {
+                Ok(total)
+            } else {
+                Err(ForwardError::Truncated)
+            };
+        }
+    }
+}
+
+/// Reads the first bytes of a connection and says whether they are the
+/// HTTP/2 preface. What was read stays in `buf`. `Ok(None)`: the peer
+/// closed before sending anything.
+pub async fn sniff_h2<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+) -> io::Result<Option<bool>> {
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
+        if fill(io, buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some(false))
+            };
+        }
+    }
+}
+
+/// Appends a response the proxy makes itself (a deny, an error).
+pub fn local_reply(status: u16, body: &str, close: bool, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{}\r\n{body}",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" },
+    );
+}
+
+/// Writes a proxy-made response and flushes it.
+pub async fn reply<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    body: &str,
+    close: bool,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    local_reply(status, body, close, &mut out);
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
+/// The host and path a request is for, as authorization and routing see
+/// them, and the request-target to forward.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The authority of an absolute-form target, else the `Host` header.
+    pub host: &'a str,
+    /// Path and query (origin-form), or `*`.
+    pub path: Cow<'a, str>,
+    /// The target came in absolute-form: the forwarded request uses
+    /// origin-form and the authority as `Host` (RFC 9112 section 3.2.2).
+    pub absolute: bool,
+}
+
+/// Splits a request's target. Authority-form (CONNECT) and anything else
+/// that is not origin-, absolute- or asterisk-form is an error.
+pub fn target(head: &RequestHead) -> Result<Target<'_>, &'static str> {
+    let raw = head.target();
+    if raw.starts_with('/') || raw == "*" {
+        let host = match head.header("host") {
+            Some(h) => std::str::from_utf8(h).map_err(|_| "Host is not valid UTF-8")?,
+            None => "",
+        };
+        return Ok(Target {
+            host,
+            path: Cow::Borrowed(raw),
+            absolute: false,
+        });
+    }
+    let rest = strip_prefix_ignore_case(raw, "http://")
+        .or_else(|| strip_prefix_ignore_case(raw, "https://"))
+        .ok_or("unsupported request-target form")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || authority.contains('@') {
+        return Err("invalid authority in the request-target");
+    }
+    let path = match path.as_bytes().first() {
+        None => Cow::Borrowed("/"),
+        Some(b'?') => Cow::Owned(format!("/{path}")),
+        Some(_) => Cow::Borrowed(path),
+    };
+    Ok(Target {
+        host: authority,
+        path,
+        absolute: true,
+    })
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Request headers as the policy engine reads them.
+#[derive(Debug)]
+pub struct HeaderView<'a>(pub &'a RequestHead);
+
+impl meshward_policy::Headers for HeaderView<'_> {
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        meshward_policy::join_values(
+            self.0
+                .headers(name)
+                .filter_map(|v| std::str::from_utf8(v).ok()),
+        )
+    }
+}
+
+/// The answer to `Expect: 100-continue`: the proxy sends it itself, as
+/// Envoy does by default, and does not forward the expectation.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Envoy's body for a request whose upstream connection broke before the
+/// response head.
+pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset before headers";
+
+/// Reads a final response head from `up`, passing interim (1xx) responses
+/// through to `down`. `Err(None)`: the connection closed or failed before a
+/// head (retryable); `Err(Some(status))`: an invalid response.
+pub async fn read_response<U, D>(
+    up: &mut U,
+    buf: &mut BytesMut,
+    down: &mut D,
+) -> Result<ResponseHead, Option<u16>>
+where
+    U: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    loop {
+        let resp = match read_head(up, buf, ResponseHead::parse).await {
+            Ok(Some(resp)) => resp,
+            Ok(None) | Err(ReadError::Io(_)) => return Err(None),
+            Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(502)),
+        };
+        match resp.status() {
+            // Upgrades are not supported (the Upgrade header is not
+            // forwarded), so a switch is a protocol error.
+            101 => return Err(Some(502)),
+            100..=199 => {
+                let mut out = Vec::with_capacity(64);
+                codec::write_response(&resp, false, &mut out);
+                if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
+                    return Err(Some(502));
+                }
+            }
+            _ => return Ok(resp),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> RequestHead {
+        let mut buf = BytesMut::from(raw);
+        RequestHead::parse(&mut buf)
+            .expect("valid head")
+            .expect("complete head")
+    }
+
+    #[test]
+    fn targets_in_each_form() {
+        let h = head("GET /a?b HTTP/1.1\r\nHost: svc:80\r\n\r\n");
+        let t = target(&h).unwrap();
+        assert_eq!((t.host, &*t.path, t.absolute), ("svc:80", "/a?b", false));
+
+        let h = head("GET http://other:8080/x HTTP/1.1\r\nHost: svc\r\n\r\n");
+        let t = target(&h).unwrap();
+        assert_eq!((t.host, &*t.path, t.absolute), ("other:8080", "/x", true));
+
+        let h = head("GET HTTP://other?q=1 HTTP/1.1\r\nHost: svc\r\n\r\n");
+        let t = target(&h).unwrap();
+        assert_eq!((t.host, &*t.path), ("other", "/?q=1"));
+
+        let h = head("OPTIONS * HTTP/1.1\r\nHost: svc\r\n\r\n");
+        assert_eq!(target(&h).unwrap().path, "*");
+
+        for bad in [
+            "CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n",
+            "GET http://user@svc/ HTTP/1.1\r\nHost: svc\r\n\r\n",
+            "GET http:///x HTTP/1.1\r\nHost: svc\r\n\r\n",
+            "GET ftp://svc/x HTTP/1.1\r\nHost: svc\r\n\r\n",
+        ] {
+            assert!(target(&head(bad)).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn forward_takes_exactly_the_body_and_leaves_the_next_request() {
+        let mut src: &[u8] = b"lo wor";
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        let mut dst = Vec::new();
+        let mut out = b"HEAD\r\n".to_vec();
+        let n = forward(&mut src, &mut buf, &mut dst, Framing::Length(5), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(dst, b"HEAD\r\nhello");
+        assert_eq!(&buf[..], b" wor", "bytes after the body stay buffered");
+    }
+
+    #[tokio::test]
+    async fn forward_reports_a_truncated_body() {
+        let mut src: &[u8] = b"";
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        let mut dst = Vec::new();
+        let r = forward(
+            &mut src,
+            &mut buf,
+            &mut dst,
+            Framing::Length(10),
+            &mut Vec::new(),
+        )
+        .await;
+        assert!(matches!(r, Err(ForwardError::Truncated)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn forward_chunked_stops_at_the_last_chunk() {
+        let body = b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\n";
+        let mut src: &[u8] = &body[5..];
+        let mut buf = BytesMut::from(&body[..5]);
+        let mut dst = Vec::new();
+        let n = forward(
+            &mut src,
+            &mut buf,
+            &mut dst,
+            Framing::Chunked,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 13);
+        assert_eq!(dst, &body[..13]);
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_across_reads() {
+        let mut src: &[u8] = &H2_PREFACE[3..];
+        let mut buf = BytesMut::from(&H2_PREFACE[..3]);
+        assert_eq!(sniff_h2(&mut src, &mut buf).await.unwrap(), Some(true));
+        let mut src: &[u8] = b"T / HTTP/1.1\r\n";
+        let mut buf = BytesMut::from(&b"GE"[..]);
+        assert_eq!(sniff_h2(&mut src, &mut buf).await.unwrap(), Some(false));
+        assert_eq!(&buf[..], b"GE", "nothing is consumed");
+        let mut src: &[u8] = b"";
+        let mut buf = BytesMut::new();
+        assert_eq!(sniff_h2(&mut src, &mut buf).await.unwrap(), None);
+    }
+}
