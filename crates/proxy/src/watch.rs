@@ -4,16 +4,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use notify::{RecursiveMode, Watcher as _};
 
 use crate::state::State;
 
-/// Keeps the file watches alive.
+/// Changes are applied once the files have been quiet this long, so a
+/// writer's several steps (or a rotation's key and certificate) apply as
+/// one.
+const QUIET: Duration = Duration::from_millis(200);
+
+/// Keeps the file watches alive; dropping it stops the reload thread.
 pub struct Watcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    _watcher: notify::RecommendedWatcher,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -23,42 +28,13 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
+    /// Watches the configuration and certificate paths. A thread waits for
+    /// change events (it never wakes while nothing changes: an idle proxy
+    /// does no periodic work), gathers them until the files are quiet, then
+    /// reloads what changed.
     pub fn start(state: Arc<State>) -> Result<Watcher, String> {
-        let certs_dir = canonical(&state.bootstrap.certs_dir);
-        let handler_state = Arc::clone(&state);
-        let mut debouncer = new_debouncer(Duration::from_millis(200), None, move |result: DebounceEventResult| {
-            let Ok(events) = result else { return };
-            // Only changes count: reading the files (our own reloads
-            // included) produces access events, which must not loop.
-            let paths: Vec<PathBuf> = events
-                .iter()
-                .filter(|e| is_change(&e.kind))
-                .flat_map(|e| e.paths.iter().cloned())
-                .collect();
-            if paths.is_empty() {
-                return;
-            }
-            let certs_changed = paths.iter().any(|p| canonical(p).starts_with(&certs_dir));
-            let config_changed = paths.iter().any(|p| !canonical(p).starts_with(&certs_dir));
-            if config_changed {
-                match handler_state.reload_config() {
-                    Ok(v) => tracing::info!(target: "meshward::config", version = v, "configuration reloaded"),
-                    Err(e) => {
-                        handler_state.metrics.config_rejected();
-                        tracing::error!(target: "meshward::config", error = %e, "configuration change refused; keeping the previous configuration");
-                    }
-                }
-            } else if certs_changed {
-                match handler_state.reload_certs() {
-                    Ok(()) => tracing::info!(target: "meshward::certs", identity = %handler_state.tls().credentials.id(), "certificates reloaded"),
-                    Err(e) => {
-                        handler_state.metrics.config_rejected();
-                        tracing::error!(target: "meshward::certs", error = %e, "certificate change refused; keeping the previous certificates");
-                    }
-                }
-            }
-        })
-        .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
+        let mut watcher = notify::recommended_watcher(tx).map_err(|e| e.to_string())?;
         let b = &state.bootstrap;
         for p in b
             .config_paths
@@ -66,13 +42,73 @@ impl Watcher {
             .chain(b.mesh_config.iter())
             .chain(std::iter::once(&b.certs_dir))
         {
-            debouncer
+            watcher
                 .watch(p, RecursiveMode::Recursive)
                 .map_err(|e| format!("{}: {e}", p.display()))?;
         }
-        Ok(Watcher {
-            _debouncer: debouncer,
-        })
+        let certs_dir = canonical(&b.certs_dir);
+        std::thread::Builder::new()
+            .name("meshward-reload".to_string())
+            .spawn(move || {
+                // Ends when the watcher, and with it the sender, is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut paths = changed_paths(first);
+                    if paths.is_empty() {
+                        continue;
+                    }
+                    loop {
+                        match rx.recv_timeout(QUIET) {
+                            Ok(event) => paths.extend(changed_paths(event)),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    reload(&state, &certs_dir, &paths);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Watcher { _watcher: watcher })
+    }
+}
+
+/// The paths an event changed. Only changes count: reading the files (our
+/// own reloads included) produces access events, which must not loop.
+fn changed_paths(event: notify::Result<notify::Event>) -> Vec<PathBuf> {
+    match event {
+        Ok(e) if is_change(&e.kind) => e.paths,
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(target: "meshward::config", error = %e, "file watch error");
+            Vec::new()
+        }
+    }
+}
+
+/// Reloads the configuration when any of `paths` is outside the
+/// certificate directory, else the certificates.
+fn reload(state: &State, certs_dir: &std::path::Path, paths: &[PathBuf]) {
+    let config_changed = paths.iter().any(|p| !canonical(p).starts_with(certs_dir));
+    if config_changed {
+        // A configuration reload rebuilds the TLS state too.
+        match state.reload_config() {
+            Ok(v) => {
+                tracing::info!(target: "meshward::config", version = v, "configuration reloaded")
+            }
+            Err(e) => {
+                state.metrics.config_rejected();
+                tracing::error!(target: "meshward::config", error = %e, "configuration change refused; keeping the previous configuration");
+            }
+        }
+    } else {
+        match state.reload_certs() {
+            Ok(()) => {
+                tracing::info!(target: "meshward::certs", identity = %state.tls().credentials.id(), "certificates reloaded")
+            }
+            Err(e) => {
+                state.metrics.config_rejected();
+                tracing::error!(target: "meshward::certs", error = %e, "certificate change refused; keeping the previous certificates");
+            }
+        }
     }
 }
 
