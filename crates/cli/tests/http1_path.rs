@@ -213,7 +213,7 @@ impl Raw {
 }
 
 struct Pair {
-    _mesh: Mesh,
+    mesh: Mesh,
     client: ProxyProcess,
     server: ProxyProcess,
     /// The client proxy's outbound listener.
@@ -226,16 +226,20 @@ struct Pair {
 /// (`production/orders`) in front of `app`, on a port named `port_name`.
 /// Frontend may do anything but `/forbidden`; the port is PERMISSIVE, so
 /// tests can also talk plaintext to the server proxy directly.
-async fn pair(app: SocketAddr, port_name: &str) -> Pair {
-    let mesh = Mesh::new();
-    let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+/// The pair's configuration, with the server's service named `host`.
+fn mesh_config(
+    app: SocketAddr,
+    port_name: &str,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    host: &str,
+) -> String {
     let protocol = if port_name == "http2" {
         "HTTP2"
     } else {
         "HTTP"
     };
-    let config = format!(
+    format!(
         r#"apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata:
@@ -263,7 +267,7 @@ apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: orders, namespace: production}}
 spec:
-  hosts: [{HOST}]
+  hosts: [{host}]
   ports: [{{number: {in_port}, name: {port_name}, protocol: {protocol}}}]
   workloadSelector: {{labels: {{app: orders}}}}
   resolution: STATIC
@@ -283,7 +287,14 @@ spec:
 "#,
         app_port = app.port(),
         in_port = inbound.port(),
-    );
+    )
+}
+
+async fn pair(app: SocketAddr, port_name: &str) -> Pair {
+    let mesh = Mesh::new();
+    let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = mesh_config(app, port_name, inbound, outbound, HOST);
     mesh.write_config("mesh.yaml", &config);
     let server = mesh
         .proxy(
@@ -298,7 +309,7 @@ spec:
         )
         .await;
     Pair {
-        _mesh: mesh,
+        mesh,
         client,
         server,
         outbound,
@@ -511,4 +522,32 @@ async fn an_http1_client_reaches_an_http2_port() {
     assert_eq!(c.response().await.status, 411);
     assert_eq!(log.lock().unwrap().len(), 2);
     let _ = (&p.client, &p.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_follow_configuration_changes() {
+    let (app, _log, _task) = body_app(false).await;
+    let p = pair(app, "http").await;
+    let mut c = Raw::connect(p.outbound).await;
+    let get = |host: &str| format!("GET /r HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    c.send(get(HOST).as_bytes()).await;
+    assert_eq!(c.response().await.status, 200);
+
+    // The service is renamed: on the same connection, the old name no
+    // longer routes and the new one does.
+    let renamed = "renamed.production.svc.cluster.local";
+    let v = p.client.config_version().await;
+    p.mesh.write_config(
+        "mesh.yaml",
+        &mesh_config(app, "http", p.inbound, p.outbound, renamed),
+    );
+    eventually("the client proxy reloads", || async {
+        (p.client.config_version().await > v).then_some(())
+    })
+    .await;
+    c.send(get(HOST).as_bytes()).await;
+    let r = c.response().await;
+    assert_eq!((r.status, r.body.as_str()), (404, "no healthy upstream"));
+    c.send(get(renamed).as_bytes()).await;
+    assert_eq!(c.response().await.status, 200);
 }

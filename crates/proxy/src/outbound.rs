@@ -40,7 +40,7 @@ use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
 /// Where and how to connect for one upstream authority.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct Target {
     addr: SocketAddr,
     /// TLS settings, or plaintext.
@@ -178,8 +178,11 @@ async fn connect(t: &Target) -> io::Result<Upstream> {
 /// for requests that expect the same server.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<(Upstream, Instant)>>>,
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
 }
+
+/// An idle connection and when it became idle.
+type Idle = (Upstream, Instant);
 
 /// How long an idle upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -200,7 +203,7 @@ impl Pool {
     }
 
     /// Keeps `up` for reuse; connections idle too long are dropped here.
-    fn checkin(&self, key: String, up: Upstream) {
+    fn checkin(&self, key: Arc<str>, up: Upstream) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, list| {
             list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
@@ -235,6 +238,7 @@ pub struct Outbound {
     client_full: Client<MeshConnector, Full<Bytes>>,
     connector: MeshConnector,
     pool: Pool,
+    plans: Mutex<Plans>,
     next: AtomicUsize,
     /// Client configs built from DestinationRule files, by settings.
     file_configs: Mutex<HashMap<String, Arc<ClientConfig>>>,
@@ -250,14 +254,38 @@ impl Default for Outbound {
             client_full,
             connector,
             pool: Pool::default(),
+            plans: Mutex::new(Plans::default()),
             next: AtomicUsize::new(0),
             file_configs: Mutex::new(HashMap::new()),
         }
     }
 }
 
+/// Routes prepared for one configuration snapshot and TLS state: for each
+/// (host, port hint) a request named, the route to each endpoint.
+#[derive(Debug, Default)]
+struct Plans {
+    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>)>,
+    by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
+}
+
+/// The route to each endpoint of a service, in endpoint order.
+type EndpointRoutes = Arc<[Result<Route, RouteError>]>;
+
+impl Plans {
+    fn made_for(&self, snap: &Arc<Snapshot>, tls: &Arc<crate::state::TlsState>) -> bool {
+        self.made_for
+            .as_ref()
+            .is_some_and(|(s, t)| Arc::ptr_eq(s, snap) && Arc::ptr_eq(t, tls))
+    }
+}
+
+/// Hosts with prepared routes; past this (an application inventing host
+/// names) the plans start over.
+const MAX_PLANS: usize = 1024;
+
 /// Why a request could not be routed or secured.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 enum RouteError {
     #[error("no service for host \"{0}\"")]
     NoService(String),
@@ -270,6 +298,7 @@ enum RouteError {
 }
 
 /// The chosen upstream for one request or connection.
+#[derive(Debug, Clone)]
 struct Route {
     svc: Arc<Service>,
     /// Index into `svc.endpoints`.
@@ -278,7 +307,7 @@ struct Route {
     mode: TlsMode,
     target: Target,
     /// Pool key (see [`MeshConnector`]).
-    key: String,
+    key: Arc<str>,
 }
 
 impl Route {
@@ -305,13 +334,62 @@ impl Fnv {
 }
 
 impl Outbound {
+    /// The route of one request or connection: the service for `host`,
+    /// the next endpoint in round robin, and how to connect to it. Routes
+    /// are prepared once per host for a configuration and TLS state, so a
+    /// request costs a lookup, not a rebuild.
     fn route(
         &self,
         state: &State,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         host: &str,
         port_hint: Option<u16>,
     ) -> Result<Route, RouteError> {
+        let tls = state.tls();
+        let prepared = {
+            let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+            if !plans.made_for(snap, &tls) || plans.by_host.len() >= MAX_PLANS {
+                plans.by_host.clear();
+                // Holding both keeps their addresses from being reused
+                // while the plans made for them are in the map.
+                plans.made_for = Some((Arc::clone(snap), Arc::clone(&tls)));
+            }
+            plans
+                .by_host
+                .get(host)
+                .and_then(|ports| ports.iter().find(|(p, _)| *p == port_hint))
+                .map(|(_, endpoints)| Arc::clone(endpoints))
+        };
+        let endpoints = match prepared {
+            Some(endpoints) => endpoints,
+            None => {
+                let (svc, port) = self.service(snap, host, port_hint)?;
+                let endpoints: EndpointRoutes = (0..svc.endpoints.len())
+                    .map(|i| self.prepare(state, snap, host, svc, port, i))
+                    .collect();
+                let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+                // Only into plans for the same state (another request may
+                // have started plans for a newer one meanwhile).
+                if plans.made_for(snap, &tls) {
+                    let ports = plans.by_host.entry(host.to_string()).or_default();
+                    if !ports.iter().any(|(p, _)| *p == port_hint) {
+                        ports.push((port_hint, Arc::clone(&endpoints)));
+                    }
+                }
+                endpoints
+            }
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        endpoints[i].clone()
+    }
+
+    /// The service for `host` and the service port the request is for.
+    fn service<'s>(
+        &self,
+        snap: &'s Snapshot,
+        host: &str,
+        port_hint: Option<u16>,
+    ) -> Result<(&'s Arc<Service>, u16), RouteError> {
         let svc = snap
             .service_for_host(host)
             .ok_or_else(|| RouteError::NoService(host.to_string()))?;
@@ -331,7 +409,24 @@ impl Outbound {
         if svc.endpoints.is_empty() {
             return Err(RouteError::NoEndpoints(svc.name.clone()));
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
+        Ok((svc, svc_port.number))
+    }
+
+    /// The route to endpoint `i` of `svc` on service port `port`.
+    fn prepare(
+        &self,
+        state: &State,
+        snap: &Snapshot,
+        host: &str,
+        svc: &Arc<Service>,
+        port: u16,
+        i: usize,
+    ) -> Result<Route, RouteError> {
+        let svc_port = svc
+            .ports
+            .iter()
+            .find(|sp| sp.number == port)
+            .ok_or_else(|| RouteError::NoPort(svc.name.clone(), port))?;
         let endpoint = &svc.endpoints[i];
         let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, endpoint));
         let mode = snap.tls_mode(svc, svc_port.number, endpoint);
@@ -377,7 +472,7 @@ impl Outbound {
             }
         };
         let target = Target { addr, tls, h2 };
-        let key = format!("m{:016x}.mesh:{}", key.0, addr.port());
+        let key = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
         Ok(Route {
             svc: Arc::clone(svc),
             endpoint: i,
@@ -395,8 +490,8 @@ impl Outbound {
             .targets
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !targets.contains_key(&route.key) {
-            targets.insert(route.key.clone(), route.target.clone());
+        if !targets.contains_key(&*route.key) {
+            targets.insert(route.key.to_string(), route.target.clone());
         }
     }
 
@@ -513,7 +608,7 @@ where
 }
 
 /// The upstream connection a downstream connection is using, and its key.
-type Current = Option<(String, Upstream)>;
+type Current = Option<(Arc<str>, Upstream)>;
 
 /// The HTTP/1.x fast path from the application: each request is routed by
 /// its host, sent on a pooled connection for its route (kept while the
