@@ -149,6 +149,10 @@ where
         let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
             Ok(Some(head)) => head,
             Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => return,
+            Err(ReadError::Timeout) => {
+                let _ = h1::reply(&mut io, 408, "request timeout", true).await;
+                return;
+            }
             Err(ReadError::Head(e)) => {
                 tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
                 let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
@@ -349,13 +353,9 @@ impl AppConn {
             }
             match h1::read_response(up, &mut self.buf, down).await {
                 Ok(resp) => break resp,
-                Err(Some(status)) => {
+                Err(Some((status, flags, body))) => {
                     self.stream = None;
-                    return Exchange::NoResponse(
-                        status,
-                        "UPE",
-                        "upstream sent an invalid response",
-                    );
+                    return Exchange::NoResponse(status, flags, body);
                 }
                 Err(None) if can_retry => {
                     retried = true;

@@ -622,6 +622,10 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
             Ok(Some(head)) => head,
             Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => break,
+            Err(ReadError::Timeout) => {
+                let _ = h1::reply(&mut io, 408, "request timeout", true).await;
+                break;
+            }
             Err(ReadError::Head(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "bad request head");
                 let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
@@ -767,15 +771,10 @@ async fn exchange(
             Ok(_) => match h1::read_response(up, up_buf, down).await {
                 Ok(resp) => break resp,
                 Err(None) => format!("upstream {} closed before responding", route.addr),
-                Err(Some(status)) => {
+                Err(Some((status, flags, body))) => {
                     *current = None;
-                    let _ =
-                        h1::reply(down, status, "upstream sent an invalid response", true).await;
-                    return (
-                        status,
-                        "UPE",
-                        format!("invalid response from {}", route.addr),
-                    );
+                    let _ = h1::reply(down, status, body, true).await;
+                    return (status, flags, format!("{body} ({})", route.addr));
                 }
             },
             Err(ForwardError::Write(e)) => format!("upstream {} failed: {e}", route.addr),

@@ -25,6 +25,10 @@ use codec::{ChunkedScanner, Framing, HeadError, RequestHead, ResponseHead};
 /// Read buffer size of each side of a connection.
 pub const READ_BUF: usize = 16 * 1024;
 
+/// How long the rest of a started message head may take (hyper's default
+/// header read timeout).
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The HTTP/2 connection preface (prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -35,6 +39,8 @@ pub enum ReadError {
     Head(HeadError),
     /// The peer closed the connection in the middle of a head.
     Truncated,
+    /// The rest of a started head did not arrive within [`HEAD_TIMEOUT`].
+    Timeout,
     Io(io::Error),
 }
 
@@ -60,7 +66,11 @@ async fn fill<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> io::Resul
 }
 
 /// Reads until `parse` finds a complete head in `buf`. `Ok(None)`: the peer
-/// closed cleanly before sending anything.
+/// closed cleanly before sending anything. Waiting for a head to begin has
+/// no limit (an idle kept-alive connection); once part of one has arrived,
+/// the rest must follow within [`HEAD_TIMEOUT`] (a peer dribbling a head
+/// cannot hold the connection forever). The timer exists only while a head
+/// is incomplete, which it rarely is: a head usually arrives in one read.
 pub async fn read_head<S, H>(
     io: &mut S,
     buf: &mut BytesMut,
@@ -69,13 +79,23 @@ pub async fn read_head<S, H>(
 where
     S: AsyncRead + Unpin,
 {
+    let mut deadline = None;
     loop {
         if !buf.is_empty()
             && let Some(head) = parse(buf).map_err(ReadError::Head)?
         {
             return Ok(Some(head));
         }
-        if fill(io, buf).await.map_err(ReadError::Io)? == 0 {
+        let read = if buf.is_empty() {
+            fill(io, buf).await
+        } else {
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
+            tokio::time::timeout_at(deadline, fill(io, buf))
+                .await
+                .map_err(|_| ReadError::Timeout)?
+        };
+        if read.map_err(ReadError::Io)? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -275,14 +295,23 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// response head.
 pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset before headers";
 
+/// What the proxy answers when an upstream response cannot be forwarded:
+/// status, response flags (Envoy's) and body.
+pub type Failure = (u16, &'static str, &'static str);
+
+/// An upstream response that is not valid HTTP/1.x (or a protocol switch).
+pub const BAD_RESPONSE: Failure = (502, "UPE", "upstream sent an invalid response");
+/// An upstream response head that started but did not finish in time.
+pub const UPSTREAM_TIMEOUT: Failure = (504, "UT", "upstream request timeout");
+
 /// Reads a final response head from `up`, passing interim (1xx) responses
 /// through to `down`. `Err(None)`: the connection closed or failed before a
-/// head (retryable); `Err(Some(status))`: an invalid response.
+/// head (retryable); `Err(Some(..))`: what to answer instead.
 pub async fn read_response<U, D>(
     up: &mut U,
     buf: &mut BytesMut,
     down: &mut D,
-) -> Result<ResponseHead, Option<u16>>
+) -> Result<ResponseHead, Option<Failure>>
 where
     U: AsyncRead + Unpin,
     D: AsyncWrite + Unpin,
@@ -291,17 +320,18 @@ where
         let resp = match read_head(up, buf, ResponseHead::parse).await {
             Ok(Some(resp)) => resp,
             Ok(None) | Err(ReadError::Io(_)) => return Err(None),
-            Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(502)),
+            Err(ReadError::Timeout) => return Err(Some(UPSTREAM_TIMEOUT)),
+            Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(BAD_RESPONSE)),
         };
         match resp.status() {
             // Upgrades are not supported (the Upgrade header is not
             // forwarded), so a switch is a protocol error.
-            101 => return Err(Some(502)),
+            101 => return Err(Some(BAD_RESPONSE)),
             100..=199 => {
                 let mut out = Vec::with_capacity(64);
                 codec::write_response(&resp, false, &mut out);
                 if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
-                    return Err(Some(502));
+                    return Err(Some(BAD_RESPONSE));
                 }
             }
             _ => return Ok(resp),
@@ -395,6 +425,25 @@ mod tests {
         assert_eq!(n, 13);
         assert_eq!(dst, &body[..13]);
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_left_unfinished_times_out_but_an_idle_connection_does_not() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        // Nothing sent: waiting has no limit (paused time would otherwise
+        // jump straight to any timer).
+        let idle = tokio::time::timeout(
+            HEAD_TIMEOUT * 10,
+            read_head(&mut server, &mut buf, RequestHead::parse),
+        )
+        .await;
+        assert!(idle.is_err(), "still waiting after ten head timeouts");
+        client.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let r = read_head(&mut server, &mut buf, RequestHead::parse).await;
+        assert!(matches!(r, Err(ReadError::Timeout)), "{r:?}");
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
     }
 
     #[tokio::test]
