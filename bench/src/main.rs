@@ -41,6 +41,12 @@ pub struct Args {
     /// Warm-up before each measured run (same load, not recorded), in seconds.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
+    /// Rounds per scenario: every target runs once per round, rounds
+    /// interleaved, and the round with each target's median CPU per 1,000
+    /// requests (median p90 latency for the direct run) is reported; every
+    /// round's CPU figure is listed in the notes. For noisy machines.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Request rate of the keep-alive open-loop run.
     #[arg(long, default_value_t = 1000)]
     rate: u32,

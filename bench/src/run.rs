@@ -33,6 +33,7 @@ struct Settings {
     targets: Vec<TargetKind>,
     max_in_flight: usize,
     body_bytes: usize,
+    rounds: usize,
 }
 
 fn settings(a: &Args) -> Result<Settings> {
@@ -88,6 +89,7 @@ fn settings(a: &Args) -> Result<Settings> {
         targets,
         max_in_flight: a.max_in_flight.max(1),
         body_bytes: a.body_bytes,
+        rounds: a.rounds.max(1),
     })
 }
 
@@ -239,57 +241,49 @@ async fn run_all(
             rows: Vec::new(),
             skipped: skipped.clone(),
         };
-        for dep in &mut deployments {
-            let target = target_for(dep.entry);
-            if !s.warmup.is_zero() {
-                let w = drive(scenario, &target, s.warmup, s).await?;
-                if w.ok == 0 {
-                    eprintln!("{}: warm-up had no successful request", dep.kind.label());
+        // Every round runs every target; rounds are interleaved so that
+        // slow phases of a noisy machine hit all targets alike.
+        let mut rounds: Vec<Vec<Measurement>> = deployments.iter().map(|_| Vec::new()).collect();
+        for round in 0..s.rounds {
+            if s.rounds > 1 {
+                eprintln!("   round {} of {}", round + 1, s.rounds);
+            }
+            for (i, dep) in deployments.iter_mut().enumerate() {
+                let m = measure(dep, scenario, &target_for(dep.entry), s, clk, &mut notes).await?;
+                rounds[i].push(m);
+            }
+        }
+        for (dep, mut ms) in deployments.iter().zip(rounds) {
+            if ms.len() > 1 {
+                let cpus: Vec<String> = ms
+                    .iter()
+                    .filter_map(|m| m.cpu_per_1k())
+                    .map(|c| format!("{c:.3}"))
+                    .collect();
+                if !cpus.is_empty() {
+                    notes.push(format!(
+                        "{}, {}: CPU s per 1,000 requests by round: {} (the median round is reported)",
+                        scenario.title(),
+                        dep.kind.label(),
+                        cpus.join(", ")
+                    ));
                 }
             }
-            dep.check_alive()?;
-            let mut hwm_reset = true;
-            for (_, p) in &dep.procs {
-                hwm_reset &= p.reset_peak_rss();
-            }
-            if !hwm_reset {
-                notes.push("peak RSS could not be reset per run (clear_refs refused): it is the peak since start".to_owned());
-            }
-            let before = dep.usage(clk)?;
-            let res = drive(scenario, &target, s.duration, s).await?;
-            let after = dep.usage(clk)?;
-            dep.check_alive()?;
-            let procs = dep
-                .procs
-                .iter()
-                .zip(before.iter().zip(&after))
-                .map(|((role, _), (b, a))| ProcUsage {
-                    role: (*role).to_owned(),
-                    cpu_secs: a.cpu_secs - b.cpu_secs,
-                    peak_rss_kib: a.peak_rss_kib,
+            // Peak memory is the peak over every round, not the median's.
+            let peaks: Vec<u64> = (0..dep.procs.len())
+                .map(|i| {
+                    ms.iter()
+                        .map(|m| m.procs[i].peak_rss_kib)
+                        .max()
+                        .unwrap_or(0)
                 })
                 .collect();
-            eprintln!(
-                "   {:<14} {:>8.0} req/s  p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  errors {}",
-                dep.kind.label(),
-                res.rps(),
-                res.quantile_us(0.5),
-                res.quantile_us(0.9),
-                res.quantile_us(0.99),
-                res.errors
-            );
-            if res.errors > 0 {
-                eprintln!(
-                    "   first error: {}",
-                    res.first_error.as_deref().unwrap_or("?")
-                );
-                dep.print_logs();
+            ms.sort_by(|a, b| median_key(a).total_cmp(&median_key(b)));
+            let mut median = ms.swap_remove(ms.len() / 2);
+            for (p, peak) in median.procs.iter_mut().zip(peaks) {
+                p.peak_rss_kib = peak;
             }
-            sr.rows.push(Measurement {
-                target: dep.kind,
-                load: res,
-                procs,
-            });
+            sr.rows.push(median);
         }
         results.push(sr);
     }
@@ -321,6 +315,75 @@ async fn run_all(
         eprintln!("report written to {}", out.display());
     }
     Ok(complete)
+}
+
+/// One warm-up and one measured run of `scenario` on `dep`.
+async fn measure(
+    dep: &mut Deployment,
+    scenario: Scenario,
+    target: &Target,
+    s: &Settings,
+    clk: f64,
+    notes: &mut Vec<String>,
+) -> Result<Measurement> {
+    if !s.warmup.is_zero() {
+        let w = drive(scenario, target, s.warmup, s).await?;
+        if w.ok == 0 {
+            eprintln!("{}: warm-up had no successful request", dep.kind.label());
+        }
+    }
+    dep.check_alive()?;
+    let mut hwm_reset = true;
+    for (_, p) in &dep.procs {
+        hwm_reset &= p.reset_peak_rss();
+    }
+    if !hwm_reset {
+        notes.push(
+            "peak RSS could not be reset per run (clear_refs refused): it is the peak since start"
+                .to_owned(),
+        );
+    }
+    let before = dep.usage(clk)?;
+    let res = drive(scenario, target, s.duration, s).await?;
+    let after = dep.usage(clk)?;
+    dep.check_alive()?;
+    let procs = dep
+        .procs
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((role, _), (b, a))| ProcUsage {
+            role: (*role).to_owned(),
+            cpu_secs: a.cpu_secs - b.cpu_secs,
+            peak_rss_kib: a.peak_rss_kib,
+        })
+        .collect();
+    eprintln!(
+        "   {:<14} {:>8.0} req/s  p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  errors {}",
+        dep.kind.label(),
+        res.rps(),
+        res.quantile_us(0.5),
+        res.quantile_us(0.9),
+        res.quantile_us(0.99),
+        res.errors
+    );
+    if res.errors > 0 {
+        eprintln!(
+            "   first error: {}",
+            res.first_error.as_deref().unwrap_or("?")
+        );
+        dep.print_logs();
+    }
+    Ok(Measurement {
+        target: dep.kind,
+        load: res,
+        procs,
+    })
+}
+
+/// What a round is ranked by: CPU per 1,000 requests, or the p90 latency
+/// for a target without proxies.
+fn median_key(m: &Measurement) -> f64 {
+    m.cpu_per_1k().unwrap_or_else(|| m.load.quantile_us(0.9))
 }
 
 async fn drive(scenario: Scenario, t: &Target, d: Duration, s: &Settings) -> Result<LoadResult> {
@@ -583,7 +646,8 @@ fn header(
          - Measured runs of {:.1} s after {:.1} s warm-ups; {} byte responses; load generator: one thread \
          (tokio current-thread runtime) in the harness; app: one thread, in the harness.\n\
          - Latency is end to end at the load generator; \"added\" = target minus no proxy at the same quantile.\n\
-         - CPU = utime + stime of the proxy processes during the measured run; peak RSS = VmHWM, reset before the run.\n\n",
+         - CPU = utime + stime of the proxy processes during the measured run; peak RSS = VmHWM, reset before the run.\n\
+         - {}\n\n",
         la(load_before),
         la(load_after),
         envoy_version.unwrap_or_else(|| "not run".to_owned()),
@@ -591,5 +655,14 @@ fn header(
         s.duration.as_secs_f64(),
         s.warmup.as_secs_f64(),
         s.body_bytes,
+        if s.rounds > 1 {
+            format!(
+                "{} interleaved rounds per scenario; each row is the target's median round by CPU per 1,000 requests \
+                 (the direct run: by p90 latency); peak RSS is the peak over all rounds.",
+                s.rounds
+            )
+        } else {
+            "One round per scenario.".to_owned()
+        },
     )
 }
