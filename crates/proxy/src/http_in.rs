@@ -20,8 +20,8 @@ use meshward_policy::{Decision, HttpAttributes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::h1::codec::{self, Framing, RequestHead};
-use crate::h1::{self, ForwardError, ReadError};
+use crate::h1::codec::{self, Framing};
+use crate::h1::{self, ForwardError};
 use crate::inbound::Conn;
 use crate::rewind::Rewind;
 use crate::state::State;
@@ -146,18 +146,8 @@ where
     // The XFCC value, and the proxy identity it was made for.
     let mut xfcc_cache: Option<(String, String)> = None;
     loop {
-        let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
-            Ok(Some(head)) => head,
-            Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => return,
-            Err(ReadError::Timeout) => {
-                let _ = h1::reply(&mut io, 408, "request timeout", true).await;
-                return;
-            }
-            Err(ReadError::Head(e)) => {
-                tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
-                let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
-                return;
-            }
+        let Some(head) = h1::next_request(&mut io, &mut buf, conn.peer).await else {
+            return;
         };
         let started = Instant::now();
         let snap = state.snapshot();

@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::h1::codec::{self, Framing, RequestHead};
-use crate::h1::{self, ForwardError, ReadError};
+use crate::h1::{self, ForwardError};
 use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
@@ -619,18 +619,8 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
     let mut up_buf = BytesMut::new();
     let mut out = Vec::with_capacity(1024);
     loop {
-        let head = match h1::read_head(&mut io, &mut buf, RequestHead::parse).await {
-            Ok(Some(head)) => head,
-            Ok(None) | Err(ReadError::Io(_) | ReadError::Truncated) => break,
-            Err(ReadError::Timeout) => {
-                let _ = h1::reply(&mut io, 408, "request timeout", true).await;
-                break;
-            }
-            Err(ReadError::Head(e)) => {
-                tracing::debug!(peer = %peer, error = %e, "bad request head");
-                let _ = h1::reply(&mut io, e.status(), "bad request", true).await;
-                break;
-            }
+        let Some(head) = h1::next_request(&mut io, &mut buf, peer).await else {
+            break;
         };
         let started = Instant::now();
         let snap = state.snapshot();

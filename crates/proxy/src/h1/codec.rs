@@ -112,20 +112,9 @@ impl RequestHead {
         // Never look further than MAX_HEAD bytes: a head that does not end
         // within them is too large anyway.
         let window = &buf[..buf.len().min(MAX_HEAD)];
-        let len = match req.parse(window) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => {
-                return if buf.len() >= MAX_HEAD {
-                    Err(HeadError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(e) => return Err(map_httparse(e)),
+        let Some(len) = head_len(req.parse(window), buf.len())? else {
+            return Ok(None);
         };
-        if len > MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
         let base: &[u8] = window;
         let version = map_version(req.version)?;
         let method = req.method.ok_or(HeadError::Invalid("no method"))?;
@@ -244,20 +233,9 @@ impl ResponseHead {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut res = httparse::Response::new(&mut slots);
         let window = &buf[..buf.len().min(MAX_HEAD)];
-        let len = match res.parse(window) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => {
-                return if buf.len() >= MAX_HEAD {
-                    Err(HeadError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(e) => return Err(map_httparse(e)),
+        let Some(len) = head_len(res.parse(window), buf.len())? else {
+            return Ok(None);
         };
-        if len > MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
         let base: &[u8] = window;
         let version = map_version(res.version)?;
         let status = res.code.ok_or(HeadError::Invalid("no status code"))?;
@@ -675,6 +653,19 @@ fn header_offsets(base: &[u8], headers: &[httparse::Header<'_>]) -> Result<Vec<F
             Ok((name, value))
         })
         .collect()
+}
+
+/// The length of a complete head from httparse's answer; `None` while it is
+/// incomplete. A head longer than [`MAX_HEAD`], or not complete within
+/// that many buffered bytes, is too large.
+fn head_len(parsed: httparse::Result<usize>, buffered: usize) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(map_httparse(e)),
+    }
 }
 
 /// The values of the headers named `name`, in order.

@@ -105,6 +105,30 @@ where
     }
 }
 
+/// Reads the next request of a downstream connection. `None`: the
+/// connection is done: the peer closed it, or its head was refused (the
+/// answer, `400`, `431` or `408`, has been sent; the caller closes).
+pub async fn next_request<S>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    peer: std::net::SocketAddr,
+) -> Option<RequestHead>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (status, body) = match read_head(io, buf, RequestHead::parse).await {
+        Ok(head) => return head,
+        Err(ReadError::Io(_) | ReadError::Truncated) => return None,
+        Err(ReadError::Timeout) => (408, "request timeout"),
+        Err(ReadError::Head(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "bad request head");
+            (e.status(), "bad request")
+        }
+    };
+    let _ = reply(io, status, body, true).await;
+    None
+}
+
 /// Writes `out` (a head, possibly empty) and then the body framed by
 /// `framing`: first the bytes already in `buf`, then what `src` sends, until
 /// the body ends. Bytes after the body (a pipelined request) stay in `buf`.
