@@ -551,3 +551,36 @@ async fn routes_follow_configuration_changes() {
     c.send(get(renamed).as_bytes()).await;
     assert_eq!(c.response().await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_gets_the_path_the_decision_saw() {
+    let (app, log, _task) = body_app(false).await;
+    let p = pair(app, "http").await;
+    for target in [p.outbound, p.inbound] {
+        let mut c = Raw::connect(target).await;
+        // Normalized (BASE: dot segments, %7E) as authorization saw it; the
+        // query is forwarded as sent.
+        c.send(format!("GET /a/./b/../c%7E?x=/../y HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response().await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "GET /a/c~?x=/../y "),
+            "{target}"
+        );
+        // A detour through dot segments does not escape a deny.
+        c.send(format!("GET /public/../forbidden HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(c.response().await.status, 403, "{target}");
+        // A path that cannot be normalized is refused before the app.
+        c.send(format!("GET /a%00b HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response().await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (400, "invalid request path"),
+            "{target}"
+        );
+    }
+    assert_eq!(log.lock().unwrap().len(), 2, "{:?}", log.lock().unwrap());
+}

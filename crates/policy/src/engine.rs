@@ -1,5 +1,6 @@
 //! The policy index and per-workload compiled policy.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use meshward_config::{ConfigSet, MeshConfig, PathNormalization};
 
 use crate::compile::{CompiledPolicy, Compiler, DEFAULT_SPACE_DELIMITED, Facts, PolicyRef};
 use crate::decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};
-use crate::normalize::normalize_path;
+use crate::normalize::{PathError, normalize_path};
 use crate::peer::{PeerDecision, PeerModes};
 use crate::request::Request;
 
@@ -199,6 +200,29 @@ impl WorkloadPolicy {
     }
 
     /// The effective mTLS mode on a workload port.
+    /// The request-target to forward for `raw`: its path normalized as
+    /// authorization sees it (`meshConfig.pathNormalization`), then the
+    /// query as sent. The application must get the path the decision was
+    /// made on, as Envoy forwards its normalized `:path`. An error is a
+    /// path refused outright (400).
+    pub fn forwarded_target<'a>(&self, raw: &'a str) -> Result<Cow<'a, str>, PathError> {
+        let path = normalize_path(raw, self.normalization)?;
+        let query = raw.find(['?', '#']).map(|i| &raw[i..]);
+        let query = query
+            .filter(|q| q.starts_with('?'))
+            .map(|q| match q.find('#') {
+                Some(end) => &q[..end],
+                None => q,
+            });
+        Ok(match (path, query) {
+            (Cow::Borrowed(p), None) => Cow::Borrowed(p),
+            // Unchanged path: the target as sent, minus any fragment.
+            (Cow::Borrowed(p), Some(q)) if raw.len() == p.len() + q.len() => Cow::Borrowed(raw),
+            (p, None) => p,
+            (p, Some(q)) => Cow::Owned(format!("{p}{q}")),
+        })
+    }
+
     pub fn mtls(&self, port: u16) -> &PeerDecision {
         self.peer.for_port(port)
     }

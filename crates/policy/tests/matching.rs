@@ -1896,3 +1896,30 @@ fn helpers_produce_clean_config() {
     let loaded = l.finish().unwrap();
     assert!(loaded.warnings.0.is_empty(), "{}", loaded.warnings);
 }
+
+#[test]
+fn the_forwarded_target_is_the_path_the_decision_saw() {
+    let cases = [
+        // (pathNormalization, raw target, forwarded)
+        ("BASE", "/a/./b/../c?x=/../y#frag", Ok("/a/c?x=/../y")),
+        ("BASE", "/%7Euser/x", Ok("/~user/x")),
+        ("BASE", "/a//b%2F..", Ok("/a//b%2F..")),
+        ("BASE", "/plain?q=1", Ok("/plain?q=1")),
+        ("BASE", "/plain#only-a-fragment", Ok("/plain")),
+        ("MERGE_SLASHES", "//a///b?k=v", Ok("/a/b?k=v")),
+        ("DECODE_AND_MERGE_SLASHES", "/a%2F..%2Fadmin", Ok("/admin")),
+        ("NONE", "/a/../b?q", Ok("/a/../b?q")),
+        ("BASE", "/a%00b", Err(())),
+    ];
+    for (mode, raw, expected) in cases {
+        let e = engine(&mesh(&format!(
+            "pathNormalization: {{normalization: {mode}}}\n"
+        )));
+        let p = e.workload(&wl("prod", "web", &[]));
+        let got = p
+            .forwarded_target(raw)
+            .map(|t| t.into_owned())
+            .map_err(|_| ());
+        assert_eq!(got, expected.map(str::to_string), "{mode} {raw}");
+    }
+}

@@ -169,25 +169,37 @@ where
         let framing = head.framing();
         // A request whose body is not read cannot be followed by another.
         let mut close = !head.keep_alive();
+        // The application gets the path the decision saw. A path that
+        // cannot be normalized is denied by the policy engine too, and
+        // answered 400 as Envoy does.
+        let forward = snap.policy.forwarded_target(&target.path);
         // CUSTOM (external authorization) is not available yet: a request
         // that needs it is denied rather than let through.
-        if !decision.is_allowed() || decision.ext_authz.is_some() {
-            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
-            let sent = h1::reply(&mut io, 403, "RBAC: access denied", close).await;
-            account(
-                &state,
-                &conn,
-                &snap.identity,
-                started,
-                (403, "-"),
-                &decision,
-                line,
-            );
-            if sent.is_err() || close {
-                return;
+        let denied = !decision.is_allowed() || decision.ext_authz.is_some();
+        let forward = match forward {
+            Ok(forward) if !denied => forward,
+            bad => {
+                close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+                let (status, body) = match bad {
+                    Err(_) => (400, "invalid request path"),
+                    Ok(_) => (403, "RBAC: access denied"),
+                };
+                let sent = h1::reply(&mut io, status, body, close).await;
+                account(
+                    &state,
+                    &conn,
+                    &snap.identity,
+                    started,
+                    (status, "-"),
+                    &decision,
+                    line,
+                );
+                if sent.is_err() || close {
+                    return;
+                }
+                continue;
             }
-            continue;
-        }
+        };
         if head.expects_continue() && io.write_all(h1::CONTINUE).await.is_err() {
             return;
         }
@@ -218,7 +230,7 @@ where
                 &mut buf,
                 &mut out,
                 |out| {
-                    codec::write_request(&head, &target.path, drop, &extra[..n_extra], false, out);
+                    codec::write_request(&head, &forward, drop, &extra[..n_extra], false, out);
                 },
                 framing,
                 head.method(),
@@ -413,7 +425,11 @@ async fn handle(
     let ext_missing = decision.ext_authz.is_some();
     let allowed = decision.is_allowed() && !ext_missing;
 
-    let (resp, flags) = if !allowed {
+    let forward = snap.policy.forwarded_target(&path);
+    let (resp, flags) = if let Err(e) = &forward {
+        tracing::debug!(error = %e, "invalid request path");
+        (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
+    } else if !allowed {
         (full(StatusCode::FORBIDDEN, "RBAC: access denied"), "-")
     } else {
         // Replace whatever XFCC the caller sent with our own.
@@ -429,7 +445,8 @@ async fn handle(
         {
             req.headers_mut().insert(HOST, v);
         }
-        let uri = format!("http://{}{}", conn.app, path);
+        // The path the decision saw (see `forwarded_target`).
+        let uri = format!("http://{}{}", conn.app, forward.as_deref().unwrap_or(&path));
         match uri.parse::<Uri>() {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "bad request path")),
