@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::h1::codec::{self, Framing};
-use crate::h1::{self, ForwardError};
+use crate::h1::{self, Sent};
 use crate::inbound::Conn;
 use crate::rewind::Rewind;
 use crate::state::State;
@@ -333,59 +333,40 @@ impl AppConn {
             out.clear();
             write_head(out);
             let can_retry = self.reused && !retried && framing == Framing::Empty;
-            match h1::forward(down, down_buf, up, framing, out).await {
-                Ok(_) => {}
-                Err(ForwardError::Write(_)) if can_retry => {
+            match h1::send(up, &mut self.buf, down, down_buf, framing, out).await {
+                Sent::Response(resp) => break resp,
+                Sent::Lost(_) if can_retry => {
                     retried = true;
                     self.stream = None;
-                    continue;
                 }
-                Err(ForwardError::Write(_)) => {
+                Sent::Lost(_) => {
                     self.stream = None;
                     return Exchange::NoResponse(503, "UC", h1::UPSTREAM_RESET);
                 }
-                Err(ForwardError::Body(_)) => {
-                    self.stream = None;
-                    return Exchange::NoResponse(400, "-", "bad request body");
-                }
-                Err(ForwardError::Read(_) | ForwardError::Truncated) => {
-                    self.stream = None;
-                    return Exchange::Aborted(400, "DC");
-                }
-            }
-            match h1::read_response(up, &mut self.buf, down).await {
-                Ok(resp) => break resp,
-                Err(Some((status, flags, body))) => {
+                Sent::Refused((status, flags, body)) => {
                     self.stream = None;
                     return Exchange::NoResponse(status, flags, body);
                 }
-                Err(None) if can_retry => {
-                    retried = true;
+                Sent::DownstreamBroke => {
                     self.stream = None;
-                }
-                Err(None) => {
-                    self.stream = None;
-                    return Exchange::NoResponse(503, "UC", h1::UPSTREAM_RESET);
+                    return Exchange::Aborted(400, "DC");
                 }
             }
         };
         let Some(up) = self.stream.as_mut() else {
             unreachable!("the response was read from it")
         };
+        let r = h1::relay(up, &mut self.buf, down, &resp, (method, close_down), out).await;
         self.reused = true;
-        let framing = resp.framing(method);
-        let close = close_down || framing == Framing::UntilClose;
-        out.clear();
-        codec::write_response(&resp, close, out);
-        let status = resp.status();
-        let result = h1::forward(up, &mut self.buf, down, framing, out).await;
-        if result.is_err() || !resp.keep_alive() || framing == Framing::UntilClose {
+        if !r.reusable {
             self.stream = None;
         }
-        match result {
-            Ok(_) => Exchange::Done { status, close },
-            Err(ForwardError::Write(_)) => Exchange::Aborted(status, "DC"),
-            Err(_) => Exchange::Aborted(status, "UPE"),
+        match r.flags {
+            "-" => Exchange::Done {
+                status: r.status,
+                close: r.close,
+            },
+            flags => Exchange::Aborted(r.status, flags),
         }
     }
 }

@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::h1::codec::{self, Framing, RequestHead};
-use crate::h1::{self, ForwardError};
+use crate::h1::{self, Sent};
 use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
@@ -669,11 +669,12 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         let write_head = |out: &mut Vec<u8>| {
             codec::write_request(&head, &target.path, drop, extra, false, out);
         };
-        let (status, flags, reason) = if route.target.h2 {
-            bridge_h2(
+        let (status, flags, reason, must_close) = if route.target.h2 {
+            let (status, flags, reason) = bridge_h2(
                 &state, &route, &head, &target, &mut io, &mut buf, framing, close,
             )
-            .await
+            .await;
+            (status, flags, reason, close)
         } else {
             exchange(
                 &state.outbound.pool,
@@ -687,7 +688,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             )
             .await
         };
-        if flags != "-" {
+        if flags != "-" || must_close {
             close = true;
         }
         account(
@@ -713,8 +714,8 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
 /// Forwards one request and its response on the route's connection: the
 /// current one when it is for the same key, else a pooled or new one. A
 /// request without a body is retried once on a new connection when a
-/// reused one turns out closed. Returns the status, response flags and the
-/// access log reason.
+/// reused one turns out closed. Returns the status, response flags, the
+/// access log reason, and whether the downstream connection must close.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     pool: &Pool,
@@ -725,7 +726,7 @@ async fn exchange(
     out: &mut Vec<u8>,
     write_head: impl Fn(&mut Vec<u8>),
     (framing, method, close_down): (Framing, &str, bool),
-) -> (u16, &'static str, String) {
+) -> (u16, &'static str, String, bool) {
     if current.as_ref().is_some_and(|(key, _)| *key != route.key)
         && let Some((key, up)) = current.take()
     {
@@ -746,7 +747,12 @@ async fn exchange(
                 Ok(up) => *current = Some((route.key.clone(), up)),
                 Err(e) => {
                     let _ = h1::reply(down, 503, "upstream connect error", true).await;
-                    return (503, "UF", format!("upstream {} failed: {e}", route.addr));
+                    return (
+                        503,
+                        "UF",
+                        format!("upstream {} failed: {e}", route.addr),
+                        true,
+                    );
                 }
             }
             up_buf.clear();
@@ -757,28 +763,21 @@ async fn exchange(
         out.clear();
         write_head(out);
         let can_retry = reused && framing == Framing::Empty;
-        let failure = match h1::forward(down, down_buf, up, framing, out).await {
-            Ok(_) => match h1::read_response(up, up_buf, down).await {
-                Ok(resp) => break resp,
-                Err(None) => format!("upstream {} closed before responding", route.addr),
-                Err(Some((status, flags, body))) => {
-                    *current = None;
-                    let _ = h1::reply(down, status, body, true).await;
-                    return (status, flags, format!("{body} ({})", route.addr));
-                }
-            },
-            Err(ForwardError::Write(e)) => format!("upstream {} failed: {e}", route.addr),
-            Err(ForwardError::Body(e)) => {
+        let failure = match h1::send(up, up_buf, down, down_buf, framing, out).await {
+            Sent::Response(resp) => break resp,
+            Sent::Lost(why) => format!("upstream {}: {why}", route.addr),
+            Sent::Refused((status, flags, body)) => {
                 *current = None;
-                let _ = h1::reply(down, 400, "bad request body", true).await;
-                return (400, "DPE", e.to_string());
+                let _ = h1::reply(down, status, body, true).await;
+                return (status, flags, format!("{body} ({})", route.addr), true);
             }
-            Err(ForwardError::Read(_) | ForwardError::Truncated) => {
+            Sent::DownstreamBroke => {
                 *current = None;
                 return (
                     400,
                     "DC",
                     "downstream closed in the request body".to_string(),
+                    true,
                 );
             }
         };
@@ -788,29 +787,21 @@ async fn exchange(
             continue;
         }
         let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
-        return (503, "UC", failure);
+        return (503, "UC", failure, true);
     };
     let Some((_, up)) = current.as_mut() else {
         unreachable!("the response was read from it")
     };
-    let framing = resp.framing(method);
-    let close = close_down || framing == Framing::UntilClose;
-    out.clear();
-    codec::write_response(&resp, close, out);
-    let status = resp.status();
-    let result = h1::forward(up, up_buf, down, framing, out).await;
-    if result.is_err() || !resp.keep_alive() || framing == Framing::UntilClose {
+    let r = h1::relay(up, up_buf, down, &resp, (method, close_down), out).await;
+    if !r.reusable {
         *current = None;
     }
-    match result {
-        Ok(_) => (status, "-", "forwarded".to_string()),
-        Err(ForwardError::Write(_)) => (status, "DC", "downstream closed".to_string()),
-        Err(e) => (
-            status,
-            "UPE",
-            format!("response body from {}: {e:?}", route.addr),
-        ),
-    }
+    let reason = match r.flags {
+        "-" => "forwarded".to_string(),
+        "DC" => "downstream closed".to_string(),
+        _ => format!("response body from {} broke off", route.addr),
+    };
+    (r.status, r.flags, reason, r.close)
 }
 
 fn source_labels(

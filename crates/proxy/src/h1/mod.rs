@@ -319,6 +319,96 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// response head.
 pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset before headers";
 
+/// How sending one request upstream ended.
+#[derive(Debug)]
+pub enum Sent {
+    /// The final response head (interim ones went downstream already).
+    Response(ResponseHead),
+    /// The upstream connection failed or closed before any byte of a
+    /// response: a request without a body may go again on a new connection.
+    Lost(String),
+    /// Answer this instead, then close.
+    Refused(Failure),
+    /// The downstream side broke while its body was read: nothing more can
+    /// be sent to it.
+    DownstreamBroke,
+}
+
+/// Writes a request (`out` holds its head) and its body upstream, then
+/// reads the response head, passing interim responses downstream.
+pub async fn send<U, D>(
+    up: &mut U,
+    up_buf: &mut BytesMut,
+    down: &mut D,
+    down_buf: &mut BytesMut,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> Sent
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    match forward(down, down_buf, up, framing, out).await {
+        Ok(_) => {}
+        Err(ForwardError::Write(e)) => return Sent::Lost(e.to_string()),
+        Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
+        Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
+    }
+    match read_response(up, up_buf, down).await {
+        Ok(resp) => Sent::Response(resp),
+        Err(None) => Sent::Lost("closed before responding".to_string()),
+        Err(Some(failure)) => Sent::Refused(failure),
+    }
+}
+
+/// How relaying a response ended.
+#[derive(Debug)]
+pub struct Relayed {
+    pub status: u16,
+    /// The downstream connection must close after this response.
+    pub close: bool,
+    /// The upstream connection can carry another request.
+    pub reusable: bool,
+    /// `-`, or Envoy's flag for what broke: `DC` (downstream), `UPE`
+    /// (upstream body).
+    pub flags: &'static str,
+}
+
+/// Forwards `resp` and its body from `up` to `down` (with
+/// `connection: close` when `close_down`, or when the body runs until the
+/// upstream closes).
+pub async fn relay<U, D>(
+    up: &mut U,
+    up_buf: &mut BytesMut,
+    down: &mut D,
+    resp: &ResponseHead,
+    (method, close_down): (&str, bool),
+    out: &mut Vec<u8>,
+) -> Relayed
+where
+    U: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    let framing = resp.framing(method);
+    let close = close_down || framing == Framing::UntilClose;
+    out.clear();
+    codec::write_response(resp, close, out);
+    let result = forward(up, up_buf, down, framing, out).await;
+    Relayed {
+        status: resp.status(),
+        close,
+        reusable: result.is_ok() && resp.keep_alive() && framing != Framing::UntilClose,
+        flags: match result {
+            Ok(_) => "-",
+            Err(ForwardError::Write(_)) => "DC",
+            Err(_) => "UPE",
+        },
+    }
+}
+
+/// A request body whose chunked encoding is invalid.
+pub const BAD_BODY: Failure = (400, "DPE", "bad request body");
+
 /// What the proxy answers when an upstream response cannot be forwarded:
 /// status, response flags (Envoy's) and body.
 pub type Failure = (u16, &'static str, &'static str);
