@@ -151,12 +151,9 @@ where
         };
         let started = Instant::now();
         let snap = state.snapshot();
-        let target = match h1::target(&head) {
-            Ok(t) if head.method() != "CONNECT" => t,
-            Ok(_) | Err(_) => {
-                let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
-                return;
-            }
+        let Ok(target) = h1::target(&head) else {
+            let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+            return;
         };
         let decision = snap.policy.decide(&conn.facts(Some(HttpAttributes {
             method: head.method(),

@@ -624,12 +624,9 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         };
         let started = Instant::now();
         let snap = state.snapshot();
-        let target = match h1::target(&head) {
-            Ok(t) if head.method() != "CONNECT" => t,
-            Ok(_) | Err(_) => {
-                let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
-                break;
-            }
+        let Ok(target) = h1::target(&head) else {
+            let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+            break;
         };
         let line = [head.method(), &*target.path, target.host];
         let port_hint = target

@@ -256,9 +256,13 @@ pub struct Target<'a> {
     pub absolute: bool,
 }
 
-/// Splits a request's target. Authority-form (CONNECT) and anything else
-/// that is not origin-, absolute- or asterisk-form is an error.
+/// Splits a request's target. `CONNECT` (tunnels are not proxied),
+/// authority-form and anything else that is not origin-, absolute- or
+/// asterisk-form is an error (the proxy answers 405).
 pub fn target(head: &RequestHead) -> Result<Target<'_>, &'static str> {
+    if head.method() == "CONNECT" {
+        return Err("CONNECT is not supported");
+    }
     let raw = head.target();
     if raw.starts_with('/') || raw == "*" {
         let host = match head.header("host") {
@@ -483,6 +487,7 @@ mod tests {
 
         for bad in [
             "CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n",
+            "CONNECT /x HTTP/1.1\r\nHost: svc\r\n\r\n",
             "GET http://user@svc/ HTTP/1.1\r\nHost: svc\r\n\r\n",
             "GET http:///x HTTP/1.1\r\nHost: svc\r\n\r\n",
             "GET ftp://svc/x HTTP/1.1\r\nHost: svc\r\n\r\n",
