@@ -197,7 +197,7 @@ where
                 continue;
             }
         };
-        if head.expects_continue() && io.write_all(h1::CONTINUE).await.is_err() {
+        if h1::answer_continue(&mut io, &head).await.is_err() {
             return;
         }
         if xfcc_cache

@@ -653,7 +653,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 continue;
             }
         };
-        if head.expects_continue() && io.write_all(h1::CONTINUE).await.is_err() {
+        if h1::answer_continue(&mut io, &head).await.is_err() {
             break;
         }
         let host_added = target.absolute || head.header("host").is_none();
@@ -731,6 +731,11 @@ async fn exchange(
     }
     let mut retried = false;
     let resp = loop {
+        // `up_buf` belongs to the current connection: a connection taken
+        // now starts with it empty.
+        if current.is_none() {
+            up_buf.clear();
+        }
         // A retry goes to a new connection, never to another idle one.
         if current.is_none()
             && !retried
@@ -752,7 +757,6 @@ async fn exchange(
                     );
                 }
             }
-            up_buf.clear();
         }
         let Some((_, up)) = current.as_mut() else {
             unreachable!("set above")
@@ -980,7 +984,10 @@ async fn bridge_h2(
     let mut req = HttpRequest::new(Full::new(Bytes::from(body)));
     *req.method_mut() = match http::Method::from_bytes(head.method().as_bytes()) {
         Ok(m) => m,
-        Err(_) => return refuse(400, "invalid method"),
+        Err(_) => {
+            let _ = h1::reply(io, 400, "bad request method", true).await;
+            return refuse(400, "invalid method");
+        }
     };
     match format!("http://{}{}", route.key, target.path).parse::<Uri>() {
         Ok(uri) => *req.uri_mut() = uri,

@@ -315,9 +315,19 @@ impl meshward_policy::Headers for HeaderView<'_> {
     }
 }
 
-/// The answer to `Expect: 100-continue`: the proxy sends it itself, as
-/// Envoy does by default, and does not forward the expectation.
-pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// Answers `Expect: 100-continue` when `head` asks for it: the proxy sends
+/// it itself, as Envoy does by default, and does not forward the
+/// expectation. Flushed, so a client waiting for it sends its body now.
+pub async fn answer_continue<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    head: &RequestHead,
+) -> io::Result<()> {
+    if !head.expects_continue() {
+        return Ok(());
+    }
+    io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+    io.flush().await
+}
 
 /// Envoy's body for a request whose upstream connection broke before the
 /// response head.
@@ -401,7 +411,12 @@ where
     Relayed {
         status: resp.status(),
         close,
-        reusable: result.is_ok() && resp.keep_alive() && framing != Framing::UntilClose,
+        // Bytes after the response that nobody asked for mean the two sides
+        // disagree on framing: such a connection carries nothing more.
+        reusable: result.is_ok()
+            && resp.keep_alive()
+            && framing != Framing::UntilClose
+            && up_buf.is_empty(),
         flags: match result {
             Ok(_) => "-",
             Err(ForwardError::Write(_)) => "DC",
@@ -508,6 +523,32 @@ mod tests {
         assert_eq!(n, 5);
         assert_eq!(dst, b"HEAD\r\nhello");
         assert_eq!(&buf[..], b" wor", "bytes after the body stay buffered");
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_response_make_its_connection_unusable() {
+        for (extra, reusable) in [(&b""[..], true), (&b"HTTP/1.1 200 OK\r\n"[..], false)] {
+            let mut head_buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"[..]);
+            let resp = ResponseHead::parse(&mut head_buf).unwrap().unwrap();
+            let mut up_buf = BytesMut::from(&[&b"ok"[..], extra].concat()[..]);
+            let mut up: &[u8] = b"";
+            let mut down = Vec::new();
+            let r = relay(
+                &mut up,
+                &mut up_buf,
+                &mut down,
+                &resp,
+                ("GET", false),
+                &mut Vec::new(),
+            )
+            .await;
+            assert_eq!(
+                (r.status, r.flags, r.reusable),
+                (200, "-", reusable),
+                "{extra:?}"
+            );
+            assert!(down.ends_with(b"\r\n\r\nok"));
+        }
     }
 
     #[tokio::test]
