@@ -34,6 +34,10 @@ pub struct Args {
     /// Do not reload configuration and certificates when files change.
     #[arg(long)]
     no_watch: bool,
+    /// Close a connection idle this long: HTTP/1.x with no request in
+    /// flight, TCP with no bytes either way (Envoy's default: 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_idle_timeout)]
+    idle_timeout: std::time::Duration,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
@@ -73,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             metrics: args.metrics,
             access_log: !args.no_access_log,
             watch: !args.no_watch,
+            idle_timeout: args.idle_timeout,
         };
         let proxy = meshward_proxy::start(bootstrap, options).await?;
         for l in proxy.listeners.iter() {
@@ -87,6 +92,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match meshward_identity::duration::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be at least 1s".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn shutdown_signal() {

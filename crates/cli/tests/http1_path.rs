@@ -584,3 +584,161 @@ async fn the_application_gets_the_path_the_decision_saw() {
     }
     assert_eq!(log.lock().unwrap().len(), 2, "{:?}", log.lock().unwrap());
 }
+
+/// How long `closes_within` waits for the proxy to close an idle
+/// connection, measured from the connection's last bytes: the timeout
+/// itself plus room for a slow machine.
+async fn idle_close_time(s: &mut TcpStream) -> std::time::Duration {
+    let last_bytes = std::time::Instant::now();
+    let mut chunk = [0u8; 64];
+    let n = tokio::time::timeout(patience() + IDLE_SERVER, s.read(&mut chunk))
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "unexpected bytes on an idle connection");
+    last_bytes.elapsed()
+}
+
+const IDLE_CLIENT: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_SERVER: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let (app, _log, _task) = body_app(false).await;
+    let echo = Echo::start().await;
+    let mesh = Mesh::new();
+    let [http_in, tcp_in, outbound, tcp_out] =
+        [(); 4].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let config = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: orders
+  namespace: production
+  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app_port},tcp=127.0.0.1:{echo_port}"}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: orders}}
+  serviceAccount: orders
+  ports: {{http: {http_port}, tcp: {tcp_port}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: frontend
+  namespace: production
+  annotations:
+    meshward.io/outbound: "{outbound}"
+    meshward.io/tcp-outbound: "{tcp_out}={HOST}:{tcp_port}"
+spec:
+  address: 127.0.0.1
+  labels: {{app: frontend}}
+  serviceAccount: frontend
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: orders, namespace: production}}
+spec:
+  hosts: [{HOST}]
+  ports:
+  - {{number: {http_port}, name: http, protocol: HTTP}}
+  - {{number: {tcp_port}, name: tcp, protocol: TCP}}
+  workloadSelector: {{labels: {{app: orders}}}}
+  resolution: STATIC
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: production}}
+spec: {{mtls: {{mode: PERMISSIVE}}}}
+"#,
+        app_port = app.port(),
+        echo_port = echo.addr.port(),
+        http_port = http_in.port(),
+        tcp_port = tcp_in.port(),
+    );
+    mesh.write_config("mesh.yaml", &config);
+    let secs = |d: std::time::Duration| format!("{}s", d.as_secs());
+    let server = mesh
+        .proxy_with(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+            &["--idle-timeout", &secs(IDLE_SERVER)],
+        )
+        .await;
+    let client = mesh
+        .proxy_with(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+            &["--idle-timeout", &secs(IDLE_CLIENT)],
+        )
+        .await;
+
+    // HTTP/1.1 keep-alive: requests closer together than the timeout keep
+    // the connection; then it is closed one timeout after the last
+    // response, without an answer. Through the client proxy (1s) and
+    // directly to the server proxy (2s).
+    let http = |target: SocketAddr, timeout: std::time::Duration| async move {
+        let mut c = Raw::connect(target).await;
+        for i in 0..3 {
+            if i > 0 {
+                tokio::time::sleep(timeout / 2).await;
+            }
+            c.send(format!("GET /{i} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+                .await;
+            let r = c.response().await;
+            assert_eq!(r.status, 200, "{target} request {i} after a pause: {r:?}");
+        }
+        idle_close_time(&mut c.s).await
+    };
+    // TCP: bytes in either direction keep the connection; silence closes
+    // it. Through the client proxy's TCP listener and directly to the
+    // server proxy.
+    let tcp = |target: SocketAddr, timeout: std::time::Duration| async move {
+        let mut s = TcpStream::connect(target).await.unwrap();
+        for i in 0..3u8 {
+            if i > 0 {
+                tokio::time::sleep(timeout / 2).await;
+            }
+            s.write_all(&[i; 3]).await.unwrap();
+            let mut back = [0u8; 3];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [i; 3], "{target} echo {i}");
+        }
+        idle_close_time(&mut s).await
+    };
+    let (via_client, direct, tcp_via_client, tcp_direct) = tokio::join!(
+        http(outbound, IDLE_CLIENT),
+        http(http_in, IDLE_SERVER),
+        tcp(tcp_out, IDLE_CLIENT),
+        tcp(tcp_in, IDLE_SERVER),
+    );
+    for (what, took, timeout) in [
+        ("HTTP via the client proxy", via_client, IDLE_CLIENT),
+        ("HTTP to the server proxy", direct, IDLE_SERVER),
+        ("TCP via the client proxy", tcp_via_client, IDLE_CLIENT),
+        ("TCP to the server proxy", tcp_direct, IDLE_SERVER),
+    ] {
+        assert!(
+            took >= timeout - std::time::Duration::from_millis(100),
+            "{what}: closed {took:?} after its last bytes, before its {timeout:?} idle timeout"
+        );
+    }
+    // Each proxy logs its TCP connection closed as idle, with the bytes it
+    // carried (three round trips of three bytes).
+    for p in [&client, &server] {
+        let line = p
+            .log_line("an idle TCP connection", |l| {
+                l["kind"] == "tcp"
+                    && l["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("idle_timeout"))
+            })
+            .await;
+        assert_eq!(
+            (line["bytes_sent"].as_u64(), line["bytes_received"].as_u64()),
+            (Some(9), Some(9)),
+            "{}: {line}",
+            p.name
+        );
+    }
+}

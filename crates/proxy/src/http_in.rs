@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::h1::codec::{self, Framing};
 use crate::h1::{self, Sent};
+use crate::idle::IdleTimer;
 use crate::inbound::Conn;
 use crate::rewind::Rewind;
 use crate::state::State;
@@ -145,8 +146,9 @@ where
     let mut out = Vec::with_capacity(1024);
     // The XFCC value, and the proxy identity it was made for.
     let mut xfcc_cache: Option<(String, String)> = None;
+    let mut idle = IdleTimer::new(state.idle_timeout);
     loop {
-        let Some(head) = h1::next_request(&mut io, &mut buf, conn.peer).await else {
+        let Some(head) = h1::next_request(&mut io, &mut buf, conn.peer, &mut idle).await else {
             return;
         };
         let started = Instant::now();

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::idle::{Activity, Counted};
 use crate::rewind::{Rewind, read_client_hello};
 use meshward_config::model::security::MtlsMode;
 use meshward_policy::{Decision, Request, Verdict};
@@ -315,7 +316,7 @@ where
 }
 
 /// The TCP path: one decision per connection, then bytes both ways.
-async fn tcp<S>(state: Arc<State>, conn: Conn, mut io: S, started: Instant)
+async fn tcp<S>(state: Arc<State>, conn: Conn, io: S, started: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -334,16 +335,19 @@ where
     state.metrics.tcp_opened(&labels);
     let (id, close) = state.tcp_conns.track(&conn);
     let (sent, received, error) = match TcpStream::connect(conn.app).await {
-        Ok(mut app) => {
+        Ok(app) => {
             let _ = app.set_nodelay(true);
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut io, &mut app) => match r {
-                    Ok((from_peer, to_peer)) => (to_peer, from_peer, None),
-                    Err(e) => (0, 0, Some(format!("connection error: {e}"))),
-                },
-                // Byte counts of a connection closed this way are not known.
-                () = close.notified() => (0, 0, Some("policy_changed: the new policy denies this connection".to_string())),
-            }
+            let activity = Activity::new();
+            let mut peer = Counted::new(io, &activity);
+            let mut app = Counted::new(app, &activity);
+            let error = tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut peer, &mut app) => {
+                    r.err().map(|e| format!("connection error: {e}"))
+                }
+                () = close.notified() => Some(format!("{POLICY_CHANGED}: the new policy denies this connection")),
+                () = activity.idle(state.idle_timeout) => Some(idle_reason(state.idle_timeout)),
+            };
+            (app.bytes_read(), peer.bytes_read(), error)
         }
         Err(e) => (
             0,
@@ -352,7 +356,10 @@ where
         ),
     };
     state.tcp_conns.untrack(id);
-    if error.is_some() {
+    if error
+        .as_deref()
+        .is_some_and(|e| !e.starts_with(IDLE_TIMEOUT))
+    {
         labels.response_flags = "UF".to_string();
     }
     state.metrics.tcp_closed(&labels, sent, received);
@@ -374,7 +381,7 @@ fn log_tcp(
     let snap = state.snapshot();
     let mut record = conn.record(&snap.identity, "tcp", started, Some(d));
     if let Some(e) = error {
-        if e.starts_with("policy_changed") {
+        if e.starts_with(POLICY_CHANGED) {
             record.decision = "deny";
         }
         record.reason = e;
@@ -382,6 +389,20 @@ fn log_tcp(
     record.bytes_sent = sent;
     record.bytes_received = received;
     state.metrics.access().write(&record);
+}
+
+/// The access-log reason of a TCP connection closed because a policy
+/// change denies it.
+const POLICY_CHANGED: &str = "policy_changed";
+/// The access-log reason of a connection closed by its idle timeout.
+pub const IDLE_TIMEOUT: &str = "idle_timeout";
+
+/// The access-log reason for a connection closed after `timeout` idle.
+pub fn idle_reason(timeout: std::time::Duration) -> String {
+    format!(
+        "{IDLE_TIMEOUT}: no bytes either way for {}s",
+        timeout.as_secs()
+    )
 }
 
 /// The access-log `decision` and `reason` of a decision. An allow that

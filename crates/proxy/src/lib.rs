@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod h1;
 pub mod http_in;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 mod rewind;
@@ -45,6 +46,8 @@ pub struct Options {
     pub access_log: bool,
     /// Re-read configuration and certificates when their files change.
     pub watch: bool,
+    /// How long a connection may sit idle ([`idle`]).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Why the proxy could not start.
@@ -100,7 +103,7 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
         AccessLog::Off
     };
     let metrics = Arc::new(Metrics::new(access));
-    let state = State::load(bootstrap, metrics)?;
+    let state = State::load(bootstrap, metrics, options.idle_timeout)?;
     let snap = state.snapshot();
     let mut infos = Vec::new();
     let mut tasks: Vec<(TcpListener, Launch)> = Vec::new();

@@ -34,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::h1::codec::{self, Framing, RequestHead};
 use crate::h1::{self, Sent};
 use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
+use crate::idle::{Activity, Counted, IdleTimer};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
@@ -618,8 +619,9 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
     let mut current: Current = None;
     let mut up_buf = BytesMut::new();
     let mut out = Vec::with_capacity(1024);
+    let mut idle = IdleTimer::new(state.idle_timeout);
     loop {
-        let Some(head) = h1::next_request(&mut io, &mut buf, peer).await else {
+        let Some(head) = h1::next_request(&mut io, &mut buf, peer, &mut idle).await else {
             break;
         };
         let started = Instant::now();
@@ -1167,10 +1169,30 @@ fn tls_word(mode: TlsMode) -> &'static str {
     }
 }
 
+/// Copies bytes both ways until either side closes or nothing moves for the
+/// idle timeout. Returns the access-log reason and the bytes read from
+/// `up`.
+async fn relay_tcp<D, U>(
+    down: &mut Counted<D>,
+    up: &mut Counted<U>,
+    idle: impl Future<Output = ()>,
+    timeout: Duration,
+) -> (io::Result<String>, u64)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let r = tokio::select! {
+        r = tokio::io::copy_bidirectional(down, up) => r.map(|_| "forwarded".to_string()),
+        () = idle => Ok(crate::inbound::idle_reason(timeout)),
+    };
+    (r, up.bytes_read())
+}
+
 /// Serves one TCP outbound listener: every connection goes to `target`.
 pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpListener) {
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "TCP outbound accept failed");
@@ -1195,26 +1217,34 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
             let mtls = route.mode != TlsMode::Disable;
             let labels = source_labels(&snap, Some(&route), "tcp", mtls);
             state.metrics.tcp_opened(&labels);
+            let activity = Activity::new();
+            let mut down = Counted::new(stream, &activity);
+            let mut up_read = 0;
             let result = async {
                 let tcp = TcpStream::connect(route.addr).await?;
                 let _ = tcp.set_nodelay(true);
-                match &route.target.tls {
+                let idle = activity.idle(state.idle_timeout);
+                let (r, read) = match &route.target.tls {
                     None => {
-                        let mut tcp = tcp;
-                        tokio::io::copy_bidirectional(&mut stream, &mut tcp).await
+                        let mut up = Counted::new(tcp, &activity);
+                        relay_tcp(&mut down, &mut up, idle, state.idle_timeout).await
                     }
                     Some((config, server_name)) => {
-                        let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
                             .connect(server_name.clone(), tcp)
                             .await?;
-                        tokio::io::copy_bidirectional(&mut stream, &mut tls).await
+                        let mut up = Counted::new(tls, &activity);
+                        relay_tcp(&mut down, &mut up, idle, state.idle_timeout).await
                     }
-                }
+                };
+                up_read = read;
+                r
             }
             .await;
-            let (sent, received, reason) = match result {
-                Ok((up, down)) => (down, up, "forwarded".to_string()),
-                Err(e) => (0, 0, format!("upstream {} failed: {e}", route.addr)),
+            let (sent, received) = (down.bytes_read(), up_read);
+            let reason = match result {
+                Ok(reason) => reason,
+                Err(e) => format!("upstream {} failed: {e}", route.addr),
             };
             state.metrics.tcp_closed(&labels, sent, received);
             state.metrics.access().write(&AccessRecord {

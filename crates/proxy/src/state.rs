@@ -154,6 +154,8 @@ pub struct State {
     pub outbound: crate::outbound::Outbound,
     /// Open inbound TCP connections, re-checked when policy changes.
     pub tcp_conns: TcpTracker,
+    /// How long a connection may sit idle ([`crate::idle`]).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// An open inbound TCP connection's facts and the signal that closes it.
@@ -230,7 +232,11 @@ impl TcpTracker {
 
 impl State {
     /// Loads everything once; any failure here stops the proxy from starting.
-    pub fn load(bootstrap: Bootstrap, metrics: Arc<Metrics>) -> Result<Arc<State>, LoadError> {
+    pub fn load(
+        bootstrap: Bootstrap,
+        metrics: Arc<Metrics>,
+        idle_timeout: std::time::Duration,
+    ) -> Result<Arc<State>, LoadError> {
         let snapshot = load_snapshot(&bootstrap, 1)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
         Ok(Arc::new(State {
@@ -251,6 +257,7 @@ impl State {
             .build(hyper_util::client::legacy::connect::HttpConnector::new()),
             outbound: crate::outbound::Outbound::default(),
             tcp_conns: TcpTracker::default(),
+            idle_timeout,
         }))
     }
 

@@ -289,6 +289,11 @@ impl Mesh {
 
     /// Starts a proxy for workload `ns/name` and waits until it is ready.
     pub async fn proxy(&self, workload: &str, certs: &Path) -> ProxyProcess {
+        self.proxy_with(workload, certs, &[]).await
+    }
+
+    /// [`Mesh::proxy`] with extra command-line arguments.
+    pub async fn proxy_with(&self, workload: &str, certs: &Path, extra: &[&str]) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut child = Command::new(BIN)
@@ -309,6 +314,7 @@ impl Mesh {
                 "--worker-threads",
                 "1",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

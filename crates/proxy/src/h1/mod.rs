@@ -22,6 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use codec::{ChunkedScanner, Framing, HeadError, RequestHead, ResponseHead};
 
+use crate::idle::IdleTimer;
+
 /// Read buffer size of each side of a connection.
 pub const READ_BUF: usize = 16 * 1024;
 
@@ -41,6 +43,8 @@ pub enum ReadError {
     Truncated,
     /// The rest of a started head did not arrive within [`HEAD_TIMEOUT`].
     Timeout,
+    /// No head began within the connection's idle timeout.
+    Idle,
     Io(io::Error),
 }
 
@@ -66,15 +70,17 @@ async fn fill<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> io::Resul
 }
 
 /// Reads until `parse` finds a complete head in `buf`. `Ok(None)`: the peer
-/// closed cleanly before sending anything. Waiting for a head to begin has
-/// no limit (an idle kept-alive connection); once part of one has arrived,
-/// the rest must follow within [`HEAD_TIMEOUT`] (a peer dribbling a head
-/// cannot hold the connection forever). The timer exists only while a head
-/// is incomplete, which it rarely is: a head usually arrives in one read.
+/// closed cleanly before sending anything. Waiting for a head to begin is
+/// limited by `idle` (a kept-alive connection with no request in flight),
+/// or not at all without one; once part of a head has arrived, the rest
+/// must follow within [`HEAD_TIMEOUT`] (a peer dribbling a head cannot
+/// hold the connection forever). That timer exists only while a head is
+/// incomplete, which it rarely is: a head usually arrives in one read.
 pub async fn read_head<S, H>(
     io: &mut S,
     buf: &mut BytesMut,
     parse: fn(&mut BytesMut) -> Result<Option<H>, HeadError>,
+    mut idle: Option<&mut IdleTimer>,
 ) -> Result<Option<H>, ReadError>
 where
     S: AsyncRead + Unpin,
@@ -87,7 +93,10 @@ where
             return Ok(Some(head));
         }
         let read = if buf.is_empty() {
-            fill(io, buf).await
+            match idle.as_deref_mut() {
+                Some(idle) => idle.wait(fill(io, buf)).await.ok_or(ReadError::Idle)?,
+                None => fill(io, buf).await,
+            }
         } else {
             let deadline =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
@@ -106,18 +115,24 @@ where
 }
 
 /// Reads the next request of a downstream connection. `None`: the
-/// connection is done: the peer closed it, or its head was refused (the
-/// answer, `400`, `431` or `408`, has been sent; the caller closes).
+/// connection is done: the peer closed it, it stayed idle past `idle`'s
+/// timeout, or its head was refused (the answer, `400`, `431` or `408`,
+/// has been sent; the caller closes).
 pub async fn next_request<S>(
     io: &mut S,
     buf: &mut BytesMut,
     peer: std::net::SocketAddr,
+    idle: &mut IdleTimer,
 ) -> Option<RequestHead>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (status, body) = match read_head(io, buf, RequestHead::parse).await {
+    let (status, body) = match read_head(io, buf, RequestHead::parse, Some(idle)).await {
         Ok(head) => return head,
+        Err(ReadError::Idle) => {
+            tracing::debug!(peer = %peer, "idle timeout: closing the connection");
+            return None;
+        }
         Err(ReadError::Io(_) | ReadError::Truncated) => return None,
         Err(ReadError::Timeout) => (408, "request timeout"),
         Err(ReadError::Head(e)) => {
@@ -450,10 +465,11 @@ where
     D: AsyncWrite + Unpin,
 {
     loop {
-        let resp = match read_head(up, buf, ResponseHead::parse).await {
+        let resp = match read_head(up, buf, ResponseHead::parse, None).await {
             Ok(Some(resp)) => resp,
             Ok(None) | Err(ReadError::Io(_)) => return Err(None),
-            Err(ReadError::Timeout) => return Err(Some(UPSTREAM_TIMEOUT)),
+            // No idle timer here: waiting for a response has no limit.
+            Err(ReadError::Timeout | ReadError::Idle) => return Err(Some(UPSTREAM_TIMEOUT)),
             Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(BAD_RESPONSE)),
         };
         match resp.status() {
@@ -595,15 +611,41 @@ mod tests {
         // jump straight to any timer).
         let idle = tokio::time::timeout(
             HEAD_TIMEOUT * 10,
-            read_head(&mut server, &mut buf, RequestHead::parse),
+            read_head(&mut server, &mut buf, RequestHead::parse, None),
         )
         .await;
         assert!(idle.is_err(), "still waiting after ten head timeouts");
         client.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
         let started = tokio::time::Instant::now();
-        let r = read_head(&mut server, &mut buf, RequestHead::parse).await;
+        let r = read_head(&mut server, &mut buf, RequestHead::parse, None).await;
         assert!(matches!(r, Err(ReadError::Timeout)), "{r:?}");
         assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_without_an_answer() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        let timeout = std::time::Duration::from_secs(3600);
+        let mut idle = IdleTimer::new(timeout);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let head = next_request(&mut server, &mut buf, peer, &mut idle).await;
+        assert_eq!(head.map(|h| h.method().to_string()).as_deref(), Some("GET"));
+        let started = tokio::time::Instant::now();
+        assert!(
+            next_request(&mut server, &mut buf, peer, &mut idle)
+                .await
+                .is_none()
+        );
+        assert_eq!(started.elapsed(), timeout);
+        drop(server);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
     }
 
     #[tokio::test]

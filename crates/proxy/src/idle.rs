@@ -1,0 +1,246 @@
+//! Idle timeouts. Like Envoy's defaults in an Istio sidecar, a downstream
+//! HTTP/1.x connection with no request in flight, and a TCP connection with
+//! no bytes in either direction, is closed after [`DEFAULT_IDLE_TIMEOUT`]
+//! (one hour; `meshward proxy --idle-timeout`).
+//!
+//! Both timers cost nothing per request or per read beyond a clock read:
+//! each connection registers one timer, which is re-armed only when it
+//! fires early, that is at most once per timeout period.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Envoy's default idle timeout for HTTP and TCP connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The idle timer of one connection that waits for requests.
+#[derive(Debug)]
+pub struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    pub fn new(timeout: Duration) -> IdleTimer {
+        IdleTimer {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Runs `fut` (waiting for the next request); `None` when it has not
+    /// finished `timeout` after the call began.
+    pub async fn wait<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let due = Instant::now() + self.timeout;
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                () = self.sleep.as_mut() => {
+                    // Armed for an earlier wait: re-arm for this one.
+                    if Instant::now() >= due {
+                        return None;
+                    }
+                    self.sleep.as_mut().reset(due);
+                }
+            }
+        }
+    }
+}
+
+/// When a TCP connection last carried bytes, and how many each way. Shared
+/// by the [`Counted`] streams of both sides and [`Activity::idle`].
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    /// Milliseconds after `start` of the last read that returned bytes.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self
+            .start
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes once no bytes have moved for `timeout`.
+    pub async fn idle(&self, timeout: Duration) {
+        loop {
+            let due = self.last() + timeout;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// A stream that counts the bytes read from it and records the time of
+/// each read in its connection's [`Activity`].
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    read: u64,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, activity: &Arc<Activity>) -> Counted<S> {
+        Counted {
+            inner,
+            activity: Arc::clone(activity),
+            read: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read += n as u64;
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const T: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_one_timeout_after_it_began() {
+        let mut idle = IdleTimer::new(T);
+        // Forty minutes of work before the first wait: the timer armed at
+        // creation fires early and is re-armed for the wait.
+        tokio::time::sleep(Duration::from_secs(40 * 60)).await;
+        let began = Instant::now();
+        assert_eq!(idle.wait(std::future::pending::<()>()).await, None);
+        assert_eq!(began.elapsed(), T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_finishes_returns_its_output() {
+        let mut idle = IdleTimer::new(T);
+        let out = idle
+            .wait(async {
+                tokio::time::sleep(T - Duration::from_secs(1)).await;
+                7
+            })
+            .await;
+        assert_eq!(out, Some(7));
+        // The next wait gets a full timeout of its own.
+        let began = Instant::now();
+        assert_eq!(idle.wait(std::future::pending::<()>()).await, None);
+        assert_eq!(began.elapsed(), T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_either_way_postpones_the_tcp_timeout() {
+        let activity = Activity::new();
+        let (a, mut a_peer) = tokio::io::duplex(64);
+        let (b, mut b_peer) = tokio::io::duplex(64);
+        let mut a = Counted::new(a, &activity);
+        let mut b = Counted::new(b, &activity);
+        let began = Instant::now();
+        let traffic = async {
+            let mut byte = [0u8; 1];
+            tokio::time::sleep(T / 2).await;
+            a_peer.write_all(b"x").await.unwrap();
+            a.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(T / 2).await;
+            b_peer.write_all(b"yz").await.unwrap();
+            b.read_exact(&mut [0u8; 2]).await.unwrap();
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = activity.idle(T) => {}
+            () = traffic => unreachable!(),
+        }
+        // Idle one full timeout after the last bytes, which moved at T.
+        assert_eq!(began.elapsed(), T * 2);
+        assert_eq!((a.bytes_read(), b.bytes_read()), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_tcp_connection_is_idle_after_one_timeout() {
+        let activity = Activity::new();
+        let began = Instant::now();
+        activity.idle(T).await;
+        assert_eq!(began.elapsed(), T);
+    }
+}
