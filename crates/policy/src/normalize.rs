@@ -29,24 +29,35 @@ impl std::fmt::Display for PathError {
 /// - `MERGE_SLASHES`: BASE, then repeated slashes are merged;
 /// - `DECODE_AND_MERGE_SLASHES`: `%2F` and `%5C` are decoded to `/` first.
 pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<Cow<'_, str>, PathError> {
-    let path = match raw.find(['?', '#']) {
-        Some(i) => &raw[..i],
-        None => raw,
-    };
-    if mode == PathNormalization::None {
-        return Ok(Cow::Borrowed(path));
-    }
-    let bytes = path.as_bytes();
     let merge = matches!(
         mode,
         PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
     );
-    let needs_work = bytes.iter().any(|b| matches!(b, b'%' | b'\\'))
-        || path.contains("/.")
-        || (merge && path.contains("//"));
-    if !needs_work {
+    // One pass finds where the path ends (the query or fragment) and
+    // whether anything in it needs normalizing: a percent-encoding, a
+    // backslash, a dot segment, or (when merging) a double slash. Most
+    // paths need nothing, and are returned as they are.
+    let mut end = raw.len();
+    let mut needs_work = false;
+    let mut prev = 0u8;
+    for (i, &b) in raw.as_bytes().iter().enumerate() {
+        match b {
+            b'?' | b'#' => {
+                end = i;
+                break;
+            }
+            b'%' | b'\\' => needs_work = true,
+            b'.' if prev == b'/' => needs_work = true,
+            b'/' if merge && prev == b'/' => needs_work = true,
+            _ => {}
+        }
+        prev = b;
+    }
+    let path = &raw[..end];
+    if mode == PathNormalization::None || !needs_work {
         return Ok(Cow::Borrowed(path));
     }
+    let bytes = path.as_bytes();
     let decode_slashes = mode == PathNormalization::DecodeAndMergeSlashes;
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
