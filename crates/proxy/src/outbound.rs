@@ -59,7 +59,46 @@ struct Target {
 /// request for another that expects a different identity.
 #[derive(Clone, Default)]
 pub struct MeshConnector {
-    targets: Arc<Mutex<HashMap<String, Target>>>,
+    targets: Arc<Mutex<Targets>>,
+}
+
+/// How long a registered key is kept after its last request: well past
+/// the hyper pool's idle timeout (90 s), so a key is only forgotten once
+/// no pooled connection can still want it; a later request registers it
+/// again before it connects.
+const TARGET_TTL: Duration = Duration::from_secs(600);
+
+/// The keys known to [`MeshConnector`]. Keys unused for [`TARGET_TTL`] are
+/// dropped whenever the map has doubled since the last sweep, so a
+/// workload whose endpoints, identities or modes keep changing does not
+/// accumulate them for ever.
+#[derive(Debug, Default)]
+struct Targets {
+    by_key: HashMap<String, (Target, Instant)>,
+    /// Size at which the next sweep runs.
+    sweep_at: usize,
+}
+
+/// The smallest map that is swept.
+const SWEEP_MIN: usize = 256;
+
+impl Targets {
+    fn register(&mut self, key: &str, target: &Target, now: Instant) {
+        if let Some((_, used)) = self.by_key.get_mut(key) {
+            *used = now;
+            return;
+        }
+        if self.by_key.len() >= self.sweep_at.max(SWEEP_MIN) {
+            self.by_key
+                .retain(|_, (_, used)| now.duration_since(*used) < TARGET_TTL);
+            self.sweep_at = self.by_key.len() * 2;
+        }
+        self.by_key.insert(key.to_string(), (target.clone(), now));
+    }
+
+    fn get(&self, key: &str) -> Option<Target> {
+        self.by_key.get(key).map(|(t, _)| t.clone())
+    }
 }
 
 impl std::fmt::Debug for MeshConnector {
@@ -147,8 +186,7 @@ impl tower_service::Service<Uri> for MeshConnector {
             .targets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&authority)
-            .cloned();
+            .get(&authority);
         Box::pin(async move {
             // Unknown key: never guess where or how to connect.
             let t = target.ok_or_else(|| format!("no upstream registered for {authority}"))?;
@@ -486,14 +524,11 @@ impl Outbound {
 
     /// Makes `route`'s key known to the hyper client's connector.
     fn register(&self, route: &Route) {
-        let mut targets = self
-            .connector
+        self.connector
             .targets
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if !targets.contains_key(&*route.key) {
-            targets.insert(route.key.to_string(), route.target.clone());
-        }
+            .unwrap_or_else(|e| e.into_inner())
+            .register(&route.key, &route.target, Instant::now());
     }
 
     /// A client config from a DestinationRule's files (SIMPLE, MUTUAL).
@@ -1271,5 +1306,56 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 bytes_received: received,
             });
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(port: u16) -> Target {
+        Target {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls: None,
+            h2: true,
+        }
+    }
+
+    #[test]
+    fn connector_keys_unused_for_a_while_are_forgotten() {
+        let mut t = Targets::default();
+        let start = Instant::now();
+        // A workload whose upstream keys keep changing: one new key every
+        // second for an hour, the first one still in use all along.
+        for i in 0..3600u16 {
+            let now = start + Duration::from_secs(u64::from(i));
+            t.register("steady", &target(1), now);
+            t.register(&format!("k{i}"), &target(i), now);
+        }
+        let now = start + Duration::from_secs(3599);
+        // Only keys used within the TTL (and those added since the last
+        // sweep) remain, and the steady one always does.
+        assert!(t.by_key.len() < 2 * (TARGET_TTL.as_secs() as usize + 1) + SWEEP_MIN);
+        assert_eq!(t.get("steady").map(|t| t.addr.port()), Some(1));
+        assert_eq!(t.get("k3599").map(|t| t.addr.port()), Some(3599));
+        assert!(t.get("k0").is_none(), "a key unused for an hour is kept");
+        assert!(
+            t.by_key
+                .values()
+                .all(|(_, used)| now.duration_since(*used) < TARGET_TTL * 3),
+            "stale keys survive sweeps"
+        );
+    }
+
+    #[test]
+    fn a_small_set_of_keys_is_never_swept() {
+        let mut t = Targets::default();
+        let start = Instant::now();
+        for i in 0..10u16 {
+            t.register(&format!("k{i}"), &target(i), start);
+        }
+        // Days later, a new key: the map is below the sweep size.
+        t.register("new", &target(99), start + Duration::from_secs(86_400));
+        assert_eq!(t.by_key.len(), 11);
     }
 }
