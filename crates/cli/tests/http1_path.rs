@@ -706,15 +706,43 @@ spec: {{mtls: {{mode: PERMISSIVE}}}}
         }
         idle_close_time(&mut s).await
     };
-    let (via_client, direct, tcp_via_client, tcp_direct) = tokio::join!(
+    // HTTP/2 (prior knowledge): the proxy sends GOAWAY and closes.
+    let h2 = |target: SocketAddr, timeout: std::time::Duration| async move {
+        let tcp = TcpStream::connect(target).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        for i in 0..3 {
+            if i > 0 {
+                tokio::time::sleep(timeout / 2).await;
+            }
+            let req = http::Request::get(format!("http://{HOST}/h2-{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200, "{target} HTTP/2 request {i}");
+            resp.into_body().collect().await.unwrap();
+        }
+        let last_bytes = std::time::Instant::now();
+        let _ = tokio::time::timeout(patience() + IDLE_SERVER, conn)
+            .await
+            .expect("the idle HTTP/2 connection was not closed");
+        last_bytes.elapsed()
+    };
+    let (via_client, direct, h2_via_client, h2_direct, tcp_via_client, tcp_direct) = tokio::join!(
         http(outbound, IDLE_CLIENT),
         http(http_in, IDLE_SERVER),
+        h2(outbound, IDLE_CLIENT),
+        h2(http_in, IDLE_SERVER),
         tcp(tcp_out, IDLE_CLIENT),
         tcp(tcp_in, IDLE_SERVER),
     );
     for (what, took, timeout) in [
         ("HTTP via the client proxy", via_client, IDLE_CLIENT),
         ("HTTP to the server proxy", direct, IDLE_SERVER),
+        ("HTTP/2 via the client proxy", h2_via_client, IDLE_CLIENT),
+        ("HTTP/2 to the server proxy", h2_direct, IDLE_SERVER),
         ("TCP via the client proxy", tcp_via_client, IDLE_CLIENT),
         ("TCP to the server proxy", tcp_direct, IDLE_SERVER),
     ] {

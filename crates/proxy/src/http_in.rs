@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::h1::codec::{self, Framing};
 use crate::h1::{self, Sent};
-use crate::idle::IdleTimer;
+use crate::idle::{IdleTimer, Streams};
 use crate::inbound::Conn;
 use crate::rewind::Rewind;
 use crate::state::State;
@@ -374,9 +374,24 @@ async fn serve_hyper<S>(state: Arc<State>, conn: Arc<Conn>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| handle(Arc::clone(&state), Arc::clone(&conn), req));
+    let streams = Streams::new();
+    let (svc_state, svc_streams) = (Arc::clone(&state), Arc::clone(&streams));
+    let svc = service_fn(move |req| {
+        let guard = svc_streams.start();
+        let resp = handle(Arc::clone(&svc_state), Arc::clone(&conn), req);
+        async move { Ok::<_, Infallible>(resp.await?.map(|b| Body::new(guard.hold(b)))) }
+    });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    let mut served = std::pin::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = streams.idle(state.idle_timeout) => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }

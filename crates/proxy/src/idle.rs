@@ -1,9 +1,10 @@
 //! Idle timeouts. Like Envoy's defaults in an Istio sidecar, a downstream
-//! HTTP/1.x connection with no request in flight, and a TCP connection with
-//! no bytes in either direction, is closed after [`DEFAULT_IDLE_TIMEOUT`]
-//! (one hour; `meshward proxy --idle-timeout`).
+//! HTTP connection with no request in flight, and a TCP connection with no
+//! bytes in either direction, is closed after [`DEFAULT_IDLE_TIMEOUT`]
+//! (one hour; `meshward proxy --idle-timeout`). An HTTP/2 connection is
+//! shut down gracefully (GOAWAY, then close).
 //!
-//! Both timers cost nothing per request or per read beyond a clock read:
+//! The timers cost nothing per request or per read beyond a clock read:
 //! each connection registers one timer, which is re-armed only when it
 //! fires early, that is at most once per timeout period.
 
@@ -97,6 +98,92 @@ impl Activity {
             }
             tokio::time::sleep_until(due).await;
         }
+    }
+}
+
+/// The requests in flight on one connection served by hyper (HTTP/2, or
+/// HTTP/1.x to an HTTP/2 application), and when the last one ended. A
+/// request is in flight from its head until its response body is done.
+#[derive(Debug)]
+pub struct Streams {
+    open: AtomicU64,
+    activity: Arc<Activity>,
+}
+
+impl Streams {
+    pub fn new() -> Arc<Streams> {
+        Arc::new(Streams {
+            open: AtomicU64::new(0),
+            activity: Activity::new(),
+        })
+    }
+
+    /// A request begins; it ends when the guard (or the body it wraps) is
+    /// dropped.
+    pub fn start(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(Arc::clone(self))
+    }
+
+    /// Completes once no request has been in flight for `timeout`.
+    pub async fn idle(&self, timeout: Duration) {
+        loop {
+            let due = if self.open.load(Ordering::Relaxed) == 0 {
+                let due = self.activity.last() + timeout;
+                if Instant::now() >= due {
+                    return;
+                }
+                due
+            } else {
+                Instant::now() + timeout
+            };
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One request in flight on a [`Streams`] connection.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    /// The response body, holding the request in flight until it is done.
+    pub fn hold<B>(self, body: B) -> Held<B> {
+        Held { body, _guard: self }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.activity.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request in flight (see [`Streams`]).
+#[derive(Debug)]
+pub struct Held<B> {
+    body: B,
+    _guard: StreamGuard,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -234,6 +321,26 @@ mod tests {
         // Idle one full timeout after the last bytes, which moved at T.
         assert_eq!(began.elapsed(), T * 2);
         assert_eq!((a.bytes_read(), b.bytes_read()), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_is_idle_once_no_request_has_been_in_flight_for_the_timeout() {
+        let streams = Streams::new();
+        let began = Instant::now();
+        // A request that lasts 90 minutes (a long gRPC stream), its
+        // response body held until the end; then nothing.
+        let guard = streams.start();
+        let body = guard.hold(http_body_util::Empty::<bytes::Bytes>::new());
+        let request = async {
+            tokio::time::sleep(T + T / 2).await;
+            drop(body);
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = streams.idle(T) => {}
+            () = request => unreachable!(),
+        }
+        assert_eq!(began.elapsed(), T + T / 2 + T);
     }
 
     #[tokio::test(start_paused = true)]

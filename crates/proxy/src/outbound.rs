@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::h1::codec::{self, Framing, RequestHead};
 use crate::h1::{self, Sent};
 use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
-use crate::idle::{Activity, Counted, IdleTimer};
+use crate::idle::{Activity, Counted, IdleTimer, Streams};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
@@ -636,9 +636,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cache = Arc::new(crate::telemetry::HandleCache::default());
-    let svc = service_fn(move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req));
+    let streams = Streams::new();
+    let (svc_state, svc_streams) = (Arc::clone(&state), Arc::clone(&streams));
+    let svc = service_fn(move |req| {
+        let guard = svc_streams.start();
+        let resp = handle(Arc::clone(&svc_state), peer, Arc::clone(&cache), req);
+        async move { Ok::<_, std::convert::Infallible>(resp.await?.map(|b| Body::new(guard.hold(b)))) }
+    });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    let mut served = std::pin::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = streams.idle(state.idle_timeout) => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
 }
