@@ -4,6 +4,7 @@
 #   scripts/dev.sh fmt        check formatting
 #   scripts/dev.sh clippy     lint every target, warnings are errors
 #   scripts/dev.sh doc        build the API docs, warnings are errors
+#   scripts/dev.sh deny       licenses, banned and duplicate crates, sources (cargo-deny)
 #   scripts/dev.sh test       the test suite (what the README names)
 #   scripts/dev.sh bench-smoke  run each benchmark once, as a test
 #   scripts/dev.sh fuzz SECS  run every fuzz target for SECS seconds (nightly + cargo-fuzz)
@@ -34,6 +35,13 @@ fmt() { cargo fmt --all -- --check; }
 clippy() { cargo clippy --workspace --all-targets --locked -- -D warnings; }
 doc() { RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked; }
 test() { cargo test --workspace --locked; }
+# deny.toml: permissive licenses, one crypto stack, no duplicate versions
+# beyond the listed ones, crates.io only. Advisories need GitHub (RustSec
+# database), which CI cannot reach: `cargo deny check advisories` by hand.
+deny() {
+    command -v cargo-deny >/dev/null || cargo install --locked cargo-deny@0.20.2
+    cargo deny --locked check bans licenses sources
+}
 bench_smoke() { cargo bench --workspace --benches --locked -- --test; }
 # The fuzz targets must keep compiling against the code they fuzz (stable
 # toolchain; running them needs nightly, see fuzz()).
@@ -56,11 +64,12 @@ case "${1:-}" in
     fmt) fmt ;;
     clippy) clippy ;;
     doc) doc ;;
+    deny) deny ;;
     test) test ;;
     bench-smoke) bench_smoke ;;
     fuzz) fuzz "${2:-60}" ;;
     bench) shift; exec bench/run.sh "$@" ;;
     fuzz-check) fuzz_check ;;
-    ci) setup; fmt; clippy; test; doc; bench_smoke; fuzz_check ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    ci) setup; fmt; clippy; deny; test; doc; bench_smoke; fuzz_check ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
