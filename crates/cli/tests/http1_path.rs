@@ -599,6 +599,23 @@ async fn idle_close_time(s: &mut TcpStream) -> std::time::Duration {
     last_bytes.elapsed()
 }
 
+#[test]
+fn an_invalid_idle_timeout_is_refused_before_anything_starts() {
+    for (value, says) in [("0s", "at least 1s"), ("soon", "invalid duration")] {
+        let out = std::process::Command::new(BIN)
+            .args(["proxy", "-c", "none", "-w", "a/b", "--certs", "none"])
+            .args(["--idle-timeout", value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+        assert!(
+            err.contains("--idle-timeout") && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+}
+
 const IDLE_CLIENT: std::time::Duration = std::time::Duration::from_secs(1);
 const IDLE_SERVER: std::time::Duration = std::time::Duration::from_secs(2);
 
