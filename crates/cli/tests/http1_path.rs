@@ -5,7 +5,8 @@
 //! exactly as sent: chunked bodies and responses, pipelining,
 //! `Expect: 100-continue`, HTTP/1.0, ambiguous framing (request
 //! smuggling), oversized heads, an application that closes idle
-//! connections, and an HTTP/1.1 client calling an HTTP/2 port.
+//! connections, an HTTP/1.1 client calling an HTTP/2 port, and the
+//! proxies' own idle timeouts (HTTP/1.1, HTTP/2 and TCP).
 
 mod support;
 
