@@ -374,25 +374,43 @@ async fn serve_hyper<S>(state: Arc<State>, conn: Arc<Conn>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let timeout = state.idle_timeout;
+    let svc = move |req| handle(Arc::clone(&state), Arc::clone(&conn), req);
+    if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
+        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+/// Serves one connection through hyper (HTTP/1.x or HTTP/2, by what the
+/// peer speaks), each request answered by `handle`; once no request has
+/// been in flight for `idle_timeout`, the connection is shut down
+/// gracefully (HTTP/2: GOAWAY).
+pub async fn serve_hyper_conn<S, F, Fut>(
+    io: S,
+    idle_timeout: std::time::Duration,
+    handle: F,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(HttpRequest<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let streams = Streams::new();
-    let (svc_state, svc_streams) = (Arc::clone(&state), Arc::clone(&streams));
+    let in_flight = Arc::clone(&streams);
     let svc = service_fn(move |req| {
-        let guard = svc_streams.start();
-        let resp = handle(Arc::clone(&svc_state), Arc::clone(&conn), req);
+        let guard = in_flight.start();
+        let resp = handle(req);
         async move { Ok::<_, Infallible>(resp.await?.map(|b| Body::new(guard.hold(b)))) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = builder.serve_connection(TokioIo::new(io), svc);
     let mut served = std::pin::pin!(served);
-    let result = tokio::select! {
+    tokio::select! {
         r = served.as_mut() => r,
-        () = streams.idle(state.idle_timeout) => {
+        () = streams.idle(idle_timeout) => {
             served.as_mut().graceful_shutdown();
             served.await
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }
 

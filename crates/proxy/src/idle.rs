@@ -22,6 +22,17 @@ use tokio::time::{Instant, Sleep};
 /// Envoy's default idle timeout for HTTP and TCP connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The access-log reason of a TCP connection closed by its idle timeout.
+pub const IDLE_TIMEOUT: &str = "idle_timeout";
+
+/// The access-log reason for a TCP connection closed after `timeout` idle.
+pub fn idle_reason(timeout: Duration) -> String {
+    format!(
+        "{IDLE_TIMEOUT}: no bytes either way for {}s",
+        timeout.as_secs()
+    )
+}
+
 /// The idle timer of one connection that waits for requests.
 #[derive(Debug)]
 pub struct IdleTimer {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::idle::{Activity, Counted};
+use crate::idle::{Activity, Counted, IDLE_TIMEOUT, idle_reason};
 use crate::rewind::{Rewind, read_client_hello};
 use meshward_config::model::security::MtlsMode;
 use meshward_policy::{Decision, Request, Verdict};
@@ -394,16 +394,6 @@ fn log_tcp(
 /// The access-log reason of a TCP connection closed because a policy
 /// change denies it.
 const POLICY_CHANGED: &str = "policy_changed";
-/// The access-log reason of a connection closed by its idle timeout.
-pub const IDLE_TIMEOUT: &str = "idle_timeout";
-
-/// The access-log reason for a connection closed after `timeout` idle.
-pub fn idle_reason(timeout: std::time::Duration) -> String {
-    format!(
-        "{IDLE_TIMEOUT}: no bytes either way for {}s",
-        timeout.as_secs()
-    )
-}
 
 /// The access-log `decision` and `reason` of a decision. An allow that
 /// still needs the external authorizer is a deny: ext-authz is not

@@ -21,7 +21,6 @@ use http::header::{HOST, HeaderValue};
 use http::{Request as HttpRequest, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -33,8 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::h1::codec::{self, Framing, RequestHead};
 use crate::h1::{self, Sent};
-use crate::http_in::{Body, XFCC, full, request_line, strip_hop_by_hop};
-use crate::idle::{Activity, Counted, IdleTimer, Streams};
+use crate::http_in::{Body, XFCC, full, request_line, serve_hyper_conn, strip_hop_by_hop};
+use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
@@ -636,24 +635,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cache = Arc::new(crate::telemetry::HandleCache::default());
-    let streams = Streams::new();
-    let (svc_state, svc_streams) = (Arc::clone(&state), Arc::clone(&streams));
-    let svc = service_fn(move |req| {
-        let guard = svc_streams.start();
-        let resp = handle(Arc::clone(&svc_state), peer, Arc::clone(&cache), req);
-        async move { Ok::<_, std::convert::Infallible>(resp.await?.map(|b| Body::new(guard.hold(b)))) }
-    });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let served = builder.serve_connection(TokioIo::new(io), svc);
-    let mut served = std::pin::pin!(served);
-    let result = tokio::select! {
-        r = served.as_mut() => r,
-        () = streams.idle(state.idle_timeout) => {
-            served.as_mut().graceful_shutdown();
-            served.await
-        }
-    };
-    if let Err(e) = result {
+    let timeout = state.idle_timeout;
+    let svc = move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req);
+    if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
 }
@@ -1225,7 +1209,7 @@ fn tls_word(mode: TlsMode) -> &'static str {
 async fn relay_tcp<D, U>(
     down: &mut Counted<D>,
     up: &mut Counted<U>,
-    idle: impl Future<Output = ()>,
+    activity: &Activity,
     timeout: Duration,
 ) -> (io::Result<String>, u64)
 where
@@ -1234,7 +1218,7 @@ where
 {
     let r = tokio::select! {
         r = tokio::io::copy_bidirectional(down, up) => r.map(|_| "forwarded".to_string()),
-        () = idle => Ok(crate::inbound::idle_reason(timeout)),
+        () = activity.idle(timeout) => Ok(idle_reason(timeout)),
     };
     (r, up.bytes_read())
 }
@@ -1273,18 +1257,17 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
             let result = async {
                 let tcp = TcpStream::connect(route.addr).await?;
                 let _ = tcp.set_nodelay(true);
-                let idle = activity.idle(state.idle_timeout);
                 let (r, read) = match &route.target.tls {
                     None => {
                         let mut up = Counted::new(tcp, &activity);
-                        relay_tcp(&mut down, &mut up, idle, state.idle_timeout).await
+                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await
                     }
                     Some((config, server_name)) => {
                         let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
                             .connect(server_name.clone(), tcp)
                             .await?;
                         let mut up = Counted::new(tls, &activity);
-                        relay_tcp(&mut down, &mut up, idle, state.idle_timeout).await
+                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await
                     }
                 };
                 up_read = read;
