@@ -34,8 +34,9 @@ pub struct Args {
     /// Do not reload configuration and certificates when files change.
     #[arg(long)]
     no_watch: bool,
-    /// Close a connection idle this long: HTTP/1.x with no request in
-    /// flight, TCP with no bytes either way (Envoy's default: 1h).
+    /// Close a connection idle this long: HTTP with no request in flight
+    /// (HTTP/2: GOAWAY first), TCP with no bytes either way (Envoy's
+    /// default, `meshward_proxy::idle::DEFAULT_IDLE_TIMEOUT`: 1h).
     #[arg(long, default_value = "1h", value_parser = parse_idle_timeout)]
     idle_timeout: std::time::Duration,
     /// Worker threads (0: one per core).
