@@ -199,7 +199,6 @@ impl WorkloadPolicy {
         &self.peer
     }
 
-    /// The effective mTLS mode on a workload port.
     /// The request-target to forward for `raw`: its path normalized as
     /// authorization sees it (`meshConfig.pathNormalization`), then the
     /// query as sent. The application must get the path the decision was
@@ -223,6 +222,7 @@ impl WorkloadPolicy {
         })
     }
 
+    /// The effective mTLS mode on a workload port.
     pub fn mtls(&self, port: u16) -> &PeerDecision {
         self.peer.for_port(port)
     }
