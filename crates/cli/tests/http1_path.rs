@@ -223,42 +223,57 @@ struct Pair {
     inbound: SocketAddr,
 }
 
-/// A client workload (`production/frontend`) and a server workload
-/// (`production/orders`) in front of `app`, on a port named `port_name`.
-/// Frontend may do anything but `/forbidden`; the port is PERMISSIVE, so
-/// tests can also talk plaintext to the server proxy directly.
-/// The pair's configuration, with the server's service named `host`.
-fn mesh_config(
-    app: SocketAddr,
-    port_name: &str,
+/// One port of the server workload: its name (which gives its protocol,
+/// as Istio's port naming does), where peers reach it, and where the
+/// application listens.
+struct Port<'a> {
+    name: &'a str,
     inbound: SocketAddr,
-    outbound: SocketAddr,
-    host: &str,
-) -> String {
-    let protocol = if port_name == "http2" {
-        "HTTP2"
-    } else {
-        "HTTP"
-    };
-    format!(
+    app: SocketAddr,
+}
+
+/// A client workload (`production/frontend`, with the given WorkloadEntry
+/// annotations: its listeners) and a server workload (`production/orders`)
+/// with `ports`, behind the service `host`. Every port is PERMISSIVE, so
+/// tests can also talk plaintext to the server proxy directly. With
+/// `policy`, frontend may do anything but `/forbidden` (an HTTP-only rule:
+/// TCP is then denied); without, everything is allowed.
+fn mesh_yaml(ports: &[Port], frontend_annotations: &[String], host: &str, policy: bool) -> String {
+    let join = |f: &dyn Fn(&Port) -> String| ports.iter().map(f).collect::<Vec<_>>().join(", ");
+    let app_ports = join(&|p| format!("{}=127.0.0.1:{}", p.name, p.app.port()));
+    let wl_ports = join(&|p| format!("{}: {}", p.name, p.inbound.port()));
+    let svc_ports = join(&|p| {
+        let protocol = match p.name {
+            "http2" => "HTTP2",
+            "tcp" => "TCP",
+            _ => "HTTP",
+        };
+        format!(
+            "{{number: {}, name: {}, protocol: {protocol}}}",
+            p.inbound.port(),
+            p.name
+        )
+    });
+    let annotations = frontend_annotations.join(", ");
+    let mut yaml = format!(
         r#"apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata:
   name: orders
   namespace: production
-  annotations: {{meshward.io/app-ports: "{port_name}=127.0.0.1:{app_port}"}}
+  annotations: {{meshward.io/app-ports: "{app_ports}"}}
 spec:
   address: 127.0.0.1
   labels: {{app: orders}}
   serviceAccount: orders
-  ports: {{{port_name}: {in_port}}}
+  ports: {{{wl_ports}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata:
   name: frontend
   namespace: production
-  annotations: {{meshward.io/outbound: "{outbound}"}}
+  annotations: {{{annotations}}}
 spec:
   address: 127.0.0.1
   labels: {{app: frontend}}
@@ -269,7 +284,7 @@ kind: ServiceEntry
 metadata: {{name: orders, namespace: production}}
 spec:
   hosts: [{host}]
-  ports: [{{number: {in_port}, name: {port_name}, protocol: {protocol}}}]
+  ports: [{svc_ports}]
   workloadSelector: {{labels: {{app: orders}}}}
   resolution: STATIC
 ---
@@ -277,18 +292,41 @@ apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {{name: default, namespace: production}}
 spec: {{mtls: {{mode: PERMISSIVE}}}}
----
+"#
+    );
+    if policy {
+        yaml.push_str(
+            r#"---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: orders, namespace: production}}
+metadata: {name: orders, namespace: production}
 spec:
-  selector: {{matchLabels: {{app: orders}}}}
+  selector: {matchLabels: {app: orders}}
   rules:
-  - to: [{{operation: {{notPaths: ["/forbidden"]}}}}]
+  - to: [{operation: {notPaths: ["/forbidden"]}}]
 "#,
-        app_port = app.port(),
-        in_port = inbound.port(),
-    )
+        );
+    }
+    yaml
+}
+
+/// The pair's configuration: one port named `port_name` in front of `app`,
+/// the client's outbound HTTP listener, the policy, and the server's
+/// service named `host`.
+fn mesh_config(
+    app: SocketAddr,
+    port_name: &str,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    host: &str,
+) -> String {
+    let port = Port {
+        name: port_name,
+        inbound,
+        app,
+    };
+    let outbound = format!("meshward.io/outbound: \"{outbound}\"");
+    mesh_yaml(&[port], &[outbound], host, true)
 }
 
 async fn pair(app: SocketAddr, port_name: &str) -> Pair {
@@ -627,53 +665,26 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let mesh = Mesh::new();
     let [http_in, tcp_in, outbound, tcp_out] =
         [(); 4].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
-    let config = format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: orders
-  namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app_port},tcp=127.0.0.1:{echo_port}"}}
-spec:
-  address: 127.0.0.1
-  labels: {{app: orders}}
-  serviceAccount: orders
-  ports: {{http: {http_port}, tcp: {tcp_port}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: frontend
-  namespace: production
-  annotations:
-    meshward.io/outbound: "{outbound}"
-    meshward.io/tcp-outbound: "{tcp_out}={HOST}:{tcp_port}"
-spec:
-  address: 127.0.0.1
-  labels: {{app: frontend}}
-  serviceAccount: frontend
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: orders, namespace: production}}
-spec:
-  hosts: [{HOST}]
-  ports:
-  - {{number: {http_port}, name: http, protocol: HTTP}}
-  - {{number: {tcp_port}, name: tcp, protocol: TCP}}
-  workloadSelector: {{labels: {{app: orders}}}}
-  resolution: STATIC
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: production}}
-spec: {{mtls: {{mode: PERMISSIVE}}}}
-"#,
-        app_port = app.port(),
-        echo_port = echo.addr.port(),
-        http_port = http_in.port(),
-        tcp_port = tcp_in.port(),
-    );
+    let ports = [
+        Port {
+            name: "http",
+            inbound: http_in,
+            app,
+        },
+        Port {
+            name: "tcp",
+            inbound: tcp_in,
+            app: echo.addr,
+        },
+    ];
+    let listeners = [
+        format!("meshward.io/outbound: \"{outbound}\""),
+        format!(
+            "meshward.io/tcp-outbound: \"{tcp_out}={HOST}:{}\"",
+            tcp_in.port()
+        ),
+    ];
+    let config = mesh_yaml(&ports, &listeners, HOST, false);
     mesh.write_config("mesh.yaml", &config);
     let secs = |d: std::time::Duration| format!("{}s", d.as_secs());
     let server = mesh
