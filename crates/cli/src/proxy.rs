@@ -98,6 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
     match meshward_identity::duration::parse_duration(s) {
         Ok(d) if d.is_zero() => Err("must be at least 1s".to_string()),
+        Ok(d) if d > meshward_proxy::idle::MAX_IDLE_TIMEOUT => {
+            Err("must be at most 365d".to_string())
+        }
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }

@@ -640,7 +640,12 @@ async fn idle_close_time(s: &mut TcpStream) -> std::time::Duration {
 
 #[test]
 fn an_invalid_idle_timeout_is_refused_before_anything_starts() {
-    for (value, says) in [("0s", "at least 1s"), ("soon", "invalid duration")] {
+    for (value, says) in [
+        ("0s", "at least 1s"),
+        ("366d", "at most 365d"),
+        ("400000000000y", "at most 365d"),
+        ("soon", "invalid duration"),
+    ] {
         let out = std::process::Command::new(BIN)
             .args(["proxy", "-c", "none", "-w", "a/b", "--certs", "none"])
             .args(["--idle-timeout", value])

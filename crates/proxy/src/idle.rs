@@ -24,6 +24,11 @@ use tokio::time::{Instant, Sleep};
 /// Envoy's default idle timeout for HTTP and TCP connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The longest idle timeout: a year is "never" for a connection, and the
+/// bound keeps every deadline computed from it representable. Longer
+/// values are refused by the CLI and cut to this by [`crate::start`].
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
 /// The access-log reason of a TCP connection closed by its idle timeout.
 pub const IDLE_TIMEOUT: &str = "idle_timeout";
 

@@ -46,7 +46,8 @@ pub struct Options {
     pub access_log: bool,
     /// Re-read configuration and certificates when their files change.
     pub watch: bool,
-    /// How long a connection may sit idle ([`idle`]).
+    /// How long a connection may sit idle ([`idle`]; at most
+    /// [`idle::MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: std::time::Duration,
 }
 
@@ -103,7 +104,8 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
         AccessLog::Off
     };
     let metrics = Arc::new(Metrics::new(access));
-    let state = State::load(bootstrap, metrics, options.idle_timeout)?;
+    let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
+    let state = State::load(bootstrap, metrics, idle_timeout)?;
     let snap = state.snapshot();
     let mut infos = Vec::new();
     let mut tasks: Vec<(TcpListener, Launch)> = Vec::new();
