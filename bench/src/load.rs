@@ -59,7 +59,7 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             ok: 0,
             errors: 0,

@@ -65,8 +65,13 @@ pub struct Args {
     /// Response body size in bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
-    /// Targets to run, comma-separated: direct, envoy, meshward.
-    #[arg(long, value_delimiter = ',', default_value = "direct,envoy,meshward")]
+    /// Targets to run, comma-separated: direct, relay (two plain TCP
+    /// relays: the floor any proxy pair pays), envoy, meshward.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,relay,envoy,meshward"
+    )]
     targets: Vec<String>,
     /// Scenarios to run, comma-separated: keepalive, max, no-keepalive.
     #[arg(

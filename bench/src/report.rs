@@ -8,6 +8,8 @@ use crate::load::LoadResult;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
     Direct,
+    /// Two plain TCP relays (`meshward-relay`): the kernel's floor.
+    Relay,
     Envoy,
     Meshward,
 }
@@ -16,6 +18,7 @@ impl TargetKind {
     pub fn label(self) -> &'static str {
         match self {
             TargetKind::Direct => "no proxy",
+            TargetKind::Relay => "plain TCP relay pair",
             TargetKind::Envoy => "Envoy pair",
             TargetKind::Meshward => "meshward pair",
         }
@@ -185,6 +188,53 @@ pub fn scenario_table(r: &ScenarioResult) -> String {
     s
 }
 
+/// CPU per 1,000 requests above the floor (the plain TCP relay pair):
+/// each proxy pair's own work, with the kernel's cost of moving the bytes
+/// taken out. Keep-alive scenarios only: without keep-alive the relays
+/// open a connection between them per request where the proxies reuse a
+/// pooled one, so they are no floor. Empty without a relay row.
+/// Information, not a target.
+pub fn floor_table(results: &[ScenarioResult]) -> String {
+    let mut rows = String::new();
+    for r in results {
+        if matches!(r.scenario, Scenario::NoKeepAlive { .. }) {
+            continue;
+        }
+        let cpu = |t| r.row(t).and_then(Measurement::cpu_per_1k);
+        let Some(floor) = cpu(TargetKind::Relay) else {
+            continue;
+        };
+        let above = |t| cpu(t).map(|c| c - floor);
+        let (envoy, meshward) = (above(TargetKind::Envoy), above(TargetKind::Meshward));
+        let ratio = match (meshward, envoy) {
+            (Some(m), Some(e)) if e > f64::EPSILON => Some(m / e),
+            _ => None,
+        };
+        let _ = writeln!(
+            rows,
+            "| {} | {} | {} | {} | {} |",
+            r.scenario.title(),
+            opt(Some(floor), 3),
+            opt(envoy, 3),
+            opt(meshward, 3),
+            opt(ratio, 2),
+        );
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "### CPU above the floor (plain TCP relay pair)\n\n\
+         CPU s per 1,000 requests of each pair minus the relay pair's: what the proxies' own work \
+         (TLS, HTTP, policy, telemetry) costs on top of what the kernel charges any proxy pair to \
+         move the same bytes. Keep-alive runs only (without keep-alive, the relays open a \
+         connection between them per request, where proxies reuse a pooled one). Information only; \
+         the targets are on the totals.\n\n\
+         | scenario | relay pair (floor) | Envoy above floor | meshward above floor | ratio |\n\
+         | --- | ---: | ---: | ---: | ---: |\n{rows}\n"
+    )
+}
+
 /// A target of issue 4: the ratio meshward / Envoy and its bound.
 struct Goal {
     what: &'static str,
@@ -311,4 +361,64 @@ pub fn targets_table(results: &[ScenarioResult]) -> String {
     }
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(target: TargetKind, ok: u64, cpu_secs: f64) -> Measurement {
+        let mut load = LoadResult::new();
+        load.ok = ok;
+        let role = |role: &str| ProcUsage {
+            role: role.to_owned(),
+            cpu_secs: cpu_secs / 2.0,
+            peak_rss_kib: 1024,
+        };
+        Measurement {
+            target,
+            load,
+            procs: vec![role("client"), role("server")],
+        }
+    }
+
+    fn scenario(scenario: Scenario, cpu: [f64; 3]) -> ScenarioResult {
+        let [relay, envoy, meshward] = cpu;
+        ScenarioResult {
+            scenario,
+            rows: vec![
+                measured(TargetKind::Relay, 1000, relay),
+                measured(TargetKind::Envoy, 1000, envoy),
+                measured(TargetKind::Meshward, 1000, meshward),
+            ],
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_floor_table_takes_the_relay_pair_out_of_keep_alive_runs_only() {
+        let results = [
+            scenario(
+                Scenario::KeepAlive {
+                    rate: 1000,
+                    connections: 8,
+                },
+                [0.1, 0.5, 0.14],
+            ),
+            scenario(Scenario::NoKeepAlive { rate: 500 }, [0.3, 0.6, 0.2]),
+        ];
+        let table = floor_table(&results);
+        assert!(
+            table.contains("| 0.100 | 0.400 | 0.040 | 0.10 |"),
+            "{table}"
+        );
+        assert!(!table.contains("No keep-alive"), "{table}");
+        // Without a relay row there is no floor to show.
+        let mut without = scenario(
+            Scenario::MaxThroughput { connections: 32 },
+            [0.1, 0.5, 0.14],
+        );
+        without.rows.remove(0);
+        assert_eq!(floor_table(&[without]), "");
+    }
 }

@@ -71,9 +71,10 @@ fn settings(a: &Args) -> Result<Settings> {
     for t in &a.targets {
         targets.push(match t.as_str() {
             "direct" => TargetKind::Direct,
+            "relay" => TargetKind::Relay,
             "envoy" => TargetKind::Envoy,
             "meshward" => TargetKind::Meshward,
-            other => bail!("unknown target {other:?} (direct, envoy, meshward)"),
+            other => bail!("unknown target {other:?} (direct, relay, envoy, meshward)"),
         });
     }
     if !targets.contains(&TargetKind::Direct) {
@@ -174,6 +175,7 @@ async fn run_all(
                 entry: app,
                 procs: Vec::new(),
             }),
+            TargetKind::Relay => start_relay(work, app.port()),
             TargetKind::Envoy => match envoy_binary(args) {
                 Ok(bin) => {
                     envoy_version = envoy::version(&bin);
@@ -302,6 +304,7 @@ async fn run_all(
         md.push_str(&report::scenario_table(r));
     }
     md.push_str(&report::targets_table(&results));
+    md.push_str(&report::floor_table(&results));
     if !notes.is_empty() {
         md.push_str("Notes:\n\n");
         for n in &notes {
@@ -358,7 +361,7 @@ async fn measure(
         })
         .collect();
     eprintln!(
-        "   {:<14} {:>8.0} req/s  p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  errors {}",
+        "   {:<20} {:>8.0} req/s  p50 {:>7.0} µs  p90 {:>7.0} µs  p99 {:>7.0} µs  errors {}",
         dep.kind.label(),
         res.rps(),
         res.quantile_us(0.5),
@@ -417,7 +420,8 @@ async fn preflight(dep: &mut Deployment, t: &Target, s: &Settings) -> Result<Opt
     if !passed {
         bail!("GET through {} never succeeded: {last}", dep.kind.label());
     }
-    if dep.kind == TargetKind::Direct {
+    if matches!(dep.kind, TargetKind::Direct | TargetKind::Relay) {
+        // Nothing to enforce: the relays carry every request.
         return Ok(None);
     }
     let denied = load::one_shot(t, Method::POST).await?;
@@ -567,6 +571,44 @@ async fn start_meshward(
     })
 }
 
+/// Two plain TCP relays in a row, client then server, each started like a
+/// one-worker proxy. Readiness is the preflight's GET (retried).
+fn start_relay(work: &Path, app_port: u16) -> Result<Deployment> {
+    let dir = work.join("relay");
+    std::fs::create_dir_all(&dir)?;
+    let bin = sibling_binary("meshward-relay").context(
+        "meshward-relay is not next to the harness (cargo build --release -p meshward-bench)",
+    )?;
+    let ports = free_ports(2)?;
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut started = Vec::new();
+    for (role, listen, upstream) in [
+        ("server", ports[1], app_port),
+        ("client", ports[0], ports[1]),
+    ] {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--listen")
+            .arg(addr(listen).to_string())
+            .arg("--upstream")
+            .arg(addr(upstream).to_string());
+        started.push((role, Proc::spawn(&format!("relay-{role}"), cmd, &dir)?));
+    }
+    started.reverse();
+    Ok(Deployment {
+        kind: TargetKind::Relay,
+        entry: addr(ports[0]),
+        procs: started,
+    })
+}
+
+/// A binary built next to this one, if it is there.
+fn sibling_binary(name: &str) -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+}
+
 fn envoy_binary(args: &Args) -> Result<PathBuf> {
     if let Some(b) = &args.envoy {
         return Ok(b.clone());
@@ -599,11 +641,7 @@ fn meshward_binary(args: &Args) -> PathBuf {
     if let Some(b) = &args.meshward {
         return b.clone();
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("meshward")))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("meshward"))
+    sibling_binary("meshward").unwrap_or_else(|| PathBuf::from("meshward"))
 }
 
 fn first_line(e: &anyhow::Error) -> String {
