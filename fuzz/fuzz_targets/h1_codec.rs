@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
             head.version(),
             head.keep_alive(),
             head.expects_continue(),
+            head.upgrade(),
         );
         let _ = (head.header("host"), head.headers("content-length").count());
         let framing = head.framing();

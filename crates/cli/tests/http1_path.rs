@@ -804,3 +804,209 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         );
     }
 }
+
+/// What the WebSocket application saw of each handshake: the path and the
+/// `x-forwarded-client-cert` the server proxy added (empty without mTLS).
+type Handshakes = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A real WebSocket server (tokio-tungstenite): greets every connection
+/// with `hello <path>`, answers a text message with `echo: <text>`, sends
+/// binary messages back as they came, and completes the close handshake.
+async fn websocket_app() -> (SocketAddr, Handshakes, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Handshakes = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let path = Arc::new(Mutex::new(String::new()));
+                let path2 = Arc::clone(&path);
+                // The callback's type is tungstenite's (its error is an
+                // HTTP response).
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, resp: Response| {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    *path2.lock().unwrap() = req.uri().path().to_owned();
+                    seen.lock()
+                        .unwrap()
+                        .push((req.uri().path().to_owned(), xfcc));
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, callback).await else {
+                    return;
+                };
+                let hello = format!("hello {}", path.lock().unwrap());
+                if ws.send(Message::text(hello)).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    let answer = match msg {
+                        Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
+                        Message::Binary(b) => Message::Binary(b),
+                        _ => continue,
+                    };
+                    if ws.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A WebSocket handshake for `path` on a new connection to `addr`, with
+/// the service's name as `Host`. `Err`: the HTTP status that refused it.
+async fn ws_connect(addr: SocketAddr, path: &str) -> Result<Ws, u16> {
+    use tokio_tungstenite::tungstenite::Error;
+    let s = TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(format!("ws://{HOST}{path}"), s).await {
+        Ok((ws, resp)) => {
+            assert_eq!(resp.status(), 101);
+            Ok(ws)
+        }
+        Err(Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
+    }
+}
+
+/// The next text message.
+async fn ws_text(ws: &mut Ws) -> String {
+    use futures_util::StreamExt;
+    match ws.next().await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t.as_str().to_owned(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_cross_both_proxies_and_other_upgrades_are_refused() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (app, seen, _task) = websocket_app().await;
+    let p = pair(app, "http").await;
+    let frontend = "spiffe://cluster.local/ns/production/sa/frontend";
+
+    // Two WebSockets at once through the client proxy, the mesh (mTLS) and
+    // the server proxy: the application's first frame (sent right after
+    // its 101), text both ways, and a message far larger than a TLS record.
+    let mut chat = ws_connect(p.outbound, "/chat").await.unwrap();
+    let mut feed = ws_connect(p.outbound, "/feed").await.unwrap();
+    assert_eq!(ws_text(&mut chat).await, "hello /chat");
+    assert_eq!(ws_text(&mut feed).await, "hello /feed");
+    chat.send(Message::text("hi")).await.unwrap();
+    feed.send(Message::text("there")).await.unwrap();
+    assert_eq!(ws_text(&mut feed).await, "echo: there");
+    assert_eq!(ws_text(&mut chat).await, "echo: hi");
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    chat.send(Message::binary(big.clone())).await.unwrap();
+    match chat.next().await {
+        Some(Ok(Message::Binary(b))) => assert!(b[..] == big[..], "binary message changed"),
+        other => panic!("expected the binary message back, got {other:?}"),
+    }
+    // The close handshake goes through; the tunnel ends once both sides
+    // have closed their connections (the application first, as RFC 6455
+    // wants: the client then sees the end of its stream).
+    chat.close(None).await.unwrap();
+    while let Some(msg) = chat.next().await {
+        assert!(matches!(msg, Ok(Message::Close(_))), "after close: {msg:?}");
+    }
+    let mut rest = Vec::new();
+    chat.get_mut().read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "bytes after the close: {rest:?}");
+    drop(chat);
+    feed.send(Message::text("still")).await.unwrap();
+    assert_eq!(ws_text(&mut feed).await, "echo: still");
+    drop(feed);
+    // A new WebSocket after those: upstream connections taken by tunnels
+    // were not handed to anyone else.
+    let mut again = ws_connect(p.outbound, "/again").await.unwrap();
+    assert_eq!(ws_text(&mut again).await, "hello /again");
+
+    // Straight to the server proxy in plaintext (PERMISSIVE): the inbound
+    // side tunnels too, with no client certificate to forward.
+    let mut direct = ws_connect(p.inbound, "/direct").await.unwrap();
+    assert_eq!(ws_text(&mut direct).await, "hello /direct");
+    direct.send(Message::text("x")).await.unwrap();
+    assert_eq!(ws_text(&mut direct).await, "echo: x");
+
+    // The handshake is authorized like any request: denied ones get 403
+    // and never reach the application.
+    assert_eq!(ws_connect(p.outbound, "/forbidden").await.err(), Some(403));
+    assert_eq!(ws_connect(p.inbound, "/forbidden").await.err(), Some(403));
+
+    let seen = seen.lock().unwrap().clone();
+    let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    for path in ["/chat", "/feed", "/again", "/direct"] {
+        assert!(paths.contains(&path), "{path} missing from {paths:?}");
+    }
+    for (path, xfcc) in &seen {
+        if path == "/direct" {
+            assert_eq!(xfcc, "", "plaintext: no client certificate to forward");
+        } else {
+            assert!(xfcc.contains(&format!("URI={frontend}")), "{path}: {xfcc}");
+        }
+    }
+
+    // Any other upgrade is refused by either proxy, as an Istio sidecar
+    // does (only websocket upgrades are enabled), before the application.
+    for addr in [p.outbound, p.inbound] {
+        let mut c = Raw::connect(addr).await;
+        c.send(
+            format!(
+                "GET /x HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: foo/1\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let r = c.response().await;
+        assert_eq!(r.status, 403, "{addr}: {}", r.head);
+        assert!(r.body.contains("only websocket"), "{}", r.body);
+    }
+
+    // The access logs: a tunnel is one request with status 101, logged
+    // when it ends, with the peer's identity on the server side.
+    p.server
+        .log_line("the /chat tunnel, with mTLS", |l| {
+            l["path"] == "/chat"
+                && l["response_code"] == 101
+                && l["src.identity"] == frontend
+                && l["tls.mode"] == "mutual_tls"
+        })
+        .await;
+    let chat = p
+        .client
+        .log_line("the /chat tunnel", |l| {
+            l["path"] == "/chat" && l["response_code"] == 101
+        })
+        .await;
+    assert!(
+        chat["reason"]
+            .as_str()
+            .unwrap()
+            .contains("through the tunnel"),
+        "{chat}"
+    );
+    p.server
+        .log_line("the denied handshake", |l| {
+            l["path"] == "/forbidden" && l["response_code"] == 403
+        })
+        .await;
+}

@@ -20,7 +20,7 @@ use meshward_policy::{Decision, HttpAttributes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::h1::codec::{self, Framing};
+use crate::h1::codec::{self, Framing, Upgrade};
 use crate::h1::{self, Sent};
 use crate::idle::{IdleTimer, Streams};
 use crate::inbound::Conn;
@@ -142,7 +142,7 @@ async fn serve_h1<S>(state: Arc<State>, conn: Arc<Conn>, mut io: S, mut buf: Byt
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut app = AppConn::default();
+    let mut app = AppConn::new(state.idle_timeout);
     let mut out = Vec::with_capacity(1024);
     // The XFCC value, and the proxy identity it was made for.
     let mut xfcc_cache: Option<(String, String)> = None;
@@ -175,13 +175,15 @@ where
         // CUSTOM (external authorization) is not available yet: a request
         // that needs it is denied rather than let through.
         let denied = !decision.is_allowed() || decision.ext_authz.is_some();
+        let upgrade = head.upgrade();
         let forward = match forward {
-            Ok(forward) if !denied => forward,
+            Ok(forward) if !denied && upgrade != Upgrade::Unsupported => forward,
             bad => {
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
                 let (status, body) = match bad {
                     Err(_) => (400, "invalid request path"),
-                    Ok(_) => (403, "RBAC: access denied"),
+                    Ok(_) if denied => (403, "RBAC: access denied"),
+                    Ok(_) => (403, h1::UPGRADE_REFUSED),
                 };
                 let sent = h1::reply(&mut io, status, body, close).await;
                 account(
@@ -208,7 +210,7 @@ where
         {
             xfcc_cache = Some((snap.identity.clone(), xfcc(&snap.identity, &conn)));
         }
-        let mut extra: [(&str, &[u8]); 2] = [("", b""); 2];
+        let mut extra: [(&str, &[u8]); 4] = [("", b""); 4];
         let mut n_extra = 0;
         if conn.mtls
             && let Some((_, value)) = &xfcc_cache
@@ -221,6 +223,12 @@ where
             extra[n_extra] = ("host", target.host.as_bytes());
             n_extra += 1;
         }
+        if upgrade == Upgrade::WebSocket {
+            for field in h1::upgrade_fields(&head) {
+                extra[n_extra] = field;
+                n_extra += 1;
+            }
+        }
         let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
         let outcome = app
             .exchange(
@@ -231,7 +239,7 @@ where
                 |out| {
                     codec::write_request(&head, &forward, drop, &extra[..n_extra], false, out);
                 },
-                framing,
+                (framing, upgrade == Upgrade::WebSocket),
                 head.method(),
                 close,
             )
@@ -281,20 +289,31 @@ enum Exchange {
 }
 
 /// The connection to the application of one downstream connection.
-#[derive(Default)]
 struct AppConn {
     stream: Option<TcpStream>,
     buf: BytesMut,
     /// The stream served an earlier request (it may have been closed by the
     /// application since).
     reused: bool,
+    /// How long an upgraded connection may stay silent.
+    idle_timeout: std::time::Duration,
 }
 
 impl AppConn {
+    fn new(idle_timeout: std::time::Duration) -> AppConn {
+        AppConn {
+            stream: None,
+            buf: BytesMut::new(),
+            reused: false,
+            idle_timeout,
+        }
+    }
+
     /// Forwards one request (head written by `write_head`, body framed by
     /// `framing`) and its response. A request without a body on a reused
     /// connection that the application had closed is retried once on a new
-    /// connection.
+    /// connection. With `upgrade` (a WebSocket handshake), a `101` turns
+    /// both connections into a tunnel, which ends them.
     #[allow(clippy::too_many_arguments)]
     async fn exchange<S>(
         &mut self,
@@ -303,7 +322,7 @@ impl AppConn {
         down_buf: &mut BytesMut,
         out: &mut Vec<u8>,
         write_head: impl Fn(&mut Vec<u8>),
-        framing: Framing,
+        (framing, upgrade): (Framing, bool),
         method: &str,
         close_down: bool,
     ) -> Exchange
@@ -332,7 +351,7 @@ impl AppConn {
             out.clear();
             write_head(out);
             let can_retry = self.reused && !retried && framing == Framing::Empty;
-            match h1::send(up, &mut self.buf, down, down_buf, framing, out).await {
+            match h1::send(up, &mut self.buf, down, down_buf, (framing, upgrade), out).await {
                 Sent::Response(resp) => break resp,
                 Sent::Lost(_) if can_retry => {
                     retried = true;
@@ -355,6 +374,27 @@ impl AppConn {
         let Some(up) = self.stream.as_mut() else {
             unreachable!("the response was read from it")
         };
+        if resp.status() == 101 {
+            let t = h1::tunnel(
+                up,
+                &mut self.buf,
+                down,
+                down_buf,
+                &resp,
+                self.idle_timeout,
+                out,
+            )
+            .await;
+            self.stream = None;
+            tracing::debug!(app = %conn.app, reason = %t.reason, bytes = ?t.bytes, "tunnel closed");
+            return match t.flags {
+                "-" => Exchange::Done {
+                    status: 101,
+                    close: true,
+                },
+                flags => Exchange::Aborted(101, flags),
+            };
+        }
         let r = h1::relay(up, &mut self.buf, down, &resp, (method, close_down), out).await;
         self.reused = true;
         if !r.reusable {

@@ -30,7 +30,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::h1::codec::{self, Framing, RequestHead};
+use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent};
 use crate::http_in::{Body, XFCC, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
@@ -689,15 +689,43 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 continue;
             }
         };
+        let upgrade = head.upgrade();
+        if upgrade == Upgrade::Unsupported {
+            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
+            let outcome = (403, "-", h1::UPGRADE_REFUSED.to_string());
+            account(
+                &state,
+                &snap,
+                &cache,
+                peer,
+                started,
+                Some(&route),
+                outcome,
+                line,
+            );
+            if sent.is_err() || close {
+                break;
+            }
+            continue;
+        }
         if h1::answer_continue(&mut io, &head).await.is_err() {
             break;
         }
         let host_added = target.absolute || head.header("host").is_none();
-        let extra: &[(&str, &[u8])] = if host_added {
-            &[("host", target.host.as_bytes())]
-        } else {
-            &[]
-        };
+        let mut extra: [(&str, &[u8]); 3] = [("", b""); 3];
+        let mut n_extra = 0;
+        if host_added {
+            extra[n_extra] = ("host", target.host.as_bytes());
+            n_extra += 1;
+        }
+        if upgrade == Upgrade::WebSocket {
+            for field in h1::upgrade_fields(&head) {
+                extra[n_extra] = field;
+                n_extra += 1;
+            }
+        }
+        let extra = &extra[..n_extra];
         let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
         let write_head = |out: &mut Vec<u8>| {
             codec::write_request(&head, &target.path, drop, extra, false, out);
@@ -718,6 +746,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 &mut out,
                 write_head,
                 (framing, head.method(), close),
+                (upgrade == Upgrade::WebSocket).then_some(state.idle_timeout),
             )
             .await
         };
@@ -747,8 +776,10 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
 /// Forwards one request and its response on the route's connection: the
 /// current one when it is for the same key, else a pooled or new one. A
 /// request without a body is retried once on a new connection when a
-/// reused one turns out closed. Returns the status, response flags, the
-/// access log reason, and whether the downstream connection must close.
+/// reused one turns out closed. `tunnel` is set for a WebSocket handshake,
+/// to the idle timeout of the tunnel a `101` opens (which ends both
+/// connections). Returns the status, response flags, the access log
+/// reason, and whether the downstream connection must close.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     pool: &Pool,
@@ -759,6 +790,7 @@ async fn exchange(
     out: &mut Vec<u8>,
     write_head: impl Fn(&mut Vec<u8>),
     (framing, method, close_down): (Framing, &str, bool),
+    tunnel: Option<Duration>,
 ) -> (u16, &'static str, String, bool) {
     if current.as_ref().is_some_and(|(key, _)| *key != route.key)
         && let Some((key, up)) = current.take()
@@ -800,7 +832,8 @@ async fn exchange(
         out.clear();
         write_head(out);
         let can_retry = reused && framing == Framing::Empty;
-        let failure = match h1::send(up, up_buf, down, down_buf, framing, out).await {
+        let sent = h1::send(up, up_buf, down, down_buf, (framing, tunnel.is_some()), out).await;
+        let failure = match sent {
             Sent::Response(resp) => break resp,
             Sent::Lost(why) => format!("upstream {}: {why}", route.addr),
             Sent::Refused((status, flags, body)) => {
@@ -829,6 +862,16 @@ async fn exchange(
     let Some((_, up)) = current.as_mut() else {
         unreachable!("the response was read from it")
     };
+    if let Some(idle_timeout) = tunnel.filter(|_| resp.status() == 101) {
+        let t = h1::tunnel(up, up_buf, down, down_buf, &resp, idle_timeout, out).await;
+        *current = None;
+        let (sent, received) = t.bytes;
+        let reason = format!(
+            "{} ({sent} bytes sent, {received} received through the tunnel)",
+            t.reason
+        );
+        return (101, t.flags, reason, true);
+    }
     let r = h1::relay(up, up_buf, down, &resp, (method, close_down), out).await;
     if !r.reusable {
         *current = None;

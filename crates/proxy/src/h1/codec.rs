@@ -68,6 +68,22 @@ pub enum BodyError {
     Invalid(&'static str),
 }
 
+/// What a request asks to switch to (`Connection: upgrade` with an
+/// `Upgrade` field, HTTP/1.1 only), as the proxy treats it. An Istio
+/// sidecar's Envoy enables the `websocket` upgrade only: other protocols
+/// are refused with `403`, except `h2c`, whose upgrade fields are dropped
+/// so that the request goes on as plain HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// Not an upgrade request (or an `h2c` one): forwarded as HTTP/1.1.
+    No,
+    /// A WebSocket handshake: forwarded with its upgrade fields; a `101`
+    /// answer turns the connection into a byte tunnel.
+    WebSocket,
+    /// Any other protocol: refused.
+    Unsupported,
+}
+
 /// A parsed request head: the raw bytes and offsets into them.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -215,6 +231,34 @@ impl RequestHead {
         keep_alive(&self.raw, &self.headers, self.version)
     }
 
+    /// What the request asks to upgrade to. Only an HTTP/1.1 request with
+    /// the `upgrade` token in `Connection` and exactly one `Upgrade` field
+    /// asks; `websocket` is compared case-insensitively, as Envoy does.
+    pub fn upgrade(&self) -> Upgrade {
+        if self.version != Version::Http11
+            || !connection_tokens(&self.raw, &self.headers)
+                .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+        {
+            return Upgrade::No;
+        }
+        let mut fields = values(&self.raw, &self.headers, "upgrade");
+        let (Some(value), None) = (fields.next(), fields.next()) else {
+            return if self.header("upgrade").is_some() {
+                Upgrade::Unsupported
+            } else {
+                Upgrade::No
+            };
+        };
+        let value = trim_ows(value);
+        if value.eq_ignore_ascii_case(b"websocket") {
+            Upgrade::WebSocket
+        } else if value.eq_ignore_ascii_case(b"h2c") {
+            Upgrade::No
+        } else {
+            Upgrade::Unsupported
+        }
+    }
+
     /// `Expect: 100-continue`.
     pub fn expects_continue(&self) -> bool {
         values(&self.raw, &self.headers, "expect")
@@ -350,7 +394,9 @@ pub fn write_request(
 ///
 /// Like [`write_request`]; `Content-Length` is dropped whenever
 /// `Transfer-Encoding` is present (RFC 9112 section 6.3), otherwise
-/// normalised to one field.
+/// normalised to one field. A `101` (forwarded only when the proxy tunnels
+/// an upgrade it asked for) keeps its `Upgrade` fields, with
+/// `connection: upgrade`.
 pub fn write_response(head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
     out.reserve(head.raw.len() + 32);
     out.extend_from_slice(version_str(head.version));
@@ -373,7 +419,13 @@ pub fn write_response(head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
         head.content_length
     };
     write_fields(&head.raw, &head.headers, &[], length, out);
-    if close {
+    if head.status == 101 {
+        // The switch itself: its upgrade fields are the point of it.
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        for value in values(&head.raw, &head.headers, "upgrade") {
+            write_field(out, b"upgrade", value);
+        }
+    } else if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1208,6 +1260,76 @@ mod tests {
     }
 
     // ---- Connection, Expect ----
+
+    #[test]
+    fn upgrade_requests_are_told_apart() {
+        let ask = |version: &str, fields: &str| {
+            let raw = format!("GET /ws HTTP/{version}\r\nHost: h\r\n{fields}\r\n");
+            req_ok(raw.as_bytes()).upgrade()
+        };
+        for (version, fields, expected) in [
+            (
+                "1.1",
+                "Connection: Upgrade\r\nUpgrade: websocket\r\n",
+                Upgrade::WebSocket,
+            ),
+            (
+                "1.1",
+                "connection: keep-alive, UPGRADE\r\nupgrade:  WebSocket \r\n",
+                Upgrade::WebSocket,
+            ),
+            // h2c goes on as HTTP/1.1, without its upgrade fields.
+            (
+                "1.1",
+                "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+                Upgrade::No,
+            ),
+            (
+                "1.1",
+                "Connection: upgrade\r\nUpgrade: foo/2\r\n",
+                Upgrade::Unsupported,
+            ),
+            (
+                "1.1",
+                "Connection: upgrade\r\nUpgrade: websocket, foo\r\n",
+                Upgrade::Unsupported,
+            ),
+            (
+                "1.1",
+                "Connection: upgrade\r\nUpgrade: websocket\r\nUpgrade: websocket\r\n",
+                Upgrade::Unsupported,
+            ),
+            // Without the Connection token, Upgrade is a hop-by-hop field
+            // like any other: dropped.
+            ("1.1", "Upgrade: websocket\r\n", Upgrade::No),
+            ("1.1", "Connection: upgrade\r\n", Upgrade::No),
+            (
+                "1.0",
+                "Connection: upgrade\r\nUpgrade: websocket\r\n",
+                Upgrade::No,
+            ),
+        ] {
+            assert_eq!(ask(version, fields), expected, "{version} {fields:?}");
+        }
+    }
+
+    #[test]
+    fn a_switch_keeps_its_upgrade_fields_and_nothing_else_does() {
+        let head = res_ok(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        );
+        assert_eq!(
+            write_res(&head, true),
+            "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        let head = res_ok(b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            write_res(&head, false),
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
 
     #[test]
     fn keep_alive_rules() {

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use codec::{ChunkedScanner, Framing, HeadError, RequestHead, ResponseHead};
 
-use crate::idle::IdleTimer;
+use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 
 /// Read buffer size of each side of a connection.
 pub const READ_BUF: usize = 16 * 1024;
@@ -344,6 +344,21 @@ pub async fn answer_continue<W: AsyncWrite + Unpin>(
     io.flush().await
 }
 
+/// The body of the `403` for an upgrade to anything but WebSocket (Envoy
+/// answers these `403` too: only `websocket` upgrades are enabled in an
+/// Istio sidecar).
+pub const UPGRADE_REFUSED: &str = "upgrade refused: only websocket upgrades are proxied";
+
+/// The upgrade fields to forward with a WebSocket handshake (hop-by-hop,
+/// so [`codec::write_request`] drops the originals): `connection: upgrade`
+/// and the request's `Upgrade` value.
+pub fn upgrade_fields(head: &RequestHead) -> [(&'static str, &[u8]); 2] {
+    [
+        ("connection", b"upgrade"),
+        ("upgrade", head.header("upgrade").unwrap_or(b"websocket")),
+    ]
+}
+
 /// Envoy's body for a request whose upstream connection broke before the
 /// response head.
 pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset before headers";
@@ -364,13 +379,15 @@ pub enum Sent {
 }
 
 /// Writes a request (`out` holds its head) and its body upstream, then
-/// reads the response head, passing interim responses downstream.
+/// reads the response head, passing interim responses downstream. With
+/// `upgrade` (a WebSocket handshake was sent), a `101` is the final
+/// response.
 pub async fn send<U, D>(
     up: &mut U,
     up_buf: &mut BytesMut,
     down: &mut D,
     down_buf: &mut BytesMut,
-    framing: Framing,
+    (framing, upgrade): (Framing, bool),
     out: &mut Vec<u8>,
 ) -> Sent
 where
@@ -383,7 +400,7 @@ where
         Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
         Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
     }
-    match read_response(up, up_buf, down).await {
+    match read_response(up, up_buf, down, upgrade).await {
         Ok(resp) => Sent::Response(resp),
         Err(None) => Sent::Lost("closed before responding".to_string()),
         Err(Some(failure)) => Sent::Refused(failure),
@@ -440,6 +457,86 @@ where
     }
 }
 
+/// How a tunnel (an upgraded connection) ended.
+#[derive(Debug)]
+pub struct Tunneled {
+    /// `-`, or Envoy's flag for the side that broke: `DC` (downstream),
+    /// `UPE` (upstream).
+    pub flags: &'static str,
+    /// `forwarded`, the idle timeout's reason, or the error.
+    pub reason: String,
+    /// Bytes from the client (after the request head) and from the
+    /// application (after the `101` head).
+    pub bytes: (u64, u64),
+}
+
+/// Turns an upgraded exchange into a tunnel: forwards the `101` head
+/// `resp` with the bytes the application sent after it, sends upstream
+/// the bytes the client sent early, then copies bytes both ways (a side
+/// that closes is shut down on the other) until both sides are done or
+/// nothing has moved for `idle_timeout`. Neither connection can carry
+/// anything else afterwards.
+pub async fn tunnel<U, D>(
+    up: &mut U,
+    up_buf: &mut BytesMut,
+    down: &mut D,
+    down_buf: &mut BytesMut,
+    resp: &ResponseHead,
+    idle_timeout: std::time::Duration,
+    out: &mut Vec<u8>,
+) -> Tunneled
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let early = (down_buf.len() as u64, up_buf.len() as u64);
+    out.clear();
+    codec::write_response(resp, false, out);
+    out.extend_from_slice(up_buf);
+    up_buf.clear();
+    if let Err(e) = write_flush(down, out).await {
+        return Tunneled::broken("DC", &e, early);
+    }
+    if !down_buf.is_empty() {
+        let sent = write_flush(up, down_buf).await;
+        down_buf.clear();
+        if let Err(e) = sent {
+            return Tunneled::broken("UPE", &e, early);
+        }
+    }
+    let activity = Activity::new();
+    let mut down = Counted::new(down, &activity);
+    let mut up = Counted::new(up, &activity);
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.map(|_| "forwarded".to_string()),
+        () = activity.idle(idle_timeout) => Ok(idle_reason(idle_timeout)),
+    };
+    let bytes = (early.0 + down.bytes_read(), early.1 + up.bytes_read());
+    match result {
+        Ok(reason) => Tunneled {
+            flags: "-",
+            reason,
+            bytes,
+        },
+        Err(e) => Tunneled::broken("-", &e, bytes),
+    }
+}
+
+impl Tunneled {
+    fn broken(flags: &'static str, e: &io::Error, bytes: (u64, u64)) -> Tunneled {
+        Tunneled {
+            flags,
+            reason: format!("tunnel broke off: {e}"),
+            bytes,
+        }
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// A request body whose chunked encoding is invalid.
 pub const BAD_BODY: Failure = (400, "DPE", "bad request body");
 
@@ -447,18 +544,22 @@ pub const BAD_BODY: Failure = (400, "DPE", "bad request body");
 /// status, response flags (Envoy's) and body.
 pub type Failure = (u16, &'static str, &'static str);
 
-/// An upstream response that is not valid HTTP/1.x (or a protocol switch).
+/// An upstream response that is not valid HTTP/1.x (or a protocol switch
+/// nobody asked for).
 pub const BAD_RESPONSE: Failure = (502, "UPE", "upstream sent an invalid response");
 /// An upstream response head that started but did not finish in time.
 pub const UPSTREAM_TIMEOUT: Failure = (504, "UT", "upstream request timeout");
 
 /// Reads a final response head from `up`, passing interim (1xx) responses
-/// through to `down`. `Err(None)`: the connection closed or failed before a
-/// head (retryable); `Err(Some(..))`: what to answer instead.
+/// through to `down`; a `101` is final when `upgrade` (the request asked
+/// for it), and a protocol error otherwise. `Err(None)`: the connection
+/// closed or failed before a head (retryable); `Err(Some(..))`: what to
+/// answer instead.
 pub async fn read_response<U, D>(
     up: &mut U,
     buf: &mut BytesMut,
     down: &mut D,
+    upgrade: bool,
 ) -> Result<ResponseHead, Option<Failure>>
 where
     U: AsyncRead + Unpin,
@@ -473,8 +574,9 @@ where
             Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(BAD_RESPONSE)),
         };
         match resp.status() {
-            // Upgrades are not supported (the Upgrade header is not
-            // forwarded), so a switch is a protocol error.
+            101 if upgrade => return Ok(resp),
+            // The upgrade fields were not forwarded: a switch is a
+            // protocol error.
             101 => return Err(Some(BAD_RESPONSE)),
             100..=199 => {
                 let mut out = Vec::with_capacity(64);
@@ -646,6 +748,99 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    }
+
+    fn switch() -> ResponseHead {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"[..],
+        );
+        ResponseHead::parse(&mut buf).unwrap().unwrap()
+    }
+
+    /// Reads exactly `n` bytes.
+    async fn take<S: AsyncRead + Unpin>(s: &mut S, n: usize) -> String {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).await.unwrap();
+        String::from_utf8(b).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_carries_early_bytes_both_ways_and_half_closes() {
+        let (mut up, mut app) = tokio::io::duplex(1024);
+        let (mut down, mut client) = tokio::io::duplex(1024);
+        let resp = switch();
+        let tunnel = tokio::spawn(async move {
+            let mut up_buf = BytesMut::from(&b"app-first"[..]);
+            let mut down_buf = BytesMut::from(&b"client-first"[..]);
+            let timeout = std::time::Duration::from_secs(3600);
+            tunnel(
+                &mut up,
+                &mut up_buf,
+                &mut down,
+                &mut down_buf,
+                &resp,
+                timeout,
+                &mut Vec::new(),
+            )
+            .await
+        });
+        let head =
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        assert_eq!(
+            take(&mut client, head.len() + 9).await,
+            format!("{head}app-first")
+        );
+        assert_eq!(take(&mut app, 12).await, "client-first");
+        client.write_all(b"ping").await.unwrap();
+        assert_eq!(take(&mut app, 4).await, "ping");
+        app.write_all(b"pong").await.unwrap();
+        assert_eq!(take(&mut client, 4).await, "pong");
+        // The client is done sending: the application sees the end, and
+        // can still answer.
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        app.write_all(b"bye").await.unwrap();
+        drop(app);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"bye");
+        let t = tunnel.await.unwrap();
+        assert_eq!((t.flags, t.reason.as_str()), ("-", "forwarded"));
+        assert_eq!(t.bytes, (12 + 4, 9 + 4 + 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
+        let (mut up, mut app) = tokio::io::duplex(1024);
+        let (mut down, mut client) = tokio::io::duplex(1024);
+        let timeout = std::time::Duration::from_secs(600);
+        let started = tokio::time::Instant::now();
+        let tunnel = tokio::spawn(async move {
+            let (mut up_buf, mut down_buf) = (BytesMut::new(), BytesMut::new());
+            tunnel(
+                &mut up,
+                &mut up_buf,
+                &mut down,
+                &mut down_buf,
+                &switch(),
+                timeout,
+                &mut Vec::new(),
+            )
+            .await
+        });
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.unwrap();
+        // Traffic halfway through restarts the wait.
+        tokio::time::sleep(timeout / 2).await;
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(take(&mut app, 1).await, "x");
+        let moved = tokio::time::Instant::now();
+        let t = tunnel.await.unwrap();
+        assert!(t.reason.starts_with("idle_timeout"), "{}", t.reason);
+        assert!(moved.elapsed() >= timeout, "{:?}", moved.elapsed());
+        assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
