@@ -75,8 +75,9 @@ pub enum BodyError {
 /// so that the request goes on as plain HTTP/1.1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upgrade {
-    /// Not an upgrade request (or an `h2c` one): forwarded as HTTP/1.1.
-    No,
+    /// No upgrade asked for (or an `h2c` one, dropped): the request is
+    /// forwarded as HTTP/1.1.
+    Absent,
     /// A WebSocket handshake: forwarded with its upgrade fields; a `101`
     /// answer turns the connection into a byte tunnel.
     WebSocket,
@@ -239,21 +240,21 @@ impl RequestHead {
             || !connection_tokens(&self.raw, &self.headers)
                 .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
         {
-            return Upgrade::No;
+            return Upgrade::Absent;
         }
         let mut fields = values(&self.raw, &self.headers, "upgrade");
         let (Some(value), None) = (fields.next(), fields.next()) else {
             return if self.header("upgrade").is_some() {
                 Upgrade::Unsupported
             } else {
-                Upgrade::No
+                Upgrade::Absent
             };
         };
         let value = trim_ows(value);
         if value.eq_ignore_ascii_case(b"websocket") {
             Upgrade::WebSocket
         } else if value.eq_ignore_ascii_case(b"h2c") {
-            Upgrade::No
+            Upgrade::Absent
         } else {
             Upgrade::Unsupported
         }
@@ -1282,7 +1283,7 @@ mod tests {
             (
                 "1.1",
                 "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
-                Upgrade::No,
+                Upgrade::Absent,
             ),
             (
                 "1.1",
@@ -1301,12 +1302,12 @@ mod tests {
             ),
             // Without the Connection token, Upgrade is a hop-by-hop field
             // like any other: dropped.
-            ("1.1", "Upgrade: websocket\r\n", Upgrade::No),
-            ("1.1", "Connection: upgrade\r\n", Upgrade::No),
+            ("1.1", "Upgrade: websocket\r\n", Upgrade::Absent),
+            ("1.1", "Connection: upgrade\r\n", Upgrade::Absent),
             (
                 "1.0",
                 "Connection: upgrade\r\nUpgrade: websocket\r\n",
-                Upgrade::No,
+                Upgrade::Absent,
             ),
         ] {
             assert_eq!(ask(version, fields), expected, "{version} {fields:?}");
