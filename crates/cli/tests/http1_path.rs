@@ -1010,3 +1010,55 @@ async fn websockets_cross_both_proxies_and_other_upgrades_are_refused() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_closes_the_websockets_it_denies() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (app, _seen, _task) = websocket_app().await;
+    let p = pair(app, "http").await;
+    let mut chat = ws_connect(p.outbound, "/chat").await.unwrap();
+    let mut feed = ws_connect(p.outbound, "/feed").await.unwrap();
+    assert_eq!(ws_text(&mut chat).await, "hello /chat");
+    assert_eq!(ws_text(&mut feed).await, "hello /feed");
+
+    // The policy now denies /chat: the server proxy closes that tunnel,
+    // keeps the other, and refuses a new /chat handshake.
+    let v = p.server.config_version().await;
+    let config = mesh_config(app, "http", p.inbound, p.outbound, HOST);
+    let denied = config.replace(
+        r#"notPaths: ["/forbidden"]"#,
+        r#"notPaths: ["/forbidden", "/chat"]"#,
+    );
+    assert_ne!(config, denied, "the policy must change");
+    p.mesh.write_config("mesh.yaml", &denied);
+    eventually("the server proxy reloads", || async {
+        (p.server.config_version().await > v).then_some(())
+    })
+    .await;
+    let ended = tokio::time::timeout(patience(), chat.next())
+        .await
+        .expect("the denied tunnel must end");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
+    feed.send(Message::text("still")).await.unwrap();
+    assert_eq!(ws_text(&mut feed).await, "echo: still");
+    assert_eq!(ws_connect(p.outbound, "/chat").await.err(), Some(403));
+    let line = p
+        .server
+        .log_line("the closed /chat tunnel", |l| {
+            l["path"] == "/chat" && l["response_code"] == 101
+        })
+        .await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("policy_changed"),
+        "{line}"
+    );
+}

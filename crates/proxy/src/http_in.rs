@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 use crate::h1::codec::{self, Framing, Upgrade};
 use crate::h1::{self, Sent};
 use crate::idle::{IdleTimer, Streams};
-use crate::inbound::Conn;
+use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::rewind::Rewind;
-use crate::state::State;
+use crate::state::{State, TrackedRequest};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -191,7 +191,7 @@ where
                     &conn,
                     &snap.identity,
                     started,
-                    (status, "-"),
+                    (status, "-", None),
                     &decision,
                     line,
                 );
@@ -230,6 +230,16 @@ where
             }
         }
         let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
+        // A WebSocket may become a long-lived tunnel: like a TCP
+        // connection, it is decided again on every policy change.
+        let tracked = (upgrade == Upgrade::WebSocket).then(|| {
+            let request = TrackedRequest {
+                head: head.clone(),
+                host: target.host.to_string(),
+                path: target.path.to_string(),
+            };
+            state.tcp_conns.track(&conn, Some(request))
+        });
         let outcome = app
             .exchange(
                 &conn,
@@ -239,15 +249,24 @@ where
                 |out| {
                     codec::write_request(&head, &forward, drop, &extra[..n_extra], false, out);
                 },
-                (framing, upgrade == Upgrade::WebSocket),
+                (framing, tracked.as_ref().map(|(_, close)| &**close)),
                 head.method(),
                 close,
             )
             .await;
+        if let Some((id, _)) = tracked {
+            state.tcp_conns.untrack(id);
+        }
+        let mut revoked = None;
         let (status, flags) = match outcome {
             Exchange::Done { status, close: c } => {
                 close |= c;
                 (status, "-")
+            }
+            Exchange::Tunneled(t) => {
+                close = true;
+                revoked = t.reason.starts_with(POLICY_CHANGED).then_some(t.reason);
+                (101, t.flags)
             }
             Exchange::NoResponse(status, flags, body) => {
                 close = true;
@@ -264,7 +283,7 @@ where
             &conn,
             &snap.identity,
             started,
-            (status, flags),
+            (status, flags, revoked.as_deref()),
             &decision,
             line,
         );
@@ -277,6 +296,9 @@ where
 
 /// How one forwarded exchange ended.
 enum Exchange {
+    /// A WebSocket handshake was answered `101` and the tunnel it opened
+    /// has ended; the downstream connection closes.
+    Tunneled(h1::Tunneled),
     /// The response was forwarded; `close`: the downstream connection must
     /// close after it.
     Done { status: u16, close: bool },
@@ -312,8 +334,9 @@ impl AppConn {
     /// Forwards one request (head written by `write_head`, body framed by
     /// `framing`) and its response. A request without a body on a reused
     /// connection that the application had closed is retried once on a new
-    /// connection. With `upgrade` (a WebSocket handshake), a `101` turns
-    /// both connections into a tunnel, which ends them.
+    /// connection. With `tunnel` (a WebSocket handshake, and the signal of
+    /// a policy change that denies it), a `101` turns both connections
+    /// into a tunnel, which ends them.
     #[allow(clippy::too_many_arguments)]
     async fn exchange<S>(
         &mut self,
@@ -322,7 +345,7 @@ impl AppConn {
         down_buf: &mut BytesMut,
         out: &mut Vec<u8>,
         write_head: impl Fn(&mut Vec<u8>),
-        (framing, upgrade): (Framing, bool),
+        (framing, tunnel): (Framing, Option<&tokio::sync::Notify>),
         method: &str,
         close_down: bool,
     ) -> Exchange
@@ -351,6 +374,7 @@ impl AppConn {
             out.clear();
             write_head(out);
             let can_retry = self.reused && !retried && framing == Framing::Empty;
+            let upgrade = tunnel.is_some();
             match h1::send(up, &mut self.buf, down, down_buf, (framing, upgrade), out).await {
                 Sent::Response(resp) => break resp,
                 Sent::Lost(_) if can_retry => {
@@ -374,26 +398,16 @@ impl AppConn {
         let Some(up) = self.stream.as_mut() else {
             unreachable!("the response was read from it")
         };
-        if resp.status() == 101 {
-            let t = h1::tunnel(
-                up,
-                &mut self.buf,
-                down,
-                down_buf,
-                &resp,
-                self.idle_timeout,
-                out,
-            )
-            .await;
+        if let Some(revoked) = tunnel.filter(|_| resp.status() == 101) {
+            let stop = async {
+                revoked.notified().await;
+                format!("{POLICY_CHANGED}: the new policy denies this WebSocket")
+            };
+            let ends = (self.idle_timeout, stop);
+            let t = h1::tunnel(up, &mut self.buf, down, down_buf, &resp, ends, out).await;
             self.stream = None;
             tracing::debug!(app = %conn.app, reason = %t.reason, bytes = ?t.bytes, "tunnel closed");
-            return match t.flags {
-                "-" => Exchange::Done {
-                    status: 101,
-                    close: true,
-                },
-                flags => Exchange::Aborted(101, flags),
-            };
+            return Exchange::Tunneled(t);
         }
         let r = h1::relay(up, &mut self.buf, down, &resp, (method, close_down), out).await;
         self.reused = true;
@@ -532,7 +546,7 @@ async fn handle(
         &conn,
         &snap.identity,
         started,
-        (status, flags),
+        (status, flags, None),
         &decision,
         [&method, &path, &host],
     );
@@ -540,13 +554,15 @@ async fn handle(
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
-/// log line. `line` is the method, path and host.
+/// log line. `line` is the method, path and host; `revoked`, the reason a
+/// policy change closed the tunnel the request had opened (logged as a
+/// deny).
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags): (u16, &'static str),
+    (status, flags, revoked): (u16, &'static str, Option<&str>),
     decision: &Decision,
     [method, path, host]: [&str; 3],
 ) {
@@ -565,6 +581,10 @@ fn account(
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
+    if let Some(reason) = revoked {
+        record.decision = "deny";
+        record.reason = reason.to_string();
+    }
     state.metrics.access().write(&record);
 }
 

@@ -333,7 +333,7 @@ where
         return;
     }
     state.metrics.tcp_opened(&labels);
-    let (id, close) = state.tcp_conns.track(&conn);
+    let (id, close) = state.tcp_conns.track(&conn, None);
     let (sent, received, error) = match TcpStream::connect(conn.app).await {
         Ok(app) => {
             let _ = app.set_nodelay(true);
@@ -391,9 +391,9 @@ fn log_tcp(
     state.metrics.access().write(&record);
 }
 
-/// The access-log reason of a TCP connection closed because a policy
-/// change denies it.
-const POLICY_CHANGED: &str = "policy_changed";
+/// The access-log reason of a TCP connection or tunnel closed because a
+/// policy change denies it.
+pub const POLICY_CHANGED: &str = "policy_changed";
 
 /// The access-log `decision` and `reason` of a decision. An allow that
 /// still needs the external authorizer is a deny: ext-authz is not

@@ -863,7 +863,8 @@ async fn exchange(
         unreachable!("the response was read from it")
     };
     if let Some(idle_timeout) = tunnel.filter(|_| resp.status() == 101) {
-        let t = h1::tunnel(up, up_buf, down, down_buf, &resp, idle_timeout, out).await;
+        let ends = (idle_timeout, std::future::pending());
+        let t = h1::tunnel(up, up_buf, down, down_buf, &resp, ends, out).await;
         *current = None;
         let (sent, received) = t.bytes;
         let reason = format!(

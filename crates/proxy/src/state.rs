@@ -158,7 +158,7 @@ pub struct State {
     pub idle_timeout: std::time::Duration,
 }
 
-/// An open inbound TCP connection's facts and the signal that closes it.
+/// An open inbound connection's facts and the signal that closes it.
 #[derive(Debug)]
 struct Tracked {
     principal: Option<String>,
@@ -166,12 +166,25 @@ struct Tracked {
     local: std::net::IpAddr,
     port: u16,
     sni: Option<String>,
+    /// The request that opened a tunnel (a WebSocket), decided again as
+    /// it was decided then.
+    http: Option<TrackedRequest>,
     close: Arc<tokio::sync::Notify>,
 }
 
-/// The open inbound TCP connections. A configuration change re-decides
-/// each one and closes those no longer allowed, so a revoked permission
-/// does not live on in a long-lived connection.
+/// The request behind a tunnel: its head, and the host and path its
+/// decision saw.
+#[derive(Debug)]
+pub struct TrackedRequest {
+    pub head: crate::h1::codec::RequestHead,
+    pub host: String,
+    pub path: String,
+}
+
+/// The open inbound TCP connections and WebSocket tunnels. A
+/// configuration change re-decides each one and closes those no longer
+/// allowed, so a revoked permission does not live on in a long-lived
+/// connection.
 #[derive(Debug, Default)]
 pub struct TcpTracker {
     next: AtomicU64,
@@ -179,8 +192,13 @@ pub struct TcpTracker {
 }
 
 impl TcpTracker {
-    /// Registers a connection; the returned `Notify` fires when it must close.
-    pub fn track(&self, conn: &crate::inbound::Conn) -> (u64, Arc<tokio::sync::Notify>) {
+    /// Registers a connection (with `http`, the request of a tunnel); the
+    /// returned `Notify` fires when it must close.
+    pub fn track(
+        &self,
+        conn: &crate::inbound::Conn,
+        http: Option<TrackedRequest>,
+    ) -> (u64, Arc<tokio::sync::Notify>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(tokio::sync::Notify::new());
         let t = Tracked {
@@ -189,6 +207,7 @@ impl TcpTracker {
             local: conn.local.ip(),
             port: conn.port,
             sni: conn.sni.clone(),
+            http,
             close: Arc::clone(&close),
         };
         self.conns
@@ -211,6 +230,7 @@ impl TcpTracker {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for t in conns.values() {
+            let headers = t.http.as_ref().map(|h| crate::h1::HeaderView(&h.head));
             let req = meshward_policy::Request {
                 principal: t.principal.as_deref(),
                 source_ip: t.peer,
@@ -218,7 +238,15 @@ impl TcpTracker {
                 destination_ip: Some(t.local),
                 port: t.port,
                 sni: t.sni.as_deref(),
-                http: None,
+                http: t.http.as_ref().zip(headers.as_ref()).map(|(h, headers)| {
+                    meshward_policy::HttpAttributes {
+                        method: h.head.method(),
+                        path: &h.path,
+                        host: &h.host,
+                        headers,
+                        auth: None,
+                    }
+                }),
             };
             let d = snapshot.policy.decide(&req);
             if !(d.is_allowed() && d.ext_authz.is_none()) {

@@ -473,21 +473,22 @@ pub struct Tunneled {
 /// Turns an upgraded exchange into a tunnel: forwards the `101` head
 /// `resp` with the bytes the application sent after it, sends upstream
 /// the bytes the client sent early, then copies bytes both ways (a side
-/// that closes is shut down on the other) until both sides are done or
-/// nothing has moved for `idle_timeout`. Neither connection can carry
-/// anything else afterwards.
-pub async fn tunnel<U, D>(
+/// that closes is shut down on the other) until both sides are done,
+/// nothing has moved for `idle_timeout`, or `stop` completes (with the
+/// reason to log). Neither connection can carry anything else afterwards.
+pub async fn tunnel<U, D, F>(
     up: &mut U,
     up_buf: &mut BytesMut,
     down: &mut D,
     down_buf: &mut BytesMut,
     resp: &ResponseHead,
-    idle_timeout: std::time::Duration,
+    (idle_timeout, stop): (std::time::Duration, F),
     out: &mut Vec<u8>,
 ) -> Tunneled
 where
     U: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = String>,
 {
     let early = (down_buf.len() as u64, up_buf.len() as u64);
     out.clear();
@@ -510,6 +511,7 @@ where
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.map(|_| "forwarded".to_string()),
         () = activity.idle(idle_timeout) => Ok(idle_reason(idle_timeout)),
+        reason = stop => Ok(reason),
     };
     let bytes = (early.0 + down.bytes_read(), early.1 + up.bytes_read());
     match result {
@@ -779,7 +781,7 @@ mod tests {
                 &mut down,
                 &mut down_buf,
                 &resp,
-                timeout,
+                (timeout, std::future::pending::<String>()),
                 &mut Vec::new(),
             )
             .await
@@ -825,7 +827,7 @@ mod tests {
                 &mut down,
                 &mut down_buf,
                 &switch(),
-                timeout,
+                (timeout, std::future::pending::<String>()),
                 &mut Vec::new(),
             )
             .await
@@ -841,6 +843,42 @@ mod tests {
         assert!(t.reason.starts_with("idle_timeout"), "{}", t.reason);
         assert!(moved.elapsed() >= timeout, "{:?}", moved.elapsed());
         assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_ends_when_told_to_with_the_reason() {
+        let (mut up, mut app) = tokio::io::duplex(1024);
+        let (mut down, mut client) = tokio::io::duplex(1024);
+        let (tell, told) = tokio::sync::oneshot::channel::<()>();
+        let tunnel = tokio::spawn(async move {
+            let (mut up_buf, mut down_buf) = (BytesMut::new(), BytesMut::new());
+            let stop = async move {
+                let _ = told.await;
+                "policy_changed".to_string()
+            };
+            let ends = (std::time::Duration::from_secs(3600), stop);
+            tunnel(
+                &mut up,
+                &mut up_buf,
+                &mut down,
+                &mut down_buf,
+                &switch(),
+                ends,
+                &mut Vec::new(),
+            )
+            .await
+        });
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(take(&mut app, 1).await, "x");
+        tell.send(()).unwrap();
+        let t = tunnel.await.unwrap();
+        assert_eq!((t.flags, t.reason.as_str()), ("-", "policy_changed"));
+        // Both connections are closed with it.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        app.read_to_end(&mut rest).await.unwrap();
     }
 
     #[tokio::test]
