@@ -330,7 +330,7 @@ impl State {
         self.tls.store(Arc::new(tls));
         let closed = self.tcp_conns.recheck(&snapshot);
         if closed > 0 {
-            tracing::info!(target: "meshward::config", closed, "closed TCP connections the new policy denies");
+            tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
         }
         Ok(version)
     }
