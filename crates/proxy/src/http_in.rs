@@ -29,7 +29,7 @@ use crate::state::{State, TrackedRequest};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-pub const XFCC: &str = "x-forwarded-client-cert";
+pub use crate::h1::XFCC;
 
 /// Request headers as the policy engine reads them.
 struct HeaderView<'a>(&'a HeaderMap);
@@ -210,26 +210,11 @@ where
         {
             xfcc_cache = Some((snap.identity.clone(), xfcc(&snap.identity, &conn)));
         }
-        let mut extra: [(&str, &[u8]); 4] = [("", b""); 4];
-        let mut n_extra = 0;
-        if conn.mtls
-            && let Some((_, value)) = &xfcc_cache
-        {
-            extra[n_extra] = (XFCC, value.as_bytes());
-            n_extra += 1;
-        }
-        let host_added = target.absolute || head.header("host").is_none();
-        if host_added {
-            extra[n_extra] = ("host", target.host.as_bytes());
-            n_extra += 1;
-        }
-        if upgrade == Upgrade::WebSocket {
-            for field in h1::upgrade_fields(&head) {
-                extra[n_extra] = field;
-                n_extra += 1;
-            }
-        }
-        let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
+        let xfcc = xfcc_cache
+            .as_ref()
+            .filter(|_| conn.mtls)
+            .map(|(_, value)| value.as_bytes());
+        let rewrite = h1::Rewrite::new(&head, &target, xfcc, upgrade);
         // A WebSocket may become a long-lived tunnel: like a TCP
         // connection, it is decided again on every policy change.
         let tracked = (upgrade == Upgrade::WebSocket).then(|| {
@@ -247,7 +232,14 @@ where
                 &mut buf,
                 &mut out,
                 |out| {
-                    codec::write_request(&head, &forward, drop, &extra[..n_extra], false, out);
+                    codec::write_request(
+                        &head,
+                        &forward,
+                        rewrite.drop,
+                        rewrite.added(),
+                        false,
+                        out,
+                    );
                 },
                 (framing, tracked.as_ref().map(|(_, close)| &**close)),
                 head.method(),

@@ -712,23 +712,16 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         if h1::answer_continue(&mut io, &head).await.is_err() {
             break;
         }
-        let host_added = target.absolute || head.header("host").is_none();
-        let mut extra: [(&str, &[u8]); 3] = [("", b""); 3];
-        let mut n_extra = 0;
-        if host_added {
-            extra[n_extra] = ("host", target.host.as_bytes());
-            n_extra += 1;
-        }
-        if upgrade == Upgrade::WebSocket {
-            for field in h1::upgrade_fields(&head) {
-                extra[n_extra] = field;
-                n_extra += 1;
-            }
-        }
-        let extra = &extra[..n_extra];
-        let drop: &[&str] = if host_added { &[XFCC, "host"] } else { &[XFCC] };
+        let rewrite = h1::Rewrite::new(&head, &target, None, upgrade);
         let write_head = |out: &mut Vec<u8>| {
-            codec::write_request(&head, &target.path, drop, extra, false, out);
+            codec::write_request(
+                &head,
+                &target.path,
+                rewrite.drop,
+                rewrite.added(),
+                false,
+                out,
+            );
         };
         let (status, flags, reason, must_close) = if route.target.h2 {
             let (status, flags, reason) = bridge_h2(

@@ -349,14 +349,63 @@ pub async fn answer_continue<W: AsyncWrite + Unpin>(
 /// Istio sidecar).
 pub const UPGRADE_REFUSED: &str = "upgrade refused: only websocket upgrades are proxied";
 
-/// The upgrade fields to forward with a WebSocket handshake (hop-by-hop,
-/// so [`codec::write_request`] drops the originals): `connection: upgrade`
-/// and the request's `Upgrade` value.
-pub fn upgrade_fields(head: &RequestHead) -> [(&'static str, &[u8]); 2] {
-    [
-        ("connection", b"upgrade"),
-        ("upgrade", head.header("upgrade").unwrap_or(b"websocket")),
-    ]
+/// The header the server-side proxy sets to the client certificate it
+/// verified; whatever a request brings of it is dropped.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// What the proxy changes in a request head it forwards, beyond what
+/// [`codec::write_request`] drops of hop-by-hop fields: fields it adds,
+/// and original fields it drops because it sets them.
+#[derive(Debug)]
+pub struct Rewrite<'a> {
+    added: [(&'a str, &'a [u8]); 4],
+    len: usize,
+    /// Always `x-forwarded-client-cert` (only the proxy's own is ever
+    /// forwarded), and `host` when the proxy sets it.
+    pub drop: &'static [&'static str],
+}
+
+impl<'a> Rewrite<'a> {
+    /// For `head` going to `target`: `xfcc`, the proxy's own
+    /// `x-forwarded-client-cert` value, if it sets one; `Host` from the
+    /// target's authority when the request-target was absolute or the head
+    /// had none; and for a WebSocket handshake its upgrade fields
+    /// (`connection: upgrade` and the `Upgrade` value), which are
+    /// hop-by-hop and so dropped from the original.
+    pub fn new(
+        head: &'a RequestHead,
+        target: &Target<'a>,
+        xfcc: Option<&'a [u8]>,
+        upgrade: codec::Upgrade,
+    ) -> Rewrite<'a> {
+        let mut r = Rewrite {
+            added: [("", b""); 4],
+            len: 0,
+            drop: &[XFCC],
+        };
+        if let Some(value) = xfcc {
+            r.add(XFCC, value);
+        }
+        if target.absolute || head.header("host").is_none() {
+            r.add("host", target.host.as_bytes());
+            r.drop = &[XFCC, "host"];
+        }
+        if upgrade == codec::Upgrade::WebSocket {
+            r.add("connection", b"upgrade");
+            r.add("upgrade", head.header("upgrade").unwrap_or(b"websocket"));
+        }
+        r
+    }
+
+    fn add(&mut self, name: &'a str, value: &'a [u8]) {
+        self.added[self.len] = (name, value);
+        self.len += 1;
+    }
+
+    /// The fields to add, in order.
+    pub fn added(&self) -> &[(&'a str, &'a [u8])] {
+        &self.added[..self.len]
+    }
 }
 
 /// Envoy's body for a request whose upstream connection broke before the
@@ -629,6 +678,42 @@ mod tests {
         ] {
             assert!(target(&head(bad)).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn a_forwarded_head_gets_the_proxys_fields_in_place_of_the_originals() {
+        let rewrite = |raw: &str, xfcc: Option<&[u8]>| {
+            let h = head(raw);
+            let t = target(&h).unwrap();
+            let r = Rewrite::new(&h, &t, xfcc, h.upgrade());
+            let added: Vec<String> = r
+                .added()
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+                .collect();
+            (added, r.drop)
+        };
+        let (added, drop) = rewrite(
+            "GET /a HTTP/1.1\r\nHost: svc\r\nX-Forwarded-Client-Cert: forged\r\n\r\n",
+            Some(b"By=me"),
+        );
+        assert_eq!(added, ["x-forwarded-client-cert: By=me"]);
+        assert_eq!(drop, [XFCC]);
+        // An absolute-form target's authority becomes the Host.
+        let (added, drop) = rewrite("GET http://other:81/a HTTP/1.1\r\nHost: svc\r\n\r\n", None);
+        assert_eq!(added, ["host: other:81"]);
+        assert_eq!(drop, [XFCC, "host"]);
+        // A WebSocket handshake keeps its upgrade fields; h2c does not.
+        let (added, _) = rewrite(
+            "GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+            None,
+        );
+        assert_eq!(added, ["connection: upgrade", "upgrade: WebSocket"]);
+        let (added, _) = rewrite(
+            "GET / HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            None,
+        );
+        assert!(added.is_empty(), "{added:?}");
     }
 
     #[tokio::test]
