@@ -690,26 +690,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             }
         };
         let upgrade = head.upgrade();
-        if upgrade == Upgrade::Unsupported {
-            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
-            let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
-            let outcome = (403, "-", h1::UPGRADE_REFUSED.to_string());
-            account(
-                &state,
-                &snap,
-                &cache,
-                peer,
-                started,
-                Some(&route),
-                outcome,
-                line,
-            );
-            if sent.is_err() || close {
-                break;
-            }
-            continue;
-        }
-        if h1::answer_continue(&mut io, &head).await.is_err() {
+        if upgrade != Upgrade::Unsupported && h1::answer_continue(&mut io, &head).await.is_err() {
             break;
         }
         let rewrite = h1::Rewrite::new(&head, &target, None, upgrade);
@@ -723,7 +704,13 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 out,
             );
         };
-        let (status, flags, reason, must_close) = if route.target.h2 {
+        let (status, flags, reason, must_close) = if upgrade == Upgrade::Unsupported {
+            // Refused before the application, as an Istio sidecar does.
+            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
+            let reason = h1::UPGRADE_REFUSED.to_string();
+            (403, "-", reason, close || sent.is_err())
+        } else if route.target.h2 {
             let (status, flags, reason) = bridge_h2(
                 &state, &route, &head, &target, &mut io, &mut buf, framing, close,
             )

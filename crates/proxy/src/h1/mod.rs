@@ -844,6 +844,34 @@ mod tests {
         ResponseHead::parse(&mut buf).unwrap().unwrap()
     }
 
+    /// A tunnel for `switch()` between `up` and `down`, with the bytes
+    /// each side sent early, in a task.
+    fn spawn_tunnel<F>(
+        mut up: tokio::io::DuplexStream,
+        mut down: tokio::io::DuplexStream,
+        (up_early, down_early): (&'static [u8], &'static [u8]),
+        ends: (std::time::Duration, F),
+    ) -> tokio::task::JoinHandle<Tunneled>
+    where
+        F: std::future::Future<Output = String> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            let mut up_buf = BytesMut::from(up_early);
+            let mut down_buf = BytesMut::from(down_early);
+            let resp = switch();
+            tunnel(
+                &mut up,
+                &mut up_buf,
+                &mut down,
+                &mut down_buf,
+                &resp,
+                ends,
+                &mut Vec::new(),
+            )
+            .await
+        })
+    }
+
     /// Reads exactly `n` bytes.
     async fn take<S: AsyncRead + Unpin>(s: &mut S, n: usize) -> String {
         let mut b = vec![0u8; n];
@@ -853,24 +881,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_carries_early_bytes_both_ways_and_half_closes() {
-        let (mut up, mut app) = tokio::io::duplex(1024);
-        let (mut down, mut client) = tokio::io::duplex(1024);
-        let resp = switch();
-        let tunnel = tokio::spawn(async move {
-            let mut up_buf = BytesMut::from(&b"app-first"[..]);
-            let mut down_buf = BytesMut::from(&b"client-first"[..]);
-            let timeout = std::time::Duration::from_secs(3600);
-            tunnel(
-                &mut up,
-                &mut up_buf,
-                &mut down,
-                &mut down_buf,
-                &resp,
-                (timeout, std::future::pending::<String>()),
-                &mut Vec::new(),
-            )
-            .await
-        });
+        let (up, mut app) = tokio::io::duplex(1024);
+        let (down, mut client) = tokio::io::duplex(1024);
+        let hour = std::time::Duration::from_secs(3600);
+        let ends = (hour, std::future::pending::<String>());
+        let tunnel = spawn_tunnel(up, down, (b"app-first", b"client-first"), ends);
         let head =
             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
         assert_eq!(
@@ -900,23 +915,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
-        let (mut up, mut app) = tokio::io::duplex(1024);
-        let (mut down, mut client) = tokio::io::duplex(1024);
+        let (up, mut app) = tokio::io::duplex(1024);
+        let (down, mut client) = tokio::io::duplex(1024);
         let timeout = std::time::Duration::from_secs(600);
         let started = tokio::time::Instant::now();
-        let tunnel = tokio::spawn(async move {
-            let (mut up_buf, mut down_buf) = (BytesMut::new(), BytesMut::new());
-            tunnel(
-                &mut up,
-                &mut up_buf,
-                &mut down,
-                &mut down_buf,
-                &switch(),
-                (timeout, std::future::pending::<String>()),
-                &mut Vec::new(),
-            )
-            .await
-        });
+        let ends = (timeout, std::future::pending::<String>());
+        let tunnel = spawn_tunnel(up, down, (b"", b""), ends);
         let mut head = [0u8; 12];
         client.read_exact(&mut head).await.unwrap();
         // Traffic halfway through restarts the wait.
@@ -932,27 +936,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_ends_when_told_to_with_the_reason() {
-        let (mut up, mut app) = tokio::io::duplex(1024);
-        let (mut down, mut client) = tokio::io::duplex(1024);
+        let (up, mut app) = tokio::io::duplex(1024);
+        let (down, mut client) = tokio::io::duplex(1024);
         let (tell, told) = tokio::sync::oneshot::channel::<()>();
-        let tunnel = tokio::spawn(async move {
-            let (mut up_buf, mut down_buf) = (BytesMut::new(), BytesMut::new());
-            let stop = async move {
-                let _ = told.await;
-                "policy_changed".to_string()
-            };
-            let ends = (std::time::Duration::from_secs(3600), stop);
-            tunnel(
-                &mut up,
-                &mut up_buf,
-                &mut down,
-                &mut down_buf,
-                &switch(),
-                ends,
-                &mut Vec::new(),
-            )
-            .await
-        });
+        let stop = async move {
+            let _ = told.await;
+            "policy_changed".to_string()
+        };
+        let tunnel = spawn_tunnel(
+            up,
+            down,
+            (b"", b""),
+            (std::time::Duration::from_secs(3600), stop),
+        );
         let mut head = [0u8; 12];
         client.read_exact(&mut head).await.unwrap();
         client.write_all(b"x").await.unwrap();
