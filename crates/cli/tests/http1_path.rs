@@ -983,7 +983,8 @@ async fn websockets_cross_both_proxies_and_other_upgrades_are_refused() {
 
     // The access logs: a tunnel is one request with status 101, logged
     // when it ends, with the peer's identity on the server side.
-    p.server
+    let line = p
+        .server
         .log_line("the /chat tunnel, with mTLS", |l| {
             l["path"] == "/chat"
                 && l["response_code"] == 101
@@ -991,6 +992,10 @@ async fn websockets_cross_both_proxies_and_other_upgrades_are_refused() {
                 && l["tls.mode"] == "mutual_tls"
         })
         .await;
+    // Both ways: at least the 200,000-byte message, in frames.
+    for way in ["bytes_sent", "bytes_received"] {
+        assert!(line[way].as_u64().unwrap() > 200_000, "{way}: {line}");
+    }
     let chat = p
         .client
         .log_line("the /chat tunnel", |l| {

@@ -249,7 +249,7 @@ where
         if let Some((id, _)) = tracked {
             state.tcp_conns.untrack(id);
         }
-        let mut revoked = None;
+        let mut tunneled = None;
         let (status, flags) = match outcome {
             Exchange::Done { status, close: c } => {
                 close |= c;
@@ -257,8 +257,9 @@ where
             }
             Exchange::Tunneled(t) => {
                 close = true;
-                revoked = t.reason.starts_with(POLICY_CHANGED).then_some(t.reason);
-                (101, t.flags)
+                let flags = t.flags;
+                tunneled = Some(t);
+                (101, flags)
             }
             Exchange::NoResponse(status, flags, body) => {
                 close = true;
@@ -275,7 +276,7 @@ where
             &conn,
             &snap.identity,
             started,
-            (status, flags, revoked.as_deref()),
+            (status, flags, tunneled.as_ref()),
             &decision,
             line,
         );
@@ -546,15 +547,15 @@ async fn handle(
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
-/// log line. `line` is the method, path and host; `revoked`, the reason a
-/// policy change closed the tunnel the request had opened (logged as a
-/// deny).
+/// log line. `line` is the method, path and host; `tunnel`, how the
+/// tunnel the request opened ended: its bytes, and its reason when a policy
+/// change closed it (logged as a deny).
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags, revoked): (u16, &'static str, Option<&str>),
+    (status, flags, tunnel): (u16, &'static str, Option<&h1::Tunneled>),
     decision: &Decision,
     [method, path, host]: [&str; 3],
 ) {
@@ -573,9 +574,12 @@ fn account(
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
-    if let Some(reason) = revoked {
-        record.decision = "deny";
-        record.reason = reason.to_string();
+    if let Some(t) = tunnel {
+        (record.bytes_received, record.bytes_sent) = t.bytes;
+        if t.reason.starts_with(POLICY_CHANGED) {
+            record.decision = "deny";
+            record.reason.clone_from(&t.reason);
+        }
     }
     state.metrics.access().write(&record);
 }
