@@ -6,9 +6,8 @@
 //!
 //! Each connection registers one timer, re-armed only when it fires early
 //! (at most once per timeout period). What remains per request is a clock
-//! read, a poll of that timer and tokio's timer-wheel bookkeeping at each
-//! park: about 1,100 instructions in the server-side proxy
-//! (`docs/PERFORMANCE.md`).
+//! read and a poll of that timer: about 55 instructions in the
+//! server-side proxy (`docs/PERFORMANCE.md`).
 
 use std::future::Future;
 use std::io;
