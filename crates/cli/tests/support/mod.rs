@@ -477,3 +477,92 @@ pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Result<Vec<u8>, Stri
         .map_err(|e| e.to_string())?;
     Ok(buf)
 }
+
+/// What the WebSocket application saw of each handshake: the path and the
+/// `x-forwarded-client-cert` the server proxy added (empty without mTLS).
+pub type Handshakes = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A real WebSocket server (tokio-tungstenite): greets every connection
+/// with `hello <path>`, answers a text message with `echo: <text>`, sends
+/// binary messages back as they came, and completes the close handshake.
+pub async fn websocket_app() -> (SocketAddr, Handshakes, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Handshakes = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let path = Arc::new(Mutex::new(String::new()));
+                let path2 = Arc::clone(&path);
+                // The callback's type is tungstenite's (its error is an
+                // HTTP response).
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, resp: Response| {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    *path2.lock().unwrap() = req.uri().path().to_owned();
+                    seen.lock()
+                        .unwrap()
+                        .push((req.uri().path().to_owned(), xfcc));
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, callback).await else {
+                    return;
+                };
+                let hello = format!("hello {}", path.lock().unwrap());
+                if ws.send(Message::text(hello)).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    let answer = match msg {
+                        Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
+                        Message::Binary(b) => Message::Binary(b),
+                        _ => continue,
+                    };
+                    if ws.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket handshake for `path` on a new connection to `addr`, with
+/// `host` as `Host`. `Err`: the HTTP status that refused it.
+pub async fn ws_connect_to(addr: SocketAddr, host: &str, path: &str) -> Result<Ws, u16> {
+    use tokio_tungstenite::tungstenite::Error;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(format!("ws://{host}{path}"), s).await {
+        Ok((ws, resp)) => {
+            assert_eq!(resp.status(), 101);
+            Ok(ws)
+        }
+        Err(Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
+    }
+}
+
+/// The next text message.
+pub async fn ws_text(ws: &mut Ws) -> String {
+    use futures_util::StreamExt;
+    match ws.next().await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t.as_str().to_owned(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
