@@ -157,7 +157,17 @@ fn envoy_server(
     allowed_principal: &str,
 ) -> String {
     let (chain, key, root) = tls_files(certs);
-    let (app_port, ws_port) = (app.port(), ws_app.port());
+    let cluster = |name: &str, port: u16| {
+        format!(
+            r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"#
+        )
+    };
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
 static_resources:
@@ -204,19 +214,9 @@ static_resources:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
-  - name: app
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: app
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app_port}}}}}}}}}]}}]
-  - name: ws
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: ws
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ws_port}}}}}}}}}]}}]
-"#
+{}{}"#,
+        cluster("app", app.port()),
+        cluster("ws", ws_app.port()),
     )
 }
 

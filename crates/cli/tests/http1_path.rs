@@ -897,6 +897,16 @@ async fn websockets_cross_both_proxies_and_other_upgrades_are_refused() {
         assert_eq!(r.status, 403, "{addr}: {}", r.head);
         assert!(r.body.contains("only websocket"), "{}", r.body);
     }
+    for proxy in [&p.client, &p.server] {
+        let line = proxy
+            .log_line("the refused upgrade", |l| l["path"] == "/x")
+            .await;
+        assert_eq!(line["response_code"], 403, "{line}");
+        assert!(
+            line["reason"].as_str().unwrap().contains("only websocket"),
+            "the log says why: {line}"
+        );
+    }
 
     // The access logs: a tunnel is one request with status 101, logged
     // when it ends, with the peer's identity on the server side.

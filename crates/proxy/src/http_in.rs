@@ -21,15 +21,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::h1::codec::{self, Framing, Upgrade};
-use crate::h1::{self, Sent};
+use crate::h1::{self, Sent, XFCC};
 use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-pub use crate::h1::XFCC;
 
 /// Request headers as the policy engine reads them.
 struct HeaderView<'a>(&'a HeaderMap);
@@ -180,10 +178,14 @@ where
             Ok(forward) if !denied && upgrade != Upgrade::Unsupported => forward,
             bad => {
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
-                let (status, body) = match bad {
-                    Err(_) => (400, "invalid request path"),
-                    Ok(_) if denied => (403, "RBAC: access denied"),
-                    Ok(_) => (403, h1::UPGRADE_REFUSED),
+                let (status, body, ended) = match bad {
+                    Err(_) => (400, "invalid request path", None),
+                    Ok(_) if denied => (403, "RBAC: access denied", None),
+                    Ok(_) => (
+                        403,
+                        h1::UPGRADE_REFUSED,
+                        Some(Ended::Refused(h1::UPGRADE_REFUSED)),
+                    ),
                 };
                 let sent = h1::reply(&mut io, status, body, close).await;
                 account(
@@ -191,7 +193,7 @@ where
                     &conn,
                     &snap.identity,
                     started,
-                    (status, "-", None),
+                    (status, "-", ended),
                     &decision,
                     line,
                 );
@@ -276,7 +278,7 @@ where
             &conn,
             &snap.identity,
             started,
-            (status, flags, tunneled.as_ref()),
+            (status, flags, tunneled.as_ref().map(Ended::Tunnel)),
             &decision,
             line,
         );
@@ -546,16 +548,25 @@ async fn handle(
     Ok(resp)
 }
 
+/// What the access log must say of a request beyond its decision.
+#[derive(Debug, Clone, Copy)]
+enum Ended<'a> {
+    /// The policy allowed it, the proxy refused it (the reason).
+    Refused(&'static str),
+    /// It opened a tunnel, which ended so: its bytes, and, when a policy
+    /// change closed it, a deny with that reason.
+    Tunnel(&'a h1::Tunneled),
+}
+
 /// Records one inbound request: its metrics and, when enabled, its access
-/// log line. `line` is the method, path and host; `tunnel`, how the
-/// tunnel the request opened ended: its bytes, and its reason when a policy
-/// change closed it (logged as a deny).
+/// log line. `line` is the method, path and host; `ended`, what the
+/// decision alone does not tell of how the request ended.
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags, tunnel): (u16, &'static str, Option<&h1::Tunneled>),
+    (status, flags, ended): (u16, &'static str, Option<Ended<'_>>),
     decision: &Decision,
     [method, path, host]: [&str; 3],
 ) {
@@ -574,11 +585,15 @@ fn account(
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
-    if let Some(t) = tunnel {
-        (record.bytes_received, record.bytes_sent) = t.bytes;
-        if t.reason.starts_with(POLICY_CHANGED) {
-            record.decision = "deny";
-            record.reason.clone_from(&t.reason);
+    match ended {
+        None => {}
+        Some(Ended::Refused(reason)) => record.reason = reason.to_string(),
+        Some(Ended::Tunnel(t)) => {
+            (record.bytes_received, record.bytes_sent) = t.bytes;
+            if t.reason.starts_with(POLICY_CHANGED) {
+                record.decision = "deny";
+                record.reason.clone_from(&t.reason);
+            }
         }
     }
     state.metrics.access().write(&record);

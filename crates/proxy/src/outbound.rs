@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
-use crate::h1::{self, Sent};
-use crate::http_in::{Body, XFCC, full, request_line, serve_hyper_conn, strip_hop_by_hop};
+use crate::h1::{self, Sent, XFCC};
+use crate::http_in::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
