@@ -91,6 +91,19 @@ fn tls_files(dir: &Path) -> (String, String, String) {
     (s("cert-chain.pem"), s("key.pem"), s("root-cert.pem"))
 }
 
+/// A cluster of one endpoint on 127.0.0.1 (an entry of `clusters:`).
+fn static_cluster(name: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"#
+    )
+}
+
 /// An Istio-style client sidecar: plaintext in, mTLS out with secure
 /// naming, WebSocket upgrades enabled; `/ws` goes to the `upstreams.1`
 /// port, the rest to `upstreams.0` (two ports of one workload).
@@ -98,13 +111,7 @@ fn envoy_client(out_port: u16, upstreams: (u16, u16), certs: &Path, expected_san
     let (chain, key, root) = tls_files(certs);
     let cluster = |name: &str, port: u16| {
         format!(
-            r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
-    transport_socket:
+            r#"{}    transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
@@ -114,7 +121,8 @@ fn envoy_client(out_port: u16, upstreams: (u16, u16), certs: &Path, expected_san
           validation_context:
             trusted_ca: {{filename: "{root}"}}
             match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{expected_san}"}}}}]
-"#
+"#,
+            static_cluster(name, port)
         )
     };
     format!(
@@ -157,17 +165,7 @@ fn envoy_server(
     allowed_principal: &str,
 ) -> String {
     let (chain, key, root) = tls_files(certs);
-    let cluster = |name: &str, port: u16| {
-        format!(
-            r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
-"#
-        )
-    };
+
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
 static_resources:
@@ -215,8 +213,8 @@ static_resources:
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
 {}{}"#,
-        cluster("app", app.port()),
-        cluster("ws", ws_app.port()),
+        static_cluster("app", app.port()),
+        static_cluster("ws", ws_app.port()),
     )
 }
 
