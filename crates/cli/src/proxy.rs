@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             idle_timeout: args.idle_timeout,
         };
         let proxy = meshward_proxy::start(bootstrap, options).await?;
-        for l in proxy.listeners.iter() {
+        for l in proxy.listeners.bound() {
             eprintln!(
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
                 l.name, l.address

@@ -3,7 +3,8 @@
 //! per-request authorization with 403 and the deciding policy in the access
 //! log, STRICT and PERMISSIVE ports, a client certificate from another CA,
 //! secure naming, auto-mTLS to a workload without a proxy, XFCC
-//! replacement, Istio metrics, and live reload of policies and certificates.
+//! replacement, Istio metrics, and live reload of policies, certificates and
+//! listeners.
 
 mod support;
 
@@ -1181,4 +1182,213 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
         .log_line("the gRPC call", |l| l["path"] == "/shop.Catalog/List")
         .await;
     assert_eq!(line["tls.mode"], "mutual_tls");
+}
+
+/// The listeners follow the configuration, as Envoy's follow LDS: a change
+/// that adds a port or a TCP service starts listening on it, one that
+/// removes one stops accepting there while the connections it accepted
+/// go on, and a listener that cannot be bound does not hold back the rest
+/// of the change and is bound at a later change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_follow_configuration_changes() {
+    let mesh = Mesh::new();
+    let echo = Echo::start().await;
+    let (db_port, db_port2) = (free_port(), free_port());
+    let (tcp_a, tcp_b, tcp_c, tcp_d) = (free_port(), free_port(), free_port(), free_port());
+    let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    // orders-db with its second port or without; payment-service's local
+    // ports to orders-db's service ports.
+    let config = |second_port: bool, outbound: &[(u16, u16)]| {
+        let app = echo.addr.port();
+        let (mut ports, mut app_ports) = (
+            format!("mongo: {db_port}"),
+            format!("mongo=127.0.0.1:{app}"),
+        );
+        if second_port {
+            ports += &format!(", mongo-2: {db_port2}");
+            app_ports += &format!(",mongo-2=127.0.0.1:{app}");
+        }
+        let outbound: Vec<String> = outbound
+            .iter()
+            .map(|(local, port)| {
+                format!("127.0.0.1:{local}=orders-db.production.svc.cluster.local:{port}")
+            })
+            .collect();
+        let mut c = workload(
+            "production",
+            "orders-db",
+            "orders-db",
+            &ports,
+            &format!("meshward.io/app-ports: \"{app_ports}\""),
+        );
+        c += &workload(
+            "production",
+            "payment-service",
+            "payment-service",
+            "",
+            &format!("meshward.io/tcp-outbound: \"{}\"", outbound.join(",")),
+        );
+        c += &service(
+            "production",
+            "orders-db",
+            "orders-db",
+            "{number: 27017, name: mongo, protocol: MONGO}, {number: 27018, name: mongo-2, protocol: MONGO}",
+        );
+        c
+    };
+    mesh.write_config("workloads.yaml", &config(false, &[(tcp_a, 27017)]));
+    mesh.write_config(
+        "policies.yaml",
+        r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payment-to-db, namespace: production}
+spec:
+  selector: {matchLabels: {app: orders-db}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/production/sa/payment-service"]}}]
+"#,
+    );
+    let db = mesh
+        .proxy(
+            "production/orders-db",
+            &mesh.issue("db", "production", "orders-db"),
+        )
+        .await;
+    // Like every test proxy, one worker thread: a current-thread runtime,
+    // which the reload thread waits on when it closes a listener.
+    let pay = mesh
+        .proxy(
+            "production/payment-service",
+            &mesh.issue("pay", "production", "payment-service"),
+        )
+        .await;
+    assert_eq!(
+        tcp_roundtrip(local(tcp_a), b"before").await,
+        Ok(b"before".to_vec())
+    );
+    let mut long_lived = tokio::net::TcpStream::connect(local(tcp_a)).await.unwrap();
+    assert_eq!(
+        echoes(&mut long_lived, b"hello").await,
+        Ok(b"hello".to_vec())
+    );
+
+    // One change: orders-db gets a second port, payment-service reaches it
+    // through a new local port, and its first local port goes away.
+    let (v_db, v_pay) = (db.config_version().await, pay.config_version().await);
+    mesh.write_config("workloads.yaml", &config(true, &[(tcp_b, 27018)]));
+    eventually("both proxies to load the change", || async {
+        (db.config_version().await > v_db && pay.config_version().await > v_pay).then_some(())
+    })
+    .await;
+    let (_, body) = db.admin_get("/listeners").await;
+    let found = listener_at(&body, local(db_port2));
+    assert_eq!(
+        found.as_ref().map(|l| l["name"].clone()),
+        Some(serde_json::json!(format!("inbound|{db_port2}|mongo-2"))),
+        "{body}"
+    );
+    let (_, body) = pay.admin_get("/listeners").await;
+    assert!(listener_at(&body, local(tcp_a)).is_none(), "{body}");
+    assert_eq!(
+        listener_at(&body, local(tcp_b)).map(|l| l["name"].clone()),
+        Some(serde_json::json!(
+            "outbound|tcp|orders-db.production.svc.cluster.local:27018"
+        )),
+        "{body}"
+    );
+    // The new path works, over mTLS, to the new port.
+    assert_eq!(
+        tcp_roundtrip(local(tcp_b), b"to the second port").await,
+        Ok(b"to the second port".to_vec())
+    );
+    let line = db
+        .log_line("a connection on the new port", |l| {
+            l["kind"] == "tcp" && l["dst.addr"] == local(db_port2).to_string()
+        })
+        .await;
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["tls.mode"], "mutual_tls");
+    // The new port is STRICT like the others: plaintext is refused.
+    assert!(tcp_roundtrip(local(db_port2), b"plaintext").await.is_err());
+    // The removed listener accepts nothing new, but what it accepted goes on.
+    assert!(tokio::net::TcpStream::connect(local(tcp_a)).await.is_err());
+    assert_eq!(
+        echoes(&mut long_lived, b"still here").await,
+        Ok(b"still here".to_vec())
+    );
+
+    // A port taken by someone else: that listener is reported, the rest of
+    // the change (another new listener) applies.
+    let squatter = std::net::TcpListener::bind(local(tcp_c)).unwrap();
+    let v_pay = pay.config_version().await;
+    mesh.write_config(
+        "workloads.yaml",
+        &config(true, &[(tcp_b, 27018), (tcp_c, 27017), (tcp_d, 27017)]),
+    );
+    eventually("payment-service to load the change", || async {
+        (pay.config_version().await > v_pay).then_some(())
+    })
+    .await;
+    let body = eventually("the taken port to be reported", || async {
+        let (_, body) = pay.admin_get("/listeners").await;
+        listener_at(&body, local(tcp_c)).is_some().then_some(body)
+    })
+    .await;
+    let failed = listener_at(&body, local(tcp_c)).unwrap();
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("in use")),
+        "{body}"
+    );
+    assert_eq!(
+        tcp_roundtrip(local(tcp_d), b"via d").await,
+        Ok(b"via d".to_vec())
+    );
+    assert!(
+        pay.logs().contains("listener not added"),
+        "the bind error must be logged: {}",
+        pay.logs()
+    );
+    // Once the port is free, the next change binds it.
+    drop(squatter);
+    let v_pay = pay.config_version().await;
+    mesh.write_config(
+        "workloads.yaml",
+        &config(true, &[(tcp_b, 27018), (tcp_c, 27017), (tcp_d, 27017)]),
+    );
+    eventually("payment-service to load the change", || async {
+        (pay.config_version().await > v_pay).then_some(())
+    })
+    .await;
+    let (_, body) = pay.admin_get("/listeners").await;
+    let bound = listener_at(&body, local(tcp_c)).unwrap();
+    assert!(bound.get("error").is_none(), "{body}");
+    assert_eq!(
+        tcp_roundtrip(local(tcp_c), b"via c").await,
+        Ok(b"via c".to_vec())
+    );
+}
+
+/// The entry of `/listeners` (its JSON `body`) at `addr`.
+fn listener_at(body: &str, addr: SocketAddr) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v.as_array()?
+        .iter()
+        .find(|l| l["address"] == addr.to_string())
+        .cloned()
+}
+
+/// Writes `msg` on `s` and reads as many bytes back.
+async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    Ok(buf)
 }

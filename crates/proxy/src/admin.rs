@@ -6,7 +6,8 @@
 //! - `GET /config_dump`: the effective configuration (version, workload,
 //!   inbound ports with their mTLS mode, outbound listeners, the
 //!   authorization policies that apply, the services known);
-//! - `GET /listeners`: every listener the proxy has bound;
+//! - `GET /listeners`: every listener the proxy has bound, and those of
+//!   the current configuration it could not bind (with the error);
 //! - `GET /certs`: the loaded workload certificate and trust roots;
 //! - `GET /stats/prometheus` (also `/metrics`): Prometheus metrics.
 
@@ -24,9 +25,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::http_in::Body;
+use crate::listeners::Listeners;
 use crate::state::State;
 
-/// A listener the proxy bound, for `/listeners`.
+/// A listener of the proxy, for `/listeners`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ListenerInfo {
     pub name: String,
@@ -60,7 +62,7 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 pub async fn serve(
     state: Arc<State>,
     listener: TcpListener,
-    listeners: Arc<Vec<ListenerInfo>>,
+    listeners: Arc<Listeners>,
     metrics_only: bool,
 ) {
     loop {
@@ -84,7 +86,7 @@ pub async fn serve(
 
 fn route(
     state: &State,
-    listeners: &[ListenerInfo],
+    listeners: &Listeners,
     req: Request<Incoming>,
     metrics_only: bool,
 ) -> Response<Body> {
@@ -114,7 +116,7 @@ fn route(
         }
         (_, true) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         ("/config_dump", false) => json_response(config_dump(state)),
-        ("/listeners", false) => json_response(json!(listeners)),
+        ("/listeners", false) => json_response(json!(listeners.infos())),
         ("/certs", false) => json_response(certs(state)),
         _ => text(
             StatusCode::NOT_FOUND,

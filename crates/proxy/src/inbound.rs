@@ -23,7 +23,7 @@ use meshward_policy::{Decision, Request, Verdict};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::snapshot::{InboundPort, Protocol};
+use crate::snapshot::Protocol;
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
@@ -147,19 +147,19 @@ impl Conn {
 }
 
 /// Accepts connections on one workload port until the listener fails.
-pub async fn serve(state: Arc<State>, port: InboundPort, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, port: u16, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(port = port.port, error = %e, "accept failed");
+                tracing::warn!(port, error = %e, "accept failed");
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            handle(state, port.port, stream, peer).await;
+            handle(state, port, stream, peer).await;
         });
     }
 }

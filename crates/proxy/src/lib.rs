@@ -19,6 +19,7 @@ pub mod h1;
 pub mod http_in;
 pub mod idle;
 pub mod inbound;
+pub mod listeners;
 pub mod outbound;
 mod rewind;
 pub mod snapshot;
@@ -29,13 +30,10 @@ mod watch;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
-
+use listeners::bind;
+pub use listeners::{BindError, Listeners};
 pub use state::{Bootstrap, LoadError, State};
 pub use telemetry::{AccessLog, Metrics};
-
-/// Starts serving a bound listener.
-type Launch = Box<dyn FnOnce(TcpListener) -> tokio::task::JoinHandle<()> + Send>;
 
 /// Runtime options besides the bootstrap.
 #[derive(Debug, Clone)]
@@ -57,13 +55,8 @@ pub struct Options {
 pub enum StartError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("cannot listen on {addr} ({what})")]
-    Bind {
-        addr: SocketAddr,
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot watch files: {0}")]
     Watch(String),
 }
@@ -72,27 +65,18 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Proxy {
     pub state: Arc<State>,
-    pub listeners: Arc<Vec<admin::ListenerInfo>>,
+    pub listeners: Arc<Listeners>,
     _watcher: Option<watch::Watcher>,
 }
 
 impl Proxy {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.listeners
-            .iter()
+            .bound()
+            .into_iter()
             .find(|l| l.kind == "admin")
             .map(|l| l.address)
     }
-}
-
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr,
-            what: what.to_string(),
-            source,
-        })
 }
 
 /// Loads everything, binds every listener, and starts serving. The proxy is
@@ -106,59 +90,17 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     let metrics = Arc::new(Metrics::new(access));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
     let state = State::load(bootstrap, metrics, idle_timeout)?;
-    let snap = state.snapshot();
-    let mut infos = Vec::new();
-    let mut tasks: Vec<(TcpListener, Launch)> = Vec::new();
-    for port in &snap.inbound {
-        let addr = SocketAddr::new(snap.address, port.port);
-        let l = bind(addr, &format!("inbound {}", port.name)).await?;
-        infos.push(admin::ListenerInfo {
-            name: format!("inbound|{}|{}", port.port, port.name),
-            address: l.local_addr().unwrap_or(addr),
-            kind: "inbound",
-        });
-        let (state, port) = (Arc::clone(&state), port.clone());
-        tasks.push((
-            l,
-            Box::new(move |l| tokio::spawn(inbound::serve(state, port, l))),
-        ));
-    }
-    if let Some(addr) = snap.outbound {
-        let l = bind(addr, "outbound HTTP").await?;
-        infos.push(admin::ListenerInfo {
-            name: "outbound|http".to_string(),
-            address: l.local_addr().unwrap_or(addr),
-            kind: "outbound",
-        });
-        let state = Arc::clone(&state);
-        tasks.push((
-            l,
-            Box::new(move |l| tokio::spawn(outbound::serve_http(state, l))),
-        ));
-    }
-    for t in &snap.tcp_outbound {
-        let l = bind(t.listen, &format!("outbound TCP to {}:{}", t.host, t.port)).await?;
-        infos.push(admin::ListenerInfo {
-            name: format!("outbound|tcp|{}:{}", t.host, t.port),
-            address: l.local_addr().unwrap_or(t.listen),
-            kind: "outbound",
-        });
-        let (state, t) = (Arc::clone(&state), t.clone());
-        tasks.push((
-            l,
-            Box::new(move |l| tokio::spawn(outbound::serve_tcp(state, t, l))),
-        ));
-    }
-    let admin_l = bind(options.admin, "admin").await?;
-    infos.push(admin::ListenerInfo {
+    let mut fixed = Vec::new();
+    let admin_l = bind(options.admin, "admin")?;
+    fixed.push(admin::ListenerInfo {
         name: "admin".to_string(),
         address: admin_l.local_addr().unwrap_or(options.admin),
         kind: "admin",
     });
     let metrics_l = match options.metrics {
         Some(addr) => {
-            let l = bind(addr, "metrics").await?;
-            infos.push(admin::ListenerInfo {
+            let l = bind(addr, "metrics")?;
+            fixed.push(admin::ListenerInfo {
                 name: "metrics".to_string(),
                 address: l.local_addr().unwrap_or(addr),
                 kind: "metrics",
@@ -167,11 +109,8 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
         }
         None => None,
     };
-    drop(snap);
-    let listeners = Arc::new(infos);
-    for (l, run) in tasks {
-        run(l);
-    }
+    // The data-plane listeners start serving here: all of them or none.
+    let listeners = Arc::new(Listeners::start(Arc::clone(&state), fixed)?);
     tokio::spawn(admin::serve(
         Arc::clone(&state),
         admin_l,
@@ -187,12 +126,15 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
         ));
     }
     let watcher = if options.watch {
-        Some(watch::Watcher::start(Arc::clone(&state)).map_err(StartError::Watch)?)
+        Some(
+            watch::Watcher::start(Arc::clone(&state), Arc::clone(&listeners))
+                .map_err(StartError::Watch)?,
+        )
     } else {
         None
     };
     state.set_ready();
-    tracing::info!(workload = %state.bootstrap.workload, listeners = listeners.len(), "proxy ready");
+    tracing::info!(workload = %state.bootstrap.workload, listeners = listeners.bound().len(), "proxy ready");
     Ok(Proxy {
         state,
         listeners,

@@ -311,19 +311,6 @@ impl State {
         let snapshot = load_snapshot(&self.bootstrap, version)?;
         // The trust domain may have changed: rebuild TLS for the new snapshot.
         let tls = load_tls(&self.bootstrap, &snapshot)?;
-        let old = self.snapshot();
-        let listening = |s: &Snapshot| {
-            (
-                s.address,
-                s.inbound.iter().map(|p| p.port).collect::<Vec<_>>(),
-                s.outbound,
-                s.tcp_outbound.clone(),
-            )
-        };
-        if listening(&old) != listening(&snapshot) {
-            // Listeners are bound once at start; everything else applies now.
-            tracing::warn!(target: "meshward::config", "the workload's addresses or ports changed: restart the proxy to listen on the new ones");
-        }
         self.version.store(version, Ordering::Release);
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));

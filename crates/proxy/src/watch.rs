@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
 
+use crate::listeners::Listeners;
 use crate::state::State;
 
 /// Changes are applied once the files have been quiet this long, so a
@@ -32,7 +33,7 @@ impl Watcher {
     /// change events (it never wakes while nothing changes: an idle proxy
     /// does no periodic work), gathers them until the files are quiet, then
     /// reloads what changed.
-    pub fn start(state: Arc<State>) -> Result<Watcher, String> {
+    pub fn start(state: Arc<State>, listeners: Arc<Listeners>) -> Result<Watcher, String> {
         let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
         let mut watcher = notify::recommended_watcher(tx).map_err(|e| e.to_string())?;
         let b = &state.bootstrap;
@@ -63,7 +64,7 @@ impl Watcher {
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
                     }
-                    reload(&state, &certs_dir, &paths);
+                    reload(&state, &listeners, &certs_dir, &paths);
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -84,15 +85,18 @@ fn changed_paths(event: notify::Result<notify::Event>) -> Vec<PathBuf> {
     }
 }
 
-/// Reloads the configuration when any of `paths` is outside the
-/// certificate directory, else the certificates.
-fn reload(state: &State, certs_dir: &std::path::Path, paths: &[PathBuf]) {
+/// Reloads the configuration (and brings the listeners in line with it)
+/// when any of `paths` is outside the certificate directory, else the
+/// certificates.
+fn reload(state: &State, listeners: &Listeners, certs_dir: &std::path::Path, paths: &[PathBuf]) {
     let config_changed = paths.iter().any(|p| !canonical(p).starts_with(certs_dir));
     if config_changed {
         // A configuration reload rebuilds the TLS state too.
         match state.reload_config() {
             Ok(v) => {
-                tracing::info!(target: "meshward::config", version = v, "configuration reloaded")
+                tracing::info!(target: "meshward::config", version = v, "configuration reloaded");
+                // Bind errors are logged there and do not undo the change.
+                let _ = listeners.reconcile();
             }
             Err(e) => {
                 state.metrics.config_rejected();
