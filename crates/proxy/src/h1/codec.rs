@@ -7,6 +7,7 @@
 //! repaired. See the docs of [`RequestHead::parse`] and
 //! [`ResponseHead::parse`].
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
@@ -124,12 +125,14 @@ impl RequestHead {
     /// `Transfer-Encoding` together with `Content-Length`, in HTTP/1.0, or
     /// whose codings do not end with a single `chunked`.
     pub fn parse(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut slots);
+        // Slots httparse fills as it parses: nothing to initialize first.
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
         // Never look further than MAX_HEAD bytes: a head that does not end
         // within them is too large anyway.
         let window = &buf[..buf.len().min(MAX_HEAD)];
-        let Some(len) = head_len(req.parse(window), buf.len())? else {
+        let Some(len) = head_len(req.parse_with_uninit_headers(window, &mut slots), buf.len())?
+        else {
             return Ok(None);
         };
         let base: &[u8] = window;
@@ -140,17 +143,14 @@ impl RequestHead {
         let target = offset(base, target.as_bytes()).ok_or(HeadError::Invalid("request-target"))?;
         let headers = header_offsets(base, req.headers)?;
 
-        let hosts = headers
-            .iter()
-            .filter(|(n, _)| base[n.clone()].eq_ignore_ascii_case(b"host"))
-            .count();
-        match (version, hosts) {
+        let fields = FramingFields::scan(base, &headers);
+        match (version, fields.hosts) {
             (_, 2..) => return Err(HeadError::Invalid("more than one Host")),
             (Version::Http11, 0) => return Err(HeadError::Invalid("no Host")),
             _ => {}
         }
-        let content_length = content_length(base, &headers)?;
-        let te = transfer_encoding(base, &headers)?;
+        let content_length = fields.content_length?;
+        let te = fields.transfer_encoding?;
         if te.present {
             if content_length.is_some() {
                 return Err(HeadError::Invalid("Transfer-Encoding with Content-Length"));
@@ -275,10 +275,15 @@ impl ResponseHead {
     /// `Content-Length` values that are not all the same 1 to 19 digits;
     /// `chunked` anywhere but once, last, in `Transfer-Encoding`.
     pub fn parse(buf: &mut BytesMut) -> Result<Option<ResponseHead>, HeadError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut slots);
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
         let window = &buf[..buf.len().min(MAX_HEAD)];
-        let Some(len) = head_len(res.parse(window), buf.len())? else {
+        let Some(len) = head_len(
+            httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut res, window, &mut slots),
+            buf.len(),
+        )?
+        else {
             return Ok(None);
         };
         let base: &[u8] = window;
@@ -294,8 +299,9 @@ impl ResponseHead {
             .and_then(|r| offset(base, r.as_bytes()))
             .unwrap_or(0..0);
         let headers = header_offsets(base, res.headers)?;
-        let content_length = content_length(base, &headers)?;
-        let te = transfer_encoding(base, &headers)?;
+        let fields = FramingFields::scan(base, &headers);
+        let content_length = fields.content_length?;
+        let te = fields.transfer_encoding?;
 
         let raw = buf.split_to(len).freeze();
         Ok(Some(ResponseHead {
@@ -748,50 +754,84 @@ fn list(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(trim_ows)
 }
 
-fn content_length(raw: &[u8], headers: &[Field]) -> Result<Option<u64>, HeadError> {
-    let mut found = None;
-    for value in values(raw, headers, "content-length") {
-        for e in list(value) {
-            if e.is_empty() || e.len() > 19 || !e.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::Invalid("Content-Length"));
+/// What the fields that frame or route a message say, found in one pass
+/// over the fields (names compared by length first).
+struct FramingFields {
+    /// `Host` fields.
+    hosts: usize,
+    /// Refused: values that are not all the same 1 to 19 digits.
+    content_length: Result<Option<u64>, HeadError>,
+    /// Refused: `chunked` anywhere but once, last.
+    transfer_encoding: Result<TransferEncoding, HeadError>,
+}
+
+impl FramingFields {
+    fn scan(raw: &[u8], headers: &[Field]) -> FramingFields {
+        let mut hosts = 0;
+        let mut length = Ok(None);
+        let mut te = TransferEncoding {
+            present: false,
+            chunked: false,
+        };
+        let mut chunked = 0usize;
+        for (n, v) in headers {
+            let name = &raw[n.clone()];
+            let value = &raw[v.clone()];
+            match name.len() {
+                4 if name.eq_ignore_ascii_case(b"host") => hosts += 1,
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    if let Ok(found) = &mut length
+                        && let Err(e) = content_length(value, found)
+                    {
+                        length = Err(e);
+                    }
+                }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    te.present = true;
+                    for coding in list(value).filter(|c| !c.is_empty()) {
+                        te.chunked = coding.eq_ignore_ascii_case(b"chunked");
+                        chunked += usize::from(te.chunked);
+                    }
+                }
+                _ => {}
             }
-            // At most 19 digits: below 10^19 < u64::MAX, no overflow.
-            let n = e.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(HeadError::Invalid("differing Content-Length values"));
-            }
-            found = Some(n);
+        }
+        let transfer_encoding = if chunked > 1 || (chunked == 1 && !te.chunked) {
+            Err(HeadError::Invalid(
+                "chunked not once and last in Transfer-Encoding",
+            ))
+        } else {
+            Ok(te)
+        };
+        FramingFields {
+            hosts,
+            content_length: length,
+            transfer_encoding,
         }
     }
-    Ok(found)
+}
+
+/// Adds one `Content-Length` field's `value` to what earlier ones said
+/// (`found`): every element must be the same 1 to 19 digits.
+fn content_length(value: &[u8], found: &mut Option<u64>) -> Result<(), HeadError> {
+    for e in list(value) {
+        if e.is_empty() || e.len() > 19 || !e.iter().all(u8::is_ascii_digit) {
+            return Err(HeadError::Invalid("Content-Length"));
+        }
+        // At most 19 digits: below 10^19 < u64::MAX, no overflow.
+        let n = e.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err(HeadError::Invalid("differing Content-Length values"));
+        }
+        *found = Some(n);
+    }
+    Ok(())
 }
 
 struct TransferEncoding {
     present: bool,
     /// The last coding is `chunked`.
     chunked: bool,
-}
-
-fn transfer_encoding(raw: &[u8], headers: &[Field]) -> Result<TransferEncoding, HeadError> {
-    let mut present = false;
-    let mut chunked = 0usize;
-    let mut last_chunked = false;
-    for value in values(raw, headers, "transfer-encoding") {
-        present = true;
-        for coding in list(value).filter(|c| !c.is_empty()) {
-            last_chunked = coding.eq_ignore_ascii_case(b"chunked");
-            chunked += usize::from(last_chunked);
-        }
-    }
-    if chunked > 1 || (chunked == 1 && !last_chunked) {
-        return Err(HeadError::Invalid(
-            "chunked not once and last in Transfer-Encoding",
-        ));
-    }
-    Ok(TransferEncoding {
-        present,
-        chunked: last_chunked,
-    })
 }
 
 /// The tokens of every `Connection` header.
