@@ -644,7 +644,7 @@ async fn http2_over_mtls_is_authorized_per_request() {
     c += &workload("production", "frontend", "frontend", "", "");
     mesh.write_config("workloads.yaml", &c);
     mesh.write_config("policies.yaml", POLICIES);
-    let _catalog = mesh
+    let catalog = mesh
         .proxy(
             "production/product-catalog",
             &mesh.issue("catalog", "production", "product-catalog"),
@@ -679,6 +679,20 @@ async fn http2_over_mtls_is_authorized_per_request() {
     }
     // The application got HTTP/1.1 with the Host taken from :authority.
     assert_eq!(app.last().unwrap().headers["host"], CATALOG);
+    // Body sizes are recorded once each response body has gone: the
+    // application's 15 bytes, the proxy's 19-byte 403.
+    eventually("the body sizes of both requests", || async {
+        let (_, m) = catalog.admin_get("/stats/prometheus").await;
+        let sum = |name: &str, code: &str| metric(&m, name, &[("response_code", code)]);
+        let done = [("200", 15.0), ("403", 19.0)].iter().all(|&(code, bytes)| {
+            sum("istio_response_bytes_sum", code) == bytes
+                && sum("istio_response_bytes_count", code) == 1.0
+                && sum("istio_request_bytes_sum", code) == 0.0
+                && sum("istio_request_bytes_count", code) == 1.0
+        });
+        done.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1122,7 +1136,7 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
     );
     c += "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: grpc, namespace: production}\nspec:\n  selector: {matchLabels: {app: product-catalog}}\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/production/sa/frontend\"]}}]\n    to: [{operation: {methods: [\"POST\"], paths: [\"/shop.Catalog/*\"]}}]\n---\n";
     mesh.write_config("mesh.yaml", &c);
-    let _catalog = mesh
+    let catalog = mesh
         .proxy(
             "production/product-catalog",
             &mesh.issue("catalog", "production", "product-catalog"),
@@ -1182,6 +1196,25 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
         .log_line("the gRPC call", |l| l["path"] == "/shop.Catalog/List")
         .await;
     assert_eq!(line["tls.mode"], "mutual_tls");
+    // The call's body sizes on both sides: a 5-byte request message, a
+    // 7-byte response message (trailers are not body).
+    for (proxy, reporter) in [(&frontend, "source"), (&catalog, "destination")] {
+        eventually(&format!("the gRPC call's sizes ({reporter})"), || async {
+            let (_, m) = proxy.admin_get("/stats/prometheus").await;
+            let sum = |name: &str| {
+                metric(
+                    &m,
+                    name,
+                    &[("reporter", reporter), ("response_code", "200")],
+                )
+            };
+            (sum("istio_request_bytes_sum") == 5.0
+                && sum("istio_response_bytes_sum") == 7.0
+                && sum("istio_response_bytes_count") == 1.0)
+                .then_some(())
+        })
+        .await;
+    }
 }
 
 /// The listeners follow the configuration, as Envoy's follow LDS: a change

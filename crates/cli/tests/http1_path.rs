@@ -455,6 +455,52 @@ async fn bodies_pipelining_and_continue_cross_both_proxies_intact() {
                 && l["tls.mode"] == "mutual_tls"
         })
         .await;
+
+    // Body sizes, as Istio reports them: the payload each way (a chunked
+    // body without its chunk lines), in the access log of both proxies and
+    // in istio_request_bytes / istio_response_bytes.
+    let sizes = |l: &serde_json::Value| (l["bytes_received"].clone(), l["bytes_sent"].clone());
+    for proxy in [&p.client, &p.server] {
+        let line = proxy.log_line("/echo", |l| l["path"] == "/echo").await;
+        assert_eq!(sizes(&line), (11.into(), 22.into()), "{line}");
+        let line = proxy.log_line("/upload", |l| l["path"] == "/upload").await;
+        assert_eq!(sizes(&line), (4.into(), 16.into()), "{line}");
+        let line = proxy.log_line("/stream", |l| l["path"] == "/stream").await;
+        assert_eq!(sizes(&line), (0.into(), 11.into()), "{line}");
+    }
+    let denied_line = p
+        .server
+        .log_line("/forbidden", |l| l["path"] == "/forbidden")
+        .await;
+    assert_eq!(sizes(&denied_line), (0.into(), 19.into()), "{denied_line}");
+    for (proxy, reporter) in [(&p.client, "source"), (&p.server, "destination")] {
+        let (_, m) = proxy.admin_get("/stats/prometheus").await;
+        let count = |name: &str, code: &str| {
+            metric(&m, name, &[("reporter", reporter), ("response_code", code)])
+        };
+        for code in ["200", "403"] {
+            let requests = count("istio_requests_total", code);
+            assert!(requests >= 1.0, "{reporter} {code}: {m}");
+            assert_eq!(count("istio_request_bytes_count", code), requests, "{m}");
+            assert_eq!(count("istio_response_bytes_count", code), requests, "{m}");
+        }
+        // Every 403 here is the server proxy's own 19-byte body, for
+        // `abc`: forwarded by the client proxy, never read by the server.
+        let denied = count("istio_requests_total", "403");
+        let forwarded = if reporter == "source" { 3.0 } else { 0.0 };
+        assert_eq!(
+            count("istio_response_bytes_sum", "403"),
+            19.0 * denied,
+            "{m}"
+        );
+        assert_eq!(
+            count("istio_request_bytes_sum", "403"),
+            forwarded * denied,
+            "{m}"
+        );
+        // hello world + data, plus what the other requests carried.
+        assert!(count("istio_request_bytes_sum", "200") >= 15.0, "{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

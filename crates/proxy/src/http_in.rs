@@ -26,6 +26,7 @@ use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
+use crate::telemetry::{CountedBody, RequestHandles, SizedBody};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -193,7 +194,7 @@ where
                     &conn,
                     &snap.identity,
                     started,
-                    (status, "-", ended),
+                    (status, "-", ended, Some((0, body.len() as u64))),
                     &decision,
                     line,
                 );
@@ -227,6 +228,8 @@ where
             };
             state.tcp_conns.track(&conn, Some(request))
         });
+        // Body bytes: from the client, to it.
+        let mut sizes = (0, 0);
         let outcome = app
             .exchange(
                 &conn,
@@ -244,8 +247,8 @@ where
                     );
                 },
                 (framing, tracked.as_ref().map(|(_, close)| &**close)),
-                head.method(),
-                close,
+                (head.method(), close),
+                &mut sizes,
             )
             .await;
         if let Some((id, _)) = tracked {
@@ -265,6 +268,7 @@ where
             }
             Exchange::NoResponse(status, flags, body) => {
                 close = true;
+                sizes.1 = body.len() as u64;
                 let _ = h1::reply(&mut io, status, body, true).await;
                 (status, flags)
             }
@@ -278,7 +282,12 @@ where
             &conn,
             &snap.identity,
             started,
-            (status, flags, tunneled.as_ref().map(Ended::Tunnel)),
+            (
+                status,
+                flags,
+                tunneled.as_ref().map(Ended::Tunnel),
+                Some(sizes),
+            ),
             &decision,
             line,
         );
@@ -331,7 +340,8 @@ impl AppConn {
     /// connection that the application had closed is retried once on a new
     /// connection. With `tunnel` (a WebSocket handshake, and the signal of
     /// a policy change that denies it), a `101` turns both connections
-    /// into a tunnel, which ends them.
+    /// into a tunnel, which ends them. `sizes` gets the body bytes
+    /// forwarded each way (a tunnel's bytes, for a tunnel).
     #[allow(clippy::too_many_arguments)]
     async fn exchange<S>(
         &mut self,
@@ -341,8 +351,8 @@ impl AppConn {
         out: &mut Vec<u8>,
         write_head: impl Fn(&mut Vec<u8>),
         (framing, tunnel): (Framing, Option<&tokio::sync::Notify>),
-        method: &str,
-        close_down: bool,
+        (method, close_down): (&str, bool),
+        sizes: &mut (u64, u64),
     ) -> Exchange
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -370,7 +380,16 @@ impl AppConn {
             write_head(out);
             let can_retry = self.reused && !retried && framing == Framing::Empty;
             let upgrade = tunnel.is_some();
-            match h1::send(up, &mut self.buf, down, down_buf, (framing, upgrade), out).await {
+            let sent = h1::send(
+                up,
+                &mut self.buf,
+                down,
+                down_buf,
+                (framing, upgrade),
+                out,
+                &mut sizes.0,
+            );
+            match sent.await {
                 Sent::Response(resp) => break resp,
                 Sent::Lost(_) if can_retry => {
                     retried = true;
@@ -401,10 +420,12 @@ impl AppConn {
             let ends = (self.idle_timeout, stop);
             let t = h1::tunnel(up, &mut self.buf, down, down_buf, &resp, ends, out).await;
             self.stream = None;
+            *sizes = t.bytes;
             tracing::debug!(app = %conn.app, reason = %t.reason, bytes = ?t.bytes, "tunnel closed");
             return Exchange::Tunneled(t);
         }
         let r = h1::relay(up, &mut self.buf, down, &resp, (method, close_down), out).await;
+        sizes.1 = r.bytes;
         self.reused = true;
         if !r.reusable {
             self.stream = None;
@@ -470,6 +491,8 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let snap = state.snapshot();
+    // Request body bytes forwarded to the application.
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (host, path, method) = request_line(&req);
     let decision = {
         let headers = HeaderView(req.headers());
@@ -520,6 +543,7 @@ async fn handle(
             *req.version_mut() = Version::HTTP_11;
             &state.app_client
         };
+        let req = req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes)).boxed());
         match client.request(req).await {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
@@ -536,16 +560,16 @@ async fn handle(
     };
 
     let status = resp.status().as_u16();
-    account(
+    let handles = account(
         &state,
         &conn,
         &snap.identity,
         started,
-        (status, flags, None),
+        (status, flags, None, None),
         &decision,
         [&method, &path, &host],
     );
-    Ok(resp)
+    Ok(resp.map(|body| SizedBody::new(body, request_bytes, handles).boxed()))
 }
 
 /// What the access log must say of a request beyond its decision.
@@ -553,23 +577,25 @@ async fn handle(
 enum Ended<'a> {
     /// The policy allowed it, the proxy refused it (the reason).
     Refused(&'static str),
-    /// It opened a tunnel, which ended so: its bytes, and, when a policy
-    /// change closed it, a deny with that reason.
+    /// It opened a tunnel, which ended so: when a policy change closed
+    /// it, a deny with that reason.
     Tunnel(&'a h1::Tunneled),
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
 /// log line. `line` is the method, path and host; `ended`, what the
-/// decision alone does not tell of how the request ended.
+/// decision alone does not tell of how the request ended; `sizes`, its
+/// body bytes each way when they are known (else the caller records them
+/// with the handles returned, once the body has gone: [`SizedBody`]).
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags, ended): (u16, &'static str, Option<Ended<'_>>),
+    (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, Option<(u64, u64)>),
     decision: &Decision,
     [method, path, host]: [&str; 3],
-) {
+) -> RequestHandles {
     let handles = conn.handles.get_or_insert(0, status, flags, || {
         let mut labels = conn.labels(state, "http");
         labels.response_code = status.to_string();
@@ -577,26 +603,30 @@ fn account(
         state.metrics.request_handles(&labels)
     });
     handles.record(started.elapsed());
+    if let Some(sizes) = sizes {
+        handles.record_sizes(sizes);
+    }
     if !state.metrics.access().enabled() {
-        return;
+        return handles;
     }
     let mut record = conn.record(own_identity, "http", started, Some(decision));
+    if let Some(sizes) = sizes {
+        (record.bytes_received, record.bytes_sent) = sizes;
+    }
     record.method = Some(method.to_string());
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
     match ended {
-        None => {}
         Some(Ended::Refused(reason)) => record.reason = reason.to_string(),
-        Some(Ended::Tunnel(t)) => {
-            (record.bytes_received, record.bytes_sent) = t.bytes;
-            if t.reason.starts_with(POLICY_CHANGED) {
-                record.decision = "deny";
-                record.reason.clone_from(&t.reason);
-            }
+        Some(Ended::Tunnel(t)) if t.reason.starts_with(POLICY_CHANGED) => {
+            record.decision = "deny";
+            record.reason.clone_from(&t.reason);
         }
+        Some(Ended::Tunnel(_)) | None => {}
     }
     state.metrics.access().write(&record);
+    handles
 }
 
 #[cfg(test)]

@@ -37,7 +37,10 @@ use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
-use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
+use crate::telemetry::{
+    AccessRecord, CountedBody, RequestHandles, SizedBody, TrafficLabels, now_rfc3339,
+    principal_parts,
+};
 
 /// Where and how to connect for one upstream authority.
 #[derive(Debug, Clone)]
@@ -271,7 +274,7 @@ impl Upstream {
 /// TLS configs.
 #[derive(Debug)]
 pub struct Outbound {
-    client: Client<MeshConnector, Incoming>,
+    client: Client<MeshConnector, Body>,
     /// For HTTP/1.x requests to HTTP/2 upstreams (bodies buffered).
     client_full: Client<MeshConnector, Full<Bytes>>,
     connector: MeshConnector,
@@ -680,8 +683,9 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                     503
                 };
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
-                let sent = h1::reply(&mut io, status, "no healthy upstream", close).await;
-                let outcome = (status, "NR", e.to_string());
+                let body = "no healthy upstream";
+                let sent = h1::reply(&mut io, status, body, close).await;
+                let outcome = (status, "NR", e.to_string(), Some((0, body.len() as u64)));
                 account(&state, &snap, &cache, peer, started, None, outcome, line);
                 if sent.is_err() || close {
                     break;
@@ -704,15 +708,24 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 out,
             );
         };
+        // Body bytes: from the application, to it.
+        let mut sizes = (0, 0);
         let (status, flags, reason, must_close) = if upgrade == Upgrade::Unsupported {
             // Refused before the application, as an Istio sidecar does.
             close |= !matches!(framing, Framing::Empty | Framing::Length(0));
             let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
+            sizes.1 = h1::UPGRADE_REFUSED.len() as u64;
             let reason = h1::UPGRADE_REFUSED.to_string();
             (403, "-", reason, close || sent.is_err())
         } else if route.target.h2 {
             let (status, flags, reason) = bridge_h2(
-                &state, &route, &head, &target, &mut io, &mut buf, framing, close,
+                &state,
+                &route,
+                (&head, &target),
+                &mut io,
+                &mut buf,
+                (framing, close),
+                &mut sizes,
             )
             .await;
             (status, flags, reason, close)
@@ -722,11 +735,11 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 &route,
                 &mut current,
                 (&mut io, &mut buf),
-                &mut up_buf,
-                &mut out,
+                (&mut up_buf, &mut out),
                 write_head,
                 (framing, head.method(), close),
                 (upgrade == Upgrade::WebSocket).then_some(state.idle_timeout),
+                &mut sizes,
             )
             .await
         };
@@ -740,7 +753,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             peer,
             started,
             Some(&route),
-            (status, flags, reason),
+            (status, flags, reason, Some(sizes)),
             line,
         );
         if close {
@@ -766,11 +779,11 @@ async fn exchange(
     route: &Route,
     current: &mut Current,
     (down, down_buf): (&mut TcpStream, &mut BytesMut),
-    up_buf: &mut BytesMut,
-    out: &mut Vec<u8>,
+    (up_buf, out): (&mut BytesMut, &mut Vec<u8>),
     write_head: impl Fn(&mut Vec<u8>),
     (framing, method, close_down): (Framing, &str, bool),
     tunnel: Option<Duration>,
+    sizes: &mut (u64, u64),
 ) -> (u16, &'static str, String, bool) {
     if current.as_ref().is_some_and(|(key, _)| *key != route.key)
         && let Some((key, up)) = current.take()
@@ -796,7 +809,9 @@ async fn exchange(
             match connect(&route.target).await {
                 Ok(up) => *current = Some((route.key.clone(), up)),
                 Err(e) => {
-                    let _ = h1::reply(down, 503, "upstream connect error", true).await;
+                    let body = "upstream connect error";
+                    let _ = h1::reply(down, 503, body, true).await;
+                    sizes.1 = body.len() as u64;
                     return (
                         503,
                         "UF",
@@ -812,13 +827,24 @@ async fn exchange(
         out.clear();
         write_head(out);
         let can_retry = reused && framing == Framing::Empty;
-        let sent = h1::send(up, up_buf, down, down_buf, (framing, tunnel.is_some()), out).await;
+        let upgrade = tunnel.is_some();
+        let sent = h1::send(
+            up,
+            up_buf,
+            down,
+            down_buf,
+            (framing, upgrade),
+            out,
+            &mut sizes.0,
+        );
+        let sent = sent.await;
         let failure = match sent {
             Sent::Response(resp) => break resp,
             Sent::Lost(why) => format!("upstream {}: {why}", route.addr),
             Sent::Refused((status, flags, body)) => {
                 *current = None;
                 let _ = h1::reply(down, status, body, true).await;
+                sizes.1 = body.len() as u64;
                 return (status, flags, format!("{body} ({})", route.addr), true);
             }
             Sent::DownstreamBroke => {
@@ -837,6 +863,7 @@ async fn exchange(
             continue;
         }
         let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
+        sizes.1 = h1::UPSTREAM_RESET.len() as u64;
         return (503, "UC", failure, true);
     };
     let Some((_, up)) = current.as_mut() else {
@@ -846,6 +873,7 @@ async fn exchange(
         let ends = (idle_timeout, std::future::pending());
         let t = h1::tunnel(up, up_buf, down, down_buf, &resp, ends, out).await;
         *current = None;
+        *sizes = t.bytes;
         let (sent, received) = t.bytes;
         let reason = format!(
             "{} ({sent} bytes sent, {received} received through the tunnel)",
@@ -854,6 +882,7 @@ async fn exchange(
         return (101, t.flags, reason, true);
     }
     let r = h1::relay(up, up_buf, down, &resp, (method, close_down), out).await;
+    sizes.1 = r.bytes;
     if !r.reusable {
         *current = None;
     }
@@ -915,6 +944,8 @@ async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let snap = state.snapshot();
+    // Request body bytes forwarded upstream.
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (host, path, method) = request_line(&req);
     let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
     let route = state.outbound.route(&state, &snap, &host, port_hint);
@@ -957,6 +988,7 @@ async fn handle(
                     } else {
                         http::Version::HTTP_11
                     };
+                    let req = req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes)).boxed());
                     match state.outbound.client.request(req).await {
                         Ok(mut resp) => (
                             {
@@ -984,8 +1016,8 @@ async fn handle(
         }
     };
     let status = resp.status().as_u16();
-    let outcome = (status, flags, reason);
-    account(
+    let outcome = (status, flags, reason, None);
+    let handles = account(
         &state,
         &snap,
         &cache,
@@ -995,7 +1027,7 @@ async fn handle(
         outcome,
         [&method, &path, &host],
     );
-    Ok(resp)
+    Ok(resp.map(|body| SizedBody::new(body, request_bytes, handles).boxed()))
 }
 
 /// Largest request body an HTTP/1.x request to an HTTP/2 upstream may have
@@ -1006,16 +1038,14 @@ const BRIDGE_MAX_BODY: u64 = 4 * 1024 * 1024;
 /// body is read whole, the request goes through hyper's HTTP/2 client, and
 /// the response is written back as HTTP/1.1 (chunked unless its length is
 /// known). Chunked request bodies are not bridged (411).
-#[allow(clippy::too_many_arguments)]
 async fn bridge_h2(
     state: &State,
     route: &Route,
-    head: &RequestHead,
-    target: &h1::Target<'_>,
+    (head, target): (&RequestHead, &h1::Target<'_>),
     io: &mut TcpStream,
     buf: &mut BytesMut,
-    framing: Framing,
-    close: bool,
+    (framing, close): (Framing, bool),
+    sizes: &mut (u64, u64),
 ) -> (u16, &'static str, String) {
     let refuse = |status: u16, why: &str| (status, "DPE", why.to_string());
     let len = match framing {
@@ -1031,7 +1061,7 @@ async fn bridge_h2(
         }
     };
     let mut body = Vec::with_capacity(usize::try_from(len).unwrap_or_default());
-    if h1::forward(io, buf, &mut body, framing, &mut Vec::new())
+    if h1::forward(io, buf, &mut body, framing, &mut Vec::new(), &mut sizes.0)
         .await
         .is_err()
     {
@@ -1080,18 +1110,20 @@ async fn bridge_h2(
         }
     };
     let status = resp.status().as_u16();
-    match write_h1_response(io, resp, head.method() == "HEAD", close).await {
+    match write_h1_response(io, resp, head.method() == "HEAD", close, &mut sizes.1).await {
         Ok(()) => (status, "-", "forwarded".to_string()),
         Err(e) => (status, "UPE", format!("response from {}: {e}", route.addr)),
     }
 }
 
-/// Writes a hyper response to an HTTP/1.1 client.
+/// Writes a hyper response to an HTTP/1.1 client; `sent` counts its body
+/// bytes.
 async fn write_h1_response(
     io: &mut TcpStream,
     resp: Response<Incoming>,
     head_request: bool,
     close: bool,
+    sent: &mut u64,
 ) -> Result<(), BoxError> {
     use std::io::Write as _;
     let (mut parts, mut body) = resp.into_parts();
@@ -1139,6 +1171,7 @@ async fn write_h1_response(
         if data.is_empty() {
             continue;
         }
+        *sent += data.len() as u64;
         if chunked {
             io.write_all(format!("{:x}\r\n", data.len()).as_bytes())
                 .await?;
@@ -1165,9 +1198,9 @@ fn account(
     peer: SocketAddr,
     started: Instant,
     route: Option<&Route>,
-    (status, flags, reason): (u16, &'static str, String),
+    (status, flags, reason, sizes): (u16, &'static str, String, Option<(u64, u64)>),
     [method, path, host]: [&str; 3],
-) {
+) -> RequestHandles {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
     let tag = route.map_or(0, |r| service_tag(&r.svc));
     let handles = cache.get_or_insert(tag, status, flags, || {
@@ -1177,9 +1210,14 @@ fn account(
         state.metrics.request_handles(&labels)
     });
     handles.record(started.elapsed());
-    if !state.metrics.access().enabled() {
-        return;
+    if let Some(sizes) = sizes {
+        handles.record_sizes(sizes);
     }
+    if !state.metrics.access().enabled() {
+        return handles;
+    }
+    // From the application (the downstream here), and to it.
+    let (bytes_received, bytes_sent) = sizes.unwrap_or_default();
     state.metrics.access().write(&AccessRecord {
         time: now_rfc3339(),
         kind: "http",
@@ -1202,9 +1240,10 @@ fn account(
         rule: None,
         explanation: String::new(),
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent: 0,
-        bytes_received: 0,
+        bytes_sent,
+        bytes_received,
     });
+    handles
 }
 
 /// A stable small key for a service (FNV-1a of `namespace/name`), to tell

@@ -144,12 +144,12 @@ pub struct State {
     /// Pooled HTTP/1.1 connections to the local application.
     pub app_client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
-        hyper::body::Incoming,
+        crate::http_in::Body,
     >,
     /// The same over cleartext HTTP/2 (prior knowledge), for gRPC ports.
     pub app_client_h2: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
-        hyper::body::Incoming,
+        crate::http_in::Body,
     >,
     pub outbound: crate::outbound::Outbound,
     /// Open inbound TCP connections, re-checked when policy changes.

@@ -1,12 +1,18 @@
 //! Telemetry with Istio's names and labels, so existing dashboards work:
 //! `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes`,
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; and a
 //! JSON access log line per request or TCP connection.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
+
+use bytes::Buf;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,7 +20,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Istio's default duration buckets, in milliseconds.
+/// Envoy's default histogram buckets, which Istio's histograms use unless
+/// configured otherwise: milliseconds for durations, bytes for sizes.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
@@ -62,6 +69,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<TrafficLabels, Counter>,
     durations: Family<TrafficLabels, Histogram, fn() -> Histogram>,
+    request_bytes: Family<TrafficLabels, Histogram, fn() -> Histogram>,
+    response_bytes: Family<TrafficLabels, Histogram, fn() -> Histogram>,
     tcp_opened: Family<TrafficLabels, Counter>,
     tcp_closed: Family<TrafficLabels, Counter>,
     tcp_sent: Family<TrafficLabels, Counter>,
@@ -78,9 +87,12 @@ impl Metrics {
     pub fn new(access: AccessLog) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<TrafficLabels, Counter>::default();
-        let durations = Family::<TrafficLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram as fn() -> Histogram,
-        );
+        let histograms = || {
+            Family::<TrafficLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram as fn() -> Histogram,
+            )
+        };
+        let (durations, request_bytes, response_bytes) = (histograms(), histograms(), histograms());
         let tcp_opened = Family::<TrafficLabels, Counter>::default();
         let tcp_closed = Family::<TrafficLabels, Counter>::default();
         let tcp_sent = Family::<TrafficLabels, Counter>::default();
@@ -91,6 +103,16 @@ impl Metrics {
             "istio_request_duration_milliseconds",
             "Request duration",
             durations.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "HTTP request body sizes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "HTTP response body sizes",
+            response_bytes.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
@@ -121,6 +143,8 @@ impl Metrics {
             registry,
             requests,
             durations,
+            request_bytes,
+            response_bytes,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -136,6 +160,8 @@ impl Metrics {
         RequestHandles {
             count: self.requests.get_or_create_owned(labels),
             duration: self.durations.get_or_create_owned(labels),
+            request_bytes: self.request_bytes.get_or_create_owned(labels),
+            response_bytes: self.response_bytes.get_or_create_owned(labels),
         }
     }
 
@@ -171,12 +197,119 @@ impl Metrics {
 pub struct RequestHandles {
     count: Counter,
     duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 impl RequestHandles {
+    /// Counts a request and its duration.
     pub fn record(&self, duration: Duration) {
         self.count.inc();
         self.duration.observe(duration.as_secs_f64() * 1000.0);
+    }
+
+    /// Records the body sizes of a request [`RequestHandles::record`]
+    /// counted: bytes of the request body, of the response body.
+    pub fn record_sizes(&self, (request, response): (u64, u64)) {
+        self.request_bytes.observe(request as f64);
+        self.response_bytes.observe(response as f64);
+    }
+}
+
+/// A body that adds the bytes of its data frames to a shared count (a
+/// request body on its way to the upstream, counted for
+/// `istio_request_bytes`).
+#[derive(Debug)]
+pub struct CountedBody<B> {
+    body: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    pub fn new(body: B, count: Arc<AtomicU64>) -> CountedBody<B> {
+        CountedBody { body, count }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count
+                .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A response body that, once it has gone (or is dropped half-way),
+/// records its request's body sizes: what the request body's
+/// [`CountedBody`] counted, and its own data bytes.
+#[derive(Debug)]
+pub struct SizedBody<B> {
+    body: B,
+    sent: u64,
+    request: Arc<AtomicU64>,
+    handles: RequestHandles,
+}
+
+impl<B> SizedBody<B> {
+    pub fn new(body: B, request: Arc<AtomicU64>, handles: RequestHandles) -> SizedBody<B> {
+        SizedBody {
+            body,
+            sent: 0,
+            request,
+            handles,
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for SizedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.remaining() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for SizedBody<B> {
+    fn drop(&mut self) {
+        let request = self.request.load(Ordering::Relaxed);
+        self.handles.record_sizes((request, self.sent));
     }
 }
 

@@ -446,6 +446,8 @@ pub struct ChunkedScanner {
     ext_len: usize,
     /// Bytes of the trailer section so far.
     trailer_len: usize,
+    /// Chunk data bytes so far (the body's payload, without its framing).
+    data: u64,
 }
 
 /// Where a [`ChunkedScanner`] is in the body.
@@ -491,6 +493,12 @@ enum Chunk {
 impl ChunkedScanner {
     /// Scans the next bytes of the body. Returns how many of them belong to
     /// the body and whether it ended within them.
+    /// Chunk data bytes scanned so far: the payload, without chunk lines
+    /// and trailers.
+    pub fn data_bytes(&self) -> u64 {
+        self.data
+    }
+
     pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BodyError> {
         match self.state {
             Chunk::Done => return Ok((0, true)),
@@ -514,6 +522,7 @@ impl ChunkedScanner {
                 let avail = data.len() - i;
                 let take = usize::try_from(left).map_or(avail, |l| l.min(avail));
                 i += take;
+                self.data += take as u64;
                 // take <= left, both fit in u64.
                 let left = left - take as u64;
                 self.state = if left == 0 {

@@ -147,15 +147,18 @@ where
 /// Writes `out` (a head, possibly empty) and then the body framed by
 /// `framing`: first the bytes already in `buf`, then what `src` sends, until
 /// the body ends. Bytes after the body (a pipelined request) stay in `buf`.
-/// The first body bytes go out in the same write as the head. Returns the
-/// number of body bytes forwarded.
+/// The first body bytes go out in the same write as the head. The body's
+/// payload bytes forwarded (a chunked body's data, without its chunk lines
+/// and trailers) are added to `sent` as they go, so a body that breaks off
+/// counts what got through.
 pub async fn forward<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
     framing: Framing,
     out: &mut Vec<u8>,
-) -> Result<u64, ForwardError>
+    sent: &mut u64,
+) -> Result<(), ForwardError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -165,8 +168,8 @@ where
         _ => 0,
     };
     let mut chunked = ChunkedScanner::default();
-    let mut total = 0u64;
     loop {
+        let payload_before = chunked.data_bytes();
         let (take, done) = match framing {
             Framing::Empty => (0, true),
             Framing::Length(_) => {
@@ -189,14 +192,17 @@ where
             out.clear();
         }
         buf.advance(take);
-        total += take as u64;
+        *sent += match framing {
+            Framing::Chunked => chunked.data_bytes() - payload_before,
+            _ => take as u64,
+        };
         dst.flush().await.map_err(ForwardError::Write)?;
         if done {
-            return Ok(total);
+            return Ok(());
         }
         if fill(src, buf).await.map_err(ForwardError::Read)? == 0 {
             return if framing == Framing::UntilClose {
-                Ok(total)
+                Ok(())
             } else {
                 Err(ForwardError::Truncated)
             };
@@ -427,8 +433,9 @@ pub enum Sent {
     DownstreamBroke,
 }
 
-/// Writes a request (`out` holds its head) and its body upstream, then
-/// reads the response head, passing interim responses downstream. With
+/// Writes a request (`out` holds its head) and its body upstream (its
+/// bytes added to `request_bytes`), then reads the response head, passing
+/// interim responses downstream. With
 /// `upgrade` (a WebSocket handshake was sent), a `101` is the final
 /// response.
 pub async fn send<U, D>(
@@ -438,13 +445,14 @@ pub async fn send<U, D>(
     down_buf: &mut BytesMut,
     (framing, upgrade): (Framing, bool),
     out: &mut Vec<u8>,
+    request_bytes: &mut u64,
 ) -> Sent
 where
     U: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    match forward(down, down_buf, up, framing, out).await {
-        Ok(_) => {}
+    match forward(down, down_buf, up, framing, out, request_bytes).await {
+        Ok(()) => {}
         Err(ForwardError::Write(e)) => return Sent::Lost(e.to_string()),
         Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
         Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
@@ -467,6 +475,8 @@ pub struct Relayed {
     /// `-`, or Envoy's flag for what broke: `DC` (downstream), `UPE`
     /// (upstream body).
     pub flags: &'static str,
+    /// Body bytes forwarded.
+    pub bytes: u64,
 }
 
 /// Forwards `resp` and its body from `up` to `down` (with
@@ -488,8 +498,10 @@ where
     let close = close_down || framing == Framing::UntilClose;
     out.clear();
     codec::write_response(resp, close, out);
-    let result = forward(up, up_buf, down, framing, out).await;
+    let mut bytes = 0;
+    let result = forward(up, up_buf, down, framing, out, &mut bytes).await;
     Relayed {
+        bytes,
         status: resp.status(),
         close,
         // Bytes after the response that nobody asked for mean the two sides
@@ -722,9 +734,17 @@ mod tests {
         let mut buf = BytesMut::from(&b"hel"[..]);
         let mut dst = Vec::new();
         let mut out = b"HEAD\r\n".to_vec();
-        let n = forward(&mut src, &mut buf, &mut dst, Framing::Length(5), &mut out)
-            .await
-            .unwrap();
+        let mut n = 0;
+        forward(
+            &mut src,
+            &mut buf,
+            &mut dst,
+            Framing::Length(5),
+            &mut out,
+            &mut n,
+        )
+        .await
+        .unwrap();
         assert_eq!(n, 5);
         assert_eq!(dst, b"HEAD\r\nhello");
         assert_eq!(&buf[..], b" wor", "bytes after the body stay buffered");
@@ -761,15 +781,18 @@ mod tests {
         let mut src: &[u8] = b"";
         let mut buf = BytesMut::from(&b"abc"[..]);
         let mut dst = Vec::new();
+        let mut n = 0;
         let r = forward(
             &mut src,
             &mut buf,
             &mut dst,
             Framing::Length(10),
             &mut Vec::new(),
+            &mut n,
         )
         .await;
         assert!(matches!(r, Err(ForwardError::Truncated)), "{r:?}");
+        assert_eq!(n, 3, "what got through is counted");
     }
 
     #[tokio::test]
@@ -778,16 +801,18 @@ mod tests {
         let mut src: &[u8] = &body[5..];
         let mut buf = BytesMut::from(&body[..5]);
         let mut dst = Vec::new();
-        let n = forward(
+        let mut n = 0;
+        forward(
             &mut src,
             &mut buf,
             &mut dst,
             Framing::Chunked,
             &mut Vec::new(),
+            &mut n,
         )
         .await
         .unwrap();
-        assert_eq!(n, 13);
+        assert_eq!(n, 3, "the payload, not the chunk lines");
         assert_eq!(dst, &body[..13]);
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
     }
