@@ -36,6 +36,10 @@ fn service(ns: &str, name: &str, app: &str, ports: &str) -> String {
     )
 }
 
+/// The mesh-wide STRICT PeerAuthentication, as a policies file's first
+/// document.
+const MESH_STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
+
 const POLICIES: &str = r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -879,12 +883,9 @@ async fn tcp_services_and_destination_rules() {
     mesh.write_config("workloads.yaml", &c);
     mesh.write_config(
         "policies.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
+        &format!(
+            "{MESH_STRICT}{}",
+            r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: mongodb-policy, namespace: production}
 spec:
@@ -896,8 +897,8 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/production/sa/frontend"]}}]
     to: [{operation: {methods: ["GET"]}}]
 "#
-        .replace("DBPORT", &db_port.to_string())
-        .as_str(),
+            .replace("DBPORT", &db_port.to_string())
+        ),
     );
     let db = mesh
         .proxy(
@@ -1272,19 +1273,17 @@ async fn listeners_follow_configuration_changes() {
     mesh.write_config("workloads.yaml", &config(false, &[(tcp_a, 27017)]));
     mesh.write_config(
         "policies.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
+        &format!(
+            "{MESH_STRICT}{}",
+            r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: payment-to-db, namespace: production}
 spec:
   selector: {matchLabels: {app: orders-db}}
   rules:
   - from: [{source: {principals: ["cluster.local/ns/production/sa/payment-service"]}}]
-"#,
+"#
+        ),
     );
     let db = mesh
         .proxy(

@@ -26,7 +26,7 @@ use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
-use crate::telemetry::{CountedBody, RequestHandles, SizedBody};
+use crate::telemetry::{CountedBody, RequestHandles};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -569,7 +569,7 @@ async fn handle(
         &decision,
         [&method, &path, &host],
     );
-    Ok(resp.map(|body| SizedBody::new(body, request_bytes, handles).boxed()))
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, handles).boxed()))
 }
 
 /// What the access log must say of a request beyond its decision.
@@ -586,7 +586,7 @@ enum Ended<'a> {
 /// log line. `line` is the method, path and host; `ended`, what the
 /// decision alone does not tell of how the request ended; `sizes`, its
 /// body bytes each way when they are known (else the caller records them
-/// with the handles returned, once the body has gone: [`SizedBody`]).
+/// with the handles returned, once the body has gone: [`CountedBody::recording`]).
 fn account(
     state: &State,
     conn: &Conn,

@@ -38,8 +38,7 @@ use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
 use crate::telemetry::{
-    AccessRecord, CountedBody, RequestHandles, SizedBody, TrafficLabels, now_rfc3339,
-    principal_parts,
+    AccessRecord, CountedBody, RequestHandles, TrafficLabels, now_rfc3339, principal_parts,
 };
 
 /// Where and how to connect for one upstream authority.
@@ -1027,7 +1026,7 @@ async fn handle(
         outcome,
         [&method, &path, &host],
     );
-    Ok(resp.map(|body| SizedBody::new(body, request_bytes, handles).boxed()))
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, handles).boxed()))
 }
 
 /// Largest request body an HTTP/1.x request to an HTTP/2 upstream may have

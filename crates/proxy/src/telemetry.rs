@@ -216,18 +216,35 @@ impl RequestHandles {
     }
 }
 
-/// A body that adds the bytes of its data frames to a shared count (a
-/// request body on its way to the upstream, counted for
-/// `istio_request_bytes`).
+/// A body that counts the bytes of its data frames: a request body on its
+/// way upstream into a count its response shares ([`CountedBody::new`]),
+/// a response body into its own, recording both sizes when it has gone
+/// or is dropped half-way ([`CountedBody::recording`]).
 #[derive(Debug)]
 pub struct CountedBody<B> {
     body: B,
     count: Arc<AtomicU64>,
+    /// For a response: its request's count, and where to record.
+    record: Option<(Arc<AtomicU64>, RequestHandles)>,
 }
 
 impl<B> CountedBody<B> {
     pub fn new(body: B, count: Arc<AtomicU64>) -> CountedBody<B> {
-        CountedBody { body, count }
+        CountedBody {
+            body,
+            count,
+            record: None,
+        }
+    }
+
+    /// A response body that records `request`'s count and its own with
+    /// `handles` (`istio_request_bytes`, `istio_response_bytes`).
+    pub fn recording(body: B, request: Arc<AtomicU64>, handles: RequestHandles) -> CountedBody<B> {
+        CountedBody {
+            body,
+            count: Arc::default(),
+            record: Some((request, handles)),
+        }
     }
 }
 
@@ -258,58 +275,15 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
     }
 }
 
-/// A response body that, once it has gone (or is dropped half-way),
-/// records its request's body sizes: what the request body's
-/// [`CountedBody`] counted, and its own data bytes.
-#[derive(Debug)]
-pub struct SizedBody<B> {
-    body: B,
-    sent: u64,
-    request: Arc<AtomicU64>,
-    handles: RequestHandles,
-}
-
-impl<B> SizedBody<B> {
-    pub fn new(body: B, request: Arc<AtomicU64>, handles: RequestHandles) -> SizedBody<B> {
-        SizedBody {
-            body,
-            sent: 0,
-            request,
-            handles,
-        }
-    }
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for SizedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.sent += data.remaining() as u64;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl<B> Drop for SizedBody<B> {
+impl<B> Drop for CountedBody<B> {
     fn drop(&mut self) {
-        let request = self.request.load(Ordering::Relaxed);
-        self.handles.record_sizes((request, self.sent));
+        if let Some((request, handles)) = &self.record {
+            let sizes = (
+                request.load(Ordering::Relaxed),
+                self.count.load(Ordering::Relaxed),
+            );
+            handles.record_sizes(sizes);
+        }
     }
 }
 
