@@ -763,17 +763,14 @@ async fn policy_and_certificate_changes_apply_without_dropping_connections() {
     .await;
 
     // Change the policy: products become read-only for nobody.
-    let v1 = catalog.config_version().await;
-    mesh.write_config(
+    mesh.apply(
         "policies.yaml",
         &POLICIES.replace(
             "paths: [\"/api/v1/products\", \"/api/v1/products/*\"]",
             "paths: [\"/api/v2/*\"]",
         ),
-    );
-    eventually("the new policy to be loaded", || async {
-        (catalog.config_version().await > v1).then_some(())
-    })
+        &[&catalog],
+    )
     .await;
 
     // Same client connection: the next request sees the new policy.
@@ -987,15 +984,12 @@ spec:
         let mut buf = [0u8; 5];
         long_lived.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
-        let v1 = db.config_version().await;
         let policies = std::fs::read_to_string(mesh.config_dir().join("policies.yaml")).unwrap();
-        mesh.write_config(
+        mesh.apply(
             "policies.yaml",
             &policies.replace("sa/payment-service", "sa/someone-else"),
-        );
-        eventually("the new policy on orders-db", || async {
-            (db.config_version().await > v1).then_some(())
-        })
+            &[&db],
+        )
         .await;
         let mut rest = Vec::new();
         let read = tokio::time::timeout(patience(), long_lived.read_to_end(&mut rest)).await;
@@ -1311,20 +1305,27 @@ spec:
 
     // One change: orders-db gets a second port, payment-service reaches it
     // through a new local port, and its first local port goes away.
-    let (v_db, v_pay) = (db.config_version().await, pay.config_version().await);
-    mesh.write_config("workloads.yaml", &config(true, &[(tcp_b, 27018)]));
-    eventually("both proxies to load the change", || async {
-        (db.config_version().await > v_db && pay.config_version().await > v_pay).then_some(())
+    // The listeners follow the configuration version just after it.
+    mesh.apply(
+        "workloads.yaml",
+        &config(true, &[(tcp_b, 27018)]),
+        &[&db, &pay],
+    )
+    .await;
+    let body = listeners_once(&db, "the new inbound port", |b| {
+        listener_at(b, local(db_port2)).is_some()
     })
     .await;
-    let (_, body) = db.admin_get("/listeners").await;
     let found = listener_at(&body, local(db_port2));
     assert_eq!(
         found.as_ref().map(|l| l["name"].clone()),
         Some(serde_json::json!(format!("inbound|{db_port2}|mongo-2"))),
         "{body}"
     );
-    let (_, body) = pay.admin_get("/listeners").await;
+    let body = listeners_once(&pay, "the local port moved", |b| {
+        listener_at(b, local(tcp_a)).is_none() && listener_at(b, local(tcp_b)).is_some()
+    })
+    .await;
     assert!(listener_at(&body, local(tcp_a)).is_none(), "{body}");
     assert_eq!(
         listener_at(&body, local(tcp_b)).map(|l| l["name"].clone()),
@@ -1357,18 +1358,10 @@ spec:
     // A port taken by someone else: that listener is reported, the rest of
     // the change (another new listener) applies.
     let squatter = std::net::TcpListener::bind(local(tcp_c)).unwrap();
-    let v_pay = pay.config_version().await;
-    mesh.write_config(
-        "workloads.yaml",
-        &config(true, &[(tcp_b, 27018), (tcp_c, 27017), (tcp_d, 27017)]),
-    );
-    eventually("payment-service to load the change", || async {
-        (pay.config_version().await > v_pay).then_some(())
-    })
-    .await;
-    let body = eventually("the taken port to be reported", || async {
-        let (_, body) = pay.admin_get("/listeners").await;
-        listener_at(&body, local(tcp_c)).is_some().then_some(body)
+    let three = config(true, &[(tcp_b, 27018), (tcp_c, 27017), (tcp_d, 27017)]);
+    mesh.apply("workloads.yaml", &three, &[&pay]).await;
+    let body = listeners_once(&pay, "the taken port to be reported", |b| {
+        listener_at(b, local(tcp_c)).is_some() && listener_at(b, local(tcp_d)).is_some()
     })
     .await;
     let failed = listener_at(&body, local(tcp_c)).unwrap();
@@ -1389,22 +1382,27 @@ spec:
     );
     // Once the port is free, the next change binds it.
     drop(squatter);
-    let v_pay = pay.config_version().await;
-    mesh.write_config(
-        "workloads.yaml",
-        &config(true, &[(tcp_b, 27018), (tcp_c, 27017), (tcp_d, 27017)]),
-    );
-    eventually("payment-service to load the change", || async {
-        (pay.config_version().await > v_pay).then_some(())
+    mesh.apply("workloads.yaml", &three, &[&pay]).await;
+    let body = listeners_once(&pay, "the freed port to be bound", |b| {
+        listener_at(b, local(tcp_c)).is_some_and(|l| l.get("error").is_none())
     })
     .await;
-    let (_, body) = pay.admin_get("/listeners").await;
     let bound = listener_at(&body, local(tcp_c)).unwrap();
     assert!(bound.get("error").is_none(), "{body}");
     assert_eq!(
         tcp_roundtrip(local(tcp_c), b"via c").await,
         Ok(b"via c".to_vec())
     );
+}
+
+/// `proxy`'s `/listeners` once `ready` holds for it (a configuration
+/// change reaches the listeners just after its version shows).
+async fn listeners_once(proxy: &ProxyProcess, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    eventually(what, || async {
+        let (_, body) = proxy.admin_get("/listeners").await;
+        ready(&body).then_some(body)
+    })
+    .await
 }
 
 /// The entry of `/listeners` (its JSON `body`) at `addr`.

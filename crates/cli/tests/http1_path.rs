@@ -621,15 +621,13 @@ async fn routes_follow_configuration_changes() {
     // The service is renamed: on the same connection, the old name no
     // longer routes and the new one does.
     let renamed = "renamed.production.svc.cluster.local";
-    let v = p.client.config_version().await;
-    p.mesh.write_config(
-        "mesh.yaml",
-        &mesh_config(app, "http", p.inbound, p.outbound, renamed),
-    );
-    eventually("the client proxy reloads", || async {
-        (p.client.config_version().await > v).then_some(())
-    })
-    .await;
+    p.mesh
+        .apply(
+            "mesh.yaml",
+            &mesh_config(app, "http", p.inbound, p.outbound, renamed),
+            &[&p.client],
+        )
+        .await;
     c.send(get(HOST).as_bytes()).await;
     let r = c.response().await;
     assert_eq!((r.status, r.body.as_str()), (404, "no healthy upstream"));
@@ -1003,18 +1001,13 @@ async fn a_policy_change_closes_the_websockets_it_denies() {
 
     // The policy now denies /chat: the server proxy closes that tunnel,
     // keeps the other, and refuses a new /chat handshake.
-    let v = p.server.config_version().await;
     let config = mesh_config(app, "http", p.inbound, p.outbound, HOST);
     let denied = config.replace(
         r#"notPaths: ["/forbidden"]"#,
         r#"notPaths: ["/forbidden", "/chat"]"#,
     );
     assert_ne!(config, denied, "the policy must change");
-    p.mesh.write_config("mesh.yaml", &denied);
-    eventually("the server proxy reloads", || async {
-        (p.server.config_version().await > v).then_some(())
-    })
-    .await;
+    p.mesh.apply("mesh.yaml", &denied, &[&p.server]).await;
     let ended = tokio::time::timeout(patience(), chat.next())
         .await
         .expect("the denied tunnel must end");

@@ -125,11 +125,11 @@ impl Listeners {
     /// closed, so that their addresses can be reused at once), then binds
     /// and starts the new ones. A listener that cannot be bound is logged,
     /// listed by `/listeners` with the error, and tried again at the next
-    /// change; the rest of the change stands. Returns the bind errors.
+    /// change; the rest of the change stands.
     ///
     /// Called from the reload thread, never from a runtime thread: it
     /// blocks until the closed listeners' tasks have ended.
-    pub fn reconcile(&self) -> Vec<BindError> {
+    pub fn reconcile(&self) {
         let wanted = wanted(&self.state.snapshot());
         // The lock is never held while waiting: `/listeners` takes it on a
         // runtime thread, which is what ends the closed listeners' tasks.
@@ -157,7 +157,6 @@ impl Listeners {
         };
         let mut added = Vec::new();
         let mut failed = Vec::new();
-        let mut errors = Vec::new();
         let _entered = self.runtime.enter();
         for w in missing {
             match bind(w.info.address, &w.what) {
@@ -171,7 +170,6 @@ impl Listeners {
                         info: w.info,
                         error: Some(e.source.to_string()),
                     });
-                    errors.push(e);
                 }
             }
         }
@@ -190,7 +188,6 @@ impl Listeners {
         }
         drop(running);
         *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = failed;
-        errors
     }
 
     /// Every listener: bound ones (data plane, then admin and metrics),
@@ -236,14 +233,6 @@ impl Listeners {
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, Vec<Running>> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        for r in self.lock_running().iter() {
-            r.task.abort();
-        }
     }
 }
 

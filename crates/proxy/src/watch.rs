@@ -96,7 +96,7 @@ fn reload(state: &State, listeners: &Listeners, certs_dir: &std::path::Path, pat
             Ok(v) => {
                 tracing::info!(target: "meshward::config", version = v, "configuration reloaded");
                 // Bind errors are logged there and do not undo the change.
-                let _ = listeners.reconcile();
+                listeners.reconcile();
             }
             Err(e) => {
                 state.metrics.config_rejected();

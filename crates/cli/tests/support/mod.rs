@@ -266,6 +266,22 @@ impl Mesh {
     }
 
     /// Issues `spiffe://cluster.local/ns/NS/sa/SA` into `certs/NAME`.
+    /// Writes `yaml` as config file `file` and waits until every proxy in
+    /// `proxies` has loaded a newer configuration than it had.
+    pub async fn apply(&self, file: &str, yaml: &str, proxies: &[&ProxyProcess]) {
+        let mut before = Vec::new();
+        for p in proxies {
+            before.push(p.config_version().await);
+        }
+        self.write_config(file, yaml);
+        for (p, v) in proxies.iter().zip(before) {
+            eventually(&format!("{} to load {file}", p.name), || async {
+                (p.config_version().await > v).then_some(())
+            })
+            .await;
+        }
+    }
+
     pub fn issue(&self, name: &str, ns: &str, sa: &str) -> PathBuf {
         self.issue_from("ca", name, ns, sa)
     }
