@@ -5,7 +5,8 @@
 //! exactly as sent: chunked bodies and responses, pipelining,
 //! `Expect: 100-continue`, HTTP/1.0, ambiguous framing (request
 //! smuggling), oversized heads, an application that closes idle
-//! connections, an HTTP/1.1 client calling an HTTP/2 port, and the
+//! connections, an HTTP/1.1 client calling an HTTP/2 port, a streamed
+//! HTTP/2 response recorded when it ends, and the
 //! proxies' own idle timeouts (HTTP/1.1, HTTP/2 and TCP).
 
 mod support;
@@ -1032,4 +1033,107 @@ async fn a_policy_change_closes_the_websockets_it_denies() {
             .starts_with("policy_changed"),
         "{line}"
     );
+}
+
+/// A cleartext HTTP/2 application whose every response sends `head,` at
+/// once and `tail` only when `release` is notified.
+async fn holding_app(
+    release: Arc<tokio::sync::Notify>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<Incoming>| {
+                    let release = Arc::clone(&release);
+                    async move {
+                        let frames = stream::unfold(0, move |n| {
+                            let release = Arc::clone(&release);
+                            async move {
+                                let data = match n {
+                                    0 => "head,",
+                                    1 => {
+                                        release.notified().await;
+                                        "tail"
+                                    }
+                                    _ => return None,
+                                };
+                                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(data))), n + 1))
+                            }
+                        });
+                        let body: BoxBody<Bytes, Infallible> =
+                            BodyExt::boxed(StreamBody::new(frames));
+                        Ok::<_, Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(executor())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http2_response_is_recorded_when_it_ends() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (app, _task) = holding_app(Arc::clone(&release)).await;
+    let p = pair(app, "http2").await;
+    // HTTP/2 from the client to its proxy too: both proxies serve the
+    // request through their HTTP/2 path.
+    let tcp = TcpStream::connect(p.outbound).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{HOST}/hold"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let head_seen = std::time::Instant::now();
+
+    // The response has begun but not ended: neither proxy has counted it.
+    for proxy in [&p.client, &p.server] {
+        let (_, m) = proxy.admin_get("/stats/prometheus").await;
+        assert_eq!(metric(&m, "istio_requests_total", &[]), 0.0, "{m}");
+        assert!(
+            proxy.access_log().iter().all(|l| l["path"] != "/hold"),
+            "{}",
+            proxy.logs()
+        );
+    }
+    let held = head_seen.elapsed();
+    release.notify_one();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "head,tail");
+
+    // Now both have, with the whole stream's duration and size, as Envoy
+    // records a request at the end of its stream.
+    for (proxy, reporter) in [(&p.client, "source"), (&p.server, "destination")] {
+        let line = proxy.log_line("/hold", |l| l["path"] == "/hold").await;
+        assert_eq!(line["response_code"], 200, "{line}");
+        assert_eq!(line["bytes_sent"], 9, "{line}");
+        let duration = line["duration_ms"].as_f64().unwrap();
+        assert!(
+            duration >= held.as_secs_f64() * 1000.0,
+            "{reporter}: logged {duration} ms, the body was held {held:?}"
+        );
+        let (_, m) = proxy.admin_get("/stats/prometheus").await;
+        let labels = [("reporter", reporter), ("response_code", "200")];
+        assert_eq!(metric(&m, "istio_requests_total", &labels), 1.0, "{m}");
+        assert_eq!(metric(&m, "istio_response_bytes_sum", &labels), 9.0, "{m}");
+        assert!(
+            metric(&m, "istio_request_duration_milliseconds_sum", &labels)
+                >= held.as_secs_f64() * 1000.0,
+            "{m}"
+        );
+    }
 }

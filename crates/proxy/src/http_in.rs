@@ -559,17 +559,21 @@ async fn handle(
         }
     };
 
+    // Counted, timed and logged when the response body has gone, as
+    // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
-    let handles = account(
-        &state,
-        &conn,
-        &snap.identity,
-        started,
-        (status, flags, None, None),
-        &decision,
-        [&method, &path, &host],
-    );
-    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, handles).boxed()))
+    let finish = Box::new(move |sizes| {
+        account(
+            &state,
+            &conn,
+            &snap.identity,
+            started,
+            (status, flags, None, Some(sizes)),
+            &decision,
+            [&method, &path, &host],
+        );
+    });
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, finish).boxed()))
 }
 
 /// What the access log must say of a request beyond its decision.
@@ -585,8 +589,7 @@ enum Ended<'a> {
 /// Records one inbound request: its metrics and, when enabled, its access
 /// log line. `line` is the method, path and host; `ended`, what the
 /// decision alone does not tell of how the request ended; `sizes`, its
-/// body bytes each way when they are known (else the caller records them
-/// with the handles returned, once the body has gone: [`CountedBody::recording`]).
+/// body bytes each way when they are known (a tunnel's are not).
 fn account(
     state: &State,
     conn: &Conn,

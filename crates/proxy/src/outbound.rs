@@ -1014,19 +1014,22 @@ async fn handle(
             }
         }
     };
+    // Counted, timed and logged when the response body has gone, as
+    // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
-    let outcome = (status, flags, reason, None);
-    let handles = account(
-        &state,
-        &snap,
-        &cache,
-        peer,
-        started,
-        route.as_ref(),
-        outcome,
-        [&method, &path, &host],
-    );
-    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, handles).boxed()))
+    let finish = Box::new(move |sizes| {
+        account(
+            &state,
+            &snap,
+            &cache,
+            peer,
+            started,
+            route.as_ref(),
+            (status, flags, reason, Some(sizes)),
+            [&method, &path, &host],
+        );
+    });
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, finish).boxed()))
 }
 
 /// Largest request body an HTTP/1.x request to an HTTP/2 upstream may have

@@ -216,16 +216,30 @@ impl RequestHandles {
     }
 }
 
+/// What a response body runs once it has gone: the rest of its request's
+/// accounting (count, duration, sizes, access log line), given the body
+/// bytes of the request and of the response.
+pub type Finish = Box<dyn FnOnce((u64, u64)) + Send + Sync>;
+
 /// A body that counts the bytes of its data frames: a request body on its
 /// way upstream into a count its response shares ([`CountedBody::new`]),
-/// a response body into its own, recording both sizes when it has gone
-/// or is dropped half-way ([`CountedBody::recording`]).
-#[derive(Debug)]
+/// a response body into its own, finishing its request's accounting when
+/// it has gone or is dropped half-way ([`CountedBody::recording`]), as
+/// Envoy records a request at the end of its stream.
 pub struct CountedBody<B> {
     body: B,
     count: Arc<AtomicU64>,
-    /// For a response: its request's count, and where to record.
-    record: Option<(Arc<AtomicU64>, RequestHandles)>,
+    /// For a response: its request's count, and what to run at the end.
+    finish: Option<(Arc<AtomicU64>, Finish)>,
+}
+
+impl<B> std::fmt::Debug for CountedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedBody")
+            .field("count", &self.count)
+            .field("response", &self.finish.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<B> CountedBody<B> {
@@ -233,17 +247,17 @@ impl<B> CountedBody<B> {
         CountedBody {
             body,
             count,
-            record: None,
+            finish: None,
         }
     }
 
-    /// A response body that records `request`'s count and its own with
-    /// `handles` (`istio_request_bytes`, `istio_response_bytes`).
-    pub fn recording(body: B, request: Arc<AtomicU64>, handles: RequestHandles) -> CountedBody<B> {
+    /// A response body that, once it has gone, runs `finish` with
+    /// `request`'s count and its own.
+    pub fn recording(body: B, request: Arc<AtomicU64>, finish: Finish) -> CountedBody<B> {
         CountedBody {
             body,
             count: Arc::default(),
-            record: Some((request, handles)),
+            finish: Some((request, finish)),
         }
     }
 }
@@ -277,12 +291,11 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
 
 impl<B> Drop for CountedBody<B> {
     fn drop(&mut self) {
-        if let Some((request, handles)) = &self.record {
-            let sizes = (
+        if let Some((request, finish)) = self.finish.take() {
+            finish((
                 request.load(Ordering::Relaxed),
                 self.count.load(Ordering::Relaxed),
-            );
-            handles.record_sizes(sizes);
+            ));
         }
     }
 }
