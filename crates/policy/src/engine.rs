@@ -4,8 +4,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use meshward_config::model::security::{Action, MtlsMode};
-use meshward_config::{ConfigSet, MeshConfig, PathNormalization};
+use meshward_config::model::security::{Action, MtlsMode, RequestAuthentication};
+use meshward_config::{ConfigSet, MeshConfig, PathNormalization, Resource};
 
 use crate::compile::{CompiledPolicy, Compiler, DEFAULT_SPACE_DELIMITED, Facts, PolicyRef};
 use crate::decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};
@@ -112,6 +112,29 @@ impl PolicyEngine {
         &self.config.mesh
     }
 
+    /// The RequestAuthentications that apply to workload `w`: those of the
+    /// root namespace and of its own whose selector matches it (none
+    /// means all). Unlike PeerAuthentication, all of them apply at once.
+    /// Those attached with `targetRefs` are for gateways and waypoints.
+    pub fn request_authentications<'a>(
+        &'a self,
+        w: &'a Workload,
+    ) -> impl Iterator<Item = &'a Resource<RequestAuthentication>> + 'a {
+        let root = &self.config.mesh.root_namespace;
+        self.config
+            .request_authentications
+            .iter()
+            .filter(move |ra| {
+                ra.spec.target_refs.is_empty()
+                    && (ra.meta.namespace == *root || ra.meta.namespace == w.namespace)
+                    && ra
+                        .spec
+                        .selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&w.labels))
+            })
+    }
+
     /// Compiles the policy view of one workload.
     pub fn workload(&self, w: &Workload) -> WorkloadPolicy {
         let root = &self.config.mesh.root_namespace;
@@ -154,19 +177,10 @@ impl PolicyEngine {
                 }
             }
         }
-        for ra in &self.config.request_authentications {
-            let applies = ra.spec.target_refs.is_empty()
-                && (ra.meta.namespace == *root || ra.meta.namespace == w.namespace)
-                && ra
-                    .spec
-                    .selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&w.labels));
-            if applies {
-                for rule in &ra.spec.jwt_rules {
-                    view.space_delimited
-                        .extend(rule.space_delimited_claims.iter().cloned());
-                }
+        for ra in self.request_authentications(w) {
+            for rule in &ra.spec.jwt_rules {
+                view.space_delimited
+                    .extend(rule.space_delimited_claims.iter().cloned());
             }
         }
         view

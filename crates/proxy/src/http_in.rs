@@ -24,6 +24,7 @@ use crate::h1::codec::{self, Framing, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
+use crate::jwt;
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
 use crate::telemetry::{CountedBody, RequestHandles};
@@ -156,13 +157,18 @@ where
             let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
             return;
         };
-        let decision = snap.policy.decide(&conn.facts(Some(HttpAttributes {
-            method: head.method(),
-            path: &target.path,
-            host: target.host,
-            headers: &h1::HeaderView(&head),
-            auth: None,
-        })));
+        // RequestAuthentication first, then authorization, as Envoy's
+        // jwt_authn and RBAC filters run.
+        let authn = snap.jwt.authenticate(&h1::HeaderView(&head), &target.path);
+        let decision = authn.as_ref().ok().map(|a| {
+            snap.policy.decide(&conn.facts(Some(HttpAttributes {
+                method: head.method(),
+                path: &target.path,
+                host: target.host,
+                headers: &h1::HeaderView(&head),
+                auth: a.auth.as_ref(),
+            })))
+        });
         let line = [head.method(), &*target.path, target.host];
         let framing = head.framing();
         // A request whose body is not read cannot be followed by another.
@@ -173,29 +179,38 @@ where
         let forward = snap.policy.forwarded_target(&target.path);
         // CUSTOM (external authorization) is not available yet: a request
         // that needs it is denied rather than let through.
-        let denied = !decision.is_allowed() || decision.ext_authz.is_some();
+        let denied = decision
+            .as_ref()
+            .is_some_and(|d| !d.is_allowed() || d.ext_authz.is_some());
         let upgrade = head.upgrade();
-        let forward = match forward {
-            Ok(forward) if !denied && upgrade != Upgrade::Unsupported => forward,
-            bad => {
+        let forward = match (forward, &authn) {
+            (Ok(forward), Ok(_)) if !denied && upgrade != Upgrade::Unsupported => forward,
+            (bad, authn) => {
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
-                let (status, body, ended) = match bad {
-                    Err(_) => (400, "invalid request path", None),
-                    Ok(_) if denied => (403, "RBAC: access denied", None),
-                    Ok(_) => (
+                let (status, body, ended) = match (bad, authn) {
+                    (Err(_), _) => (400, "invalid request path", None),
+                    (Ok(_), Err(r)) => (401, r.message, Some(Ended::Unauthenticated(r))),
+                    (Ok(_), Ok(_)) if denied => (403, "RBAC: access denied", None),
+                    (Ok(_), Ok(_)) => (
                         403,
                         h1::UPGRADE_REFUSED,
                         Some(Ended::Refused(h1::UPGRADE_REFUSED)),
                     ),
                 };
-                let sent = h1::reply(&mut io, status, body, close).await;
+                let sent = if status == 401 {
+                    let challenge = jwt::challenge(target.host, &target.path);
+                    let fields = [("www-authenticate", challenge.as_str())];
+                    h1::reply_with(&mut io, status, body, &fields, close).await
+                } else {
+                    h1::reply(&mut io, status, body, close).await
+                };
                 account(
                     &state,
                     &conn,
                     &snap.identity,
                     started,
                     (status, "-", ended, Some((0, body.len() as u64))),
-                    &decision,
+                    decision.as_ref(),
                     line,
                 );
                 if sent.is_err() || close {
@@ -218,6 +233,12 @@ where
             .filter(|_| conn.mtls)
             .map(|(_, value)| value.as_bytes());
         let rewrite = h1::Rewrite::new(&head, &target, xfcc, upgrade);
+        // What RequestAuthentication takes out (tokens not forwarded,
+        // output headers a client sent) and puts in (payload, claims).
+        let edits = match authn.as_ref() {
+            Ok(a) if !a.remove.is_empty() => rewrite.with(&a.remove, &a.add),
+            _ => rewrite.edits(),
+        };
         // A WebSocket may become a long-lived tunnel: like a TCP
         // connection, it is decided again on every policy change.
         let tracked = (upgrade == Upgrade::WebSocket).then(|| {
@@ -225,6 +246,7 @@ where
                 head: head.clone(),
                 host: target.host.to_string(),
                 path: target.path.to_string(),
+                auth: authn.as_ref().ok().and_then(|a| a.auth.clone()),
             };
             state.tcp_conns.track(&conn, Some(request))
         });
@@ -237,14 +259,7 @@ where
                 &mut buf,
                 &mut out,
                 |out| {
-                    codec::write_request(
-                        &head,
-                        &forward,
-                        rewrite.drop,
-                        rewrite.added(),
-                        false,
-                        out,
-                    );
+                    codec::write_request(&head, &forward, &edits.drop, &edits.added, false, out);
                 },
                 (framing, tracked.as_ref().map(|(_, close)| &**close)),
                 (head.method(), close),
@@ -288,7 +303,7 @@ where
                 tunneled.as_ref().map(Ended::Tunnel),
                 Some(sizes),
             ),
-            &decision,
+            decision.as_ref(),
             line,
         );
         if close {
@@ -494,29 +509,52 @@ async fn handle(
     // Request body bytes forwarded to the application.
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (host, path, method) = request_line(&req);
-    let decision = {
+    // RequestAuthentication first, then authorization, as Envoy's
+    // jwt_authn and RBAC filters run.
+    let authn = snap.jwt.authenticate(&HeaderView(req.headers()), &path);
+    let decision = authn.as_ref().ok().map(|a| {
         let headers = HeaderView(req.headers());
         let facts = conn.facts(Some(HttpAttributes {
             method: &method,
             path: &path,
             host: &host,
             headers: &headers,
-            auth: None,
+            auth: a.auth.as_ref(),
         }));
         snap.policy.decide(&facts)
-    };
+    });
     // CUSTOM (external authorization) is not available in this proxy yet:
     // a request that needs it is denied rather than let through.
-    let ext_missing = decision.ext_authz.is_some();
-    let allowed = decision.is_allowed() && !ext_missing;
+    let allowed = decision
+        .as_ref()
+        .is_some_and(|d| d.is_allowed() && d.ext_authz.is_none());
 
     let forward = snap.policy.forwarded_target(&path);
     let (resp, flags) = if let Err(e) = &forward {
         tracing::debug!(error = %e, "invalid request path");
         (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
+    } else if let Err(r) = &authn {
+        let mut resp = full(StatusCode::UNAUTHORIZED, r.message);
+        if let Ok(v) = HeaderValue::from_str(&jwt::challenge(&host, &path)) {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        (resp, "-")
     } else if !allowed {
         (full(StatusCode::FORBIDDEN, "RBAC: access denied"), "-")
     } else {
+        if let Ok(a) = &authn {
+            for name in &a.remove {
+                req.headers_mut().remove(name.as_str());
+            }
+            for (name, value) in &a.add {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    req.headers_mut().append(n, v);
+                }
+            }
+        }
         // Replace whatever XFCC the caller sent with our own.
         req.headers_mut().remove(XFCC);
         strip_hop_by_hop(req.headers_mut());
@@ -562,14 +600,16 @@ async fn handle(
     // Counted, timed and logged when the response body has gone, as
     // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
+    let rejected = authn.err();
     let finish = Box::new(move |sizes| {
+        let ended = rejected.as_ref().map(Ended::Unauthenticated);
         account(
             &state,
             &conn,
             &snap.identity,
             started,
-            (status, flags, None, Some(sizes)),
-            &decision,
+            (status, flags, ended, Some(sizes)),
+            decision.as_ref(),
             [&method, &path, &host],
         );
     });
@@ -584,6 +624,9 @@ enum Ended<'a> {
     /// It opened a tunnel, which ended so: when a policy change closed
     /// it, a deny with that reason.
     Tunnel(&'a h1::Tunneled),
+    /// RequestAuthentication refused its token (`401`); authorization
+    /// never saw it.
+    Unauthenticated(&'a jwt::Rejected),
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
@@ -596,7 +639,7 @@ fn account(
     own_identity: &str,
     started: Instant,
     (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, Option<(u64, u64)>),
-    decision: &Decision,
+    decision: Option<&Decision>,
     [method, path, host]: [&str; 3],
 ) -> RequestHandles {
     let handles = conn.handles.get_or_insert(0, status, flags, || {
@@ -612,7 +655,7 @@ fn account(
     if !state.metrics.access().enabled() {
         return handles;
     }
-    let mut record = conn.record(own_identity, "http", started, Some(decision));
+    let mut record = conn.record(own_identity, "http", started, decision);
     if let Some(sizes) = sizes {
         (record.bytes_received, record.bytes_sent) = sizes;
     }
@@ -625,6 +668,12 @@ fn account(
         Some(Ended::Tunnel(t)) if t.reason.starts_with(POLICY_CHANGED) => {
             record.decision = "deny";
             record.reason.clone_from(&t.reason);
+        }
+        Some(Ended::Unauthenticated(r)) => {
+            record.decision = "deny";
+            record.reason = format!("RequestAuthentication: {}", r.message);
+            record.policy.clone_from(&r.policy);
+            record.rule = None;
         }
         Some(Ended::Tunnel(_)) | None => {}
     }

@@ -19,6 +19,7 @@ pub mod h1;
 pub mod http_in;
 pub mod idle;
 pub mod inbound;
+pub mod jwt;
 pub mod listeners;
 pub mod outbound;
 mod rewind;
@@ -133,6 +134,11 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     } else {
         None
     };
+    // Tokens of a `jwksUri` issuer can be checked from the start: ready
+    // once each URI has been tried (a failed one is retried every few
+    // seconds, its tokens refused meanwhile).
+    state.jwks.fetch_due().await;
+    tokio::spawn(Arc::clone(&state.jwks).run());
     state.set_ready();
     tracing::info!(workload = %state.bootstrap.workload, listeners = listeners.bound().len(), "proxy ready");
     Ok(Proxy {

@@ -14,6 +14,8 @@ use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy};
 
+use crate::jwt::{JwksStore, JwtPolicy};
+
 /// Annotation on a WorkloadEntry: where the application listens, per port
 /// name: `"http=127.0.0.1:18080,metrics=19090"` (a bare port means
 /// 127.0.0.1). Default: 127.0.0.1 and the workload port.
@@ -133,17 +135,21 @@ pub struct Snapshot {
     pub outbound: Option<SocketAddr>,
     pub tcp_outbound: Vec<TcpOutbound>,
     pub policy: WorkloadPolicy,
+    /// The workload's RequestAuthentication rules.
+    pub jwt: JwtPolicy,
     pub services: Vec<Arc<Service>>,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
 }
 
 impl Snapshot {
-    /// Builds the view of workload `ns/name` (a WorkloadEntry).
+    /// Builds the view of workload `ns/name` (a WorkloadEntry); `jwks`
+    /// holds the keys of the `jwksUri`s its rules name.
     pub fn build(
         config: Arc<ConfigSet>,
         workload_name: &str,
         version: u64,
+        jwks: &JwksStore,
     ) -> Result<Snapshot, SnapshotError> {
         let (ns, name) = workload_name
             .split_once('/')
@@ -196,6 +202,7 @@ impl Snapshot {
         let identity = format!("spiffe://{}", workload.principal(&config.mesh.trust_domain));
         let engine = PolicyEngine::new(Arc::clone(&config));
         let policy = engine.workload(&workload);
+        let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
         let (services, hosts) = build_services(&config);
         Ok(Snapshot {
             version,
@@ -207,6 +214,7 @@ impl Snapshot {
             outbound,
             tcp_outbound,
             policy,
+            jwt,
             services,
             hosts,
             config,
@@ -474,7 +482,7 @@ mod tests {
         let mut loader = meshward_config::Loader::new();
         loader.add_source("test.yaml", yaml);
         let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
-        Snapshot::build(Arc::new(config), workload, 1)
+        Snapshot::build(Arc::new(config), workload, 1, &JwksStore::default())
     }
 
     const BASE: &str = r#"

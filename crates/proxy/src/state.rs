@@ -156,6 +156,9 @@ pub struct State {
     pub tcp_conns: TcpTracker,
     /// How long a connection may sit idle ([`crate::idle`]).
     pub idle_timeout: std::time::Duration,
+    /// The keys of the `jwksUri`s the configuration names, kept across
+    /// reloads ([`crate::jwt::JwksStore::run`] fetches them).
+    pub jwks: Arc<crate::jwt::JwksStore>,
 }
 
 /// An open inbound connection's facts and the signal that closes it.
@@ -179,6 +182,8 @@ pub struct TrackedRequest {
     pub head: crate::h1::codec::RequestHead,
     pub host: String,
     pub path: String,
+    /// The facts of its valid JWT, if it carried one.
+    pub auth: Option<meshward_policy::JwtAuth>,
 }
 
 /// The open inbound TCP connections and WebSocket tunnels. A
@@ -244,7 +249,7 @@ impl TcpTracker {
                         path: &h.path,
                         host: &h.host,
                         headers,
-                        auth: None,
+                        auth: h.auth.as_ref(),
                     }
                 }),
             };
@@ -265,7 +270,8 @@ impl State {
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
     ) -> Result<Arc<State>, LoadError> {
-        let snapshot = load_snapshot(&bootstrap, 1)?;
+        let jwks = Arc::new(crate::jwt::JwksStore::default());
+        let snapshot = load_snapshot(&bootstrap, 1, &jwks)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
         Ok(Arc::new(State {
             bootstrap,
@@ -286,6 +292,7 @@ impl State {
             outbound: crate::outbound::Outbound::default(),
             tcp_conns: TcpTracker::default(),
             idle_timeout,
+            jwks,
         }))
     }
 
@@ -308,7 +315,7 @@ impl State {
     /// Re-reads the configuration; on failure the current snapshot stays.
     pub fn reload_config(&self) -> Result<u64, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let snapshot = load_snapshot(&self.bootstrap, version)?;
+        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks)?;
         // The trust domain may have changed: rebuild TLS for the new snapshot.
         let tls = load_tls(&self.bootstrap, &snapshot)?;
         self.version.store(version, Ordering::Release);
@@ -330,7 +337,11 @@ impl State {
     }
 }
 
-fn load_snapshot(b: &Bootstrap, version: u64) -> Result<Snapshot, LoadError> {
+fn load_snapshot(
+    b: &Bootstrap,
+    version: u64,
+    jwks: &crate::jwt::JwksStore,
+) -> Result<Snapshot, LoadError> {
     let mut loader = Loader::new();
     if let Some(mc) = &b.mesh_config {
         loader.add_mesh_config_path(mc);
@@ -346,6 +357,7 @@ fn load_snapshot(b: &Bootstrap, version: u64) -> Result<Snapshot, LoadError> {
         Arc::new(loaded.config),
         &b.workload,
         version,
+        jwks,
     )?)
 }
 

@@ -237,6 +237,18 @@ pub async fn sniff_h2<S: AsyncRead + Unpin>(
 
 /// Appends a response the proxy makes itself (a deny, an error).
 pub fn local_reply(status: u16, body: &str, close: bool, out: &mut Vec<u8>) {
+    local_reply_with(status, body, &[], close, out);
+}
+
+/// [`local_reply`] with more header fields (names and values the proxy
+/// made: no CR or LF).
+pub fn local_reply_with(
+    status: u16,
+    body: &str,
+    fields: &[(&str, &str)],
+    close: bool,
+    out: &mut Vec<u8>,
+) {
     use std::io::Write as _;
     let reason = http::StatusCode::from_u16(status)
         .ok()
@@ -245,8 +257,16 @@ pub fn local_reply(status: u16, body: &str, close: bool, out: &mut Vec<u8>) {
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{}\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n",
         body.len(),
+    );
+    for (name, value) in fields {
+        debug_assert!(!name.contains(['\r', '\n']) && !value.contains(['\r', '\n']));
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    let _ = write!(
+        out,
+        "{}\r\n{body}",
         if close { "connection: close\r\n" } else { "" },
     );
 }
@@ -258,8 +278,19 @@ pub async fn reply<W: AsyncWrite + Unpin>(
     body: &str,
     close: bool,
 ) -> io::Result<()> {
+    reply_with(io, status, body, &[], close).await
+}
+
+/// [`reply`] with more header fields.
+pub async fn reply_with<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    body: &str,
+    fields: &[(&str, &str)],
+    close: bool,
+) -> io::Result<()> {
     let mut out = Vec::with_capacity(128 + body.len());
-    local_reply(status, body, close, &mut out);
+    local_reply_with(status, body, fields, close, &mut out);
     io.write_all(&out).await?;
     io.flush().await
 }
@@ -412,6 +443,40 @@ impl<'a> Rewrite<'a> {
     pub fn added(&self) -> &[(&'a str, &'a [u8])] {
         &self.added[..self.len]
     }
+
+    /// The fields to drop and to add.
+    pub fn edits(&self) -> FieldEdits<'_> {
+        FieldEdits {
+            drop: Cow::Borrowed(self.drop),
+            added: Cow::Borrowed(self.added()),
+        }
+    }
+
+    /// The same, and also `remove` and `add` (RequestAuthentication's:
+    /// tokens not forwarded, output headers).
+    pub fn with<'b>(&'b self, remove: &'b [String], add: &'b [(String, String)]) -> FieldEdits<'b> {
+        FieldEdits {
+            drop: self
+                .drop
+                .iter()
+                .copied()
+                .chain(remove.iter().map(String::as_str))
+                .collect(),
+            added: self
+                .added()
+                .iter()
+                .copied()
+                .chain(add.iter().map(|(h, v)| (h.as_str(), v.as_bytes())))
+                .collect(),
+        }
+    }
+}
+
+/// Header field names to drop from a request head and fields to add.
+#[derive(Debug)]
+pub struct FieldEdits<'a> {
+    pub drop: Cow<'a, [&'a str]>,
+    pub added: Cow<'a, [(&'a str, &'a [u8])]>,
 }
 
 /// Envoy's body for a request whose upstream connection broke before the
