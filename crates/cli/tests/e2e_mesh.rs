@@ -598,37 +598,6 @@ async fn rogue_request(
     send_on(&mut send, "GET", CATALOG, "/api/v1/products", &[]).await
 }
 
-/// An mTLS connection to `addr` with the credentials in `dir`, trusting `root`.
-async fn mtls_connect(
-    dir: &std::path::Path,
-    root: &std::path::Path,
-    addr: SocketAddr,
-    alpn: &[u8],
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    use meshward_identity::verify::TrustDomains;
-    let creds = meshward_identity::WorkloadCredentials::from_dir(dir).map_err(|e| e.to_string())?;
-    let bundle = meshward_identity::TrustBundle::from_pem_file(root).map_err(|e| e.to_string())?;
-    let verifier = meshward_identity::SpiffeServerVerifier::new(
-        meshward_identity::SvidVerifier::new(bundle, TrustDomains::any()),
-    );
-    let mut config = meshward_identity::client_config(
-        verifier,
-        meshward_identity::CredentialResolver::fixed(creds),
-    )
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
-        .await
-        .map_err(|e| e.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_over_mtls_is_authorized_per_request() {
     use http_body_util::BodyExt;

@@ -582,3 +582,34 @@ pub async fn ws_text(ws: &mut Ws) -> String {
         other => panic!("expected a text message, got {other:?}"),
     }
 }
+
+/// An mTLS connection to `addr` with the credentials in `dir`, trusting `root`.
+pub async fn mtls_connect(
+    dir: &std::path::Path,
+    root: &std::path::Path,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use meshward_identity::verify::TrustDomains;
+    let creds = meshward_identity::WorkloadCredentials::from_dir(dir).map_err(|e| e.to_string())?;
+    let bundle = meshward_identity::TrustBundle::from_pem_file(root).map_err(|e| e.to_string())?;
+    let verifier = meshward_identity::SpiffeServerVerifier::new(
+        meshward_identity::SvidVerifier::new(bundle, TrustDomains::any()),
+    );
+    let mut config = meshward_identity::client_config(
+        verifier,
+        meshward_identity::CredentialResolver::fixed(creds),
+    )
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
