@@ -200,8 +200,24 @@ async fn jwts_are_validated_and_feed_authorization() {
         .await;
     let frontend_certs = mesh.issue("frontend", "production", "frontend");
     let _frontend = mesh.proxy("production/frontend", &frontend_certs).await;
-    // Ready means the keys were fetched.
+    // Ready means the keys were fetched; /config_dump shows the rules and
+    // the state of their keys.
     assert!(jwks_hits.load(Ordering::SeqCst) >= 1);
+    let (_, dump) = orders.admin_get("/config_dump").await;
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    let rules = &dump["request_authentication"];
+    assert_eq!(rules[0]["issuer"], ISSUER, "{dump}");
+    assert_eq!(rules[0]["policy"], "production/orders-jwt");
+    assert_eq!(rules[0]["jwks"]["keys"], 1, "{dump}");
+    assert_eq!(
+        rules[0]["locations"],
+        json!([
+            "header authorization after \"Bearer \"",
+            "query access_token"
+        ])
+    );
+    assert_eq!(rules[1]["jwks"]["keys"], 0, "{dump}");
+    assert!(rules[1]["jwks"]["error"].is_string(), "{dump}");
     let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
 
     // A valid token: allowed; the application gets the subject in a

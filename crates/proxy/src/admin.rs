@@ -5,7 +5,7 @@
 //!   certificates are loaded, 503 before;
 //! - `GET /config_dump`: the effective configuration (version, workload,
 //!   inbound ports with their mTLS mode, outbound listeners, the
-//!   authorization policies that apply, the services known);
+//!   authorization policies and JWT rules that apply, the services known);
 //! - `GET /listeners`: every listener the proxy has bound, and those of
 //!   the current configuration it could not bind (with the error);
 //! - `GET /certs`: the loaded workload certificate and trust roots;
@@ -164,6 +164,7 @@ fn config_dump(state: &State) -> serde_json::Value {
         "inbound": inbound,
         "outbound": {"http": snap.outbound, "tcp": snap.tcp_outbound},
         "authorization_policies": policies,
+        "request_authentication": snap.jwt.describe(),
         "services": services,
     })
 }

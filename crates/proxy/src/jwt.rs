@@ -323,6 +323,46 @@ impl JwtPolicy {
         self.providers.is_empty()
     }
 
+    /// The rules as `/config_dump` shows them: where tokens are read, and
+    /// the state of each issuer's keys.
+    pub fn describe(&self) -> Vec<Value> {
+        self.providers
+            .iter()
+            .map(|p| {
+                let locations: Vec<String> = p
+                    .locations
+                    .iter()
+                    .map(|l| match l {
+                        Location::Header { name, prefix } if prefix.is_empty() => {
+                            format!("header {name}")
+                        }
+                        Location::Header { name, prefix } => {
+                            format!("header {name} after \"{prefix}\"")
+                        }
+                        Location::Param(n) => format!("query {n}"),
+                        Location::Cookie(n) => format!("cookie {n}"),
+                    })
+                    .collect();
+                let keys = match &p.keys {
+                    Keys::Inline(Ok(k)) => serde_json::json!({"source": "inline", "keys": k.len()}),
+                    Keys::Inline(Err(e)) => serde_json::json!({"source": "inline", "keys": 0, "error": e}),
+                    Keys::Remote(r) => match r.keys() {
+                        Some(k) => serde_json::json!({"source": r.uri, "keys": k.len()}),
+                        None => serde_json::json!({"source": r.uri, "keys": 0, "error": "not fetched yet (see the log)"}),
+                    },
+                };
+                serde_json::json!({
+                    "policy": p.policy,
+                    "issuer": p.issuer,
+                    "audiences": p.audiences,
+                    "locations": locations,
+                    "jwks": keys,
+                    "forward_original_token": p.forward,
+                })
+            })
+            .collect()
+    }
+
     /// Validates the tokens of a request (`headers`, and `target`'s query).
     /// Every token found must be valid; the first gives the facts.
     pub fn authenticate(
@@ -1007,6 +1047,92 @@ mod tests {
             &store.get("http://127.0.0.1:9/jwks"),
             &store.get("http://127.0.0.1:9/jwks")
         ));
+    }
+
+    /// A JWKS endpoint whose answer (status, body) the test sets.
+    async fn jwks_endpoint(answer: Arc<Mutex<(u16, String)>>) -> String {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let answer = Arc::clone(&answer);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let (status, body) = answer.lock().unwrap().clone();
+                        async move {
+                            let mut resp = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(body),
+                            ));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    #[tokio::test]
+    async fn a_jwks_uri_is_fetched_and_a_failed_refresh_keeps_the_last_keys() {
+        let (key, jwk) = es256("k1");
+        let answer = Arc::new(Mutex::new((503, String::new())));
+        let uri = jwks_endpoint(Arc::clone(&answer)).await;
+        let store = JwksStore::default();
+        let p = policy_with(
+            &[format!("{{issuer: \"{ISS}\", jwksUri: \"{uri}\"}}")],
+            &store,
+        );
+        let token = sign(&key, Algorithm::ES256, None, &claims(json!({})));
+        let check = || {
+            p.authenticate(&bearer(&token), "/")
+                .map(|a| a.auth.is_some())
+        };
+        let due_now = || *store.get(&uri).due.lock().unwrap() = Instant::now();
+
+        // The endpoint fails: tokens are refused, the fetch is retried soon.
+        store.fetch_due().await;
+        assert_eq!(check().unwrap_err().message, status::FETCH_FAILED);
+        let retry = *store.get(&uri).due.lock().unwrap() - Instant::now();
+        assert!(retry <= JWKS_RETRY, "{retry:?}");
+        // It answers: the same policy now has the keys, until the refresh.
+        *answer.lock().unwrap() = (200, json!({"keys": [jwk]}).to_string());
+        due_now();
+        store.fetch_due().await;
+        assert_eq!(check(), Ok(true));
+        let refresh = *store.get(&uri).due.lock().unwrap() - Instant::now();
+        assert!(
+            refresh > JWKS_RETRY && refresh <= JWKS_REFRESH,
+            "{refresh:?}"
+        );
+        // Garbage, an error or an oversized document later: the last keys stay.
+        for bad in [
+            (200, "not json".to_string()),
+            (500, String::new()),
+            (
+                200,
+                format!(
+                    "{{\"keys\": [], \"pad\": \"{}\"}}",
+                    "x".repeat(JWKS_MAX_BYTES)
+                ),
+            ),
+        ] {
+            *answer.lock().unwrap() = bad;
+            due_now();
+            store.fetch_due().await;
+            assert_eq!(check(), Ok(true));
+        }
+        // New keys replace the old ones: the token (no `kid`) is checked
+        // against the new key only.
+        let (_, other) = es256("k2");
+        *answer.lock().unwrap() = (200, json!({"keys": [other]}).to_string());
+        due_now();
+        store.fetch_due().await;
+        assert_eq!(check().unwrap_err().message, status::SIGNATURE);
     }
 
     #[test]
