@@ -105,19 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("  => requests that match no ALLOW rule are denied");
     }
 
-    let ras: Vec<_> = config
-        .request_authentications
-        .iter()
-        .filter(|r| {
-            r.spec.target_refs.is_empty()
-                && (r.meta.namespace == workload.namespace
-                    || r.meta.namespace == config.mesh.root_namespace)
-                && r.spec
-                    .selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&workload.labels))
-        })
-        .collect();
+    let ras: Vec<_> = engine.request_authentications(&workload).collect();
     println!("\nRequest authentication (JWT):");
     if ras.is_empty() {
         println!("  none");

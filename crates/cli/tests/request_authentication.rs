@@ -376,3 +376,53 @@ async fn jwts_are_validated_and_feed_authorization() {
         }
     }
 }
+
+#[test]
+fn describe_lists_the_request_authentications_that_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let ra = |ns: &str, name: &str, selector: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  {selector}\n  jwtRules: [{{issuer: \"https://{name}.example\", jwks: '{{\"keys\": []}}'}}]\n---\n"
+        )
+    };
+    let mut yaml = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: orders, namespace: production}\nspec: {address: 127.0.0.1, labels: {app: orders}, serviceAccount: orders}\n---\n".to_string();
+    yaml += &ra(
+        "production",
+        "orders-jwt",
+        "selector: {matchLabels: {app: orders}}",
+    );
+    yaml += &ra(
+        "production",
+        "cart-jwt",
+        "selector: {matchLabels: {app: cart}}",
+    );
+    yaml += &ra("production", "namespace-jwt", "selector: {}");
+    yaml += &ra("istio-system", "mesh-jwt", "selector: {}");
+    yaml += &ra("development", "dev-jwt", "selector: {}");
+    std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["describe", "production/orders", "-c"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let section = stdout
+        .split("Request authentication (JWT):")
+        .nth(1)
+        .unwrap();
+    for applies in [
+        "production/orders-jwt",
+        "production/namespace-jwt",
+        "istio-system/mesh-jwt",
+    ] {
+        assert!(section.contains(applies), "{applies}: {stdout}");
+    }
+    for other in ["cart-jwt", "dev-jwt"] {
+        assert!(!section.contains(other), "{other}: {stdout}");
+    }
+}
