@@ -166,7 +166,7 @@ where
                 path: &target.path,
                 host: target.host,
                 headers: &h1::HeaderView(&head),
-                auth: a.auth.as_ref(),
+                auth: a.auth.as_deref(),
             })))
         });
         let line = [head.method(), &*target.path, target.host];
@@ -246,7 +246,7 @@ where
                 head: head.clone(),
                 host: target.host.to_string(),
                 path: target.path.to_string(),
-                auth: authn.as_ref().ok().and_then(|a| a.auth.clone()),
+                auth: authn.as_ref().ok().and_then(|a| a.auth.as_deref().cloned()),
             };
             state.tcp_conns.track(&conn, Some(request))
         });
@@ -519,7 +519,7 @@ async fn handle(
             path: &path,
             host: &host,
             headers: &headers,
-            auth: a.auth.as_ref(),
+            auth: a.auth.as_deref(),
         }));
         snap.policy.decide(&facts)
     });

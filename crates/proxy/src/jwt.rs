@@ -261,7 +261,7 @@ impl Provider {
 #[derive(Debug, Default)]
 pub struct Authenticated {
     /// The first token's facts, when the request carried valid tokens.
-    pub auth: Option<JwtAuth>,
+    pub auth: Option<Box<JwtAuth>>,
     /// Header names to remove before the request goes on: tokens that are
     /// not forwarded, and every output header (a client cannot set them).
     pub remove: Vec<String>,
@@ -279,6 +279,36 @@ pub struct Rejected {
     pub policy: Option<String>,
 }
 
+/// How many verified signatures [`SignatureCache`] keeps (Envoy's JWT
+/// cache keeps 100 tokens by default).
+pub const SIGNATURE_CACHE_SIZE: usize = 100;
+
+/// Tokens whose signature was verified recently, with the key set that
+/// verified them: a client that sends the same token again (the usual
+/// case: a token lives minutes to hours) pays the signature check once,
+/// as with Envoy's JWT cache. Only the signature is cached; the form,
+/// issuer, time and audience checks run on every request, and an entry
+/// counts only while its issuer still has the same key set.
+#[derive(Debug, Default)]
+struct SignatureCache(Mutex<HashMap<String, Arc<Vec<Key>>>>);
+
+impl SignatureCache {
+    fn verified(&self, token: &str, keys: &Arc<Vec<Key>>) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(token).is_some_and(|k| Arc::ptr_eq(k, keys))
+    }
+
+    fn insert(&self, token: &str, keys: &Arc<Vec<Key>>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= SIGNATURE_CACHE_SIZE
+            && let Some(old) = map.keys().next().cloned()
+        {
+            map.remove(&old);
+        }
+        map.insert(token.to_string(), Arc::clone(keys));
+    }
+}
+
 /// The JWT rules of one workload.
 #[derive(Debug, Clone, Default)]
 pub struct JwtPolicy {
@@ -287,6 +317,7 @@ pub struct JwtPolicy {
     locations: Vec<Location>,
     /// Output header names, removed from every incoming request.
     outputs: Vec<String>,
+    signatures: Arc<SignatureCache>,
 }
 
 impl JwtPolicy {
@@ -364,17 +395,25 @@ impl JwtPolicy {
     }
 
     /// Validates the tokens of a request (`headers`, and `target`'s query).
-    /// Every token found must be valid; the first gives the facts.
+    /// Every token found must be valid; the first gives the facts. Without
+    /// rules this is a test and an empty result, inlined into the caller.
+    #[inline]
     pub fn authenticate(
         &self,
         headers: &dyn Headers,
         target: &str,
     ) -> Result<Authenticated, Rejected> {
-        let mut out = Authenticated::default();
         if self.providers.is_empty() {
-            return Ok(out);
+            return Ok(Authenticated::default());
         }
-        out.remove.clone_from(&self.outputs);
+        self.check_tokens(headers, target)
+    }
+
+    fn check_tokens(&self, headers: &dyn Headers, target: &str) -> Result<Authenticated, Rejected> {
+        let mut out = Authenticated {
+            remove: self.outputs.clone(),
+            ..Authenticated::default()
+        };
         let query = target.split_once('?').map_or("", |(_, q)| q);
         let query = query.split_once('#').map_or(query, |(q, _)| q);
         let now = SystemTime::now()
@@ -400,7 +439,7 @@ impl JwtPolicy {
                 }
             }
             if out.auth.is_none() {
-                out.auth = Some(JwtAuth::from_claims(claims));
+                out.auth = Some(Box::new(JwtAuth::from_claims(claims)));
             }
         }
         Ok(out)
@@ -475,6 +514,9 @@ impl JwtPolicy {
                 .keys()
                 .ok_or_else(|| reject(status::FETCH_FAILED, Some(provider)))?,
         };
+        if self.signatures.verified(token, &keys) {
+            return Ok((provider, claims, payload));
+        }
         let mut validation = Validation::new(header.alg);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
@@ -492,6 +534,7 @@ impl JwtPolicy {
         if !verified {
             return Err(reject(status::SIGNATURE, Some(provider)));
         }
+        self.signatures.insert(token, &keys);
         Ok((provider, claims, payload))
     }
 }
@@ -1133,6 +1176,40 @@ mod tests {
         due_now();
         store.fetch_due().await;
         assert_eq!(check().unwrap_err().message, status::SIGNATURE);
+    }
+
+    #[test]
+    fn verified_signatures_are_remembered_within_bounds() {
+        let (key, jwk) = es256("k1");
+        let p = policy_with(&[rule(&[&jwk], "")], &JwksStore::default());
+        let tokens: Vec<String> = (0..SIGNATURE_CACHE_SIZE + 20)
+            .map(|i| sign(&key, Algorithm::ES256, None, &claims(json!({"n": i}))))
+            .collect();
+        for t in &tokens {
+            assert!(p.authenticate(&bearer(t), "/").unwrap().auth.is_some());
+        }
+        let cached = p.signatures.0.lock().unwrap().len();
+        assert_eq!(cached, SIGNATURE_CACHE_SIZE);
+        // A remembered token still passes every other check each time.
+        let last = tokens.last().unwrap();
+        assert!(p.signatures.verified(
+            last,
+            match &p.providers[0].keys {
+                Keys::Inline(Ok(k)) => k,
+                _ => unreachable!("inline keys"),
+            }
+        ));
+        let a = p.authenticate(&bearer(last), "/").unwrap().auth.unwrap();
+        assert_eq!(a.claims["n"], SIGNATURE_CACHE_SIZE + 19);
+        // A bad token is never remembered.
+        let (other, _) = es256("k1");
+        let forged = sign(&other, Algorithm::ES256, None, &claims(json!({})));
+        for _ in 0..2 {
+            assert_eq!(
+                refused(p.authenticate(&bearer(&forged), "/")),
+                status::SIGNATURE
+            );
+        }
     }
 
     #[test]
