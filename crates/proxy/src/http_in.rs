@@ -27,7 +27,7 @@ use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::jwt;
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
-use crate::telemetry::{CountedBody, RequestHandles};
+use crate::telemetry::CountedBody;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -209,7 +209,7 @@ where
                     &conn,
                     &snap.identity,
                     started,
-                    (status, "-", ended, Some((0, body.len() as u64))),
+                    (status, "-", ended, (0, body.len() as u64)),
                     decision.as_ref(),
                     line,
                 );
@@ -297,12 +297,7 @@ where
             &conn,
             &snap.identity,
             started,
-            (
-                status,
-                flags,
-                tunneled.as_ref().map(Ended::Tunnel),
-                Some(sizes),
-            ),
+            (status, flags, tunneled.as_ref().map(Ended::Tunnel), sizes),
             decision.as_ref(),
             line,
         );
@@ -608,7 +603,7 @@ async fn handle(
             &conn,
             &snap.identity,
             started,
-            (status, flags, ended, Some(sizes)),
+            (status, flags, ended, sizes),
             decision.as_ref(),
             [&method, &path, &host],
         );
@@ -632,33 +627,28 @@ enum Ended<'a> {
 /// Records one inbound request: its metrics and, when enabled, its access
 /// log line. `line` is the method, path and host; `ended`, what the
 /// decision alone does not tell of how the request ended; `sizes`, its
-/// body bytes each way when they are known (a tunnel's are not).
+/// body bytes each way (a tunnel's bytes, for a tunnel).
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, Option<(u64, u64)>),
+    (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, (u64, u64)),
     decision: Option<&Decision>,
     [method, path, host]: [&str; 3],
-) -> RequestHandles {
+) {
     let handles = conn.handles.get_or_insert(0, status, flags, || {
         let mut labels = conn.labels(state, "http");
         labels.response_code = status.to_string();
         labels.response_flags = flags.to_string();
         state.metrics.request_handles(&labels)
     });
-    handles.record(started.elapsed());
-    if let Some(sizes) = sizes {
-        handles.record_sizes(sizes);
-    }
+    handles.record(started.elapsed(), sizes);
     if !state.metrics.access().enabled() {
-        return handles;
+        return;
     }
     let mut record = conn.record(own_identity, "http", started, decision);
-    if let Some(sizes) = sizes {
-        (record.bytes_received, record.bytes_sent) = sizes;
-    }
+    (record.bytes_received, record.bytes_sent) = sizes;
     record.method = Some(method.to_string());
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
@@ -678,7 +668,6 @@ fn account(
         Some(Ended::Tunnel(_)) | None => {}
     }
     state.metrics.access().write(&record);
-    handles
 }
 
 #[cfg(test)]

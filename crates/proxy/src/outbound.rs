@@ -37,9 +37,7 @@ use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
-use crate::telemetry::{
-    AccessRecord, CountedBody, RequestHandles, TrafficLabels, now_rfc3339, principal_parts,
-};
+use crate::telemetry::{AccessRecord, CountedBody, TrafficLabels, now_rfc3339, principal_parts};
 
 /// Where and how to connect for one upstream authority.
 #[derive(Debug, Clone)]
@@ -684,7 +682,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
                 let body = "no healthy upstream";
                 let sent = h1::reply(&mut io, status, body, close).await;
-                let outcome = (status, "NR", e.to_string(), Some((0, body.len() as u64)));
+                let outcome = (status, "NR", e.to_string(), (0, body.len() as u64));
                 account(&state, &snap, &cache, peer, started, None, outcome, line);
                 if sent.is_err() || close {
                     break;
@@ -752,7 +750,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             peer,
             started,
             Some(&route),
-            (status, flags, reason, Some(sizes)),
+            (status, flags, reason, sizes),
             line,
         );
         if close {
@@ -1025,7 +1023,7 @@ async fn handle(
             peer,
             started,
             route.as_ref(),
-            (status, flags, reason, Some(sizes)),
+            (status, flags, reason, sizes),
             [&method, &path, &host],
         );
     });
@@ -1200,9 +1198,9 @@ fn account(
     peer: SocketAddr,
     started: Instant,
     route: Option<&Route>,
-    (status, flags, reason, sizes): (u16, &'static str, String, Option<(u64, u64)>),
+    (status, flags, reason, sizes): (u16, &'static str, String, (u64, u64)),
     [method, path, host]: [&str; 3],
-) -> RequestHandles {
+) {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
     let tag = route.map_or(0, |r| service_tag(&r.svc));
     let handles = cache.get_or_insert(tag, status, flags, || {
@@ -1211,15 +1209,12 @@ fn account(
         labels.response_flags = flags.to_string();
         state.metrics.request_handles(&labels)
     });
-    handles.record(started.elapsed());
-    if let Some(sizes) = sizes {
-        handles.record_sizes(sizes);
-    }
+    handles.record(started.elapsed(), sizes);
     if !state.metrics.access().enabled() {
-        return handles;
+        return;
     }
     // From the application (the downstream here), and to it.
-    let (bytes_received, bytes_sent) = sizes.unwrap_or_default();
+    let (bytes_received, bytes_sent) = sizes;
     state.metrics.access().write(&AccessRecord {
         time: now_rfc3339(),
         kind: "http",
@@ -1245,7 +1240,6 @@ fn account(
         bytes_sent,
         bytes_received,
     });
-    handles
 }
 
 /// A stable small key for a service (FNV-1a of `namespace/name`), to tell

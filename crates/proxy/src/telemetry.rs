@@ -202,15 +202,11 @@ pub struct RequestHandles {
 }
 
 impl RequestHandles {
-    /// Counts a request and its duration.
-    pub fn record(&self, duration: Duration) {
+    /// Records a request: its count, its duration, and the body bytes of
+    /// the request and of the response.
+    pub fn record(&self, duration: Duration, (request, response): (u64, u64)) {
         self.count.inc();
         self.duration.observe(duration.as_secs_f64() * 1000.0);
-    }
-
-    /// Records the body sizes of a request [`RequestHandles::record`]
-    /// counted: bytes of the request body, of the response body.
-    pub fn record_sizes(&self, (request, response): (u64, u64)) {
         self.request_bytes.observe(request as f64);
         self.response_bytes.observe(response as f64);
     }
