@@ -1178,6 +1178,39 @@ mod tests {
         assert_eq!(check().unwrap_err().message, status::SIGNATURE);
     }
 
+    #[tokio::test]
+    async fn a_jwks_server_whose_certificate_is_not_trusted_is_refused() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key =
+            rustls_pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = Arc::clone(&handshakes);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                // The client gives up during the handshake; a completed
+                // one would be counted.
+                if acceptor.accept(s).await.is_ok() {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        let err = fetch(
+            &fetch_client(),
+            &format!("https://localhost:{port}/jwks.json"),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+        assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn verified_signatures_are_remembered_within_bounds() {
         let (key, jwk) = es256("k1");
