@@ -279,7 +279,7 @@ pub struct Rejected {
     pub policy: Option<String>,
 }
 
-/// How many verified signatures [`SignatureCache`] keeps (Envoy's JWT
+/// How many verified signatures a `JwtPolicy` remembers (Envoy's JWT
 /// cache keeps 100 tokens by default).
 pub const SIGNATURE_CACHE_SIZE: usize = 100;
 
