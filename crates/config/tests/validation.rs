@@ -1639,6 +1639,90 @@ fn mesh_config_errors() {
             Some(8),
         ),
         row(
+            "unknown ext authz field",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    headersToUpstreamOnAlow: [x-user]\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp.headersToUpstreamOnAlow",
+            "unknown field",
+            Some(12),
+        ),
+        row(
+            "ext authz with a request body",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    includeRequestBodyInCheck: {{maxRequestBytes: 100}}\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck",
+            "does not send the request body",
+            Some(12),
+        ),
+        row(
+            "ext authz status on error",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzGrpc:\n    service: a\n    port: 9000\n    statusOnError: \"forbidden\"\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzGrpc.statusOnError",
+            "not an HTTP status code",
+            Some(12),
+        ),
+        row(
+            "ext authz timeout",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    timeout: soon\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp.timeout",
+            "soon",
+            Some(12),
+        ),
+        row(
+            "ext authz path prefix",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    pathPrefix: check\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp.pathPrefix",
+            "must start with /",
+            Some(12),
+        ),
+        row(
+            "ext authz header name",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    headersToDownstreamOnDeny: [\"bad header\"]\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp",
+            "is not a header name",
+            Some(10),
+        ),
+        row(
+            "gRPC ext authz has no header lists",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzGrpc:\n    service: a\n    port: 9000\n    pathPrefix: /check\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzGrpc.pathPrefix",
+            "unknown field",
+            Some(12),
+        ),
+        row(
             "unknown mesh field",
             res(MC, "rootNamespce: x\n"),
             "spec.rootNamespce",
@@ -2704,4 +2788,40 @@ fn regression_source_namespace_condition_rejects_inner_wildcard_that_namespaces_
         "rules:\n- when:\n  - key: source.namespace\n    values: [\"team-*-prod\"]\n",
     );
     assert!(load(&in_when).is_ok(), "{}", load(&in_when).unwrap_err());
+}
+
+#[test]
+fn ext_authz_settings_are_decoded() {
+    let text = "apiVersion: meshward.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh, namespace: istio-system}\nspec:\n  extensionProviders:\n  - name: http\n    envoyExtAuthzHttp:\n      service: authz.ns.svc.cluster.local\n      port: 8000\n      timeout: 250ms\n      failOpen: true\n      statusOnError: \"503\"\n      pathPrefix: /check\n      includeRequestHeadersInCheck: [authorization, x-auth-*]\n      includeHeadersInCheck: [cookie]\n      includeAdditionalHeadersInCheck: {x-from: mesh}\n      headersToUpstreamOnAllow: [x-user]\n      headersToDownstreamOnDeny: [set-cookie, '*-reason']\n      headersToDownstreamOnAllow: [x-session]\n  - name: grpc\n    envoyExtAuthzGrpc: {service: authz.ns.svc.cluster.local, port: 9000}\n";
+    let loaded = load(text).unwrap_or_else(|d| panic!("{d}"));
+    let http = loaded.config.mesh.provider("http").unwrap();
+    let a = http.authz.as_ref().unwrap();
+    assert_eq!(a.timeout_ms, 250);
+    assert!(a.fail_open);
+    assert_eq!(a.status_on_error, 503);
+    assert_eq!(a.path_prefix, "/check");
+    assert_eq!(
+        a.include_request_headers,
+        ["authorization", "x-auth-*", "cookie"]
+    );
+    assert_eq!(a.include_additional_headers["x-from"], "mesh");
+    assert_eq!(a.headers_to_upstream_on_allow, ["x-user"]);
+    assert_eq!(a.headers_to_downstream_on_allow, ["x-session"]);
+    use meshward_config::model::mesh::header_listed;
+    assert!(header_listed(
+        &a.include_request_headers,
+        "X-Auth-Request-User"
+    ));
+    assert!(header_listed(
+        &a.headers_to_downstream_on_deny,
+        "x-deny-reason"
+    ));
+    assert!(!header_listed(&a.include_request_headers, "x-other"));
+    // Istio's defaults.
+    let grpc = loaded.config.mesh.provider("grpc").unwrap();
+    let d = grpc.authz.as_ref().unwrap();
+    assert_eq!(
+        (d.timeout_ms, d.fail_open, d.status_on_error),
+        (600_000, false, 403)
+    );
 }

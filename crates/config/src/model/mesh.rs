@@ -1,5 +1,7 @@
 //! Mesh-wide settings: the `meshConfig` block of Istio's mesh configuration.
 
+use std::collections::BTreeMap;
+
 use crate::decode::{self, Fields};
 use crate::diag::Sink;
 use crate::yaml::Node;
@@ -67,6 +69,159 @@ pub struct ExtensionProvider {
     pub port: Option<u16>,
     /// Provider settings as written, for the data plane to interpret.
     pub settings: serde_json::Value,
+    /// The settings of an authorization provider, validated.
+    pub authz: Option<ExtAuthz>,
+}
+
+/// The settings of an `envoyExtAuthzHttp` or `envoyExtAuthzGrpc` provider.
+/// Header lists take names (`x-user`), prefixes (`x-auth-*`) and suffixes
+/// (`*-token`), as Istio's do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtAuthz {
+    /// How long the proxy waits for an answer (`timeout`; Istio's default
+    /// is 10 minutes).
+    pub timeout_ms: u64,
+    /// Allow the request when the provider cannot be reached or fails.
+    pub fail_open: bool,
+    /// The status a client gets when the provider cannot be reached or
+    /// fails, and `fail_open` is false (default 403).
+    pub status_on_error: u16,
+    /// HTTP: prefixed to the request path in the check request.
+    pub path_prefix: String,
+    /// HTTP: request headers sent in the check request (besides `Host`, the
+    /// method and the path, which always go).
+    pub include_request_headers: Vec<String>,
+    /// HTTP: fixed headers added to the check request.
+    pub include_additional_headers: BTreeMap<String, String>,
+    /// HTTP: headers of an allowing answer set on the forwarded request.
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// HTTP: headers of a denying answer sent to the client.
+    pub headers_to_downstream_on_deny: Vec<String>,
+    /// HTTP: headers of an allowing answer added to the response.
+    pub headers_to_downstream_on_allow: Vec<String>,
+}
+
+impl Default for ExtAuthz {
+    fn default() -> Self {
+        ExtAuthz {
+            timeout_ms: 600_000,
+            fail_open: false,
+            status_on_error: 403,
+            path_prefix: String::new(),
+            include_request_headers: Vec::new(),
+            include_additional_headers: BTreeMap::new(),
+            headers_to_upstream_on_allow: Vec::new(),
+            headers_to_downstream_on_deny: Vec::new(),
+            headers_to_downstream_on_allow: Vec::new(),
+        }
+    }
+}
+
+/// Whether header `name` (lower case) is one of `patterns`: exact names,
+/// `prefix*` or `*suffix`, without regard to case.
+pub fn header_listed(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| {
+        let p = p.as_str();
+        if let Some(prefix) = p.strip_suffix('*') {
+            name.len() >= prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+        } else if let Some(suffix) = p.strip_prefix('*') {
+            name.len() >= suffix.len()
+                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        } else {
+            p.eq_ignore_ascii_case(name)
+        }
+    })
+}
+
+/// Decodes the body of an authorization provider (`kind`), reporting
+/// unknown and unsupported fields.
+fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) -> ExtAuthz {
+    let http = kind == "envoyExtAuthzHttp";
+    let mut f = Fields::new(sink, node, path);
+    let mut a = ExtAuthz::default();
+    // `service` and `port` are read (and checked) by the caller.
+    f.ignore("service");
+    f.ignore("port");
+    // Where a field is, for its errors.
+    let at = |f: &Fields<'_>, key: &str| f.peek(key).map_or(f.pos(), |n| n.pos);
+    let timeout_pos = at(&f, "timeout");
+    if let Some(t) = f.string(sink, "timeout") {
+        match super::security::check_duration(&t).and_then(|()| super::security::parse_duration(&t))
+        {
+            Ok(secs) => a.timeout_ms = (secs * 1000.0).round() as u64,
+            Err(e) => sink.error(timeout_pos, &f.field_path("timeout"), e),
+        }
+    }
+    a.fail_open = f.bool(sink, "failOpen").unwrap_or(false);
+    // There are no routes to clear here.
+    let _ = f.bool(sink, "clearRouteCache");
+    let status_pos = at(&f, "statusOnError");
+    if let Some(s) = f.string(sink, "statusOnError") {
+        match s.parse::<u16>() {
+            Ok(code) if (200..=599).contains(&code) => a.status_on_error = code,
+            _ => sink.error(
+                status_pos,
+                &f.field_path("statusOnError"),
+                format!("\"{s}\" is not an HTTP status code (200-599)"),
+            ),
+        }
+    }
+    if f.peek("includeRequestBodyInCheck").is_some() {
+        sink.error(
+            at(&f, "includeRequestBodyInCheck"),
+            &f.field_path("includeRequestBodyInCheck"),
+            "meshward does not send the request body to an authorization provider; \
+             remove includeRequestBodyInCheck (a provider that needs the body would decide without it)",
+        );
+        f.ignore("includeRequestBodyInCheck");
+    }
+    if http {
+        let prefix_pos = at(&f, "pathPrefix");
+        a.path_prefix = f.string(sink, "pathPrefix").unwrap_or_default();
+        if !a.path_prefix.is_empty() && !a.path_prefix.starts_with('/') {
+            sink.error(
+                prefix_pos,
+                &f.field_path("pathPrefix"),
+                format!("pathPrefix \"{}\" must start with /", a.path_prefix),
+            );
+        }
+        a.include_request_headers = f.strings(sink, "includeRequestHeadersInCheck");
+        // The deprecated name of the same list.
+        a.include_request_headers
+            .extend(f.strings(sink, "includeHeadersInCheck"));
+        a.include_additional_headers = f.string_map(sink, "includeAdditionalHeadersInCheck");
+        a.headers_to_upstream_on_allow = f.strings(sink, "headersToUpstreamOnAllow");
+        a.headers_to_downstream_on_deny = f.strings(sink, "headersToDownstreamOnDeny");
+        a.headers_to_downstream_on_allow = f.strings(sink, "headersToDownstreamOnAllow");
+        let names = a
+            .include_request_headers
+            .iter()
+            .chain(&a.headers_to_upstream_on_allow)
+            .chain(&a.headers_to_downstream_on_deny)
+            .chain(&a.headers_to_downstream_on_allow)
+            .map(|p| p.trim_start_matches('*').trim_end_matches('*'))
+            .chain(a.include_additional_headers.keys().map(String::as_str));
+        for name in names {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid {
+                sink.error(f.pos(), path, format!("\"{name}\" is not a header name"));
+            }
+        }
+        for (name, value) in &a.include_additional_headers {
+            if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+                sink.error(
+                    f.pos(),
+                    &f.field_path("includeAdditionalHeadersInCheck"),
+                    format!("the value of \"{name}\" has control characters"),
+                );
+            }
+        }
+    }
+    f.finish(sink);
+    a
 }
 
 impl ExtensionProvider {
@@ -237,9 +392,10 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
     let kind = kinds[0].to_string();
     let body = f.take(&kind);
     let settings = body.map(Node::to_json).unwrap_or(serde_json::Value::Null);
-    let (mut service, mut port) = (None, None);
+    let (mut service, mut port, mut authz) = (None, None, None);
     if kind == "envoyExtAuthzHttp" || kind == "envoyExtAuthzGrpc" {
         let body_path = format!("{path}.{kind}");
+        authz = body.map(|b| decode_ext_authz(sink, b, &body_path, &kind));
         service = settings
             .get("service")
             .and_then(|s| s.as_str())
@@ -271,6 +427,7 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
         service,
         port,
         settings,
+        authz,
     })
 }
 

@@ -11,7 +11,7 @@ pub mod mesh;
 pub mod networking;
 pub mod security;
 
-pub use mesh::{ExtensionProvider, MeshConfig};
+pub use mesh::{ExtAuthz, ExtensionProvider, MeshConfig, header_listed};
 pub use networking::{
     AppProtocol, ClientTls, DestinationRule, PortTrafficPolicy, ServiceEntry, ServicePort, TlsMode,
     TrafficPolicy, WorkloadEntry,
