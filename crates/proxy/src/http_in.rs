@@ -24,10 +24,10 @@ use crate::h1::codec::{self, Framing, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
-use crate::jwt;
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
 use crate::telemetry::CountedBody;
+use crate::{ext_authz, jwt};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -179,9 +179,50 @@ where
         let forward = snap.policy.forwarded_target(&target.path);
         // CUSTOM (external authorization) is not available yet: a request
         // that needs it is denied rather than let through.
-        let denied = decision
-            .as_ref()
-            .is_some_and(|d| !d.is_allowed() || d.ext_authz.is_some());
+        // CUSTOM first: the external provider is asked before the DENY
+        // and ALLOW policies count, as Istio orders them.
+        let ext = match (
+            &forward,
+            decision.as_ref().and_then(|d| d.ext_authz.as_ref()),
+        ) {
+            (Ok(path), Some(x)) => {
+                let check = ext_authz::Check {
+                    method: head.method(),
+                    host: target.host,
+                    path,
+                    headers: head.iter().collect(),
+                };
+                Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
+            }
+            _ => None,
+        };
+        if let Some((x, outcome)) = &ext
+            && let Some((status, headers, body)) = outcome.refusal()
+        {
+            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            let fields = ext_authz::field_refs(headers);
+            let sent = h1::reply_fields(&mut io, status, &fields, body, close).await;
+            let reason = outcome.reason(&x.provider);
+            account(
+                &state,
+                &conn,
+                &snap.identity,
+                started,
+                (
+                    status,
+                    "UAEX",
+                    Some(Ended::ExtAuthz(x, &reason)),
+                    (0, body.len() as u64),
+                ),
+                decision.as_ref(),
+                line,
+            );
+            if sent.is_err() || close {
+                return;
+            }
+            continue;
+        }
+        let denied = decision.as_ref().is_some_and(|d| !d.is_allowed());
         let upgrade = head.upgrade();
         let forward = match (forward, &authn) {
             (Ok(forward), Ok(_)) if !denied && upgrade != Upgrade::Unsupported => forward,
@@ -235,10 +276,40 @@ where
         let rewrite = h1::Rewrite::new(&head, &target, xfcc, upgrade);
         // What RequestAuthentication takes out (tokens not forwarded,
         // output headers a client sent) and puts in (payload, claims).
-        let edits = match authn.as_ref() {
-            Ok(a) if !a.remove.is_empty() => rewrite.with(&a.remove, &a.add),
-            _ => rewrite.edits(),
+        // And what an allowing external provider sets.
+        let (upstream, downstream) = match &ext {
+            Some((
+                _,
+                ext_authz::Outcome::Allow {
+                    upstream,
+                    downstream,
+                },
+            )) => (upstream.as_slice(), downstream.as_slice()),
+            _ => (&[][..], &[][..]),
         };
+        let mut jwt_edits = authn.as_ref().ok().filter(|a| !a.remove.is_empty());
+        let merged;
+        if !upstream.is_empty() {
+            let mut m =
+                jwt_edits.map_or_else(jwt::Authenticated::default, |a| jwt::Authenticated {
+                    auth: None,
+                    remove: a.remove.clone(),
+                    add: a.add.clone(),
+                });
+            for (n, v) in upstream {
+                if let Ok(v) = v.to_str() {
+                    m.remove.push(n.as_str().to_string());
+                    m.add.push((n.as_str().to_string(), v.to_string()));
+                }
+            }
+            merged = m;
+            jwt_edits = Some(&merged);
+        }
+        let edits = match jwt_edits {
+            Some(a) => rewrite.with(&a.remove, &a.add),
+            None => rewrite.edits(),
+        };
+        let to_client = ext_authz::field_refs(downstream);
         // A WebSocket may become a long-lived tunnel: like a TCP
         // connection, it is decided again on every policy change.
         let tracked = (upgrade == Upgrade::WebSocket).then(|| {
@@ -262,7 +333,7 @@ where
                     codec::write_request(&head, &forward, &edits.drop, &edits.added, false, out);
                 },
                 (framing, tracked.as_ref().map(|(_, close)| &**close)),
-                (head.method(), close),
+                (head.method(), close, &to_client),
                 &mut sizes,
             )
             .await;
@@ -361,7 +432,7 @@ impl AppConn {
         out: &mut Vec<u8>,
         write_head: impl Fn(&mut Vec<u8>),
         (framing, tunnel): (Framing, Option<&tokio::sync::Notify>),
-        (method, close_down): (&str, bool),
+        (method, close_down, extra): (&str, bool, &[(&str, &[u8])]),
         sizes: &mut (u64, u64),
     ) -> Exchange
     where
@@ -434,7 +505,15 @@ impl AppConn {
             tracing::debug!(app = %conn.app, reason = %t.reason, bytes = ?t.bytes, "tunnel closed");
             return Exchange::Tunneled(t);
         }
-        let r = h1::relay(up, &mut self.buf, down, &resp, (method, close_down), out).await;
+        let r = h1::relay(
+            up,
+            &mut self.buf,
+            down,
+            &resp,
+            (method, close_down, extra),
+            out,
+        )
+        .await;
         sizes.1 = r.bytes;
         self.reused = true;
         if !r.reusable {
@@ -520,11 +599,31 @@ async fn handle(
     });
     // CUSTOM (external authorization) is not available in this proxy yet:
     // a request that needs it is denied rather than let through.
-    let allowed = decision
-        .as_ref()
-        .is_some_and(|d| d.is_allowed() && d.ext_authz.is_none());
+    let allowed = decision.as_ref().is_some_and(Decision::is_allowed);
 
     let forward = snap.policy.forwarded_target(&path);
+    // CUSTOM first: the external provider is asked before the DENY and
+    // ALLOW policies count, as Istio orders them.
+    let ext = match (
+        &forward,
+        decision.as_ref().and_then(|d| d.ext_authz.as_ref()),
+    ) {
+        (Ok(forwarded), Some(x)) => {
+            let check = ext_authz::Check {
+                method: &method,
+                host: &host,
+                path: forwarded,
+                headers: req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                    .collect(),
+            };
+            let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
+            Some((x.clone(), outcome))
+        }
+        _ => None,
+    };
     let (resp, flags) = if let Err(e) = &forward {
         tracing::debug!(error = %e, "invalid request path");
         (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
@@ -534,9 +633,27 @@ async fn handle(
             resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
         }
         (resp, "-")
+    } else if let Some((status, headers, body)) = ext.as_ref().and_then(|(_, o)| o.refusal()) {
+        let mut resp = Response::new(
+            Full::new(Bytes::copy_from_slice(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        for (n, v) in headers {
+            resp.headers_mut().append(n.clone(), v.clone());
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+        (resp, "UAEX")
     } else if !allowed {
         (full(StatusCode::FORBIDDEN, "RBAC: access denied"), "-")
     } else {
+        if let Some((_, ext_authz::Outcome::Allow { upstream, .. })) = &ext {
+            for (n, v) in upstream {
+                req.headers_mut().insert(n.clone(), v.clone());
+            }
+        }
         if let Ok(a) = &authn {
             for name in &a.remove {
                 req.headers_mut().remove(name.as_str());
@@ -580,6 +697,11 @@ async fn handle(
         match client.request(req).await {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
+                if let Some((_, ext_authz::Outcome::Allow { downstream, .. })) = &ext {
+                    for (n, v) in downstream {
+                        resp.headers_mut().append(n.clone(), v.clone());
+                    }
+                }
                 (resp.map(|b| b.boxed()), "-")
             }
             Err(e) => {
@@ -596,8 +718,16 @@ async fn handle(
     // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
     let rejected = authn.err();
+    let ext_refused = ext.filter(|(_, o)| !o.allows()).map(|(x, o)| {
+        let reason = o.reason(&x.provider);
+        (x, reason)
+    });
     let finish = Box::new(move |sizes| {
-        let ended = rejected.as_ref().map(Ended::Unauthenticated);
+        let ended = match (&rejected, &ext_refused) {
+            (Some(r), _) => Some(Ended::Unauthenticated(r)),
+            (None, Some((x, reason))) => Some(Ended::ExtAuthz(x, reason)),
+            (None, None) => None,
+        };
         account(
             &state,
             &conn,
@@ -622,6 +752,9 @@ enum Ended<'a> {
     /// RequestAuthentication refused its token (`401`); authorization
     /// never saw it.
     Unauthenticated(&'a jwt::Rejected),
+    /// The external provider of a CUSTOM policy refused it (or could not
+    /// be asked): the rule that asked, and what happened.
+    ExtAuthz(&'a meshward_policy::ExtAuthzCheck, &'a str),
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
@@ -664,6 +797,12 @@ fn account(
             record.reason = format!("RequestAuthentication: {}", r.message);
             record.policy.clone_from(&r.policy);
             record.rule = None;
+        }
+        Some(Ended::ExtAuthz(x, reason)) => {
+            record.decision = "deny";
+            record.reason = reason.to_string();
+            record.policy = Some(x.policy.policy.to_string());
+            record.rule = Some(x.policy.rule);
         }
         Some(Ended::Tunnel(_)) | None => {}
     }

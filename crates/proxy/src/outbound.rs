@@ -372,6 +372,43 @@ impl Fnv {
 }
 
 impl Outbound {
+    /// Sends a request of the proxy's own (an external authorization
+    /// check) to service `host` on `port` as the outbound listener sends
+    /// the application's: to the next endpoint, secured as the
+    /// DestinationRule or auto-mTLS says, with secure naming. `req`'s URI
+    /// carries the path and query.
+    pub async fn send(
+        &self,
+        state: &State,
+        snap: &Arc<Snapshot>,
+        host: &str,
+        port: u16,
+        mut req: HttpRequest<Body>,
+    ) -> Result<Response<Incoming>, String> {
+        let route = self
+            .route(state, snap, host, Some(port))
+            .map_err(|e| e.to_string())?;
+        self.register(&route);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *req.uri_mut() = format!("http://{}{path}", route.key)
+            .parse()
+            .map_err(|e| format!("bad path {path:?}: {e}"))?;
+        *req.version_mut() = if route.target.h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        self.client.request(req).await.map_err(|e| {
+            let detail =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            format!("{} ({}): {detail}", route.addr, tls_word(route.mode))
+        })
+    }
+
     /// The route of one request or connection: the service for `host`,
     /// the next endpoint in round robin, and how to connect to it. Routes
     /// are prepared once per host for a configuration and TLS state, so a
@@ -878,7 +915,7 @@ async fn exchange(
         );
         return (101, t.flags, reason, true);
     }
-    let r = h1::relay(up, up_buf, down, &resp, (method, close_down), out).await;
+    let r = h1::relay(up, up_buf, down, &resp, (method, close_down, &[]), out).await;
     sizes.1 = r.bytes;
     if !r.reusable {
         *current = None;

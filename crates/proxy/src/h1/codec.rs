@@ -405,6 +405,17 @@ pub fn write_request(
 /// an upgrade it asked for) keeps its `Upgrade` fields, with
 /// `connection: upgrade`.
 pub fn write_response(head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
+    write_response_with(head, close, &[], out);
+}
+
+/// [`write_response`] with fields the proxy adds (an external
+/// authorization provider's `headersToDownstreamOnAllow`).
+pub fn write_response_with(
+    head: &ResponseHead,
+    close: bool,
+    extra: &[(&str, &[u8])],
+    out: &mut Vec<u8>,
+) {
     out.reserve(head.raw.len() + 32);
     out.extend_from_slice(version_str(head.version));
     out.push(b' ');
@@ -426,6 +437,9 @@ pub fn write_response(head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
         head.content_length
     };
     write_fields(&head.raw, &head.headers, &[], length, out);
+    for (name, value) in extra {
+        write_field(out, name.as_bytes(), value);
+    }
     if head.status == 101 {
         // The switch itself: its upgrade fields are the point of it.
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -866,7 +880,7 @@ fn keep_alive(raw: &[u8], headers: &[Field], version: Version) -> bool {
     }
 }
 
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

@@ -281,6 +281,42 @@ pub async fn reply<W: AsyncWrite + Unpin>(
     reply_with(io, status, body, &[], close).await
 }
 
+/// Writes a response made of another's parts (an external authorization
+/// provider's refusal): `status`, `fields`, `body`.
+pub async fn reply_fields<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    fields: &[(&str, &[u8])],
+    body: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    use std::io::Write as _;
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = Vec::with_capacity(128 + body.len());
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in fields {
+        let framing = ["content-length", "transfer-encoding", "connection"];
+        if !framing.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+            codec::write_field(&mut out, name.as_bytes(), value);
+        }
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
 /// [`reply`] with more header fields.
 pub async fn reply_with<W: AsyncWrite + Unpin>(
     io: &mut W,
@@ -546,13 +582,13 @@ pub struct Relayed {
 
 /// Forwards `resp` and its body from `up` to `down` (with
 /// `connection: close` when `close_down`, or when the body runs until the
-/// upstream closes).
+/// upstream closes), with the fields in `extra` added to its head.
 pub async fn relay<U, D>(
     up: &mut U,
     up_buf: &mut BytesMut,
     down: &mut D,
     resp: &ResponseHead,
-    (method, close_down): (&str, bool),
+    (method, close_down, extra): (&str, bool, &[(&str, &[u8])]),
     out: &mut Vec<u8>,
 ) -> Relayed
 where
@@ -562,7 +598,7 @@ where
     let framing = resp.framing(method);
     let close = close_down || framing == Framing::UntilClose;
     out.clear();
-    codec::write_response(resp, close, out);
+    codec::write_response_with(resp, close, extra, out);
     let mut bytes = 0;
     let result = forward(up, up_buf, down, framing, out, &mut bytes).await;
     Relayed {
@@ -828,7 +864,7 @@ mod tests {
                 &mut up_buf,
                 &mut down,
                 &resp,
-                ("GET", false),
+                ("GET", false, &[]),
                 &mut Vec::new(),
             )
             .await;

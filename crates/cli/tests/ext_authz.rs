@@ -1,0 +1,394 @@
+//! End to end: CUSTOM AuthorizationPolicies with `envoyExtAuthzHttp`
+//! providers and real `meshward proxy` processes. The provider is a real
+//! HTTP server on 127.0.0.1 (a mesh service without a sidecar, so the
+//! server-side proxy reaches it in plaintext under auto-mTLS); it allows a
+//! request that carries `x-ext-authz: allow` and answers anything else
+//! with its own 403. Checked: what the check request carries, what an
+//! allowing answer adds to the request and the response, what a denying
+//! one sends the client, requests no CUSTOM rule matches, a provider that
+//! is down (`statusOnError`, `failOpen`) or too slow, DENY policies still
+//! counting after the provider allowed, and the HTTP/2 path.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use support::*;
+
+const ORDERS: &str = "orders.production.svc.cluster.local";
+
+/// A check request as the provider saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The provider: allows `x-ext-authz: allow` (adding `x-user`,
+/// `x-session` and `x-secret`), takes 3 s over `/check/slow/...`, and
+/// otherwise denies with 403, a body and `x-deny-reason` / `x-other`.
+async fn provider() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<Incoming>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        let headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                            .collect();
+                        let path = req.uri().to_string();
+                        seen.lock().unwrap().push(Seen {
+                            method: req.method().to_string(),
+                            path: path.clone(),
+                            headers: headers.clone(),
+                        });
+                        if path.starts_with("/check/slow/") {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                        }
+                        let allow = headers
+                            .iter()
+                            .any(|(n, v)| n == "x-ext-authz" && v == "allow");
+                        let resp = if allow {
+                            http::Response::builder()
+                                .header("x-user", "alice")
+                                .header("x-session", "s1")
+                                .header("x-secret", "not for anyone")
+                                .body(Full::new(Bytes::new()))
+                        } else {
+                            http::Response::builder()
+                                .status(403)
+                                .header("x-deny-reason", "no ticket")
+                                .header("x-other", "not for the client")
+                                .body(Full::new(Bytes::from("denied by ext")))
+                        };
+                        Ok::<_, std::convert::Infallible>(resp.unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+fn config(orders_port: u16, app: SocketAddr, outbound: u16, ext: SocketAddr) -> String {
+    let down = free_port();
+    let workload = |ns: &str, name: &str, ports: &str, annotations: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{annotations}}}\nspec:\n  address: 127.0.0.1\n  labels: {{app: {name}}}\n  serviceAccount: {name}\n  ports: {{{ports}}}\n---\n"
+        )
+    };
+    let service = |ns: &str, name: &str, port: u16| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  workloadSelector: {{labels: {{app: {name}}}}}\n  resolution: STATIC\n---\n"
+        )
+    };
+    let mut c = String::new();
+    c += &workload(
+        "production",
+        "orders",
+        &format!("http: {orders_port}"),
+        &format!("meshward.io/app-ports: \"http=127.0.0.1:{}\"", app.port()),
+    );
+    c += &workload(
+        "production",
+        "frontend",
+        "",
+        &format!("meshward.io/outbound: \"127.0.0.1:{outbound}\""),
+    );
+    c += &service("production", "orders", orders_port);
+    // The providers run without a sidecar.
+    c += &workload(
+        "auth",
+        "ext-authz",
+        &format!("http: {}", ext.port()),
+        "meshward.io/proxy: \"false\"",
+    );
+    c += &service("auth", "ext-authz", ext.port());
+    c += &workload(
+        "auth",
+        "ext-down",
+        &format!("http: {down}"),
+        "meshward.io/proxy: \"false\"",
+    );
+    c += &service("auth", "ext-down", down);
+    c += &format!(
+        r#"apiVersion: meshward.io/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh, namespace: istio-system}}
+spec:
+  extensionProviders:
+  - name: ext-http
+    envoyExtAuthzHttp:
+      service: ext-authz.auth.svc.cluster.local
+      port: {ext_port}
+      timeout: 500ms
+      pathPrefix: /check
+      includeRequestHeadersInCheck: [x-ext-authz, "x-auth-*"]
+      includeAdditionalHeadersInCheck: {{x-from: meshward}}
+      headersToUpstreamOnAllow: [x-user]
+      headersToDownstreamOnAllow: [x-session]
+      headersToDownstreamOnDeny: ["x-deny-*"]
+  - name: ext-down
+    envoyExtAuthzHttp:
+      service: ext-down.auth.svc.cluster.local
+      port: {down}
+      statusOnError: "503"
+  - name: ext-open
+    envoyExtAuthzHttp:
+      service: ext-down.auth.svc.cluster.local
+      port: {down}
+      failOpen: true
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: istio-system}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders-ext, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: CUSTOM
+  provider: {{name: ext-http}}
+  rules:
+  - to: [{{operation: {{paths: ["/admin/*", "/slow/*"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders-ext-down, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: CUSTOM
+  provider: {{name: ext-down}}
+  rules:
+  - to: [{{operation: {{paths: ["/down/*"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders-ext-open, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: CUSTOM
+  provider: {{name: ext-open}}
+  rules:
+  - to: [{{operation: {{paths: ["/open/*"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders-deny, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: DENY
+  rules:
+  - to: [{{operation: {{paths: ["/admin/forbidden"]}}}}]
+"#,
+        ext_port = ext.port()
+    );
+    c
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn answer(resp: http::Response<Incoming>) -> Answer {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn call(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder().uri(path).header("host", ORDERS);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    answer(resp).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_policies_ask_the_external_provider() {
+    let (ext, checks, _ext_task) = provider().await;
+    let app = App::start("orders").await;
+    let mesh = Mesh::new();
+    let (orders_port, out_port) = (free_port(), free_port());
+    mesh.write_config("mesh.yaml", &config(orders_port, app.addr, out_port, ext));
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let frontend_certs = mesh.issue("frontend", "production", "frontend");
+    let _frontend = mesh.proxy("production/frontend", &frontend_certs).await;
+    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let checks_made = || checks.lock().unwrap().len();
+
+    // Allowed by the provider: its x-user replaces the client's, its
+    // x-session reaches the client, nothing else of its answer goes on.
+    let a = call(
+        outbound,
+        "/admin/report?q=1",
+        &[
+            ("x-ext-authz", "allow"),
+            ("x-auth-token", "t0k"),
+            ("cookie", "private"),
+            ("x-user", "mallory"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "orders"),
+        "{}",
+        orders.logs()
+    );
+    assert_eq!(a.headers["x-session"], "s1");
+    let seen = app.last().unwrap();
+    assert_eq!(seen.headers["x-user"], "alice");
+    assert!(!seen.headers.contains_key("x-secret"), "{seen:?}");
+    // The check request: method, prefix + path, Host, the listed headers
+    // and the fixed one; nothing else of the request.
+    let check = checks.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(check.method, "GET");
+    assert_eq!(check.path, "/check/admin/report?q=1");
+    assert_eq!(check.header("host"), Some(ORDERS));
+    assert_eq!(check.header("x-ext-authz"), Some("allow"));
+    assert_eq!(check.header("x-auth-token"), Some("t0k"));
+    assert_eq!(check.header("x-from"), Some("meshward"));
+    assert_eq!(check.header("cookie"), None, "{check:?}");
+    assert_eq!(check.header("x-user"), None, "{check:?}");
+
+    // Denied by the provider: its answer is the client's, the application
+    // never sees the request.
+    let before = app.seen.lock().unwrap().len();
+    let a = call(outbound, "/admin/report", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, "denied by ext"));
+    assert_eq!(a.headers["x-deny-reason"], "no ticket");
+    assert!(!a.headers.contains_key("x-other"), "{:?}", a.headers);
+    assert_eq!(app.seen.lock().unwrap().len(), before);
+    let line = orders
+        .log_line("the refused request", |l| {
+            l["path"] == "/admin/report" && l["response_code"] == 403
+        })
+        .await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["reason"], "ext_authz ext-http: denied (403)", "{line}");
+    assert_eq!(line["policy"], "production/orders-ext", "{line}");
+
+    // A request no CUSTOM rule matches is not sent to the provider.
+    let made = checks_made();
+    let a = call(outbound, "/api/v1/orders/1", &[("x-ext-authz", "deny")]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(checks_made(), made);
+
+    // The provider allowed, a DENY policy still denies.
+    let a = call(outbound, "/admin/forbidden", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(checks_made(), made + 1);
+
+    // A provider that is down: statusOnError, or through with failOpen.
+    let a = call(outbound, "/down/x", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (503, ""));
+    let a = call(outbound, "/open/x", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "orders"));
+    // Too slow (timeout 500ms): the default statusOnError, 403.
+    let a = call(outbound, "/slow/x", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, ""));
+    let line = orders
+        .log_line("the timed-out check", |l| l["path"] == "/slow/x")
+        .await;
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within"),
+        "{line}"
+    );
+
+    // HTTP/2 straight to the server proxy, with mTLS as the frontend.
+    let tls = mtls_connect(
+        &frontend_certs,
+        &frontend_certs.join("root-cert.pem"),
+        SocketAddr::from(([127, 0, 0, 1], orders_port)),
+        b"h2",
+    )
+    .await
+    .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (ticket, status) in [("allow", 200), ("no", 403)] {
+        let req = http::Request::builder()
+            .uri(format!("https://{ORDERS}/admin/h2"))
+            .header("x-ext-authz", ticket)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let a = answer(send.send_request(req).await.unwrap()).await;
+        assert_eq!(a.status, status, "{a:?}");
+        if status == 200 {
+            assert_eq!(a.headers["x-session"], "s1");
+            assert_eq!(app.last().unwrap().headers["x-user"], "alice");
+        } else {
+            assert_eq!(a.body, "denied by ext");
+            assert_eq!(a.headers["x-deny-reason"], "no ticket");
+        }
+    }
+    let check = checks.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(check.path, "/check/admin/h2");
+    assert_eq!(check.header("host"), Some(ORDERS));
+}
