@@ -328,6 +328,9 @@ async fn custom_policies_ask_the_external_provider() {
     assert_eq!(line["decision"], "deny", "{line}");
     assert_eq!(line["reason"], "ext_authz ext-http: denied (403)", "{line}");
     assert_eq!(line["policy"], "production/orders-ext", "{line}");
+    let (_, m) = orders.admin_get("/stats/prometheus").await;
+    let refused = [("response_code", "403"), ("response_flags", "UAEX")];
+    assert_eq!(metric(&m, "istio_requests_total", &refused), 1.0, "{m}");
 
     // A request no CUSTOM rule matches is not sent to the provider.
     let made = checks_made();
