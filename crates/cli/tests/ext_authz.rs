@@ -41,7 +41,7 @@ impl Seen {
     }
 }
 
-/// The provider: allows `x-ext-authz: allow` (adding `x-user`,
+/// The provider: allows `x-ext-authz: allow` and WebSockets under `/ws/` (adding `x-user`,
 /// `x-session` and `x-secret`), takes 3 s over `/check/slow/...`, and
 /// otherwise denies with 403, a body and `x-deny-reason` / `x-other`.
 async fn provider() -> (
@@ -77,9 +77,10 @@ async fn provider() -> (
                         if path.starts_with("/check/slow/") {
                             tokio::time::sleep(Duration::from_secs(3)).await;
                         }
-                        let allow = headers
-                            .iter()
-                            .any(|(n, v)| n == "x-ext-authz" && v == "allow");
+                        let allow = path.starts_with("/check/ws/")
+                            || headers
+                                .iter()
+                                .any(|(n, v)| n == "x-ext-authz" && v == "allow");
                         let resp = if allow {
                             http::Response::builder()
                                 .header("x-user", "alice")
@@ -187,7 +188,7 @@ spec:
   action: CUSTOM
   provider: {{name: ext-http}}
   rules:
-  - to: [{{operation: {{paths: ["/admin/*", "/slow/*"]}}}}]
+  - to: [{{operation: {{paths: ["/admin/*", "/slow/*", "/ws/*"]}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -394,4 +395,70 @@ async fn custom_policies_ask_the_external_provider() {
     let check = checks.lock().unwrap().last().cloned().unwrap();
     assert_eq!(check.path, "/check/admin/h2");
     assert_eq!(check.header("host"), Some(ORDERS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (ext, _checks, _ext_task) = provider().await;
+    let (app, _seen, _app_task) = websocket_app().await;
+    let mesh = Mesh::new();
+    let (orders_port, out_port) = (free_port(), free_port());
+    let base = config(orders_port, app, out_port, ext);
+    mesh.write_config("mesh.yaml", &base);
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let _frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let mut chat = ws_connect_to(outbound, ORDERS, "/ws/chat").await.unwrap();
+    let mut other = ws_connect_to(outbound, ORDERS, "/ws/other").await.unwrap();
+    assert_eq!(ws_text(&mut chat).await, "hello /ws/chat");
+    assert_eq!(ws_text(&mut other).await, "hello /ws/other");
+
+    // A change that denies /ws/other: once that tunnel has closed, every
+    // tunnel was decided again, and the one the provider let through, whose
+    // CUSTOM rule still names the same provider, lives on.
+    let deny_other = base.replace(
+        r#"paths: ["/admin/forbidden"]"#,
+        r#"paths: ["/admin/forbidden", "/ws/other"]"#,
+    );
+    assert_ne!(deny_other, base);
+    mesh.apply("mesh.yaml", &deny_other, &[&orders]).await;
+    let ended = tokio::time::timeout(patience(), other.next())
+        .await
+        .expect("the denied tunnel must end");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
+    chat.send(Message::text("still")).await.unwrap();
+    assert_eq!(ws_text(&mut chat).await, "echo: still");
+
+    // Its rule now names another provider, which never approved it: closed.
+    let moved = deny_other
+        .replace(
+            r#"paths: ["/admin/*", "/slow/*", "/ws/*"]"#,
+            r#"paths: ["/admin/*", "/slow/*"]"#,
+        )
+        .replace(r#"paths: ["/down/*"]"#, r#"paths: ["/down/*", "/ws/*"]"#);
+    assert_ne!(moved, deny_other);
+    mesh.apply("mesh.yaml", &moved, &[&orders]).await;
+    let ended = tokio::time::timeout(patience(), chat.next())
+        .await
+        .expect("the tunnel must end");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
 }

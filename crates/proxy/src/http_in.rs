@@ -318,6 +318,7 @@ where
                 host: target.host.to_string(),
                 path: target.path.to_string(),
                 auth: authn.as_ref().ok().and_then(|a| a.auth.as_deref().cloned()),
+                ext_approved: ext.as_ref().map(|(x, _)| x.provider.clone()),
             };
             state.tcp_conns.track(&conn, Some(request))
         });

@@ -184,6 +184,9 @@ pub struct TrackedRequest {
     pub path: String,
     /// The facts of its valid JWT, if it carried one.
     pub auth: Option<meshward_policy::JwtAuth>,
+    /// The external authorization provider that let it through, if a
+    /// CUSTOM policy asked one.
+    pub ext_approved: Option<String>,
 }
 
 /// The open inbound TCP connections and WebSocket tunnels. A
@@ -254,7 +257,15 @@ impl TcpTracker {
                 }),
             };
             let d = snapshot.policy.decide(&req);
-            if !(d.is_allowed() && d.ext_authz.is_none()) {
+            // A CUSTOM rule is satisfied by the provider that let the
+            // handshake through; one that now names another provider is not
+            // (the proxy cannot ask it about a request long past).
+            let approved = t.http.as_ref().and_then(|h| h.ext_approved.as_deref());
+            let ext_ok = d
+                .ext_authz
+                .as_ref()
+                .is_none_or(|x| approved == Some(x.provider.as_str()));
+            if !(d.is_allowed() && ext_ok) {
                 t.close.notify_one();
                 closed += 1;
             }
