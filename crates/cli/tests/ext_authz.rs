@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::StreamBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::*;
@@ -106,18 +107,26 @@ async fn provider() -> (
     (addr, seen, task)
 }
 
-fn config(orders_port: u16, app: SocketAddr, outbound: u16, ext: SocketAddr) -> String {
+fn config(
+    orders_port: u16,
+    app: SocketAddr,
+    outbound: u16,
+    ext: SocketAddr,
+    grpc_ext: SocketAddr,
+) -> String {
     let down = free_port();
     let workload = |ns: &str, name: &str, ports: &str, annotations: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{annotations}}}\nspec:\n  address: 127.0.0.1\n  labels: {{app: {name}}}\n  serviceAccount: {name}\n  ports: {{{ports}}}\n---\n"
         )
     };
-    let service = |ns: &str, name: &str, port: u16| {
+    let service_of = |ns: &str, name: &str, port: u16, protocol: &str| {
+        let port_name = protocol.to_ascii_lowercase();
         format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  workloadSelector: {{labels: {{app: {name}}}}}\n  resolution: STATIC\n---\n"
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  ports: [{{number: {port}, name: {port_name}, protocol: {protocol}}}]\n  workloadSelector: {{labels: {{app: {name}}}}}\n  resolution: STATIC\n---\n"
         )
     };
+    let service = |ns: &str, name: &str, port: u16| service_of(ns, name, port, "HTTP");
     let mut c = String::new();
     c += &workload(
         "production",
@@ -147,6 +156,13 @@ fn config(orders_port: u16, app: SocketAddr, outbound: u16, ext: SocketAddr) -> 
         "meshward.io/proxy: \"false\"",
     );
     c += &service("auth", "ext-down", down);
+    c += &workload(
+        "auth",
+        "ext-grpc",
+        &format!("grpc: {}", grpc_ext.port()),
+        "meshward.io/proxy: \"false\"",
+    );
+    c += &service_of("auth", "ext-grpc", grpc_ext.port(), "GRPC");
     c += &format!(
         r#"apiVersion: meshward.io/v1alpha1
 kind: MeshConfig
@@ -174,6 +190,11 @@ spec:
       service: ext-down.auth.svc.cluster.local
       port: {down}
       failOpen: true
+  - name: ext-grpc
+    envoyExtAuthzGrpc:
+      service: ext-grpc.auth.svc.cluster.local
+      port: {grpc_port}
+      statusOnError: "502"
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -212,6 +233,16 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {{name: orders-ext-grpc, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: CUSTOM
+  provider: {{name: ext-grpc}}
+  rules:
+  - to: [{{operation: {{paths: ["/grpc/*"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {{name: orders-deny, namespace: production}}
 spec:
   selector: {{matchLabels: {{app: orders}}}}
@@ -219,7 +250,8 @@ spec:
   rules:
   - to: [{{operation: {{paths: ["/admin/forbidden"]}}}}]
 "#,
-        ext_port = ext.port()
+        ext_port = ext.port(),
+        grpc_port = grpc_ext.port()
     );
     c
 }
@@ -266,7 +298,11 @@ async fn custom_policies_ask_the_external_provider() {
     let app = App::start("orders").await;
     let mesh = Mesh::new();
     let (orders_port, out_port) = (free_port(), free_port());
-    mesh.write_config("mesh.yaml", &config(orders_port, app.addr, out_port, ext));
+    let unused = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    mesh.write_config(
+        "mesh.yaml",
+        &config(orders_port, app.addr, out_port, ext, unused),
+    );
     let orders = mesh
         .proxy(
             "production/orders",
@@ -406,7 +442,8 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
     let (app, _seen, _app_task) = websocket_app().await;
     let mesh = Mesh::new();
     let (orders_port, out_port) = (free_port(), free_port());
-    let base = config(orders_port, app, out_port, ext);
+    let unused = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let base = config(orders_port, app, out_port, ext, unused);
     mesh.write_config("mesh.yaml", &base);
     let orders = mesh
         .proxy(
@@ -460,5 +497,200 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
     assert!(
         !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
         "{ended:?}"
+    );
+}
+
+/// A gRPC provider (cleartext HTTP/2): allows `x-ext-authz: allow` (setting
+/// `x-user`, appending `x-tag`, removing `x-drop`, adding `x-session` to
+/// the response); fails with gRPC status 14 under `/grpc/broken/`;
+/// otherwise denies with a 302 to `/login`.
+async fn grpc_provider() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<meshward_proxy::ext_authz::proto::CheckRequest>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use meshward_proxy::ext_authz::proto;
+    use prost::Message as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<proto::CheckRequest>>> = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<Incoming>| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        assert_eq!(req.uri().path(), proto::CHECK_PATH);
+                        assert_eq!(req.headers()["content-type"], "application/grpc");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let check = proto::CheckRequest::decode(&body[5..]).unwrap();
+                        seen.lock().unwrap().push(check.clone());
+                        let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+                        let option =
+                            |key: &str, value: &str, append: bool| proto::HeaderValueOption {
+                                header: Some(proto::HeaderValue {
+                                    key: key.into(),
+                                    value: value.into(),
+                                    raw_value: Vec::new(),
+                                }),
+                                append: Some(proto::BoolValue { value: append }),
+                                append_action: 0,
+                            };
+                        let (grpc_status, answer) = if http.path.starts_with("/grpc/broken/") {
+                            ("14", None)
+                        } else if http.headers.get("x-ext-authz").map(String::as_str)
+                            == Some("allow")
+                        {
+                            let ok = proto::OkHttpResponse {
+                                headers: vec![
+                                    option("x-user", "alice", false),
+                                    option("x-tag", "from-ext", true),
+                                ],
+                                headers_to_remove: vec!["x-drop".into()],
+                                response_headers_to_add: vec![option("x-session", "s1", false)],
+                            };
+                            (
+                                "0",
+                                Some(proto::CheckResponse {
+                                    status: Some(proto::RpcStatus {
+                                        code: 0,
+                                        message: String::new(),
+                                    }),
+                                    ok_response: Some(ok),
+                                    denied_response: None,
+                                }),
+                            )
+                        } else {
+                            let denied = proto::DeniedHttpResponse {
+                                status: Some(proto::HttpStatus { code: 302 }),
+                                headers: vec![option("location", "/login", false)],
+                                body: "go login".into(),
+                            };
+                            (
+                                "0",
+                                Some(proto::CheckResponse {
+                                    status: Some(proto::RpcStatus {
+                                        code: 7,
+                                        message: "no ticket".into(),
+                                    }),
+                                    ok_response: None,
+                                    denied_response: Some(denied),
+                                }),
+                            )
+                        };
+                        let mut frames = Vec::new();
+                        if let Some(answer) = answer {
+                            let msg = answer.encode_to_vec();
+                            let mut framed = vec![0u8];
+                            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                            framed.extend_from_slice(&msg);
+                            frames.push(Frame::data(Bytes::from(framed)));
+                        }
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", grpc_status.parse().unwrap());
+                        frames.push(Frame::trailers(trailers));
+                        let body = StreamBody::new(futures_util::stream::iter(
+                            frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+                        ));
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(executor())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
+    let (ext, _checks, _ext_task) = provider().await;
+    let (grpc_ext, grpc_checks, _grpc_task) = grpc_provider().await;
+    let app = App::start("orders").await;
+    let mesh = Mesh::new();
+    let (orders_port, out_port) = (free_port(), free_port());
+    mesh.write_config(
+        "mesh.yaml",
+        &config(orders_port, app.addr, out_port, ext, grpc_ext),
+    );
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let _frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+
+    // Allowed: the answer's edits reach the application and the client.
+    let a = call(
+        outbound,
+        "/grpc/report?q=1",
+        &[
+            ("x-ext-authz", "allow"),
+            ("x-user", "mallory"),
+            ("x-tag", "mine"),
+            ("x-drop", "gone"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "orders"),
+        "{}",
+        orders.logs()
+    );
+    assert_eq!(a.headers["x-session"], "s1");
+    let seen = app.last().unwrap();
+    assert_eq!(seen.headers["x-user"], "alice");
+    assert_eq!(seen.headers["x-tag"], "mine, from-ext", "appended");
+    assert!(!seen.headers.contains_key("x-drop"), "{seen:?}");
+    // What the provider was told.
+    let check = grpc_checks.lock().unwrap().last().cloned().unwrap();
+    let attrs = check.attributes.unwrap();
+    assert_eq!(
+        attrs.source.unwrap().principal,
+        "spiffe://cluster.local/ns/production/sa/frontend"
+    );
+    assert_eq!(
+        attrs.destination.unwrap().principal,
+        "spiffe://cluster.local/ns/production/sa/orders"
+    );
+    let http = attrs.request.unwrap().http.unwrap();
+    assert_eq!(
+        (http.method.as_str(), http.path.as_str(), http.host.as_str()),
+        ("GET", "/grpc/report?q=1", ORDERS)
+    );
+    assert_eq!(http.headers["x-drop"], "gone");
+
+    // Denied: the answer's HTTP response is the client's.
+    let a = call(outbound, "/grpc/report", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (302, "go login"));
+    assert_eq!(a.headers["location"], "/login");
+    // A gRPC error: statusOnError.
+    let a = call(outbound, "/grpc/broken/x", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (502, ""));
+    let line = orders
+        .log_line("the failed check", |l| l["path"] == "/grpc/broken/x")
+        .await;
+    assert!(
+        line["reason"].as_str().unwrap().contains("gRPC status 14"),
+        "{line}"
     );
 }

@@ -1,15 +1,23 @@
-//! CUSTOM authorization: the check an `envoyExtAuthzHttp` provider makes,
-//! as Envoy's ext_authz filter makes it in an Istio sidecar.
+//! CUSTOM authorization: the checks of `envoyExtAuthzHttp` and
+//! `envoyExtAuthzGrpc` providers, as Envoy's ext_authz filter makes them in
+//! an Istio sidecar.
 //!
-//! For a request that a CUSTOM policy matches, the proxy sends the
+//! HTTP: for a request that a CUSTOM policy matches, the proxy sends the
 //! provider a request with the same method, the provider's `pathPrefix`
 //! and the request's path, the request's `Host`, the headers the provider
 //! lists (`includeRequestHeadersInCheck`) and the fixed ones it adds, and
 //! no body. A `200` allows the request (the listed headers of the answer go
 //! on to the application and back to the client); any other answer denies
-//! it and is what the client gets (status, body, listed headers). A
-//! provider that cannot be reached, fails or is too slow gives
-//! `statusOnError` (default 403), or lets the request through with
+//! it and is what the client gets (status, body, listed headers).
+//!
+//! gRPC: `envoy.service.auth.v3.Authorization/Check` with the request's
+//! attributes (peers with their addresses and SPIFFE IDs, method, path,
+//! host, all headers); status code 0 allows, with the answer's header
+//! edits, any other denies with the answer's HTTP response (403 unless it
+//! says otherwise).
+//!
+//! Either way, a provider that cannot be reached, fails or is too slow
+//! gives `statusOnError` (default 403), or lets the request through with
 //! `failOpen`. The check goes through the proxy's own outbound path: the
 //! provider is a service of the mesh, reached with mTLS when it has a
 //! proxy.
@@ -24,6 +32,8 @@ use meshward_config::model::{ExtAuthz, header_listed};
 
 use crate::snapshot::Snapshot;
 use crate::state::State;
+
+pub mod proto;
 
 /// Largest answer body of a denying provider passed on to the client.
 pub const MAX_DENY_BODY: usize = 64 * 1024;
@@ -45,10 +55,13 @@ pub fn field_refs(fields: &[Field]) -> Vec<(&str, &[u8])> {
 /// What the provider decided.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Go on: set `upstream` on the forwarded request, add `downstream` to
-    /// the response.
+    /// Go on with the forwarded request's headers edited (`remove` these,
+    /// then `set` these, replacing, and `append` these) and `downstream`
+    /// added to the response.
     Allow {
-        upstream: Fields,
+        remove: Vec<HeaderName>,
+        set: Fields,
+        append: Fields,
         downstream: Fields,
     },
     /// Answer the client with this instead.
@@ -111,6 +124,12 @@ pub struct Check<'a> {
     pub path: &'a str,
     /// Every header field of the request.
     pub headers: Vec<(&'a str, &'a [u8])>,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// The peer, and its SPIFFE ID when it used mTLS.
+    pub source: (std::net::SocketAddr, Option<&'a str>),
+    /// This workload's address and SPIFFE ID.
+    pub destination: (std::net::SocketAddr, &'a str),
 }
 
 /// Asks provider `name` about `check`.
@@ -125,34 +144,39 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
         // authorization provider before this is reached.
         return failed(format!("no authorization provider \"{name}\""), None);
     };
-    if provider.is_some_and(|p| p.kind != "envoyExtAuthzHttp") {
-        // Fail closed, whatever failOpen says: the check was never made.
-        return failed(
-            "envoyExtAuthzGrpc providers are not supported yet".into(),
-            None,
-        );
-    }
-    let req = match check_request(p, &check) {
-        Ok(req) => req,
-        Err(e) => return failed(e, Some(p)),
-    };
-    let ask = async {
-        let resp = state.outbound.send(state, snap, service, port, req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_DENY_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok::<_, String>((status, headers, body))
-    };
     let timeout = Duration::from_millis(p.timeout_ms);
-    let (status, headers, body) = match tokio::time::timeout(timeout, ask).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => return failed(format!("check failed: {e}"), Some(p)),
-        Err(_) => return failed(format!("no answer within {timeout:?}"), Some(p)),
+    let asked = if provider.is_some_and(|p| p.kind == "envoyExtAuthzGrpc") {
+        tokio::time::timeout(timeout, grpc_check(state, snap, (service, port), &check)).await
+    } else {
+        tokio::time::timeout(timeout, http_check(state, snap, (service, port), p, &check)).await
     };
+    match asked {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => failed(format!("check failed: {e}"), Some(p)),
+        Err(_) => failed(format!("no answer within {timeout:?}"), Some(p)),
+    }
+}
+
+/// An `envoyExtAuthzHttp` check: a `200` allows, anything else denies.
+async fn http_check(
+    state: &State,
+    snap: &Arc<Snapshot>,
+    (service, port): (&str, u16),
+    p: &ExtAuthz,
+    check: &Check<'_>,
+) -> Result<Outcome, String> {
+    let req = check_request(p, check)?;
+    let resp = state
+        .outbound
+        .send(state, snap, service, port, req, false)
+        .await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_DENY_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
     let pick = |list: &[String]| -> Fields {
         headers
             .iter()
@@ -160,9 +184,11 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()
     };
-    if status == 200 {
+    Ok(if status == 200 {
         Outcome::Allow {
-            upstream: pick(&p.headers_to_upstream_on_allow),
+            remove: Vec::new(),
+            set: pick(&p.headers_to_upstream_on_allow),
+            append: Vec::new(),
             downstream: pick(&p.headers_to_downstream_on_allow),
         }
     } else {
@@ -170,6 +196,196 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
             status,
             headers: pick(&p.headers_to_downstream_on_deny),
             body,
+        }
+    })
+}
+
+/// Largest gRPC answer read.
+const MAX_GRPC_ANSWER: usize = 1024 * 1024;
+
+/// An `envoyExtAuthzGrpc` check: `Authorization/Check` over HTTP/2 with
+/// the request's attributes; status code 0 allows (with the answer's
+/// header edits), any other denies (with its HTTP response, 403 by
+/// default).
+async fn grpc_check(
+    state: &State,
+    snap: &Arc<Snapshot>,
+    (service, port): (&str, u16),
+    check: &Check<'_>,
+) -> Result<Outcome, String> {
+    use prost::Message as _;
+    let msg = grpc_request(check).encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + msg.len());
+    framed.push(0);
+    framed.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let req = http::Request::post(proto::CHECK_PATH)
+        .header(http::header::HOST, service)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(
+            Full::new(Bytes::from(framed))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .map_err(|e| e.to_string())?;
+    let resp = state
+        .outbound
+        .send(state, snap, service, port, req, true)
+        .await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("HTTP status {}", resp.status()));
+    }
+    let head = resp.headers().clone();
+    let collected = http_body_util::Limited::new(resp.into_body(), MAX_GRPC_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
+    // grpc-status is in the trailers, or in the head of a trailers-only
+    // answer.
+    let field = |name: &str| {
+        trailers
+            .get(name)
+            .or_else(|| head.get(name))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let code = field("grpc-status");
+    if code != "0" {
+        return Err(format!(
+            "gRPC status {}{}",
+            if code.is_empty() { "missing" } else { &code },
+            match field("grpc-message") {
+                m if m.is_empty() => String::new(),
+                m => format!(": {m}"),
+            }
+        ));
+    }
+    let answer = match body.as_ref() {
+        [0, len @ ..] if len.len() >= 4 => {
+            let n = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let rest = &len[4..];
+            if rest.len() != n {
+                return Err("a truncated or extra gRPC message".into());
+            }
+            proto::CheckResponse::decode(rest).map_err(|e| format!("bad CheckResponse: {e}"))?
+        }
+        [1, ..] => return Err("a compressed gRPC message (not supported)".into()),
+        _ => return Err("no CheckResponse in the answer".into()),
+    };
+    Ok(grpc_outcome(answer))
+}
+
+/// The CheckRequest of `check`, with Envoy's attributes.
+fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
+    let peer = |addr: std::net::SocketAddr, principal: Option<&str>| proto::Peer {
+        address: Some(proto::Address {
+            socket_address: Some(proto::SocketAddress {
+                address: addr.ip().to_string(),
+                port_value: u32::from(addr.port()),
+            }),
+        }),
+        principal: principal.unwrap_or_default().to_string(),
+    };
+    let mut headers = std::collections::HashMap::new();
+    for (name, value) in &check.headers {
+        let value = String::from_utf8_lossy(value);
+        headers
+            .entry(name.to_ascii_lowercase())
+            .and_modify(|v: &mut String| {
+                v.push(',');
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    headers.insert(":authority".into(), check.host.to_string());
+    headers.insert(":method".into(), check.method.to_string());
+    headers.insert(":path".into(), check.path.to_string());
+    let size = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    proto::CheckRequest {
+        attributes: Some(proto::AttributeContext {
+            source: Some(peer(check.source.0, check.source.1)),
+            destination: Some(peer(check.destination.0, Some(check.destination.1))),
+            request: Some(proto::Request {
+                time: Some(proto::Timestamp {
+                    seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+                }),
+                http: Some(proto::HttpRequest {
+                    id: headers.get("x-request-id").cloned().unwrap_or_default(),
+                    method: check.method.to_string(),
+                    path: check.path.to_string(),
+                    host: check.host.to_string(),
+                    scheme: "http".into(),
+                    size,
+                    protocol: check.protocol.to_string(),
+                    headers,
+                }),
+            }),
+        }),
+    }
+}
+
+/// What a CheckResponse says.
+fn grpc_outcome(answer: proto::CheckResponse) -> Outcome {
+    let fields = |list: &[proto::HeaderValueOption]| -> Vec<(Field, bool)> {
+        list.iter()
+            .filter_map(|o| {
+                let h = o.header.as_ref()?;
+                let name = HeaderName::from_bytes(h.key.as_bytes()).ok()?;
+                let value = if h.value.is_empty() {
+                    HeaderValue::from_bytes(&h.raw_value).ok()?
+                } else {
+                    HeaderValue::from_str(&h.value).ok()?
+                };
+                // Envoy appends when `append` is true and otherwise
+                // replaces (its default for these headers).
+                let append = o.append.as_ref().is_some_and(|a| a.value);
+                Some(((name, value), append))
+            })
+            .collect()
+    };
+    let code = answer.status.as_ref().map_or(0, |s| s.code);
+    if code == 0 {
+        let ok = answer.ok_response.unwrap_or_default();
+        let (append, set): (Vec<_>, Vec<_>) =
+            fields(&ok.headers).into_iter().partition(|(_, a)| *a);
+        Outcome::Allow {
+            remove: ok
+                .headers_to_remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+            set: set.into_iter().map(|(f, _)| f).collect(),
+            append: append.into_iter().map(|(f, _)| f).collect(),
+            downstream: fields(&ok.response_headers_to_add)
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
+        }
+    } else {
+        let denied = answer.denied_response.unwrap_or_default();
+        let status = denied
+            .status
+            .and_then(|s| u16::try_from(s.code).ok())
+            .filter(|c| (200..=599).contains(c))
+            .unwrap_or(403);
+        Outcome::Deny {
+            status,
+            headers: fields(&denied.headers)
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
+            body: Bytes::from(denied.body),
         }
     }
 }
@@ -238,6 +454,15 @@ mod tests {
                 ("content-length", b"12"),
                 ("host", b"other"),
             ],
+            protocol: "HTTP/1.1",
+            source: (
+                "10.0.0.1:5000".parse().unwrap(),
+                Some("spiffe://cluster.local/ns/a/sa/b"),
+            ),
+            destination: (
+                "10.0.0.2:8080".parse().unwrap(),
+                "spiffe://cluster.local/ns/c/sa/d",
+            ),
         };
         let req = check_request(&provider(), &c).unwrap();
         assert_eq!(req.method(), "DELETE");
@@ -254,9 +479,145 @@ mod tests {
     }
 
     #[test]
+    fn the_grpc_check_request_carries_the_attributes() {
+        let c = Check {
+            method: "POST",
+            host: "orders.shop",
+            path: "/api?x=1",
+            headers: vec![
+                ("X-Tag", b"a"),
+                ("x-tag", b"b"),
+                ("content-length", b"12"),
+                ("x-request-id", b"r-1"),
+            ],
+            protocol: "HTTP/2",
+            source: (
+                "10.0.0.1:5000".parse().unwrap(),
+                Some("spiffe://cluster.local/ns/a/sa/b"),
+            ),
+            destination: (
+                "10.0.0.2:8080".parse().unwrap(),
+                "spiffe://cluster.local/ns/c/sa/d",
+            ),
+        };
+        let a = grpc_request(&c).attributes.unwrap();
+        let source = a.source.unwrap();
+        assert_eq!(source.principal, "spiffe://cluster.local/ns/a/sa/b");
+        let addr = source.address.unwrap().socket_address.unwrap();
+        assert_eq!((addr.address.as_str(), addr.port_value), ("10.0.0.1", 5000));
+        assert_eq!(
+            a.destination.unwrap().principal,
+            "spiffe://cluster.local/ns/c/sa/d"
+        );
+        let http = a.request.unwrap().http.unwrap();
+        assert_eq!(
+            (http.method.as_str(), http.path.as_str(), http.host.as_str()),
+            ("POST", "/api?x=1", "orders.shop")
+        );
+        assert_eq!(
+            (http.size, http.protocol.as_str(), http.id.as_str()),
+            (12, "HTTP/2", "r-1")
+        );
+        assert_eq!(http.headers["x-tag"], "a,b");
+        assert_eq!(http.headers[":path"], "/api?x=1");
+        assert_eq!(http.headers[":authority"], "orders.shop");
+    }
+
+    fn option(key: &str, value: &str, append: Option<bool>) -> proto::HeaderValueOption {
+        proto::HeaderValueOption {
+            header: Some(proto::HeaderValue {
+                key: key.into(),
+                value: value.into(),
+                raw_value: Vec::new(),
+            }),
+            append: append.map(|value| proto::BoolValue { value }),
+            append_action: 0,
+        }
+    }
+
+    #[test]
+    fn grpc_answers_become_outcomes() {
+        let ok = proto::CheckResponse {
+            status: Some(proto::RpcStatus {
+                code: 0,
+                message: String::new(),
+            }),
+            ok_response: Some(proto::OkHttpResponse {
+                headers: vec![
+                    option("x-user", "alice", None),
+                    option("x-tag", "t", Some(true)),
+                    option("bad header", "x", None),
+                ],
+                headers_to_remove: vec!["x-drop".into()],
+                response_headers_to_add: vec![option("x-session", "s1", None)],
+            }),
+            denied_response: None,
+        };
+        let Outcome::Allow {
+            remove,
+            set,
+            append,
+            downstream,
+        } = grpc_outcome(ok)
+        else {
+            panic!("allowed")
+        };
+        assert_eq!(remove, ["x-drop"]);
+        assert_eq!(
+            set,
+            [(
+                HeaderName::from_static("x-user"),
+                HeaderValue::from_static("alice")
+            )]
+        );
+        assert_eq!(
+            append,
+            [(
+                HeaderName::from_static("x-tag"),
+                HeaderValue::from_static("t")
+            )]
+        );
+        assert_eq!(downstream.len(), 1);
+        // No status at all is OK too.
+        assert!(grpc_outcome(proto::CheckResponse::default()).allows());
+
+        let denied = |status: Option<i32>| proto::CheckResponse {
+            status: Some(proto::RpcStatus {
+                code: 7,
+                message: "no".into(),
+            }),
+            denied_response: Some(proto::DeniedHttpResponse {
+                status: status.map(|code| proto::HttpStatus { code }),
+                headers: vec![option("location", "/login", None)],
+                body: "go login".into(),
+            }),
+            ok_response: None,
+        };
+        let Outcome::Deny {
+            status,
+            headers,
+            body,
+        } = grpc_outcome(denied(Some(302)))
+        else {
+            panic!("denied")
+        };
+        assert_eq!((status, &body[..]), (302, &b"go login"[..]));
+        assert_eq!(headers[0].1, "/login");
+        // Without an HTTP status (or an impossible one): 403.
+        for s in [None, Some(0), Some(42)] {
+            assert!(matches!(
+                grpc_outcome(denied(s)),
+                Outcome::Deny { status: 403, .. }
+            ));
+        }
+    }
+
+    #[test]
     fn outcomes_say_whether_the_request_goes_on() {
         let allow = Outcome::Allow {
-            upstream: Vec::new(),
+            remove: Vec::new(),
+            set: Vec::new(),
+            append: Vec::new(),
             downstream: Vec::new(),
         };
         assert!(allow.allows());

@@ -191,6 +191,9 @@ where
                     host: target.host,
                     path,
                     headers: head.iter().collect(),
+                    protocol: "HTTP/1.1",
+                    source: (conn.peer, conn.identity.as_deref()),
+                    destination: (conn.local, &snap.identity),
                 };
                 Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
             }
@@ -274,42 +277,16 @@ where
             .filter(|_| conn.mtls)
             .map(|(_, value)| value.as_bytes());
         let rewrite = h1::Rewrite::new(&head, &target, xfcc, upgrade);
-        // What RequestAuthentication takes out (tokens not forwarded,
-        // output headers a client sent) and puts in (payload, claims).
-        // And what an allowing external provider sets.
-        let (upstream, downstream) = match &ext {
-            Some((
-                _,
-                ext_authz::Outcome::Allow {
-                    upstream,
-                    downstream,
-                },
-            )) => (upstream.as_slice(), downstream.as_slice()),
-            _ => (&[][..], &[][..]),
-        };
-        let mut jwt_edits = authn.as_ref().ok().filter(|a| !a.remove.is_empty());
-        let merged;
-        if !upstream.is_empty() {
-            let mut m =
-                jwt_edits.map_or_else(jwt::Authenticated::default, |a| jwt::Authenticated {
-                    auth: None,
-                    remove: a.remove.clone(),
-                    add: a.add.clone(),
-                });
-            for (n, v) in upstream {
-                if let Ok(v) = v.to_str() {
-                    m.remove.push(n.as_str().to_string());
-                    m.add.push((n.as_str().to_string(), v.to_string()));
-                }
-            }
-            merged = m;
-            jwt_edits = Some(&merged);
-        }
-        let edits = match jwt_edits {
-            Some(a) => rewrite.with(&a.remove, &a.add),
+        let ext_allowed = ext.as_ref().map(|(_, o)| o);
+        let owned_edits = request_edits(authn.as_ref().ok(), ext_allowed);
+        let edits = match &owned_edits {
+            Some(e) => rewrite.with(&e.remove, &e.add),
             None => rewrite.edits(),
         };
-        let to_client = ext_authz::field_refs(downstream);
+        let to_client = match ext_allowed {
+            Some(ext_authz::Outcome::Allow { downstream, .. }) => ext_authz::field_refs(downstream),
+            _ => Vec::new(),
+        };
         // A WebSocket may become a long-lived tunnel: like a TCP
         // connection, it is decided again on every policy change.
         let tracked = (upgrade == Upgrade::WebSocket).then(|| {
@@ -619,6 +596,13 @@ async fn handle(
                     .iter()
                     .map(|(n, v)| (n.as_str(), v.as_bytes()))
                     .collect(),
+                protocol: if req.version() == Version::HTTP_2 {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                },
+                source: (conn.peer, conn.identity.as_deref()),
+                destination: (conn.local, &snap.identity),
             };
             let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
             Some((x.clone(), outcome))
@@ -650,9 +634,24 @@ async fn handle(
     } else if !allowed {
         (full(StatusCode::FORBIDDEN, "RBAC: access denied"), "-")
     } else {
-        if let Some((_, ext_authz::Outcome::Allow { upstream, .. })) = &ext {
-            for (n, v) in upstream {
+        if let Some((
+            _,
+            ext_authz::Outcome::Allow {
+                remove,
+                set,
+                append,
+                ..
+            },
+        )) = &ext
+        {
+            for n in remove {
+                req.headers_mut().remove(n);
+            }
+            for (n, v) in set {
                 req.headers_mut().insert(n.clone(), v.clone());
+            }
+            for (n, v) in append {
+                req.headers_mut().append(n.clone(), v.clone());
             }
         }
         if let Ok(a) = &authn {
@@ -740,6 +739,51 @@ async fn handle(
         );
     });
     Ok(resp.map(|body| CountedBody::recording(body, request_bytes, finish).boxed()))
+}
+
+/// The header edits of a request the fast path forwards, when it has any:
+/// names to remove and fields to add. RequestAuthentication's (tokens not
+/// forwarded, output headers a client sent, then payload and claims) and
+/// an allowing external provider's (its removals, its replacements, its
+/// additions).
+fn request_edits(
+    authn: Option<&jwt::Authenticated>,
+    ext: Option<&ext_authz::Outcome>,
+) -> Option<HeaderEdits> {
+    let jwt = authn.filter(|a| !a.remove.is_empty());
+    let ext = match ext {
+        Some(ext_authz::Outcome::Allow {
+            remove,
+            set,
+            append,
+            ..
+        }) if !(remove.is_empty() && set.is_empty() && append.is_empty()) => {
+            Some((remove, set, append))
+        }
+        _ => None,
+    };
+    if jwt.is_none() && ext.is_none() {
+        return None;
+    }
+    let (mut remove, mut add) =
+        jwt.map_or_else(Default::default, |a| (a.remove.clone(), a.add.clone()));
+    if let Some((gone, set, append)) = ext {
+        remove.extend(gone.iter().map(|n| n.as_str().to_string()));
+        remove.extend(set.iter().map(|(n, _)| n.as_str().to_string()));
+        for (n, v) in set.iter().chain(append) {
+            if let Ok(v) = v.to_str() {
+                add.push((n.as_str().to_string(), v.to_string()));
+            }
+        }
+    }
+    Some(HeaderEdits { remove, add })
+}
+
+/// Header names to remove from a request, and fields to add.
+#[derive(Debug)]
+struct HeaderEdits {
+    remove: Vec<String>,
+    add: Vec<(String, String)>,
 }
 
 /// What the access log must say of a request beyond its decision.

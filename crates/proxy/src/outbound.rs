@@ -376,7 +376,8 @@ impl Outbound {
     /// check) to service `host` on `port` as the outbound listener sends
     /// the application's: to the next endpoint, secured as the
     /// DestinationRule or auto-mTLS says, with secure naming. `req`'s URI
-    /// carries the path and query.
+    /// carries the path and query. With `h2` (gRPC), the service port must
+    /// speak HTTP/2.
     pub async fn send(
         &self,
         state: &State,
@@ -384,10 +385,16 @@ impl Outbound {
         host: &str,
         port: u16,
         mut req: HttpRequest<Body>,
+        h2: bool,
     ) -> Result<Response<Incoming>, String> {
         let route = self
             .route(state, snap, host, Some(port))
             .map_err(|e| e.to_string())?;
+        if h2 && !route.target.h2 {
+            return Err(format!(
+                "port {port} of {host} does not speak HTTP/2: declare it with protocol GRPC"
+            ));
+        }
         self.register(&route);
         let path = req
             .uri()

@@ -115,16 +115,18 @@ impl App {
                     let svc = service_fn(move |req: http::Request<Incoming>| {
                         let seen = Arc::clone(&seen);
                         async move {
-                            let headers = req
-                                .headers()
-                                .iter()
-                                .map(|(k, v)| {
-                                    (
-                                        k.as_str().to_string(),
-                                        v.to_str().unwrap_or_default().to_string(),
-                                    )
-                                })
-                                .collect();
+                            // Repeated fields joined with ", ", in order.
+                            let mut headers: BTreeMap<String, String> = BTreeMap::new();
+                            for (k, v) in req.headers() {
+                                let v = v.to_str().unwrap_or_default();
+                                headers
+                                    .entry(k.as_str().to_string())
+                                    .and_modify(|joined| {
+                                        joined.push_str(", ");
+                                        joined.push_str(v);
+                                    })
+                                    .or_insert_with(|| v.to_string());
+                            }
                             seen.lock().unwrap().push(Seen {
                                 method: req.method().to_string(),
                                 path: req.uri().to_string(),
