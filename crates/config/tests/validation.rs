@@ -887,6 +887,25 @@ fn request_authentication_errors() {
             Some(10),
         ),
         row(
+            "claim output to a framing header",
+            res(
+                RA,
+                &format!(
+                    "{iss}  outputClaimToHeaders:\n  - header: Content-Length\n    claim: sub\n"
+                ),
+            ),
+            "spec.jwtRules[0].outputClaimToHeaders[0].header",
+            "is set by the proxy",
+            Some(10),
+        ),
+        row(
+            "payload output to the routing header",
+            res(RA, &format!("{iss}  outputPayloadToHeader: host\n")),
+            "spec.jwtRules[0].outputPayloadToHeader",
+            "is set by the proxy",
+            Some(9),
+        ),
+        row(
             "pseudo-header output",
             res(
                 RA,
@@ -1708,6 +1727,18 @@ fn mesh_config_errors() {
             ),
             "spec.extensionProviders[0].envoyExtAuthzHttp",
             "is not a header name",
+            Some(10),
+        ),
+        row(
+            "ext authz sets a framing header",
+            res(
+                MC,
+                &format!(
+                    "{ext}- name: ext\n  envoyExtAuthzHttp:\n    service: a\n    port: 9000\n    headersToUpstreamOnAllow: [x-user, Transfer-Encoding]\n"
+                ),
+            ),
+            "spec.extensionProviders[0].envoyExtAuthzHttp",
+            "is set by the proxy",
             Some(10),
         ),
         row(

@@ -44,6 +44,13 @@ pub type Field = (HeaderName, HeaderValue);
 /// Header fields as name and value.
 pub type Fields = Vec<Field>;
 
+/// Whether a provider's answer may add, replace or remove header `name`:
+/// never the framing, hop-by-hop, routing and identity headers the proxy
+/// owns (a second `Content-Length` would smuggle a request or response).
+pub fn editable(name: &HeaderName) -> bool {
+    !meshward_config::model::security::PROXY_OWNED_HEADERS.contains(&name.as_str())
+}
+
 /// `fields` as the HTTP/1.1 writer takes them.
 pub fn field_refs(fields: &[Field]) -> Vec<(&str, &[u8])> {
     fields
@@ -180,7 +187,7 @@ async fn http_check(
     let pick = |list: &[String]| -> Fields {
         headers
             .iter()
-            .filter(|(n, _)| header_listed(list, n.as_str()))
+            .filter(|(n, _)| header_listed(list, n.as_str()) && editable(n))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()
     };
@@ -341,7 +348,9 @@ fn grpc_outcome(answer: proto::CheckResponse) -> Outcome {
         list.iter()
             .filter_map(|o| {
                 let h = o.header.as_ref()?;
-                let name = HeaderName::from_bytes(h.key.as_bytes()).ok()?;
+                let name = HeaderName::from_bytes(h.key.as_bytes())
+                    .ok()
+                    .filter(editable)?;
                 let value = if h.value.is_empty() {
                     HeaderValue::from_bytes(&h.raw_value).ok()?
                 } else {
@@ -364,6 +373,7 @@ fn grpc_outcome(answer: proto::CheckResponse) -> Outcome {
                 .headers_to_remove
                 .iter()
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .filter(editable)
                 .collect(),
             set: set.into_iter().map(|(f, _)| f).collect(),
             append: append.into_iter().map(|(f, _)| f).collect(),
@@ -547,9 +557,17 @@ mod tests {
                     option("x-user", "alice", None),
                     option("x-tag", "t", Some(true)),
                     option("bad header", "x", None),
+                    // Never from a provider: framing, routing, identity.
+                    option("content-length", "0", None),
+                    option("Transfer-Encoding", "chunked", Some(true)),
+                    option("host", "elsewhere", None),
+                    option("x-forwarded-client-cert", "By=me", None),
                 ],
-                headers_to_remove: vec!["x-drop".into()],
-                response_headers_to_add: vec![option("x-session", "s1", None)],
+                headers_to_remove: vec!["x-drop".into(), "content-length".into()],
+                response_headers_to_add: vec![
+                    option("x-session", "s1", None),
+                    option("content-length", "5", None),
+                ],
             }),
             denied_response: None,
         };

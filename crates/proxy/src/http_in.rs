@@ -177,8 +177,6 @@ where
         // cannot be normalized is denied by the policy engine too, and
         // answered 400 as Envoy does.
         let forward = snap.policy.forwarded_target(&target.path);
-        // CUSTOM (external authorization) is not available yet: a request
-        // that needs it is denied rather than let through.
         // CUSTOM first: the external provider is asked before the DENY
         // and ALLOW policies count, as Istio orders them.
         let ext = match (
@@ -277,13 +275,13 @@ where
             .filter(|_| conn.mtls)
             .map(|(_, value)| value.as_bytes());
         let rewrite = h1::Rewrite::new(&head, &target, xfcc, upgrade);
-        let ext_allowed = ext.as_ref().map(|(_, o)| o);
-        let owned_edits = request_edits(authn.as_ref().ok(), ext_allowed);
+        let ext_outcome = ext.as_ref().map(|(_, o)| o);
+        let owned_edits = request_edits(authn.as_ref().ok(), ext_outcome);
         let edits = match &owned_edits {
             Some(e) => rewrite.with(&e.remove, &e.add),
             None => rewrite.edits(),
         };
-        let to_client = match ext_allowed {
+        let to_client = match ext_outcome {
             Some(ext_authz::Outcome::Allow { downstream, .. }) => ext_authz::field_refs(downstream),
             _ => Vec::new(),
         };

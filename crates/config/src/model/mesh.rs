@@ -210,6 +210,26 @@ fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) ->
                 sink.error(f.pos(), path, format!("\"{name}\" is not a header name"));
             }
         }
+        // The provider's answer never edits these; listing one for the
+        // request's way on is a mistake worth saying.
+        let edited = a
+            .headers_to_upstream_on_allow
+            .iter()
+            .chain(&a.headers_to_downstream_on_allow);
+        for name in edited {
+            if super::security::PROXY_OWNED_HEADERS
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+            {
+                sink.error(
+                    f.pos(),
+                    path,
+                    format!(
+                        "header \"{name}\" is set by the proxy (framing, routing or identity) and cannot come from the provider"
+                    ),
+                );
+            }
+        }
         for (name, value) in &a.include_additional_headers {
             if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
                 sink.error(

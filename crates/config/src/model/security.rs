@@ -765,7 +765,13 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
         .unwrap_or_default();
     let from_params = non_empty_strings(sink, &mut f, "fromParams");
     let from_cookies = non_empty_strings(sink, &mut f, "fromCookies");
+    let payload_header_pos = f.peek("outputPayloadToHeader").map(|n| n.pos);
     let output_payload_to_header = f.string(sink, "outputPayloadToHeader");
+    if let (Some(h), Some(pos)) = (&output_payload_to_header, payload_header_pos)
+        && let Err(e) = check_header_name(h)
+    {
+        sink.error(pos, &f.field_path("outputPayloadToHeader"), e);
+    }
     let forward_original_token = f.bool(sink, "forwardOriginalToken").unwrap_or(false);
     let output_claim_to_headers = f
         .list(sink, "outputClaimToHeaders", |sink, n, p| {
@@ -846,8 +852,33 @@ fn check_header_name(name: &str) -> Result<(), String> {
             "header \"{name}\" is not a valid header name (letters, digits and '-')"
         ));
     }
+    if PROXY_OWNED_HEADERS
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+    {
+        return Err(format!(
+            "header \"{name}\" is set by the proxy (framing, routing or identity) and cannot be output"
+        ));
+    }
     Ok(())
 }
+
+/// Headers only the proxy writes: message framing, hop-by-hop fields, the
+/// routing `Host`, and the proxy's own `x-forwarded-client-cert`. A value
+/// from a token or an external provider must never replace them (a second
+/// `Content-Length` would let a request be smuggled past the proxy).
+pub const PROXY_OWNED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "x-forwarded-client-cert",
+];
 
 fn check_jwks_uri(uri: &str) -> Result<(), String> {
     let (scheme, rest) = uri
