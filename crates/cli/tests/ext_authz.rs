@@ -192,7 +192,7 @@ spec:
       failOpen: true
   - name: ext-grpc
     envoyExtAuthzGrpc:
-      service: ext-grpc.auth.svc.cluster.local
+      service: auth/ext-grpc.auth.svc.cluster.local
       port: {grpc_port}
       statusOnError: "502"
 ---

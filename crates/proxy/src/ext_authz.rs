@@ -127,7 +127,7 @@ impl Outcome {
 pub struct Check<'a> {
     pub method: &'a str,
     pub host: &'a str,
-    /// Path and query as the request had them.
+    /// Path and query, as authorization saw them (normalized).
     pub path: &'a str,
     /// Every header field of the request.
     pub headers: Vec<(&'a str, &'a [u8])>,
@@ -151,6 +151,8 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
         // authorization provider before this is reached.
         return failed(format!("no authorization provider \"{name}\""), None);
     };
+    // Istio's `[<namespace>/]<hostname>`: the host names the service.
+    let service = service.rsplit_once('/').map_or(service, |(_, host)| host);
     let timeout = Duration::from_millis(p.timeout_ms);
     let asked = if provider.is_some_and(|p| p.kind == "envoyExtAuthzGrpc") {
         tokio::time::timeout(timeout, grpc_check(state, snap, (service, port), &check)).await
