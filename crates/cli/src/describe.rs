@@ -104,6 +104,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if has_allow {
         println!("  => requests that match no ALLOW rule are denied");
     }
+    if let Some(problem) = policy.custom_problem() {
+        println!(
+            "  => the CUSTOM policies cannot be enforced ({problem}): every request and connection is denied"
+        );
+    }
 
     let ras: Vec<_> = engine.request_authentications(&workload).collect();
     println!("\nRequest authentication (JWT):");

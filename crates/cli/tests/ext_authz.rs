@@ -107,12 +107,39 @@ async fn provider() -> (
     (addr, seen, task)
 }
 
-fn config(
-    orders_port: u16,
-    app: SocketAddr,
+/// The ports the proxies listen on: orders' HTTP and TCP (`db`) ports,
+/// frontend's outbound HTTP listener and its TCP outbound to orders' `db`.
+struct Ports {
+    orders: u16,
+    orders_db: u16,
     outbound: u16,
+    tcp_out: u16,
+}
+
+impl Ports {
+    fn new() -> Ports {
+        Ports {
+            orders: free_port(),
+            orders_db: free_port(),
+            outbound: free_port(),
+            tcp_out: free_port(),
+        }
+    }
+
+    fn outbound(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.outbound))
+    }
+}
+
+/// The mesh: orders (its HTTP port served by `app`, its `db` port by
+/// `echo`), frontend, the providers, and the CUSTOM policy `orders-ext`
+/// naming `provider` for `/admin/*`, `/slow/*`, `/ws/*` and `/grpc/*`.
+fn config(
+    ports: &Ports,
+    (app, echo): (SocketAddr, SocketAddr),
     ext: SocketAddr,
     grpc_ext: SocketAddr,
+    provider: &str,
 ) -> String {
     let down = free_port();
     let workload = |ns: &str, name: &str, ports: &str, annotations: &str| {
@@ -131,16 +158,27 @@ fn config(
     c += &workload(
         "production",
         "orders",
-        &format!("http: {orders_port}"),
-        &format!("meshward.io/app-ports: \"http=127.0.0.1:{}\"", app.port()),
+        &format!("http: {}, db: {}", ports.orders, ports.orders_db),
+        &format!(
+            "meshward.io/app-ports: \"http=127.0.0.1:{},db=127.0.0.1:{}\"",
+            app.port(),
+            echo.port()
+        ),
     );
     c += &workload(
         "production",
         "frontend",
         "",
-        &format!("meshward.io/outbound: \"127.0.0.1:{outbound}\""),
+        &format!(
+            "meshward.io/outbound: \"127.0.0.1:{}\", meshward.io/tcp-outbound: \"127.0.0.1:{}=orders-db.production.svc.cluster.local:{}\"",
+            ports.outbound, ports.tcp_out, ports.orders_db
+        ),
     );
-    c += &service("production", "orders", orders_port);
+    c += &service("production", "orders", ports.orders);
+    c += &format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: orders-db, namespace: production}}\nspec:\n  hosts: [orders-db.production.svc.cluster.local]\n  ports: [{{number: {}, name: db, protocol: TCP}}]\n  workloadSelector: {{labels: {{app: orders}}}}\n  resolution: STATIC\n---\n",
+        ports.orders_db
+    );
     // The providers run without a sidecar.
     c += &workload(
         "auth",
@@ -207,39 +245,9 @@ metadata: {{name: orders-ext, namespace: production}}
 spec:
   selector: {{matchLabels: {{app: orders}}}}
   action: CUSTOM
-  provider: {{name: ext-http}}
+  provider: {{name: {provider}}}
   rules:
-  - to: [{{operation: {{paths: ["/admin/*", "/slow/*", "/ws/*"]}}}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: orders-ext-down, namespace: production}}
-spec:
-  selector: {{matchLabels: {{app: orders}}}}
-  action: CUSTOM
-  provider: {{name: ext-down}}
-  rules:
-  - to: [{{operation: {{paths: ["/down/*"]}}}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: orders-ext-open, namespace: production}}
-spec:
-  selector: {{matchLabels: {{app: orders}}}}
-  action: CUSTOM
-  provider: {{name: ext-open}}
-  rules:
-  - to: [{{operation: {{paths: ["/open/*"]}}}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: orders-ext-grpc, namespace: production}}
-spec:
-  selector: {{matchLabels: {{app: orders}}}}
-  action: CUSTOM
-  provider: {{name: ext-grpc}}
-  rules:
-  - to: [{{operation: {{paths: ["/grpc/*"]}}}}]
+  - to: [{{operation: {{paths: ["/admin/*", "/slow/*", "/ws/*", "/grpc/*"]}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -248,8 +256,10 @@ spec:
   selector: {{matchLabels: {{app: orders}}}}
   action: DENY
   rules:
-  - to: [{{operation: {{paths: ["/admin/forbidden"]}}}}]
+  # On TCP the paths are left out; the port keeps the rule to HTTP.
+  - to: [{{operation: {{ports: ["{orders_port}"], paths: ["/admin/forbidden"]}}}}]
 "#,
+        orders_port = ports.orders,
         ext_port = ext.port(),
         grpc_port = grpc_ext.port()
     );
@@ -296,13 +306,12 @@ async fn call(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer 
 async fn custom_policies_ask_the_external_provider() {
     let (ext, checks, _ext_task) = provider().await;
     let app = App::start("orders").await;
+    let echo = Echo::start().await;
     let mesh = Mesh::new();
-    let (orders_port, out_port) = (free_port(), free_port());
+    let ports = Ports::new();
     let unused = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    mesh.write_config(
-        "mesh.yaml",
-        &config(orders_port, app.addr, out_port, ext, unused),
-    );
+    let with_provider = |p| config(&ports, (app.addr, echo.addr), ext, unused, p);
+    mesh.write_config("mesh.yaml", &with_provider("ext-http"));
     let orders = mesh
         .proxy(
             "production/orders",
@@ -311,7 +320,7 @@ async fn custom_policies_ask_the_external_provider() {
         .await;
     let frontend_certs = mesh.issue("frontend", "production", "frontend");
     let _frontend = mesh.proxy("production/frontend", &frontend_certs).await;
-    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let outbound = ports.outbound();
     let checks_made = || checks.lock().unwrap().len();
 
     // Allowed by the provider: its x-user replaces the client's, its
@@ -348,6 +357,14 @@ async fn custom_policies_ask_the_external_provider() {
     assert_eq!(check.header("x-from"), Some("meshward"));
     assert_eq!(check.header("cookie"), None, "{check:?}");
     assert_eq!(check.header("x-user"), None, "{check:?}");
+    let line = orders
+        .log_line("the allowed request", |l| l["path"] == "/admin/report?q=1")
+        .await;
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(
+        line["reason"], "no_allow_policies; ext_authz ext-http: allowed",
+        "{line}"
+    );
 
     // Denied by the provider: its answer is the client's, the application
     // never sees the request.
@@ -380,11 +397,12 @@ async fn custom_policies_ask_the_external_provider() {
     assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));
     assert_eq!(checks_made(), made + 1);
 
-    // A provider that is down: statusOnError, or through with failOpen.
-    let a = call(outbound, "/down/x", &[]).await;
-    assert_eq!((a.status, a.body.as_str()), (503, ""));
-    let a = call(outbound, "/open/x", &[]).await;
-    assert_eq!((a.status, a.body.as_str()), (200, "orders"));
+    // A TCP port: an HTTP provider cannot judge a connection, so the
+    // CUSTOM policy does not apply to it (as in Istio).
+    let tcp_out = SocketAddr::from(([127, 0, 0, 1], ports.tcp_out));
+    assert_eq!(tcp_roundtrip(tcp_out, b"ping").await.unwrap(), b"ping");
+    assert_eq!(checks_made(), made + 1);
+
     // Too slow (timeout 500ms): the default statusOnError, 403.
     let a = call(outbound, "/slow/x", &[("x-ext-authz", "allow")]).await;
     assert_eq!((a.status, a.body.as_str()), (403, ""));
@@ -403,7 +421,7 @@ async fn custom_policies_ask_the_external_provider() {
     let tls = mtls_connect(
         &frontend_certs,
         &frontend_certs.join("root-cert.pem"),
-        SocketAddr::from(([127, 0, 0, 1], orders_port)),
+        SocketAddr::from(([127, 0, 0, 1], ports.orders)),
         b"h2",
     )
     .await
@@ -431,6 +449,26 @@ async fn custom_policies_ask_the_external_provider() {
     let check = checks.lock().unwrap().last().cloned().unwrap();
     assert_eq!(check.path, "/check/admin/h2");
     assert_eq!(check.header("host"), Some(ORDERS));
+
+    // A provider that is down: statusOnError, or through with failOpen.
+    mesh.apply("mesh.yaml", &with_provider("ext-down"), &[&orders])
+        .await;
+    let a = call(outbound, "/admin/x", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (503, ""));
+    mesh.apply("mesh.yaml", &with_provider("ext-open"), &[&orders])
+        .await;
+    let a = call(outbound, "/admin/x", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "orders"));
+    let line = orders
+        .log_line("the failed-open check", |l| {
+            l["path"] == "/admin/x" && l["response_code"] == 200
+        })
+        .await;
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert!(
+        line["reason"].as_str().unwrap().ends_with("(failOpen)"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,10 +478,11 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
 
     let (ext, _checks, _ext_task) = provider().await;
     let (app, _seen, _app_task) = websocket_app().await;
+    let echo = Echo::start().await;
     let mesh = Mesh::new();
-    let (orders_port, out_port) = (free_port(), free_port());
+    let ports = Ports::new();
     let unused = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let base = config(orders_port, app, out_port, ext, unused);
+    let base = config(&ports, (app, echo.addr), ext, unused, "ext-http");
     mesh.write_config("mesh.yaml", &base);
     let orders = mesh
         .proxy(
@@ -457,7 +496,7 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
             &mesh.issue("frontend", "production", "frontend"),
         )
         .await;
-    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let outbound = ports.outbound();
     let mut chat = ws_connect_to(outbound, ORDERS, "/ws/chat").await.unwrap();
     let mut other = ws_connect_to(outbound, ORDERS, "/ws/other").await.unwrap();
     assert_eq!(ws_text(&mut chat).await, "hello /ws/chat");
@@ -483,12 +522,7 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
     assert_eq!(ws_text(&mut chat).await, "echo: still");
 
     // Its rule now names another provider, which never approved it: closed.
-    let moved = deny_other
-        .replace(
-            r#"paths: ["/admin/*", "/slow/*", "/ws/*"]"#,
-            r#"paths: ["/admin/*", "/slow/*"]"#,
-        )
-        .replace(r#"paths: ["/down/*"]"#, r#"paths: ["/down/*", "/ws/*"]"#);
+    let moved = deny_other.replace("provider: {name: ext-http}", "provider: {name: ext-down}");
     assert_ne!(moved, deny_other);
     mesh.apply("mesh.yaml", &moved, &[&orders]).await;
     let ended = tokio::time::timeout(patience(), chat.next())
@@ -503,7 +537,8 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
 /// A gRPC provider (cleartext HTTP/2): allows `x-ext-authz: allow` (setting
 /// `x-user`, appending `x-tag`, removing `x-drop`, adding `x-session` to
 /// the response); fails with gRPC status 14 under `/grpc/broken/`;
-/// otherwise denies with a 302 to `/login`.
+/// otherwise denies with a 302 to `/login`. A TCP connection (no request
+/// attributes) is allowed from frontend only.
 async fn grpc_provider() -> (
     SocketAddr,
     Arc<Mutex<Vec<meshward_proxy::ext_authz::proto::CheckRequest>>>,
@@ -530,7 +565,21 @@ async fn grpc_provider() -> (
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let check = proto::CheckRequest::decode(&body[5..]).unwrap();
                         seen.lock().unwrap().push(check.clone());
-                        let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+                        let attributes = check.attributes.unwrap();
+                        let from_frontend = attributes
+                            .source
+                            .is_some_and(|s| s.principal.ends_with("/sa/frontend"));
+                        let http = attributes.request.and_then(|r| r.http).unwrap_or_else(|| {
+                            proto::HttpRequest {
+                                path: "/tcp".into(),
+                                headers: [(
+                                    "x-ext-authz".to_string(),
+                                    if from_frontend { "allow" } else { "no" }.to_string(),
+                                )]
+                                .into(),
+                                ..Default::default()
+                            }
+                        });
                         let option =
                             |key: &str, value: &str, append: bool| proto::HeaderValueOption {
                                 header: Some(proto::HeaderValue {
@@ -618,12 +667,11 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
     let (ext, _checks, _ext_task) = provider().await;
     let (grpc_ext, grpc_checks, _grpc_task) = grpc_provider().await;
     let app = App::start("orders").await;
+    let echo = Echo::start().await;
     let mesh = Mesh::new();
-    let (orders_port, out_port) = (free_port(), free_port());
-    mesh.write_config(
-        "mesh.yaml",
-        &config(orders_port, app.addr, out_port, ext, grpc_ext),
-    );
+    let ports = Ports::new();
+    let base = config(&ports, (app.addr, echo.addr), ext, grpc_ext, "ext-grpc");
+    mesh.write_config("mesh.yaml", &base);
     let orders = mesh
         .proxy(
             "production/orders",
@@ -636,7 +684,7 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
             &mesh.issue("frontend", "production", "frontend"),
         )
         .await;
-    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let outbound = ports.outbound();
 
     // Allowed: the answer's edits reach the application and the client.
     let a = call(
@@ -692,5 +740,124 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
     assert!(
         line["reason"].as_str().unwrap().contains("gRPC status 14"),
         "{line}"
+    );
+
+    // A TCP connection: the gRPC provider is asked once, with the peers
+    // and no request (Envoy's network ext_authz filter), and the CUSTOM
+    // rule's HTTP-only paths are left out, as for DENY.
+    let made = grpc_checks.lock().unwrap().len();
+    let tcp_out = SocketAddr::from(([127, 0, 0, 1], ports.tcp_out));
+    assert_eq!(tcp_roundtrip(tcp_out, b"ping").await.unwrap(), b"ping");
+    let checks = grpc_checks.lock().unwrap().clone();
+    assert_eq!(checks.len(), made + 1);
+    let attrs = checks[made].attributes.clone().unwrap();
+    assert!(attrs.request.is_none(), "{attrs:?}");
+    assert_eq!(
+        attrs.source.unwrap().principal,
+        "spiffe://cluster.local/ns/production/sa/frontend"
+    );
+    let line = orders
+        .log_line("the allowed connection", |l| {
+            l["kind"] == "tcp" && l["decision"] == "allow"
+        })
+        .await;
+    assert_eq!(
+        line["reason"], "no_allow_policies; ext_authz ext-grpc: allowed",
+        "{line}"
+    );
+    // Refused for another workload: closed before the application hears
+    // a byte.
+    let payments = mesh.issue("payments", "production", "payments");
+    let db = SocketAddr::from(([127, 0, 0, 1], ports.orders_db));
+    assert_eq!(
+        mtls_roundtrip(&payments, db).await,
+        None,
+        "{}",
+        orders.logs()
+    );
+    let line = orders
+        .log_line("the refused connection", |l| {
+            l["kind"] == "tcp" && l["decision"] == "deny"
+        })
+        .await;
+    assert_eq!(line["reason"], "ext_authz ext-grpc: denied", "{line}");
+    assert_eq!(line["policy"], "production/orders-ext", "{line}");
+    assert_eq!(
+        line["src.identity"], "spiffe://cluster.local/ns/production/sa/payments",
+        "{line}"
+    );
+
+    // A second CUSTOM policy naming another provider: as in Istio, the
+    // workload's CUSTOM action cannot be enforced, and every request and
+    // connection is denied, whatever its rules match.
+    let second = base.clone()
+        + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: orders-ext-2, namespace: production}\nspec:\n  selector: {matchLabels: {app: orders}}\n  action: CUSTOM\n  provider: {name: ext-http}\n  rules:\n  - to: [{operation: {paths: [\"/other/*\"]}}]\n";
+    mesh.apply("mesh.yaml", &second, &[&orders]).await;
+    let made = grpc_checks.lock().unwrap().len();
+    let a = call(outbound, "/api/v1/orders/1", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));
+    assert!(tcp_roundtrip(tcp_out, b"ping").await.is_err());
+    assert_eq!(grpc_checks.lock().unwrap().len(), made, "no provider asked");
+    let line = orders
+        .log_line("the request denied for two providers", |l| {
+            l["path"] == "/api/v1/orders/1"
+        })
+        .await;
+    assert_eq!(line["reason"], "custom_unusable", "{line}");
+    let explanation = line["explanation"].as_str().unwrap();
+    assert!(
+        explanation.contains("only one provider can be used per workload"),
+        "{line}"
+    );
+}
+
+/// Sends `ping` over an mTLS connection with the credentials in `dir` and
+/// returns what came back, or `None` when the connection was closed first.
+async fn mtls_roundtrip(dir: &std::path::Path, addr: SocketAddr) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = mtls_connect(dir, &dir.join("root-cert.pem"), addr, b"istio")
+        .await
+        .ok()?;
+    tls.write_all(b"ping").await.ok()?;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(patience(), tls.read_exact(&mut buf)).await {
+        Ok(Ok(_)) => Some(buf.to_vec()),
+        Ok(Err(_)) => None,
+        Err(_) => panic!("neither an answer nor a close"),
+    }
+}
+
+#[test]
+fn describe_says_when_custom_policies_cannot_be_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |name: &str, provider: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  action: CUSTOM\n  provider: {{name: {provider}}}\n  rules: [{{to: [{{operation: {{paths: [\"/{name}/*\"]}}}}]}}]\n---\n"
+        )
+    };
+    let base = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: orders, namespace: production}\nspec: {address: 127.0.0.1, labels: {app: orders}, serviceAccount: orders}\n---\napiVersion: meshward.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh, namespace: istio-system}\nspec:\n  extensionProviders:\n  - {name: a, envoyExtAuthzHttp: {service: a.auth.svc.cluster.local, port: 80}}\n  - {name: b, envoyExtAuthzGrpc: {service: b.auth.svc.cluster.local, port: 80}}\n---\n";
+    let describe = |yaml: &str| {
+        std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["describe", "production/orders", "-c"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let one = describe(&format!("{base}{}{}", policy("x", "a"), policy("y", "a")));
+    assert!(!one.contains("cannot be enforced"), "{one}");
+    let two = describe(&format!("{base}{}{}", policy("x", "a"), policy("y", "b")));
+    assert!(
+        two.contains(
+            "=> the CUSTOM policies cannot be enforced (only one provider can be used per workload, found \"a\", \"b\"): every request and connection is denied"
+        ),
+        "{two}"
+    );
+    let undefined = describe(&format!("{base}{}", policy("x", "c")));
+    assert!(
+        undefined.contains("provider \"c\" is not a defined authorization provider"),
+        "{undefined}"
     );
 }

@@ -531,6 +531,40 @@ impl Loader {
                 ));
             }
         }
+        for we in &self.set.workload_entries {
+            let providers: std::collections::BTreeSet<&str> = self
+                .set
+                .authorization_policies
+                .iter()
+                .filter(|p| {
+                    p.spec.action == Action::Custom
+                        && p.spec.target_refs.is_empty()
+                        && (p.meta.namespace == we.meta.namespace || p.meta.namespace == root_ns)
+                        && p.spec
+                            .selector
+                            .as_ref()
+                            .is_none_or(|s| s.matches(&we.spec.labels))
+                })
+                .map(|p| p.spec.provider.as_deref().unwrap_or_default())
+                .collect();
+            if providers.len() > 1 {
+                let names: Vec<String> = providers.iter().map(|n| format!("\"{n}\"")).collect();
+                warnings.push(Diagnostic {
+                    severity: Severity::Warning,
+                    file: we.origin.file.clone(),
+                    pos: Pos {
+                        line: we.origin.line,
+                        col: 1,
+                    },
+                    resource: Some(format!("WorkloadEntry {}", we.key())),
+                    field: None,
+                    message: format!(
+                        "the CUSTOM policies that select this workload name {}; only one provider can be used per workload, so every request and connection to it will be denied",
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
         self.diags.extend(warnings);
     }
 }

@@ -2146,6 +2146,53 @@ fn custom_provider_warnings() {
 }
 
 #[test]
+fn custom_policies_naming_several_providers_for_one_workload_warn() {
+    let providers = res(
+        MC,
+        "extensionProviders:\n- name: a\n  envoyExtAuthzHttp:\n    service: a.ns.svc.cluster.local\n    port: 80\n- name: b\n  envoyExtAuthzGrpc:\n    service: b.ns.svc.cluster.local\n    port: 80\n",
+    )
+    .replace("name: p\n  namespace: ns", "name: mesh\n  namespace: istio-system");
+    let custom = |name: &str, selector: &str, provider: &str| {
+        res(
+            AP,
+            &format!("{selector}action: CUSTOM\nprovider:\n  name: {provider}\nrules:\n- {{}}\n"),
+        )
+        .replace("name: p", &format!("name: {name}"))
+    };
+    let web = res(
+        WE,
+        "address: 10.0.0.1\nlabels:\n  app: web\nserviceAccount: web\n",
+    )
+    .replace("name: p", "name: web");
+    let api = web.replace("web", "api").replace("10.0.0.1", "10.0.0.2");
+    let with = |docs: &[String]| {
+        warnings(
+            &[&[providers.clone(), web.clone(), api.clone()], docs]
+                .concat()
+                .join("---\n"),
+        )
+    };
+    // One provider, or two for workloads that do not share one.
+    assert!(with(&[custom("x", "", "a"), custom("y", "", "a")]).is_empty());
+    let w = with(&[
+        custom("x", "selector:\n  matchLabels:\n    app: web\n", "a"),
+        custom("y", "selector:\n  matchLabels:\n    app: api\n", "b"),
+    ]);
+    assert!(w.is_empty(), "{w:?}");
+    // Two for one workload: that workload is named.
+    let w = with(&[
+        custom("x", "", "a"),
+        custom("y", "selector:\n  matchLabels:\n    app: api\n", "b"),
+    ]);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("WorkloadEntry ns/api"), "{w:?}");
+    assert!(
+        w[0].contains("name \"a\", \"b\"; only one provider can be used per workload"),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn empty_selector_warns() {
     let w = warnings(&res(AP, "selector: {}\nrules:\n- {}\n"));
     assert_eq!(w.len(), 1, "{w:?}");

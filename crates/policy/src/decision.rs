@@ -64,10 +64,13 @@ pub enum Reason {
     PlaintextRejected {
         source: String,
     },
-    /// A CUSTOM policy matched but its provider is not a defined
-    /// authorization provider: fail closed.
-    CustomProviderMissing {
-        provider: String,
+    /// The CUSTOM policies of the workload cannot be enforced (several
+    /// providers, or one that is not a defined authorization provider):
+    /// every request and connection is denied, as Istio does.
+    CustomUnusable {
+        problem: String,
+        /// The CUSTOM policies of the workload, `namespace/name`.
+        policies: Vec<String>,
     },
     /// The request path cannot be normalized safely.
     InvalidPath(String),
@@ -82,7 +85,7 @@ impl Reason {
             Reason::DenyMatched => "deny_matched",
             Reason::NoAllowMatched { .. } => "no_allow_matched",
             Reason::PlaintextRejected { .. } => "plaintext_rejected",
-            Reason::CustomProviderMissing { .. } => "custom_provider_missing",
+            Reason::CustomUnusable { .. } => "custom_unusable",
             Reason::InvalidPath(_) => "invalid_path",
         }
     }
@@ -167,15 +170,12 @@ impl fmt::Display for Decision {
                 f,
                 "plaintext connection refused: mTLS mode STRICT from {source}"
             )?,
-            (Reason::CustomProviderMissing { provider }, r) => {
-                write!(
-                    f,
-                    "CUSTOM provider \"{provider}\" is not a defined authorization provider"
-                )?;
-                if let Some(r) = r {
-                    write!(f, " (matched {r})")?;
-                }
-            }
+            (Reason::CustomUnusable { problem, policies }, _) => write!(
+                f,
+                "the CUSTOM policies of this workload cannot be enforced ({}): {problem}; \
+                 every request and connection is denied",
+                policies.join(", ")
+            )?,
             (Reason::InvalidPath(e), _) => write!(f, "invalid request path: {e}")?,
             (reason, _) => write!(f, "{}", reason.code())?,
         }

@@ -151,6 +151,7 @@ impl PolicyEngine {
                 .map(|s| s.to_string())
                 .collect(),
             normalization: self.config.mesh.path_normalization,
+            custom_unusable: None,
             mesh: Arc::clone(&self.config),
         };
         let namespaces: &[&str] = if *root == w.namespace {
@@ -183,8 +184,37 @@ impl PolicyEngine {
                     .extend(rule.space_delimited_claims.iter().cloned());
             }
         }
+        view.custom_unusable = custom_unusable(&self.config.mesh, &view);
         view
     }
+}
+
+/// Why the CUSTOM policies of a workload cannot be enforced, if they
+/// cannot: as in Istio, every CUSTOM policy of a workload must name the
+/// same provider, and that provider must be a defined
+/// authorization provider. Istio then denies every request and connection
+/// of the workload; so does meshward.
+fn custom_unusable(mesh: &MeshConfig, view: &WorkloadPolicy) -> Option<Reason> {
+    let custom = &view.custom;
+    let first = custom.first()?;
+    let provider = first.provider.clone().unwrap_or_default();
+    let policies = custom.iter().map(|p| p.id.to_string()).collect();
+    let named: BTreeSet<&str> = custom
+        .iter()
+        .map(|p| p.provider.as_deref().unwrap_or_default())
+        .collect();
+    let problem = if named.len() > 1 {
+        let named: Vec<String> = named.iter().map(|n| format!("\"{n}\"")).collect();
+        format!(
+            "only one provider can be used per workload, found {}",
+            named.join(", ")
+        )
+    } else if !mesh.provider(&provider).is_some_and(|p| p.is_authz()) {
+        format!("provider \"{provider}\" is not a defined authorization provider")
+    } else {
+        return None;
+    };
+    Some(Reason::CustomUnusable { problem, policies })
 }
 
 /// The compiled policies that apply to one workload. Deciding costs only
@@ -201,6 +231,9 @@ pub struct WorkloadPolicy {
     dry_run: Vec<Arc<CompiledPolicy>>,
     space_delimited: BTreeSet<String>,
     normalization: PathNormalization,
+    /// Set when the CUSTOM policies cannot be enforced: every request and
+    /// connection is then denied with this reason.
+    custom_unusable: Option<Reason>,
     mesh: Arc<ConfigSet>,
 }
 
@@ -211,6 +244,15 @@ impl WorkloadPolicy {
 
     pub fn peer_modes(&self) -> &PeerModes {
         &self.peer
+    }
+
+    /// Why this workload's CUSTOM policies cannot be enforced, if they
+    /// cannot (every request and connection is then denied).
+    pub fn custom_problem(&self) -> Option<&str> {
+        match &self.custom_unusable {
+            Some(Reason::CustomUnusable { problem, .. }) => Some(problem),
+            _ => None,
+        }
     }
 
     /// The request-target to forward for `raw`: its path normalized as
@@ -284,24 +326,19 @@ impl WorkloadPolicy {
             space_delimited: &self.space_delimited,
         };
 
+        if let Some(reason) = &self.custom_unusable {
+            return Decision::new(Verdict::Deny, reason.clone());
+        }
         let mut ext_authz = None;
         for p in &self.custom {
+            // An HTTP provider cannot judge a TCP connection: Istio leaves
+            // such CUSTOM policies out of TCP filter chains.
+            if req.http.is_none() && !self.provider_judges_tcp(p) {
+                continue;
+            }
             if let Some(rule) = first_match(p, &facts, true) {
-                let name = p.provider.clone().unwrap_or_default();
-                let valid = self
-                    .mesh
-                    .mesh
-                    .provider(&name)
-                    .is_some_and(|prov| prov.is_authz());
-                if !valid {
-                    return Decision::new(
-                        Verdict::Deny,
-                        Reason::CustomProviderMissing { provider: name },
-                    )
-                    .with_policy(p, rule);
-                }
                 ext_authz = Some(ExtAuthzCheck {
-                    provider: name,
+                    provider: p.provider.clone().unwrap_or_default(),
                     policy: RuleRef {
                         policy: Arc::clone(&p.id),
                         rule,
@@ -325,6 +362,15 @@ impl WorkloadPolicy {
             decision.dry_run = self.dry_run_results(&facts);
         }
         decision
+    }
+
+    /// Whether the provider of CUSTOM policy `p` checks TCP connections
+    /// too (`envoyExtAuthzGrpc`, as Envoy's network ext_authz filter).
+    fn provider_judges_tcp(&self, p: &CompiledPolicy) -> bool {
+        self.mesh
+            .mesh
+            .provider(p.provider.as_deref().unwrap_or_default())
+            .is_some_and(|prov| prov.kind == "envoyExtAuthzGrpc")
     }
 
     fn enforce(&self, facts: &Facts<'_, '_>) -> Decision {

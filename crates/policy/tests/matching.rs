@@ -295,8 +295,17 @@ fn custom_then_deny_then_allow() {
     assert!(get("/x").decide(&e.workload(&web())).ext_authz.is_none());
 }
 
+const GRPC_PROVIDER: &str =
+    "- name: opa\n  envoyExtAuthzGrpc:\n    service: opa.auth.svc.cluster.local\n    port: 9191\n";
+
+fn custom(provider: &str, path: &str) -> String {
+    format!(
+        "action: CUSTOM\nprovider:\n  name: {provider}\nrules:\n- to:\n  - operation:\n      paths: [\"{path}\"]\n"
+    )
+}
+
 #[test]
-fn custom_with_undefined_or_non_authz_provider_fails_closed() {
+fn custom_with_undefined_or_non_authz_provider_denies_everything() {
     for (provider, mesh_spec) in [
         ("missing", EXT_PROVIDER),
         ("tracer", EXT_PROVIDER),
@@ -304,31 +313,108 @@ fn custom_with_undefined_or_non_authz_provider_fails_closed() {
     ] {
         let config = [
             mesh(mesh_spec),
-            ap("prod", "ext", &format!("action: CUSTOM\nprovider:\n  name: {provider}\nrules:\n- to:\n  - operation:\n      paths: [\"/ext*\"]\n")),
+            ap("prod", "ext", &custom(provider, "/ext*")),
             ap("prod", "allow-all", "rules:\n- {}\n"),
         ]
         .concat();
         let e = engine(&config);
         let wp = e.workload(&web());
-        let d = get("/ext").decide(&wp);
-        assert_eq!(d.verdict, Deny, "{provider}: {d}");
-        assert_eq!(
-            d.reason,
-            Reason::CustomProviderMissing {
-                provider: provider.to_string()
-            }
-        );
-        assert_eq!(d.reason.code(), "custom_provider_missing");
-        assert_eq!(
-            d.to_string(),
-            format!(
-                "DENY: CUSTOM provider \"{provider}\" is not a defined authorization provider (matched rule 0 of CUSTOM policy prod/ext)"
-            )
-        );
-        // A CUSTOM policy that does not match has no effect.
-        let d = get("/other").decide(&wp);
+        // As Istio's deny-all filter: what the rules match and what they
+        // do not, HTTP and TCP alike.
+        for req in [get("/ext"), get("/other"), tcp(5432)] {
+            let d = req.decide(&wp);
+            assert_eq!(d.verdict, Deny, "{provider}: {d}");
+            assert_eq!(d.reason.code(), "custom_unusable");
+            assert!(d.ext_authz.is_none());
+            assert_eq!(
+                d.to_string(),
+                format!(
+                    "DENY: the CUSTOM policies of this workload cannot be enforced (prod/ext): provider \"{provider}\" is not a defined authorization provider; every request and connection is denied"
+                )
+            );
+        }
+        // Other workloads are not affected.
+        let other = wl("prod", "api", &[("app", "api")]);
+        let config = [
+            mesh(mesh_spec),
+            ap(
+                "prod",
+                "ext",
+                &format!(
+                    "selector:\n  matchLabels:\n    app: web\n{}",
+                    custom(provider, "/ext*")
+                ),
+            ),
+        ]
+        .concat();
+        let e = engine(&config);
+        assert_eq!(get("/ext").decide(&e.workload(&other)).verdict, Allow);
+        assert_eq!(get("/other").decide(&e.workload(&web())).verdict, Deny);
+    }
+}
+
+#[test]
+fn custom_policies_of_one_workload_must_name_one_provider() {
+    let meshes = mesh(&format!("{EXT_PROVIDER}{GRPC_PROVIDER}"));
+    let allow_all = ap("prod", "allow-all", "rules:\n- {}\n");
+    // The same provider twice: each policy asks it for its paths.
+    let config = [
+        meshes.clone(),
+        ap("prod", "a", &custom("ext", "/a*")),
+        ap("prod", "b", &custom("ext", "/b*")),
+        allow_all.clone(),
+    ]
+    .concat();
+    let e = engine(&config);
+    let wp = e.workload(&web());
+    assert_eq!(
+        get("/b").decide(&wp).ext_authz.unwrap().policy.policy.name,
+        "b"
+    );
+    assert!(get("/c").decide(&wp).ext_authz.is_none());
+    // Two providers, in one namespace or across the root namespace.
+    for second in [
+        ap("prod", "b", &custom("opa", "/b*")),
+        ap("istio-system", "b", &custom("opa", "/b*")),
+    ] {
+        let config = [
+            meshes.clone(),
+            ap("prod", "a", &custom("ext", "/a*")),
+            second,
+            allow_all.clone(),
+        ]
+        .concat();
+        let e = engine(&config);
+        let wp = e.workload(&web());
+        for req in [get("/a"), get("/c"), tcp(5432)] {
+            let d = req.decide(&wp);
+            assert_eq!(d.verdict, Deny, "{d}");
+            assert!(
+                d.to_string()
+                    .contains("only one provider can be used per workload, found \"ext\", \"opa\""),
+                "{d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn custom_on_tcp_asks_only_grpc_providers() {
+    let meshes = mesh(&format!("{EXT_PROVIDER}{GRPC_PROVIDER}"));
+    for (provider, on_tcp) in [("ext", false), ("opa", true)] {
+        let config = [
+            meshes.clone(),
+            // HTTP-only fields are left out on TCP, as for DENY.
+            ap("prod", "ext", &custom(provider, "/admin*")),
+        ]
+        .concat();
+        let e = engine(&config);
+        let wp = e.workload(&web());
+        let d = tcp(5432).decide(&wp);
         assert_eq!(d.verdict, Allow, "{d}");
-        assert!(d.to_string().contains("ALLOW policy prod/allow-all"));
+        assert_eq!(d.ext_authz.is_some(), on_tcp, "{provider}: {d}");
+        assert!(get("/admin").decide(&wp).ext_authz.is_some());
+        assert!(get("/other").decide(&wp).ext_authz.is_none());
     }
 }
 

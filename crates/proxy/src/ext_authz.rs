@@ -122,9 +122,21 @@ impl Outcome {
     }
 }
 
-/// The request being checked.
+/// The request or connection being checked.
 #[derive(Debug)]
 pub struct Check<'a> {
+    /// The HTTP request; `None` for a TCP connection, which only gRPC
+    /// providers check (as Envoy's network ext_authz filter does).
+    pub http: Option<HttpCheck<'a>>,
+    /// The peer, and its SPIFFE ID when it used mTLS.
+    pub source: (std::net::SocketAddr, Option<&'a str>),
+    /// This workload's address and SPIFFE ID.
+    pub destination: (std::net::SocketAddr, &'a str),
+}
+
+/// The HTTP request being checked.
+#[derive(Debug)]
+pub struct HttpCheck<'a> {
     pub method: &'a str,
     pub host: &'a str,
     /// Path and query, as authorization saw them (normalized).
@@ -133,10 +145,6 @@ pub struct Check<'a> {
     pub headers: Vec<(&'a str, &'a [u8])>,
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
-    /// The peer, and its SPIFFE ID when it used mTLS.
-    pub source: (std::net::SocketAddr, Option<&'a str>),
-    /// This workload's address and SPIFFE ID.
-    pub destination: (std::net::SocketAddr, &'a str),
 }
 
 /// Asks provider `name` about `check`.
@@ -174,7 +182,10 @@ async fn http_check(
     p: &ExtAuthz,
     check: &Check<'_>,
 ) -> Result<Outcome, String> {
-    let req = check_request(p, check)?;
+    let Some(http) = &check.http else {
+        return Err("an HTTP provider cannot check a TCP connection".into());
+    };
+    let req = check_request(p, http)?;
     let resp = state
         .outbound
         .send(state, snap, service, port, req, false)
@@ -288,7 +299,8 @@ async fn grpc_check(
     Ok(grpc_outcome(answer))
 }
 
-/// The CheckRequest of `check`, with Envoy's attributes.
+/// The CheckRequest of `check`, with Envoy's attributes: the peers, and
+/// the request when there is one.
 fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
     let peer = |addr: std::net::SocketAddr, principal: Option<&str>| proto::Peer {
         address: Some(proto::Address {
@@ -299,6 +311,17 @@ fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
         }),
         principal: principal.unwrap_or_default().to_string(),
     };
+    proto::CheckRequest {
+        attributes: Some(proto::AttributeContext {
+            source: Some(peer(check.source.0, check.source.1)),
+            destination: Some(peer(check.destination.0, Some(check.destination.1))),
+            request: check.http.as_ref().map(grpc_http_request),
+        }),
+    }
+}
+
+/// The `request` attributes of an HTTP check.
+fn grpc_http_request(check: &HttpCheck<'_>) -> proto::Request {
     let mut headers = std::collections::HashMap::new();
     for (name, value) in &check.headers {
         let value = String::from_utf8_lossy(value);
@@ -320,26 +343,20 @@ fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    proto::CheckRequest {
-        attributes: Some(proto::AttributeContext {
-            source: Some(peer(check.source.0, check.source.1)),
-            destination: Some(peer(check.destination.0, Some(check.destination.1))),
-            request: Some(proto::Request {
-                time: Some(proto::Timestamp {
-                    seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
-                }),
-                http: Some(proto::HttpRequest {
-                    id: headers.get("x-request-id").cloned().unwrap_or_default(),
-                    method: check.method.to_string(),
-                    path: check.path.to_string(),
-                    host: check.host.to_string(),
-                    scheme: "http".into(),
-                    size,
-                    protocol: check.protocol.to_string(),
-                    headers,
-                }),
-            }),
+    proto::Request {
+        time: Some(proto::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        http: Some(proto::HttpRequest {
+            id: headers.get("x-request-id").cloned().unwrap_or_default(),
+            method: check.method.to_string(),
+            path: check.path.to_string(),
+            host: check.host.to_string(),
+            scheme: "http".into(),
+            size,
+            protocol: check.protocol.to_string(),
+            headers,
         }),
     }
 }
@@ -415,7 +432,7 @@ fn failed(reason: String, p: Option<&ExtAuthz>) -> Outcome {
 /// headers and the fixed ones, no body.
 fn check_request(
     p: &ExtAuthz,
-    c: &Check<'_>,
+    c: &HttpCheck<'_>,
 ) -> Result<http::Request<crate::http_in::Body>, String> {
     let mut req = http::Request::builder()
         .method(c.method)
@@ -455,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_check_request_carries_what_the_provider_lists() {
-        let c = Check {
+        let c = HttpCheck {
             method: "DELETE",
             host: "orders.shop",
             path: "/api/v1/orders/7?x=1",
@@ -467,14 +484,6 @@ mod tests {
                 ("host", b"other"),
             ],
             protocol: "HTTP/1.1",
-            source: (
-                "10.0.0.1:5000".parse().unwrap(),
-                Some("spiffe://cluster.local/ns/a/sa/b"),
-            ),
-            destination: (
-                "10.0.0.2:8080".parse().unwrap(),
-                "spiffe://cluster.local/ns/c/sa/d",
-            ),
         };
         let req = check_request(&provider(), &c).unwrap();
         assert_eq!(req.method(), "DELETE");
@@ -490,9 +499,39 @@ mod tests {
         assert_eq!(h.get_all("content-length").iter().count(), 1);
     }
 
+    /// A check from `spiffe://cluster.local/ns/a/sa/b` at 10.0.0.1:5000 to
+    /// `spiffe://cluster.local/ns/c/sa/d` at 10.0.0.2:8080.
+    fn between(http: Option<HttpCheck<'_>>) -> Check<'_> {
+        Check {
+            http,
+            source: (
+                "10.0.0.1:5000".parse().unwrap(),
+                Some("spiffe://cluster.local/ns/a/sa/b"),
+            ),
+            destination: (
+                "10.0.0.2:8080".parse().unwrap(),
+                "spiffe://cluster.local/ns/c/sa/d",
+            ),
+        }
+    }
+
+    #[test]
+    fn the_grpc_check_request_of_a_tcp_connection_carries_the_peers_only() {
+        let a = grpc_request(&between(None)).attributes.unwrap();
+        assert_eq!(
+            a.source.unwrap().principal,
+            "spiffe://cluster.local/ns/a/sa/b"
+        );
+        let dest = a.destination.unwrap();
+        assert_eq!(dest.principal, "spiffe://cluster.local/ns/c/sa/d");
+        let addr = dest.address.unwrap().socket_address.unwrap();
+        assert_eq!((addr.address.as_str(), addr.port_value), ("10.0.0.2", 8080));
+        assert!(a.request.is_none());
+    }
+
     #[test]
     fn the_grpc_check_request_carries_the_attributes() {
-        let c = Check {
+        let c = between(Some(HttpCheck {
             method: "POST",
             host: "orders.shop",
             path: "/api?x=1",
@@ -503,15 +542,7 @@ mod tests {
                 ("x-request-id", b"r-1"),
             ],
             protocol: "HTTP/2",
-            source: (
-                "10.0.0.1:5000".parse().unwrap(),
-                Some("spiffe://cluster.local/ns/a/sa/b"),
-            ),
-            destination: (
-                "10.0.0.2:8080".parse().unwrap(),
-                "spiffe://cluster.local/ns/c/sa/d",
-            ),
-        };
+        }));
         let a = grpc_request(&c).attributes.unwrap();
         let source = a.source.unwrap();
         assert_eq!(source.principal, "spiffe://cluster.local/ns/a/sa/b");

@@ -185,11 +185,13 @@ where
         ) {
             (Ok(path), Some(x)) => {
                 let check = ext_authz::Check {
-                    method: head.method(),
-                    host: target.host,
-                    path,
-                    headers: head.iter().collect(),
-                    protocol: "HTTP/1.1",
+                    http: Some(ext_authz::HttpCheck {
+                        method: head.method(),
+                        host: target.host,
+                        path,
+                        headers: head.iter().collect(),
+                        protocol: "HTTP/1.1",
+                    }),
                     source: (conn.peer, conn.identity.as_deref()),
                     destination: (conn.local, &snap.identity),
                 };
@@ -215,7 +217,7 @@ where
                     Some(Ended::ExtAuthz(x, &reason)),
                     (0, body.len() as u64),
                 ),
-                decision.as_ref(),
+                (decision.as_ref(), None),
                 line,
             );
             if sent.is_err() || close {
@@ -223,6 +225,8 @@ where
             }
             continue;
         }
+        // What an allowing provider said, for the access log.
+        let ext_allowed = ext.as_ref().map(|(x, o)| o.reason(&x.provider));
         let denied = decision.as_ref().is_some_and(|d| !d.is_allowed());
         let upgrade = head.upgrade();
         let forward = match (forward, &authn) {
@@ -252,7 +256,7 @@ where
                     &snap.identity,
                     started,
                     (status, "-", ended, (0, body.len() as u64)),
-                    decision.as_ref(),
+                    (decision.as_ref(), ext_allowed.as_deref()),
                     line,
                 );
                 if sent.is_err() || close {
@@ -293,9 +297,9 @@ where
                 host: target.host.to_string(),
                 path: target.path.to_string(),
                 auth: authn.as_ref().ok().and_then(|a| a.auth.as_deref().cloned()),
-                ext_approved: ext.as_ref().map(|(x, _)| x.provider.clone()),
             };
-            state.tcp_conns.track(&conn, Some(request))
+            let approved = ext.as_ref().map(|(x, _)| x.provider.clone());
+            state.tcp_conns.track(&conn, Some(request), approved)
         });
         // Body bytes: from the client, to it.
         let mut sizes = (0, 0);
@@ -345,7 +349,7 @@ where
             &snap.identity,
             started,
             (status, flags, tunneled.as_ref().map(Ended::Tunnel), sizes),
-            decision.as_ref(),
+            (decision.as_ref(), ext_allowed.as_deref()),
             line,
         );
         if close {
@@ -573,8 +577,6 @@ async fn handle(
         }));
         snap.policy.decide(&facts)
     });
-    // CUSTOM (external authorization) is not available in this proxy yet:
-    // a request that needs it is denied rather than let through.
     let allowed = decision.as_ref().is_some_and(Decision::is_allowed);
 
     let forward = snap.policy.forwarded_target(&path);
@@ -586,19 +588,21 @@ async fn handle(
     ) {
         (Ok(forwarded), Some(x)) => {
             let check = ext_authz::Check {
-                method: &method,
-                host: &host,
-                path: forwarded,
-                headers: req
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_bytes()))
-                    .collect(),
-                protocol: if req.version() == Version::HTTP_2 {
-                    "HTTP/2"
-                } else {
-                    "HTTP/1.1"
-                },
+                http: Some(ext_authz::HttpCheck {
+                    method: &method,
+                    host: &host,
+                    path: forwarded,
+                    headers: req
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                        .collect(),
+                    protocol: if req.version() == Version::HTTP_2 {
+                        "HTTP/2"
+                    } else {
+                        "HTTP/1.1"
+                    },
+                }),
                 source: (conn.peer, conn.identity.as_deref()),
                 destination: (conn.local, &snap.identity),
             };
@@ -716,10 +720,14 @@ async fn handle(
     // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
     let rejected = authn.err();
-    let ext_refused = ext.filter(|(_, o)| !o.allows()).map(|(x, o)| {
-        let reason = o.reason(&x.provider);
-        (x, reason)
-    });
+    let (ext_refused, ext_allowed) = match ext {
+        Some((x, o)) if !o.allows() => {
+            let reason = o.reason(&x.provider);
+            (Some((x, reason)), None)
+        }
+        Some((x, o)) => (None, Some(o.reason(&x.provider))),
+        None => (None, None),
+    };
     let finish = Box::new(move |sizes| {
         let ended = match (&rejected, &ext_refused) {
             (Some(r), _) => Some(Ended::Unauthenticated(r)),
@@ -732,7 +740,7 @@ async fn handle(
             &snap.identity,
             started,
             (status, flags, ended, sizes),
-            decision.as_ref(),
+            (decision.as_ref(), ext_allowed.as_deref()),
             [&method, &path, &host],
         );
     });
@@ -803,14 +811,15 @@ enum Ended<'a> {
 /// Records one inbound request: its metrics and, when enabled, its access
 /// log line. `line` is the method, path and host; `ended`, what the
 /// decision alone does not tell of how the request ended; `sizes`, its
-/// body bytes each way (a tunnel's bytes, for a tunnel).
+/// body bytes each way (a tunnel's bytes, for a tunnel); `decided`, the
+/// decision and the words of an external provider that let it through.
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
     (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, (u64, u64)),
-    decision: Option<&Decision>,
+    (decision, ext_allowed): (Option<&Decision>, Option<&str>),
     [method, path, host]: [&str; 3],
 ) {
     let handles = conn.handles.get_or_insert(0, status, flags, || {
@@ -829,6 +838,9 @@ fn account(
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
+    if let Some(words) = ext_allowed {
+        record.reason = format!("{}; {words}", record.reason);
+    }
     match ended {
         Some(Ended::Refused(reason)) => record.reason = reason.to_string(),
         Some(Ended::Tunnel(t)) if t.reason.starts_with(POLICY_CHANGED) => {

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use crate::idle::{Activity, Counted, IDLE_TIMEOUT, idle_reason};
 use crate::rewind::{Rewind, read_client_hello};
 use meshward_config::model::security::MtlsMode;
-use meshward_policy::{Decision, Request, Verdict};
+use meshward_policy::{Decision, Request};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::ext_authz;
 use crate::snapshot::Protocol;
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -315,25 +316,54 @@ where
     }
 }
 
-/// The TCP path: one decision per connection, then bytes both ways.
+/// The TCP path: one decision per connection, then bytes both ways. A
+/// CUSTOM policy with a gRPC provider that matches the connection has the
+/// provider asked first, as Envoy's network ext_authz filter does.
 async fn tcp<S>(state: Arc<State>, conn: Conn, io: S, started: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let snap = state.snapshot();
     let decision = snap.policy.decide(&conn.facts(None));
+    let ext = match &decision.ext_authz {
+        Some(x) => {
+            let check = ext_authz::Check {
+                http: None,
+                source: (conn.peer, conn.identity.as_deref()),
+                destination: (conn.local, &snap.identity),
+            };
+            let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
+            Some((x, outcome))
+        }
+        None => None,
+    };
     drop(snap);
-    let allowed = decision.is_allowed() && decision.ext_authz.is_none();
     let mut labels = conn.labels(&state, "tcp");
-    if !allowed {
+    if let Some((x, outcome)) = ext.as_ref().filter(|(_, o)| !o.allows()) {
         labels.response_flags = "UAEX".to_string();
         state.metrics.tcp_opened(&labels);
         state.metrics.tcp_closed(&labels, 0, 0);
-        log_tcp(&state, &conn, &decision, started, 0, 0, None);
+        // A connection has no HTTP status to tell.
+        let words = match outcome {
+            ext_authz::Outcome::Deny { .. } => format!("ext_authz {}: denied", x.provider),
+            o => o.reason(&x.provider),
+        };
+        let ended = TcpEnd::ExtAuthz(x, words);
+        log_tcp(&state, &conn, &decision, started, (0, 0), Some(ended));
+        return;
+    }
+    let approved = ext.as_ref().map(|(x, _)| x.provider.clone());
+    let ext_allowed = ext.map(|(x, o)| o.reason(&x.provider));
+    if !decision.is_allowed() {
+        labels.response_flags = "UAEX".to_string();
+        state.metrics.tcp_opened(&labels);
+        state.metrics.tcp_closed(&labels, 0, 0);
+        let ended = ext_allowed.map(TcpEnd::ExtAllowed);
+        log_tcp(&state, &conn, &decision, started, (0, 0), ended);
         return;
     }
     state.metrics.tcp_opened(&labels);
-    let (id, close) = state.tcp_conns.track(&conn, None);
+    let (id, close) = state.tcp_conns.track(&conn, None, approved);
     let (sent, received, error) = match TcpStream::connect(conn.app).await {
         Ok(app) => {
             let _ = app.set_nodelay(true);
@@ -363,7 +393,22 @@ where
         labels.response_flags = "UF".to_string();
     }
     state.metrics.tcp_closed(&labels, sent, received);
-    log_tcp(&state, &conn, &decision, started, sent, received, error);
+    let ended = match (error, ext_allowed) {
+        (Some(e), _) => Some(TcpEnd::Error(e)),
+        (None, allowed) => allowed.map(TcpEnd::ExtAllowed),
+    };
+    log_tcp(&state, &conn, &decision, started, (sent, received), ended);
+}
+
+/// What a TCP connection's decision alone does not tell of how it ended.
+enum TcpEnd<'a> {
+    /// Closed with this error, or by a policy change.
+    Error(String),
+    /// The external provider of the CUSTOM rule refused it (or could not
+    /// be asked), in these words.
+    ExtAuthz(&'a meshward_policy::ExtAuthzCheck, String),
+    /// The external provider let it through, in these words.
+    ExtAllowed(String),
 }
 
 fn log_tcp(
@@ -371,20 +416,29 @@ fn log_tcp(
     conn: &Conn,
     d: &Decision,
     started: Instant,
-    sent: u64,
-    received: u64,
-    error: Option<String>,
+    (sent, received): (u64, u64),
+    ended: Option<TcpEnd<'_>>,
 ) {
     if !state.metrics.access().enabled() {
         return;
     }
     let snap = state.snapshot();
     let mut record = conn.record(&snap.identity, "tcp", started, Some(d));
-    if let Some(e) = error {
-        if e.starts_with(POLICY_CHANGED) {
-            record.decision = "deny";
+    match ended {
+        Some(TcpEnd::Error(e)) => {
+            if e.starts_with(POLICY_CHANGED) {
+                record.decision = "deny";
+            }
+            record.reason = e;
         }
-        record.reason = e;
+        Some(TcpEnd::ExtAuthz(x, reason)) => {
+            record.decision = "deny";
+            record.reason = reason;
+            record.policy = Some(x.policy.policy.to_string());
+            record.rule = Some(x.policy.rule);
+        }
+        Some(TcpEnd::ExtAllowed(reason)) => record.reason = format!("{}; {reason}", record.reason),
+        None => {}
     }
     record.bytes_sent = sent;
     record.bytes_received = received;
@@ -395,18 +449,13 @@ fn log_tcp(
 /// policy change denies it.
 pub const POLICY_CHANGED: &str = "policy_changed";
 
-/// The access-log `decision` and `reason` of a decision. An allow that
-/// still needs the external authorizer is a deny: ext-authz is not
-/// available in this proxy, and it fails closed.
+/// The access-log `decision` and `reason` of a decision of meshward's own
+/// policies (what an external provider said is added by the caller).
 pub fn decision_words(d: &Decision) -> (&'static str, String) {
-    if d.ext_authz.is_some() && d.verdict == Verdict::Allow {
-        ("deny", "ext_authz_unavailable".to_string())
-    } else {
-        (
-            if d.is_allowed() { "allow" } else { "deny" },
-            d.reason.code().to_string(),
-        )
-    }
+    (
+        if d.is_allowed() { "allow" } else { "deny" },
+        d.reason.code().to_string(),
+    )
 }
 
 /// Logs a connection refused before any decision could be made.

@@ -172,6 +172,8 @@ struct Tracked {
     /// The request that opened a tunnel (a WebSocket), decided again as
     /// it was decided then.
     http: Option<TrackedRequest>,
+    /// The external authorization provider that let it through.
+    ext_approved: Option<String>,
     close: Arc<tokio::sync::Notify>,
 }
 
@@ -184,9 +186,6 @@ pub struct TrackedRequest {
     pub path: String,
     /// The facts of its valid JWT, if it carried one.
     pub auth: Option<meshward_policy::JwtAuth>,
-    /// The external authorization provider that let it through, if a
-    /// CUSTOM policy asked one.
-    pub ext_approved: Option<String>,
 }
 
 /// The open inbound TCP connections and WebSocket tunnels. A
@@ -200,12 +199,15 @@ pub struct TcpTracker {
 }
 
 impl TcpTracker {
-    /// Registers a connection (with `http`, the request of a tunnel); the
-    /// returned `Notify` fires when it must close.
+    /// Registers a connection (with `http`, the request of a tunnel;
+    /// `ext_approved`, the external authorization provider that let it
+    /// through, if a CUSTOM policy asked one); the returned `Notify` fires
+    /// when it must close.
     pub fn track(
         &self,
         conn: &crate::inbound::Conn,
         http: Option<TrackedRequest>,
+        ext_approved: Option<String>,
     ) -> (u64, Arc<tokio::sync::Notify>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(tokio::sync::Notify::new());
@@ -216,6 +218,7 @@ impl TcpTracker {
             port: conn.port,
             sni: conn.sni.clone(),
             http,
+            ext_approved,
             close: Arc::clone(&close),
         };
         self.conns
@@ -258,9 +261,10 @@ impl TcpTracker {
             };
             let d = snapshot.policy.decide(&req);
             // A CUSTOM rule is satisfied by the provider that let the
-            // handshake through; one that now names another provider is not
-            // (the proxy cannot ask it about a request long past).
-            let approved = t.http.as_ref().and_then(|h| h.ext_approved.as_deref());
+            // handshake or connection through; one that now names another
+            // provider is not (the proxy cannot ask it about a request or
+            // connection long past).
+            let approved = t.ext_approved.as_deref();
             let ext_ok = d
                 .ext_authz
                 .as_ref()
