@@ -44,7 +44,8 @@ impl Seen {
 
 /// The provider: allows `x-ext-authz: allow` and WebSockets under `/ws/` (adding `x-user`,
 /// `x-session` and `x-secret`), takes 3 s over `/check/slow/...`, and
-/// otherwise denies with 403, a body and `x-deny-reason` / `x-other`.
+/// otherwise denies with 403, a body and `x-deny-reason` / `x-other` /
+/// `www-authenticate`.
 async fn provider() -> (
     SocketAddr,
     Arc<Mutex<Vec<Seen>>>,
@@ -93,6 +94,7 @@ async fn provider() -> (
                                 .status(403)
                                 .header("x-deny-reason", "no ticket")
                                 .header("x-other", "not for the client")
+                                .header("www-authenticate", "Bearer realm=\"shop\"")
                                 .body(Full::new(Bytes::from("denied by ext")))
                         };
                         Ok::<_, std::convert::Infallible>(resp.unwrap())
@@ -373,6 +375,8 @@ async fn custom_policies_ask_the_external_provider() {
     assert_eq!((a.status, a.body.as_str()), (403, "denied by ext"));
     assert_eq!(a.headers["x-deny-reason"], "no ticket");
     assert!(!a.headers.contains_key("x-other"), "{:?}", a.headers);
+    // Not listed, but always passed on, as Envoy does.
+    assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"shop\"");
     assert_eq!(app.seen.lock().unwrap().len(), before);
     let line = orders
         .log_line("the refused request", |l| {

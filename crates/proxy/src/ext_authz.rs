@@ -197,13 +197,7 @@ async fn http_check(
         .await
         .map_err(|e| format!("reading the answer: {e}"))?
         .to_bytes();
-    let pick = |list: &[String]| -> Fields {
-        headers
-            .iter()
-            .filter(|(n, _)| header_listed(list, n.as_str()) && editable(n))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect()
-    };
+    let pick = |list: &[String]| picked(&headers, |n| header_listed(list, n));
     Ok(if status == 200 {
         Outcome::Allow {
             remove: Vec::new(),
@@ -214,9 +208,30 @@ async fn http_check(
     } else {
         Outcome::Deny {
             status,
-            headers: pick(&p.headers_to_downstream_on_deny),
+            headers: denial_headers(p, &headers),
             body,
         }
+    })
+}
+
+/// The editable fields of `headers` whose names `keep` accepts.
+fn picked(headers: &http::HeaderMap, keep: impl Fn(&str) -> bool) -> Fields {
+    headers
+        .iter()
+        .filter(|(n, _)| keep(n.as_str()) && editable(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
+}
+
+/// The fields of a denying HTTP provider's answer that the client gets, as
+/// Envoy picks them: with no `headersToDownstreamOnDeny`, all of them;
+/// otherwise those listed, and always `Location` and `WWW-Authenticate`
+/// (a login redirect or challenge must reach the client). Never the ones
+/// the proxy owns (framing, hop-by-hop, `Host`).
+fn denial_headers(p: &ExtAuthz, headers: &http::HeaderMap) -> Fields {
+    let list = &p.headers_to_downstream_on_deny;
+    picked(headers, |n| {
+        list.is_empty() || n == "location" || n == "www-authenticate" || header_listed(list, n)
     })
 }
 
@@ -468,6 +483,44 @@ mod tests {
             include_additional_headers: [("x-from".to_string(), "mesh".to_string())].into(),
             ..ExtAuthz::default()
         }
+    }
+
+    #[test]
+    fn a_denial_passes_all_its_headers_unless_some_are_listed() {
+        let mut answer = http::HeaderMap::new();
+        for (n, v) in [
+            ("location", "/login"),
+            ("www-authenticate", "Bearer"),
+            ("set-cookie", "a=1"),
+            ("x-deny-reason", "no"),
+            ("content-length", "5"),
+            ("connection", "close"),
+            ("host", "evil"),
+        ] {
+            answer.append(n, HeaderValue::from_static(v));
+        }
+        let names =
+            |fields: Fields| -> Vec<String> { fields.iter().map(|(n, _)| n.to_string()).collect() };
+        // Nothing listed: every header but the proxy's own.
+        let all = denial_headers(&ExtAuthz::default(), &answer);
+        assert_eq!(
+            names(all),
+            [
+                "location",
+                "www-authenticate",
+                "set-cookie",
+                "x-deny-reason"
+            ]
+        );
+        // Listed: those, plus Location and WWW-Authenticate.
+        let listed = ExtAuthz {
+            headers_to_downstream_on_deny: vec!["x-deny-*".into(), "host".into()],
+            ..ExtAuthz::default()
+        };
+        assert_eq!(
+            names(denial_headers(&listed, &answer)),
+            ["location", "www-authenticate", "x-deny-reason"]
+        );
     }
 
     #[test]
