@@ -43,7 +43,8 @@ impl Seen {
 }
 
 /// The provider: allows `x-ext-authz: allow` and WebSockets under `/ws/` (adding `x-user`,
-/// `x-session` and `x-secret`), takes 3 s over `/check/slow/...`, and
+/// `x-session` and `x-secret`, and naming `x-drop` for removal), takes 3 s
+/// over `/check/slow/...`, fails with 503 over `/check/admin/broken`, and
 /// otherwise denies with 403, a body and `x-deny-reason` / `x-other` /
 /// `www-authenticate`.
 async fn provider() -> (
@@ -79,6 +80,12 @@ async fn provider() -> (
                         if path.starts_with("/check/slow/") {
                             tokio::time::sleep(Duration::from_secs(3)).await;
                         }
+                        if path.starts_with("/check/admin/broken") {
+                            let resp = http::Response::builder()
+                                .status(503)
+                                .body(Full::new(Bytes::from("provider trouble")));
+                            return Ok(resp.unwrap());
+                        }
                         let allow = path.starts_with("/check/ws/")
                             || headers
                                 .iter()
@@ -88,6 +95,7 @@ async fn provider() -> (
                                 .header("x-user", "alice")
                                 .header("x-session", "s1")
                                 .header("x-secret", "not for anyone")
+                                .header("x-envoy-auth-headers-to-remove", "x-drop")
                                 .body(Full::new(Bytes::new()))
                         } else {
                             http::Response::builder()
@@ -335,6 +343,7 @@ async fn custom_policies_ask_the_external_provider() {
             ("x-auth-token", "t0k"),
             ("cookie", "private"),
             ("x-user", "mallory"),
+            ("x-drop", "gone"),
         ],
     )
     .await;
@@ -348,6 +357,8 @@ async fn custom_policies_ask_the_external_provider() {
     let seen = app.last().unwrap();
     assert_eq!(seen.headers["x-user"], "alice");
     assert!(!seen.headers.contains_key("x-secret"), "{seen:?}");
+    assert!(!seen.headers.contains_key("x-drop"), "removed: {seen:?}");
+    assert!(seen.headers.contains_key("cookie"), "{seen:?}");
     // The check request: method, prefix + path, Host, the listed headers
     // and the fixed one; nothing else of the request.
     let check = checks.lock().unwrap().last().cloned().unwrap();
@@ -418,6 +429,18 @@ async fn custom_policies_ask_the_external_provider() {
             .as_str()
             .unwrap()
             .contains("no answer within"),
+        "{line}"
+    );
+
+    // A 5xx is the provider failing (as in Envoy): statusOnError, not its
+    // answer.
+    let a = call(outbound, "/admin/broken", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, ""));
+    let line = orders
+        .log_line("the broken provider", |l| l["path"] == "/admin/broken")
+        .await;
+    assert_eq!(
+        line["reason"], "ext_authz ext-http: check failed: the provider answered 503",
         "{line}"
     );
 

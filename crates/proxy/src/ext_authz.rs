@@ -191,6 +191,10 @@ async fn http_check(
         .send(state, snap, service, port, req, false)
         .await?;
     let status = resp.status().as_u16();
+    // As Envoy: a 5xx is the provider failing, not a denial.
+    if resp.status().is_server_error() {
+        return Err(format!("the provider answered {status}"));
+    }
     let headers = resp.headers().clone();
     let body = http_body_util::Limited::new(resp.into_body(), MAX_DENY_BODY)
         .collect()
@@ -200,7 +204,7 @@ async fn http_check(
     let pick = |list: &[String]| picked(&headers, |n| header_listed(list, n));
     Ok(if status == 200 {
         Outcome::Allow {
-            remove: Vec::new(),
+            remove: headers_to_remove(&headers),
             set: pick(&p.headers_to_upstream_on_allow),
             append: Vec::new(),
             downstream: pick(&p.headers_to_downstream_on_allow),
@@ -212,6 +216,19 @@ async fn http_check(
             body,
         }
     })
+}
+
+/// The request headers an allowing HTTP provider names in
+/// `x-envoy-auth-headers-to-remove` (comma-separated, as Envoy reads it).
+fn headers_to_remove(answer: &http::HeaderMap) -> Vec<HeaderName> {
+    answer
+        .get_all("x-envoy-auth-headers-to-remove")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
+        .filter(editable)
+        .collect()
 }
 
 /// The editable fields of `headers` whose names `keep` accepts.
@@ -483,6 +500,24 @@ mod tests {
             include_additional_headers: [("x-from".to_string(), "mesh".to_string())].into(),
             ..ExtAuthz::default()
         }
+    }
+
+    #[test]
+    fn an_allowing_answer_may_name_request_headers_to_remove() {
+        let mut answer = http::HeaderMap::new();
+        answer.append(
+            "x-envoy-auth-headers-to-remove",
+            HeaderValue::from_static("Cookie, x-debug"),
+        );
+        answer.append(
+            "x-envoy-auth-headers-to-remove",
+            HeaderValue::from_static("content-length,bad name"),
+        );
+        let names: Vec<String> = headers_to_remove(&answer)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["cookie", "x-debug"], "never the framing");
     }
 
     #[test]
