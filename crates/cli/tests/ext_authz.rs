@@ -863,16 +863,7 @@ fn describe_says_when_custom_policies_cannot_be_enforced() {
         )
     };
     let base = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: orders, namespace: production}\nspec: {address: 127.0.0.1, labels: {app: orders}, serviceAccount: orders}\n---\napiVersion: meshward.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh, namespace: istio-system}\nspec:\n  extensionProviders:\n  - {name: a, envoyExtAuthzHttp: {service: a.auth.svc.cluster.local, port: 80}}\n  - {name: b, envoyExtAuthzGrpc: {service: b.auth.svc.cluster.local, port: 80}}\n---\n";
-    let describe = |yaml: &str| {
-        std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["describe", "production/orders", "-c"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let describe = |yaml: &str| describe(dir.path(), "production/orders", yaml);
     let one = describe(&format!("{base}{}{}", policy("x", "a"), policy("y", "a")));
     assert!(!one.contains("cannot be enforced"), "{one}");
     let two = describe(&format!("{base}{}{}", policy("x", "a"), policy("y", "b")));

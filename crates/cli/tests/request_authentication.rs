@@ -399,18 +399,7 @@ fn describe_lists_the_request_authentications_that_apply() {
     yaml += &ra("production", "namespace-jwt", "selector: {}");
     yaml += &ra("istio-system", "mesh-jwt", "selector: {}");
     yaml += &ra("development", "dev-jwt", "selector: {}");
-    std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["describe", "production/orders", "-c"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = describe(dir.path(), "production/orders", &yaml);
     let section = stdout
         .split("Request authentication (JWT):")
         .nth(1)

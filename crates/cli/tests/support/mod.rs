@@ -69,12 +69,26 @@ pub fn free_port() -> u16 {
 }
 
 pub fn run_ok(args: &[&str]) {
+    stdout_of(args);
+}
+
+/// Runs `meshward` with `args`, which must succeed, and returns what it
+/// printed.
+pub fn stdout_of(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "meshward {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `meshward describe <workload>` of the configuration `yaml`, written to
+/// `mesh.yaml` in `dir`.
+pub fn describe(dir: &Path, workload: &str, yaml: &str) -> String {
+    std::fs::write(dir.join("mesh.yaml"), yaml).unwrap();
+    stdout_of(&["describe", workload, "-c", dir.to_str().unwrap()])
 }
 
 /// A request as the echo application saw it.
