@@ -614,7 +614,6 @@ impl JwksStore {
 
     /// Fetches every URI whose fetch is due, once.
     pub async fn fetch_due(&self) {
-        let client = self.client.get_or_init(fetch_client);
         let due: Vec<Arc<RemoteJwks>> = {
             let map = self.by_uri.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -623,6 +622,12 @@ impl JwksStore {
                 .cloned()
                 .collect()
         };
+        if due.is_empty() {
+            return;
+        }
+        // Built on first use: a proxy with no remote JWKS never holds the
+        // roots it would verify servers with.
+        let client = self.client.get_or_init(fetch_client);
         for r in due {
             let next = match fetch(client, &r.uri).await {
                 Ok(keys) => {
