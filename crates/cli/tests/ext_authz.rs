@@ -809,6 +809,7 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         .await;
     assert_eq!(line["reason"], "ext_authz ext-grpc: denied", "{line}");
     assert_eq!(line["policy"], "production/orders-ext", "{line}");
+    assert_eq!(closed_with_flags(&orders, "UAEX").await, 1.0);
     assert_eq!(
         line["src.identity"], "spiffe://cluster.local/ns/production/sa/payments",
         "{line}"
@@ -831,11 +832,35 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         })
         .await;
     assert_eq!(line["reason"], "custom_unusable", "{line}");
+    // A policy denial of a connection carries no response flag, as Envoy's
+    // RBAC filter sets none.
+    let line = orders
+        .log_line("the connection denied for two providers", |l| {
+            l["kind"] == "tcp" && l["reason"] == "custom_unusable"
+        })
+        .await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(
+        closed_with_flags(&orders, "UAEX").await,
+        1.0,
+        "only the provider's refusal"
+    );
     let explanation = line["explanation"].as_str().unwrap();
     assert!(
         explanation.contains("only one provider can be used per workload"),
         "{line}"
     );
+}
+
+/// `istio_tcp_connections_closed_total` of `proxy` (destination) with
+/// `response_flags`.
+async fn closed_with_flags(proxy: &ProxyProcess, flags: &str) -> f64 {
+    let (_, m) = proxy.admin_get("/stats/prometheus").await;
+    metric(
+        &m,
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "destination"), ("response_flags", flags)],
+    )
 }
 
 /// Sends `ping` over an mTLS connection with the credentials in `dir` and

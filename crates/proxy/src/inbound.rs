@@ -355,7 +355,8 @@ where
     let approved = ext.as_ref().map(|(x, _)| x.provider.clone());
     let ext_allowed = ext.map(|(x, o)| o.reason(&x.provider));
     if !decision.is_allowed() {
-        labels.response_flags = "UAEX".to_string();
+        // Envoy's network RBAC filter closes the connection without a
+        // response flag.
         state.metrics.tcp_opened(&labels);
         state.metrics.tcp_closed(&labels, 0, 0);
         let ended = ext_allowed.map(TcpEnd::ExtAllowed);
