@@ -821,6 +821,12 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
     let second = base.clone()
         + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: orders-ext-2, namespace: production}\nspec:\n  selector: {matchLabels: {app: orders}}\n  action: CUSTOM\n  provider: {name: ext-http}\n  rules:\n  - to: [{operation: {paths: [\"/other/*\"]}}]\n";
     mesh.apply("mesh.yaml", &second, &[&orders]).await;
+    let (_, dump) = orders.admin_get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(
+        dump["custom_problem"],
+        "only one provider can be used per workload, found \"ext-grpc\", \"ext-http\""
+    );
     let made = grpc_checks.lock().unwrap().len();
     let a = call(outbound, "/api/v1/orders/1", &[("x-ext-authz", "allow")]).await;
     assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));

@@ -164,6 +164,9 @@ fn config_dump(state: &State) -> serde_json::Value {
         "inbound": inbound,
         "outbound": {"http": snap.outbound, "tcp": snap.tcp_outbound},
         "authorization_policies": policies,
+        // Set when the CUSTOM policies cannot be enforced (every request
+        // and connection is then denied).
+        "custom_problem": snap.policy.custom_problem(),
         "request_authentication": snap.jwt.describe(),
         "services": services,
     })
