@@ -211,6 +211,13 @@ fn config(
         "meshward.io/proxy: \"false\"",
     );
     c += &service_of("auth", "ext-grpc", grpc_ext.port(), "GRPC");
+    c += &workload(
+        "auth",
+        "ext-grpc-down",
+        &format!("grpc: {down}"),
+        "meshward.io/proxy: \"false\"",
+    );
+    c += &service_of("auth", "ext-grpc-down", down, "GRPC");
     c += &format!(
         r#"apiVersion: meshward.io/v1alpha1
 kind: MeshConfig
@@ -243,6 +250,15 @@ spec:
       service: auth/ext-grpc.auth.svc.cluster.local
       port: {grpc_port}
       statusOnError: "502"
+  - name: ext-grpc-down
+    envoyExtAuthzGrpc:
+      service: ext-grpc-down.auth.svc.cluster.local
+      port: {down}
+  - name: ext-grpc-open
+    envoyExtAuthzGrpc:
+      service: ext-grpc-down.auth.svc.cluster.local
+      port: {down}
+      failOpen: true
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -815,6 +831,39 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         "{line}"
     );
 
+    // A gRPC provider that cannot be reached: the connection is closed,
+    // or let through with failOpen.
+    let with = |p: &str| {
+        base.replace(
+            "provider: {name: ext-grpc}",
+            &format!("provider: {{name: {p}}}"),
+        )
+    };
+    mesh.apply("mesh.yaml", &with("ext-grpc-down"), &[&orders])
+        .await;
+    assert!(tcp_roundtrip(tcp_out, b"ping").await.is_err());
+    let line = orders
+        .log_line("the connection refused for a failed check", |l| {
+            l["kind"] == "tcp"
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("ext_authz ext-grpc-down: check failed"))
+        })
+        .await;
+    assert_eq!(line["decision"], "deny", "{line}");
+    mesh.apply("mesh.yaml", &with("ext-grpc-open"), &[&orders])
+        .await;
+    assert_eq!(tcp_roundtrip(tcp_out, b"ping").await.unwrap(), b"ping");
+    let line = orders
+        .log_line("the connection let through by failOpen", |l| {
+            l["kind"] == "tcp"
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("ext-grpc-open") && r.ends_with("(failOpen)"))
+        })
+        .await;
+    assert_eq!(line["decision"], "allow", "{line}");
+
     // A second CUSTOM policy naming another provider: as in Istio, the
     // workload's CUSTOM action cannot be enforced, and every request and
     // connection is denied, whatever its rules match.
@@ -848,8 +897,8 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
     assert_eq!(line["decision"], "deny", "{line}");
     assert_eq!(
         closed_with_flags(&orders, "UAEX").await,
-        1.0,
-        "only the provider's refusal"
+        2.0,
+        "only the provider's refusal and the failed check"
     );
     let explanation = line["explanation"].as_str().unwrap();
     assert!(
