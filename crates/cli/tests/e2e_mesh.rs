@@ -1161,7 +1161,8 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
         .await;
     assert_eq!(line["tls.mode"], "mutual_tls");
     // The call's body sizes on both sides: a 5-byte request message, a
-    // 7-byte response message (trailers are not body).
+    // 7-byte response message (trailers are not body); one message each
+    // way, under `request_protocol="grpc"` as Istio labels gRPC.
     for (proxy, reporter) in [(&frontend, "source"), (&catalog, "destination")] {
         eventually(&format!("the gRPC call's sizes ({reporter})"), || async {
             let (_, m) = proxy.admin_get("/stats/prometheus").await;
@@ -1169,12 +1170,18 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
                 metric(
                     &m,
                     name,
-                    &[("reporter", reporter), ("response_code", "200")],
+                    &[
+                        ("reporter", reporter),
+                        ("response_code", "200"),
+                        ("request_protocol", "grpc"),
+                    ],
                 )
             };
             (sum("istio_request_bytes_sum") == 5.0
                 && sum("istio_response_bytes_sum") == 7.0
-                && sum("istio_response_bytes_count") == 1.0)
+                && sum("istio_response_bytes_count") == 1.0
+                && sum("istio_request_messages_total") == 1.0
+                && sum("istio_response_messages_total") == 1.0)
                 .then_some(())
         })
         .await;

@@ -416,6 +416,8 @@ async fn custom_policies_ask_the_external_provider() {
     let (_, m) = orders.admin_get("/stats/prometheus").await;
     let refused = [("response_code", "403"), ("response_flags", "UAEX")];
     assert_eq!(metric(&m, "istio_requests_total", &refused), 1.0, "{m}");
+    // Message counts are for gRPC only.
+    assert!(!m.contains("istio_request_messages_total{"), "{m}");
 
     // A request no CUSTOM rule matches is not sent to the provider.
     let made = checks_made();

@@ -26,7 +26,7 @@ use crate::idle::{IdleTimer, Streams};
 use crate::inbound::{Conn, POLICY_CHANGED};
 use crate::rewind::Rewind;
 use crate::state::{State, TrackedRequest};
-use crate::telemetry::CountedBody;
+use crate::telemetry::{self, BodyCount, CountedBody, Counts};
 use crate::{ext_authz, jwt};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -215,7 +215,7 @@ where
                     status,
                     "UAEX",
                     Some(Ended::ExtAuthz(x, &reason)),
-                    (0, body.len() as u64),
+                    Counts::bytes(0, body.len() as u64),
                 ),
                 (decision.as_ref(), None),
                 line,
@@ -255,7 +255,7 @@ where
                     &conn,
                     &snap.identity,
                     started,
-                    (status, "-", ended, (0, body.len() as u64)),
+                    (status, "-", ended, Counts::bytes(0, body.len() as u64)),
                     (decision.as_ref(), ext_allowed.as_deref()),
                     line,
                 );
@@ -348,7 +348,12 @@ where
             &conn,
             &snap.identity,
             started,
-            (status, flags, tunneled.as_ref().map(Ended::Tunnel), sizes),
+            (
+                status,
+                flags,
+                tunneled.as_ref().map(Ended::Tunnel),
+                Counts::bytes(sizes.0, sizes.1),
+            ),
             (decision.as_ref(), ext_allowed.as_deref()),
             line,
         );
@@ -561,7 +566,8 @@ async fn handle(
     let started = Instant::now();
     let snap = state.snapshot();
     // Request body bytes forwarded to the application.
-    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let request_bytes = Arc::new(BodyCount::default());
+    let grpc = telemetry::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
     let (host, path, method) = request_line(&req);
     // RequestAuthentication first, then authorization, as Envoy's
     // jwt_authn and RBAC filters run.
@@ -695,7 +701,7 @@ async fn handle(
             *req.version_mut() = Version::HTTP_11;
             &state.app_client
         };
-        let req = req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes)).boxed());
+        let req = req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes), grpc).boxed());
         match client.request(req).await {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
@@ -728,7 +734,7 @@ async fn handle(
         Some((x, o)) => (None, Some(o.reason(&x.provider))),
         None => (None, None),
     };
-    let finish = Box::new(move |sizes| {
+    let finish = Box::new(move |counts| {
         let ended = match (&rejected, &ext_refused) {
             (Some(r), _) => Some(Ended::Unauthenticated(r)),
             (None, Some((x, reason))) => Some(Ended::ExtAuthz(x, reason)),
@@ -739,12 +745,12 @@ async fn handle(
             &conn,
             &snap.identity,
             started,
-            (status, flags, ended, sizes),
+            (status, flags, ended, counts),
             (decision.as_ref(), ext_allowed.as_deref()),
             [&method, &path, &host],
         );
     });
-    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, finish).boxed()))
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
 }
 
 /// The header edits of a request the fast path forwards, when it has any:
@@ -810,30 +816,34 @@ enum Ended<'a> {
 
 /// Records one inbound request: its metrics and, when enabled, its access
 /// log line. `line` is the method, path and host; `ended`, what the
-/// decision alone does not tell of how the request ended; `sizes`, its
-/// body bytes each way (a tunnel's bytes, for a tunnel); `decided`, the
+/// decision alone does not tell of how the request ended; `counts`, its
+/// body bytes each way (a tunnel's bytes, for a tunnel) and, for gRPC, its
+/// messages; `decided`, the
 /// decision and the words of an external provider that let it through.
 fn account(
     state: &State,
     conn: &Conn,
     own_identity: &str,
     started: Instant,
-    (status, flags, ended, sizes): (u16, &'static str, Option<Ended<'_>>, (u64, u64)),
+    (status, flags, ended, counts): (u16, &'static str, Option<Ended<'_>>, Counts),
     (decision, ext_allowed): (Option<&Decision>, Option<&str>),
     [method, path, host]: [&str; 3],
 ) {
-    let handles = conn.handles.get_or_insert(0, status, flags, || {
-        let mut labels = conn.labels(state, "http");
-        labels.response_code = status.to_string();
-        labels.response_flags = flags.to_string();
-        state.metrics.request_handles(&labels)
-    });
-    handles.record(started.elapsed(), sizes);
+    let protocol = counts.protocol();
+    let handles = conn
+        .handles
+        .get_or_insert((0, protocol), status, flags, || {
+            let mut labels = conn.labels(state, protocol);
+            labels.response_code = status.to_string();
+            labels.response_flags = flags.to_string();
+            state.metrics.request_handles(&labels)
+        });
+    handles.record(started.elapsed(), counts);
     if !state.metrics.access().enabled() {
         return;
     }
     let mut record = conn.record(own_identity, "http", started, decision);
-    (record.bytes_received, record.bytes_sent) = sizes;
+    (record.bytes_received, record.bytes_sent) = counts.bytes;
     record.method = Some(method.to_string());
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());

@@ -37,7 +37,9 @@ use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
 use crate::rewind::Rewind;
 use crate::snapshot::{Endpoint, Service, Snapshot, TcpOutbound, strip_port};
 use crate::state::State;
-use crate::telemetry::{AccessRecord, CountedBody, TrafficLabels, now_rfc3339, principal_parts};
+use crate::telemetry::{
+    self, AccessRecord, BodyCount, CountedBody, Counts, TrafficLabels, now_rfc3339, principal_parts,
+};
 
 /// Where and how to connect for one upstream authority.
 #[derive(Debug, Clone)]
@@ -726,7 +728,12 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
                 let body = "no healthy upstream";
                 let sent = h1::reply(&mut io, status, body, close).await;
-                let outcome = (status, "NR", e.to_string(), (0, body.len() as u64));
+                let outcome = (
+                    status,
+                    "NR",
+                    e.to_string(),
+                    Counts::bytes(0, body.len() as u64),
+                );
                 account(&state, &snap, &cache, peer, started, None, outcome, line);
                 if sent.is_err() || close {
                     break;
@@ -794,7 +801,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             peer,
             started,
             Some(&route),
-            (status, flags, reason, sizes),
+            (status, flags, reason, Counts::bytes(sizes.0, sizes.1)),
             line,
         );
         if close {
@@ -986,7 +993,8 @@ async fn handle(
     let started = Instant::now();
     let snap = state.snapshot();
     // Request body bytes forwarded upstream.
-    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let request_bytes = Arc::new(BodyCount::default());
+    let grpc = telemetry::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
     let (host, path, method) = request_line(&req);
     let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
     let route = state.outbound.route(&state, &snap, &host, port_hint);
@@ -1029,7 +1037,8 @@ async fn handle(
                     } else {
                         http::Version::HTTP_11
                     };
-                    let req = req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes)).boxed());
+                    let req =
+                        req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes), grpc).boxed());
                     match state.outbound.client.request(req).await {
                         Ok(mut resp) => (
                             {
@@ -1059,7 +1068,7 @@ async fn handle(
     // Counted, timed and logged when the response body has gone, as
     // Envoy does at the end of the stream.
     let status = resp.status().as_u16();
-    let finish = Box::new(move |sizes| {
+    let finish = Box::new(move |counts| {
         account(
             &state,
             &snap,
@@ -1067,11 +1076,11 @@ async fn handle(
             peer,
             started,
             route.as_ref(),
-            (status, flags, reason, sizes),
+            (status, flags, reason, counts),
             [&method, &path, &host],
         );
     });
-    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, finish).boxed()))
+    Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
 }
 
 /// Largest request body an HTTP/1.x request to an HTTP/2 upstream may have
@@ -1242,23 +1251,24 @@ fn account(
     peer: SocketAddr,
     started: Instant,
     route: Option<&Route>,
-    (status, flags, reason, sizes): (u16, &'static str, String, (u64, u64)),
+    (status, flags, reason, counts): (u16, &'static str, String, Counts),
     [method, path, host]: [&str; 3],
 ) {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
-    let tag = route.map_or(0, |r| service_tag(&r.svc));
+    let protocol = counts.protocol();
+    let tag = (route.map_or(0, |r| service_tag(&r.svc)), protocol);
     let handles = cache.get_or_insert(tag, status, flags, || {
-        let mut labels = source_labels(snap, route, "http", mtls);
+        let mut labels = source_labels(snap, route, protocol, mtls);
         labels.response_code = status.to_string();
         labels.response_flags = flags.to_string();
         state.metrics.request_handles(&labels)
     });
-    handles.record(started.elapsed(), sizes);
+    handles.record(started.elapsed(), counts);
     if !state.metrics.access().enabled() {
         return;
     }
     // From the application (the downstream here), and to it.
-    let (bytes_received, bytes_sent) = sizes;
+    let (bytes_received, bytes_sent) = counts.bytes;
     state.metrics.access().write(&AccessRecord {
         time: now_rfc3339(),
         kind: "http",

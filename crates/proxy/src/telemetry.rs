@@ -71,6 +71,8 @@ pub struct Metrics {
     durations: Family<TrafficLabels, Histogram, fn() -> Histogram>,
     request_bytes: Family<TrafficLabels, Histogram, fn() -> Histogram>,
     response_bytes: Family<TrafficLabels, Histogram, fn() -> Histogram>,
+    request_messages: Family<TrafficLabels, Counter>,
+    response_messages: Family<TrafficLabels, Counter>,
     tcp_opened: Family<TrafficLabels, Counter>,
     tcp_closed: Family<TrafficLabels, Counter>,
     tcp_sent: Family<TrafficLabels, Counter>,
@@ -93,6 +95,8 @@ impl Metrics {
             )
         };
         let (durations, request_bytes, response_bytes) = (histograms(), histograms(), histograms());
+        let request_messages = Family::<TrafficLabels, Counter>::default();
+        let response_messages = Family::<TrafficLabels, Counter>::default();
         let tcp_opened = Family::<TrafficLabels, Counter>::default();
         let tcp_closed = Family::<TrafficLabels, Counter>::default();
         let tcp_sent = Family::<TrafficLabels, Counter>::default();
@@ -113,6 +117,16 @@ impl Metrics {
             "istio_response_bytes",
             "HTTP response body sizes",
             response_bytes.clone(),
+        );
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages from the client",
+            request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages from the server",
+            response_messages.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
@@ -145,6 +159,8 @@ impl Metrics {
             durations,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -156,12 +172,19 @@ impl Metrics {
 
     /// The counter and histogram of one label set, to keep and reuse (a
     /// connection records many requests with the same labels).
+    /// gRPC requests (`request_protocol` `grpc`) also count their messages.
     pub fn request_handles(&self, labels: &TrafficLabels) -> RequestHandles {
         RequestHandles {
             count: self.requests.get_or_create_owned(labels),
             duration: self.durations.get_or_create_owned(labels),
             request_bytes: self.request_bytes.get_or_create_owned(labels),
             response_bytes: self.response_bytes.get_or_create_owned(labels),
+            messages: (labels.request_protocol == GRPC).then(|| {
+                (
+                    self.request_messages.get_or_create_owned(labels),
+                    self.response_messages.get_or_create_owned(labels),
+                )
+            }),
         }
     }
 
@@ -192,6 +215,9 @@ impl Metrics {
     }
 }
 
+/// Istio's `request_protocol` of a gRPC request.
+pub const GRPC: &str = "grpc";
+
 /// Metric handles for one label set.
 #[derive(Debug, Clone)]
 pub struct RequestHandles {
@@ -199,23 +225,111 @@ pub struct RequestHandles {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    /// gRPC messages each way, for a gRPC label set.
+    messages: Option<(Counter, Counter)>,
 }
 
 impl RequestHandles {
-    /// Records a request: its count, its duration, and the body bytes of
-    /// the request and of the response.
-    pub fn record(&self, duration: Duration, (request, response): (u64, u64)) {
+    /// Records a request: its count, its duration, the body bytes of the
+    /// request and of the response, and for gRPC their messages.
+    pub fn record(&self, duration: Duration, counts: Counts) {
+        let (request, response) = counts.bytes;
         self.count.inc();
         self.duration.observe(duration.as_secs_f64() * 1000.0);
         self.request_bytes.observe(request as f64);
         self.response_bytes.observe(response as f64);
+        if let (Some((to, from)), Some((sent, received))) = (&self.messages, counts.grpc_messages) {
+            to.inc_by(sent);
+            from.inc_by(received);
+        }
+    }
+}
+
+/// What the bodies of a request and its response carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Body bytes of the request and of the response.
+    pub bytes: (u64, u64),
+    /// For a gRPC request, the messages of each.
+    pub grpc_messages: Option<(u64, u64)>,
+}
+
+impl Counts {
+    /// Body bytes only (not gRPC).
+    pub fn bytes(request: u64, response: u64) -> Counts {
+        Counts {
+            bytes: (request, response),
+            grpc_messages: None,
+        }
+    }
+
+    /// Istio's `request_protocol` of the request.
+    pub fn protocol(&self) -> &'static str {
+        if self.grpc_messages.is_some() {
+            GRPC
+        } else {
+            "http"
+        }
+    }
+}
+
+/// What a body has carried so far: bytes, and gRPC messages begun.
+#[derive(Debug, Default)]
+pub struct BodyCount {
+    bytes: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// Whether a request with this `content-type` is gRPC.
+pub fn is_grpc(content_type: Option<&http::HeaderValue>) -> bool {
+    content_type.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Finds gRPC's length-prefixed messages (a flag byte, a 4-byte
+/// big-endian length, the message) in a body's bytes as they come, in
+/// data frames of any size.
+#[derive(Debug, Default)]
+struct GrpcFrames {
+    /// Prefix bytes of the next message seen so far (0 to 4).
+    prefix_seen: u8,
+    /// Its length bytes, as they come.
+    length: [u8; 4],
+    /// Bytes of the current message still to come.
+    left: u64,
+}
+
+impl GrpcFrames {
+    /// Takes `data`; returns how many messages began in it.
+    fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut began = 0;
+        while !data.is_empty() {
+            if self.left > 0 {
+                let skip = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                data = &data[skip..];
+                self.left -= skip as u64;
+                continue;
+            }
+            if self.prefix_seen > 0 {
+                self.length[usize::from(self.prefix_seen) - 1] = data[0];
+            }
+            data = &data[1..];
+            self.prefix_seen += 1;
+            if self.prefix_seen == 5 {
+                began += 1;
+                self.prefix_seen = 0;
+                self.left = u64::from(u32::from_be_bytes(self.length));
+            }
+        }
+        began
     }
 }
 
 /// What a response body runs once it has gone: the rest of its request's
-/// accounting (count, duration, sizes, access log line), given the body
-/// bytes of the request and of the response.
-pub type Finish = Box<dyn FnOnce((u64, u64)) + Send + Sync>;
+/// accounting (count, duration, sizes, access log line), given what the
+/// request and the response carried.
+pub type Finish = Box<dyn FnOnce(Counts) + Send + Sync>;
 
 /// A body that counts the bytes of its data frames: a request body on its
 /// way upstream into a count its response shares ([`CountedBody::new`]),
@@ -224,9 +338,11 @@ pub type Finish = Box<dyn FnOnce((u64, u64)) + Send + Sync>;
 /// Envoy records a request at the end of its stream.
 pub struct CountedBody<B> {
     body: B,
-    count: Arc<AtomicU64>,
+    count: Arc<BodyCount>,
+    /// For a gRPC body, where its messages are.
+    frames: Option<GrpcFrames>,
     /// For a response: its request's count, and what to run at the end.
-    finish: Option<(Arc<AtomicU64>, Finish)>,
+    finish: Option<(Arc<BodyCount>, Finish)>,
 }
 
 impl<B> std::fmt::Debug for CountedBody<B> {
@@ -239,20 +355,29 @@ impl<B> std::fmt::Debug for CountedBody<B> {
 }
 
 impl<B> CountedBody<B> {
-    pub fn new(body: B, count: Arc<AtomicU64>) -> CountedBody<B> {
+    /// A request body counted into `count`; `grpc` counts its messages
+    /// too.
+    pub fn new(body: B, count: Arc<BodyCount>, grpc: bool) -> CountedBody<B> {
         CountedBody {
             body,
             count,
+            frames: grpc.then(GrpcFrames::default),
             finish: None,
         }
     }
 
     /// A response body that, once it has gone, runs `finish` with
-    /// `request`'s count and its own.
-    pub fn recording(body: B, request: Arc<AtomicU64>, finish: Finish) -> CountedBody<B> {
+    /// `request`'s count and its own (with their messages for `grpc`).
+    pub fn recording(
+        body: B,
+        request: Arc<BodyCount>,
+        grpc: bool,
+        finish: Finish,
+    ) -> CountedBody<B> {
         CountedBody {
             body,
             count: Arc::default(),
+            frames: grpc.then(GrpcFrames::default),
             finish: Some((request, finish)),
         }
     }
@@ -270,8 +395,16 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.count
+            let this = &mut *self;
+            this.count
+                .bytes
                 .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            if let Some(frames) = &mut this.frames {
+                let mut slices = [std::io::IoSlice::new(&[]); 16];
+                let n = data.chunks_vectored(&mut slices);
+                let began: u64 = slices[..n].iter().map(|s| frames.feed(s)).sum();
+                this.count.messages.fetch_add(began, Ordering::Relaxed);
+            }
         }
         polled
     }
@@ -288,10 +421,14 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
 impl<B> Drop for CountedBody<B> {
     fn drop(&mut self) {
         if let Some((request, finish)) = self.finish.take() {
-            finish((
-                request.load(Ordering::Relaxed),
-                self.count.load(Ordering::Relaxed),
-            ));
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            finish(Counts {
+                bytes: (load(&request.bytes), load(&self.count.bytes)),
+                grpc_messages: self
+                    .frames
+                    .is_some()
+                    .then(|| (load(&request.messages), load(&self.count.messages))),
+            });
         }
     }
 }
@@ -299,14 +436,16 @@ impl<B> Drop for CountedBody<B> {
 /// Per-connection cache of request metric handles by response code and
 /// flags, so the hot path builds no label set after the first request.
 #[derive(Debug, Default)]
-pub struct HandleCache(Mutex<Vec<(usize, u16, &'static str, RequestHandles)>>);
+pub struct HandleCache(Mutex<Vec<(Tag, u16, &'static str, RequestHandles)>>);
+
+/// What tells apart label sets beyond code and flags: the destination
+/// service (outbound; 0 elsewhere) and the request protocol.
+pub type Tag = (usize, &'static str);
 
 impl HandleCache {
-    /// `tag` tells apart label sets that differ in more than code and flags
-    /// (the destination service, outbound).
     pub fn get_or_insert(
         &self,
-        tag: usize,
+        tag: Tag,
         code: u16,
         flags: &'static str,
         make: impl FnOnce() -> RequestHandles,
@@ -394,4 +533,65 @@ pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::from(SystemTime::now());
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// gRPC messages of `lens` payload bytes, framed.
+    fn framed(lens: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &n in lens {
+            out.push(0);
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend(std::iter::repeat_n(7u8, n as usize));
+        }
+        out
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_however_the_bytes_are_split() {
+        let body = framed(&[0, 3, 300, 1]);
+        // Whole, byte by byte, and in every two-piece split.
+        assert_eq!(GrpcFrames::default().feed(&body), 4);
+        let mut f = GrpcFrames::default();
+        assert_eq!(body.iter().map(|b| f.feed(&[*b])).sum::<u64>(), 4);
+        for cut in 0..=body.len() {
+            let mut f = GrpcFrames::default();
+            let (a, b) = body.split_at(cut);
+            assert_eq!(f.feed(a) + f.feed(b), 4, "cut at {cut}");
+        }
+        // A message is counted when its prefix is complete.
+        let mut f = GrpcFrames::default();
+        assert_eq!(f.feed(&body[..4]), 0);
+        assert_eq!(f.feed(&body[4..5]), 1);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_exchange_reports_its_messages_and_bytes() {
+        use http_body_util::BodyExt;
+        let request = Arc::new(BodyCount::default());
+        let sent = framed(&[2, 2]);
+        let req = CountedBody::new(
+            http_body_util::Full::new(bytes::Bytes::from(sent.clone())),
+            Arc::clone(&request),
+            true,
+        );
+        assert_eq!(req.collect().await.unwrap().to_bytes().len(), sent.len());
+        let seen: Arc<Mutex<Option<Counts>>> = Arc::default();
+        let seen2 = Arc::clone(&seen);
+        let resp = CountedBody::recording(
+            http_body_util::Full::new(bytes::Bytes::from(framed(&[5]))),
+            request,
+            true,
+            Box::new(move |c| *seen2.lock().unwrap() = Some(c)),
+        );
+        resp.collect().await.unwrap();
+        let counts = seen.lock().unwrap().unwrap();
+        assert_eq!(counts.bytes, (14, 10));
+        assert_eq!(counts.grpc_messages, Some((2, 1)));
+        assert_eq!(counts.protocol(), GRPC);
+        assert_eq!(Counts::bytes(1, 2).protocol(), "http");
+    }
 }
