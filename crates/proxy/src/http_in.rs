@@ -184,17 +184,16 @@ where
             decision.as_ref().and_then(|d| d.ext_authz.as_ref()),
         ) {
             (Ok(path), Some(x)) => {
-                let check = ext_authz::Check {
-                    http: Some(ext_authz::HttpCheck {
+                let check = conn.ext_check(
+                    &snap.identity,
+                    Some(ext_authz::HttpCheck {
                         method: head.method(),
                         host: target.host,
                         path,
                         headers: head.iter().collect(),
                         protocol: "HTTP/1.1",
                     }),
-                    source: (conn.peer, conn.identity.as_deref()),
-                    destination: (conn.local, &snap.identity),
-                };
+                );
                 Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
             }
             _ => None,
@@ -593,8 +592,9 @@ async fn handle(
         decision.as_ref().and_then(|d| d.ext_authz.as_ref()),
     ) {
         (Ok(forwarded), Some(x)) => {
-            let check = ext_authz::Check {
-                http: Some(ext_authz::HttpCheck {
+            let check = conn.ext_check(
+                &snap.identity,
+                Some(ext_authz::HttpCheck {
                     method: &method,
                     host: &host,
                     path: forwarded,
@@ -609,9 +609,7 @@ async fn handle(
                         "HTTP/1.1"
                     },
                 }),
-                source: (conn.peer, conn.identity.as_deref()),
-                destination: (conn.local, &snap.identity),
-            };
+            );
             let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
             Some((x.clone(), outcome))
         }

@@ -103,6 +103,20 @@ impl Conn {
         }
     }
 
+    /// The external authorization check of this connection (`http`: of one
+    /// of its requests) to this workload, `own_identity`.
+    pub fn ext_check<'a>(
+        &'a self,
+        own_identity: &'a str,
+        http: Option<ext_authz::HttpCheck<'a>>,
+    ) -> ext_authz::Check<'a> {
+        ext_authz::Check {
+            http,
+            source: (self.peer, self.identity.as_deref()),
+            destination: (self.local, own_identity),
+        }
+    }
+
     /// The principal as policies spell it (no `spiffe://`).
     pub fn principal(&self) -> Option<&str> {
         self.identity
@@ -327,42 +341,39 @@ where
     let decision = snap.policy.decide(&conn.facts(None));
     let ext = match &decision.ext_authz {
         Some(x) => {
-            let check = ext_authz::Check {
-                http: None,
-                source: (conn.peer, conn.identity.as_deref()),
-                destination: (conn.local, &snap.identity),
-            };
-            let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
-            Some((x, outcome))
+            let check = conn.ext_check(&snap.identity, None);
+            Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
         }
         None => None,
     };
     drop(snap);
     let mut labels = conn.labels(&state, "tcp");
-    if let Some((x, outcome)) = ext.as_ref().filter(|(_, o)| !o.allows()) {
-        labels.response_flags = "UAEX".to_string();
+    // Refused by the provider (flag UAEX), or by policy (no flag: Envoy's
+    // network RBAC filter sets none).
+    let refused = match &ext {
+        Some((x, outcome)) if !outcome.allows() => {
+            labels.response_flags = "UAEX".to_string();
+            // A connection has no HTTP status to tell.
+            let words = match outcome {
+                ext_authz::Outcome::Deny { .. } => format!("ext_authz {}: denied", x.provider),
+                o => o.reason(&x.provider),
+            };
+            Some(Some(TcpEnd::ExtAuthz(x, words)))
+        }
+        _ if !decision.is_allowed() => Some(
+            ext.as_ref()
+                .map(|(x, o)| TcpEnd::ExtAllowed(o.reason(&x.provider))),
+        ),
+        _ => None,
+    };
+    if let Some(ended) = refused {
         state.metrics.tcp_opened(&labels);
         state.metrics.tcp_closed(&labels, 0, 0);
-        // A connection has no HTTP status to tell.
-        let words = match outcome {
-            ext_authz::Outcome::Deny { .. } => format!("ext_authz {}: denied", x.provider),
-            o => o.reason(&x.provider),
-        };
-        let ended = TcpEnd::ExtAuthz(x, words);
-        log_tcp(&state, &conn, &decision, started, (0, 0), Some(ended));
+        log_tcp(&state, &conn, &decision, started, (0, 0), ended);
         return;
     }
     let approved = ext.as_ref().map(|(x, _)| x.provider.clone());
     let ext_allowed = ext.map(|(x, o)| o.reason(&x.provider));
-    if !decision.is_allowed() {
-        // Envoy's network RBAC filter closes the connection without a
-        // response flag.
-        state.metrics.tcp_opened(&labels);
-        state.metrics.tcp_closed(&labels, 0, 0);
-        let ended = ext_allowed.map(TcpEnd::ExtAllowed);
-        log_tcp(&state, &conn, &decision, started, (0, 0), ended);
-        return;
-    }
     state.metrics.tcp_opened(&labels);
     let (id, close) = state.tcp_conns.track(&conn, None, approved);
     let (sent, received, error) = match TcpStream::connect(conn.app).await {

@@ -400,6 +400,8 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
                 .bytes
                 .fetch_add(data.remaining() as u64, Ordering::Relaxed);
             if let Some(frames) = &mut this.frames {
+                // Data frames here are `Bytes`, one chunk each; 16 slices
+                // leave room for any `Buf` hyper hands over.
                 let mut slices = [std::io::IoSlice::new(&[]); 16];
                 let n = data.chunks_vectored(&mut slices);
                 let began: u64 = slices[..n].iter().map(|s| frames.feed(s)).sum();
