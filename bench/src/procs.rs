@@ -79,7 +79,26 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the process as an orchestrator does: SIGTERM, then SIGKILL if
+    /// it has not exited within a few seconds. A graceful exit lets a
+    /// profiling build (`scripts/pgo.sh`) write its profile.
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let termed = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if termed {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while matches!(self.child.try_wait(), Ok(None))
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

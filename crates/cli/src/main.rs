@@ -14,10 +14,14 @@ mod policy;
 mod proxy;
 mod validate;
 
+/// The version, with the kind of build when it is not a plain `cargo
+/// build` (see build.rs).
+const VERSION: &str = env!("MESHWARD_VERSION");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "meshward",
-    version,
+    version = VERSION,
     about = "Zero-trust service-to-service security: Istio-compatible policies, mTLS and a built-in CA"
 )]
 struct Cli {

@@ -691,7 +691,7 @@ fn an_invalid_idle_timeout_is_refused_before_anything_starts() {
         ("400000000000y", "at most 365d"),
         ("soon", "invalid duration"),
     ] {
-        let out = std::process::Command::new(BIN)
+        let out = std::process::Command::new(bin())
             .args(["proxy", "-c", "none", "-w", "a/b", "--certs", "none"])
             .args(["--idle-timeout", value])
             .output()

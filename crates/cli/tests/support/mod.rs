@@ -19,7 +19,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_meshward");
+/// The `meshward` binary the tests run: this build's, or the one
+/// `MESHWARD_TEST_BIN` names. `scripts/release.sh` runs the suite against
+/// its profiling build, so that every feature the tests reach is in the
+/// profile that optimizes the release binary.
+pub fn bin() -> PathBuf {
+    std::env::var_os("MESHWARD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshward")))
+}
 
 /// How long readiness and eventual-consistency waits may take.
 pub fn patience() -> Duration {
@@ -75,7 +83,7 @@ pub fn run_ok(args: &[&str]) {
 /// Runs `meshward` with `args`, which must succeed, and returns what it
 /// printed.
 pub fn stdout_of(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new(bin()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "meshward {args:?} failed:\n{}",
@@ -226,13 +234,31 @@ impl ProxyProcess {
 }
 
 impl Drop for ProxyProcess {
+    /// Stops the proxy as an orchestrator does (SIGTERM, which the proxy
+    /// handles), and kills it if it has not exited within `patience()`.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+/// SIGTERM, then SIGKILL if the process is still running after
+/// `patience()`; reaps it either way.
+pub fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let termed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = Instant::now() + patience();
+        while termed && matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
@@ -328,7 +354,7 @@ impl Mesh {
     pub async fn proxy_with(&self, workload: &str, certs: &Path, extra: &[&str]) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args([
                 "proxy",
                 "--config",

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds the meshward release binary as it is shipped and benchmarked:
+# the release profile (fat LTO) plus profile-guided optimization (PGO).
+#
+#   scripts/release.sh           build; prints the binary's path (stdout)
+#   scripts/release.sh --quick   shorter benchmark training (CI)
+#
+# 1. An instrumented build (-Cprofile-generate) is trained on
+#    a. the benchmark's traffic through a meshward pair (bench/, meshward
+#       only: HTTP/1.1 keep-alive at a fixed rate and at full speed, and a
+#       new mTLS connection per request), the hot path whose cost matters;
+#    b. the end-to-end suite of meshward-cli (HTTP/2, gRPC, TCP, JWT,
+#       ext-authz, reloads, DestinationRule TLS, Envoy interop), so that no
+#       feature is compiled as if it never ran.
+# 2. llvm-profdata (rustup's llvm-tools, matching rustc's LLVM) merges the
+#    profiles; the final build uses them (-Cprofile-use).
+#
+# The binary is target/pgo/<host>/release/meshward (under $CARGO_TARGET_DIR
+# if set); `meshward --version` says "(pgo)". It is then run once in a
+# meshward pair by the harness. The profile is made fresh on every run from
+# the current source, under target/pgo-data, and never committed. About
+# 9 minutes on 2 cores: two fat-LTO builds and 2 minutes of training.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+quick=()
+case "${1:-}" in
+    --quick) quick=(--quick) ;;
+    "") ;;
+    *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+esac
+
+host="$(rustc -vV | sed -n 's/^host: //p')"
+profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
+if [ ! -x "$profdata" ]; then
+    rustup component add llvm-tools >&2
+fi
+if [ ! -x "$profdata" ]; then
+    echo "release.sh: llvm-profdata not found at $profdata (rustup component add llvm-tools)" >&2
+    exit 1
+fi
+
+target="${CARGO_TARGET_DIR:-$root/target}"
+data="$target/pgo-data"
+rm -rf "$data"
+mkdir -p "$data/raw"
+say() { echo "release.sh: $*" >&2; }
+
+# The harness itself is an ordinary release build (its own code is not
+# profiled). --target keeps RUSTFLAGS off build scripts and proc macros.
+say "1/4 instrumented build"
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$data/raw" \
+    cargo build --release --locked -p meshward-cli --target "$host" --target-dir "$target/pgo-gen" >&2
+instrumented="$target/pgo-gen/$host/release/meshward"
+
+say "2/4 training: benchmark traffic"
+cargo build --release --locked -p meshward-bench >&2
+MESHWARD_BIN="$instrumented" "$target/release/meshward-bench" \
+    --targets meshward --require-meshward "${quick[@]}" >&2
+
+say "3/4 training: the end-to-end suite"
+MESHWARD_ENVOY="${MESHWARD_ENVOY:-$(bash bench/install-envoy.sh)}"
+export MESHWARD_ENVOY
+MESHWARD_TEST_BIN="$instrumented" cargo test --locked -p meshward-cli --tests >&2
+
+"$profdata" merge -o "$data/meshward.profdata" "$data/raw"
+
+say "4/4 optimized build"
+MESHWARD_BUILD=pgo RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$data/meshward.profdata" \
+    cargo build --release --locked -p meshward-cli --target "$host" --target-dir "$target/pgo" >&2
+binary="$target/pgo/$host/release/meshward"
+"$binary" --version >&2
+
+# A smoke run of what is shipped: the harness's preflight checks that the
+# pair enforces its policy (GET 200, POST 403) before it measures.
+say "check: the optimized binary in a meshward pair"
+MESHWARD_BIN="$binary" "$target/release/meshward-bench" \
+    --targets meshward --scenarios keepalive --require-meshward --quick >/dev/null
+echo "$binary"
