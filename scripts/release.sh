@@ -65,6 +65,13 @@ export MESHWARD_ENVOY
 MESHWARD_TEST_BIN="$instrumented" cargo test --locked -p meshward-cli --tests >&2
 
 "$profdata" merge -o "$data/meshward.profdata" "$data/raw"
+# A proxy writes its profile when it exits; one that was killed instead
+# leaves only the short CLI runs in it. Refuse to build from such a profile.
+hottest="$("$profdata" show "$data/meshward.profdata" | sed -n 's/^Maximum function count: //p')"
+if [ "${hottest:-0}" -lt 100000 ]; then
+    echo "release.sh: the profile holds no proxy traffic (hottest function ran ${hottest:-0} times): did the proxies exit on SIGTERM?" >&2
+    exit 1
+fi
 
 say "4/4 optimized build"
 MESHWARD_BUILD=pgo RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$data/meshward.profdata" \
