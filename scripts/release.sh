@@ -12,8 +12,9 @@
 #    b. the end-to-end suite of meshward-cli (HTTP/2, gRPC, TCP, JWT,
 #       ext-authz, reloads, DestinationRule TLS, Envoy interop), so that no
 #       feature is compiled as if it never ran.
-# 2. llvm-profdata (rustup's llvm-tools, matching rustc's LLVM) merges the
-#    profiles; the final build uses them (-Cprofile-use).
+# 2. llvm-profdata (rustup's llvm-tools, matching rustc's LLVM, else
+#    Debian's llvm-19) merges the profiles; the final build uses them
+#    (-Cprofile-use).
 #
 # The binary is target/pgo/<host>/release/meshward (under $CARGO_TARGET_DIR
 # if set); `meshward --version` says "(pgo)". It is then run once in a
@@ -32,12 +33,27 @@ case "${1:-}" in
 esac
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
-profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
-if [ ! -x "$profdata" ]; then
-    rustup component add llvm-tools >&2
+# llvm-profdata: $LLVM_PROFDATA, else rustup's llvm-tools (rustc's own LLVM),
+# else the newest llvm-profdata-N on PATH (Debian's llvm-19 reads rustc's
+# LLVM 22 raw profiles, and rustc reads what it writes).
+find_profdata() {
+    local p n
+    for p in "${LLVM_PROFDATA:-}" "$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"; do
+        [ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return; }
+    done
+    for n in $(seq 30 -1 15); do
+        p="$(command -v "llvm-profdata-$n" || true)"
+        [ -n "$p" ] && { echo "$p"; return; }
+    done
+    command -v llvm-profdata || true
+}
+profdata="$(find_profdata)"
+if [ -z "$profdata" ]; then
+    rustup component add llvm-tools >&2 || true
+    profdata="$(find_profdata)"
 fi
-if [ ! -x "$profdata" ]; then
-    echo "release.sh: llvm-profdata not found at $profdata (rustup component add llvm-tools)" >&2
+if [ -z "$profdata" ]; then
+    echo "release.sh: no llvm-profdata: rustup component add llvm-tools, or apt-get install llvm-19, or set LLVM_PROFDATA" >&2
     exit 1
 fi
 
@@ -64,6 +80,7 @@ MESHWARD_ENVOY="${MESHWARD_ENVOY:-$(bash bench/install-envoy.sh)}"
 export MESHWARD_ENVOY
 MESHWARD_TEST_BIN="$instrumented" cargo test --locked -p meshward-cli --tests >&2
 
+say "merging the profiles with $profdata"
 "$profdata" merge -o "$data/meshward.profdata" "$data/raw"
 # A proxy writes its profile when it exits; one that was killed instead
 # leaves only the short CLI runs in it. Refuse to build from such a profile.
