@@ -81,7 +81,7 @@ impl Proc {
 impl Drop for Proc {
     /// Stops the process as an orchestrator does: SIGTERM, then SIGKILL if
     /// it has not exited within a few seconds. A graceful exit lets a
-    /// profiling build (`scripts/pgo.sh`) write its profile.
+    /// profiling build (`scripts/release.sh`) write its profile.
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let termed = Command::new("kill")

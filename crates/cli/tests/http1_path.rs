@@ -705,6 +705,32 @@ fn an_invalid_idle_timeout_is_refused_before_anything_starts() {
     }
 }
 
+/// An orchestrator stops a sidecar with SIGTERM: the proxy exits with
+/// status 0. (`scripts/release.sh` relies on that exit: a profiling
+/// build writes its profile when it exits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_proxy_with_status_zero() {
+    let (app, _log, _task) = body_app(false).await;
+    let mesh = Mesh::new();
+    let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ports = [Port {
+        name: "http",
+        inbound,
+        app,
+    }];
+    mesh.write_config("mesh.yaml", &mesh_yaml(&ports, &[], HOST, false));
+    let mut proxy = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    // A proxy still running after `patience()` is killed: not a success.
+    let status = proxy.terminate();
+    assert!(status.success(), "{status}\n{}", proxy.logs());
+    assert!(proxy.logs().contains("shutting down"), "{}", proxy.logs());
+}
+
 const IDLE_CLIENT: std::time::Duration = std::time::Duration::from_secs(1);
 const IDLE_SERVER: std::time::Duration = std::time::Duration::from_secs(2);
 

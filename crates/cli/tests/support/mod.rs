@@ -208,6 +208,12 @@ impl ProxyProcess {
         .await
     }
 
+    /// Stops the proxy as an orchestrator does, with SIGTERM, and returns
+    /// how it exited (killed, if it was still running after `patience()`).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        stop(&mut self.child)
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
@@ -245,8 +251,8 @@ impl Drop for ProxyProcess {
 }
 
 /// SIGTERM, then SIGKILL if the process is still running after
-/// `patience()`; reaps it either way.
-pub fn stop(child: &mut Child) {
+/// `patience()`; reaps it either way and returns how it exited.
+pub fn stop(child: &mut Child) -> std::process::ExitStatus {
     if matches!(child.try_wait(), Ok(None)) {
         let termed = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -258,7 +264,7 @@ pub fn stop(child: &mut Child) {
         }
     }
     let _ = child.kill();
-    let _ = child.wait();
+    child.wait().expect("reaping a child process")
 }
 
 fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
