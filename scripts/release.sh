@@ -85,8 +85,13 @@ say "merging the profiles with $profdata"
 # A proxy writes its profile when it exits; one that was killed instead
 # leaves only the short CLI runs in it. Refuse to build from such a profile.
 hottest="$("$profdata" show "$data/meshward.profdata" | sed -n 's/^Maximum function count: //p')"
-if [ "${hottest:-0}" -lt 100000 ]; then
-    echo "release.sh: the profile holds no proxy traffic (hottest function ran ${hottest:-0} times): did the proxies exit on SIGTERM?" >&2
+case "$hottest" in
+    '' | *[!0-9]*)
+        echo "release.sh: cannot read the profile's maximum function count from $profdata show (got '$hottest')" >&2
+        exit 1 ;;
+esac
+if [ "$hottest" -lt 100000 ]; then
+    echo "release.sh: the profile holds no proxy traffic (hottest function ran $hottest times): did the proxies exit on SIGTERM?" >&2
     exit 1
 fi
 

@@ -6,7 +6,19 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MESHWARD_BUILD");
     let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
     let full = match std::env::var("MESHWARD_BUILD") {
-        Ok(build) if !build.trim().is_empty() => format!("{version} ({})", build.trim()),
+        Ok(build) if !build.trim().is_empty() => {
+            let build = build.trim();
+            // It ends up in a cargo directive and in `--version`: a short
+            // word, nothing that could start another line.
+            assert!(
+                build.len() <= 32
+                    && build
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')),
+                "MESHWARD_BUILD must be at most 32 letters, digits, '.', '-' or '_', got {build:?}"
+            );
+            format!("{version} ({build})")
+        }
         _ => version,
     };
     println!("cargo:rustc-env=MESHWARD_VERSION={full}");

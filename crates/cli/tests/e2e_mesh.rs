@@ -966,12 +966,8 @@ spec:
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
             "the connection must be closed, got {read:?}"
         );
-        db.log_line("closed by the policy change", |l| {
-            l["reason"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("policy_changed"))
-        })
-        .await;
+        db.tcp_log_line("closed by the policy change", "policy_changed")
+            .await;
     }
 
     // PERMISSIVE passes TLS that is not mesh mTLS (no istio ALPN) through

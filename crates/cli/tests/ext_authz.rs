@@ -845,12 +845,10 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         .await;
     assert!(tcp_roundtrip(tcp_out, b"ping").await.is_err());
     let line = orders
-        .log_line("the connection refused for a failed check", |l| {
-            l["kind"] == "tcp"
-                && l["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with("ext_authz ext-grpc-down: check failed"))
-        })
+        .tcp_log_line(
+            "the connection refused for a failed check",
+            "ext_authz ext-grpc-down: check failed",
+        )
         .await;
     assert_eq!(line["decision"], "deny", "{line}");
     mesh.apply("mesh.yaml", &with("ext-grpc-open"), &[&orders])

@@ -860,12 +860,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     // carried (three round trips of three bytes).
     for p in [&client, &server] {
         let line = p
-            .log_line("an idle TCP connection", |l| {
-                l["kind"] == "tcp"
-                    && l["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.starts_with("idle_timeout"))
-            })
+            .tcp_log_line("an idle TCP connection", "idle_timeout")
             .await;
         assert_eq!(
             (line["bytes_sent"].as_u64(), line["bytes_received"].as_u64()),

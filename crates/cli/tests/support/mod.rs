@@ -208,6 +208,14 @@ impl ProxyProcess {
         .await
     }
 
+    /// The first TCP access-log line whose reason starts with `reason`.
+    pub async fn tcp_log_line(&self, what: &str, reason: &str) -> serde_json::Value {
+        self.log_line(what, |l| {
+            l["kind"] == "tcp" && l["reason"].as_str().is_some_and(|r| r.starts_with(reason))
+        })
+        .await
+    }
+
     /// Stops the proxy as an orchestrator does, with SIGTERM, and returns
     /// how it exited (killed, if it was still running after `patience()`).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
