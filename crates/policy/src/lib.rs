@@ -1,10 +1,11 @@
 //! Pure policy decisions for meshward.
 //!
-//! Given a validated [`meshward_config::ConfigSet`], this crate answers two
-//! questions exactly as Istio does: which mTLS mode a workload port has
-//! (PeerAuthentication), and whether a connection or request is allowed
+//! Given a validated [`meshward_config::ConfigSet`], this crate answers
+//! these questions exactly as Istio does: which mTLS mode a workload port
+//! has (PeerAuthentication), whether a connection or request is allowed
 //! (AuthorizationPolicy: CUSTOM, then DENY, then ALLOW; AUDIT and dry-run
-//! reported only). Every decision carries its explanation.
+//! reported only), and which DestinationRule applies to a client's calls
+//! to a host ([`destination`]). Every decision carries its explanation.
 //!
 //! Policies are compiled once; [`PolicyEngine::workload`] collects the ones
 //! that select one workload, so a decision costs what those policies cost.
@@ -14,6 +15,7 @@
 
 mod compile;
 mod decision;
+pub mod destination;
 mod engine;
 pub mod matcher;
 pub mod normalize;
@@ -23,6 +25,7 @@ pub mod suite;
 
 pub use compile::PolicyRef;
 pub use decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};
+pub use destination::{AppliedDestinationRule, destination_rule, service_visible};
 pub use engine::{PolicyEngine, Workload, WorkloadPolicy};
 pub use normalize::{PathError, normalize_path};
 pub use peer::{ModeSource, PeerDecision, PeerModes};

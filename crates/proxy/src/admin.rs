@@ -148,7 +148,8 @@ fn config_dump(state: &State) -> serde_json::Value {
         .map(|s| {
             json!({
                 "name": format!("{}/{}", s.namespace, s.name),
-                "hosts": s.hosts,
+                "host": s.host,
+                "destination_rule": s.destination_rule,
                 "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints,
                 "identities": s.identities,

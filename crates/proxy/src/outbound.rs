@@ -969,7 +969,7 @@ fn source_labels(
             .map(|r| r.endpoint().identity.clone())
             .unwrap_or_else(|| "unknown".to_string()),
         destination_service: route
-            .and_then(|r| r.svc.hosts.first().cloned())
+            .map(|r| r.svc.host.clone())
             .unwrap_or_else(|| "unknown".to_string()),
         destination_service_name: route
             .map(|r| r.svc.name.clone())
@@ -1276,7 +1276,7 @@ fn account(
         src_addr: peer.to_string(),
         src_identity: Some(snap.identity.clone()),
         dst_addr: route.map(|r| r.addr.to_string()).unwrap_or_default(),
-        dst_service: route.and_then(|r| r.svc.hosts.first().cloned()),
+        dst_service: route.map(|r| r.svc.host.clone()),
         dst_identity: route
             .filter(|_| mtls)
             .map(|r| r.endpoint().identity.clone()),
@@ -1400,7 +1400,7 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 src_addr: peer.to_string(),
                 src_identity: Some(snap.identity.clone()),
                 dst_addr: route.addr.to_string(),
-                dst_service: route.svc.hosts.first().cloned(),
+                dst_service: Some(route.svc.host.clone()),
                 dst_identity: mtls.then(|| route.endpoint().identity.clone()),
                 tls_mode: tls_word(route.mode),
                 method: None,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use meshward_config::model::networking::{ClientTls, TlsMode};
 use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
-use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy};
+use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, service_visible};
 
 use crate::jwt::{JwksStore, JwtPolicy};
 
@@ -84,12 +84,18 @@ pub struct Endpoint {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    pub hosts: Vec<String>,
+    /// The host this service is called by (a ServiceEntry with several
+    /// hosts is one service per host, as in Istio, since each host may
+    /// have a DestinationRule of its own).
+    pub host: String,
     #[serde(skip)]
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
     /// Identities a server of this service may present (secure naming).
     pub identities: Vec<String>,
+    /// The DestinationRule that applies to this proxy's calls to the
+    /// host (`namespace/name`), chosen as Istio chooses it.
+    pub destination_rule: Option<String>,
     /// DestinationRule TLS settings: default and per port.
     #[serde(skip)]
     pub tls: Option<ClientTls>,
@@ -203,7 +209,7 @@ impl Snapshot {
         let engine = PolicyEngine::new(Arc::clone(&config));
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
-        let (services, hosts) = build_services(&config);
+        let (services, hosts) = build_services(&config, &workload);
         Ok(Snapshot {
             version,
             workload_name: workload_name.to_string(),
@@ -351,11 +357,20 @@ fn port_protocols(
     out
 }
 
-fn build_services(config: &ConfigSet) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
+/// The services `client` sees, one per ServiceEntry host (as Istio makes
+/// one service per host), each with the DestinationRule that applies to
+/// calls from `client` to it.
+fn build_services(
+    config: &ConfigSet,
+    client: &Workload,
+) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
     let mut hosts = BTreeMap::new();
     for se in &config.service_entries {
+        if !service_visible(&se.spec.export_to, &se.meta.namespace, &client.namespace) {
+            continue;
+        }
         let mut endpoints = Vec::new();
         let endpoint_of =
             |e: &WorkloadEntry, ns: &str, annotations: Option<&BTreeMap<String, String>>| {
@@ -408,70 +423,43 @@ fn build_services(config: &ConfigSet) -> (Vec<Arc<Service>>, BTreeMap<String, us
         identities.extend(se.spec.subject_alt_names.iter().cloned());
         identities.sort();
         identities.dedup();
-        let (tls, port_tls) = destination_tls(config, &se.spec.hosts, &se.meta.namespace);
-        let idx = services.len();
-        for h in &se.spec.hosts {
-            hosts.entry(h.to_ascii_lowercase()).or_insert(idx);
+        for host in &se.spec.hosts {
+            let host = host.to_ascii_lowercase();
+            // One ServiceEntry owns a host: the client's own namespace's,
+            // else the oldest, as Istio's sidecar scope picks it.
+            let slot = match hosts.get(&host) {
+                None => services.len(),
+                Some(&i) => {
+                    let owner: &Arc<Service> = &services[i];
+                    if owner.namespace == client.namespace || se.meta.namespace != client.namespace
+                    {
+                        continue;
+                    }
+                    i
+                }
+            };
+            let dr = destination_rule(config, client, &host, &se.meta.namespace);
+            let (tls, port_tls) = dr.as_ref().map(|d| d.tls()).unwrap_or_default();
+            let service = Arc::new(Service {
+                namespace: se.meta.namespace.clone(),
+                name: se.meta.name.clone(),
+                host: host.clone(),
+                ports: se.spec.ports.clone(),
+                endpoints: endpoints.clone(),
+                identities: identities.clone(),
+                destination_rule: dr.map(|d| d.source().key()),
+                tls,
+                port_tls,
+            });
+            if slot == services.len() {
+                hosts.insert(host, slot);
+                services.push(service);
+            } else {
+                services[slot] = service;
+            }
         }
-        services.push(Arc::new(Service {
-            namespace: se.meta.namespace.clone(),
-            name: se.meta.name.clone(),
-            hosts: se.spec.hosts.clone(),
-            ports: se.spec.ports.clone(),
-            endpoints,
-            identities,
-            tls,
-            port_tls,
-        }));
     }
     (services, hosts)
-}
-
-/// The DestinationRule for a service: one in the service's namespace first,
-/// then one in the root namespace (Istio's lookup order, simplified: exact
-/// host match; subsets are not used for TLS here).
-fn destination_tls(
-    config: &ConfigSet,
-    hosts: &[String],
-    ns: &str,
-) -> (Option<ClientTls>, BTreeMap<u16, ClientTls>) {
-    let root = &config.mesh.root_namespace;
-    let matching = |r: &&Resource<meshward_config::model::DestinationRule>| {
-        hosts.iter().any(|h| {
-            h.eq_ignore_ascii_case(&r.spec.host)
-                || short_host_matches(&r.spec.host, h, &r.meta.namespace)
-        })
-    };
-    let dr = config
-        .destination_rules
-        .iter()
-        .filter(matching)
-        .find(|r| r.meta.namespace == ns)
-        .or_else(|| {
-            config
-                .destination_rules
-                .iter()
-                .filter(matching)
-                .find(|r| &r.meta.namespace == root)
-        });
-    let Some(dr) = dr else {
-        return (None, BTreeMap::new());
-    };
-    let Some(tp) = &dr.spec.traffic_policy else {
-        return (None, BTreeMap::new());
-    };
-    let port_tls = tp
-        .port_level_settings
-        .iter()
-        .filter_map(|p| p.tls.clone().map(|t| (p.port, t)))
-        .collect();
-    (tp.tls.clone(), port_tls)
-}
-
-/// A DestinationRule may name a service by its short name in its namespace.
-fn short_host_matches(dr_host: &str, host: &str, dr_ns: &str) -> bool {
-    !dr_host.contains('.')
-        && host.eq_ignore_ascii_case(&format!("{dr_host}.{dr_ns}.svc.cluster.local"))
 }
 
 #[cfg(test)]
