@@ -415,3 +415,48 @@ fn describe_lists_the_request_authentications_that_apply() {
         assert!(!section.contains(other), "{other}: {stdout}");
     }
 }
+
+/// A token header with one byte that is not UTF-8 after a tampered token
+/// was taken for "no token" and forwarded to the application unchecked
+/// (issue 15). It is refused with 401 now, through the client proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_bytes_that_are_not_utf8_is_refused() {
+    let (key, jwk) = es256("shop-1");
+    let (jwks, _, _jwks_task) = jwks_server(json!({ "keys": [jwk] })).await;
+    let app = App::start("orders").await;
+    let mesh = Mesh::new();
+    let (orders_port, out_port) = (free_port(), free_port());
+    mesh.write_config("mesh.yaml", &config(orders_port, app.addr, out_port, jwks));
+    let _orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let _frontend = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let good = token(&key, ISSUER, "alice", json!({}));
+    let tampered = format!("{}A", &good[..good.len() - 1]);
+    for (what, token, tail) in [
+        ("a tampered token", tampered.as_str(), &b" \xff"[..]),
+        ("a valid token", good.as_str(), b"\xff"),
+    ] {
+        let mut raw = Raw::connect(outbound).await;
+        let mut req = format!(
+            "GET /api/v1/orders/7 HTTP/1.1\r\nHost: {ORDERS}\r\nAuthorization: Bearer {token}"
+        )
+        .into_bytes();
+        req.extend_from_slice(tail);
+        req.extend_from_slice(b"\r\n\r\n");
+        raw.send(&req).await;
+        let resp = raw.response().await;
+        assert_eq!(resp.status, 401, "{what} with a byte that is not UTF-8");
+        assert!(resp.head.to_ascii_lowercase().contains("www-authenticate"));
+    }
+    assert!(app.last().is_none(), "the token reached the application");
+}

@@ -435,9 +435,10 @@ impl Cond {
             Cond::Path(m) => req.http.is_some() && m.iter().any(|m| m.matches(f.path)),
             Cond::Port(p) => p.contains(&req.port),
             Cond::Header(name, m) => req.http.is_some_and(|h| {
-                h.headers
-                    .header(name)
-                    .is_some_and(|v| m.iter().any(|m| m.as_ref().is_none_or(|m| m.matches(&v))))
+                h.headers.header(name).is_some_and(|v| {
+                    m.iter()
+                        .any(|m| m.as_ref().is_none_or(|m| m.matches_bytes(&v)))
+                })
             }),
             Cond::Claim(path, m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
                 let mut value = a.claims.get(&path[0]);

@@ -35,10 +35,16 @@ impl StrMatch {
 
     #[inline]
     pub fn matches(&self, value: &str) -> bool {
+        self.matches_bytes(value.as_bytes())
+    }
+
+    /// The same match on raw bytes (a header value need not be UTF-8).
+    #[inline]
+    pub fn matches_bytes(&self, value: &[u8]) -> bool {
         match self {
-            StrMatch::Exact(p) => value == &**p,
-            StrMatch::Prefix(p) => value.starts_with(&**p),
-            StrMatch::Suffix(p) => value.ends_with(&**p),
+            StrMatch::Exact(p) => value == p.as_bytes(),
+            StrMatch::Prefix(p) => value.starts_with(p.as_bytes()),
+            StrMatch::Suffix(p) => value.ends_with(p.as_bytes()),
             StrMatch::NonEmpty => !value.is_empty(),
         }
     }

@@ -6,41 +6,49 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Request headers, looked up by lower-case name.
+///
+/// Values are the bytes as received: HTTP allows bytes that are not UTF-8
+/// in a field value (obs-text), and a proxy that skipped them would treat
+/// a header as absent while forwarding it, so a DENY on it would not
+/// deny. Matchers compare bytes, as Envoy's do.
 pub trait Headers: Sync {
     /// The value of a header; repeated headers are joined with `,` as Envoy
     /// does before matching. `name` is lower case.
-    fn header(&self, name: &str) -> Option<Cow<'_, str>>;
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
 }
 
 /// Headers as a map from lower-case name to value.
 impl Headers for BTreeMap<String, String> {
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.get(name).map(|v| Cow::Borrowed(v.as_str()))
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.get(name).map(|v| Cow::Borrowed(v.as_bytes()))
     }
 }
 
 /// Headers as name/value pairs; names are compared case-insensitively.
 impl Headers for [(String, String)] {
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
         join_values(
             self.iter()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str()),
+                .map(|(_, v)| v.as_bytes()),
         )
     }
 }
 
 /// The values of a repeated header joined with `,` (borrowed when there is
 /// only one), as Envoy presents them to matchers.
-pub fn join_values<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+pub fn join_values<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Cow<'a, [u8]>> {
     let first = values.next()?;
     match values.next() {
         None => Some(Cow::Borrowed(first)),
         Some(second) => {
-            let mut joined = format!("{first},{second}");
+            let mut joined = Vec::with_capacity(first.len() + 1 + second.len());
+            joined.extend_from_slice(first);
+            joined.push(b',');
+            joined.extend_from_slice(second);
             for v in values {
-                joined.push(',');
-                joined.push_str(v);
+                joined.push(b',');
+                joined.extend_from_slice(v);
             }
             Some(Cow::Owned(joined))
         }
@@ -52,7 +60,7 @@ pub fn join_values<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<
 pub struct NoHeaders;
 
 impl Headers for NoHeaders {
-    fn header(&self, _: &str) -> Option<Cow<'_, str>> {
+    fn header(&self, _: &str) -> Option<Cow<'_, [u8]>> {
         None
     }
 }

@@ -71,7 +71,7 @@ fn wl(ns: &str, sa: &str, labels: &[(&str, &str)]) -> Workload {
 struct Pairs(Vec<(String, String)>);
 
 impl Headers for Pairs {
-    fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+    fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         self.0[..].header(name)
     }
 }
@@ -2008,4 +2008,112 @@ fn the_forwarded_target_is_the_path_the_decision_saw() {
             .map_err(|_| ());
         assert_eq!(got, expected.map(str::to_string), "{mode} {raw}");
     }
+}
+
+// ------------------------------------------------------------------ raw header bytes
+
+/// Headers whose values are the bytes as received.
+struct Raw(Vec<(&'static str, Vec<u8>)>);
+
+impl Headers for Raw {
+    fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        meshward_policy::join_values(
+            self.0
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_slice()),
+        )
+    }
+}
+
+/// Header values that are not UTF-8 (obs-text, which HTTP allows) are
+/// matched as bytes, as Envoy matches them: never taken as absent while
+/// the proxy forwards them (a DENY on the header's presence was bypassed
+/// with `x-block: \xff`).
+#[test]
+fn header_values_that_are_not_utf8_are_matched_as_bytes() {
+    let config = [
+        ap("prod", "block", "action: DENY\nrules:\n- when:\n  - key: request.headers[x-block]\n    values: [\"*\"]\n"),
+        ap("prod", "deny-prefix", "action: DENY\nrules:\n- when:\n  - key: request.headers[x-prefix]\n    values: [\"evil*\"]\n"),
+        ap("prod", "deny-suffix", "action: DENY\nrules:\n- when:\n  - key: request.headers[x-suffix]\n    values: [\"*evil\"]\n"),
+        ap("prod", "allow-tenant", "rules:\n- when:\n  - key: request.headers[x-tenant]\n    values: [\"acme\"]\n"),
+    ]
+    .concat();
+    type Fields = Vec<(&'static str, Vec<u8>)>;
+    let e = engine(&config);
+    let wp = e.workload(&web());
+    let decide = |headers: Fields| {
+        let headers = Raw(headers);
+        let http = HttpAttributes {
+            method: "GET",
+            path: "/",
+            host: "web.example.com",
+            headers: &headers,
+            auth: None,
+        };
+        let d = wp.decide(&Request {
+            principal: Some(CLIENT),
+            source_ip: "10.0.0.1".parse().unwrap(),
+            remote_ip: None,
+            destination_ip: None,
+            port: 8080,
+            sni: None,
+            http: Some(http),
+        });
+        (d.verdict, d.to_string())
+    };
+    let tenant = || ("x-tenant", b"acme".to_vec());
+    let rows: Vec<(&str, Fields, Verdict, &str)> = vec![
+        ("plain request", vec![tenant()], Allow, "prod/allow-tenant"),
+        (
+            "present, one byte 0xff",
+            vec![tenant(), ("x-block", vec![0xff])],
+            Deny,
+            "prod/block",
+        ),
+        (
+            "present, ascii",
+            vec![tenant(), ("x-block", b"1".to_vec())],
+            Deny,
+            "prod/block",
+        ),
+        (
+            "prefix before a bad byte",
+            vec![tenant(), ("x-prefix", b"evil\xfe".to_vec())],
+            Deny,
+            "prod/deny-prefix",
+        ),
+        (
+            "suffix after a bad byte",
+            vec![tenant(), ("x-suffix", b"\xc3evil".to_vec())],
+            Deny,
+            "prod/deny-suffix",
+        ),
+        (
+            "repeated, one bad",
+            vec![
+                tenant(),
+                ("x-block", b"a".to_vec()),
+                ("x-block", vec![0x80]),
+            ],
+            Deny,
+            "prod/block",
+        ),
+        (
+            "exact value with a trailing bad byte is another value",
+            vec![("x-tenant", b"acme\xff".to_vec())],
+            Deny,
+            "no rule",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, headers, verdict, explain) in rows {
+        let (v, text) = decide(headers);
+        if v != verdict || !text.contains(explain) {
+            failures.push(format!(
+                "{name}: expected {verdict} with {explain:?}, got: {text}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -23,8 +23,8 @@ const ISS: &str = "https://auth.example.com";
 struct Req(String);
 
 impl meshward_policy::Headers for Req {
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        (name == "authorization").then_some(Cow::Borrowed(self.0.as_str()))
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        (name == "authorization").then_some(Cow::Borrowed(self.0.as_bytes()))
     }
 }
 

@@ -266,7 +266,7 @@ async fn grpc_check(
     check: &Check<'_>,
 ) -> Result<Outcome, String> {
     use prost::Message as _;
-    let msg = grpc_request(check).encode_to_vec();
+    let msg = grpc_request(check)?.encode_to_vec();
     let mut framed = Vec::with_capacity(5 + msg.len());
     framed.push(0);
     framed.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -332,8 +332,11 @@ async fn grpc_check(
 }
 
 /// The CheckRequest of `check`, with Envoy's attributes: the peers, and
-/// the request when there is one.
-fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
+/// the request when there is one. A request header whose value is not
+/// UTF-8 cannot be put in the message (its `headers` are proto3 strings):
+/// the check fails rather than ask the provider about a value other than
+/// the one the application would get.
+fn grpc_request(check: &Check<'_>) -> Result<proto::CheckRequest, String> {
     let peer = |addr: std::net::SocketAddr, principal: Option<&str>| proto::Peer {
         address: Some(proto::Address {
             socket_address: Some(proto::SocketAddress {
@@ -343,27 +346,29 @@ fn grpc_request(check: &Check<'_>) -> proto::CheckRequest {
         }),
         principal: principal.unwrap_or_default().to_string(),
     };
-    proto::CheckRequest {
+    Ok(proto::CheckRequest {
         attributes: Some(proto::AttributeContext {
             source: Some(peer(check.source.0, check.source.1)),
             destination: Some(peer(check.destination.0, Some(check.destination.1))),
-            request: check.http.as_ref().map(grpc_http_request),
+            request: check.http.as_ref().map(grpc_http_request).transpose()?,
         }),
-    }
+    })
 }
 
 /// The `request` attributes of an HTTP check.
-fn grpc_http_request(check: &HttpCheck<'_>) -> proto::Request {
+fn grpc_http_request(check: &HttpCheck<'_>) -> Result<proto::Request, String> {
     let mut headers = std::collections::HashMap::new();
     for (name, value) in &check.headers {
-        let value = String::from_utf8_lossy(value);
+        let value = std::str::from_utf8(value).map_err(|_| {
+            format!("request header {name} is not UTF-8: it cannot be sent in a CheckRequest")
+        })?;
         headers
             .entry(name.to_ascii_lowercase())
             .and_modify(|v: &mut String| {
                 v.push(',');
-                v.push_str(&value);
+                v.push_str(value);
             })
-            .or_insert_with(|| value.into_owned());
+            .or_insert_with(|| value.to_string());
     }
     headers.insert(":authority".into(), check.host.to_string());
     headers.insert(":method".into(), check.method.to_string());
@@ -375,7 +380,7 @@ fn grpc_http_request(check: &HttpCheck<'_>) -> proto::Request {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    proto::Request {
+    Ok(proto::Request {
         time: Some(proto::Timestamp {
             seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
@@ -390,7 +395,7 @@ fn grpc_http_request(check: &HttpCheck<'_>) -> proto::Request {
             protocol: check.protocol.to_string(),
             headers,
         }),
-    }
+    })
 }
 
 /// What a CheckResponse says.
@@ -605,7 +610,7 @@ mod tests {
 
     #[test]
     fn the_grpc_check_request_of_a_tcp_connection_carries_the_peers_only() {
-        let a = grpc_request(&between(None)).attributes.unwrap();
+        let a = grpc_request(&between(None)).unwrap().attributes.unwrap();
         assert_eq!(
             a.source.unwrap().principal,
             "spiffe://cluster.local/ns/a/sa/b"
@@ -631,7 +636,7 @@ mod tests {
             ],
             protocol: "HTTP/2",
         }));
-        let a = grpc_request(&c).attributes.unwrap();
+        let a = grpc_request(&c).unwrap().attributes.unwrap();
         let source = a.source.unwrap();
         assert_eq!(source.principal, "spiffe://cluster.local/ns/a/sa/b");
         let addr = source.address.unwrap().socket_address.unwrap();
@@ -652,6 +657,19 @@ mod tests {
         assert_eq!(http.headers["x-tag"], "a,b");
         assert_eq!(http.headers[":path"], "/api?x=1");
         assert_eq!(http.headers[":authority"], "orders.shop");
+    }
+
+    #[test]
+    fn a_header_that_is_not_utf8_fails_the_grpc_check_instead_of_being_altered() {
+        let c = between(Some(HttpCheck {
+            method: "GET",
+            host: "orders.shop",
+            path: "/",
+            headers: vec![("x-user", b"alice\xff"), ("x-bad", b"\xfe")],
+            protocol: "HTTP/1.1",
+        }));
+        let e = grpc_request(&c).unwrap_err();
+        assert!(e.contains("x-user") && e.contains("not UTF-8"), "{e}");
     }
 
     fn option(key: &str, value: &str, append: Option<bool>) -> proto::HeaderValueOption {

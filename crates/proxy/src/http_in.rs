@@ -35,8 +35,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 struct HeaderView<'a>(&'a HeaderMap);
 
 impl meshward_policy::Headers for HeaderView<'_> {
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        meshward_policy::join_values(self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()))
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        meshward_policy::join_values(self.0.get_all(name).iter().map(|v| v.as_bytes()))
     }
 }
 

@@ -58,7 +58,10 @@ impl Location {
     fn extract<'r>(&self, headers: &'r dyn Headers, query: &'r str) -> Option<Cow<'r, str>> {
         match self {
             Location::Header { name, prefix } => {
-                let value = headers.header(name)?;
+                // A value that is not UTF-8 is taken with its bad bytes
+                // replaced: never a valid token, so it is refused (401),
+                // not skipped and forwarded unchecked.
+                let value = lossy(headers.header(name)?);
                 let strip = |v: &str| -> Option<usize> {
                     let head = v.get(..prefix.len())?;
                     head.eq_ignore_ascii_case(prefix).then_some(prefix.len())
@@ -76,7 +79,7 @@ impl Location {
                 .map(|(_, v)| Cow::Borrowed(v))
                 .filter(|v| !v.is_empty()),
             Location::Cookie(name) => {
-                let cookies = headers.header("cookie")?;
+                let cookies = lossy(headers.header("cookie")?);
                 let value = cookies
                     .split(';')
                     .filter_map(|c| c.trim().split_once('='))
@@ -85,6 +88,17 @@ impl Location {
                 (!value.is_empty()).then_some(Cow::Owned(value))
             }
         }
+    }
+}
+
+/// A header value as text, bytes that are not UTF-8 replaced (U+FFFD).
+fn lossy(value: Cow<'_, [u8]>) -> Cow<'_, str> {
+    match value {
+        Cow::Borrowed(v) => String::from_utf8_lossy(v),
+        Cow::Owned(v) => match String::from_utf8(v) {
+            Ok(s) => Cow::Owned(s),
+            Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        },
     }
 }
 
@@ -794,12 +808,26 @@ mod tests {
     struct Req(Vec<(&'static str, String)>);
 
     impl Headers for Req {
-        fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
             meshward_policy::join_values(
                 self.0
                     .iter()
                     .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.as_str()),
+                    .map(|(_, v)| v.as_bytes()),
+            )
+        }
+    }
+
+    /// Headers whose values are raw bytes.
+    struct RawReq(Vec<(&'static str, Vec<u8>)>);
+
+    impl Headers for RawReq {
+        fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+            meshward_policy::join_values(
+                self.0
+                    .iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, v)| v.as_slice()),
             )
         }
     }
@@ -810,6 +838,38 @@ mod tests {
 
     fn refused(r: Result<Authenticated, Rejected>) -> &'static str {
         r.expect_err("the token should be refused").message
+    }
+
+    #[test]
+    fn a_token_header_with_bytes_that_are_not_utf8_is_refused_not_skipped() {
+        let (key, jwk) = es256("k1");
+        let p = policy_with(&[rule(&[&jwk], "")], &JwksStore::default());
+        let token = sign(&key, Algorithm::ES256, Some("k1"), &claims(json!({})));
+        // A valid token followed by one byte that is not UTF-8: refused,
+        // never treated as "no token" (the header would be forwarded).
+        let mut value = format!("Bearer {token} ").into_bytes();
+        value.push(0xff);
+        let req = RawReq(vec![("authorization", value)]);
+        assert_eq!(refused(p.authenticate(&req, "/")), status::SIGNATURE);
+        let tampered = format!("Bearer {}x", &token[..token.len() - 1]).into_bytes();
+        let mut bad = tampered.clone();
+        bad.extend_from_slice(b" \xff");
+        bad.push(0xff);
+        assert!(
+            p.authenticate(&RawReq(vec![("authorization", bad)]), "/")
+                .is_err()
+        );
+        // In a cookie location too.
+        let p = policy_with(
+            &[rule(&[&jwk], ", fromCookies: [session]")],
+            &JwksStore::default(),
+        );
+        let mut cookie = format!("session={token}").into_bytes();
+        cookie.push(0xfe);
+        assert!(
+            p.authenticate(&RawReq(vec![("cookie", cookie)]), "/")
+                .is_err()
+        );
     }
 
     #[test]

@@ -669,3 +669,102 @@ pub async fn mtls_connect(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// A raw HTTP/1.1 connection: bytes out, responses read off the wire.
+pub struct Raw {
+    pub s: tokio::net::TcpStream,
+    pub buf: Vec<u8>,
+}
+
+/// A response as read off the wire.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            s: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more bytes; false at end of stream.
+    pub async fn more(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(patience(), self.s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => panic!("no response within {:?}", patience()),
+        }
+    }
+
+    /// Reads one response (Content-Length, chunked or until close).
+    pub async fn response(&mut self) -> Resp {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(self.more().await, "closed before a response head");
+        };
+        let head = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
+        let status = head[9..12].parse().unwrap();
+        let lower = head.to_ascii_lowercase();
+        let length = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(|v| v.trim().parse::<usize>().unwrap());
+        let mut body = Vec::new();
+        if lower.contains("transfer-encoding: chunked") {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    assert!(self.more().await, "closed in a chunk size");
+                };
+                let size_line =
+                    String::from_utf8(self.buf.drain(..line_end + 2).collect()).unwrap();
+                let size = usize::from_str_radix(size_line.trim(), 16).unwrap();
+                while self.buf.len() < size + 2 {
+                    assert!(self.more().await, "closed in a chunk");
+                }
+                body.extend(self.buf.drain(..size));
+                self.buf.drain(..2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = length {
+            while self.buf.len() < n {
+                assert!(self.more().await, "closed in the body");
+            }
+            body.extend(self.buf.drain(..n));
+        } else if status >= 200 && status != 204 && status != 304 {
+            while self.more().await {}
+            body.append(&mut self.buf);
+        }
+        Resp {
+            status,
+            head,
+            body: String::from_utf8(body).unwrap(),
+        }
+    }
+
+    /// Whether the peer closes the connection (reads nothing more).
+    pub async fn closed(&mut self) -> bool {
+        !self.more().await && self.buf.is_empty()
+    }
+}

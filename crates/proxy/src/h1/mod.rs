@@ -394,12 +394,8 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 pub struct HeaderView<'a>(pub &'a RequestHead);
 
 impl meshward_policy::Headers for HeaderView<'_> {
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
-        meshward_policy::join_values(
-            self.0
-                .headers(name)
-                .filter_map(|v| std::str::from_utf8(v).ok()),
-        )
+    fn header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        meshward_policy::join_values(self.0.headers(name))
     }
 }
 
