@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(problem) = policy.custom_problem() {
         println!(
-            "  => the CUSTOM policies cannot be enforced ({problem}): every request and connection is denied"
+            "  => the CUSTOM policies cannot be enforced ({problem}): what their rules match is denied"
         );
     }
 

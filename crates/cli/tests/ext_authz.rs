@@ -865,8 +865,9 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
     assert_eq!(line["decision"], "allow", "{line}");
 
     // A second CUSTOM policy naming another provider: as in Istio, the
-    // workload's CUSTOM action cannot be enforced, and every request and
-    // connection is denied, whatever its rules match.
+    // workload's CUSTOM action cannot be built, and the CUSTOM rules deny
+    // what they match in its place, before DENY and ALLOW; what they do
+    // not match goes on. No provider is asked.
     let second = base.clone()
         + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: orders-ext-2, namespace: production}\nspec:\n  selector: {matchLabels: {app: orders}}\n  action: CUSTOM\n  provider: {name: ext-http}\n  rules:\n  - to: [{operation: {paths: [\"/other/*\"]}}]\n";
     mesh.apply("mesh.yaml", &second, &[&orders]).await;
@@ -877,16 +878,42 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         "only one provider can be used per workload, found \"ext-grpc\", \"ext-http\""
     );
     let made = grpc_checks.lock().unwrap().len();
+    for path in ["/grpc/report", "/other/x"] {
+        let a = call(outbound, path, &[("x-ext-authz", "allow")]).await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (403, "RBAC: access denied"),
+            "{path}"
+        );
+    }
     let a = call(outbound, "/api/v1/orders/1", &[("x-ext-authz", "allow")]).await;
-    assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "orders"),
+        "no CUSTOM rule matches: no ALLOW policy, allowed; {}",
+        orders.logs()
+    );
+    // On TCP the rules' paths are left out, as in a DENY rule: the
+    // connection matches.
     assert!(tcp_roundtrip(tcp_out, b"ping").await.is_err());
     assert_eq!(grpc_checks.lock().unwrap().len(), made, "no provider asked");
     let line = orders
         .log_line("the request denied for two providers", |l| {
-            l["path"] == "/api/v1/orders/1"
+            l["path"] == "/other/x"
         })
         .await;
     assert_eq!(line["reason"], "custom_unusable", "{line}");
+    assert_eq!(line["policy"], "production/orders-ext-2", "{line}");
+    assert_eq!(
+        line["explanation"],
+        "DENY: matched rule 0 of CUSTOM policy production/orders-ext-2, whose provider cannot be used (only one provider can be used per workload, found \"ext-grpc\", \"ext-http\")"
+    );
+    let line = orders
+        .log_line("the request no CUSTOM rule matches", |l| {
+            l["path"] == "/api/v1/orders/1" && l["decision"] == "allow"
+        })
+        .await;
+    assert_eq!(line["reason"], "no_allow_policies", "{line}");
     // A policy denial of a connection carries no response flag, as Envoy's
     // RBAC filter sets none.
     let line = orders
@@ -895,16 +922,35 @@ async fn a_grpc_provider_is_asked_with_the_requests_attributes() {
         })
         .await;
     assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["policy"], "production/orders-ext", "{line}");
     assert_eq!(
         closed_with_flags(&orders, "UAEX").await,
         2.0,
         "only the provider's refusal and the failed check"
     );
-    let explanation = line["explanation"].as_str().unwrap();
-    assert!(
-        explanation.contains("only one provider can be used per workload"),
-        "{line}"
+    // With the CUSTOM rules kept to the HTTP port, a connection matches
+    // none of them and goes on to DENY and ALLOW (none applies).
+    let http_port_only = second.replace(
+        "{operation: {paths:",
+        &format!("{{operation: {{ports: [\"{}\"], paths:", ports.orders),
     );
+    assert_eq!(http_port_only.matches("ports: [\"").count(), 3);
+    mesh.apply("mesh.yaml", &http_port_only, &[&orders]).await;
+    assert_eq!(
+        tcp_roundtrip(tcp_out, b"ping").await.unwrap(),
+        b"ping",
+        "{}",
+        orders.logs()
+    );
+    let a = call(outbound, "/other/x", &[("x-ext-authz", "allow")]).await;
+    assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(grpc_checks.lock().unwrap().len(), made, "no provider asked");
+    let line = orders
+        .log_line("the connection no CUSTOM rule matches", |l| {
+            l["kind"] == "tcp" && l["reason"] == "no_allow_policies"
+        })
+        .await;
+    assert_eq!(line["decision"], "allow", "{line}");
 }
 
 /// `istio_tcp_connections_closed_total` of `proxy` (destination) with
@@ -949,7 +995,7 @@ fn describe_says_when_custom_policies_cannot_be_enforced() {
     let two = describe(&format!("{base}{}{}", policy("x", "a"), policy("y", "b")));
     assert!(
         two.contains(
-            "=> the CUSTOM policies cannot be enforced (only one provider can be used per workload, found \"a\", \"b\"): every request and connection is denied"
+            "=> the CUSTOM policies cannot be enforced (only one provider can be used per workload, found \"a\", \"b\"): what their rules match is denied"
         ),
         "{two}"
     );

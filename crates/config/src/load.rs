@@ -509,11 +509,11 @@ impl Loader {
             {
                 match self.set.mesh.provider(name) {
                         None => warnings.push(warn(
-                            format!("extension provider \"{name}\" is not defined in the mesh config; requests to the selected workloads will be denied"),
+                            format!("extension provider \"{name}\" is not defined in the mesh config; the requests and connections this policy's rules match will be denied"),
                             "spec.provider.name",
                         )),
                         Some(prov) if !prov.is_authz() => warnings.push(warn(
-                            format!("extension provider \"{name}\" is a {} provider, not an authorization provider; requests to the selected workloads will be denied", prov.kind),
+                            format!("extension provider \"{name}\" is a {} provider, not an authorization provider; the requests and connections this policy's rules match will be denied", prov.kind),
                             "spec.provider.name",
                         )),
                         Some(_) => {}
@@ -559,7 +559,7 @@ impl Loader {
                     resource: Some(format!("WorkloadEntry {}", we.key())),
                     field: None,
                     message: format!(
-                        "the CUSTOM policies that select this workload name {}; only one provider can be used per workload, so every request and connection to it will be denied",
+                        "the CUSTOM policies that select this workload name {}; only one provider can be used per workload, so the requests and connections their rules match will be denied",
                         names.join(", ")
                     ),
                 });

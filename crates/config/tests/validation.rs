@@ -2121,7 +2121,7 @@ fn custom_provider_warnings() {
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
         w[0].contains(
-            "spec.provider.name: extension provider \"opa\" is not defined in the mesh config"
+            "spec.provider.name: extension provider \"opa\" is not defined in the mesh config; the requests and connections this policy's rules match will be denied"
         ),
         "{w:?}"
     );
@@ -2134,7 +2134,7 @@ fn custom_provider_warnings() {
     let w = warnings(&format!("{custom}---\n{tracing}"));
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w[0].contains("is a zipkin provider, not an authorization provider"),
+        w[0].contains("is a zipkin provider, not an authorization provider; the requests and connections this policy's rules match will be denied"),
         "{w:?}"
     );
 
@@ -2187,7 +2187,7 @@ fn custom_policies_naming_several_providers_for_one_workload_warn() {
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("WorkloadEntry ns/api"), "{w:?}");
     assert!(
-        w[0].contains("name \"a\", \"b\"; only one provider can be used per workload"),
+        w[0].contains("name \"a\", \"b\"; only one provider can be used per workload, so the requests and connections their rules match will be denied"),
         "{w:?}"
     );
 }

@@ -64,13 +64,12 @@ pub enum Reason {
     PlaintextRejected {
         source: String,
     },
-    /// The CUSTOM policies of the workload cannot be enforced (several
-    /// providers, or one that is not a defined authorization provider):
-    /// every request and connection is denied, as Istio does.
+    /// A rule of a CUSTOM policy matched, and the workload's CUSTOM
+    /// policies cannot be enforced (several providers, or one that is not
+    /// a defined ext-authz provider): denied, as Istio's stand-in deny
+    /// rules do. [`Decision::decided_by`] names the policy and rule.
     CustomUnusable {
         problem: String,
-        /// The CUSTOM policies of the workload, `namespace/name`.
-        policies: Vec<String>,
     },
     /// The request path cannot be normalized safely.
     InvalidPath(String),
@@ -170,11 +169,12 @@ impl fmt::Display for Decision {
                 f,
                 "plaintext connection refused: mTLS mode STRICT from {source}"
             )?,
-            (Reason::CustomUnusable { problem, policies }, _) => write!(
+            (Reason::CustomUnusable { problem }, Some(r)) => {
+                write!(f, "matched {r}, whose provider cannot be used ({problem})")?
+            }
+            (Reason::CustomUnusable { problem }, None) => write!(
                 f,
-                "the CUSTOM policies of this workload cannot be enforced ({}): {problem}; \
-                 every request and connection is denied",
-                policies.join(", ")
+                "a CUSTOM policy matched whose provider cannot be used ({problem})"
             )?,
             (Reason::InvalidPath(e), _) => write!(f, "invalid request path: {e}")?,
             (reason, _) => write!(f, "{}", reason.code())?,

@@ -151,7 +151,7 @@ impl PolicyEngine {
                 .map(|s| s.to_string())
                 .collect(),
             normalization: self.config.mesh.path_normalization,
-            custom_unusable: None,
+            custom_problem: None,
             mesh: Arc::clone(&self.config),
         };
         let namespaces: &[&str] = if *root == w.namespace {
@@ -184,37 +184,38 @@ impl PolicyEngine {
                     .extend(rule.space_delimited_claims.iter().cloned());
             }
         }
-        view.custom_unusable = custom_unusable(&self.config.mesh, &view);
+        view.custom_problem = custom_problem(&self.config.mesh, &view.custom);
         view
     }
 }
 
 /// Why the CUSTOM policies of a workload cannot be enforced, if they
 /// cannot: as in Istio, every CUSTOM policy of a workload must name the
-/// same provider, and that provider must be a defined
-/// authorization provider. Istio then denies every request and connection
-/// of the workload; so does meshward.
-fn custom_unusable(mesh: &MeshConfig, view: &WorkloadPolicy) -> Option<Reason> {
-    let custom = &view.custom;
+/// same provider, and that provider must be a defined ext-authz provider
+/// (`getExtAuthz` in Istio's `pilot/pkg/security/authz/builder`; several
+/// providers per workload need a feature flag that is off by default).
+/// When they cannot, their rules deny instead (see
+/// [`WorkloadPolicy::authorize`]).
+fn custom_problem(mesh: &MeshConfig, custom: &[Arc<CompiledPolicy>]) -> Option<String> {
     let first = custom.first()?;
-    let provider = first.provider.clone().unwrap_or_default();
-    let policies = custom.iter().map(|p| p.id.to_string()).collect();
+    let provider = first.provider.as_deref().unwrap_or_default();
     let named: BTreeSet<&str> = custom
         .iter()
         .map(|p| p.provider.as_deref().unwrap_or_default())
         .collect();
-    let problem = if named.len() > 1 {
+    if named.len() > 1 {
         let named: Vec<String> = named.iter().map(|n| format!("\"{n}\"")).collect();
-        format!(
+        Some(format!(
             "only one provider can be used per workload, found {}",
             named.join(", ")
-        )
-    } else if !mesh.provider(&provider).is_some_and(|p| p.is_authz()) {
-        format!("provider \"{provider}\" is not a defined authorization provider")
+        ))
+    } else if !mesh.provider(provider).is_some_and(|p| p.is_authz()) {
+        Some(format!(
+            "provider \"{provider}\" is not a defined authorization provider"
+        ))
     } else {
-        return None;
-    };
-    Some(Reason::CustomUnusable { problem, policies })
+        None
+    }
 }
 
 /// The compiled policies that apply to one workload. Deciding costs only
@@ -231,9 +232,9 @@ pub struct WorkloadPolicy {
     dry_run: Vec<Arc<CompiledPolicy>>,
     space_delimited: BTreeSet<String>,
     normalization: PathNormalization,
-    /// Set when the CUSTOM policies cannot be enforced: every request and
-    /// connection is then denied with this reason.
-    custom_unusable: Option<Reason>,
+    /// Why the CUSTOM policies cannot be enforced, when they cannot: their
+    /// rules then deny what they match.
+    custom_problem: Option<String>,
     mesh: Arc<ConfigSet>,
 }
 
@@ -247,12 +248,10 @@ impl WorkloadPolicy {
     }
 
     /// Why this workload's CUSTOM policies cannot be enforced, if they
-    /// cannot (every request and connection is then denied).
+    /// cannot. The requests and connections their rules match are then
+    /// denied; the others go on to DENY and ALLOW.
     pub fn custom_problem(&self) -> Option<&str> {
-        match &self.custom_unusable {
-            Some(Reason::CustomUnusable { problem, .. }) => Some(problem),
-            _ => None,
-        }
+        self.custom_problem.as_deref()
     }
 
     /// The request-target to forward for `raw`: its path normalized as
@@ -326,25 +325,42 @@ impl WorkloadPolicy {
             space_delimited: &self.space_delimited,
         };
 
-        if let Some(reason) = &self.custom_unusable {
-            return Decision::new(Verdict::Deny, reason.clone());
-        }
         let mut ext_authz = None;
-        for p in &self.custom {
-            // An HTTP provider cannot judge a TCP connection: Istio leaves
-            // such CUSTOM policies out of TCP filter chains.
-            if req.http.is_none() && !self.provider_judges_tcp(p) {
-                continue;
+        if let Some(problem) = &self.custom_problem {
+            // No provider to ask: Istio builds an RBAC filter with action
+            // DENY from the CUSTOM rules in place of ext_authz
+            // (`getBadCustomDenyRules` in `buildHTTP` and `buildTCP`), so
+            // what they match is denied, before DENY and ALLOW, and the
+            // rest goes on. On TCP every CUSTOM rule counts, whatever its
+            // provider's kind, with HTTP-only conditions left out as for
+            // DENY (the rules are generated with action DENY). AUDIT and
+            // dry-run results are not gathered: Envoy's later filters
+            // never see the request.
+            for p in &self.custom {
+                if let Some(rule) = first_match(p, &facts, true) {
+                    let reason = Reason::CustomUnusable {
+                        problem: problem.clone(),
+                    };
+                    return Decision::new(Verdict::Deny, reason).with_policy(p, rule);
+                }
             }
-            if let Some(rule) = first_match(p, &facts, true) {
-                ext_authz = Some(ExtAuthzCheck {
-                    provider: p.provider.clone().unwrap_or_default(),
-                    policy: RuleRef {
-                        policy: Arc::clone(&p.id),
-                        rule,
-                    },
-                });
-                break;
+        } else {
+            for p in &self.custom {
+                // An HTTP provider cannot judge a TCP connection: Istio
+                // leaves such CUSTOM policies out of TCP filter chains.
+                if req.http.is_none() && !self.provider_judges_tcp(p) {
+                    continue;
+                }
+                if let Some(rule) = first_match(p, &facts, true) {
+                    ext_authz = Some(ExtAuthzCheck {
+                        provider: p.provider.clone().unwrap_or_default(),
+                        policy: RuleRef {
+                            policy: Arc::clone(&p.id),
+                            rule,
+                        },
+                    });
+                    break;
+                }
             }
         }
 

@@ -304,98 +304,154 @@ fn custom(provider: &str, path: &str) -> String {
     )
 }
 
+/// A CUSTOM policy whose rule is kept to port 8080 (the HTTP port of the
+/// requests here), so that TCP connections to other ports do not match.
+fn custom_on_8080(provider: &str, path: &str) -> String {
+    format!(
+        "action: CUSTOM\nprovider:\n  name: {provider}\nrules:\n- to:\n  - operation:\n      ports: [\"8080\"]\n      paths: [\"{path}\"]\n"
+    )
+}
+
+/// When Istio cannot build the CUSTOM action (several providers, a provider
+/// that is not defined or not an ext-authz one), it installs an RBAC DENY
+/// filter made of the CUSTOM rules in its place (`getBadCustomDenyRules`
+/// in `buildHTTP`/`buildTCP`, pilot/pkg/security/authz/builder): what they
+/// match is denied, first; everything else goes on to DENY and ALLOW.
 #[test]
-fn custom_with_undefined_or_non_authz_provider_denies_everything() {
-    for (provider, mesh_spec) in [
-        ("missing", EXT_PROVIDER),
-        ("tracer", EXT_PROVIDER),
-        ("ext", "rootNamespace: istio-system\n"),
-    ] {
-        let config = [
-            mesh(mesh_spec),
-            ap("prod", "ext", &custom(provider, "/ext*")),
-            ap("prod", "allow-all", "rules:\n- {}\n"),
-        ]
-        .concat();
+fn custom_with_an_unusable_provider_denies_what_its_rules_match() {
+    let meshes = mesh(&format!("{EXT_PROVIDER}{GRPC_PROVIDER}"));
+    let others = [
+        ap(
+            "prod",
+            "deny-post",
+            "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [\"POST\"]\n      ports: [\"8080\"]\n",
+        ),
+        ap(
+            "prod",
+            "allow",
+            "rules:\n- to:\n  - operation:\n      paths: [\"/ext*\", \"/b*\", \"/ok*\"]\n- to:\n  - operation:\n      ports: [\"5432\"]\n",
+        ),
+    ]
+    .concat();
+    let cases = [
+        (
+            vec![ap("prod", "ext", &custom_on_8080("missing", "/ext*"))],
+            None,
+            "provider \"missing\" is not a defined authorization provider",
+        ),
+        (
+            vec![ap("prod", "ext", &custom_on_8080("tracer", "/ext*"))],
+            None,
+            "provider \"tracer\" is not a defined authorization provider",
+        ),
+        (
+            vec![
+                ap("prod", "ext", &custom_on_8080("ext", "/ext*")),
+                ap("prod", "b", &custom_on_8080("opa", "/b*")),
+            ],
+            Some("matched rule 0 of CUSTOM policy prod/b, whose provider cannot be used"),
+            "only one provider can be used per workload, found \"ext\", \"opa\"",
+        ),
+        (
+            vec![
+                ap("prod", "ext", &custom_on_8080("ext", "/ext*")),
+                ap("istio-system", "b", &custom_on_8080("opa", "/b*")),
+            ],
+            Some("matched rule 0 of CUSTOM policy istio-system/b, whose provider cannot be used"),
+            "only one provider can be used per workload, found \"ext\", \"opa\"",
+        ),
+    ];
+    for (custom, second, problem) in cases {
+        let config = [meshes.clone(), custom.concat(), others.clone()].concat();
+        let mut rows: Vec<Row> = vec![
+            (
+                "a request the CUSTOM rule matches",
+                get("/ext/x"),
+                Deny,
+                "DENY: matched rule 0 of CUSTOM policy prod/ext, whose provider cannot be used (",
+            ),
+            (
+                "CUSTOM comes before DENY",
+                http("POST", "/ext/x"),
+                Deny,
+                "CUSTOM policy prod/ext, whose provider cannot be used",
+            ),
+            (
+                "no CUSTOM rule matches: ALLOW as usual",
+                get("/ok"),
+                Allow,
+                "ALLOW: matched rule 0 of ALLOW policy prod/allow",
+            ),
+            (
+                "no CUSTOM rule matches: DENY as usual",
+                http("POST", "/ok"),
+                Deny,
+                "DENY: matched rule 0 of DENY policy prod/deny-post",
+            ),
+            (
+                "no CUSTOM rule matches: no ALLOW rule either",
+                get("/nope"),
+                Deny,
+                "no rule of the ALLOW policies that apply matched (prod/allow)",
+            ),
+            (
+                "TCP: the CUSTOM rule's paths are left out, as in a DENY rule",
+                tcp(8080),
+                Deny,
+                // The first CUSTOM policy, root namespace first.
+                ", whose provider cannot be used (",
+            ),
+            (
+                "TCP: no CUSTOM rule matches the port: ALLOW as usual",
+                tcp(5432),
+                Allow,
+                "ALLOW: matched rule 1 of ALLOW policy prod/allow",
+            ),
+        ];
+        if let Some(second) = second {
+            rows.push(("the other provider's rule", get("/b/x"), Deny, second));
+        }
+        check(&config, &web(), rows);
         let e = engine(&config);
         let wp = e.workload(&web());
-        // As Istio's deny-all filter: what the rules match and what they
-        // do not, HTTP and TCP alike.
-        for req in [get("/ext"), get("/other"), tcp(5432)] {
+        assert_eq!(wp.custom_problem(), Some(problem));
+        for req in [get("/ext/x"), get("/ok"), tcp(8080), tcp(5432)] {
             let d = req.decide(&wp);
-            assert_eq!(d.verdict, Deny, "{provider}: {d}");
-            assert_eq!(d.reason.code(), "custom_unusable");
-            assert!(d.ext_authz.is_none());
-            assert_eq!(
-                d.to_string(),
-                format!(
-                    "DENY: the CUSTOM policies of this workload cannot be enforced (prod/ext): provider \"{provider}\" is not a defined authorization provider; every request and connection is denied"
-                )
-            );
+            assert!(d.ext_authz.is_none(), "no provider is asked: {d}");
         }
-        // Other workloads are not affected.
-        let other = wl("prod", "api", &[("app", "api")]);
-        let config = [
-            mesh(mesh_spec),
-            ap(
-                "prod",
-                "ext",
-                &format!(
-                    "selector:\n  matchLabels:\n    app: web\n{}",
-                    custom(provider, "/ext*")
-                ),
-            ),
-        ]
-        .concat();
-        let e = engine(&config);
-        assert_eq!(get("/ext").decide(&e.workload(&other)).verdict, Allow);
-        assert_eq!(get("/other").decide(&e.workload(&web())).verdict, Deny);
+        let d = get("/ext/x").decide(&wp);
+        assert_eq!(d.reason.code(), "custom_unusable");
+        assert_eq!(
+            d.to_string(),
+            format!(
+                "DENY: matched rule 0 of CUSTOM policy prod/ext, whose provider cannot be used ({problem})"
+            )
+        );
+        // Workloads the CUSTOM policies do not select are not affected.
+        let other = wl("other", "api", &[("app", "api")]);
+        assert!(e.workload(&other).custom_problem().is_none());
+        assert_eq!(get("/ext/x").decide(&e.workload(&other)).verdict, Allow);
     }
 }
 
 #[test]
-fn custom_policies_of_one_workload_must_name_one_provider() {
+fn custom_policies_of_one_workload_may_name_one_provider_twice() {
     let meshes = mesh(&format!("{EXT_PROVIDER}{GRPC_PROVIDER}"));
-    let allow_all = ap("prod", "allow-all", "rules:\n- {}\n");
-    // The same provider twice: each policy asks it for its paths.
     let config = [
-        meshes.clone(),
+        meshes,
         ap("prod", "a", &custom("ext", "/a*")),
         ap("prod", "b", &custom("ext", "/b*")),
-        allow_all.clone(),
+        ap("prod", "allow-all", "rules:\n- {}\n"),
     ]
     .concat();
     let e = engine(&config);
     let wp = e.workload(&web());
+    assert!(wp.custom_problem().is_none());
     assert_eq!(
         get("/b").decide(&wp).ext_authz.unwrap().policy.policy.name,
         "b"
     );
     assert!(get("/c").decide(&wp).ext_authz.is_none());
-    // Two providers, in one namespace or across the root namespace.
-    for second in [
-        ap("prod", "b", &custom("opa", "/b*")),
-        ap("istio-system", "b", &custom("opa", "/b*")),
-    ] {
-        let config = [
-            meshes.clone(),
-            ap("prod", "a", &custom("ext", "/a*")),
-            second,
-            allow_all.clone(),
-        ]
-        .concat();
-        let e = engine(&config);
-        let wp = e.workload(&web());
-        for req in [get("/a"), get("/c"), tcp(5432)] {
-            let d = req.decide(&wp);
-            assert_eq!(d.verdict, Deny, "{d}");
-            assert!(
-                d.to_string()
-                    .contains("only one provider can be used per workload, found \"ext\", \"opa\""),
-                "{d}"
-            );
-        }
-    }
 }
 
 #[test]

@@ -165,8 +165,8 @@ fn config_dump(state: &State) -> serde_json::Value {
         "inbound": inbound,
         "outbound": {"http": snap.outbound, "tcp": snap.tcp_outbound},
         "authorization_policies": policies,
-        // Set when the CUSTOM policies cannot be enforced (every request
-        // and connection is then denied).
+        // Set when the CUSTOM policies cannot be enforced (what their
+        // rules match is then denied, no provider asked).
         "custom_problem": snap.policy.custom_problem(),
         "request_authentication": snap.jwt.describe(),
         "services": services,
