@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use meshward_identity::ca::{
-    self, CaOptions, CaSettings, CertificateAuthority, ChosenTrustDomain,
-    DEFAULT_MAX_WORKLOAD_TTL, RootCa,
+    self, CaOptions, CaSettings, CertificateAuthority, ChosenTrustDomain, DEFAULT_MAX_WORKLOAD_TTL,
+    RootCa,
 };
 use meshward_identity::duration::parse_duration;
 use meshward_identity::issue::{self, WorkloadKey};

@@ -374,16 +374,37 @@ fn operator_openssl_ca(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     openssl_ok(
         &[
-            "req", "-new", "-newkey", "rsa:4096", "-x509", "-sha256", "-days", "3650", "-nodes",
-            "-subj", "/O=Company Inc./CN=Root CA", "-keyout", "root-key.pem", "-out",
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:4096",
+            "-x509",
+            "-sha256",
+            "-days",
+            "3650",
+            "-nodes",
+            "-subj",
+            "/O=Company Inc./CN=Root CA",
+            "-keyout",
+            "root-key.pem",
+            "-out",
             "root-cert.pem",
         ],
         dir,
     );
     openssl_ok(
         &[
-            "req", "-new", "-newkey", "rsa:4096", "-sha256", "-nodes", "-subj",
-            "/O=Company Inc./CN=Istio Intermediate CA", "-keyout", "ca-key.pem", "-out",
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:4096",
+            "-sha256",
+            "-nodes",
+            "-subj",
+            "/O=Company Inc./CN=Istio Intermediate CA",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
             "ca-csr.pem",
         ],
         dir,
@@ -395,9 +416,22 @@ fn operator_openssl_ca(dir: &Path) {
     .unwrap();
     openssl_ok(
         &[
-            "x509", "-req", "-days", "730", "-sha256", "-CA", "root-cert.pem", "-CAkey",
-            "root-key.pem", "-CAcreateserial", "-in", "ca-csr.pem", "-out", "ca-cert.pem",
-            "-extfile", "ca.ext",
+            "x509",
+            "-req",
+            "-days",
+            "730",
+            "-sha256",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-in",
+            "ca-csr.pem",
+            "-out",
+            "ca-cert.pem",
+            "-extfile",
+            "ca.ext",
         ],
         dir,
     );
@@ -405,7 +439,10 @@ fn operator_openssl_ca(dir: &Path) {
         + &std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
     std::fs::write(dir.join("cert-chain.pem"), chain).unwrap();
     let text = openssl_ok(&["x509", "-in", "ca-cert.pem", "-noout", "-text"], dir);
-    assert!(!text.contains("URI:"), "the guide's CA names no SPIFFE ID:\n{text}");
+    assert!(
+        !text.contains("URI:"),
+        "the guide's CA names no SPIFFE ID:\n{text}"
+    );
 }
 
 /// The one line `ca issue` / `ca init --root` print when they take the
@@ -465,7 +502,9 @@ fn openssl_plug_in_ca_issues_in_the_mesh_default_trust_domain() {
 
     // An --id outside the chosen trust domain is still refused.
     let err = fails(
-        &["ca", "issue", "--ca", "cacerts", "--id", other, "--out", "x"],
+        &[
+            "ca", "issue", "--ca", "cacerts", "--id", other, "--out", "x",
+        ],
         dir,
         2,
     );

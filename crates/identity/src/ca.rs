@@ -186,7 +186,10 @@ impl ChosenTrustDomain {
             }
             (Some(td), _) => (td, TrustDomainSource::Configured),
             (None, Some(td)) => (td, TrustDomainSource::Certificate),
-            (None, None) => (TrustDomain::istio_default(), TrustDomainSource::IstioDefault),
+            (None, None) => (
+                TrustDomain::istio_default(),
+                TrustDomainSource::IstioDefault,
+            ),
         };
         Ok(Self {
             trust_domain,

@@ -72,9 +72,7 @@ fn run_corpus(dir: &Path) -> Result<String, String> {
     })?;
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .path();
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
             files.push(path);
         }
@@ -89,8 +87,7 @@ fn run_corpus(dir: &Path) -> Result<String, String> {
     }
     let (mut passed, mut failed) = (0, Vec::new());
     for file in &files {
-        let text =
-            std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let name = file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -218,13 +215,12 @@ fn main() -> ExitCode {
     println!("\nrunning {}", tests(selected));
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut failure = None;
-    if !selected {
-    } else if !runs {
+    if selected && !runs {
         if let Corpus::Missing(reason) = &corpus {
             println!("test {TEST_NAME} ... ignored, {reason}");
         }
         skipped = 1;
-    } else {
+    } else if runs {
         let result = match &corpus {
             Corpus::At(dir) => run_corpus(dir),
             Corpus::Missing(reason) => Err(reason.clone()),
