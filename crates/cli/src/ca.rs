@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use meshward_identity::ca::{
-    self, CaOptions, CaSettings, CertificateAuthority, DEFAULT_MAX_WORKLOAD_TTL, RootCa,
+    self, CaOptions, CaSettings, CertificateAuthority, ChosenTrustDomain, DEFAULT_MAX_WORKLOAD_TTL,
+    RootCa,
 };
 use meshward_identity::duration::parse_duration;
 use meshward_identity::issue::{self, WorkloadKey};
@@ -36,9 +37,10 @@ pub struct InitArgs {
     /// Existing root directory (root-cert.pem + root-key.pem): create only a new intermediate under it.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Trust domain, written into the CA certificates as spiffe://TRUST_DOMAIN.
-    #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
-    trust_domain: TrustDomain,
+    /// Trust domain, written into the CA certificates as spiffe://TRUST_DOMAIN
+    /// [default: with --root, the one the root names, else cluster.local].
+    #[arg(long, value_parser = parse_trust_domain)]
+    trust_domain: Option<TrustDomain>,
     /// Organisation (subject O=) of the CA certificates.
     #[arg(
         long,
@@ -78,7 +80,8 @@ pub struct IssueArgs {
     /// Upper bound for --ttl.
     #[arg(long, value_parser = parse_lifetime)]
     max_ttl: Option<Duration>,
-    /// Trust domain of the CA, for CA certificates without a spiffe://TRUST_DOMAIN SAN.
+    /// Trust domain of the CA [default: the one ca-cert.pem names in a
+    /// spiffe://TRUST_DOMAIN URI SAN, else cluster.local, Istio's default].
     #[arg(long, value_parser = parse_trust_domain)]
     trust_domain: Option<TrustDomain>,
     /// Workload key type.
@@ -96,20 +99,49 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How an operator overrides the trust domain chosen for them.
+const OVERRIDE_HINT: &str = "pass --trust-domain TRUST_DOMAIN to use another";
+
+/// Tells the operator when a CA's trust domain is Istio's default rather
+/// than one they or the certificate named.
+fn note_default(chosen: &ChosenTrustDomain) {
+    if let Some(notice) = chosen.notice(OVERRIDE_HINT) {
+        eprintln!("note: {notice}");
+    }
+}
+
 fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    // A new root is made for --trust-domain (default cluster.local); under
+    // an existing root the trust domain follows the same rule as loading a
+    // CA: --trust-domain, else the root's, else cluster.local (with a note).
+    let (root, trust_domain) = match &args.root {
+        Some(dir) => {
+            let root = RootCa::load_dir(dir)
+                .with_context(|| format!("loading the root from {}", dir.display()))?;
+            let chosen = ChosenTrustDomain::choose(
+                args.trust_domain.clone(),
+                root.trust_domain(),
+                &dir.join(ca::ROOT_CERT_FILE),
+            )?;
+            note_default(&chosen);
+            (Some(root), chosen.trust_domain().clone())
+        }
+        None => (
+            None,
+            args.trust_domain
+                .clone()
+                .unwrap_or_else(TrustDomain::istio_default),
+        ),
+    };
     let opts = |key_type, lifetime| CaOptions {
-        trust_domain: args.trust_domain.clone(),
+        trust_domain: trust_domain.clone(),
         organization: args.org.clone(),
         common_name: None,
         key_type,
         lifetime,
     };
-    let (root, new_root) = match &args.root {
-        Some(dir) => (
-            RootCa::load_dir(dir)
-                .with_context(|| format!("loading the root from {}", dir.display()))?,
-            false,
-        ),
+    let (root, new_root) = match root {
+        Some(root) => (root, false),
         None => (
             RootCa::generate(&opts(args.key_type, args.root_lifetime))
                 .context("creating the root")?,
@@ -170,6 +202,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<ExitCode> {
     };
     let ca = CertificateAuthority::load_dir(&args.ca, settings)
         .with_context(|| format!("loading the CA from {}", args.ca.display()))?;
+    note_default(ca.chosen_trust_domain());
     // The same path as the CA service: the key stays here, the CA sees a CSR
     // and the identity the caller is entitled to (here: the operator's --id).
     let key = WorkloadKey::generate(args.key_type)?;

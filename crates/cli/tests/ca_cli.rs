@@ -27,6 +27,11 @@ fn text(out: &Output) -> String {
 }
 
 fn ok(args: &[&str], cwd: &Path) -> String {
+    ok_with_stderr(args, cwd).0
+}
+
+/// Runs a command that must succeed; its stdout and stderr.
+fn ok_with_stderr(args: &[&str], cwd: &Path) -> (String, String) {
     let out = meshward(args, cwd);
     assert!(
         out.status.success(),
@@ -34,7 +39,10 @@ fn ok(args: &[&str], cwd: &Path) -> String {
         args.join(" "),
         text(&out)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn fails(args: &[&str], cwd: &Path, code: i32) -> String {
@@ -357,4 +365,239 @@ fn errors_are_reported() {
     // Not a certificate.
     let err = fails(&["cert", "inspect", "cacerts/ca-key.pem"], dir, 2);
     assert!(err.contains("ca-key.pem"), "{err}");
+}
+
+/// A plug-in CA made exactly as the operator's guide does it (root,
+/// intermediate, chain; plain OpenSSL, so no spiffe://TRUST_DOMAIN URI SAN),
+/// in `dir`. The guide's `-extfile <(printf ...)` becomes a file.
+fn operator_openssl_ca(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl_ok(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:4096",
+            "-x509",
+            "-sha256",
+            "-days",
+            "3650",
+            "-nodes",
+            "-subj",
+            "/O=Company Inc./CN=Root CA",
+            "-keyout",
+            "root-key.pem",
+            "-out",
+            "root-cert.pem",
+        ],
+        dir,
+    );
+    openssl_ok(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:4096",
+            "-sha256",
+            "-nodes",
+            "-subj",
+            "/O=Company Inc./CN=Istio Intermediate CA",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-csr.pem",
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join("ca.ext"),
+        "basicConstraints=CA:TRUE\nkeyUsage=critical,digitalSignature,keyCertSign,cRLSign",
+    )
+    .unwrap();
+    openssl_ok(
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "730",
+            "-sha256",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-in",
+            "ca-csr.pem",
+            "-out",
+            "ca-cert.pem",
+            "-extfile",
+            "ca.ext",
+        ],
+        dir,
+    );
+    let chain = std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap()
+        + &std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
+    std::fs::write(dir.join("cert-chain.pem"), chain).unwrap();
+    let text = openssl_ok(&["x509", "-in", "ca-cert.pem", "-noout", "-text"], dir);
+    assert!(
+        !text.contains("URI:"),
+        "the guide's CA names no SPIFFE ID:\n{text}"
+    );
+}
+
+/// The one line `ca issue` / `ca init --root` print when they take the
+/// default trust domain; `file` is the certificate that names none.
+fn assert_default_note(stderr: &str, file: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one note expected:\n{stderr}");
+    let note = lines[0];
+    assert!(note.starts_with("note: "), "{note}");
+    assert!(note.contains(file), "{note}");
+    assert!(
+        note.contains("mesh default trust domain cluster.local"),
+        "{note}"
+    );
+    assert!(note.contains("--trust-domain"), "{note}");
+}
+
+#[test]
+fn openssl_plug_in_ca_issues_in_the_mesh_default_trust_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    operator_openssl_ca(&dir.join("cacerts"));
+
+    // No --trust-domain: cluster.local, said on stderr.
+    let (out, err) = ok_with_stderr(
+        &["ca", "issue", "--ca", "cacerts", "--id", ID, "--out", "api"],
+        dir,
+    );
+    assert!(out.contains(ID), "{out}");
+    assert_default_note(&err, "cacerts/ca-cert.pem");
+    let report = inspect_json("api/cert-chain.pem", "cacerts/root-cert.pem", dir);
+    assert_eq!(report["verification"]["status"], "valid");
+    assert_eq!(report["verification"]["identity"], ID);
+    assert_eq!(report["certificates"][0]["spiffe_id"], ID);
+
+    // --trust-domain overrides, silently.
+    let other = "spiffe://example.org/ns/shop/sa/web";
+    let (out, err) = ok_with_stderr(
+        &[
+            "ca",
+            "issue",
+            "--ca",
+            "cacerts",
+            "--trust-domain",
+            "example.org",
+            "--id",
+            other,
+            "--out",
+            "web",
+        ],
+        dir,
+    );
+    assert!(out.contains(other), "{out}");
+    assert_eq!(err, "");
+    let report = inspect_json("web/cert-chain.pem", "cacerts/root-cert.pem", dir);
+    assert_eq!(report["verification"]["identity"], other);
+
+    // An --id outside the chosen trust domain is still refused.
+    let err = fails(
+        &[
+            "ca", "issue", "--ca", "cacerts", "--id", other, "--out", "x",
+        ],
+        dir,
+        2,
+    );
+    assert!(
+        err.contains("this CA signs for \"cluster.local\" only"),
+        "{err}"
+    );
+    assert!(!dir.join("x/key.pem").exists());
+}
+
+#[test]
+fn init_under_an_openssl_root_uses_the_mesh_default_trust_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    operator_openssl_ca(&dir.join("corp"));
+
+    let (out, err) = ok_with_stderr(&["ca", "init", "--root", "corp", "--out", "east"], dir);
+    assert!(out.contains("trust domain cluster.local"), "{out}");
+    assert_default_note(&err, "corp/root-cert.pem");
+    let report = inspect_json("east/ca-cert.pem", "corp/root-cert.pem", dir);
+    assert_eq!(report["verification"]["status"], "valid");
+    assert_eq!(
+        report["certificates"][0]["spiffe_id"],
+        "spiffe://cluster.local"
+    );
+    // The new intermediate names its trust domain: issuing from it is silent.
+    let (_, err) = ok_with_stderr(
+        &["ca", "issue", "--ca", "east", "--id", ID, "--out", "api"],
+        dir,
+    );
+    assert_eq!(err, "");
+
+    let (_, err) = ok_with_stderr(
+        &[
+            "ca",
+            "init",
+            "--root",
+            "corp",
+            "--out",
+            "west",
+            "--trust-domain",
+            "example.org",
+        ],
+        dir,
+    );
+    assert_eq!(err, "");
+    let report = inspect_json("west/ca-cert.pem", "corp/root-cert.pem", dir);
+    assert_eq!(
+        report["certificates"][0]["spiffe_id"],
+        "spiffe://example.org"
+    );
+}
+
+#[test]
+fn init_under_a_meshward_root_keeps_its_trust_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(
+        &[
+            "ca",
+            "init",
+            "--out",
+            "east",
+            "--trust-domain",
+            "mesh.example.org",
+        ],
+        dir,
+    );
+    // No --trust-domain: the root's, not cluster.local.
+    let (out, err) = ok_with_stderr(&["ca", "init", "--root", "east", "--out", "west"], dir);
+    assert!(out.contains("trust domain mesh.example.org"), "{out}");
+    assert_eq!(err, "");
+    let report = inspect_json("west/ca-cert.pem", "east/root-cert.pem", dir);
+    assert_eq!(
+        report["certificates"][0]["spiffe_id"],
+        "spiffe://mesh.example.org"
+    );
+    // One that contradicts the root is refused, naming the file.
+    let err = fails(
+        &[
+            "ca",
+            "init",
+            "--root",
+            "east",
+            "--out",
+            "north",
+            "--trust-domain",
+            "other.org",
+        ],
+        dir,
+        2,
+    );
+    assert!(err.contains("east/root-cert.pem"), "{err}");
+    assert!(err.contains("\"mesh.example.org\""), "{err}");
+    assert!(!dir.join("north").exists());
 }

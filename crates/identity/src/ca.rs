@@ -9,6 +9,11 @@
 //! `ca-cert.pem` to `root-cert.pem`. A loaded CA then signs a test leaf and
 //! verifies it against the root before it is returned, so that a CA that
 //! loads is a CA that works.
+//!
+//! The trust domain a CA signs for is chosen by one rule,
+//! [`ChosenTrustDomain::choose`], for every consumer: the configured one,
+//! else the one the CA certificate names, else Istio's default
+//! `cluster.local` (plug-in CAs made with plain OpenSSL name none).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +29,7 @@ use x509_parser::prelude::FromDer as _;
 
 use crate::keys::{KeyGenError, KeyType, PublicKeyKind};
 use crate::pem::{self, FileKind, PemError};
-use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, TrustDomain};
 
 /// `cacerts` layout file names (Istio's plug-in CA).
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -98,11 +103,6 @@ pub enum CaLoadError {
         index: usize,
         reason: String,
     },
-    #[error(
-        "{}: no trust domain: the CA certificate has no spiffe://TRUST_DOMAIN URI SAN; configure the trust domain",
-        path.display()
-    )]
-    NoTrustDomain { path: PathBuf },
     #[error("{}: CA certificate is for trust domain {in_cert:?} but {configured:?} is configured", path.display())]
     TrustDomainMismatch {
         path: PathBuf,
@@ -140,11 +140,92 @@ pub struct CaOptions {
     pub lifetime: Duration,
 }
 
+/// Where a CA's trust domain came from (see [`ChosenTrustDomain::choose`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TrustDomainSource {
+    /// Configured by the operator (e.g. `--trust-domain`).
+    Configured,
+    /// The CA certificate's `spiffe://TRUST_DOMAIN` URI SAN.
+    Certificate,
+    /// Neither: Istio's default, [`DEFAULT_TRUST_DOMAIN`].
+    IstioDefault,
+}
+
+/// The trust domain a CA signs for, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChosenTrustDomain {
+    trust_domain: TrustDomain,
+    source: TrustDomainSource,
+    /// The CA certificate that was consulted (named in errors and the notice).
+    certificate: PathBuf,
+}
+
+impl ChosenTrustDomain {
+    /// The rule every consumer of a CA follows (`ca issue`, `ca init --root`,
+    /// anything that loads a plug-in CA): `configured` if given, else
+    /// `in_cert` (the trust domain named by the CA `certificate`'s
+    /// `spiffe://TRUST_DOMAIN` URI SAN), else Istio's default
+    /// `cluster.local`. Istio itself takes the trust domain from the mesh
+    /// config (default `cluster.local`) and never reads it from the CA, so
+    /// plug-in CAs made with plain OpenSSL carry none. A configured trust
+    /// domain that contradicts the certificate's is refused: the operator
+    /// is pointing at the wrong CA, or the wrong flag.
+    pub fn choose(
+        configured: Option<TrustDomain>,
+        in_cert: Option<TrustDomain>,
+        certificate: &Path,
+    ) -> Result<Self, CaLoadError> {
+        let (trust_domain, source) = match (configured, in_cert) {
+            (Some(configured), Some(in_cert)) if configured != in_cert => {
+                return Err(CaLoadError::TrustDomainMismatch {
+                    path: certificate.to_owned(),
+                    in_cert: in_cert.to_string(),
+                    configured: configured.to_string(),
+                });
+            }
+            (Some(td), _) => (td, TrustDomainSource::Configured),
+            (None, Some(td)) => (td, TrustDomainSource::Certificate),
+            (None, None) => (
+                TrustDomain::istio_default(),
+                TrustDomainSource::IstioDefault,
+            ),
+        };
+        Ok(Self {
+            trust_domain,
+            source,
+            certificate: certificate.to_owned(),
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> TrustDomainSource {
+        self.source
+    }
+
+    /// When Istio's default was taken, the line to show the operator (it is
+    /// a guess they should know about); `how_to_override` tells them how to
+    /// choose another, e.g. "pass --trust-domain TRUST_DOMAIN to use another".
+    pub fn notice(&self, how_to_override: &str) -> Option<String> {
+        (self.source == TrustDomainSource::IstioDefault).then(|| {
+            format!(
+                "{} names no trust domain (no spiffe://TRUST_DOMAIN URI SAN): using the mesh default trust domain {DEFAULT_TRUST_DOMAIN}, as Istio does; {how_to_override}",
+                self.certificate.display()
+            )
+        })
+    }
+}
+
 /// Limits applied by a signing CA.
 #[derive(Debug, Clone)]
 pub struct CaSettings {
-    /// The trust domain the CA signs for; `None` takes it from the CA
-    /// certificate's `spiffe://TRUST_DOMAIN` URI SAN.
+    /// The trust domain the CA signs for; `None`: the one the CA certificate
+    /// names, else `cluster.local` (see [`ChosenTrustDomain::choose`]).
     pub trust_domain: Option<TrustDomain>,
     /// Lifetime when the caller asks for none.
     pub default_ttl: Duration,
@@ -229,6 +310,16 @@ impl RootCa {
     /// The root certificate.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// The trust domain the root certificate names in a
+    /// `spiffe://TRUST_DOMAIN` URI SAN (meshward's roots do; OpenSSL-made
+    /// roots do not).
+    pub fn trust_domain(&self) -> Option<TrustDomain> {
+        // The certificate parsed when it was made or loaded; a parse failure
+        // here cannot happen and would only mean "names none".
+        let (_, parsed) = X509Certificate::from_der(&self.cert).ok()?;
+        trust_domain_of(&parsed)
     }
 
     /// The root certificate as PEM.
@@ -380,7 +471,7 @@ impl CaMaterial {
 
 /// A signing CA, ready to sign workload CSRs (see `issue.rs`).
 pub struct CertificateAuthority {
-    pub(crate) trust_domain: TrustDomain,
+    pub(crate) trust_domain: ChosenTrustDomain,
     pub(crate) issuer: Issuer<'static, KeyPair>,
     pub(crate) key_type: KeyType,
     /// Signing certificate first, root last (a self-signed CA: just the root).
@@ -394,7 +485,7 @@ pub struct CertificateAuthority {
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertificateAuthority")
-            .field("trust_domain", &self.trust_domain)
+            .field("trust_domain", &self.trust_domain.trust_domain)
             .field("key_type", &self.key_type)
             .field("chain_len", &self.chain.len())
             .field("not_after", &self.not_after)
@@ -438,6 +529,12 @@ impl CertificateAuthority {
 
     /// The trust domain this CA signs for.
     pub fn trust_domain(&self) -> &TrustDomain {
+        self.trust_domain.trust_domain()
+    }
+
+    /// The trust domain with where it came from (for
+    /// [`ChosenTrustDomain::notice`]).
+    pub fn chosen_trust_domain(&self) -> &ChosenTrustDomain {
         &self.trust_domain
     }
 
@@ -526,24 +623,12 @@ impl CertificateAuthority {
             not_after = not_after.min(parent.validity().not_after.to_datetime());
         }
 
-        // The trust domain: configured, or from the CA certificate's URI SAN.
-        let in_cert = trust_domain_of(&ca_parsed);
-        let trust_domain = match (settings.trust_domain.take(), in_cert) {
-            (Some(configured), Some(in_cert)) if configured != in_cert => {
-                return Err(CaLoadError::TrustDomainMismatch {
-                    path: paths.ca_cert.clone(),
-                    in_cert: in_cert.to_string(),
-                    configured: configured.to_string(),
-                });
-            }
-            (Some(td), _) | (None, Some(td)) => td,
-            (None, None) => {
-                return Err(CaLoadError::NoTrustDomain {
-                    path: paths.ca_cert.clone(),
-                });
-            }
-        };
-        settings.trust_domain = Some(trust_domain.clone());
+        let trust_domain = ChosenTrustDomain::choose(
+            settings.trust_domain.take(),
+            trust_domain_of(&ca_parsed),
+            &paths.ca_cert,
+        )?;
+        settings.trust_domain = Some(trust_domain.trust_domain().clone());
 
         // rcgen re-encodes the issuer name from the parsed subject; it
         // supports only single-valued RDNs (and would panic on an empty one).
@@ -582,7 +667,7 @@ impl CertificateAuthority {
     /// against the root: catches name re-encoding or key problems that the
     /// checks above cannot see.
     fn self_test(&self, now: OffsetDateTime) -> Result<(), String> {
-        let id = SpiffeId::workload(&self.trust_domain, "meshward-selftest", "selftest")
+        let id = SpiffeId::workload(self.trust_domain(), "meshward-selftest", "selftest")
             .map_err(|e| e.to_string())?;
         let key =
             crate::issue::WorkloadKey::generate(KeyType::EcP256).map_err(|e| e.to_string())?;

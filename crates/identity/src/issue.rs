@@ -300,11 +300,11 @@ impl CertificateAuthority {
                 source,
             }
         })?;
-        if authenticated.trust_domain_str() != self.trust_domain.as_str() {
+        if authenticated.trust_domain_str() != self.trust_domain().as_str() {
             return Err(IssueError::ForeignTrustDomain {
                 id: authenticated.to_string(),
                 requested: authenticated.trust_domain_str().to_owned(),
-                ca: self.trust_domain.to_string(),
+                ca: self.trust_domain().to_string(),
             });
         }
 
@@ -326,7 +326,7 @@ impl CertificateAuthority {
             .map_err(|_| IssueError::BadCsrSignature)?;
 
         // 3. What the CSR asks for may only be a subset of what we grant.
-        check_requested(&csr, authenticated, &self.trust_domain)?;
+        check_requested(&csr, authenticated, self.trust_domain())?;
 
         // 4. The key.
         let spki = &csr.certification_request_info.subject_pki;

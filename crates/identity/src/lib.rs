@@ -29,7 +29,10 @@ pub mod spiffe;
 pub mod verify;
 
 pub use bundle::TrustBundle;
-pub use ca::{CaLoadError, CaMaterial, CaOptions, CaSettings, CertificateAuthority, RootCa};
+pub use ca::{
+    CaLoadError, CaMaterial, CaOptions, CaSettings, CertificateAuthority, ChosenTrustDomain,
+    RootCa, TrustDomainSource,
+};
 pub use credentials::{
     CredentialResolver, CredentialsError, CredentialsFileError, WorkloadCredentials, client_config,
     server_config,

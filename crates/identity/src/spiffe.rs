@@ -20,6 +20,12 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// The longest trust domain accepted, in bytes.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
+/// Istio's default trust domain (`meshConfig.trustDomain` when unset). A
+/// plug-in CA whose certificate names no trust domain signs for this one, as
+/// istiod does: Istio takes the trust domain from the mesh config, never
+/// from the CA certificate.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 const SCHEME: &str = "spiffe://";
 
 /// Why a string is not a valid SPIFFE ID or trust domain.
@@ -61,6 +67,12 @@ impl TrustDomain {
     pub fn new(name: &str) -> Result<Self, SpiffeIdError> {
         validate_trust_domain(name)?;
         Ok(Self(name.to_owned()))
+    }
+
+    /// [`DEFAULT_TRUST_DOMAIN`], Istio's default trust domain.
+    pub fn istio_default() -> Self {
+        // A constant valid name (the unit test `istio_default_is_valid` checks it).
+        Self(DEFAULT_TRUST_DOMAIN.to_owned())
     }
 
     /// The trust domain name, e.g. `cluster.local`.
@@ -242,6 +254,14 @@ fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istio_default_is_valid() {
+        assert_eq!(
+            TrustDomain::new(DEFAULT_TRUST_DOMAIN),
+            Ok(TrustDomain::istio_default())
+        );
+    }
 
     #[test]
     fn parses_workload_ids() {

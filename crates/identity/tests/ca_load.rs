@@ -5,7 +5,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use meshward_identity::ca::{CaLoadError, CaSettings, CertificateAuthority, RootCa};
+use meshward_identity::ca::{
+    CaLoadError, CaSettings, CertificateAuthority, RootCa, TrustDomainSource,
+};
 use meshward_identity::keys::KeyType;
 use meshward_identity::pem::PemError;
 use rcgen::{IsCa, KeyPair, KeyUsagePurpose};
@@ -318,7 +320,7 @@ fn root_that_is_not_self_signed() {
 }
 
 #[test]
-fn trust_domain_must_be_known_and_consistent() {
+fn trust_domain_is_configured_named_or_istio_default() {
     let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
     let err = CertificateAuthority::load_dir(
         dir.path(),
@@ -340,16 +342,50 @@ fn trust_domain_must_be_known_and_consistent() {
     c.uris.clear();
     let cert = c.build(&key, Some((root.cert(), &root_key(&root))));
     write_custom(dir.path(), &root, &cert, &key);
-    let err = load(dir.path()).unwrap_err();
-    assert!(matches!(err, CaLoadError::NoTrustDomain { .. }), "{err}");
-    let ok = CertificateAuthority::load_dir(
+    // No spiffe://TD SAN and nothing configured: Istio's default, with a notice.
+    let ca = load(dir.path()).unwrap();
+    assert_eq!(ca.trust_domain().as_str(), "cluster.local");
+    let chosen = ca.chosen_trust_domain();
+    assert_eq!(chosen.source(), TrustDomainSource::IstioDefault);
+    let notice = chosen.notice("say how").unwrap();
+    assert!(notice.contains("ca-cert.pem"), "{notice}");
+    assert!(notice.contains("cluster.local"), "{notice}");
+    assert!(notice.ends_with("say how"), "{notice}");
+    let (_, issued) = issue(&ca, &id("spiffe://cluster.local/ns/default/sa/api"));
+    assert_eq!(issued.id().trust_domain_str(), "cluster.local");
+    // Configured: that one, silently.
+    let ca = CertificateAuthority::load_dir(
         dir.path(),
         CaSettings {
-            trust_domain: Some(td(TD)),
+            trust_domain: Some(td("example.org")),
             ..CaSettings::default()
         },
+    )
+    .unwrap();
+    assert_eq!(ca.trust_domain().as_str(), "example.org");
+    assert_eq!(
+        ca.chosen_trust_domain().source(),
+        TrustDomainSource::Configured
     );
-    assert!(ok.is_ok(), "{:?}", ok.err());
+    assert_eq!(ca.chosen_trust_domain().notice("say how"), None);
+
+    // Named by the certificate: that one, silently.
+    let (dir, _root) = written(KeyType::EcP256, KeyType::EcP256);
+    let ca = load(dir.path()).unwrap();
+    assert_eq!(ca.trust_domain().as_str(), TD);
+    assert_eq!(
+        ca.chosen_trust_domain().source(),
+        TrustDomainSource::Certificate
+    );
+    assert_eq!(ca.chosen_trust_domain().notice("say how"), None);
+}
+
+#[test]
+fn root_names_its_trust_domain() {
+    assert_eq!(
+        root("example.org", KeyType::EcP256).trust_domain(),
+        Some(td("example.org"))
+    );
 }
 
 #[test]

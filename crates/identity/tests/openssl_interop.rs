@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use meshward_identity::ca::{CaLoadError, CaSettings, CertificateAuthority};
+use meshward_identity::ca::{CaLoadError, CaSettings, CertificateAuthority, TrustDomainSource};
 use meshward_identity::keys::KeyType;
 
 /// Issues a leaf with `ca`, writes `cert-chain.pem` (leaf first) and
@@ -243,6 +243,23 @@ fn openssl_made_cas_load_as_plug_in_cas() {
             .unwrap_or_else(|e| panic!("{root_kind}/{int_kind}: {e}"));
         issue_and_openssl_verify(&ca, dir.path(), root_ku);
     }
+}
+
+#[test]
+fn openssl_made_ca_without_a_trust_domain_signs_for_cluster_local() {
+    // As operators make them (Istio's docs, `istio/tools/certs`): no
+    // spiffe://TD URI SAN anywhere. Nothing configured: Istio's default.
+    let dir = tempfile::tempdir().unwrap();
+    openssl_cacerts(dir.path(), "rsa", "ec", false, "keyCertSign,cRLSign");
+    let ca = CertificateAuthority::load_dir(dir.path(), CaSettings::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ca.trust_domain().as_str(), "cluster.local");
+    assert_eq!(
+        ca.chosen_trust_domain().source(),
+        TrustDomainSource::IstioDefault
+    );
+    // `workload` is in `TD`, cluster.local; OpenSSL checks the leaf's URI SAN.
+    issue_and_openssl_verify(&ca, dir.path(), false);
 }
 
 #[test]
