@@ -1,7 +1,9 @@
 //! DestinationRule TLS towards services outside the mesh: SIMPLE (verify
 //! the server against the given CA and SNI) and MUTUAL (also present the
 //! given client certificate), through a real `meshward proxy`, to an
-//! in-process TLS server with its own PKI (made here with rcgen).
+//! in-process TLS server with its own PKI (made here with rcgen). The
+//! files are re-read when they change; a local file that cannot be used
+//! is reported as a problem of that file.
 
 mod support;
 
@@ -34,18 +36,44 @@ fn pki(name: &str) -> Pki {
 }
 
 fn leaf(pki: &Pki, dns: &str) -> (String, String) {
-    let params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+    leaf_with(pki, dns, |_| {})
+}
+
+/// A leaf certificate and its key, with `adjust` applied to its params
+/// (subject, validity).
+fn leaf_with(
+    pki: &Pki,
+    dns: &str,
+    adjust: impl FnOnce(&mut CertificateParams),
+) -> (String, String) {
+    let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+    adjust(&mut params);
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &pki.issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
-/// A TLS HTTP/1.1 server; records whether the client presented a certificate.
-async fn tls_server(
-    cert_pem: &str,
-    key_pem: &str,
-    client_ca: Option<&str>,
-) -> (SocketAddr, Arc<Mutex<Vec<bool>>>) {
+/// A client certificate named `cn`.
+fn client_leaf(pki: &Pki, cn: &str) -> (String, String) {
+    leaf_with(pki, "client.test", |p| {
+        p.distinguished_name.push(DnType::CommonName, cn);
+    })
+}
+
+/// The DER of a PEM certificate, as the server sees it.
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// The client certificate of each request a [`tls_server`] answered (its
+/// DER), `None` where the client presented none.
+type Seen = Arc<Mutex<Vec<Option<Vec<u8>>>>>;
+
+/// A TLS HTTP/1.1 server; records which certificate the client presented.
+async fn tls_server(cert_pem: &str, key_pem: &str, client_ca: Option<&str>) -> (SocketAddr, Seen) {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .map(|c| c.unwrap())
@@ -80,7 +108,7 @@ async fn tls_server(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let seen2 = Arc::clone(&seen);
     tokio::spawn(async move {
         loop {
@@ -93,9 +121,14 @@ async fn tls_server(
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let had_cert = tls.get_ref().1.peer_certificates().is_some();
+                let client_cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
                 let svc = service_fn(move |_req| {
-                    seen.lock().unwrap().push(had_cert);
+                    seen.lock().unwrap().push(client_cert.clone());
                     async move {
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             Bytes::from_static(b"external"),
@@ -117,6 +150,42 @@ fn write(dir: &Path, name: &str, content: &str) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// A ServiceEntry for `NAME.external.test` on 127.0.0.1 at `addr`'s port,
+/// and a DestinationRule setting its `tls` (a flow mapping).
+fn external(name: &str, addr: SocketAddr, tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  hosts: [{name}.external.test]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 443, name: https, protocol: HTTPS, targetPort: {port}}}]\n  endpoints: [{{address: 127.0.0.1}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  host: {name}.external.test\n  trafficPolicy:\n    tls: {tls}\n---\n",
+        port = addr.port()
+    )
+}
+
+/// The frontend workload, whose outbound listener is 127.0.0.1:`out`.
+fn frontend(out: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: frontend\n  namespace: production\n  annotations: {{meshward.io/outbound: \"127.0.0.1:{out}\"}}\nspec: {{address: 127.0.0.1, labels: {{app: frontend}}, serviceAccount: frontend}}\n---\n"
+    )
+}
+
+/// `meshward_config_rejected_total` of `proxy`.
+async fn rejected(proxy: &ProxyProcess) -> f64 {
+    let (_, m) = proxy.admin_get("/stats/prometheus").await;
+    metric(&m, "meshward_config_rejected_total", &[])
+}
+
+/// The `/config_dump` entry for the files of DestinationRule
+/// `production/NAME`.
+async fn dr_files_entry(proxy: &ProxyProcess, name: &str) -> serde_json::Value {
+    let (_, body) = proxy.admin_get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    dump["destination_rule_tls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["destination_rules"][0] == format!("production/{name}"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no destination_rule_tls entry for {name}: {dump}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_and_mutual_tls_to_external_services() {
     let mesh = Mesh::new();
@@ -134,15 +203,7 @@ async fn simple_and_mutual_tls_to_external_services() {
     let ccert = write(&files, "client.pem", &client_cert);
     let ckey = write(&files, "client-key.pem", &client_key);
     let out = free_port();
-    let external = |name: &str, addr: SocketAddr, tls: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  hosts: [{name}.external.test]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 443, name: https, protocol: HTTPS, targetPort: {port}}}]\n  endpoints: [{{address: 127.0.0.1}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  host: {name}.external.test\n  trafficPolicy:\n    tls: {tls}\n---\n",
-            port = addr.port()
-        )
-    };
-    let mut c = format!(
-        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: frontend\n  namespace: production\n  annotations: {{meshward.io/outbound: \"127.0.0.1:{out}\"}}\nspec: {{address: 127.0.0.1, labels: {{app: frontend}}, serviceAccount: frontend}}\n---\n"
-    );
+    let mut c = frontend(out);
     c += &external(
         "simple",
         simple_addr,
@@ -184,7 +245,7 @@ async fn simple_and_mutual_tls_to_external_services() {
     );
     assert_eq!(
         mutual_seen.lock().unwrap().as_slice(),
-        [true],
+        [Some(der(&client_cert))],
         "MUTUAL presents the configured client certificate"
     );
     // A server the configured CA did not sign, or whose name differs from
@@ -213,4 +274,263 @@ async fn simple_and_mutual_tls_to_external_services() {
         })
         .await;
     assert_eq!(line["tls.mode"], "mutual");
+    // A server certificate this proxy refused is said to be one.
+    let line = front
+        .log_line("untrusted server", |l| {
+            l["dst.service"] == "untrusted.external.test"
+        })
+        .await;
+    let reason = line["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the server's certificate failed this proxy's verification"),
+        "{reason}"
+    );
+    let (_, m) = front.admin_get("/stats/prometheus").await;
+    let failed = [
+        ("destination_service", "untrusted.external.test"),
+        ("response_flags", "UF"),
+    ];
+    assert_eq!(metric(&m, "istio_requests_total", &failed), 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_client_certificate_files_are_reloaded_when_they_change() {
+    let mesh = Mesh::new();
+    let server_pki = pki("external server CA");
+    let client_pki = pki("external client CA");
+    let (cert, key) = leaf(&server_pki, "api.external.test");
+    let (addr, seen) = tls_server(&cert, &key, Some(&client_pki.ca_pem)).await;
+    let (cert_a, key_a) = client_leaf(&client_pki, "client A");
+    let (cert_b, key_b) = client_leaf(&client_pki, "client B");
+    let files = mesh.path("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
+    let ccert = write(&files, "client.pem", &cert_a);
+    let ckey = write(&files, "client-key.pem", &key_a);
+    let out = free_port();
+    let mut c = frontend(out);
+    c += &external(
+        "mutual",
+        addr,
+        &format!(
+            "{{mode: MUTUAL, caCertificates: \"{ca}\", sni: api.external.test, clientCertificate: \"{ccert}\", privateKey: \"{ckey}\"}}"
+        ),
+    );
+    mesh.write_config("external.yaml", &c);
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("front", "production", "frontend"),
+        )
+        .await;
+    let local = SocketAddr::from(([127, 0, 0, 1], out));
+    let last_seen = || seen.lock().unwrap().last().cloned().flatten();
+    assert_eq!(
+        get(local, "mutual.external.test", "/", &[]).await,
+        Some((200, "external".into()))
+    );
+    assert_eq!(last_seen(), Some(der(&cert_a)));
+
+    // The files are rewritten in place (no configuration change): new
+    // requests present B.
+    let version = front.config_version().await;
+    std::fs::write(&ccert, &cert_b).unwrap();
+    std::fs::write(&ckey, &key_b).unwrap();
+    eventually("requests to present client certificate B", || async {
+        let r = get(local, "mutual.external.test", "/", &[]).await;
+        (r == Some((200, "external".into())) && last_seen() == Some(der(&cert_b))).then_some(())
+    })
+    .await;
+    assert_eq!(front.config_version().await, version, "not a config reload");
+    let entry = dr_files_entry(&front, "mutual").await;
+    assert_eq!(entry["status"], "loaded", "{entry}");
+    assert!(
+        entry["client_certificate"]["subject"]
+            .as_str()
+            .unwrap()
+            .contains("client B"),
+        "{entry}"
+    );
+
+    // An expired certificate is refused: a WARN names the file and the
+    // reason, the refusal is counted, and B stays in use.
+    let before = rejected(&front).await;
+    let (expired, expired_key) = leaf_with(&client_pki, "client.test", |p| {
+        p.distinguished_name.push(DnType::CommonName, "client C");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    std::fs::write(&ccert, &expired).unwrap();
+    std::fs::write(&ckey, &expired_key).unwrap();
+    let warn = front
+        .event("the expired certificate refused", |e| {
+            e["level"] == "WARN"
+                && e["fields"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("expired at 2021-01-01"))
+        })
+        .await;
+    assert_eq!(warn["fields"]["file"], ccert.as_str(), "{warn}");
+    let message = warn["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "DestinationRule production/mutual: clientCertificate {ccert}: certificate expired at"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("keeping the previous client config"),
+        "{message}"
+    );
+    assert!(rejected(&front).await > before);
+    assert_eq!(
+        get(local, "mutual.external.test", "/", &[]).await,
+        Some((200, "external".into()))
+    );
+    assert_eq!(last_seen(), Some(der(&cert_b)));
+
+    // A certificate with a key that is not its own: refused the same way.
+    let before = rejected(&front).await;
+    std::fs::write(&ccert, &cert_b).unwrap();
+    std::fs::write(&ckey, &key_a).unwrap();
+    let warn = front
+        .event("the mismatched key refused", |e| {
+            e["level"] == "WARN"
+                && e["fields"]["reason"].as_str().is_some_and(|r| {
+                    r == format!("does not match the public key of clientCertificate {ccert}")
+                })
+        })
+        .await;
+    assert_eq!(warn["fields"]["file"], ckey.as_str(), "{warn}");
+    assert!(rejected(&front).await > before);
+    assert_eq!(
+        get(local, "mutual.external.test", "/", &[]).await,
+        Some((200, "external".into()))
+    );
+    assert_eq!(last_seen(), Some(der(&cert_b)));
+    let entry = dr_files_entry(&front, "mutual").await;
+    assert_eq!(entry["status"], "loaded", "{entry}");
+    assert!(
+        entry["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{entry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_local_client_certificates_are_named_as_such() {
+    let mesh = Mesh::new();
+    let server_pki = pki("external server CA");
+    let client_pki = pki("external client CA");
+    let other_pki = pki("a CA the server does not trust");
+    let (cert, key) = leaf(&server_pki, "api.external.test");
+    let (addr, seen) = tls_server(&cert, &key, Some(&client_pki.ca_pem)).await;
+    let (expired, expired_key) = leaf_with(&client_pki, "client.test", |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let (foreign, foreign_key) = client_leaf(&other_pki, "foreign client");
+    let files = mesh.path("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
+    let expired = write(&files, "expired.pem", &expired);
+    let expired_key = write(&files, "expired-key.pem", &expired_key);
+    let foreign = write(&files, "foreign.pem", &foreign);
+    let foreign_key = write(&files, "foreign-key.pem", &foreign_key);
+    let out = free_port();
+    let mutual = |cert: &str, key: &str| {
+        format!(
+            "{{mode: MUTUAL, caCertificates: \"{ca}\", sni: api.external.test, clientCertificate: \"{cert}\", privateKey: \"{key}\"}}"
+        )
+    };
+    let mut c = frontend(out);
+    c += &external("expired", addr, &mutual(&expired, &expired_key));
+    c += &external("foreign", addr, &mutual(&foreign, &foreign_key));
+    mesh.write_config("external.yaml", &c);
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("front", "production", "frontend"),
+        )
+        .await;
+    let local = SocketAddr::from(([127, 0, 0, 1], out));
+
+    // Expired from the start: 503, and the log names the local file.
+    assert_eq!(
+        get(local, "expired.external.test", "/", &[])
+            .await
+            .map(|r| r.0),
+        Some(503)
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing reached the server"
+    );
+    let line = front
+        .log_line("the expired DR's request", |l| {
+            l["dst.service"].is_null() && l["authority"] == "expired.external.test"
+        })
+        .await;
+    let reason = line["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "DestinationRule production/expired: clientCertificate {expired}: certificate expired at 2021-01-01"
+        )),
+        "{reason}"
+    );
+    assert!(!reason.contains("invalid peer certificate"), "{reason}");
+    let warn = front
+        .event("the expired certificate reported at load", |e| {
+            e["level"] == "WARN" && e["fields"]["file"] == expired.as_str()
+        })
+        .await;
+    assert!(
+        warn["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("certificate expired at"),
+        "{warn}"
+    );
+    let entry = dr_files_entry(&front, "expired").await;
+    assert_eq!(entry["status"], "unusable", "{entry}");
+    assert!(
+        entry["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&expired),
+        "{entry}"
+    );
+
+    // A certificate that is fine here but that the server refuses: the
+    // server's refusal, naming the certificate presented.
+    assert_eq!(
+        get(local, "foreign.external.test", "/", &[])
+            .await
+            .map(|r| r.0),
+        Some(503)
+    );
+    let line = front
+        .log_line("the foreign certificate's request", |l| {
+            l["dst.service"] == "foreign.external.test"
+        })
+        .await;
+    let reason = line["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the server refused the client certificate"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&format!(
+            "DestinationRule production/foreign: clientCertificate {foreign}"
+        )),
+        "{reason}"
+    );
+    let (_, m) = front.admin_get("/stats/prometheus").await;
+    let refused = [
+        ("destination_service", "foreign.external.test"),
+        ("response_flags", "UF"),
+    ];
+    assert_eq!(metric(&m, "istio_requests_total", &refused), 1.0, "{m}");
 }

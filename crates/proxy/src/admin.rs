@@ -5,7 +5,9 @@
 //!   certificates are loaded, 503 before;
 //! - `GET /config_dump`: the effective configuration (version, workload,
 //!   inbound ports with their mTLS mode, outbound listeners, the
-//!   authorization policies and JWT rules that apply, the services known);
+//!   authorization policies and JWT rules that apply, the services known,
+//!   and per set of DestinationRule files the client certificate loaded
+//!   and the last load error);
 //! - `GET /listeners`: every listener the proxy has bound, and those of
 //!   the current configuration it could not bind (with the error);
 //! - `GET /certs`: the loaded workload certificate and trust roots;
@@ -170,6 +172,9 @@ fn config_dump(state: &State) -> serde_json::Value {
         "custom_problem": snap.policy.custom_problem(),
         "request_authentication": snap.jwt.describe(),
         "services": services,
+        // SIMPLE and MUTUAL settings' files: what is loaded, and why a
+        // change was refused or nothing could be loaded.
+        "destination_rule_tls": state.dr_files.describe(),
     })
 }
 

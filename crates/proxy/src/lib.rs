@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod dr_tls;
 pub mod ext_authz;
 pub mod h1;
 pub mod http_in;

@@ -24,12 +24,13 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshward_config::model::networking::{ClientTls, TlsMode};
+use meshward_config::model::networking::TlsMode;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::dr_tls::{self, Loaded, Presented};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::http_in::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
@@ -269,8 +270,9 @@ impl Upstream {
     }
 }
 
-/// The outbound side's shared parts: connection pools and DestinationRule
-/// TLS configs.
+/// The outbound side's shared parts: connection pools and prepared routes.
+/// (The client configs of DestinationRule files live in
+/// [`State::dr_files`].)
 #[derive(Debug)]
 pub struct Outbound {
     client: Client<MeshConnector, Body>,
@@ -280,8 +282,6 @@ pub struct Outbound {
     pool: Pool,
     plans: Mutex<Plans>,
     next: AtomicUsize,
-    /// Client configs built from DestinationRule files, by settings.
-    file_configs: Mutex<HashMap<String, Arc<ClientConfig>>>,
 }
 
 impl Default for Outbound {
@@ -296,16 +296,16 @@ impl Default for Outbound {
             pool: Pool::default(),
             plans: Mutex::new(Plans::default()),
             next: AtomicUsize::new(0),
-            file_configs: Mutex::new(HashMap::new()),
         }
     }
 }
 
-/// Routes prepared for one configuration snapshot and TLS state: for each
-/// (host, port hint) a request named, the route to each endpoint.
+/// Routes prepared for one configuration snapshot, TLS state and
+/// generation of DestinationRule client configs: for each (host, port
+/// hint) a request named, the route to each endpoint.
 #[derive(Debug, Default)]
 struct Plans {
-    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>)>,
+    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>, u64)>,
     by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
 }
 
@@ -313,10 +313,15 @@ struct Plans {
 type EndpointRoutes = Arc<[Result<Route, RouteError>]>;
 
 impl Plans {
-    fn made_for(&self, snap: &Arc<Snapshot>, tls: &Arc<crate::state::TlsState>) -> bool {
+    fn made_for(
+        &self,
+        snap: &Arc<Snapshot>,
+        tls: &Arc<crate::state::TlsState>,
+        files: u64,
+    ) -> bool {
         self.made_for
             .as_ref()
-            .is_some_and(|(s, t)| Arc::ptr_eq(s, snap) && Arc::ptr_eq(t, tls))
+            .is_some_and(|(s, t, f)| Arc::ptr_eq(s, snap) && Arc::ptr_eq(t, tls) && *f == files)
     }
 }
 
@@ -348,11 +353,43 @@ struct Route {
     target: Target,
     /// Pool key (see [`MeshConnector`]).
     key: Arc<str>,
+    /// SIMPLE, MUTUAL: the DestinationRule files' client config in use.
+    files: Option<Arc<Loaded>>,
 }
 
 impl Route {
     fn endpoint(&self) -> &Endpoint {
         &self.svc.endpoints[self.endpoint]
+    }
+
+    /// What this proxy presents on the route's TLS connections.
+    fn presented(&self) -> Presented<'_> {
+        match &self.files {
+            Some(files) => Presented::Files(files),
+            None => Presented::Workload,
+        }
+    }
+
+    /// The response flag and access-log reason for a failed upstream
+    /// connection or exchange: for a TLS failure `UF` (Envoy's flag for a
+    /// failed handshake) and words that say who refused what, else
+    /// `flag` and the error as it is.
+    fn failure(
+        &self,
+        err: &(dyn std::error::Error + 'static),
+        flag: &'static str,
+    ) -> (&'static str, String) {
+        match dr_tls::tls_failure(err) {
+            Some(f) => (
+                "UF",
+                format!(
+                    "upstream {} failed: {}",
+                    self.addr,
+                    dr_tls::describe_failure(f, self.presented())
+                ),
+            ),
+            None => (flag, format!("upstream {} failed: {err}", self.addr)),
+        }
     }
 }
 
@@ -412,8 +449,12 @@ impl Outbound {
             http::Version::HTTP_11
         };
         self.client.request(req).await.map_err(|e| {
-            let detail =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            let detail = match dr_tls::tls_failure(&e) {
+                Some(f) => dr_tls::describe_failure(f, route.presented()),
+                None => {
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+                }
+            };
             format!("{} ({}): {detail}", route.addr, tls_word(route.mode))
         })
     }
@@ -430,13 +471,16 @@ impl Outbound {
         port_hint: Option<u16>,
     ) -> Result<Route, RouteError> {
         let tls = state.tls();
+        // Read before preparing: a config swapped meanwhile bumps it again,
+        // so routes are never kept for a generation newer than their configs.
+        let files = state.dr_files.generation();
         let prepared = {
             let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-            if !plans.made_for(snap, &tls) || plans.by_host.len() >= MAX_PLANS {
+            if !plans.made_for(snap, &tls, files) || plans.by_host.len() >= MAX_PLANS {
                 plans.by_host.clear();
                 // Holding both keeps their addresses from being reused
                 // while the plans made for them are in the map.
-                plans.made_for = Some((Arc::clone(snap), Arc::clone(&tls)));
+                plans.made_for = Some((Arc::clone(snap), Arc::clone(&tls), files));
             }
             plans
                 .by_host
@@ -453,8 +497,14 @@ impl Outbound {
                     .collect();
                 let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
                 // Only into plans for the same state (another request may
-                // have started plans for a newer one meanwhile).
-                if plans.made_for(snap, &tls) {
+                // have started plans for a newer one meanwhile). Unusable
+                // TLS settings are not kept: the next request asks again,
+                // so files that become usable are found (see
+                // `dr_tls::RETRY_UNUSABLE`).
+                let unusable = endpoints
+                    .iter()
+                    .any(|r| matches!(r, Err(RouteError::Tls(_))));
+                if plans.made_for(snap, &tls, files) && !unusable {
                     let ports = plans.by_host.entry(host.to_string()).or_default();
                     if !ports.iter().any(|(p, _)| *p == port_hint) {
                         ports.push((port_hint, Arc::clone(&endpoints)));
@@ -526,6 +576,7 @@ impl Outbound {
         key.add(&addr.port().to_be_bytes())
             .add(mode.as_str().as_bytes())
             .add(&[u8::from(h2)]);
+        let mut files = None;
         let tls = match mode {
             TlsMode::Disable => None,
             TlsMode::IstioMutual => {
@@ -540,14 +591,24 @@ impl Outbound {
             }
             TlsMode::Simple | TlsMode::Mutual => {
                 // SIMPLE and MUTUAL come only from a DestinationRule.
-                let settings = svc.tls_for(svc_port.number).cloned().ok_or_else(|| {
+                let settings = svc.tls_for(svc_port.number).ok_or_else(|| {
                     RouteError::Tls("no DestinationRule TLS settings".to_string())
                 })?;
-                let config = self.file_config(&settings)?;
+                let loaded = state
+                    .dr_files
+                    .client(svc, settings, &state.metrics)
+                    .map_err(RouteError::Tls)?;
+                let config = Arc::clone(&loaded.config);
+                files = Some(loaded);
                 let name = settings
                     .sni
                     .clone()
                     .unwrap_or_else(|| strip_port(host).to_string());
+                // The config's address: a reloaded one makes a new key, so
+                // connections made with the previous certificate are not
+                // handed to new requests. (Each pooled connection holds
+                // its config, so an address is not reused while one
+                // lives.)
                 key.add(name.as_bytes())
                     .add(&(Arc::as_ptr(&config) as usize).to_ne_bytes());
                 let server_name =
@@ -564,6 +625,7 @@ impl Outbound {
             mode,
             target,
             key,
+            files,
         })
     }
 
@@ -574,78 +636,6 @@ impl Outbound {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .register(&route.key, &route.target, Instant::now());
-    }
-
-    /// A client config from a DestinationRule's files (SIMPLE, MUTUAL).
-    fn file_config(&self, tls: &ClientTls) -> Result<Arc<ClientConfig>, RouteError> {
-        let key = format!(
-            "{:?}",
-            (
-                tls.mode,
-                &tls.ca_certificates,
-                &tls.client_certificate,
-                &tls.private_key,
-                &tls.subject_alt_names
-            )
-        );
-        if let Some(c) = self
-            .file_configs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(Arc::clone(c));
-        }
-        let read_certs = |path: &str| {
-            meshward_identity::pem::read_certs(std::path::Path::new(path))
-                .map_err(|e| RouteError::Tls(e.to_string()))
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        match &tls.ca_certificates {
-            Some(ca) => {
-                for c in read_certs(ca)? {
-                    roots.add(c).map_err(|e| RouteError::Tls(e.to_string()))?;
-                }
-            }
-            None => {
-                return Err(RouteError::Tls(
-                    "caCertificates is required (no system trust store is used)".to_string(),
-                ));
-            }
-        }
-        let builder = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| RouteError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-        let config = if tls.mode == TlsMode::Mutual {
-            let cert = tls
-                .client_certificate
-                .as_deref()
-                .ok_or_else(|| RouteError::Tls("clientCertificate missing".into()))?;
-            let key_path = tls
-                .private_key
-                .as_deref()
-                .ok_or_else(|| RouteError::Tls("privateKey missing".into()))?;
-            let chain = read_certs(cert)?;
-            let key = meshward_identity::pem::read_file(std::path::Path::new(key_path))
-                .and_then(|pem| {
-                    meshward_identity::pem::key_from_pem(&pem, std::path::Path::new(key_path))
-                })
-                .map_err(|e| RouteError::Tls(e.to_string()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| RouteError::Tls(e.to_string()))?
-        } else {
-            builder.with_no_client_auth()
-        };
-        let config = Arc::new(config);
-        self.file_configs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, Arc::clone(&config));
-        Ok(config)
     }
 }
 
@@ -860,12 +850,8 @@ async fn exchange(
                     let body = "upstream connect error";
                     let _ = h1::reply(down, 503, body, true).await;
                     sizes.1 = body.len() as u64;
-                    return (
-                        503,
-                        "UF",
-                        format!("upstream {} failed: {e}", route.addr),
-                        true,
-                    );
+                    let (flag, reason) = route.failure(&e, "UF");
+                    return (503, flag, reason, true);
                 }
             }
         }
@@ -888,7 +874,10 @@ async fn exchange(
         let sent = sent.await;
         let failure = match sent {
             Sent::Response(resp) => break resp,
-            Sent::Lost(why) => format!("upstream {}: {why}", route.addr),
+            // A TLS failure here is a handshake's end (a TLS 1.3 server
+            // sends its refusal of a client certificate in the client's
+            // first read): `UF`, as for a failed connect.
+            Sent::Lost(e) => route.failure(&e, "UC"),
             Sent::Refused((status, flags, body)) => {
                 *current = None;
                 let _ = h1::reply(down, status, body, true).await;
@@ -912,7 +901,8 @@ async fn exchange(
         }
         let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
         sizes.1 = h1::UPSTREAM_RESET.len() as u64;
-        return (503, "UC", failure, true);
+        let (flag, reason) = failure;
+        return (503, flag, reason, true);
     };
     let Some((_, up)) = current.as_mut() else {
         unreachable!("the response was read from it")
@@ -1050,13 +1040,14 @@ async fn handle(
                             Some(route),
                         ),
                         Err(e) => {
-                            let detail = std::error::Error::source(&e)
-                                .map(|s| s.to_string())
-                                .unwrap_or_else(|| e.to_string());
+                            let (flag, reason) = match std::error::Error::source(&e) {
+                                Some(source) => route.failure(source, "UF"),
+                                None => route.failure(&e, "UF"),
+                            };
                             (
                                 full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
-                                "UF",
-                                format!("upstream {} failed: {detail}", route.addr),
+                                flag,
+                                reason,
                                 Some(route),
                             )
                         }
@@ -1159,7 +1150,8 @@ async fn bridge_h2(
         Ok(resp) => resp,
         Err(e) => {
             let _ = h1::reply(io, 503, "upstream connect error", true).await;
-            return (503, "UF", format!("upstream {} failed: {e}", route.addr));
+            let (flag, reason) = route.failure(&e, "UF");
+            return (503, flag, reason);
         }
     };
     let status = resp.status().as_u16();
@@ -1390,7 +1382,7 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
             let (sent, received) = (down.bytes_read(), up_read);
             let reason = match result {
                 Ok(reason) => reason,
-                Err(e) => format!("upstream {} failed: {e}", route.addr),
+                Err(e) => route.failure(&e, "UF").1,
             };
             state.metrics.tcp_closed(&labels, sent, received);
             state.metrics.access().write(&AccessRecord {

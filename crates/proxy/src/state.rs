@@ -159,6 +159,9 @@ pub struct State {
     /// The keys of the `jwksUri`s the configuration names, kept across
     /// reloads ([`crate::jwt::JwksStore::run`] fetches them).
     pub jwks: Arc<crate::jwt::JwksStore>,
+    /// Client configs from the files DestinationRules name (SIMPLE,
+    /// MUTUAL), kept across reloads and re-read when the files change.
+    pub dr_files: crate::dr_tls::DrFiles,
 }
 
 /// An open inbound connection's facts and the signal that closes it.
@@ -288,6 +291,10 @@ impl State {
         let jwks = Arc::new(crate::jwt::JwksStore::default());
         let snapshot = load_snapshot(&bootstrap, 1, &jwks)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
+        // Unusable files do not stop the proxy: their DestinationRule's
+        // requests fail (503) naming the file, as they are logged here.
+        let dr_files = crate::dr_tls::DrFiles::default();
+        dr_files.sync(&snapshot, &metrics);
         Ok(Arc::new(State {
             bootstrap,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -308,6 +315,7 @@ impl State {
             tcp_conns: TcpTracker::default(),
             idle_timeout,
             jwks,
+            dr_files,
         }))
     }
 
@@ -333,6 +341,9 @@ impl State {
         let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks)?;
         // The trust domain may have changed: rebuild TLS for the new snapshot.
         let tls = load_tls(&self.bootstrap, &snapshot)?;
+        // DestinationRule files: load new ones, re-read the others (their
+        // problems are theirs; they never refuse the configuration).
+        self.dr_files.sync(&snapshot, &self.metrics);
         self.version.store(version, Ordering::Release);
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
@@ -342,6 +353,13 @@ impl State {
             tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
         }
         Ok(version)
+    }
+
+    /// Re-reads the files DestinationRules name; a change that cannot be
+    /// used is refused (logged, counted) and the previous client config
+    /// stays.
+    pub fn reload_dr_files(&self) {
+        self.dr_files.refresh(&self.metrics);
     }
 
     /// Re-reads the certificates; on failure the current ones stay.

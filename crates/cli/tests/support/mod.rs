@@ -208,6 +208,29 @@ impl ProxyProcess {
         .await
     }
 
+    /// The proxy's own log events so far (JSON lines on stderr).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The first log event matching `pred`, waiting for it.
+    pub async fn event(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(&format!("log event of {}: {what}", self.name), || {
+            let found = self.events().into_iter().find(|e| pred(e));
+            async move { found }
+        })
+        .await
+    }
+
     /// The first TCP access-log line whose reason starts with `reason`.
     pub async fn tcp_log_line(&self, what: &str, reason: &str) -> serde_json::Value {
         self.log_line(what, |l| {
@@ -490,10 +513,14 @@ pub fn executor() -> TokioExecutor {
     TokioExecutor::new()
 }
 
-/// The value of a Prometheus sample whose labels include all of `labels`.
+/// The value of a Prometheus sample whose labels include all of `labels`
+/// (a metric without labels: its one sample).
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
         .filter(|l| {
             labels
                 .iter()

@@ -522,7 +522,10 @@ pub enum Sent {
     Response(ResponseHead),
     /// The upstream connection failed or closed before any byte of a
     /// response: a request without a body may go again on a new connection.
-    Lost(String),
+    /// The error is kept whole, so that a TLS failure behind it (a TLS 1.3
+    /// server refuses a client certificate only after the client's side of
+    /// the handshake is done, in the first read) can be told apart.
+    Lost(io::Error),
     /// Answer this instead, then close.
     Refused(Failure),
     /// The downstream side broke while its body was read: nothing more can
@@ -550,15 +553,24 @@ where
 {
     match forward(down, down_buf, up, framing, out, request_bytes).await {
         Ok(()) => {}
-        Err(ForwardError::Write(e)) => return Sent::Lost(e.to_string()),
+        Err(ForwardError::Write(e)) => return Sent::Lost(e),
         Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
         Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
     }
     match read_response(up, up_buf, down, upgrade).await {
         Ok(resp) => Sent::Response(resp),
-        Err(None) => Sent::Lost("closed before responding".to_string()),
-        Err(Some(failure)) => Sent::Refused(failure),
+        Err(NoResponse::Lost(e)) => Sent::Lost(e),
+        Err(NoResponse::Refused(failure)) => Sent::Refused(failure),
     }
+}
+
+/// Why no final response head came.
+#[derive(Debug)]
+pub enum NoResponse {
+    /// The connection closed or failed first.
+    Lost(io::Error),
+    /// Answer this instead, then close.
+    Refused(Failure),
 }
 
 /// How relaying a response ended.
@@ -720,7 +732,7 @@ pub async fn read_response<U, D>(
     buf: &mut BytesMut,
     down: &mut D,
     upgrade: bool,
-) -> Result<ResponseHead, Option<Failure>>
+) -> Result<ResponseHead, NoResponse>
 where
     U: AsyncRead + Unpin,
     D: AsyncWrite + Unpin,
@@ -728,21 +740,31 @@ where
     loop {
         let resp = match read_head(up, buf, ResponseHead::parse, None).await {
             Ok(Some(resp)) => resp,
-            Ok(None) | Err(ReadError::Io(_)) => return Err(None),
+            Ok(None) => {
+                return Err(NoResponse::Lost(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before responding",
+                )));
+            }
+            Err(ReadError::Io(e)) => return Err(NoResponse::Lost(e)),
             // No idle timer here: waiting for a response has no limit.
-            Err(ReadError::Timeout | ReadError::Idle) => return Err(Some(UPSTREAM_TIMEOUT)),
-            Err(ReadError::Truncated | ReadError::Head(_)) => return Err(Some(BAD_RESPONSE)),
+            Err(ReadError::Timeout | ReadError::Idle) => {
+                return Err(NoResponse::Refused(UPSTREAM_TIMEOUT));
+            }
+            Err(ReadError::Truncated | ReadError::Head(_)) => {
+                return Err(NoResponse::Refused(BAD_RESPONSE));
+            }
         };
         match resp.status() {
             101 if upgrade => return Ok(resp),
             // The upgrade fields were not forwarded: a switch is a
             // protocol error.
-            101 => return Err(Some(BAD_RESPONSE)),
+            101 => return Err(NoResponse::Refused(BAD_RESPONSE)),
             100..=199 => {
                 let mut out = Vec::with_capacity(64);
                 codec::write_response(&resp, false, &mut out);
                 if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
-                    return Err(Some(BAD_RESPONSE));
+                    return Err(NoResponse::Refused(BAD_RESPONSE));
                 }
             }
             _ => return Ok(resp),
