@@ -209,6 +209,8 @@ fn custom_unusable(mesh: &MeshConfig, view: &WorkloadPolicy) -> Option<Reason> {
             "only one provider can be used per workload, found {}",
             named.join(", ")
         )
+    } else if let Some(problem) = mesh.invalid_providers.get(&provider) {
+        format!("provider \"{provider}\" cannot be used: {problem}")
     } else if !mesh.provider(&provider).is_some_and(|p| p.is_authz()) {
         format!("provider \"{provider}\" is not a defined authorization provider")
     } else {
