@@ -946,10 +946,10 @@ fn request_authentication_errors() {
             Some(10),
         ),
         row(
-            "underscore in output header",
+            "dot in output header",
             res(
                 RA,
-                &format!("{iss}  outputClaimToHeaders:\n  - header: x_sub\n    claim: sub\n"),
+                &format!("{iss}  outputClaimToHeaders:\n  - header: x.sub\n    claim: sub\n"),
             ),
             "spec.jwtRules[0].outputClaimToHeaders[0].header",
             "not a valid header name",
@@ -1512,10 +1512,10 @@ fn workload_entry_errors() {
             Some(7),
         ),
         row(
-            "bad service account",
-            res(WE, &format!("{a}serviceAccount: Bad_SA\n")),
+            "service account that cannot be in a SPIFFE ID",
+            res(WE, &format!("{a}serviceAccount: \"bad sa\"\n")),
             "spec.serviceAccount",
-            "not a valid name",
+            "cannot be part of a SPIFFE ID",
             Some(7),
         ),
         row(
@@ -1542,13 +1542,6 @@ fn workload_entry_errors() {
 fn mesh_config_errors() {
     let ext = "extensionProviders:\n";
     let rows = vec![
-        row(
-            "bad root namespace",
-            res(MC, "rootNamespace: Istio_System\n"),
-            "spec.rootNamespace",
-            "not a valid namespace",
-            Some(7),
-        ),
         row(
             "bad trust domain",
             res(MC, "trustDomain: Example.COM\n"),
@@ -3093,6 +3086,20 @@ fn accepted_with_a_warning() {
             Some(12),
         ),
         row(
+            "root namespace no namespace can have",
+            res(MC, "rootNamespace: Istio_System\n"),
+            "spec.rootNamespace",
+            "not a valid namespace (a DNS label: lower-case alphanumerics and '-', at most 63 characters): no namespace has this name, so no policy applies mesh-wide",
+            Some(7),
+        ),
+        row(
+            "service account that is no Kubernetes name",
+            res(WE, "address: 10.0.0.1\nserviceAccount: Batch_Runner\n"),
+            "spec.serviceAccount",
+            "kept as written, as in Istio, so the workload's identity ends in /sa/Batch_Runner",
+            Some(7),
+        ),
+        row(
             "unknown mesh field",
             res(MC, "rootNamespce: x\n"),
             "spec",
@@ -3335,6 +3342,15 @@ fn warned_values_are_kept_as_istio_reads_them() {
         tp.port_level_settings[0].tls.as_ref().unwrap().mode,
         TlsMode::Disable
     );
+
+    // Header names as Istio takes them: `_` in a claim header, any token
+    // for the payload header.
+    let ra = res(
+        RA,
+        "jwtRules:\n- issuer: https://issuer.example\n  outputPayloadToHeader: x_jwt.payload\n  outputClaimToHeaders:\n  - header: x_sub\n    claim: sub\n",
+    );
+    let loaded = load(&ra).unwrap_or_else(|d| panic!("{d}"));
+    assert!(loaded.warnings.0.is_empty(), "{}", loaded.warnings);
 
     // The scheme of a jwksUri is read as Go reads it: in any case.
     let ra = res(

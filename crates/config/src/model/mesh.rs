@@ -343,9 +343,16 @@ impl MeshConfig {
     pub fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> MeshConfig {
         let mut m = MeshConfig::default();
         let mut f = Fields::new(sink, node, path);
+        let root_pos = f.peek("rootNamespace").map_or(f.pos(), |n| n.pos);
         if let Some(ns) = f.string(sink, "rootNamespace") {
+            // Istio does not check it; a name no namespace can have makes
+            // no policy mesh-wide.
             if let Err(e) = super::check_namespace(&ns) {
-                sink.error(f.pos(), &f.field_path("rootNamespace"), e);
+                sink.warn(
+                    root_pos,
+                    &f.field_path("rootNamespace"),
+                    format!("{e}: no namespace has this name, so no policy applies mesh-wide"),
+                );
             }
             m.root_namespace = ns;
         }

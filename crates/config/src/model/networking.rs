@@ -623,7 +623,29 @@ impl WorkloadEntry {
         if let Some(sa) = &service_account
             && let Err(e) = check_name(sa)
         {
-            sink.error(f.pos(), &sa_path, e);
+            // Istio takes any string of at most 253 characters; what it can
+            // become is a SPIFFE ID path segment.
+            let segment = !sa.is_empty()
+                && sa != "."
+                && sa != ".."
+                && sa
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if segment && sa.len() <= 253 {
+                sink.warn(
+                    f.pos(),
+                    &sa_path,
+                    format!("{e}; it is kept as written, as in Istio, so the workload's identity ends in /sa/{sa}"),
+                );
+            } else {
+                sink.error(
+                    f.pos(),
+                    &sa_path,
+                    format!(
+                        "{e}, and cannot be part of a SPIFFE ID (letters, digits, '.', '-' and '_')"
+                    ),
+                );
+            }
         }
         if address.as_deref().is_none_or(str::is_empty) && network.is_none() {
             sink.error(

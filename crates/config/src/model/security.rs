@@ -844,7 +844,7 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     let payload_header_pos = f.peek("outputPayloadToHeader").map(|n| n.pos);
     let output_payload_to_header = f.string(sink, "outputPayloadToHeader");
     if let (Some(h), Some(pos)) = (&output_payload_to_header, payload_header_pos)
-        && let Err(e) = check_header_name(h)
+        && let Err(e) = check_header_name(h, HeaderRule::Token)
     {
         sink.error(pos, &f.field_path("outputPayloadToHeader"), e);
     }
@@ -855,7 +855,7 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
             let header = cf.string(sink, "header").unwrap_or_default();
             let claim = cf.string(sink, "claim").unwrap_or_default();
             cf.finish(sink);
-            if let Err(e) = check_header_name(&header) {
+            if let Err(e) = check_header_name(&header, HeaderRule::Strict) {
                 sink.error(n.pos, &format!("{p}.header"), e);
             }
             if claim.is_empty() {
@@ -920,9 +920,20 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     })
 }
 
+/// Which header names a field takes.
+#[derive(Clone, Copy)]
+enum HeaderRule {
+    /// `outputClaimToHeaders`: Istio's `ValidateStrictHTTPHeaderName`
+    /// (`^[-_A-Za-z0-9]+$`, also the schema's pattern).
+    Strict,
+    /// `outputPayloadToHeader`: Istio checks nothing; any HTTP token
+    /// (RFC 9110) is a header Envoy can write.
+    Token,
+}
+
 /// HTTP header names are tokens (RFC 9110); pseudo-headers such as
 /// `:authority` cannot be written by a filter.
-fn check_header_name(name: &str) -> Result<(), String> {
+fn check_header_name(name: &str, rule: HeaderRule) -> Result<(), String> {
     if name.is_empty() {
         return Err("header must not be empty".to_string());
     }
@@ -931,10 +942,21 @@ fn check_header_name(name: &str) -> Result<(), String> {
             "header \"{name}\" is a pseudo-header and cannot be set"
         ));
     }
-    // Istio's ValidateStrictHTTPHeaderName: ^[-A-Za-z0-9]+$
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    let (valid, allowed) = match rule {
+        HeaderRule::Strict => (
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "letters, digits, '-' and '_'",
+        ),
+        HeaderRule::Token => (
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)),
+            "an HTTP token",
+        ),
+    };
+    if !valid {
         return Err(format!(
-            "header \"{name}\" is not a valid header name (letters, digits and '-')"
+            "header \"{name}\" is not a valid header name ({allowed})"
         ));
     }
     if PROXY_OWNED_HEADERS
