@@ -313,10 +313,8 @@ impl Loader {
                 field("name").unwrap_or_default()
             );
             let spec = root.get("spec").filter(|s| !s.is_null());
-            let Some(block) = spec
-                .and_then(|s| s.get("meshConfig"))
-                .filter(|b| !b.is_null())
-            else {
+            let found = spec.and_then(|s| Some((s, s.get("meshConfig").filter(|b| !b.is_null())?)));
+            let Some((spec, block)) = found else {
                 self.diags.push(Diagnostic {
                     severity: Severity::Error,
                     file: file.clone(),
@@ -327,7 +325,6 @@ impl Loader {
                 });
                 return None;
             };
-            let spec = spec?;
             let mut other = keys(spec, "meshConfig");
             if spec
                 .get("values")
