@@ -11,8 +11,9 @@ pub struct ConfigArgs {
     /// Files or directories of Istio resources (multi-document YAML).
     #[arg(long = "config", short = 'c', value_name = "PATH", required = true)]
     pub config: Vec<PathBuf>,
-    /// A file holding Istio's meshConfig block (rootNamespace, trustDomain,
-    /// extensionProviders, ...).
+    /// Mesh settings (rootNamespace, trustDomain, extensionProviders, ...):
+    /// a file holding Istio's meshConfig block, Helm values with
+    /// `meshConfig:`, or an IstioOperator with `spec.meshConfig`.
     #[arg(long, value_name = "FILE")]
     pub mesh_config: Option<PathBuf>,
 }

@@ -12,7 +12,8 @@ pub struct Args {
     /// Files or directories of mesh resources (watched for changes).
     #[arg(long = "config", short = 'c', value_name = "PATH", required = true)]
     config: Vec<PathBuf>,
-    /// A file holding Istio's meshConfig block.
+    /// Mesh settings: a file holding Istio's meshConfig block, Helm values
+    /// with `meshConfig:`, or an IstioOperator with `spec.meshConfig`.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
     /// This workload: namespace/name of its WorkloadEntry.

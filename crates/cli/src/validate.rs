@@ -10,7 +10,8 @@ pub struct Args {
     /// Files or directories of Istio resources.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
-    /// A file holding Istio's meshConfig block.
+    /// Mesh settings: a file holding Istio's meshConfig block, Helm values
+    /// with `meshConfig:`, or an IstioOperator with `spec.meshConfig`.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
 }

@@ -752,11 +752,12 @@ async fn policy_and_certificate_changes_apply_without_dropping_connections() {
         Ok((200, "product-catalog".into()))
     );
 
-    // An invalid change is refused; the proxy keeps the last good state.
+    // An invalid change (an empty method, which Istio refuses too) is
+    // refused; the proxy keeps the last good state.
     let v2 = catalog.config_version().await;
     mesh.write_config(
         "policies.yaml",
-        &POLICIES.replace("methods: [\"GET\"]", "methods: [\"get\"]"),
+        &POLICIES.replace("methods: [\"GET\"]", "methods: [\"\"]"),
     );
     eventually("the invalid change to be refused", || async {
         let (_, m) = catalog.admin_get("/stats/prometheus").await;

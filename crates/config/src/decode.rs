@@ -145,6 +145,38 @@ impl<'n> Fields<'n> {
         let _ = self.take(key);
     }
 
+    /// Names the fields that were not read, in one warning that ends with
+    /// `why`: for inputs Istio reads leniently (its mesh config ignores
+    /// fields it does not know).
+    pub fn finish_ignoring_unknown(self, sink: &mut Sink<'_>, why: &str) {
+        let unknown: Vec<&str> = self
+            .entries
+            .iter()
+            .zip(&self.used)
+            .filter(|(_, used)| !**used)
+            .map(|((k, _), _)| k.scalar_text().unwrap_or_default())
+            .collect();
+        let Some(first) = self
+            .entries
+            .iter()
+            .zip(&self.used)
+            .find(|(_, used)| !**used)
+            .map(|((k, _), _)| k.pos)
+        else {
+            return;
+        };
+        let list: Vec<String> = unknown.iter().map(|k| format!("\"{k}\"")).collect();
+        sink.warn(
+            first,
+            &self.path,
+            format!(
+                "unknown field{} {} ignored: {why}",
+                if unknown.len() == 1 { "" } else { "s" },
+                list.join(", ")
+            ),
+        );
+    }
+
     /// Reports every field that was not read.
     pub fn finish(self, sink: &mut Sink<'_>) {
         for ((key, _), used) in self.entries.iter().zip(&self.used) {

@@ -160,7 +160,7 @@ impl Loader {
         }
     }
 
-    /// Adds a file holding a plain `meshConfig` block.
+    /// Adds a file of mesh settings (see [`Loader::add_mesh_config_source`]).
     pub fn add_mesh_config_path(&mut self, file: &Path) {
         if let Some(text) = self.read_text(file) {
             self.add_mesh_config_source(&file.display().to_string(), &text);
@@ -232,24 +232,139 @@ impl Loader {
         }
     }
 
-    /// Adds a plain `meshConfig` block (the content of Istio's `mesh` key).
+    /// Adds mesh settings from a `--mesh-config` file, in any of the shapes
+    /// users keep them in:
+    /// - a bare `meshConfig` block (the content of Istio's `mesh` key);
+    /// - Helm values with a top-level `meshConfig:` (other keys, such as
+    ///   `global:` or `pilot:`, are skipped with one warning);
+    /// - an `IstioOperator` (`install.istio.io/v1alpha1`) with
+    ///   `spec.meshConfig` (other `spec` keys, such as `profile`,
+    ///   `components` or `values`, are skipped with one warning).
+    ///
+    /// Errors name the field path as written in the file
+    /// (`spec.meshConfig.extensionProviders[0]...`).
     pub fn add_mesh_config_source(&mut self, name: &str, text: &str) {
         let file: Arc<str> = Arc::from(name);
-        match yaml::parse_one(text) {
-            Ok(Some(node)) => {
-                if !self.claim_mesh(&file, node.pos) {
-                    return;
-                }
-                let mut sink = Sink {
-                    file: file.clone(),
-                    resource: Some("meshConfig".to_string()),
-                    out: &mut self.diags,
-                };
-                self.set.mesh = MeshConfig::decode(&mut sink, &node, "");
+        let node = match yaml::parse_one(text) {
+            Ok(Some(node)) => node,
+            Ok(None) => return,
+            Err(e) => {
+                self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message));
+                return;
             }
-            Ok(None) => {}
-            Err(e) => self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message)),
+        };
+        let Some(block) = self.mesh_block(&file, &node) else {
+            return;
+        };
+        if !self.claim_mesh(&file, block.node.pos) {
+            return;
         }
+        let mut sink = Sink {
+            file: file.clone(),
+            resource: Some(block.resource),
+            out: &mut self.diags,
+        };
+        if let Some(skipped) = block.skipped {
+            sink.warn(
+                skipped.pos,
+                &skipped.parent,
+                format!(
+                    "skipped {}: meshward reads only the mesh settings ({})",
+                    skipped.keys.join(", "),
+                    block.path
+                ),
+            );
+        }
+        self.set.mesh = MeshConfig::decode(&mut sink, block.node, &block.path);
+    }
+
+    /// Finds the `meshConfig` block of a mesh settings file; `None` (with
+    /// an error) when the file is of another kind or has no block.
+    fn mesh_block<'n>(&mut self, file: &Arc<str>, root: &'n Node) -> Option<MeshBlock<'n>> {
+        let keys = |n: &Node, except: &str| -> Vec<String> {
+            match &n.value {
+                yaml::Value::Map(entries) => entries
+                    .iter()
+                    .filter_map(|(k, _)| k.scalar_text())
+                    .filter(|k| *k != except)
+                    .map(|k| format!("`{k}`"))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let kind = root.get("kind").and_then(Node::as_str);
+        if let Some(kind) = kind {
+            let api_version = root.get("apiVersion").and_then(Node::as_str).unwrap_or("");
+            if kind != "IstioOperator" || !api_version.starts_with("install.istio.io/") {
+                self.error_at(
+                    file,
+                    root.pos,
+                    format!(
+                        "a mesh settings file holds a meshConfig block, Helm values with `meshConfig:` or an IstioOperator (install.istio.io/v1alpha1), found {kind} {api_version}"
+                    ),
+                );
+                return None;
+            }
+            let meta = root.get("metadata");
+            let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Node::as_str);
+            let resource = format!(
+                "IstioOperator {}/{}",
+                field("namespace").unwrap_or("istio-system"),
+                field("name").unwrap_or_default()
+            );
+            let spec = root.get("spec").filter(|s| !s.is_null());
+            let found = spec.and_then(|s| Some((s, s.get("meshConfig").filter(|b| !b.is_null())?)));
+            let Some((spec, block)) = found else {
+                self.diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: file.clone(),
+                    pos: spec.map_or(root.pos, |s| s.pos),
+                    resource: Some(resource),
+                    field: Some("spec.meshConfig".into()),
+                    message: "missing: the IstioOperator sets no mesh settings".into(),
+                });
+                return None;
+            };
+            let mut other = keys(spec, "meshConfig");
+            if spec
+                .get("values")
+                .and_then(|v| v.get("meshConfig"))
+                .is_some()
+            {
+                other.push("`values.meshConfig` (put mesh settings in spec.meshConfig)".into());
+            }
+            let skipped = (!other.is_empty()).then(|| Skipped {
+                pos: spec.pos,
+                parent: "spec".into(),
+                keys: other,
+            });
+            return Some(MeshBlock {
+                node: block,
+                path: "spec.meshConfig".into(),
+                resource,
+                skipped,
+            });
+        }
+        if let Some(block) = root.get("meshConfig") {
+            let other = keys(root, "meshConfig");
+            let skipped = (!other.is_empty()).then(|| Skipped {
+                pos: root.pos,
+                parent: String::new(),
+                keys: other,
+            });
+            return Some(MeshBlock {
+                node: block,
+                path: "meshConfig".into(),
+                resource: "Helm values".into(),
+                skipped,
+            });
+        }
+        Some(MeshBlock {
+            node: root,
+            path: String::new(),
+            resource: "meshConfig".into(),
+            skipped: None,
+        })
     }
 
     fn claim_mesh(&mut self, file: &Arc<str>, pos: Pos) -> bool {
@@ -353,12 +468,21 @@ impl Loader {
             order,
         };
         let key = (kind, meta.namespace.clone(), meta.name.clone());
-        if let Some((f0, l0)) = self.seen.get(&key) {
-            sink.error(
+        // `kubectl apply` of both documents leaves the later one in place
+        // (it updates the object the earlier one created), so the later
+        // replaces the earlier here too. The MeshConfig kind has its own
+        // one-only rule (`claim_mesh`).
+        let replaced = if kind == Kind::MeshConfig {
+            None
+        } else {
+            self.seen.get(&key).cloned()
+        };
+        if let Some((f0, l0)) = &replaced {
+            sink.warn(
                 root.pos,
                 "metadata.name",
                 format!(
-                    "{kind} {}/{} is defined twice (first at {f0}:{l0})",
+                    "{kind} {}/{} is also defined at {f0}:{l0}; this definition replaces that one, as `kubectl apply` of both would",
                     meta.namespace, meta.name
                 ),
             );
@@ -373,9 +497,10 @@ impl Loader {
         match kind {
             Kind::PeerAuthentication => {
                 let spec = PeerAuthentication::decode(&mut sink, spec, "spec");
-                self.set
-                    .peer_authentications
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.peer_authentications,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::AuthorizationPolicy => {
                 let spec = AuthorizationPolicy::decode(&mut sink, spec, "spec");
@@ -390,33 +515,38 @@ impl Loader {
                         );
                     }
                 }
-                self.set
-                    .authorization_policies
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.authorization_policies,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::RequestAuthentication => {
                 let spec = RequestAuthentication::decode(&mut sink, spec, "spec");
-                self.set
-                    .request_authentications
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.request_authentications,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::DestinationRule => {
                 let spec = DestinationRule::decode(&mut sink, spec, "spec");
-                self.set
-                    .destination_rules
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.destination_rules,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::ServiceEntry => {
                 let spec = ServiceEntry::decode(&mut sink, spec, "spec");
-                self.set
-                    .service_entries
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.service_entries,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::WorkloadEntry => {
                 let spec = WorkloadEntry::decode(&mut sink, spec, "spec");
-                self.set
-                    .workload_entries
-                    .push(Resource { meta, origin, spec });
+                upsert(
+                    &mut self.set.workload_entries,
+                    Resource { meta, origin, spec },
+                );
             }
             Kind::MeshConfig => {
                 let mesh = MeshConfig::decode(&mut sink, spec, "spec");
@@ -508,6 +638,10 @@ impl Loader {
                 && let Some(name) = p.spec.provider.as_deref().filter(|n| !n.is_empty())
             {
                 match self.set.mesh.provider(name) {
+                        None if self.set.mesh.invalid_providers.contains_key(name) => warnings.push(warn(
+                            format!("extension provider \"{name}\" has errors (see the mesh config warnings); requests to the selected workloads will be denied"),
+                            "spec.provider.name",
+                        )),
                         None => warnings.push(warn(
                             format!("extension provider \"{name}\" is not defined in the mesh config; the requests and connections this policy's rules match will be denied"),
                             "spec.provider.name",
@@ -566,6 +700,44 @@ impl Loader {
             }
         }
         self.diags.extend(warnings);
+    }
+}
+
+/// The `meshConfig` block of a mesh settings file.
+struct MeshBlock<'n> {
+    node: &'n Node,
+    /// Its field path in the file (`spec.meshConfig`, `meshConfig`, or
+    /// empty for a bare block).
+    path: String,
+    /// How diagnostics name the file's content.
+    resource: String,
+    /// Sibling keys meshward does not read.
+    skipped: Option<Skipped>,
+}
+
+struct Skipped {
+    pos: Pos,
+    /// The mapping they are in (`spec`, or empty for the top level).
+    parent: String,
+    keys: Vec<String>,
+}
+
+/// Adds a resource, or replaces the one of the same namespace and name.
+/// The replacement takes the place, load order and creation timestamp of
+/// the one it replaces: an object updated by `kubectl apply` keeps its
+/// creation time, which is what breaks ties between policies (see
+/// [`Resource::is_older_than`]).
+fn upsert<T>(list: &mut Vec<Resource<T>>, mut r: Resource<T>) {
+    match list
+        .iter_mut()
+        .find(|o| o.meta.namespace == r.meta.namespace && o.meta.name == r.meta.name)
+    {
+        Some(old) => {
+            r.origin.order = old.origin.order;
+            r.meta.creation_timestamp = old.meta.creation_timestamp.take();
+            *old = r;
+        }
+        None => list.push(r),
     }
 }
 

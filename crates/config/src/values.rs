@@ -42,29 +42,71 @@ pub fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-/// HTTP methods are case-sensitive tokens; Istio's examples and Envoy's
-/// matching use the upper-case form. A lower-case method could never match a
-/// real request, so it is refused rather than silently ignored. A leading or
-/// trailing `*` (prefix/suffix match) and `*` alone are allowed.
-pub fn check_method(text: &str) -> Result<(), String> {
-    let core = text.trim_start_matches('*').trim_end_matches('*');
-    if text == "*" {
+/// What a value check found: a value Istio refuses (`Reject`), or one it
+/// applies but that cannot do what it looks like it does (`Warn`). A warned
+/// value is kept and decided exactly as Istio decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lint {
+    Warn(String),
+    Reject(String),
+}
+
+impl From<String> for Lint {
+    fn from(message: String) -> Lint {
+        Lint::Reject(message)
+    }
+}
+
+/// Istio's string forms (`*` alone, `*suffix`, `prefix*`, exact) treat only
+/// a `*` at the very start (else the very end) as a wildcard; any other `*`
+/// is a literal character (`a*b` matches only the text `a*b`). That holds
+/// for principals, request principals, hosts, methods and paths alike
+/// (pilot's `StringMatcherWithPrefix`, `HeaderMatcher`, `HostMatcher`,
+/// `requestPrincipalGenerator`). Warns about such a literal `*`.
+pub fn check_literal_star(text: &str) -> Result<(), Lint> {
+    let stars = text.matches('*').count();
+    let wildcards = usize::from(text == "*" || text.starts_with('*') || text.ends_with('*'));
+    if stars <= wildcards {
         return Ok(());
     }
-    if core.is_empty() {
-        return Err("empty method".to_string());
-    }
-    if core.chars().any(|c| c.is_ascii_lowercase()) {
-        return Err(format!(
-            "\"{text}\" is not an HTTP method (methods are upper case, e.g. \"{}\")",
+    let message = if wildcards == 0 {
+        format!(
+            "\"{text}\": '*' is a wildcard only at the start or the end of a value; \
+             here it is a literal character, as in Istio, so this matches only the exact text \"{text}\""
+        )
+    } else {
+        let which = if text.starts_with('*') {
+            "leading"
+        } else {
+            "trailing"
+        };
+        format!(
+            "\"{text}\": only the {which} '*' is a wildcard; any other '*' is a literal character, as in Istio"
+        )
+    };
+    Err(Lint::Warn(message))
+}
+
+/// HTTP methods: Istio accepts any non-empty string and compares it with
+/// the request's method exactly (a `:method` header matcher), with its `*`
+/// forms. Requests carry methods in upper case, so a lower-case method, or
+/// one that is not an HTTP token, never matches: a warning, not an error.
+pub fn check_method(text: &str) -> Result<(), Lint> {
+    check_literal_star(text)?;
+    let core = text.trim_start_matches('*').trim_end_matches('*');
+    if core.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(Lint::Warn(format!(
+            "\"{text}\" never matches: methods are case-sensitive and requests use upper case (\"{}\")",
             text.to_ascii_uppercase()
-        ));
+        )));
     }
     if !core
         .bytes()
-        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'+-.^_`|~".contains(&b))
     {
-        return Err(format!("\"{text}\" is not an HTTP method"));
+        return Err(Lint::Warn(format!(
+            "\"{text}\" never matches: it is not an HTTP method (a method is a token such as \"GET\")"
+        )));
     }
     Ok(())
 }
@@ -124,6 +166,8 @@ pub enum ConditionKey {
     SourcePrincipal,
     /// `source.serviceAccount` (`ns/sa` or `sa`).
     SourceServiceAccount,
+    /// `source.trustDomain` (Istio 1.30+).
+    SourceTrustDomain,
     RequestAuthPrincipal,
     RequestAuthAudiences,
     RequestAuthPresenter,
@@ -132,9 +176,16 @@ pub enum ConditionKey {
     DestinationIp,
     DestinationPort,
     ConnectionSni,
-    /// `experimental.envoy.filters.*`: accepted, but meshward cannot evaluate
-    /// it, so an ALLOW rule using it never matches and a DENY rule always does.
+    /// `experimental.envoy.filters.*[...]`: accepted, but meshward cannot
+    /// evaluate it, so an ALLOW rule using it never matches and a DENY rule
+    /// ignores the condition.
     Experimental(String),
+    /// A key Istio's validation admits (it has the `a[b]` shape and a known
+    /// prefix) but its RBAC generator cannot translate, such as
+    /// `request.headersX[a]`. istiod then skips the rule of an ALLOW policy
+    /// and drops the condition from a DENY, AUDIT or CUSTOM one
+    /// (`rule.checkError` in pilot's authz model); meshward does the same.
+    Untranslatable(String),
 }
 
 impl ConditionKey {
@@ -160,34 +211,44 @@ impl ConditionKey {
                 | ConditionKey::RequestAuthClaims(_)
         )
     }
+
+    /// What a user should know about a key that loads but cannot be
+    /// evaluated as written.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            ConditionKey::Experimental(key) => Some(format!(
+                "meshward cannot evaluate \"{key}\": an ALLOW rule using it never matches, \
+                 a DENY, AUDIT or CUSTOM rule ignores the condition"
+            )),
+            ConditionKey::Untranslatable(key) => Some(format!(
+                "Istio cannot translate \"{key}\" (expected a name in brackets after the attribute): \
+                 an ALLOW rule using it never matches, a DENY, AUDIT or CUSTOM rule ignores the condition"
+            )),
+            _ => None,
+        }
+    }
 }
 
+/// Parses a `when` key as Istio does: its validation (`ValidateAttribute`)
+/// decides what is refused, its generator (pilot's authz model) what the
+/// key means.
 pub fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
-    if let Some(rest) = key
-        .strip_prefix("request.experimental.inline.headers")
-        .or_else(|| key.strip_prefix("request.headers"))
-    {
-        let name = bracketed(rest, key)?;
-        if name.len() != 1 || name[0].is_empty() {
-            return Err(format!(
-                "invalid key \"{key}\": expected request.headers[<header-name>]"
-            ));
-        }
-        return Ok(ConditionKey::RequestHeader(name[0].to_ascii_lowercase()));
+    if let Some(rest) = key.strip_prefix("request.headers") {
+        check_map_key(key)?;
+        return Ok(match name_in_brackets(rest) {
+            Some(name) => ConditionKey::RequestHeader(name.to_ascii_lowercase()),
+            None => ConditionKey::Untranslatable(key.to_string()),
+        });
     }
     if let Some(rest) = key.strip_prefix("request.auth.claims") {
-        let path = bracketed(rest, key)?;
-        if path.is_empty() || path.iter().any(|p| p.is_empty()) {
-            return Err(format!(
-                "invalid key \"{key}\": expected request.auth.claims[<claim>] or request.auth.claims[<claim>][<nested>]"
-            ));
-        }
-        return Ok(ConditionKey::RequestAuthClaims(path));
+        check_map_key(key)?;
+        return Ok(match names_in_nested_brackets(rest) {
+            Some(path) => ConditionKey::RequestAuthClaims(path),
+            None => ConditionKey::Untranslatable(key.to_string()),
+        });
     }
-    if let Some(rest) = key.strip_prefix("experimental.envoy.filters.") {
-        if rest.is_empty() {
-            return Err(format!("invalid key \"{key}\""));
-        }
+    if key.starts_with("experimental.envoy.filters.") {
+        check_map_key(key)?;
         return Ok(ConditionKey::Experimental(key.to_string()));
     }
     Ok(match key {
@@ -196,6 +257,7 @@ pub fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
         "source.namespace" => ConditionKey::SourceNamespace,
         "source.principal" => ConditionKey::SourcePrincipal,
         "source.serviceAccount" => ConditionKey::SourceServiceAccount,
+        "source.trustDomain" => ConditionKey::SourceTrustDomain,
         "request.auth.principal" => ConditionKey::RequestAuthPrincipal,
         "request.auth.audiences" => ConditionKey::RequestAuthAudiences,
         "request.auth.presenter" => ConditionKey::RequestAuthPresenter,
@@ -222,25 +284,53 @@ pub fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
     })
 }
 
-/// Splits `[a][b]` into `["a", "b"]`.
-fn bracketed(rest: &str, key: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut s = rest;
-    while !s.is_empty() {
-        let inner = s
-            .strip_prefix('[')
-            .and_then(|t| t.split_once(']'))
-            .ok_or_else(|| format!("invalid key \"{key}\": unbalanced brackets"))?;
-        if inner.0.contains('[') {
-            return Err(format!("invalid key \"{key}\": unbalanced brackets"));
+/// Istio's `validateMapKey`: the key ends with `]` and has a `[` after its
+/// first character with at least one character between them.
+fn check_map_key(key: &str) -> Result<(), String> {
+    match key.find('[') {
+        Some(open) if key.ends_with(']') && open > 0 && open + 2 < key.len() => Ok(()),
+        _ => Err(format!(
+            "invalid key \"{key}\": expected <attribute>[<name>], e.g. request.headers[x-user]"
+        )),
+    }
+}
+
+/// Istio's `extractNameInBrackets`: `[name]` gives `name` (one bracket of
+/// each side removed, whatever is inside).
+fn name_in_brackets(s: &str) -> Option<&str> {
+    s.strip_prefix('[')?.strip_suffix(']')
+}
+
+/// Istio's `extractNameInNestedBrackets`: `[a][b]` gives `a`, `b`; where the
+/// text is not a run of bracketed names it falls back to
+/// [`name_in_brackets`] of the whole text.
+fn names_in_nested_brackets(s: &str) -> Option<Vec<String>> {
+    let bytes = s.as_bytes();
+    let end_bracket = |begin: usize| -> Option<usize> {
+        if bytes.get(begin) != Some(&b'[') {
+            return None;
         }
-        out.push(inner.0.to_string());
-        s = inner.1;
+        for (i, b) in bytes.iter().enumerate().skip(begin + 1) {
+            match b {
+                b'[' => return None,
+                b']' => return Some(i),
+                _ => {}
+            }
+        }
+        None
+    };
+    let mut names = Vec::new();
+    let mut begin = 0;
+    while begin < s.len() {
+        match end_bracket(begin) {
+            Some(end) => {
+                names.push(s[begin + 1..end].to_string());
+                begin = end + 1;
+            }
+            None => return name_in_brackets(s).map(|n| vec![n.to_string()]),
+        }
     }
-    if out.is_empty() {
-        return Err(format!("invalid key \"{key}\": missing [...]"));
-    }
-    Ok(out)
+    Some(names)
 }
 
 #[cfg(test)]
@@ -274,12 +364,29 @@ mod tests {
         assert!(check_method("GET").is_ok());
         assert!(check_method("*").is_ok());
         assert!(check_method("P*").is_ok());
-        assert!(
-            check_method("get")
-                .unwrap_err()
-                .contains("not an HTTP method")
-        );
-        assert!(check_method("GE T").is_err());
+        let warned = |m: &str| match check_method(m) {
+            Err(Lint::Warn(w)) => w,
+            other => panic!("{m}: {other:?}"),
+        };
+        assert!(warned("get").contains("never matches: methods are case-sensitive"));
+        assert!(warned("GE T").contains("not an HTTP method"));
+        assert!(warned("G*T").contains("literal character"));
+        assert!(warned("*GE*").contains("only the leading '*' is a wildcard"));
+        assert!(warned("GE**").contains("only the trailing '*' is a wildcard"));
+        assert!(check_method("*ET").is_ok());
+    }
+
+    #[test]
+    fn literal_stars() {
+        for ok in ["*", "a", "*a", "a*", "/api/*", "*.example.com"] {
+            assert_eq!(check_literal_star(ok), Ok(()), "{ok}");
+        }
+        for warned in ["a*b", "**", "*a*", "a**", "cluster.local/ns/*/sa/x"] {
+            assert!(
+                matches!(check_literal_star(warned), Err(Lint::Warn(_))),
+                "{warned}"
+            );
+        }
     }
 
     #[test]
@@ -316,5 +423,34 @@ mod tests {
         assert!(parse_condition_key("request.auth.claims[]").is_err());
         assert!(parse_condition_key("source.user").is_err());
         assert!(parse_condition_key("").is_err());
+        assert!(parse_condition_key("experimental.envoy.filters.a.b").is_err());
+        assert!(parse_condition_key("request.experimental.inline.headers[a]").is_err());
+        // Istio admits these shapes and reads them its own way.
+        assert_eq!(
+            parse_condition_key("request.headers[a][b]"),
+            Ok(ConditionKey::RequestHeader("a][b".into()))
+        );
+        assert_eq!(
+            parse_condition_key("request.auth.claims[a][]"),
+            Ok(ConditionKey::RequestAuthClaims(vec!["a".into(), "".into()]))
+        );
+        assert_eq!(
+            parse_condition_key("request.auth.claims[a[b]]"),
+            Ok(ConditionKey::RequestAuthClaims(vec!["a[b]".into()]))
+        );
+        assert_eq!(
+            parse_condition_key("request.headersX[a]"),
+            Ok(ConditionKey::Untranslatable("request.headersX[a]".into()))
+        );
+        assert_eq!(
+            parse_condition_key("request.auth.claimsX[a]"),
+            Ok(ConditionKey::Untranslatable(
+                "request.auth.claimsX[a]".into()
+            ))
+        );
+        assert_eq!(
+            parse_condition_key("source.trustDomain"),
+            Ok(ConditionKey::SourceTrustDomain)
+        );
     }
 }

@@ -16,7 +16,9 @@ use meshward_config::values::ConditionKey;
 use meshward_config::{MeshConfig, Resource};
 use serde_json::Value;
 
-use crate::matcher::{Glob, NamespaceMatch, PathMatch, StrMatch, ip_in, service_account_globs};
+use crate::matcher::{
+    Glob, NamespaceMatch, PathMatch, StrMatch, TrustDomainMatch, ip_in, service_account_globs,
+};
 use crate::request::Request;
 
 /// Which policy decided, for explanations, logs and metrics.
@@ -67,6 +69,7 @@ enum Cond {
     Principal(Vec<StrMatch>),
     Namespace(Vec<NamespaceMatch>),
     ServiceAccount(Vec<Glob>),
+    TrustDomain(Vec<TrustDomainMatch>),
     RequestPrincipal(Vec<(StrMatch, StrMatch)>),
     SourceIp(Vec<IpNet>),
     RemoteIp(Vec<IpNet>),
@@ -191,6 +194,9 @@ impl Compiler<'_> {
         push(&mut out, &s.namespaces, &s.not_namespaces, |v| {
             Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect())
         });
+        push(&mut out, &s.trust_domains, &s.not_trust_domains, |v| {
+            Cond::TrustDomain(self.trust_domains(v))
+        });
         push(
             &mut out,
             &s.remote_ip_blocks,
@@ -240,6 +246,9 @@ impl Compiler<'_> {
                 Box::new(|v| Cond::Namespace(v.iter().map(|x| NamespaceMatch::new(x)).collect()))
             }
             ConditionKey::SourcePrincipal => Box::new(|v| Cond::Principal(self.principals(v))),
+            ConditionKey::SourceTrustDomain => {
+                Box::new(|v| Cond::TrustDomain(self.trust_domains(v)))
+            }
             ConditionKey::SourceServiceAccount => {
                 let ns = policy_ns.to_string();
                 Box::new(move |v| {
@@ -257,11 +266,33 @@ impl Compiler<'_> {
             }
             ConditionKey::DestinationPort => Box::new(|v| Cond::Port(ports(v))),
             ConditionKey::ConnectionSni => Box::new(move |v| Cond::Sni(strs(v))),
-            ConditionKey::Experimental(_) => return None,
+            ConditionKey::Experimental(_) | ConditionKey::Untranslatable(_) => return None,
         };
         let mut out = Vec::new();
         push(&mut out, &c.values, &c.not_values, |v| build(v));
         Some(out)
+    }
+
+    /// Trust domains, with Istio's alias expansion
+    /// (`ExpandTrustDomainAliases`): a value that is the mesh trust domain
+    /// or one of its aliases stands for all of them.
+    fn trust_domains(&self, values: &[String]) -> Vec<TrustDomainMatch> {
+        let mut domains: Vec<&str> = vec![self.mesh.trust_domain.as_str()];
+        domains.extend(self.mesh.trust_domain_aliases.iter().map(String::as_str));
+        let mut out: Vec<&str> = Vec::new();
+        for v in values {
+            let expanded = if domains.contains(&v.as_str()) {
+                domains.clone()
+            } else {
+                vec![v.as_str()]
+            };
+            for td in expanded {
+                if !out.contains(&td) {
+                    out.push(td);
+                }
+            }
+        }
+        out.into_iter().map(TrustDomainMatch::new).collect()
     }
 
     /// Principals, with Istio's trust-domain alias expansion: a principal of
@@ -418,6 +449,9 @@ impl Cond {
             Cond::ServiceAccount(g) => req
                 .principal
                 .is_some_and(|p| g.iter().any(|g| g.matches(p))),
+            Cond::TrustDomain(m) => req
+                .principal
+                .is_some_and(|p| m.iter().any(|m| m.matches(p))),
             Cond::RequestPrincipal(m) => req.http.and_then(|h| h.auth).is_some_and(|a| {
                 m.iter()
                     .any(|(mi, ms)| mi.matches(&a.issuer) && ms.matches(&a.subject))

@@ -209,6 +209,8 @@ fn custom_problem(mesh: &MeshConfig, custom: &[Arc<CompiledPolicy>]) -> Option<S
             "only one provider can be used per workload, found {}",
             named.join(", ")
         ))
+    } else if let Some(problem) = mesh.invalid_providers.get(provider) {
+        Some(format!("provider \"{provider}\" cannot be used: {problem}"))
     } else if !mesh.provider(provider).is_some_and(|p| p.is_authz()) {
         Some(format!(
             "provider \"{provider}\" is not a defined authorization provider"

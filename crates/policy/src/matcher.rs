@@ -186,6 +186,59 @@ pub fn service_account_globs(namespace: &str, name: &str) -> [Glob; 4] {
     ]
 }
 
+/// A `trustDomains` value (Istio 1.30+), matched against the peer's
+/// principal (its SPIFFE ID without `spiffe://`) as Istio's
+/// `srcTrustDomainGenerator` does: `*` is any peer with an identity; a
+/// plain value is the principal's prefix up to its first `/`; one `*` at
+/// the start or the end stands for any run of characters other than `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustDomainMatch {
+    Any,
+    Exact(Box<str>),
+    /// `pre` + `[^/]*` + `post`, then `/`.
+    Glob {
+        pre: Box<str>,
+        post: Box<str>,
+    },
+}
+
+impl TrustDomainMatch {
+    pub fn new(value: &str) -> TrustDomainMatch {
+        if value == "*" {
+            TrustDomainMatch::Any
+        } else if let Some((pre, post)) = value.split_once('*') {
+            TrustDomainMatch::Glob {
+                pre: pre.into(),
+                post: post.into(),
+            }
+        } else {
+            TrustDomainMatch::Exact(value.into())
+        }
+    }
+
+    #[inline]
+    pub fn matches(&self, principal: &str) -> bool {
+        match self {
+            TrustDomainMatch::Any => true,
+            TrustDomainMatch::Exact(td) => principal
+                .strip_prefix(&**td)
+                .is_some_and(|rest| rest.starts_with('/')),
+            TrustDomainMatch::Glob { pre, post } => {
+                let Some(rest) = principal.strip_prefix(&**pre) else {
+                    return false;
+                };
+                // `[^/]*` may end anywhere up to the first `/`.
+                let limit = rest.find('/').unwrap_or(rest.len());
+                (0..=limit).any(|k| {
+                    rest[k..]
+                        .strip_prefix(&**post)
+                        .is_some_and(|tail| tail.starts_with('/'))
+                })
+            }
+        }
+    }
+}
+
 /// A path value: Istio's string forms, or a `{*}`/`{**}` template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathMatch {
@@ -312,6 +365,23 @@ mod tests {
         assert!(any("td/ns/cert-manager.io/x/y/sa/sa/z"));
         assert!(!any("td/ns/cert-manager.io/sa/sa2"));
         assert!(!any("/ns/cert-manager.io/sa/sa"));
+    }
+
+    #[test]
+    fn trust_domains() {
+        let p = "td.example/ns/a/sa/b";
+        assert!(TrustDomainMatch::new("*").matches(p));
+        assert!(TrustDomainMatch::new("td.example").matches(p));
+        assert!(!TrustDomainMatch::new("td.exam").matches(p));
+        // Istio's plain form is the prefix `spiffe://<value>/`, so a `/` in
+        // a `source.trustDomain` value (allowed there) reaches into the path.
+        assert!(TrustDomainMatch::new("td.example/ns").matches(p));
+        assert!(TrustDomainMatch::new("*.example").matches(p));
+        assert!(TrustDomainMatch::new("td.*").matches(p));
+        assert!(!TrustDomainMatch::new("*.other").matches(p));
+        // `[^/]*` never crosses into the path, and literals are literal.
+        assert!(!TrustDomainMatch::new("*ns").matches(p));
+        assert!(!TrustDomainMatch::new("tdXexample").matches(p));
     }
 
     #[test]

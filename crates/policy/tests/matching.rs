@@ -2173,3 +2173,442 @@ fn header_values_that_are_not_utf8_are_matched_as_bytes() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+// ------------------------------------------------------------------ values Istio applies as written
+
+/// A lower-case method is compared as written, as Istio's `:method` header
+/// matcher compares it: it never matches a request's upper-case method.
+#[test]
+fn lower_case_methods_never_match_as_in_istio() {
+    check(
+        &ap(
+            "prod",
+            "allow-get",
+            "rules:\n- to:\n  - operation:\n      methods: [\"get\"]\n",
+        ),
+        &web(),
+        vec![
+            ("ALLOW get never allows GET", get("/"), Deny, "no rule"),
+            (
+                "it is a literal",
+                http("get", "/"),
+                Allow,
+                "ALLOW policy prod/allow-get",
+            ),
+        ],
+    );
+    check(
+        &ap(
+            "prod",
+            "deny-post",
+            "action: DENY\nrules:\n- to:\n  - operation:\n      methods: [\"post\"]\n",
+        ),
+        &web(),
+        vec![(
+            "DENY post never denies POST",
+            http("POST", "/"),
+            Allow,
+            "no ALLOW",
+        )],
+    );
+    check(
+        &ap(
+            "prod",
+            "deny-not-get",
+            "action: DENY\nrules:\n- to:\n  - operation:\n      notMethods: [\"get\"]\n",
+        ),
+        &web(),
+        vec![(
+            "notMethods get excludes nothing upper-case",
+            get("/"),
+            Deny,
+            "DENY policy prod/deny-not-get",
+        )],
+    );
+}
+
+/// A `*` that is not the first or last character is a literal character,
+/// as in Istio's string, host, header and request-principal matchers; only
+/// a leading (else trailing) `*` is a wildcard.
+#[test]
+fn a_middle_star_is_a_literal_character() {
+    let config = [
+        ap(
+            "prod",
+            "principal",
+            "rules:\n- from:\n  - source:\n      principals: [\"cluster.local/ns/*/sa/app\"]\n",
+        ),
+        ap(
+            "prod",
+            "host",
+            "rules:\n- to:\n  - operation:\n      hosts: [\"a.*.com\"]\n",
+        ),
+        ap(
+            "prod",
+            "path",
+            "rules:\n- to:\n  - operation:\n      paths: [\"/api/*/items\"]\n",
+        ),
+        ap(
+            "prod",
+            "suffix",
+            "rules:\n- to:\n  - operation:\n      paths: [\"*/x*y\"]\n",
+        ),
+        ap(
+            "prod",
+            "method",
+            "rules:\n- to:\n  - operation:\n      methods: [\"G*T\"]\n",
+        ),
+        ap(
+            "prod",
+            "condition",
+            "rules:\n- when:\n  - key: source.principal\n    values: [\"td/ns/a*b/sa/c\"]\n",
+        ),
+    ]
+    .concat();
+    check(
+        &config,
+        &web(),
+        vec![
+            (
+                "principal: not a wildcard",
+                get("/").from("cluster.local/ns/client/sa/app"),
+                Deny,
+                "no rule",
+            ),
+            (
+                "principal: literal star",
+                get("/").from("cluster.local/ns/*/sa/app"),
+                Allow,
+                "ALLOW policy prod/principal",
+            ),
+            (
+                "host: not a wildcard",
+                get("/").host("a.b.com"),
+                Deny,
+                "no rule",
+            ),
+            (
+                "host: literal star, any case",
+                get("/").host("A.*.COM"),
+                Allow,
+                "ALLOW policy prod/host",
+            ),
+            (
+                "path: not a wildcard",
+                get("/api/v1/items"),
+                Deny,
+                "no rule",
+            ),
+            (
+                "path: literal star",
+                get("/api/*/items"),
+                Allow,
+                "ALLOW policy prod/path",
+            ),
+            (
+                "leading star is the wildcard, the other is literal",
+                get("/z/x*y"),
+                Allow,
+                "ALLOW policy prod/suffix",
+            ),
+            (
+                "the other star is no wildcard",
+                get("/z/xay"),
+                Deny,
+                "no rule",
+            ),
+            ("method: not a wildcard", get("/"), Deny, "no rule"),
+            (
+                "method: literal star",
+                http("G*T", "/"),
+                Allow,
+                "ALLOW policy prod/method",
+            ),
+            (
+                "condition: literal star",
+                get("/").from("td/ns/a*b/sa/c"),
+                Allow,
+                "ALLOW policy prod/condition",
+            ),
+            (
+                "condition: not a wildcard",
+                get("/").from("td/ns/axb/sa/c"),
+                Deny,
+                "no rule",
+            ),
+        ],
+    );
+    // Request principals: `iss/sub` halves, literal stars inside.
+    let config = [
+        doc(
+            "RequestAuthentication",
+            "prod",
+            "jwt",
+            "",
+            "jwtRules:\n- issuer: https://iss\n",
+        ),
+        ap(
+            "prod",
+            "rp",
+            "rules:\n- from:\n  - source:\n      requestPrincipals: [\"https://i*s/sub\"]\n",
+        ),
+    ]
+    .concat();
+    check(
+        &config,
+        &web(),
+        vec![
+            (
+                "request principal: not a wildcard",
+                get("/").jwt(json!({"iss": "https://iss", "sub": "sub"})),
+                Deny,
+                "no rule",
+            ),
+            (
+                "request principal: literal star",
+                get("/").jwt(json!({"iss": "https://i*s", "sub": "sub"})),
+                Allow,
+                "ALLOW policy prod/rp",
+            ),
+        ],
+    );
+}
+
+/// An empty `from` or `to` reaches Istio as unset: the rule matches any
+/// source or any operation.
+#[test]
+fn empty_from_and_to_match_anything() {
+    check(
+        &ap(
+            "prod",
+            "from-anyone",
+            "rules:\n- from: []\n  to:\n  - operation:\n      paths: [\"/open\"]\n",
+        ),
+        &web(),
+        vec![
+            (
+                "any source",
+                get("/open").plaintext(),
+                Allow,
+                "ALLOW policy prod/from-anyone",
+            ),
+            ("other path", get("/closed"), Deny, "no rule"),
+        ],
+    );
+    check(
+        &ap("prod", "deny-all", "action: DENY\nrules:\n- to: []\n"),
+        &web(),
+        vec![
+            (
+                "any operation",
+                get("/x"),
+                Deny,
+                "DENY policy prod/deny-all",
+            ),
+            ("TCP too", tcp(5432), Deny, "DENY policy prod/deny-all"),
+        ],
+    );
+}
+
+/// `trustDomains`, `notTrustDomains` and `source.trustDomain` (Istio 1.30):
+/// the trust domain of the peer's SPIFFE ID, with aliases expanded.
+#[test]
+fn trust_domains() {
+    let config = [
+        mesh("trustDomain: td-new\ntrustDomainAliases: [td-old]\n"),
+        ap("prod", "partner", "rules:\n- from:\n  - source:\n      trustDomains: [\"*.partner.example\"]\n  to:\n  - operation:\n      paths: [\"/partner\"]\n"),
+        ap("prod", "own", "rules:\n- from:\n  - source:\n      trustDomains: [\"td-old\"]\n  to:\n  - operation:\n      paths: [\"/own\"]\n"),
+        ap("prod", "cond", "rules:\n- when:\n  - key: source.trustDomain\n    values: [\"exact.example\"]\n"),
+        ap("prod", "deny-foreign", "action: DENY\nrules:\n- from:\n  - source:\n      notTrustDomains: [\"td-new\", \"*.partner.example\", \"exact.example\"]\n"),
+    ]
+    .concat();
+    check(
+        &config,
+        &web(),
+        vec![
+            (
+                "suffix wildcard",
+                get("/partner").from("eu.partner.example/ns/a/sa/b"),
+                Allow,
+                "ALLOW policy prod/partner",
+            ),
+            (
+                "the wildcard stays inside the trust domain",
+                get("/partner").from("x/ns/a.partner.example/sa/b"),
+                Deny,
+                "DENY policy prod/deny-foreign",
+            ),
+            (
+                "an alias stands for the mesh trust domain",
+                get("/own").from("td-new/ns/a/sa/b"),
+                Allow,
+                "ALLOW policy prod/own",
+            ),
+            (
+                "and for itself",
+                get("/own").from("td-old/ns/a/sa/b"),
+                Allow,
+                "ALLOW policy prod/own",
+            ),
+            (
+                "condition",
+                get("/x").from("exact.example/ns/a/sa/b"),
+                Allow,
+                "ALLOW policy prod/cond",
+            ),
+            (
+                "notTrustDomains denies others",
+                get("/own").from("evil.example/ns/a/sa/b"),
+                Deny,
+                "DENY policy prod/deny-foreign",
+            ),
+            (
+                "a plaintext peer has no trust domain",
+                get("/own").plaintext(),
+                Deny,
+                "DENY policy prod/deny-foreign",
+            ),
+        ],
+    );
+}
+
+/// Keys Istio's validation admits but its generator cannot translate: an
+/// ALLOW rule using one is skipped, a DENY rule drops the condition. A
+/// header name in doubled brackets is taken whole, as Istio takes it.
+#[test]
+fn condition_keys_as_istio_reads_them() {
+    check(
+        &ap(
+            "prod",
+            "allow",
+            "rules:\n- when:\n  - key: request.headersX[a]\n    values: [\"v\"]\n",
+        ),
+        &web(),
+        vec![(
+            "ALLOW rule skipped",
+            get("/").header("a", "v"),
+            Deny,
+            "no rule",
+        )],
+    );
+    check(
+        &ap(
+            "prod",
+            "deny",
+            "action: DENY\nrules:\n- to:\n  - operation:\n      paths: [\"/admin\"]\n  when:\n  - key: request.auth.claimsX[a]\n    values: [\"v\"]\n",
+        ),
+        &web(),
+        vec![
+            (
+                "DENY condition dropped",
+                get("/admin"),
+                Deny,
+                "DENY policy prod/deny",
+            ),
+            ("DENY other path", get("/"), Allow, "no ALLOW"),
+        ],
+    );
+    check(
+        &ap(
+            "prod",
+            "odd-header",
+            "rules:\n- when:\n  - key: request.headers[a][b]\n    notValues: [\"v\"]\n",
+        ),
+        &web(),
+        vec![(
+            "header \"a][b\" is never present, so notValues matches",
+            get("/").header("a", "v").header("b", "v"),
+            Allow,
+            "ALLOW policy prod/odd-header",
+        )],
+    );
+}
+
+/// A policy defined twice: the later definition is the one in force.
+#[test]
+fn a_policy_defined_twice_decides_by_its_later_definition() {
+    let config = [
+        ap(
+            "prod",
+            "p",
+            "rules:\n- to:\n  - operation:\n      paths: [\"/a\"]\n",
+        ),
+        ap(
+            "prod",
+            "p",
+            "rules:\n- to:\n  - operation:\n      paths: [\"/b\"]\n",
+        ),
+    ]
+    .concat();
+    check(
+        &config,
+        &web(),
+        vec![
+            ("earlier definition gone", get("/a"), Deny, "no rule"),
+            (
+                "later definition in force",
+                get("/b"),
+                Allow,
+                "ALLOW policy prod/p",
+            ),
+        ],
+    );
+    // A replaced PeerAuthentication keeps the age of its first definition
+    // (`kubectl apply` updates the object the first one created), so it
+    // still wins the tie against one created after it.
+    let pa = |name: &str, mode: &str| {
+        doc(
+            "PeerAuthentication",
+            "prod",
+            name,
+            "",
+            &format!("mtls:\n  mode: {mode}\n"),
+        )
+    };
+    let config = [pa("a", "STRICT"), pa("b", "PERMISSIVE"), pa("a", "DISABLE")].concat();
+    check(
+        &config,
+        &web(),
+        vec![(
+            "oldest namespace policy decides",
+            tcp(1).plaintext(),
+            Allow,
+            "no ALLOW",
+        )],
+    );
+    let config = [pa("a", "STRICT"), pa("b", "DISABLE"), pa("a", "STRICT")].concat();
+    check(
+        &config,
+        &web(),
+        vec![(
+            "oldest namespace policy decides, STRICT",
+            tcp(1).plaintext(),
+            Deny,
+            "prod/a",
+        )],
+    );
+}
+
+/// A provider Istio cannot build (here: no port) is kept out of the mesh
+/// settings: the CUSTOM policies naming it deny everything, as Istio's
+/// deny-all filter does.
+#[test]
+fn custom_with_an_unusable_provider_denies_everything() {
+    let config = [
+        mesh("extensionProviders:\n- name: ext\n  envoyExtAuthzHttp:\n    service: ext.auth.svc.cluster.local\n"),
+        ap("prod", "ext", &custom("ext", "/ext*")),
+    ]
+    .concat();
+    let e = engine(&config);
+    let wp = e.workload(&web());
+    for req in [get("/ext"), get("/other"), tcp(5432)] {
+        let d = req.decide(&wp);
+        assert_eq!(d.verdict, Deny, "{d}");
+        assert_eq!(d.reason.code(), "custom_unusable");
+        assert!(
+            d.to_string()
+                .contains("provider \"ext\" cannot be used: port is required (1-65535)"),
+            "{d}"
+        );
+    }
+}

@@ -1157,6 +1157,34 @@ mod tests {
         ));
     }
 
+    /// A `jwksUri` Istio applies but whose keys can never be fetched (no
+    /// host, a port above 65535): the fetch fails without harm and the
+    /// issuer's tokens are refused, as Istio refuses them.
+    #[tokio::test]
+    async fn a_jwks_uri_that_cannot_be_fetched_refuses_its_tokens() {
+        let (key, _) = es256("k1");
+        for uri in [
+            "https:///keys",
+            "https:keys.example/jwks",
+            "http://127.0.0.1:99999/jwks",
+        ] {
+            let store = JwksStore::default();
+            let p = policy_with(
+                &[format!("{{issuer: \"{ISS}\", jwksUri: \"{uri}\"}}")],
+                &store,
+            );
+            store.fetch_due().await;
+            let token = sign(&key, Algorithm::ES256, None, &claims(json!({})));
+            assert_eq!(
+                refused(p.authenticate(&bearer(&token), "/")),
+                status::FETCH_FAILED,
+                "{uri}"
+            );
+            let retry = *store.get(uri).due.lock().unwrap() - Instant::now();
+            assert!(retry <= JWKS_RETRY, "{uri}: {retry:?}");
+        }
+    }
+
     /// A JWKS endpoint whose answer (status, body) the test sets.
     async fn jwks_endpoint(answer: Arc<Mutex<(u16, String)>>) -> String {
         use hyper::service::service_fn;

@@ -4,7 +4,21 @@ use std::collections::BTreeMap;
 
 use crate::decode::{self, Fields};
 use crate::diag::Sink;
-use crate::yaml::Node;
+use crate::yaml::{Node, Pos};
+
+/// Why Istio reads the mesh config leniently: it ignores fields it does
+/// not know (`protomarshal.ApplyYAML`).
+const IGNORED_AS_IN_ISTIO: &str = "Istio ignores mesh settings it does not know";
+
+/// A problem with one extension provider that Istio loads the mesh config
+/// with, but that makes the provider unusable: every workload whose CUSTOM
+/// policies name it gets a deny-all filter instead (pilot's
+/// `processExtensionProvider` / `getExtAuthz`).
+struct Problem {
+    pos: Pos,
+    field: String,
+    message: String,
+}
 
 /// Istio MeshConfig fields that meshward accepts but does not act on, so an
 /// existing mesh config loads (with one warning naming them).
@@ -133,9 +147,16 @@ pub fn header_listed(patterns: &[String], name: &str) -> bool {
     })
 }
 
-/// Decodes the body of an authorization provider (`kind`), reporting
-/// unknown and unsupported fields.
-fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) -> ExtAuthz {
+/// Decodes the body of an authorization provider (`kind`). Settings Istio
+/// refuses to build the provider with go to `problems`; settings meshward
+/// cannot honour are errors.
+fn decode_ext_authz(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    path: &str,
+    kind: &str,
+    problems: &mut Vec<Problem>,
+) -> ExtAuthz {
     let http = kind == "envoyExtAuthzHttp";
     let mut f = Fields::new(sink, node, path);
     let mut a = ExtAuthz::default();
@@ -159,11 +180,11 @@ fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) ->
     if let Some(s) = f.string(sink, "statusOnError") {
         match s.parse::<u16>() {
             Ok(code) if (200..=599).contains(&code) => a.status_on_error = code,
-            _ => sink.error(
-                status_pos,
-                &f.field_path("statusOnError"),
-                format!("\"{s}\" is not an HTTP status code (200-599)"),
-            ),
+            _ => problems.push(Problem {
+                pos: status_pos,
+                field: f.field_path("statusOnError"),
+                message: format!("\"{s}\" is not an HTTP status code (200-599)"),
+            }),
         }
     }
     if f.peek("includeRequestBodyInCheck").is_some() {
@@ -179,11 +200,49 @@ fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) ->
         let prefix_pos = at(&f, "pathPrefix");
         a.path_prefix = f.string(sink, "pathPrefix").unwrap_or_default();
         if !a.path_prefix.is_empty() && !a.path_prefix.starts_with('/') {
-            sink.error(
-                prefix_pos,
-                &f.field_path("pathPrefix"),
-                format!("pathPrefix \"{}\" must start with /", a.path_prefix),
-            );
+            problems.push(Problem {
+                pos: prefix_pos,
+                field: f.field_path("pathPrefix"),
+                message: format!("pathPrefix \"{}\" must start with /", a.path_prefix),
+            });
+        }
+        let lists = [
+            "includeRequestHeadersInCheck",
+            "includeHeadersInCheck",
+            "headersToUpstreamOnAllow",
+            "headersToDownstreamOnDeny",
+            "headersToDownstreamOnAllow",
+        ];
+        for key in lists {
+            let Some(crate::yaml::Value::Seq(items)) = f.peek(key).map(|n| &n.value) else {
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let Some(name) = item.scalar_text() else {
+                    continue;
+                };
+                let field = format!("{}[{i}]", f.field_path(key));
+                let core = name.trim_start_matches('*').trim_end_matches('*');
+                if name == "*" {
+                    // Istio's `checkWildcard` in `buildExtAuthzHTTP`.
+                    problems.push(Problem {
+                        pos: item.pos,
+                        field,
+                        message: "a single \"*\" is not supported (use a prefix or a suffix)"
+                            .to_string(),
+                    });
+                } else if core.is_empty()
+                    || !core
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                {
+                    sink.warn(
+                        item.pos,
+                        &field,
+                        format!("\"{name}\" never matches a header: it is not a header name"),
+                    );
+                }
+            }
         }
         a.include_request_headers = f.strings(sink, "includeRequestHeadersInCheck");
         // The deprecated name of the same list.
@@ -193,15 +252,9 @@ fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) ->
         a.headers_to_upstream_on_allow = f.strings(sink, "headersToUpstreamOnAllow");
         a.headers_to_downstream_on_deny = f.strings(sink, "headersToDownstreamOnDeny");
         a.headers_to_downstream_on_allow = f.strings(sink, "headersToDownstreamOnAllow");
-        let names = a
-            .include_request_headers
-            .iter()
-            .chain(&a.headers_to_upstream_on_allow)
-            .chain(&a.headers_to_downstream_on_deny)
-            .chain(&a.headers_to_downstream_on_allow)
-            .map(|p| p.trim_start_matches('*').trim_end_matches('*'))
-            .chain(a.include_additional_headers.keys().map(String::as_str));
-        for name in names {
+        // Headers meshward adds to every check request: a bad name would
+        // make the check requests themselves malformed.
+        for name in a.include_additional_headers.keys() {
             let valid = !name.is_empty()
                 && name
                     .bytes()
@@ -240,7 +293,7 @@ fn decode_ext_authz(sink: &mut Sink<'_>, node: &Node, path: &str, kind: &str) ->
             }
         }
     }
-    f.finish(sink);
+    f.finish_ignoring_unknown(sink, IGNORED_AS_IN_ISTIO);
     a
 }
 
@@ -256,6 +309,10 @@ pub struct MeshConfig {
     pub trust_domain: String,
     pub trust_domain_aliases: Vec<String>,
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Providers defined with a problem that makes them unusable, by name,
+    /// with the first problem. They are left out of `extension_providers`,
+    /// so a CUSTOM policy naming one denies as for an undefined provider.
+    pub invalid_providers: BTreeMap<String, String>,
     pub enable_auto_mtls: bool,
     pub path_normalization: PathNormalization,
     /// meshward extension: default workload certificate lifetime (Go duration).
@@ -269,6 +326,7 @@ impl Default for MeshConfig {
             trust_domain: "cluster.local".to_string(),
             trust_domain_aliases: Vec::new(),
             extension_providers: Vec::new(),
+            invalid_providers: BTreeMap::new(),
             enable_auto_mtls: true,
             path_normalization: PathNormalization::Base,
             workload_cert_ttl: None,
@@ -285,9 +343,16 @@ impl MeshConfig {
     pub fn decode(sink: &mut Sink<'_>, node: &Node, path: &str) -> MeshConfig {
         let mut m = MeshConfig::default();
         let mut f = Fields::new(sink, node, path);
+        let root_pos = f.peek("rootNamespace").map_or(f.pos(), |n| n.pos);
         if let Some(ns) = f.string(sink, "rootNamespace") {
+            // Istio does not check it; a name no namespace can have makes
+            // no policy mesh-wide.
             if let Err(e) = super::check_namespace(&ns) {
-                sink.error(f.pos(), &f.field_path("rootNamespace"), e);
+                sink.warn(
+                    root_pos,
+                    &f.field_path("rootNamespace"),
+                    format!("{e}: no namespace has this name, so no policy applies mesh-wide"),
+                );
             }
             m.root_namespace = ns;
         }
@@ -328,7 +393,7 @@ impl MeshConfig {
                     }
                 };
             }
-            pf.finish(sink);
+            pf.finish_ignoring_unknown(sink, IGNORED_AS_IN_ISTIO);
         }
         m.workload_cert_ttl = f.string(sink, "workloadCertTtl");
         if let Some(ttl) = &m.workload_cert_ttl
@@ -336,23 +401,46 @@ impl MeshConfig {
         {
             sink.error(f.pos(), &f.field_path("workloadCertTtl"), e);
         }
-        let mut names = std::collections::BTreeSet::new();
-        m.extension_providers = f
-            .list(sink, "extensionProviders", |sink, n, p| {
-                let provider = decode_provider(sink, n, p)?;
-                if !names.insert(provider.name.clone()) {
-                    sink.error(
-                        n.pos,
-                        &format!("{p}.name"),
-                        format!(
-                            "extension provider \"{}\" is defined more than once",
-                            provider.name
-                        ),
-                    );
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut providers: Vec<ExtensionProvider> = Vec::new();
+        let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+        f.list(sink, "extensionProviders", |sink, n, p| {
+            let mut problems = Vec::new();
+            let provider = decode_provider(sink, n, p, &mut problems)?;
+            let name = provider.name.clone();
+            // Istio merges providers by name: a later one replaces the
+            // earlier one's settings (`ApplyMeshConfig`).
+            if let Some(first) = seen.insert(name.clone(), p.to_string()) {
+                sink.warn(
+                    n.pos,
+                    &format!("{p}.name"),
+                    format!(
+                        "extension provider \"{name}\" is also defined at {first}; this definition replaces that one, as in Istio"
+                    ),
+                );
+                providers.retain(|x| x.name != name);
+                invalid.remove(&name);
+            }
+            match problems.first() {
+                None => providers.push(provider),
+                Some(first) => {
+                    for pr in &problems {
+                        sink.warn(
+                            pr.pos,
+                            &pr.field,
+                            format!(
+                                "{}; as in Istio, extension provider \"{name}\" cannot be used, and requests to workloads whose CUSTOM policies name it are denied",
+                                pr.message
+                            ),
+                        );
+                    }
+                    invalid.insert(name, first.message.clone());
                 }
-                Some(provider)
-            })
-            .unwrap_or_default();
+            }
+            Some(())
+        });
+        m.extension_providers = providers;
+        m.invalid_providers = invalid;
         let mut ignored = Vec::new();
         for key in NOT_ACTED_ON {
             if f.peek(key).is_some() {
@@ -370,20 +458,46 @@ impl MeshConfig {
                 ),
             );
         }
-        f.finish(sink);
+        f.finish_ignoring_unknown(sink, IGNORED_AS_IN_ISTIO);
         m
     }
 }
 
-fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<ExtensionProvider> {
+/// Istio's `validateProviderName`: a DNS-1123 label.
+fn check_provider_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    if b.is_empty() {
+        return Err("extension provider name must not be empty".to_string());
+    }
+    let ok = b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "extension provider name \"{name}\" is not valid (at most 63 lower-case letters, digits and '-', not starting or ending with '-')"
+        ))
+    }
+}
+
+fn decode_provider(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<ExtensionProvider> {
     let mut f = Fields::new(sink, node, path);
+    let name_pos = f.peek("name").map_or(node.pos, |n| n.pos);
     let name = f.string(sink, "name").unwrap_or_default();
-    if name.is_empty() {
-        sink.error(
-            node.pos,
-            &f.field_path("name"),
-            "extension provider name must not be empty",
-        );
+    if let Err(message) = check_provider_name(&name) {
+        problems.push(Problem {
+            pos: name_pos,
+            field: f.field_path("name"),
+            message,
+        });
     }
     let crate::yaml::Value::Map(entries) = &node.value else {
         f.finish(sink);
@@ -394,7 +508,9 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
         .filter_map(|(k, _)| k.scalar_text())
         .filter(|k| *k != "name")
         .collect();
-    if kinds.len() != 1 {
+    if kinds.len() > 1 {
+        // Two members of one protobuf `oneof`: Istio cannot read the
+        // mesh config at all.
         sink.error(
             node.pos,
             path,
@@ -409,35 +525,61 @@ fn decode_provider(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Exten
         f.finish(sink);
         return None;
     }
-    let kind = kinds[0].to_string();
+    let Some(kind) = kinds.first().map(|k| k.to_string()) else {
+        // Istio skips a provider without a type; a policy naming it finds
+        // no provider.
+        problems.push(Problem {
+            pos: node.pos,
+            field: path.to_string(),
+            message: format!("extension provider \"{name}\" sets no provider type"),
+        });
+        f.finish(sink);
+        return Some(ExtensionProvider {
+            name,
+            kind: String::new(),
+            service: None,
+            port: None,
+            settings: serde_json::Value::Null,
+            authz: None,
+        });
+    };
     let body = f.take(&kind);
     let settings = body.map(Node::to_json).unwrap_or(serde_json::Value::Null);
     let (mut service, mut port, mut authz) = (None, None, None);
     if kind == "envoyExtAuthzHttp" || kind == "envoyExtAuthzGrpc" {
         let body_path = format!("{path}.{kind}");
-        authz = body.map(|b| decode_ext_authz(sink, b, &body_path, &kind));
+        let at = |key: &str| {
+            body.and_then(|b| b.get(key))
+                .map_or(body.map_or(node.pos, |b| b.pos), |n| n.pos)
+        };
+        authz = body.map(|b| decode_ext_authz(sink, b, &body_path, &kind, problems));
         service = settings
             .get("service")
             .and_then(|s| s.as_str())
             .map(str::to_string);
-        port = settings
+        // Protobuf's JSON form also takes a number as a string.
+        let number = settings
             .get("port")
-            .and_then(|p| p.as_u64())
+            .and_then(|p| p.as_u64().or_else(|| p.as_str()?.parse().ok()));
+        port = number
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p > 0);
         if service.as_deref().is_none_or(str::is_empty) {
-            sink.error(
-                node.pos,
-                &format!("{body_path}.service"),
-                "service is required",
-            );
+            problems.push(Problem {
+                pos: at("service"),
+                field: format!("{body_path}.service"),
+                message: "service is required".to_string(),
+            });
         }
         if port.is_none() {
-            sink.error(
-                node.pos,
-                &format!("{body_path}.port"),
-                "port is required (1-65535)",
-            );
+            problems.push(Problem {
+                pos: at("port"),
+                field: format!("{body_path}.port"),
+                message: match number {
+                    Some(n) => format!("port {n} is out of range (1-65535)"),
+                    None => "port is required (1-65535)".to_string(),
+                },
+            });
         }
     }
     f.finish(sink);

@@ -150,21 +150,33 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
                 pf.ignore(key);
             }
             let port_path = format!("{p}.port");
+            // Istio's schema takes any uint32 here, and a missing number
+            // is 0; a number that is no port (0, or above 65535) matches no
+            // service port, so the entry never applies (a warning).
             let port = match pf.take("port") {
                 Some(pn) => {
                     let mut nf = Fields::new(sink, pn, &port_path);
                     let num_path = format!("{port_path}.number");
-                    let number = nf
-                        .require(sink, "number")
-                        .and_then(|x| decode::integer(sink, x, &num_path));
+                    let number = match nf.take("number") {
+                        Some(x) => decode::integer(sink, x, &num_path),
+                        None => Some(0),
+                    };
                     nf.finish(sink);
                     match number {
                         Some(v) if (1..=65535).contains(&v) => Some(v as u16),
+                        Some(v) if (0..=i64::from(u32::MAX)).contains(&v) => {
+                            sink.warn(
+                                pn.pos,
+                                &num_path,
+                                format!("port {v} is no service port (1-65535), so these settings never apply"),
+                            );
+                            None
+                        }
                         Some(v) => {
                             sink.error(
                                 pn.pos,
                                 &num_path,
-                                format!("port {v} is out of range (1-65535)"),
+                                format!("port {v} is out of range (0-4294967295)"),
                             );
                             None
                         }
@@ -182,12 +194,16 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
                 .and_then(|t| decode_client_tls(sink, t, &tls_path));
             pf.finish(sink);
             let port = port?;
-            if seen.insert(port, ()).is_some() {
-                sink.error(
+            // Istio uses the first entry for a port (`GetPortLevelTrafficPolicy`
+            // stops at it); a later one for the same port is never used.
+            if let Some(first) = seen.insert(port, p.to_string()) {
+                sink.warn(
                     n.pos,
                     &port_path,
-                    format!("port {port} is listed more than once"),
+                    format!("port {port} is already listed at {first}; as in Istio, only that first entry applies and this one is ignored"),
                 );
+                seen.insert(port, first);
+                return None;
             }
             Some(PortTrafficPolicy { port, tls })
         })
@@ -325,7 +341,7 @@ impl AppProtocol {
                 .to_ascii_uppercase()
         });
         match p.as_str() {
-            "HTTP" | "GRPC-WEB" => AppProtocol::Http,
+            "HTTP" | "HTTP_PROXY" | "GRPC-WEB" => AppProtocol::Http,
             "HTTP2" | "GRPC" => AppProtocol::Http2,
             _ => AppProtocol::Tcp,
         }
@@ -348,8 +364,20 @@ impl ServicePort {
     }
 }
 
+/// The protocols Istio's `protocol.Parse` knows (case-insensitively).
 const PROTOCOLS: &[&str] = &[
-    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+    "HTTP",
+    "HTTP_PROXY",
+    "HTTPS",
+    "GRPC",
+    "GRPC-WEB",
+    "HTTP2",
+    "MONGO",
+    "REDIS",
+    "MYSQL",
+    "TCP",
+    "TLS",
+    "UDP",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -420,7 +448,7 @@ impl ServiceEntry {
             sink,
             &mut f,
             "resolution",
-            &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"],
+            &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"],
         );
         let endpoints = f
             .list(sink, "endpoints", |sink, n, p| {
@@ -595,7 +623,29 @@ impl WorkloadEntry {
         if let Some(sa) = &service_account
             && let Err(e) = check_name(sa)
         {
-            sink.error(f.pos(), &sa_path, e);
+            // Istio takes any string of at most 253 characters; what it can
+            // become is a SPIFFE ID path segment.
+            let segment = !sa.is_empty()
+                && sa != "."
+                && sa != ".."
+                && sa
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if segment && sa.len() <= 253 {
+                sink.warn(
+                    f.pos(),
+                    &sa_path,
+                    format!("{e}; it is kept as written, as in Istio, so the workload's identity ends in /sa/{sa}"),
+                );
+            } else {
+                sink.error(
+                    f.pos(),
+                    &sa_path,
+                    format!(
+                        "{e}, and cannot be part of a SPIFFE ID (letters, digits, '.', '-' and '_')"
+                    ),
+                );
+            }
         }
         if address.as_deref().is_none_or(str::is_empty) && network.is_none() {
             sink.error(

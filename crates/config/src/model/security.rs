@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::decode::{self, Fields};
 use crate::diag::Sink;
 use crate::model::{TargetRef, WorkloadSelector, decode_attachment};
-use crate::values::{self, ConditionKey};
+use crate::values::{self, ConditionKey, Lint};
 use crate::yaml::Node;
 
 // ---------------------------------------------------------------- PeerAuthentication
@@ -217,6 +217,9 @@ pub struct Source {
     pub not_ip_blocks: Vec<String>,
     pub remote_ip_blocks: Vec<String>,
     pub not_remote_ip_blocks: Vec<String>,
+    /// Istio 1.30+: the trust domain of the peer's SPIFFE ID.
+    pub trust_domains: Vec<String>,
+    pub not_trust_domains: Vec<String>,
 }
 
 impl Source {
@@ -356,6 +359,8 @@ fn check_custom_rules(sink: &mut Sink<'_>, rules: &[Rule], node: Option<&Node>, 
                 ("notNamespaces", !src.not_namespaces.is_empty()),
                 ("serviceAccounts", !src.service_accounts.is_empty()),
                 ("notServiceAccounts", !src.not_service_accounts.is_empty()),
+                ("trustDomains", !src.trust_domains.is_empty()),
+                ("notTrustDomains", !src.not_trust_domains.is_empty()),
             ] {
                 if set {
                     sink.error(
@@ -367,12 +372,15 @@ fn check_custom_rules(sink: &mut Sink<'_>, rules: &[Rule], node: Option<&Node>, 
             }
         }
         for (j, cond) in rule.when.iter().enumerate() {
+            // Istio refuses every `request.auth.` key here, even one it
+            // could not translate.
             if matches!(
                 cond.key,
                 ConditionKey::SourceNamespace
                     | ConditionKey::SourcePrincipal
                     | ConditionKey::SourceServiceAccount
-            ) || cond.key.needs_jwt()
+                    | ConditionKey::SourceTrustDomain
+            ) || cond.key_text.starts_with("request.auth.")
             {
                 sink.error(
                     pos,
@@ -394,14 +402,23 @@ fn decode_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Rule> {
         return None;
     }
     let mut f = Fields::new(sink, node, path);
+    // Istio's webhook refuses an empty `from`/`to` only in theory: the list
+    // reaches it through protobuf's JSON decoding, which leaves an empty
+    // list unset, so it is applied as if absent (any source, any operation).
     for key in ["from", "to"] {
-        if f.peek(key)
-            .is_some_and(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if s.is_empty()))
+        if let Some(n) = f
+            .peek(key)
+            .filter(|n| matches!(&n.value, crate::yaml::Value::Seq(s) if s.is_empty()))
         {
-            sink.error(
-                node.pos,
+            let what = if key == "from" {
+                "any source"
+            } else {
+                "any operation"
+            };
+            sink.warn(
+                n.pos,
                 &f.field_path(key),
-                format!("`{key}` must not be empty (omit it instead)"),
+                format!("an empty `{key}` is ignored, as in Istio: the rule matches {what}"),
             );
         }
     }
@@ -448,12 +465,13 @@ fn decode_to(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Operation> 
     op
 }
 
-/// Reads a list of non-empty strings, checking each with `check`.
+/// Reads a list of non-empty strings, checking each with `check`: a
+/// rejected value is an error and left out, a warned one is kept.
 fn checked_strings(
     sink: &mut Sink<'_>,
     f: &mut Fields<'_>,
     key: &str,
-    check: impl Fn(&str) -> Result<(), String>,
+    check: impl Fn(&str) -> Result<(), Lint>,
 ) -> Vec<String> {
     let path = f.field_path(key);
     let Some(node) = f.take(key) else {
@@ -465,38 +483,48 @@ fn checked_strings(
             sink.error(n.pos, p, "empty value is not allowed");
             return None;
         }
-        if let Err(e) = check(&s) {
-            sink.error(n.pos, p, e);
-            return None;
+        match check(&s) {
+            Ok(()) => {}
+            Err(Lint::Warn(w)) => sink.warn(n.pos, p, w),
+            Err(Lint::Reject(e)) => {
+                sink.error(n.pos, p, e);
+                return None;
+            }
         }
         Some(s)
     })
 }
 
-fn no_check(_: &str) -> Result<(), String> {
+fn no_check(_: &str) -> Result<(), Lint> {
     Ok(())
 }
 
-fn check_ip(s: &str) -> Result<(), String> {
-    values::parse_ip_block(s).map(|_| ())
+fn check_ip(s: &str) -> Result<(), Lint> {
+    values::parse_ip_block(s)?;
+    Ok(())
 }
 
-fn check_port(s: &str) -> Result<(), String> {
-    values::parse_port(s).map(|_| ())
+fn check_port(s: &str) -> Result<(), Lint> {
+    values::parse_port(s)?;
+    Ok(())
 }
 
 /// `ns/sa` or `sa` (the policy's namespace), as Istio's `CheckServiceAccount`.
-fn check_service_account(s: &str) -> Result<(), String> {
+fn check_service_account(s: &str) -> Result<(), Lint> {
     if s.contains('*') {
-        return Err(format!(
+        return Err(Lint::Reject(format!(
             "wildcard is not allowed in service account \"{s}\""
-        ));
+        )));
     }
     if s.len() > 320 {
-        return Err(format!(
+        return Err(Lint::Reject(format!(
             "service account \"{s}\" is longer than 320 characters"
-        ));
+        )));
     }
+    Ok(check_service_account_form(s)?)
+}
+
+fn check_service_account_form(s: &str) -> Result<(), String> {
     match s.split('/').collect::<Vec<_>>().as_slice() {
         [_] => Ok(()),
         ["", _] => Err(format!(
@@ -513,21 +541,36 @@ fn check_service_account(s: &str) -> Result<(), String> {
 }
 
 /// In namespaces `*` may appear anywhere (Istio turns each into `.*`).
-fn check_namespace_value(_: &str) -> Result<(), String> {
+fn check_namespace_value(_: &str) -> Result<(), Lint> {
     Ok(())
 }
 
-/// `*` may stand only at the start or the end of a value (or alone).
-fn check_wildcard(s: &str) -> Result<(), String> {
-    let inner = s.strip_prefix('*').unwrap_or(s);
-    let inner = inner.strip_suffix('*').unwrap_or(inner);
-    if s != "*" && inner.contains('*') {
-        Err(format!(
-            "\"{s}\": '*' is only supported at the start or the end of a value"
-        ))
-    } else {
-        Ok(())
+/// Istio's `CheckWildcardValues`, for trust domains: at most one `*`, at
+/// the start or the end of the value (or alone).
+fn check_wildcard_strict(s: &str) -> Result<(), Lint> {
+    let stars = s.matches('*').count();
+    if stars > 1 {
+        return Err(Lint::Reject(format!(
+            "\"{s}\": at most one wildcard is allowed"
+        )));
     }
+    if stars == 1 && !s.starts_with('*') && !s.ends_with('*') {
+        return Err(Lint::Reject(format!(
+            "\"{s}\": a wildcard is only allowed at the start or the end"
+        )));
+    }
+    Ok(())
+}
+
+/// Istio's `CheckTrustDomainValues`: wildcard rules, and no `/`.
+fn check_trust_domain_value(s: &str) -> Result<(), Lint> {
+    check_wildcard_strict(s)?;
+    if s.contains('/') {
+        return Err(Lint::Reject(format!(
+            "\"{s}\": a trust domain must not contain '/'"
+        )));
+    }
+    Ok(())
 }
 
 const MAX_SERVICE_ACCOUNTS: usize = 16;
@@ -535,14 +578,19 @@ const MAX_SERVICE_ACCOUNTS: usize = 16;
 fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source> {
     let mut f = Fields::new(sink, node, path);
     let s = Source {
-        principals: checked_strings(sink, &mut f, "principals", check_wildcard),
-        not_principals: checked_strings(sink, &mut f, "notPrincipals", check_wildcard),
-        request_principals: checked_strings(sink, &mut f, "requestPrincipals", check_wildcard),
+        principals: checked_strings(sink, &mut f, "principals", values::check_literal_star),
+        not_principals: checked_strings(sink, &mut f, "notPrincipals", values::check_literal_star),
+        request_principals: checked_strings(
+            sink,
+            &mut f,
+            "requestPrincipals",
+            values::check_literal_star,
+        ),
         not_request_principals: checked_strings(
             sink,
             &mut f,
             "notRequestPrincipals",
-            check_wildcard,
+            values::check_literal_star,
         ),
         namespaces: checked_strings(sink, &mut f, "namespaces", check_namespace_value),
         not_namespaces: checked_strings(sink, &mut f, "notNamespaces", check_namespace_value),
@@ -557,6 +605,13 @@ fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source>
         not_ip_blocks: checked_strings(sink, &mut f, "notIpBlocks", check_ip),
         remote_ip_blocks: checked_strings(sink, &mut f, "remoteIpBlocks", check_ip),
         not_remote_ip_blocks: checked_strings(sink, &mut f, "notRemoteIpBlocks", check_ip),
+        trust_domains: checked_strings(sink, &mut f, "trustDomains", check_trust_domain_value),
+        not_trust_domains: checked_strings(
+            sink,
+            &mut f,
+            "notTrustDomains",
+            check_trust_domain_value,
+        ),
     };
     f.finish(sink);
     if s == Source::default() {
@@ -601,8 +656,8 @@ fn decode_source(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Source>
 fn decode_operation(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Operation> {
     let mut f = Fields::new(sink, node, path);
     let op = Operation {
-        hosts: checked_strings(sink, &mut f, "hosts", check_wildcard),
-        not_hosts: checked_strings(sink, &mut f, "notHosts", check_wildcard),
+        hosts: checked_strings(sink, &mut f, "hosts", values::check_literal_star),
+        not_hosts: checked_strings(sink, &mut f, "notHosts", values::check_literal_star),
         ports: checked_strings(sink, &mut f, "ports", check_port),
         not_ports: checked_strings(sink, &mut f, "notPorts", check_port),
         methods: checked_strings(sink, &mut f, "methods", values::check_method),
@@ -622,12 +677,14 @@ fn decode_operation(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Oper
     Some(op)
 }
 
-fn check_path_value(s: &str) -> Result<(), String> {
+/// Paths: Istio's template rules (`CheckValidPathTemplate`), then the
+/// literal-`*` warning for plain paths (a template has no `*` left).
+fn check_path_value(s: &str) -> Result<(), Lint> {
     values::check_path(s)?;
-    if !(s.contains('{')) {
-        check_wildcard(s)?;
+    if s.contains("{*}") || s.contains("{**}") {
+        return Ok(());
     }
-    Ok(())
+    values::check_literal_star(s)
 }
 
 fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Condition> {
@@ -645,13 +702,17 @@ fn decode_condition(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<Cond
                 None
             }
         });
-    let check: fn(&str) -> Result<(), String> = match &key {
+    if let (Some(w), Some(n)) = (key.as_ref().and_then(ConditionKey::warning), f.peek("key")) {
+        sink.warn(n.pos, &key_path, w);
+    }
+    let check: fn(&str) -> Result<(), Lint> = match &key {
         Some(ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp) => {
             check_ip
         }
         Some(ConditionKey::DestinationPort) => check_port,
         Some(ConditionKey::SourceServiceAccount) => check_service_account,
-        Some(ConditionKey::SourcePrincipal) => check_wildcard,
+        Some(ConditionKey::SourcePrincipal) => values::check_literal_star,
+        Some(ConditionKey::SourceTrustDomain) => check_wildcard_strict,
         Some(ConditionKey::SourceNamespace) => check_namespace_value,
         _ => no_check,
     };
@@ -745,9 +806,24 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     let mut f = Fields::new(sink, node, path);
     let issuer = f.string(sink, "issuer").unwrap_or_default();
     let audiences = non_empty_strings(sink, &mut f, "audiences");
-    let jwks_uri_path = f.field_path("jwksUri");
-    let jwks_uri_node = f.take("jwksUri");
-    let jwks_uri = jwks_uri_node.and_then(|n| decode::string(sink, n, &jwks_uri_path));
+    // `jwks_uri` is the old spelling, still in Istio's schema; the schema
+    // allows only one of the two (and `jwks`).
+    let uri_key = if f.peek("jwksUri").is_none() && f.peek("jwks_uri").is_some() {
+        "jwks_uri"
+    } else {
+        "jwksUri"
+    };
+    let jwks_uri_path = f.field_path(uri_key);
+    let jwks_uri_node = f.take(uri_key);
+    let mut jwks_uri = jwks_uri_node.and_then(|n| decode::string(sink, n, &jwks_uri_path));
+    if uri_key == "jwksUri" && f.peek("jwks_uri").is_some() {
+        sink.error(
+            node.pos,
+            &f.field_path("jwks_uri"),
+            "only one of jwksUri or jwks_uri can be set",
+        );
+        f.ignore("jwks_uri");
+    }
     let jwks_path = f.field_path("jwks");
     let jwks_node = f.take("jwks");
     let jwks = jwks_node.and_then(|n| decode::string(sink, n, &jwks_path));
@@ -768,7 +844,7 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     let payload_header_pos = f.peek("outputPayloadToHeader").map(|n| n.pos);
     let output_payload_to_header = f.string(sink, "outputPayloadToHeader");
     if let (Some(h), Some(pos)) = (&output_payload_to_header, payload_header_pos)
-        && let Err(e) = check_header_name(h)
+        && let Err(e) = check_header_name(h, HeaderRule::Token)
     {
         sink.error(pos, &f.field_path("outputPayloadToHeader"), e);
     }
@@ -779,7 +855,7 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
             let header = cf.string(sink, "header").unwrap_or_default();
             let claim = cf.string(sink, "claim").unwrap_or_default();
             cf.finish(sink);
-            if let Err(e) = check_header_name(&header) {
+            if let Err(e) = check_header_name(&header, HeaderRule::Strict) {
                 sink.error(n.pos, &format!("{p}.header"), e);
             }
             if claim.is_empty() {
@@ -806,10 +882,19 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
             "issuer or jwksUri must be set",
         );
     }
-    if let (Some(uri), Some(n)) = (&jwks_uri, jwks_uri_node)
-        && let Err(e) = check_jwks_uri(uri)
-    {
-        sink.error(n.pos, &jwks_uri_path, e);
+    if let (Some(uri), Some(n)) = (&mut jwks_uri, jwks_uri_node) {
+        match check_jwks_uri(uri) {
+            Ok(()) => {}
+            Err(Lint::Warn(w)) => sink.warn(n.pos, &jwks_uri_path, w),
+            Err(Lint::Reject(e)) => sink.error(n.pos, &jwks_uri_path, e),
+        }
+        // Go's URL parser lower-cases the scheme; so does meshward, so
+        // that the proxy fetches `HTTPS://...` as Istio does.
+        if let Some((scheme, rest)) = uri.split_once(':')
+            && scheme.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            *uri = format!("{}:{rest}", scheme.to_ascii_lowercase());
+        }
     }
     if jwks_uri.is_some() && jwks.is_some() {
         sink.error(node.pos, &jwks_path, "jwks and jwksUri cannot both be set");
@@ -835,9 +920,20 @@ fn decode_jwt_rule(sink: &mut Sink<'_>, node: &Node, path: &str) -> Option<JwtRu
     })
 }
 
+/// Which header names a field takes.
+#[derive(Clone, Copy)]
+enum HeaderRule {
+    /// `outputClaimToHeaders`: Istio's `ValidateStrictHTTPHeaderName`
+    /// (`^[-_A-Za-z0-9]+$`, also the schema's pattern).
+    Strict,
+    /// `outputPayloadToHeader`: Istio checks nothing; any HTTP token
+    /// (RFC 9110) is a header Envoy can write.
+    Token,
+}
+
 /// HTTP header names are tokens (RFC 9110); pseudo-headers such as
 /// `:authority` cannot be written by a filter.
-fn check_header_name(name: &str) -> Result<(), String> {
+fn check_header_name(name: &str, rule: HeaderRule) -> Result<(), String> {
     if name.is_empty() {
         return Err("header must not be empty".to_string());
     }
@@ -846,10 +942,21 @@ fn check_header_name(name: &str) -> Result<(), String> {
             "header \"{name}\" is a pseudo-header and cannot be set"
         ));
     }
-    // Istio's ValidateStrictHTTPHeaderName: ^[-A-Za-z0-9]+$
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    let (valid, allowed) = match rule {
+        HeaderRule::Strict => (
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "letters, digits, '-' and '_'",
+        ),
+        HeaderRule::Token => (
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)),
+            "an HTTP token",
+        ),
+    };
+    if !valid {
         return Err(format!(
-            "header \"{name}\" is not a valid header name (letters, digits and '-')"
+            "header \"{name}\" is not a valid header name ({allowed})"
         ));
     }
     if PROXY_OWNED_HEADERS
@@ -880,35 +987,54 @@ pub const PROXY_OWNED_HEADERS: &[&str] = &[
     "x-forwarded-client-cert",
 ];
 
-fn check_jwks_uri(uri: &str) -> Result<(), String> {
+/// A `jwksUri` as Istio's `ParseJwksURI` (Go's `url.Parse`) reads it: the
+/// scheme must be http or https (any case) and a port, if any, digits.
+/// Istio also applies a URI with no host or with a port above 65535; its
+/// keys can never be fetched, so the issuer's tokens are refused, as
+/// meshward refuses them while a `jwksUri` cannot be reached (a warning).
+fn check_jwks_uri(uri: &str) -> Result<(), Lint> {
     let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or_else(|| format!("jwksUri \"{uri}\" is not a URL"))?;
-    if scheme != "http" && scheme != "https" {
-        return Err(format!(
+        .split_once(':')
+        .filter(|(s, _)| !s.is_empty() && !s.contains(['/', '?', '#']))
+        .ok_or_else(|| format!("jwksUri \"{uri}\" is not a URL (expected http:// or https://)"))?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(Lint::Reject(format!(
             "jwksUri \"{uri}\": unsupported scheme \"{scheme}\" (expected http or https)"
-        ));
+        )));
     }
+    let never = "its keys can never be fetched, so tokens of this issuer are always refused (401), as in Istio";
+    let Some(rest) = rest.strip_prefix("//") else {
+        return Err(Lint::Warn(format!(
+            "jwksUri \"{uri}\" has no host: {never}"
+        )));
+    };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if host_port.starts_with('[') {
-        host_port
-            .split_once(']')
-            .map(|(h, _)| h.trim_start_matches('['))
-            .unwrap_or_default()
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (h, after) = bracketed.split_once(']').unwrap_or((bracketed, ""));
+        (h, after.strip_prefix(':'))
     } else {
-        host_port.split(':').next().unwrap_or_default()
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
     };
-    if host.is_empty() {
-        return Err(format!("jwksUri \"{uri}\" has no host"));
+    if let Some(port) = port.filter(|p| !p.is_empty()) {
+        if !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Lint::Reject(format!(
+                "jwksUri \"{uri}\": invalid port \"{port}\""
+            )));
+        }
+        if values::parse_port(port).is_err() {
+            return Err(Lint::Warn(format!(
+                "jwksUri \"{uri}\": port {port} is out of range: {never}"
+            )));
+        }
     }
-    let port = if host_port.starts_with('[') {
-        host_port.split_once("]:").map(|(_, p)| p)
-    } else {
-        host_port.split_once(':').map(|(_, p)| p)
-    };
-    if let Some(port) = port {
-        values::parse_port(port).map_err(|e| format!("jwksUri \"{uri}\": {e}"))?;
+    if host.is_empty() {
+        return Err(Lint::Warn(format!(
+            "jwksUri \"{uri}\" has no host: {never}"
+        )));
     }
     Ok(())
 }
