@@ -2590,10 +2590,10 @@ fn a_policy_defined_twice_decides_by_its_later_definition() {
 }
 
 /// A provider Istio cannot build (here: no port) is kept out of the mesh
-/// settings: the CUSTOM policies naming it deny everything, as Istio's
-/// deny-all filter does.
+/// settings: the CUSTOM policies naming it deny what their rules match, as
+/// Istio's stand-in DENY filter does, and nothing else.
 #[test]
-fn custom_with_an_unusable_provider_denies_everything() {
+fn custom_with_an_unbuildable_provider_denies_what_its_rules_match() {
     let config = [
         mesh("extensionProviders:\n- name: ext\n  envoyExtAuthzHttp:\n    service: ext.auth.svc.cluster.local\n"),
         ap("prod", "ext", &custom("ext", "/ext*")),
@@ -2601,7 +2601,8 @@ fn custom_with_an_unusable_provider_denies_everything() {
     .concat();
     let e = engine(&config);
     let wp = e.workload(&web());
-    for req in [get("/ext"), get("/other"), tcp(5432)] {
+    // On TCP the rule's paths are left out, so it matches every connection.
+    for req in [get("/ext"), tcp(5432)] {
         let d = req.decide(&wp);
         assert_eq!(d.verdict, Deny, "{d}");
         assert_eq!(d.reason.code(), "custom_unusable");
@@ -2611,4 +2612,6 @@ fn custom_with_an_unusable_provider_denies_everything() {
             "{d}"
         );
     }
+    let d = get("/other").decide(&wp);
+    assert_eq!(d.verdict, Allow, "{d}");
 }
