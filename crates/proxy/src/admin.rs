@@ -105,17 +105,14 @@ fn route(
             "text/plain; version=0.0.4",
             state.metrics.encode(),
         ),
-        ("/healthz/ready", _) => {
-            if state.is_ready() {
-                text(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready\n".into(),
-                )
-            }
-        }
+        ("/healthz/ready", _) => match state.not_ready() {
+            None => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         (_, true) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         ("/config_dump", false) => json_response(config_dump(state)),
         ("/listeners", false) => json_response(json!(listeners.infos())),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use meshward_config::Loader;
-use meshward_identity::verify::TrustDomains;
+use meshward_identity::verify::{Side, SvidError, TrustDomains};
 use meshward_identity::{
     CredentialResolver, SpiffeId, SpiffeServerVerifier, SvidVerifier, TrustBundle, TrustDomain,
     WorkloadCredentials,
@@ -65,6 +65,14 @@ pub enum LoadError {
     Tls(#[from] rustls::Error),
     #[error("trust domain: {0}")]
     TrustDomain(String),
+    /// The workload's own certificate cannot be used: expired, not yet
+    /// valid, not chaining to the trust bundle, or not an SVID of an
+    /// accepted trust domain. Peers would refuse it, so it is refused here.
+    #[error("the workload certificate {id} cannot be used: {reason}")]
+    OwnCertificate {
+        id: String,
+        reason: meshward_identity::verify::SvidError,
+    },
 }
 
 /// Expected server identities and whether HTTP/2 is offered.
@@ -90,6 +98,21 @@ impl TlsState {
         domains: Vec<TrustDomain>,
     ) -> Result<TlsState, LoadError> {
         let verifier = SvidVerifier::new(bundle.clone(), TrustDomains::only(domains));
+        // The certificate serves both sides of mTLS: check it as a peer
+        // would, now, before anything uses it.
+        let refused = |reason| LoadError::OwnCertificate {
+            id: credentials.id().to_string(),
+            reason,
+        };
+        let (leaf, intermediates) = credentials
+            .chain()
+            .split_first()
+            .ok_or_else(|| refused(SvidError::NoCertificate))?;
+        for side in [Side::Server, Side::Client] {
+            verifier
+                .verify_now(leaf, intermediates, side)
+                .map_err(refused)?;
+        }
         let resolver = CredentialResolver::fixed(credentials.clone());
         let mut server = meshward_identity::server_config(verifier.clone(), resolver.clone())?;
         server.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
@@ -329,6 +352,38 @@ impl State {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Why the proxy is not ready, if it is not: still starting, or its
+    /// certificate has expired (or is not valid yet) since it was loaded.
+    /// A proxy whose certificate peers would refuse serves nothing useful.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.is_ready() {
+            return Some("starting".to_string());
+        }
+        let tls = self.tls();
+        let c = &tls.credentials;
+        let now = std::time::SystemTime::now();
+        let at = |t: std::time::SystemTime| {
+            time::OffsetDateTime::from(t)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        if now >= c.not_after() {
+            Some(format!(
+                "the workload certificate {} expired at {}",
+                c.id(),
+                at(c.not_after())
+            ))
+        } else if now < c.not_before() {
+            Some(format!(
+                "the workload certificate {} is not valid before {}",
+                c.id(),
+                at(c.not_before())
+            ))
+        } else {
+            None
+        }
     }
 
     pub fn set_ready(&self) {
