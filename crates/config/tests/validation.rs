@@ -1478,7 +1478,10 @@ fn service_entry_errors() {
         ),
         row(
             "DNS_ROUND_ROBIN without endpoints and a wildcard host",
-            res(SE, "hosts: [\"*.example.com\"]\nresolution: DNS_ROUND_ROBIN\n"),
+            res(
+                SE,
+                "hosts: [\"*.example.com\"]\nresolution: DNS_ROUND_ROBIN\n",
+            ),
             "spec.hosts[0]",
             "resolution mode DNS_ROUND_ROBIN",
             Some(7),

@@ -5,15 +5,17 @@
 //! A snapshot is immutable; a configuration change builds a new one, which
 //! is swapped in atomically (see [`crate::state`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use meshward_config::model::networking::{ClientTls, TlsMode};
+use meshward_config::model::networking::{ClientTls, Resolution, TlsMode};
 use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy};
 
+use crate::dns::{DnsName, DnsStore};
 use crate::jwt::{JwksStore, JwtPolicy};
 
 /// Annotation on a WorkloadEntry: where the application listens, per port
@@ -79,6 +81,48 @@ pub struct Endpoint {
     pub has_proxy: bool,
 }
 
+/// The facts of an endpoint whose address is not known when the snapshot
+/// is built: one a DNS name stands for, or the original destination of a
+/// request to a `NONE` service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointFacts {
+    pub ports: BTreeMap<String, u16>,
+    pub identity: String,
+    pub has_proxy: bool,
+}
+
+impl EndpointFacts {
+    pub fn at(&self, address: IpAddr) -> Endpoint {
+        Endpoint {
+            address,
+            ports: self.ports.clone(),
+            identity: self.identity.clone(),
+            has_proxy: self.has_proxy,
+        }
+    }
+}
+
+/// An endpoint whose address is a DNS name, resolved in the background
+/// ([`crate::dns`]): each address of the current answer is an endpoint
+/// with these facts.
+#[derive(Debug, Clone)]
+pub struct DnsEndpoint {
+    pub name: Arc<DnsName>,
+    /// A ServiceEntry without endpoints resolves each of its hosts for the
+    /// requests that name that host (Istio makes a service per host); an
+    /// endpoint's name serves every request (`None`).
+    pub for_host: Option<String>,
+    pub facts: EndpointFacts,
+}
+
+impl PartialEq for DnsEndpoint {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.name, &other.name)
+            && self.for_host == other.for_host
+            && self.facts == other.facts
+    }
+}
+
 /// A service the workload may call.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Service {
@@ -87,7 +131,21 @@ pub struct Service {
     pub hosts: Vec<String>,
     #[serde(skip)]
     pub ports: Vec<ServicePort>,
+    /// The endpoints with an IP address.
     pub endpoints: Vec<Endpoint>,
+    /// The ServiceEntry's `resolution`.
+    #[serde(skip)]
+    pub resolution: Resolution,
+    /// Endpoints that are DNS names (`DNS`, `DNS_ROUND_ROBIN`).
+    #[serde(skip)]
+    pub dns: Vec<DnsEndpoint>,
+    /// The ServiceEntry's `addresses`: under `NONE`, a request whose host
+    /// is an IP in one of them goes to that IP.
+    #[serde(skip)]
+    pub addresses: Vec<ipnet::IpNet>,
+    /// The facts of an endpoint the ServiceEntry does not list.
+    #[serde(skip)]
+    pub implicit: EndpointFacts,
     /// Identities a server of this service may present (secure naming).
     pub identities: Vec<String>,
     /// DestinationRule TLS settings: default and per port.
@@ -98,6 +156,40 @@ pub struct Service {
 }
 
 impl Service {
+    /// The endpoints a request for `host` may go to now: those with an IP
+    /// address, then the current addresses of the DNS names that serve
+    /// `host` (all of them under `DNS`, as Envoy's STRICT_DNS cluster; only
+    /// the first under `DNS_ROUND_ROBIN`, as its LOGICAL_DNS cluster). Reads
+    /// the DNS slots, never waits on DNS.
+    pub fn endpoints_for(&self, host: &str) -> Cow<'_, [Endpoint]> {
+        if self.dns.is_empty() {
+            return Cow::Borrowed(&self.endpoints);
+        }
+        let host = bare_host(host);
+        let mut out = self.endpoints.clone();
+        for d in &self.dns {
+            if d.for_host.as_deref().is_some_and(|h| h != host) {
+                continue;
+            }
+            let addresses = d.name.addresses();
+            let take = match self.resolution {
+                Resolution::DnsRoundRobin => 1,
+                _ => addresses.len(),
+            };
+            out.extend(addresses.iter().take(take).map(|a| d.facts.at(*a)));
+        }
+        Cow::Owned(out)
+    }
+
+    /// The DNS names that serve `host`.
+    pub fn dns_names_for(&self, host: &str) -> impl Iterator<Item = &Arc<DnsName>> {
+        let host = bare_host(host);
+        self.dns
+            .iter()
+            .filter(move |d| d.for_host.as_deref().is_none_or(|h| h == host))
+            .map(|d| &d.name)
+    }
+
     /// The client TLS settings for a service port, if a DestinationRule sets them.
     pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
         self.port_tls.get(&port).or(self.tls.as_ref())
@@ -144,12 +236,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the view of workload `ns/name` (a WorkloadEntry); `jwks`
-    /// holds the keys of the `jwksUri`s its rules name.
+    /// holds the keys of the `jwksUri`s its rules name, `dns` the
+    /// addresses of the DNS names its services name.
     pub fn build(
         config: Arc<ConfigSet>,
         workload_name: &str,
         version: u64,
         jwks: &JwksStore,
+        dns: &DnsStore,
     ) -> Result<Snapshot, SnapshotError> {
         let (ns, name) = workload_name
             .split_once('/')
@@ -203,7 +297,7 @@ impl Snapshot {
         let engine = PolicyEngine::new(Arc::clone(&config));
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
-        let (services, hosts) = build_services(&config);
+        let (services, hosts) = build_services(&config, dns);
         Ok(Snapshot {
             version,
             workload_name: workload_name.to_string(),
@@ -223,9 +317,20 @@ impl Snapshot {
 
     /// The service a Host header names (port and case ignored).
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
-        let bare = strip_port(host).to_ascii_lowercase();
-        let bare = bare.trim_end_matches('.');
-        self.hosts.get(bare).map(|i| &self.services[*i])
+        self.hosts.get(&bare_host(host)).map(|i| &self.services[*i])
+    }
+
+    /// A request whose host is an IP address (`10.1.2.3:8080`) has that
+    /// address as its original destination: the first `resolution: NONE`
+    /// service whose `addresses` contain it, and the IP.
+    pub fn original_destination(&self, host: &str) -> Option<(&Arc<Service>, IpAddr)> {
+        let ip: IpAddr = strip_port(host).parse().ok()?;
+        self.services
+            .iter()
+            .find(|s| {
+                s.resolution == Resolution::None && s.addresses.iter().any(|n| n.contains(&ip))
+            })
+            .map(|s| (s, ip))
     }
 
     pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
@@ -242,6 +347,11 @@ impl Snapshot {
             None => TlsMode::Disable,
         }
     }
+}
+
+/// A host as services are keyed: no port, lower case, no final dot.
+fn bare_host(host: &str) -> String {
+    strip_port(host).trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// `host:port` or `[v6]:port` to host.
@@ -351,74 +461,127 @@ fn port_protocols(
     out
 }
 
-fn build_services(config: &ConfigSet) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
+fn build_services(
+    config: &ConfigSet,
+    dns: &DnsStore,
+) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
     let mut hosts = BTreeMap::new();
     for se in &config.service_entries {
+        let ns = &se.meta.namespace;
+        let resolution = se.spec.resolution();
+        let by_dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        // Endpoints the entry lists have no sidecar unless the ServiceEntry
+        // is annotated otherwise; selected WorkloadEntries have one unless
+        // they are.
+        let external_has_proxy = se
+            .meta
+            .annotations
+            .get(HAS_PROXY)
+            .is_some_and(|v| v == "true");
+        let facts = |e: &WorkloadEntry, ns: &str, has_proxy: bool| EndpointFacts {
+            ports: e.ports.clone(),
+            identity: format!(
+                "spiffe://{td}/ns/{ns}/sa/{}",
+                e.service_account.as_deref().unwrap_or("default")
+            ),
+            has_proxy,
+        };
+        let implicit = facts(&WorkloadEntry::default(), ns, external_has_proxy);
         let mut endpoints = Vec::new();
-        let endpoint_of =
-            |e: &WorkloadEntry, ns: &str, annotations: Option<&BTreeMap<String, String>>| {
-                let address = e.address.as_deref()?.parse().ok()?;
-                let sa = e
-                    .service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".to_string());
-                let has_proxy = annotations
-                    .and_then(|a| a.get(HAS_PROXY))
-                    .is_none_or(|v| v != "false");
-                Some(Endpoint {
-                    address,
-                    ports: e.ports.clone(),
-                    identity: format!("spiffe://{td}/ns/{ns}/sa/{sa}"),
-                    has_proxy,
-                })
+        let mut dns_endpoints = Vec::new();
+        let mut add = |e: &WorkloadEntry, ns: &str, has_proxy: bool| {
+            let Some(address) = e.address.as_deref().filter(|a| !a.is_empty()) else {
+                return;
             };
+            let facts = facts(e, ns, has_proxy);
+            match address.parse::<IpAddr>() {
+                Ok(ip) => endpoints.push(facts.at(ip)),
+                Err(_) if by_dns => dns_endpoints.push(DnsEndpoint {
+                    name: dns.get(address),
+                    for_host: None,
+                    facts,
+                }),
+                Err(_) => tracing::warn!(
+                    target: "meshward::config",
+                    service = %format!("{ns}/{}", se.meta.name),
+                    address,
+                    "endpoint skipped: its address is a host name, which only resolution DNS or DNS_ROUND_ROBIN resolves"
+                ),
+            }
+        };
         match &se.spec.workload_selector {
             Some(sel) => {
                 for we in &config.workload_entries {
-                    let selected = we.meta.namespace == se.meta.namespace
+                    let selected = &we.meta.namespace == ns
                         && sel.iter().all(|(k, v)| we.spec.labels.get(k) == Some(v));
                     if selected {
-                        endpoints.extend(endpoint_of(
-                            &we.spec,
-                            &we.meta.namespace,
-                            Some(&we.meta.annotations),
-                        ));
+                        let has_proxy = we
+                            .meta
+                            .annotations
+                            .get(HAS_PROXY)
+                            .is_none_or(|v| v != "false");
+                        add(&we.spec, &we.meta.namespace, has_proxy);
                     }
+                }
+            }
+            // Istio resolves the hosts themselves when a DNS entry lists
+            // no endpoints and selects none, each for its own requests.
+            None if by_dns && se.spec.endpoints.is_empty() => {
+                for h in &se.spec.hosts {
+                    dns_endpoints.push(DnsEndpoint {
+                        name: dns.get(h),
+                        for_host: Some(bare_host(h)),
+                        facts: implicit.clone(),
+                    });
                 }
             }
             None => {
                 for e in &se.spec.endpoints {
-                    // Inline endpoints of an external service have no sidecar
-                    // unless annotated otherwise on the ServiceEntry.
-                    let mut ep = endpoint_of(e, &se.meta.namespace, Some(&se.meta.annotations));
-                    if let Some(ep) = ep.as_mut() {
-                        ep.has_proxy = se
-                            .meta
-                            .annotations
-                            .get(HAS_PROXY)
-                            .is_some_and(|v| v == "true");
-                    }
-                    endpoints.extend(ep);
+                    add(e, ns, external_has_proxy);
                 }
             }
         }
-        let mut identities: Vec<String> = endpoints.iter().map(|e| e.identity.clone()).collect();
+        if resolution == Resolution::None
+            && endpoints.is_empty()
+            && se.spec.workload_selector.is_none()
+        {
+            tracing::info!(
+                target: "meshward::config",
+                service = %format!("{ns}/{}", se.meta.name),
+                "resolution NONE without endpoints: requests naming its hosts get 503 (UH), as the proxy knows no original destination without traffic capture; a request to an IP in its addresses goes to that IP"
+            );
+        }
+        let mut identities: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.identity.clone())
+            .chain(dns_endpoints.iter().map(|d| d.facts.identity.clone()))
+            .collect();
         identities.extend(se.spec.subject_alt_names.iter().cloned());
         identities.sort();
         identities.dedup();
         let (tls, port_tls) = destination_tls(config, &se.spec.hosts, &se.meta.namespace);
         let idx = services.len();
         for h in &se.spec.hosts {
-            hosts.entry(h.to_ascii_lowercase()).or_insert(idx);
+            hosts.entry(bare_host(h)).or_insert(idx);
         }
+        let addresses = se
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| meshward_config::values::parse_ip_block(a).ok())
+            .collect();
         services.push(Arc::new(Service {
             namespace: se.meta.namespace.clone(),
             name: se.meta.name.clone(),
             hosts: se.spec.hosts.clone(),
             ports: se.spec.ports.clone(),
             endpoints,
+            resolution,
+            dns: dns_endpoints,
+            addresses,
+            implicit,
             identities,
             tls,
             port_tls,
@@ -482,7 +645,13 @@ mod tests {
         let mut loader = meshward_config::Loader::new();
         loader.add_source("test.yaml", yaml);
         let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
-        Snapshot::build(Arc::new(config), workload, 1, &JwksStore::default())
+        Snapshot::build(
+            Arc::new(config),
+            workload,
+            1,
+            &JwksStore::default(),
+            &DnsStore::default(),
+        )
     }
 
     const BASE: &str = r#"
@@ -633,6 +802,134 @@ spec:
             snapshot(&bad, "prod/api").unwrap_err(),
             SnapshotError::NoAddress("prod/api".into())
         );
+    }
+
+    const EXTERNAL: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: api, namespace: prod}
+spec: {address: 127.0.0.1, labels: {app: api}, serviceAccount: api-sa}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-api, namespace: prod}
+spec:
+  hosts: [api.external-service.com, Other.External-Service.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mixed, namespace: prod}
+spec:
+  hosts: [mixed.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+  endpoints: [{address: 10.0.0.1}, {address: a.backend.example.com, ports: {http: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: logical, namespace: prod}
+spec:
+  hosts: [logical.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: prod}
+spec:
+  hosts: [passthrough.example.com]
+  addresses: [192.0.2.0/24]
+  ports: [{number: 8080, name: http, targetPort: 9090}]
+  resolution: NONE
+"#;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addresses(svc: &Service, host: &str) -> Vec<String> {
+        svc.endpoints_for(host)
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn dns_services_route_to_the_current_answer_of_their_names() {
+        let mut loader = meshward_config::Loader::new();
+        loader.add_source("test.yaml", EXTERNAL);
+        let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
+        let dns = DnsStore::default();
+        let s =
+            Snapshot::build(Arc::new(config), "prod/api", 1, &JwksStore::default(), &dns).unwrap();
+        let ttl = std::time::Duration::from_secs(30);
+
+        // Without endpoints, each host is resolved for its own requests;
+        // nothing is routed before an answer.
+        let ext = s.service_for_host("api.external-service.com:443").unwrap();
+        assert_eq!(ext.resolution, Resolution::Dns);
+        assert!(ext.endpoints_for("api.external-service.com").is_empty());
+        dns.get("api.external-service.com")
+            .set_addresses(&[ip("10.1.0.1"), ip("10.1.0.2")], ttl);
+        dns.get("other.external-service.com")
+            .set_addresses(&[ip("10.2.0.1")], ttl);
+        assert_eq!(
+            addresses(ext, "API.external-service.com.:443"),
+            ["10.1.0.1", "10.1.0.2"],
+            "DNS uses every address"
+        );
+        assert_eq!(addresses(ext, "other.external-service.com"), ["10.2.0.1"]);
+        let e = &ext.endpoints_for("api.external-service.com")[0];
+        assert_eq!(ext.endpoint_port(&ext.ports[0], e), 443);
+        assert!(!e.has_proxy, "an external host has no sidecar");
+        assert_eq!(s.tls_mode(ext, 443, e), TlsMode::Disable);
+
+        // Endpoints: IPs as they are, names by their answer, with the
+        // endpoint's own ports.
+        let mixed = s.service_for_host("mixed.example.com").unwrap();
+        assert_eq!(addresses(mixed, "mixed.example.com"), ["10.0.0.1"]);
+        dns.get("a.backend.example.com")
+            .set_addresses(&[ip("10.3.0.1"), ip("10.3.0.2")], ttl);
+        let eps = mixed.endpoints_for("mixed.example.com");
+        assert_eq!(
+            addresses(mixed, "mixed.example.com"),
+            ["10.0.0.1", "10.3.0.1", "10.3.0.2"]
+        );
+        assert_eq!(mixed.endpoint_port(&mixed.ports[0], &eps[1]), 8080);
+
+        // DNS_ROUND_ROBIN: only the first address of the answer.
+        let logical = s.service_for_host("logical.example.com").unwrap();
+        dns.get("logical.example.com")
+            .set_addresses(&[ip("10.4.0.1"), ip("10.4.0.2")], ttl);
+        assert_eq!(addresses(logical, "logical.example.com"), ["10.4.0.1"]);
+
+        // The snapshot points to the store's slots: a later answer is seen
+        // without a new snapshot.
+        dns.get("api.external-service.com")
+            .set_addresses(&[ip("10.1.0.9")], ttl);
+        assert_eq!(addresses(ext, "api.external-service.com"), ["10.1.0.9"]);
+    }
+
+    #[test]
+    fn a_none_service_has_an_original_destination_only_for_its_addresses() {
+        let s = snapshot(EXTERNAL, "prod/api").unwrap();
+        let by_name = s.service_for_host("passthrough.example.com").unwrap();
+        assert_eq!(by_name.resolution, Resolution::None);
+        assert!(by_name.endpoints_for("passthrough.example.com").is_empty());
+        let (svc, dst) = s.original_destination("192.0.2.7:8080").unwrap();
+        assert_eq!(svc.name, "passthrough");
+        assert_eq!(dst, ip("192.0.2.7"));
+        let ep = svc.implicit.at(dst);
+        assert_eq!(
+            svc.endpoint_port(&svc.ports[0], &ep),
+            9090,
+            "targetPort applies"
+        );
+        assert!(s.original_destination("198.51.100.1:8080").is_none());
+        assert!(s.original_destination("passthrough.example.com").is_none());
     }
 
     #[test]

@@ -159,6 +159,10 @@ pub struct State {
     /// The keys of the `jwksUri`s the configuration names, kept across
     /// reloads ([`crate::jwt::JwksStore::run`] fetches them).
     pub jwks: Arc<crate::jwt::JwksStore>,
+    /// The addresses of the DNS names of `DNS` and `DNS_ROUND_ROBIN`
+    /// services, kept across reloads ([`crate::dns::DnsStore::run`]
+    /// looks them up).
+    pub dns: Arc<crate::dns::DnsStore>,
 }
 
 /// An open inbound connection's facts and the signal that closes it.
@@ -284,9 +288,11 @@ impl State {
         bootstrap: Bootstrap,
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
+        dns: crate::dns::DnsConfig,
     ) -> Result<Arc<State>, LoadError> {
         let jwks = Arc::new(crate::jwt::JwksStore::default());
-        let snapshot = load_snapshot(&bootstrap, 1, &jwks)?;
+        let dns = Arc::new(crate::dns::DnsStore::new(dns));
+        let snapshot = load_snapshot(&bootstrap, 1, &jwks, &dns)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
         Ok(Arc::new(State {
             bootstrap,
@@ -308,6 +314,7 @@ impl State {
             tcp_conns: TcpTracker::default(),
             idle_timeout,
             jwks,
+            dns,
         }))
     }
 
@@ -330,13 +337,14 @@ impl State {
     /// Re-reads the configuration; on failure the current snapshot stays.
     pub fn reload_config(&self) -> Result<u64, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks)?;
+        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks, &self.dns)?;
         // The trust domain may have changed: rebuild TLS for the new snapshot.
         let tls = load_tls(&self.bootstrap, &snapshot)?;
         self.version.store(version, Ordering::Release);
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
+        self.dns.forget_unused();
         let closed = self.tcp_conns.recheck(&snapshot);
         if closed > 0 {
             tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
@@ -356,6 +364,7 @@ fn load_snapshot(
     b: &Bootstrap,
     version: u64,
     jwks: &crate::jwt::JwksStore,
+    dns: &crate::dns::DnsStore,
 ) -> Result<Snapshot, LoadError> {
     let mut loader = Loader::new();
     if let Some(mc) = &b.mesh_config {
@@ -373,6 +382,7 @@ fn load_snapshot(
         &b.workload,
         version,
         jwks,
+        dns,
     )?)
 }
 

@@ -502,7 +502,9 @@ impl ServiceEntry {
             sink.error(
                 hosts_pos,
                 addresses_path,
-                format!("CIDR addresses are allowed only for NONE/STATIC resolution types, not {name}"),
+                format!(
+                    "CIDR addresses are allowed only for NONE/STATIC resolution types, not {name}"
+                ),
             );
         }
         match resolution {
