@@ -454,9 +454,12 @@ impl Resolve for Hickory {
     ) -> Pin<Box<dyn Future<Output = Result<Resolved, String>> + Send + 'a>> {
         Box::pin(async move {
             let lookup = self.0.lookup_ip(name).await.map_err(|e| e.to_string())?;
-            let ttl = lookup
+            // What is left of the TTL, in the whole seconds DNS counts
+            // in (hickory keeps a deadline, a moment old by now).
+            let left = lookup
                 .valid_until()
                 .saturating_duration_since(std::time::Instant::now());
+            let ttl = Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0));
             Ok(Resolved {
                 addresses: lookup.iter().collect(),
                 ttl,
