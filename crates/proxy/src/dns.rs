@@ -413,11 +413,12 @@ impl fmt::Debug for Hickory {
 impl Hickory {
     fn build(config: &DnsConfig) -> Result<Hickory, String> {
         use hickory_resolver::config::{
-            ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+            ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
+            ResolverOpts,
         };
         use hickory_resolver::net::runtime::TokioRuntimeProvider;
         let provider = TokioRuntimeProvider::default();
-        let builder = match config {
+        let mut builder = match config {
             DnsConfig::System => hickory_resolver::Resolver::builder(provider)
                 .map_err(|e| format!("reading the system's DNS settings: {e}"))?,
             DnsConfig::Servers(servers) => {
@@ -440,6 +441,10 @@ impl Hickory {
                 .with_options(opts)
             }
         };
+        // A records, and AAAA only for a name without any (Envoy's
+        // V4_PREFERRED), so an IPv4-only host never gets an IPv6 address
+        // first (hickory's default asks both and puts IPv6 first).
+        builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
         builder
             .build()
             .map(Hickory)
