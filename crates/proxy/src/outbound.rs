@@ -330,18 +330,9 @@ const MAX_PLANS: usize = 1024;
 enum RouteError {
     #[error("no service for host \"{0}\"")]
     NoService(String),
-    #[error("service {0} has no endpoints")]
-    NoEndpoints(String),
-    #[error("service {service}: DNS name {names} has no address yet{}", .error.as_deref().map(|e| format!(" (last lookup: {e})")).unwrap_or_default())]
-    Unresolved {
-        service: String,
-        names: String,
-        error: Option<String>,
-    },
-    #[error(
-        "service {0} has resolution NONE and no endpoints: the proxy knows no original destination for a request by host name (without traffic capture); send it to an IP of the service's addresses, or use resolution STATIC or DNS"
-    )]
-    NoOriginalDestination(String),
+    /// The service and why it has no endpoint for the request.
+    #[error("service {0}: {1}")]
+    NoEndpoints(String, String),
     #[error("service {0} has no port {1}")]
     NoPort(String, u16),
     #[error("TLS settings: {0}")]
@@ -356,9 +347,7 @@ impl RouteError {
     fn status(&self) -> (u16, &'static str) {
         match self {
             RouteError::NoService(_) | RouteError::NoPort(..) => (404, "NR"),
-            RouteError::NoEndpoints(_)
-            | RouteError::Unresolved { .. }
-            | RouteError::NoOriginalDestination(_) => (503, "UH"),
+            RouteError::NoEndpoints(..) => (503, "UH"),
             RouteError::Tls(_) => (503, "NR"),
         }
     }
@@ -531,26 +520,7 @@ impl Outbound {
         };
         if endpoints.is_empty() {
             let service = format!("{}/{}", svc.namespace, svc.name);
-            let names: Vec<_> = svc.dns_names_for(host).collect();
-            return Err(match (svc.resolution, names.is_empty()) {
-                (_, false) => RouteError::Unresolved {
-                    service,
-                    names: names
-                        .iter()
-                        .map(|n| n.name())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    error: names
-                        .iter()
-                        .find_map(|n| n.answer().last_error.as_ref().map(|(e, _)| e.clone())),
-                },
-                (meshward_config::model::networking::Resolution::None, true)
-                    if svc.dns.is_empty() =>
-                {
-                    RouteError::NoOriginalDestination(service)
-                }
-                _ => RouteError::NoEndpoints(service),
-            });
+            return Err(RouteError::NoEndpoints(service, svc.why_no_endpoint(host)));
         }
         Ok((svc, svc_port.number, endpoints))
     }

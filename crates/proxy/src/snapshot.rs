@@ -190,6 +190,31 @@ impl Service {
             .map(|d| &d.name)
     }
 
+    /// Why a request for `host` has no endpoint now (for its `503` and
+    /// its log line).
+    pub fn why_no_endpoint(&self, host: &str) -> String {
+        let names: Vec<_> = self.dns_names_for(host).collect();
+        if !names.is_empty() {
+            let list: Vec<&str> = names.iter().map(|n| n.name()).collect();
+            let error = names
+                .iter()
+                .find_map(|n| n.answer().last_error.clone())
+                .map(|(e, _)| format!(" (last lookup: {e})"));
+            return format!(
+                "DNS name {} has no address yet{}",
+                list.join(", "),
+                error.unwrap_or_default()
+            );
+        }
+        if self.resolution == Resolution::None && self.dns.is_empty() {
+            return "resolution NONE and no endpoints: without traffic capture the proxy \
+                    knows no original destination for a request by host name (send it to \
+                    an IP of the service's addresses, or use resolution STATIC or DNS)"
+                .to_string();
+        }
+        "no endpoints".to_string()
+    }
+
     /// The client TLS settings for a service port, if a DestinationRule sets them.
     pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
         self.port_tls.get(&port).or(self.tls.as_ref())

@@ -573,6 +573,7 @@ impl ServiceEntry {
 
 /// A ServiceEntry's `resolution`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Resolution {
     /// Connections go to the address the application asked for.
     None,
