@@ -40,6 +40,12 @@ pub struct Args {
     /// default, `meshward_proxy::idle::DEFAULT_IDLE_TIMEOUT`: 1h).
     #[arg(long, default_value = "1h", value_parser = parse_idle_timeout)]
     idle_timeout: std::time::Duration,
+    /// Name server for ServiceEntries with resolution DNS or
+    /// DNS_ROUND_ROBIN, as IP or IP:PORT (default port 53); repeat for
+    /// several. Replaces the system's settings (/etc/resolv.conf and
+    /// /etc/hosts), which are used without it.
+    #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
+    dns_servers: Vec<SocketAddr>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
@@ -80,6 +86,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             access_log: !args.no_access_log,
             watch: !args.no_watch,
             idle_timeout: args.idle_timeout,
+            dns: if args.dns_servers.is_empty() {
+                meshward_proxy::dns::DnsConfig::System
+            } else {
+                meshward_proxy::dns::DnsConfig::Servers(args.dns_servers)
+            },
         };
         let proxy = meshward_proxy::start(bootstrap, options).await?;
         for l in proxy.listeners.bound() {
@@ -105,6 +116,14 @@ fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse()
+        .map_err(|_| format!("\"{s}\" is not an IP address or IP:PORT"))
 }
 
 async fn shutdown_signal() {

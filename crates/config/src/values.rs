@@ -34,6 +34,40 @@ pub fn parse_ip_block(text: &str) -> Result<IpNet, String> {
 
 /// Parses a port number written as a string, as in `ports: ["8080"]`.
 /// Istio accepts 0-65535 here (0 never matches a real connection).
+/// A DNS name as Istio's `ValidateFQDN` accepts it: at most 255
+/// characters, labels of letters, digits and inner `-` (at most 63 each),
+/// a top-level label that is not all digits, and an optional final `.`.
+pub fn check_fqdn(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty domain name not allowed".to_string());
+    }
+    if name.len() > 255 {
+        return Err(format!("domain name \"{name}\" too long (max 255)"));
+    }
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = trimmed.split('.').collect();
+    let top = labels.last().copied().unwrap_or_default();
+    if !top.is_empty() && top.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "domain name \"{name}\" invalid (top level domain \"{top}\" cannot be all-numeric)"
+        ));
+    }
+    for label in labels {
+        let b = label.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-');
+        if !ok {
+            return Err(format!(
+                "domain name \"{name}\" invalid (label \"{label}\" invalid)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn parse_port(text: &str) -> Result<u16, String> {
     match text.parse::<u32>() {
         Ok(p) if p <= 65535 && !text.starts_with('+') => Ok(p as u16),
@@ -345,6 +379,14 @@ mod tests {
         assert!(parse_ip_block("10.0.0.300").is_err());
         assert!(parse_ip_block("10.0.0.0/33").is_err());
         assert!(parse_ip_block("10.0.0.0/").is_err());
+        assert!(check_fqdn("api.external-service.com").is_ok());
+        assert!(check_fqdn("api.example.com.").is_ok());
+        assert!(check_fqdn("db").is_ok());
+        assert!(check_fqdn("*.example.com").is_err());
+        assert!(check_fqdn("10.0.0.1").unwrap_err().contains("all-numeric"));
+        assert!(check_fqdn("a..b").is_err());
+        assert!(check_fqdn("-a.b").is_err());
+        assert!(check_fqdn("").is_err());
         assert!(parse_ip_block("").is_err());
         assert!(parse_ip_block("a.b.c.d/8").is_err());
     }

@@ -1440,8 +1440,117 @@ fn service_entry_errors() {
             "unknown field",
             Some(10),
         ),
+        // Istio's resolution rules (ValidateServiceEntry).
+        row(
+            "endpoints with the default resolution NONE",
+            res(SE, &format!("{h}endpoints:\n- address: 10.0.0.1\n")),
+            "spec.endpoints",
+            "no endpoints should be provided for resolution type NONE",
+            Some(9),
+        ),
+        row(
+            "endpoints with resolution NONE",
+            res(
+                SE,
+                &format!("{h}resolution: NONE\nendpoints:\n- address: 10.0.0.1\n"),
+            ),
+            "spec.endpoints",
+            "resolution type NONE",
+            Some(10),
+        ),
+        row(
+            "STATIC endpoint with a host name",
+            res(
+                SE,
+                &format!(
+                    "{h}resolution: STATIC\nendpoints:\n- address: 10.0.0.1\n- address: api.internal\n"
+                ),
+            ),
+            "spec.endpoints[1].address",
+            "endpoint address \"api.internal\" is not a valid IP address",
+            Some(11),
+        ),
+        row(
+            "STATIC unix socket endpoint",
+            res(
+                SE,
+                &format!("{h}resolution: STATIC\nendpoints:\n- address: unix:///var/run/a.sock\n"),
+            ),
+            "spec.endpoints[0].address",
+            "unix domain socket",
+            Some(10),
+        ),
+        row(
+            "DNS without endpoints and a wildcard host",
+            res(SE, "hosts: [\"*.example.com\"]\nresolution: DNS\n"),
+            "spec.hosts[0]",
+            "hosts must be FQDN if no endpoints are provided for resolution mode DNS",
+            Some(7),
+        ),
+        row(
+            "DNS_ROUND_ROBIN without endpoints and a wildcard host",
+            res(
+                SE,
+                "hosts: [\"*.example.com\"]\nresolution: DNS_ROUND_ROBIN\n",
+            ),
+            "spec.hosts[0]",
+            "resolution mode DNS_ROUND_ROBIN",
+            Some(7),
+        ),
+        row(
+            "DNS endpoint that is neither a name nor an IP",
+            res(
+                SE,
+                &format!("{h}resolution: DNS\nendpoints:\n- address: \"bad_name.example.com\"\n"),
+            ),
+            "spec.endpoints[0].address",
+            "is not a valid FQDN or an IP address",
+            Some(10),
+        ),
+        row(
+            "DNS_ROUND_ROBIN with two endpoints",
+            res(
+                SE,
+                &format!(
+                    "{h}resolution: DNS_ROUND_ROBIN\nendpoints:\n- address: a.example.com\n- address: b.example.com\n"
+                ),
+            ),
+            "spec.endpoints",
+            "there must only be 0 or 1 endpoint for resolution mode DNS_ROUND_ROBIN",
+            Some(10),
+        ),
+        row(
+            "DNS with CIDR addresses",
+            res(
+                SE,
+                &format!("{h}addresses: [10.0.0.0/24]\nresolution: DNS\n"),
+            ),
+            "spec.addresses",
+            "CIDR addresses are allowed only for NONE/STATIC resolution types",
+            Some(7),
+        ),
     ];
     check_rows(rows);
+}
+
+#[test]
+fn service_entry_resolutions_that_load() {
+    // Seed 000's external service, as written, and the other forms Istio
+    // accepts: DNS endpoints that are names or IPs, one DNS_ROUND_ROBIN
+    // endpoint, a NONE service with CIDR addresses.
+    let docs = [
+        "hosts: [api.external-service.com]\nports:\n- number: 443\n  name: https\n  protocol: HTTPS\nresolution: DNS\nlocation: MESH_EXTERNAL\n",
+        "hosts: [api.example.com]\nresolution: DNS\nendpoints:\n- address: a.example.com\n- address: 10.0.0.1\n",
+        "hosts: [\"*.example.com\"]\nresolution: DNS_ROUND_ROBIN\nendpoints:\n- address: lb.example.com.\n",
+        "hosts: [api.example.com]\naddresses: [10.0.0.0/8]\nresolution: NONE\n",
+        "hosts: [api.example.com]\nresolution: STATIC\nendpoints:\n- address: \"2001:db8::1\"\n",
+    ];
+    for spec in docs {
+        let yaml = res(SE, spec);
+        if let Err(d) = load(&yaml) {
+            panic!("{spec}\n{}", render(&d));
+        }
+    }
 }
 
 #[test]

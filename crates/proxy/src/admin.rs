@@ -6,8 +6,9 @@
 //! - `GET /config_dump`: the effective configuration (version, workload,
 //!   inbound ports with their mTLS mode, outbound listeners, the
 //!   authorization policies and JWT rules that apply, the services known,
-//!   and per set of DestinationRule files the client certificate loaded
-//!   and the last load error);
+//!   with the current answer of each DNS name: addresses, TTL, expiry and
+//!   the last failed lookup, and per set of DestinationRule files the
+//!   client certificate loaded and the last load error);
 //! - `GET /listeners`: every listener the proxy has bound, and those of
 //!   the current configuration it could not bind (with the error);
 //! - `GET /certs`: the loaded workload certificate and trust roots;
@@ -141,16 +142,30 @@ fn config_dump(state: &State) -> serde_json::Value {
         .iter()
         .map(|p| json!({"namespace": p.namespace, "name": p.name, "action": p.action.as_str(), "dry_run": p.dry_run}))
         .collect();
+    let now = tokio::time::Instant::now();
     let services: Vec<_> = snap
         .services
         .iter()
         .map(|s| {
+            // DNS names with their current answer: addresses, TTL, when it
+            // expires, and the last failed lookup.
+            let dns: Vec<_> = s
+                .dns
+                .iter()
+                .map(|d| {
+                    let mut v = d.name.answer().describe(d.name.name(), now);
+                    v["for_host"] = json!(d.for_host);
+                    v
+                })
+                .collect();
             json!({
                 "name": format!("{}/{}", s.namespace, s.name),
                 "host": s.host,
                 "destination_rule": s.destination_rule,
                 "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "resolution": s.resolution.as_str(),
                 "endpoints": s.endpoints,
+                "dns": dns,
                 "identities": s.identities,
                 "tls": s.tls.as_ref().map(|t| t.mode.as_str()),
             })

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod dns;
 pub mod dr_tls;
 pub mod ext_authz;
 pub mod h1;
@@ -50,6 +51,8 @@ pub struct Options {
     /// How long a connection may sit idle ([`idle`]; at most
     /// [`idle::MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: std::time::Duration,
+    /// The resolver for `DNS` and `DNS_ROUND_ROBIN` ServiceEntries.
+    pub dns: dns::DnsConfig,
 }
 
 /// Why the proxy could not start.
@@ -92,7 +95,7 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     };
     let metrics = Arc::new(Metrics::new(access));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
-    let state = State::load(bootstrap, metrics, idle_timeout)?;
+    let state = State::load(bootstrap, metrics, idle_timeout, options.dns.clone())?;
     let mut fixed = Vec::new();
     let admin_l = bind(options.admin, "admin")?;
     fixed.push(admin::ListenerInfo {
@@ -138,8 +141,12 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     };
     // Tokens of a `jwksUri` issuer can be checked from the start: ready
     // once each URI has been tried (a failed one is retried every few
-    // seconds, its tokens refused meanwhile).
-    state.jwks.fetch_due().await;
+    // seconds, its tokens refused meanwhile). Likewise DNS services can be
+    // routed to from the start: ready once each name has been looked up
+    // (at most `dns::LOOKUP_TIMEOUT`; a failed one is retried, its
+    // requests answered 503 meanwhile).
+    tokio::spawn(Arc::clone(&state.dns).run());
+    tokio::join!(state.jwks.fetch_due(), state.dns.first_lookups());
     tokio::spawn(Arc::clone(&state.jwks).run());
     state.set_ready();
     tracing::info!(workload = %state.bootstrap.workload, listeners = listeners.bound().len(), "proxy ready");

@@ -300,12 +300,13 @@ impl Default for Outbound {
     }
 }
 
-/// Routes prepared for one configuration snapshot, TLS state and
-/// generation of DestinationRule client configs: for each (host, port
-/// hint) a request named, the route to each endpoint.
+/// Routes prepared for one configuration snapshot, TLS state,
+/// generation of DestinationRule client configs and set of DNS answers
+/// (the DNS store's generation): for each (host, port hint) a request
+/// named, the route to each endpoint.
 #[derive(Debug, Default)]
 struct Plans {
-    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>, u64)>,
+    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>, (u64, u64))>,
     by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
 }
 
@@ -317,11 +318,11 @@ impl Plans {
         &self,
         snap: &Arc<Snapshot>,
         tls: &Arc<crate::state::TlsState>,
-        files: u64,
+        generations: (u64, u64),
     ) -> bool {
-        self.made_for
-            .as_ref()
-            .is_some_and(|(s, t, f)| Arc::ptr_eq(s, snap) && Arc::ptr_eq(t, tls) && *f == files)
+        self.made_for.as_ref().is_some_and(|(s, t, g)| {
+            Arc::ptr_eq(s, snap) && Arc::ptr_eq(t, tls) && *g == generations
+        })
     }
 }
 
@@ -334,20 +335,34 @@ const MAX_PLANS: usize = 1024;
 enum RouteError {
     #[error("no service for host \"{0}\"")]
     NoService(String),
-    #[error("service {0} has no endpoints")]
-    NoEndpoints(String),
+    /// The service and why it has no endpoint for the request.
+    #[error("service {0}: {1}")]
+    NoEndpoints(String, String),
     #[error("service {0} has no port {1}")]
     NoPort(String, u16),
     #[error("TLS settings: {0}")]
     Tls(String),
 }
 
+impl RouteError {
+    /// The status and Envoy response flag a request that cannot be routed
+    /// gets: `404 NR` when nothing matches (no route), `503 UH` when the
+    /// service has no endpoint to send to (no healthy upstream), `503 NR`
+    /// when its TLS settings cannot be used.
+    fn status(&self) -> (u16, &'static str) {
+        match self {
+            RouteError::NoService(_) | RouteError::NoPort(..) => (404, "NR"),
+            RouteError::NoEndpoints(..) => (503, "UH"),
+            RouteError::Tls(_) => (503, "NR"),
+        }
+    }
+}
+
 /// The chosen upstream for one request or connection.
 #[derive(Debug, Clone)]
 struct Route {
     svc: Arc<Service>,
-    /// Index into `svc.endpoints`.
-    endpoint: usize,
+    endpoint: Arc<Endpoint>,
     addr: SocketAddr,
     mode: TlsMode,
     target: Target,
@@ -359,7 +374,7 @@ struct Route {
 
 impl Route {
     fn endpoint(&self) -> &Endpoint {
-        &self.svc.endpoints[self.endpoint]
+        &self.endpoint
     }
 
     /// What this proxy presents on the route's TLS connections.
@@ -471,16 +486,17 @@ impl Outbound {
         port_hint: Option<u16>,
     ) -> Result<Route, RouteError> {
         let tls = state.tls();
-        // Read before preparing: a config swapped meanwhile bumps it again,
-        // so routes are never kept for a generation newer than their configs.
-        let files = state.dr_files.generation();
+        // Read before preparing: a config swapped or an answer changed
+        // meanwhile bumps them again, so routes are never kept for
+        // generations newer than what they were made from.
+        let generations = (state.dr_files.generation(), state.dns.generation());
         let prepared = {
             let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-            if !plans.made_for(snap, &tls, files) || plans.by_host.len() >= MAX_PLANS {
+            if !plans.made_for(snap, &tls, generations) || plans.by_host.len() >= MAX_PLANS {
                 plans.by_host.clear();
                 // Holding both keeps their addresses from being reused
                 // while the plans made for them are in the map.
-                plans.made_for = Some((Arc::clone(snap), Arc::clone(&tls), files));
+                plans.made_for = Some((Arc::clone(snap), Arc::clone(&tls), generations));
             }
             plans
                 .by_host
@@ -491,9 +507,10 @@ impl Outbound {
         let endpoints = match prepared {
             Some(endpoints) => endpoints,
             None => {
-                let (svc, port) = self.service(snap, host, port_hint)?;
-                let endpoints: EndpointRoutes = (0..svc.endpoints.len())
-                    .map(|i| self.prepare(state, snap, host, svc, port, i))
+                let (svc, port, endpoints) = self.service(snap, host, port_hint)?;
+                let endpoints: EndpointRoutes = endpoints
+                    .into_iter()
+                    .map(|ep| self.prepare(state, snap, host, svc, port, ep))
                     .collect();
                 let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
                 // Only into plans for the same state (another request may
@@ -504,7 +521,7 @@ impl Outbound {
                 let unusable = endpoints
                     .iter()
                     .any(|r| matches!(r, Err(RouteError::Tls(_))));
-                if plans.made_for(snap, &tls, files) && !unusable {
+                if plans.made_for(snap, &tls, generations) && !unusable {
                     let ports = plans.by_host.entry(host.to_string()).or_default();
                     if !ports.iter().any(|(p, _)| *p == port_hint) {
                         ports.push((port_hint, Arc::clone(&endpoints)));
@@ -517,16 +534,21 @@ impl Outbound {
         endpoints[i].clone()
     }
 
-    /// The service for `host` and the service port the request is for.
+    /// The service for `host`, the service port the request is for, and
+    /// the endpoints it may go to now (never empty).
     fn service<'s>(
         &self,
         snap: &'s Snapshot,
         host: &str,
         port_hint: Option<u16>,
-    ) -> Result<(&'s Arc<Service>, u16), RouteError> {
-        let svc = snap
-            .service_for_host(host)
-            .ok_or_else(|| RouteError::NoService(host.to_string()))?;
+    ) -> Result<(&'s Arc<Service>, u16, Vec<Endpoint>), RouteError> {
+        let (svc, original) = match snap.service_for_host(host) {
+            Some(svc) => (svc, None),
+            None => snap
+                .original_destination(host)
+                .map(|(svc, ip)| (svc, Some(ip)))
+                .ok_or_else(|| RouteError::NoService(host.to_string()))?,
+        };
         let svc_port = match port_hint {
             Some(p) => svc
                 .ports
@@ -540,13 +562,18 @@ impl Outbound {
                 .or(svc.ports.first())
                 .ok_or_else(|| RouteError::NoPort(svc.name.clone(), 0))?,
         };
-        if svc.endpoints.is_empty() {
-            return Err(RouteError::NoEndpoints(svc.name.clone()));
+        let endpoints = match original {
+            Some(ip) => vec![svc.implicit.at(ip)],
+            None => svc.endpoints_for(host).into_owned(),
+        };
+        if endpoints.is_empty() {
+            let service = format!("{}/{}", svc.namespace, svc.name);
+            return Err(RouteError::NoEndpoints(service, svc.why_no_endpoint(host)));
         }
-        Ok((svc, svc_port.number))
+        Ok((svc, svc_port.number, endpoints))
     }
 
-    /// The route to endpoint `i` of `svc` on service port `port`.
+    /// The route to `endpoint` of `svc` on service port `port`.
     fn prepare(
         &self,
         state: &State,
@@ -554,16 +581,15 @@ impl Outbound {
         host: &str,
         svc: &Arc<Service>,
         port: u16,
-        i: usize,
+        endpoint: Endpoint,
     ) -> Result<Route, RouteError> {
         let svc_port = svc
             .ports
             .iter()
             .find(|sp| sp.number == port)
             .ok_or_else(|| RouteError::NoPort(svc.name.clone(), port))?;
-        let endpoint = &svc.endpoints[i];
-        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, endpoint));
-        let mode = snap.tls_mode(svc, svc_port.number, endpoint);
+        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, &endpoint));
+        let mode = snap.tls_mode(svc, svc_port.number, &endpoint);
         let mut key = Fnv::new();
         match addr.ip() {
             std::net::IpAddr::V4(ip) => key.add(&ip.octets()),
@@ -620,7 +646,7 @@ impl Outbound {
         let key = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
         Ok(Route {
             svc: Arc::clone(svc),
-            endpoint: i,
+            endpoint: Arc::new(endpoint),
             addr,
             mode,
             target,
@@ -710,17 +736,13 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         let route = match state.outbound.route(&state, &snap, target.host, port_hint) {
             Ok(route) => route,
             Err(e) => {
-                let status = if matches!(e, RouteError::NoService(_) | RouteError::NoPort(..)) {
-                    404
-                } else {
-                    503
-                };
+                let (status, flags) = e.status();
                 close |= !matches!(framing, Framing::Empty | Framing::Length(0));
                 let body = "no healthy upstream";
                 let sent = h1::reply(&mut io, status, body, close).await;
                 let outcome = (
                     status,
-                    "NR",
+                    flags,
                     e.to_string(),
                     Counts::bytes(0, body.len() as u64),
                 );
@@ -990,14 +1012,11 @@ async fn handle(
     let route = state.outbound.route(&state, &snap, &host, port_hint);
     let (resp, flags, reason, route) = match route {
         Err(e) => {
-            let status = if matches!(e, RouteError::NoService(_) | RouteError::NoPort(..)) {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let (status, flags) = e.status();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             (
                 full(status, "no healthy upstream"),
-                "NR",
+                flags,
                 e.to_string(),
                 None,
             )

@@ -5,15 +5,17 @@
 //! A snapshot is immutable; a configuration change builds a new one, which
 //! is swapped in atomically (see [`crate::state`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use meshward_config::model::networking::{ClientTls, TlsMode};
+use meshward_config::model::networking::{ClientTls, Resolution, TlsMode};
 use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, service_visible};
 
+use crate::dns::{DnsName, DnsStore};
 use crate::jwt::{JwksStore, JwtPolicy};
 
 /// Annotation on a WorkloadEntry: where the application listens, per port
@@ -79,6 +81,48 @@ pub struct Endpoint {
     pub has_proxy: bool,
 }
 
+/// The facts of an endpoint whose address is not known when the snapshot
+/// is built: one a DNS name stands for, or the original destination of a
+/// request to a `NONE` service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointFacts {
+    pub ports: BTreeMap<String, u16>,
+    pub identity: String,
+    pub has_proxy: bool,
+}
+
+impl EndpointFacts {
+    pub fn at(&self, address: IpAddr) -> Endpoint {
+        Endpoint {
+            address,
+            ports: self.ports.clone(),
+            identity: self.identity.clone(),
+            has_proxy: self.has_proxy,
+        }
+    }
+}
+
+/// An endpoint whose address is a DNS name, resolved in the background
+/// ([`crate::dns`]): each address of the current answer is an endpoint
+/// with these facts.
+#[derive(Debug, Clone)]
+pub struct DnsEndpoint {
+    pub name: Arc<DnsName>,
+    /// A ServiceEntry without endpoints resolves each of its hosts for the
+    /// requests that name that host (Istio makes a service per host); an
+    /// endpoint's name serves every request (`None`).
+    pub for_host: Option<String>,
+    pub facts: EndpointFacts,
+}
+
+impl PartialEq for DnsEndpoint {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.name, &other.name)
+            && self.for_host == other.for_host
+            && self.facts == other.facts
+    }
+}
+
 /// A service the workload may call.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Service {
@@ -90,7 +134,21 @@ pub struct Service {
     pub host: String,
     #[serde(skip)]
     pub ports: Vec<ServicePort>,
+    /// The endpoints with an IP address.
     pub endpoints: Vec<Endpoint>,
+    /// The ServiceEntry's `resolution`.
+    #[serde(skip)]
+    pub resolution: Resolution,
+    /// Endpoints that are DNS names (`DNS`, `DNS_ROUND_ROBIN`).
+    #[serde(skip)]
+    pub dns: Vec<DnsEndpoint>,
+    /// The ServiceEntry's `addresses`: under `NONE`, a request whose host
+    /// is an IP in one of them goes to that IP.
+    #[serde(skip)]
+    pub addresses: Vec<ipnet::IpNet>,
+    /// The facts of an endpoint the ServiceEntry does not list.
+    #[serde(skip)]
+    pub implicit: EndpointFacts,
     /// Identities a server of this service may present (secure naming).
     pub identities: Vec<String>,
     /// The DestinationRule that applies to this proxy's calls to the
@@ -104,6 +162,65 @@ pub struct Service {
 }
 
 impl Service {
+    /// The endpoints a request for `host` may go to now: those with an IP
+    /// address, then the current addresses of the DNS names that serve
+    /// `host` (all of them under `DNS`, as Envoy's STRICT_DNS cluster; only
+    /// the first under `DNS_ROUND_ROBIN`, as its LOGICAL_DNS cluster). Reads
+    /// the DNS slots, never waits on DNS.
+    pub fn endpoints_for(&self, host: &str) -> Cow<'_, [Endpoint]> {
+        if self.dns.is_empty() {
+            return Cow::Borrowed(&self.endpoints);
+        }
+        let host = bare_host(host);
+        let mut out = self.endpoints.clone();
+        for d in &self.dns {
+            if d.for_host.as_deref().is_some_and(|h| h != host) {
+                continue;
+            }
+            let addresses = d.name.addresses();
+            let take = match self.resolution {
+                Resolution::DnsRoundRobin => 1,
+                _ => addresses.len(),
+            };
+            out.extend(addresses.iter().take(take).map(|a| d.facts.at(*a)));
+        }
+        Cow::Owned(out)
+    }
+
+    /// The DNS names that serve `host`.
+    pub fn dns_names_for(&self, host: &str) -> impl Iterator<Item = &Arc<DnsName>> {
+        let host = bare_host(host);
+        self.dns
+            .iter()
+            .filter(move |d| d.for_host.as_deref().is_none_or(|h| h == host))
+            .map(|d| &d.name)
+    }
+
+    /// Why a request for `host` has no endpoint now (for its `503` and
+    /// its log line).
+    pub fn why_no_endpoint(&self, host: &str) -> String {
+        let names: Vec<_> = self.dns_names_for(host).collect();
+        if !names.is_empty() {
+            let list: Vec<&str> = names.iter().map(|n| n.name()).collect();
+            let error = names
+                .iter()
+                .find_map(|n| n.answer().last_error.clone())
+                .map(|(e, _)| format!(" (last lookup: {e})"));
+            return format!(
+                "DNS name {} has no address yet{}",
+                list.join(", "),
+                error.unwrap_or_default()
+            );
+        }
+        if self.resolution == Resolution::None && self.dns.is_empty() {
+            return "resolution NONE and no endpoints: without traffic capture the proxy \
+                    knows no original destination for a request by host name (send it to \
+                    an IP of the service's addresses, or use resolution STATIC or DNS)"
+                .to_string();
+        }
+        "no endpoints".to_string()
+    }
+
     /// The client TLS settings for a service port, if a DestinationRule sets them.
     pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
         self.port_tls.get(&port).or(self.tls.as_ref())
@@ -150,12 +267,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the view of workload `ns/name` (a WorkloadEntry); `jwks`
-    /// holds the keys of the `jwksUri`s its rules name.
+    /// holds the keys of the `jwksUri`s its rules name, `dns` the
+    /// addresses of the DNS names its services name.
     pub fn build(
         config: Arc<ConfigSet>,
         workload_name: &str,
         version: u64,
         jwks: &JwksStore,
+        dns: &DnsStore,
     ) -> Result<Snapshot, SnapshotError> {
         let (ns, name) = workload_name
             .split_once('/')
@@ -209,7 +328,7 @@ impl Snapshot {
         let engine = PolicyEngine::new(Arc::clone(&config));
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
-        let (services, hosts) = build_services(&config, &workload);
+        let (services, hosts) = build_services(&config, &workload, dns);
         Ok(Snapshot {
             version,
             workload_name: workload_name.to_string(),
@@ -229,9 +348,20 @@ impl Snapshot {
 
     /// The service a Host header names (port and case ignored).
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
-        let bare = strip_port(host).to_ascii_lowercase();
-        let bare = bare.trim_end_matches('.');
-        self.hosts.get(bare).map(|i| &self.services[*i])
+        self.hosts.get(&bare_host(host)).map(|i| &self.services[*i])
+    }
+
+    /// A request whose host is an IP address (`10.1.2.3:8080`) has that
+    /// address as its original destination: the first `resolution: NONE`
+    /// service whose `addresses` contain it, and the IP.
+    pub fn original_destination(&self, host: &str) -> Option<(&Arc<Service>, IpAddr)> {
+        let ip: IpAddr = strip_port(host).parse().ok()?;
+        self.services
+            .iter()
+            .find(|s| {
+                s.resolution == Resolution::None && s.addresses.iter().any(|n| n.contains(&ip))
+            })
+            .map(|s| (s, ip))
     }
 
     pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
@@ -248,6 +378,11 @@ impl Snapshot {
             None => TlsMode::Disable,
         }
     }
+}
+
+/// A host as services are keyed: no port, lower case, no final dot.
+fn bare_host(host: &str) -> String {
+    strip_port(host).trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// `host:port` or `[v6]:port` to host.
@@ -363,6 +498,7 @@ fn port_protocols(
 fn build_services(
     config: &ConfigSet,
     client: &Workload,
+    dns: &DnsStore,
 ) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
@@ -371,60 +507,106 @@ fn build_services(
         if !service_visible(&se.spec.export_to, &se.meta.namespace, &client.namespace) {
             continue;
         }
+        let ns = &se.meta.namespace;
+        let resolution = se.spec.resolution();
+        let by_dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        // Endpoints the entry lists have no sidecar unless the ServiceEntry
+        // is annotated otherwise; selected WorkloadEntries have one unless
+        // they are.
+        let external_has_proxy = se
+            .meta
+            .annotations
+            .get(HAS_PROXY)
+            .is_some_and(|v| v == "true");
+        let facts = |e: &WorkloadEntry, ns: &str, has_proxy: bool| EndpointFacts {
+            ports: e.ports.clone(),
+            identity: format!(
+                "spiffe://{td}/ns/{ns}/sa/{}",
+                e.service_account.as_deref().unwrap_or("default")
+            ),
+            has_proxy,
+        };
+        let implicit = facts(&WorkloadEntry::default(), ns, external_has_proxy);
         let mut endpoints = Vec::new();
-        let endpoint_of =
-            |e: &WorkloadEntry, ns: &str, annotations: Option<&BTreeMap<String, String>>| {
-                let address = e.address.as_deref()?.parse().ok()?;
-                let sa = e
-                    .service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".to_string());
-                let has_proxy = annotations
-                    .and_then(|a| a.get(HAS_PROXY))
-                    .is_none_or(|v| v != "false");
-                Some(Endpoint {
-                    address,
-                    ports: e.ports.clone(),
-                    identity: format!("spiffe://{td}/ns/{ns}/sa/{sa}"),
-                    has_proxy,
-                })
+        let mut dns_endpoints = Vec::new();
+        let mut add = |e: &WorkloadEntry, ns: &str, has_proxy: bool| {
+            let Some(address) = e.address.as_deref().filter(|a| !a.is_empty()) else {
+                return;
             };
+            let facts = facts(e, ns, has_proxy);
+            match address.parse::<IpAddr>() {
+                Ok(ip) => endpoints.push(facts.at(ip)),
+                Err(_) if by_dns => dns_endpoints.push(DnsEndpoint {
+                    name: dns.get(address),
+                    for_host: None,
+                    facts,
+                }),
+                Err(_) => tracing::warn!(
+                    target: "meshward::config",
+                    service = %format!("{ns}/{}", se.meta.name),
+                    address,
+                    "endpoint skipped: its address is a host name, which only resolution DNS or DNS_ROUND_ROBIN resolves"
+                ),
+            }
+        };
         match &se.spec.workload_selector {
             Some(sel) => {
                 for we in &config.workload_entries {
-                    let selected = we.meta.namespace == se.meta.namespace
+                    let selected = &we.meta.namespace == ns
                         && sel.iter().all(|(k, v)| we.spec.labels.get(k) == Some(v));
                     if selected {
-                        endpoints.extend(endpoint_of(
-                            &we.spec,
-                            &we.meta.namespace,
-                            Some(&we.meta.annotations),
-                        ));
+                        let has_proxy = we
+                            .meta
+                            .annotations
+                            .get(HAS_PROXY)
+                            .is_none_or(|v| v != "false");
+                        add(&we.spec, &we.meta.namespace, has_proxy);
                     }
+                }
+            }
+            // Istio resolves the hosts themselves when a DNS entry lists
+            // no endpoints and selects none, each for its own requests.
+            None if by_dns && se.spec.endpoints.is_empty() => {
+                for h in &se.spec.hosts {
+                    dns_endpoints.push(DnsEndpoint {
+                        name: dns.get(h),
+                        for_host: Some(bare_host(h)),
+                        facts: implicit.clone(),
+                    });
                 }
             }
             None => {
                 for e in &se.spec.endpoints {
-                    // Inline endpoints of an external service have no sidecar
-                    // unless annotated otherwise on the ServiceEntry.
-                    let mut ep = endpoint_of(e, &se.meta.namespace, Some(&se.meta.annotations));
-                    if let Some(ep) = ep.as_mut() {
-                        ep.has_proxy = se
-                            .meta
-                            .annotations
-                            .get(HAS_PROXY)
-                            .is_some_and(|v| v == "true");
-                    }
-                    endpoints.extend(ep);
+                    add(e, ns, external_has_proxy);
                 }
             }
         }
-        let mut identities: Vec<String> = endpoints.iter().map(|e| e.identity.clone()).collect();
+        if resolution == Resolution::None
+            && endpoints.is_empty()
+            && se.spec.workload_selector.is_none()
+        {
+            tracing::info!(
+                target: "meshward::config",
+                service = %format!("{ns}/{}", se.meta.name),
+                "resolution NONE without endpoints: requests naming its hosts get 503 (UH), as the proxy knows no original destination without traffic capture; a request to an IP in its addresses goes to that IP"
+            );
+        }
+        let mut identities: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.identity.clone())
+            .chain(dns_endpoints.iter().map(|d| d.facts.identity.clone()))
+            .collect();
         identities.extend(se.spec.subject_alt_names.iter().cloned());
         identities.sort();
         identities.dedup();
+        let addresses: Vec<ipnet::IpNet> = se
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| meshward_config::values::parse_ip_block(a).ok())
+            .collect();
         for host in &se.spec.hosts {
-            let host = host.to_ascii_lowercase();
+            let host = bare_host(host);
             // One ServiceEntry owns a host: the client's own namespace's,
             // else the oldest, as Istio's sidecar scope picks it.
             let slot = match hosts.get(&host) {
@@ -446,6 +628,14 @@ fn build_services(
                 host: host.clone(),
                 ports: se.spec.ports.clone(),
                 endpoints: endpoints.clone(),
+                resolution,
+                dns: dns_endpoints
+                    .iter()
+                    .filter(|d| d.for_host.as_ref().is_none_or(|h| *h == host))
+                    .cloned()
+                    .collect(),
+                addresses: addresses.clone(),
+                implicit: implicit.clone(),
                 identities: identities.clone(),
                 destination_rule: dr.map(|d| d.source().key()),
                 tls,
@@ -470,7 +660,13 @@ mod tests {
         let mut loader = meshward_config::Loader::new();
         loader.add_source("test.yaml", yaml);
         let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
-        Snapshot::build(Arc::new(config), workload, 1, &JwksStore::default())
+        Snapshot::build(
+            Arc::new(config),
+            workload,
+            1,
+            &JwksStore::default(),
+            &DnsStore::default(),
+        )
     }
 
     const BASE: &str = r#"
@@ -621,6 +817,134 @@ spec:
             snapshot(&bad, "prod/api").unwrap_err(),
             SnapshotError::NoAddress("prod/api".into())
         );
+    }
+
+    const EXTERNAL: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: api, namespace: prod}
+spec: {address: 127.0.0.1, labels: {app: api}, serviceAccount: api-sa}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-api, namespace: prod}
+spec:
+  hosts: [api.external-service.com, Other.External-Service.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mixed, namespace: prod}
+spec:
+  hosts: [mixed.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+  endpoints: [{address: 10.0.0.1}, {address: a.backend.example.com, ports: {http: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: logical, namespace: prod}
+spec:
+  hosts: [logical.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: prod}
+spec:
+  hosts: [passthrough.example.com]
+  addresses: [192.0.2.0/24]
+  ports: [{number: 8080, name: http, targetPort: 9090}]
+  resolution: NONE
+"#;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addresses(svc: &Service, host: &str) -> Vec<String> {
+        svc.endpoints_for(host)
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn dns_services_route_to_the_current_answer_of_their_names() {
+        let mut loader = meshward_config::Loader::new();
+        loader.add_source("test.yaml", EXTERNAL);
+        let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
+        let dns = DnsStore::default();
+        let s =
+            Snapshot::build(Arc::new(config), "prod/api", 1, &JwksStore::default(), &dns).unwrap();
+        let ttl = std::time::Duration::from_secs(30);
+
+        // Without endpoints, each host is resolved for its own requests;
+        // nothing is routed before an answer.
+        let ext = s.service_for_host("api.external-service.com:443").unwrap();
+        assert_eq!(ext.resolution, Resolution::Dns);
+        assert!(ext.endpoints_for("api.external-service.com").is_empty());
+        dns.get("api.external-service.com")
+            .set_addresses(&[ip("10.1.0.1"), ip("10.1.0.2")], ttl);
+        dns.get("other.external-service.com")
+            .set_addresses(&[ip("10.2.0.1")], ttl);
+        assert_eq!(
+            addresses(ext, "API.external-service.com.:443"),
+            ["10.1.0.1", "10.1.0.2"],
+            "DNS uses every address"
+        );
+        assert_eq!(addresses(ext, "other.external-service.com"), ["10.2.0.1"]);
+        let e = &ext.endpoints_for("api.external-service.com")[0];
+        assert_eq!(ext.endpoint_port(&ext.ports[0], e), 443);
+        assert!(!e.has_proxy, "an external host has no sidecar");
+        assert_eq!(s.tls_mode(ext, 443, e), TlsMode::Disable);
+
+        // Endpoints: IPs as they are, names by their answer, with the
+        // endpoint's own ports.
+        let mixed = s.service_for_host("mixed.example.com").unwrap();
+        assert_eq!(addresses(mixed, "mixed.example.com"), ["10.0.0.1"]);
+        dns.get("a.backend.example.com")
+            .set_addresses(&[ip("10.3.0.1"), ip("10.3.0.2")], ttl);
+        let eps = mixed.endpoints_for("mixed.example.com");
+        assert_eq!(
+            addresses(mixed, "mixed.example.com"),
+            ["10.0.0.1", "10.3.0.1", "10.3.0.2"]
+        );
+        assert_eq!(mixed.endpoint_port(&mixed.ports[0], &eps[1]), 8080);
+
+        // DNS_ROUND_ROBIN: only the first address of the answer.
+        let logical = s.service_for_host("logical.example.com").unwrap();
+        dns.get("logical.example.com")
+            .set_addresses(&[ip("10.4.0.1"), ip("10.4.0.2")], ttl);
+        assert_eq!(addresses(logical, "logical.example.com"), ["10.4.0.1"]);
+
+        // The snapshot points to the store's slots: a later answer is seen
+        // without a new snapshot.
+        dns.get("api.external-service.com")
+            .set_addresses(&[ip("10.1.0.9")], ttl);
+        assert_eq!(addresses(ext, "api.external-service.com"), ["10.1.0.9"]);
+    }
+
+    #[test]
+    fn a_none_service_has_an_original_destination_only_for_its_addresses() {
+        let s = snapshot(EXTERNAL, "prod/api").unwrap();
+        let by_name = s.service_for_host("passthrough.example.com").unwrap();
+        assert_eq!(by_name.resolution, Resolution::None);
+        assert!(by_name.endpoints_for("passthrough.example.com").is_empty());
+        let (svc, dst) = s.original_destination("192.0.2.7:8080").unwrap();
+        assert_eq!(svc.name, "passthrough");
+        assert_eq!(dst, ip("192.0.2.7"));
+        let ep = svc.implicit.at(dst);
+        assert_eq!(
+            svc.endpoint_port(&svc.ports[0], &ep),
+            9090,
+            "targetPort applies"
+        );
+        assert!(s.original_destination("198.51.100.1:8080").is_none());
+        assert!(s.original_destination("passthrough.example.com").is_none());
     }
 
     #[test]

@@ -185,6 +185,10 @@ pub struct State {
     /// Client configs from the files DestinationRules name (SIMPLE,
     /// MUTUAL), kept across reloads and re-read when the files change.
     pub dr_files: crate::dr_tls::DrFiles,
+    /// The addresses of the DNS names of `DNS` and `DNS_ROUND_ROBIN`
+    /// services, kept across reloads ([`crate::dns::DnsStore::run`]
+    /// looks them up).
+    pub dns: Arc<crate::dns::DnsStore>,
 }
 
 /// An open inbound connection's facts and the signal that closes it.
@@ -310,9 +314,11 @@ impl State {
         bootstrap: Bootstrap,
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
+        dns: crate::dns::DnsConfig,
     ) -> Result<Arc<State>, LoadError> {
         let jwks = Arc::new(crate::jwt::JwksStore::default());
-        let snapshot = load_snapshot(&bootstrap, 1, &jwks)?;
+        let dns = Arc::new(crate::dns::DnsStore::new(dns));
+        let snapshot = load_snapshot(&bootstrap, 1, &jwks, &dns)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
         // Unusable files do not stop the proxy: their DestinationRule's
         // requests fail (503) naming the file, as they are logged here.
@@ -339,6 +345,7 @@ impl State {
             idle_timeout,
             jwks,
             dr_files,
+            dns,
         }))
     }
 
@@ -393,7 +400,7 @@ impl State {
     /// Re-reads the configuration; on failure the current snapshot stays.
     pub fn reload_config(&self) -> Result<u64, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks)?;
+        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks, &self.dns)?;
         // The trust domain may have changed: rebuild TLS for the new snapshot.
         let tls = load_tls(&self.bootstrap, &snapshot)?;
         // DestinationRule files: load new ones, re-read the others (their
@@ -403,6 +410,7 @@ impl State {
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
+        self.dns.forget_unused();
         let closed = self.tcp_conns.recheck(&snapshot);
         if closed > 0 {
             tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
@@ -429,6 +437,7 @@ fn load_snapshot(
     b: &Bootstrap,
     version: u64,
     jwks: &crate::jwt::JwksStore,
+    dns: &crate::dns::DnsStore,
 ) -> Result<Snapshot, LoadError> {
     let mut loader = Loader::new();
     if let Some(mc) = &b.mesh_config {
@@ -446,6 +455,7 @@ fn load_snapshot(
         &b.workload,
         version,
         jwks,
+        dns,
     )?)
 }
 

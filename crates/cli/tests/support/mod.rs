@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod tls;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener as StdListener};

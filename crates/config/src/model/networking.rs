@@ -450,8 +450,12 @@ impl ServiceEntry {
             "resolution",
             &["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"],
         );
+        let endpoints_path = f.field_path("endpoints");
+        let endpoints_pos = f.peek("endpoints").map(|n| n.pos);
+        let mut endpoint_pos = Vec::new();
         let endpoints = f
             .list(sink, "endpoints", |sink, n, p| {
+                endpoint_pos.push(n.pos);
                 Some(WorkloadEntry::decode(sink, n, p))
             })
             .unwrap_or_default();
@@ -471,8 +475,7 @@ impl ServiceEntry {
         }
         let export_to = f.strings(sink, "exportTo");
         let subject_alt_names = f.strings(sink, "subjectAltNames");
-        f.finish(sink);
-        ServiceEntry {
+        let se = ServiceEntry {
             hosts,
             addresses,
             ports,
@@ -482,6 +485,141 @@ impl ServiceEntry {
             workload_selector,
             export_to,
             subject_alt_names,
+        };
+        let at = |i: usize| endpoint_pos.get(i).copied().unwrap_or(f.pos());
+        se.check_resolution(
+            sink,
+            (f.pos(), &hosts_path),
+            (endpoints_pos.unwrap_or(f.pos()), &endpoints_path),
+            at,
+            &f.field_path("addresses"),
+        );
+        f.finish(sink);
+        se
+    }
+
+    /// How the proxy finds this service's endpoints (`resolution`,
+    /// default `NONE` as in Istio).
+    pub fn resolution(&self) -> Resolution {
+        match self.resolution.as_deref() {
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            _ => Resolution::None,
+        }
+    }
+
+    /// Istio's rules for `resolution` (its `ValidateServiceEntry`): `NONE`
+    /// takes no endpoints; `STATIC` endpoints are IP addresses; `DNS` and
+    /// `DNS_ROUND_ROBIN` resolve their hosts when they have no endpoints
+    /// (so those must be DNS names) and their endpoints' addresses
+    /// otherwise (IPs or DNS names); `DNS_ROUND_ROBIN` takes at most one
+    /// endpoint; CIDR `addresses` only go with `NONE` and `STATIC`.
+    fn check_resolution(
+        &self,
+        sink: &mut Sink<'_>,
+        (hosts_pos, hosts_path): (crate::yaml::Pos, &str),
+        (endpoints_pos, endpoints_path): (crate::yaml::Pos, &str),
+        endpoint_pos: impl Fn(usize) -> crate::yaml::Pos,
+        addresses_path: &str,
+    ) {
+        let resolution = self.resolution();
+        let name = resolution.as_str();
+        let dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        if self.addresses.iter().any(|a| a.contains('/')) && dns {
+            sink.error(
+                hosts_pos,
+                addresses_path,
+                format!(
+                    "CIDR addresses are allowed only for NONE/STATIC resolution types, not {name}"
+                ),
+            );
+        }
+        match resolution {
+            Resolution::None if !self.endpoints.is_empty() => sink.error(
+                endpoints_pos,
+                endpoints_path,
+                "no endpoints should be provided for resolution type NONE (the default): set resolution STATIC or DNS",
+            ),
+            Resolution::None => {}
+            Resolution::Static => {
+                for (i, e) in self.endpoints.iter().enumerate() {
+                    let Some(addr) = e.address.as_deref().filter(|a| !a.is_empty()) else {
+                        continue;
+                    };
+                    let path = format!("{endpoints_path}[{i}].address");
+                    if addr.starts_with("unix://") {
+                        sink.error(
+                            endpoint_pos(i),
+                            &path,
+                            format!("endpoint address \"{addr}\": meshward does not support unix domain socket endpoints"),
+                        );
+                    } else if addr.parse::<std::net::IpAddr>().is_err() {
+                        sink.error(
+                            endpoint_pos(i),
+                            &path,
+                            format!("endpoint address \"{addr}\" is not a valid IP address (resolution STATIC; use DNS to resolve a host name)"),
+                        );
+                    }
+                }
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin => {
+                if self.endpoints.is_empty() {
+                    for (i, h) in self.hosts.iter().enumerate() {
+                        if let Err(e) = values::check_fqdn(h) {
+                            sink.error(
+                                hosts_pos,
+                                &format!("{hosts_path}[{i}]"),
+                                format!("hosts must be FQDN if no endpoints are provided for resolution mode {name}: {e}"),
+                            );
+                        }
+                    }
+                }
+                if resolution == Resolution::DnsRoundRobin && self.endpoints.len() > 1 {
+                    sink.error(
+                        endpoints_pos,
+                        endpoints_path,
+                        format!("there must only be 0 or 1 endpoint for resolution mode {name}"),
+                    );
+                }
+                for (i, e) in self.endpoints.iter().enumerate() {
+                    let Some(addr) = e.address.as_deref().filter(|a| !a.is_empty()) else {
+                        continue;
+                    };
+                    if addr.parse::<std::net::IpAddr>().is_err() && values::check_fqdn(addr).is_err() {
+                        sink.error(
+                            endpoint_pos(i),
+                            &format!("{endpoints_path}[{i}].address"),
+                            format!("endpoint address \"{addr}\" is not a valid FQDN or an IP address"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A ServiceEntry's `resolution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Resolution {
+    /// Connections go to the address the application asked for.
+    None,
+    /// The endpoints' IP addresses.
+    Static,
+    /// All the addresses the hosts (or endpoints) resolve to.
+    Dns,
+    /// One address of the host (or endpoint) per new connection.
+    DnsRoundRobin,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::None => "NONE",
+            Resolution::Static => "STATIC",
+            Resolution::Dns => "DNS",
+            Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
         }
     }
 }
