@@ -97,3 +97,189 @@ async fn a_deny_on_a_header_holds_for_values_that_are_not_utf8() {
         "only the request without x-block"
     );
 }
+
+/// A workload certificate for `id` signed by the mesh CA in `ca_dir`
+/// (PEM), valid from `not_before` to `not_after`.
+fn workload_cert(
+    ca_dir: &std::path::Path,
+    id: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> (String, String) {
+    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca-cert.pem"), ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(id).unwrap(),
+    )];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (
+        format!("{}{}", cert.pem(), read("ca-cert.pem")),
+        key.serialize_pem(),
+    )
+}
+
+/// Replaces the certificate and key in `dir` (as a rotation tool would:
+/// write, then rename over).
+fn overwrite_certs(dir: &std::path::Path, (chain, key): &(String, String)) {
+    for (name, content) in [("key.pem", key), ("cert-chain.pem", chain)] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+/// The serial of the workload certificate `/certs` shows.
+async fn serving_serial(proxy: &ProxyProcess) -> serde_json::Value {
+    let (_, body) = proxy.admin_get("/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    certs["chain"]["certificates"][0]["serial"].clone()
+}
+
+/// An expired (or not yet valid, or foreign) certificate written over the
+/// workload's files was loaded, and the proxy stayed ready while every
+/// mTLS connection to it failed (issue 15). It is refused now, logged and
+/// counted, and the previous certificate stays in use; a proxy started
+/// with an expired certificate does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_workload_certificate_is_refused_and_the_previous_kept() {
+    let mesh = Mesh::new();
+    let app = App::start("orders").await;
+    let (port, out) = (free_port(), free_port());
+    let mut c = header_deny_config(port, app.addr);
+    c += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: frontend\n  namespace: production\n  annotations: {{meshward.io/outbound: \"127.0.0.1:{out}\"}}\nspec: {{address: 127.0.0.1, labels: {{app: frontend}}, serviceAccount: frontend}}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: orders, namespace: production}}\nspec:\n  hosts: [{ORDERS}]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]\n  workloadSelector: {{labels: {{app: orders}}}}\n"
+    );
+    mesh.write_config("mesh.yaml", &c);
+    let certs = mesh.issue("orders", "production", "orders");
+    let orders = mesh.proxy("production/orders", &certs).await;
+    let _front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let local = SocketAddr::from(([127, 0, 0, 1], out));
+    assert_eq!(
+        get(local, ORDERS, "/", &[]).await,
+        Some((200, "orders".into()))
+    );
+    let serial = serving_serial(&orders).await;
+    assert!(serial.is_string(), "{serial}");
+
+    let now = time::OffsetDateTime::now_utc();
+    let id = "spiffe://cluster.local/ns/production/sa/orders";
+    let hour = time::Duration::hours(1);
+    let other_ca = mesh.path("other-ca");
+    run_ok(&["ca", "init", "--out", other_ca.to_str().unwrap()]);
+    let cases = [
+        (
+            "expired",
+            workload_cert(&mesh.path("ca"), id, now - 2 * hour, now - hour),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            workload_cert(&mesh.path("ca"), id, now + hour, now + 2 * hour),
+            "not valid yet",
+        ),
+        (
+            "from a CA the bundle does not trust",
+            workload_cert(&other_ca, id, now - hour, now + hour),
+            "does not chain to a trusted root",
+        ),
+    ];
+    for (i, (what, files, reason)) in cases.iter().enumerate() {
+        overwrite_certs(&certs, files);
+        orders
+            .event(&format!("the {what} certificate refused"), |e| {
+                e["level"] == "ERROR"
+                    && e["fields"]["error"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(reason))
+            })
+            .await;
+        eventually("the refusal counted", || async {
+            let (_, m) = orders.admin_get("/stats/prometheus").await;
+            (metric(&m, "meshward_config_rejected_total", &[]) >= (i + 1) as f64).then_some(())
+        })
+        .await;
+        assert_eq!(serving_serial(&orders).await, serial, "{what}");
+        assert_eq!(orders.admin_get("/healthz/ready").await.0, 200, "{what}");
+        assert_eq!(
+            get(local, ORDERS, "/", &[]).await,
+            Some((200, "orders".into())),
+            "mTLS still works after the {what} certificate"
+        );
+    }
+
+    // A proxy started with an expired certificate does not start (and so
+    // never reports ready), saying why.
+    let expired_dir = mesh.path("certs/expired");
+    std::fs::create_dir_all(&expired_dir).unwrap();
+    std::fs::copy(
+        certs.join("root-cert.pem"),
+        expired_dir.join("root-cert.pem"),
+    )
+    .unwrap();
+    overwrite_certs(&expired_dir, &cases[0].1);
+    let out = std::process::Command::new(bin())
+        .args(["proxy", "--config", mesh.config_dir().to_str().unwrap()])
+        .args([
+            "--workload",
+            "production/orders",
+            "--certs",
+            expired_dir.to_str().unwrap(),
+        ])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the workload certificate spiffe://cluster.local/ns/production/sa/orders cannot be used"
+        ) && stderr.contains("expired"),
+        "{stderr}"
+    );
+}
+
+/// A proxy whose certificate expires while it runs (and no valid one
+/// replaced it) says it is not ready, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_certificate_expires_is_no_longer_ready() {
+    let mesh = Mesh::new();
+    let app = App::start("orders").await;
+    mesh.write_config("mesh.yaml", &header_deny_config(free_port(), app.addr));
+    let certs = mesh.issue("orders", "production", "orders");
+    let now = time::OffsetDateTime::now_utc();
+    let short = workload_cert(
+        &mesh.path("ca"),
+        "spiffe://cluster.local/ns/production/sa/orders",
+        now - time::Duration::hours(1),
+        now + time::Duration::seconds(8),
+    );
+    overwrite_certs(&certs, &short);
+    let orders = mesh.proxy("production/orders", &certs).await;
+    let body = eventually("readiness to fail once the certificate expired", || async {
+        let (status, body) = orders.admin_get("/healthz/ready").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains(
+            "the workload certificate spiffe://cluster.local/ns/production/sa/orders expired at"
+        ),
+        "{body}"
+    );
+}
