@@ -53,10 +53,14 @@ spec:
 
 const HOST: &str = "api.external-service.com";
 
-/// A listener on port 443 of a loopback address of its own (127.a.b.c):
-/// the seed's port has no `targetPort`, so the proxy connects to port 443
-/// of whatever the name resolves to, and other test runs must not collide.
-async fn loopback_443(not: &[IpAddr]) -> tokio::net::TcpListener {
+/// A listener on `port` of a loopback address of its own (127.a.b.c), so
+/// that other test runs do not collide. The seed's port has no
+/// `targetPort`, so the proxy connects to port 443 of whatever the name
+/// resolves to: the test binds 443 where it may (root, as in CI). Where
+/// it may not (an unprivileged user), `port` 0 takes an ephemeral port,
+/// which the ServiceEntry then names as `targetPort`, the one change to
+/// the seed's YAML (see [`targeted`]).
+async fn loopback_listener(not: &[IpAddr], port: u16) -> Option<tokio::net::TcpListener> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -71,16 +75,48 @@ async fn loopback_443(not: &[IpAddr]) -> tokio::net::TcpListener {
         if not.contains(&IpAddr::V4(ip)) {
             continue;
         }
-        match tokio::net::TcpListener::bind((ip, 443)).await {
-            Ok(l) => return l,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => panic!(
-                "binding {ip}:443 needs root, CAP_NET_BIND_SERVICE or a lower \
-                 net.ipv4.ip_unprivileged_port_start: {e}"
-            ),
+        match tokio::net::TcpListener::bind((ip, port)).await {
+            Ok(l) => return Some(l),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
             Err(_) => continue,
         }
     }
-    panic!("no free loopback address for port 443");
+    panic!("no free loopback address for port {port}");
+}
+
+/// Two listeners on one port of two loopback addresses: 443 where the
+/// test may bind it, else an ephemeral port (with a note on stderr).
+async fn two_listeners() -> (tokio::net::TcpListener, tokio::net::TcpListener) {
+    if let Some(l1) = loopback_listener(&[], 443).await {
+        let ip1 = l1.local_addr().unwrap().ip();
+        let l2 = loopback_listener(&[ip1], 443).await.unwrap();
+        return (l1, l2);
+    }
+    eprintln!(
+        "note: binding port 443 needs root or CAP_NET_BIND_SERVICE; the test runs the seed's \
+         ServiceEntry with a targetPort instead (CI runs it as written)"
+    );
+    let l1 = loopback_listener(&[], 0).await.unwrap();
+    let (ip1, port) = (
+        l1.local_addr().unwrap().ip(),
+        l1.local_addr().unwrap().port(),
+    );
+    let l2 = loopback_listener(&[ip1], port)
+        .await
+        .expect("an unprivileged port");
+    (l1, l2)
+}
+
+/// The seed's YAML, with `targetPort` added when the servers are not on
+/// port 443.
+fn targeted(seed: &str, port: u16) -> String {
+    if port == 443 {
+        return seed.to_string();
+    }
+    seed.replace(
+        "      protocol: HTTPS\n",
+        &format!("      protocol: HTTPS\n      targetPort: {port}\n"),
+    )
 }
 
 async fn config_dump(p: &ProxyProcess) -> Value {
@@ -118,10 +154,9 @@ async fn seed_external_api_resolves_by_dns_and_keeps_the_last_good_answer() {
     let client_pki = pki("client CA the external service trusts");
     let (cert, key) = leaf(&server_pki, HOST);
     let (client_cert, client_key) = leaf(&client_pki, "frontend.production.client");
-    let l1 = loopback_443(&[]).await;
-    let ip1 = l1.local_addr().unwrap().ip();
-    let l2 = loopback_443(&[ip1]).await;
-    let ip2 = l2.local_addr().unwrap().ip();
+    let (l1, l2) = two_listeners().await;
+    let (ip1, ip2) = (l1.local_addr().unwrap().ip(), l2.local_addr().unwrap().ip());
+    let port = l1.local_addr().unwrap().port();
     let (IpAddr::V4(v4_1), IpAddr::V4(v4_2)) = (ip1, ip2) else {
         unreachable!("bound on IPv4")
     };
@@ -132,7 +167,7 @@ async fn seed_external_api_resolves_by_dns_and_keeps_the_last_good_answer() {
 
     let files = mesh.path("files");
     std::fs::create_dir_all(&files).unwrap();
-    let seed = SEED
+    let seed = targeted(SEED, port)
         .replace(
             "/etc/certs/cert.pem",
             &write(&files, "cert.pem", &client_cert),
@@ -182,7 +217,7 @@ async fn seed_external_api_resolves_by_dns_and_keeps_the_last_good_answer() {
         .log_line("call to the external API", |l| l["dst.service"] == HOST)
         .await;
     assert_eq!(line["tls.mode"], "mutual");
-    assert_eq!(line["dst.addr"], format!("{ip1}:443"));
+    assert_eq!(line["dst.addr"], format!("{ip1}:{port}"));
     // The same through a TCP outbound listener.
     assert!(
         through_tcp(SocketAddr::from(([127, 0, 0, 1], tcp)))

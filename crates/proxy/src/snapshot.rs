@@ -899,7 +899,11 @@ spec:
         // Each host is a service of its own, with its own name.
         let other = s.service_for_host("other.external-service.com").unwrap();
         assert_eq!(addresses(other, "other.external-service.com"), ["10.2.0.1"]);
-        assert!(ext.dns_names_for("other.external-service.com").next().is_none());
+        assert!(
+            ext.dns_names_for("other.external-service.com")
+                .next()
+                .is_none()
+        );
         let e = &ext.endpoints_for("api.external-service.com")[0];
         assert_eq!(ext.endpoint_port(&ext.ports[0], e), 443);
         assert!(!e.has_proxy, "an external host has no sidecar");
