@@ -306,9 +306,13 @@ impl Default for Outbound {
 /// named, the route to each endpoint.
 #[derive(Debug, Default)]
 struct Plans {
-    made_for: Option<(Arc<Snapshot>, Arc<crate::state::TlsState>, (u64, u64))>,
+    made_for: Option<MadeFor>,
     by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
 }
+
+/// What prepared routes were made from: the snapshot, the TLS state, and
+/// the generations of the DestinationRule client configs and DNS answers.
+type MadeFor = (Arc<Snapshot>, Arc<crate::state::TlsState>, (u64, u64));
 
 /// The route to each endpoint of a service, in endpoint order.
 type EndpointRoutes = Arc<[Result<Route, RouteError>]>;
