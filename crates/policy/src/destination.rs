@@ -51,16 +51,19 @@ impl AppliedDestinationRule<'_> {
             .unwrap_or(&self.rules[0])
     }
 
-    /// Client TLS settings: the default, and per port.
-    pub fn tls(&self) -> (Option<ClientTls>, BTreeMap<u16, ClientTls>) {
+    /// Client TLS settings: the default, and per port. A port listed in
+    /// `portLevelSettings` takes that entry's `tls`, or none when the entry
+    /// has none: port-level settings do not inherit the rule's (Istio's
+    /// `MergeTrafficPolicy`, "port level policies do not inherit"). The
+    /// first entry for a port counts.
+    pub fn tls(&self) -> (Option<ClientTls>, BTreeMap<u16, Option<ClientTls>>) {
         let Some(tp) = self.traffic_policy else {
             return (None, BTreeMap::new());
         };
-        let port_tls = tp
-            .port_level_settings
-            .iter()
-            .filter_map(|p| p.tls.clone().map(|t| (p.port, t)))
-            .collect();
+        let mut port_tls = BTreeMap::new();
+        for p in &tp.port_level_settings {
+            port_tls.entry(p.port).or_insert_with(|| p.tls.clone());
+        }
         (tp.tls.clone(), port_tls)
     }
 }

@@ -312,3 +312,18 @@ fn a_client_in_the_root_namespace_sees_its_private_rules_first() {
         rule("legacy/own", "SIMPLE")
     );
 }
+
+#[test]
+fn port_level_settings_do_not_inherit_the_rules_tls() {
+    // Istio's MergeTrafficPolicy: a port-level entry replaces the rule's
+    // settings for that port; without `tls` the port has none (auto-mTLS).
+    let extra = "    portLevelSettings:\n    - port: {number: 8080}\n      tls: {mode: ISTIO_MUTUAL}\n    - port: {number: 9090}\n      connectionPool: {tcp: {maxConnections: 10}}\n    - port: {number: 8080}\n      tls: {mode: SIMPLE}\n";
+    let c = config(&[dr("legacy", "db", DB, Some("DISABLE"), extra)]);
+    let d = destination_rule(&c, &client("production", &[]), DB, "legacy").unwrap();
+    let (default, ports) = d.tls();
+    assert_eq!(default.map(|t| t.mode.as_str()), Some("DISABLE"));
+    let mode = |p: u16| ports.get(&p).map(|t| t.as_ref().map(|t| t.mode.as_str()));
+    assert_eq!(mode(8080), Some(Some("ISTIO_MUTUAL")), "the first entry for a port counts");
+    assert_eq!(mode(9090), Some(None), "an entry without tls has none");
+    assert_eq!(mode(7000), None, "other ports take the rule's");
+}

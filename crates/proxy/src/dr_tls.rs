@@ -376,7 +376,7 @@ impl DrFiles {
     pub fn sync(&self, snap: &Snapshot, metrics: &Metrics) {
         let mut wanted: HashMap<Files, Vec<String>> = HashMap::new();
         for svc in &snap.services {
-            for tls in svc.tls.iter().chain(svc.port_tls.values()) {
+            for tls in svc.tls.iter().chain(svc.port_tls.values().flatten()) {
                 if let Some(files) = Files::of(tls) {
                     let owners = wanted.entry(files).or_default();
                     for o in owners_of(svc) {

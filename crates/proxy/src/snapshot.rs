@@ -158,7 +158,9 @@ pub struct Service {
     #[serde(skip)]
     pub tls: Option<ClientTls>,
     #[serde(skip)]
-    pub port_tls: BTreeMap<u16, ClientTls>,
+    /// Per port: the port-level entry's settings, `None` when it has none
+    /// (it does not inherit the rule's).
+    pub port_tls: BTreeMap<u16, Option<ClientTls>>,
 }
 
 impl Service {
@@ -223,7 +225,10 @@ impl Service {
 
     /// The client TLS settings for a service port, if a DestinationRule sets them.
     pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
-        self.port_tls.get(&port).or(self.tls.as_ref())
+        match self.port_tls.get(&port) {
+            Some(port_level) => port_level.as_ref(),
+            None => self.tls.as_ref(),
+        }
     }
 
     /// The endpoint port for a service port: the same name on the endpoint,
