@@ -323,7 +323,11 @@ fn port_level_settings_do_not_inherit_the_rules_tls() {
     let (default, ports) = d.tls();
     assert_eq!(default.map(|t| t.mode.as_str()), Some("DISABLE"));
     let mode = |p: u16| ports.get(&p).map(|t| t.as_ref().map(|t| t.mode.as_str()));
-    assert_eq!(mode(8080), Some(Some("ISTIO_MUTUAL")), "the first entry for a port counts");
+    assert_eq!(
+        mode(8080),
+        Some(Some("ISTIO_MUTUAL")),
+        "the first entry for a port counts"
+    );
     assert_eq!(mode(9090), Some(None), "an entry without tls has none");
     assert_eq!(mode(7000), None, "other ports take the rule's");
 }
