@@ -148,6 +148,7 @@ impl Reloader {
                     if !self.gather() {
                         return;
                     }
+                    tracing::debug!(target: "meshward::config", "file events; looking at the files");
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }

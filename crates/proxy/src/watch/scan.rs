@@ -1,10 +1,13 @@
 //! Fingerprints of what the proxy loads: for each source, a digest of the
-//! paths and contents of exactly the files its loader reads, or why its
-//! path cannot be read (the source is lost). Comparing fingerprints, not
-//! interpreting file events, decides whether anything changed, so a
-//! change is never missed however the files were replaced (a rename over
-//! them, a symbolic link swapped, the directory or its parent replaced),
-//! and touching a file without changing it reloads nothing.
+//! paths, identities (device, inode), sizes, modification times and
+//! contents of exactly the files its loader reads, or why its path cannot
+//! be read (the source is lost). Comparing fingerprints, not interpreting
+//! file events, decides whether anything changed, so a change is never
+//! missed however the files were replaced (a rename over them, a symbolic
+//! link swapped, the directory or its parent replaced). A file rewritten
+//! or touched counts as a change even with the same contents, as with
+//! file events: that is how an operator asks for another try (of a
+//! listener whose port was taken, say).
 //!
 //! A file is read again only when its metadata (device, inode, size,
 //! modification and change times) differs from the last scan's, or when it
@@ -121,6 +124,8 @@ impl Scanner {
             Err(e) => return error(h, e),
         };
         let meta = Meta::of(&m);
+        // Not the change time: a `chmod` is no reason to reload.
+        h.update(format!("{}:{}:{}:{:?}\0", meta.dev, meta.ino, meta.len, meta.mtime).as_bytes());
         if let Some(c) = self.cache.get(path)
             && c.meta == meta
             && meta.settled(c.read_at)
@@ -133,7 +138,6 @@ impl Scanner {
             // The loader refuses it unread; so does the scan (its size
             // and times stand for its contents).
             h.update(b"oversized\0");
-            h.update(format!("{meta:?}").as_bytes());
             return;
         }
         // Taken before reading: a change during the read is newer.
@@ -248,18 +252,31 @@ mod tests {
         assert!(matches!(first.config, Fingerprint::Files(_)));
         assert_eq!(s.scan(&b), first, "nothing changed");
 
-        // Rewritten in place at once, same size: the same times, maybe,
-        // but the file changed too recently to be trusted by them.
+        // Rewritten in place at once, same size, same modification time
+        // (as a second write within one timestamp tick leaves it): the
+        // file changed too recently to be trusted by its metadata, so its
+        // contents tell.
+        let mtime = std::fs::metadata(config.join("a.yaml")).unwrap().modified().unwrap();
         std::fs::write(config.join("a.yaml"), "kind: B\n").unwrap();
+        let f = std::fs::File::options().write(true).open(config.join("a.yaml")).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
         let second = s.scan(&b);
         assert_ne!(second.config, first.config);
         assert_eq!(second.certs, first.certs);
+
+        // Rewritten with the same contents (a new inode): a change, as
+        // an operator's way to ask for another try.
+        std::fs::write(config.join(".a.tmp"), "kind: B\n").unwrap();
+        std::fs::rename(config.join(".a.tmp"), config.join("a.yaml")).unwrap();
+        let third = s.scan(&b);
+        assert_ne!(third.config, second.config);
 
         // A file that is not configuration (no .yaml/.yml/.json) or is
         // hidden does not count.
         std::fs::write(config.join("notes.txt"), "x").unwrap();
         std::fs::write(config.join(".swp.yaml"), "x").unwrap();
-        assert_eq!(s.scan(&b), second);
+        assert_eq!(s.scan(&b), third);
 
         // A Kubernetes volume: files are links through `..data`, swapped.
         std::fs::write(config.join("..v1/p.yaml"), "kind: P1\n").unwrap();
