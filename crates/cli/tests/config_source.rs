@@ -77,7 +77,11 @@ async fn source_metrics(proxy: &ProxyProcess, which: &str) -> (f64, f64) {
     let (_, m) = proxy.admin_get("/stats/prometheus").await;
     (
         metric(&m, "meshward_config_source_up", &[("source", which)]),
-        metric(&m, "meshward_config_source_lost_total", &[("source", which)]),
+        metric(
+            &m,
+            "meshward_config_source_lost_total",
+            &[("source", which)],
+        ),
     )
 }
 
@@ -369,7 +373,10 @@ async fn a_policy_file_emptied_by_a_writer_keeps_its_policies_until_rewritten() 
             && error.contains("deleting it removes its resources"),
         "{held}"
     );
-    assert_eq!(until_source(&orders, "config", "held").await["error"], error);
+    assert_eq!(
+        until_source(&orders, "config", "held").await["error"],
+        error
+    );
     assert_eq!(status(inbound, "/admin").await, 403);
     assert_eq!(orders.config_version().await, version);
 

@@ -2320,7 +2320,11 @@ fn the_loader_counts_the_documents_of_each_file() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let policy = res(AP, "action: DENY\nrules: [{}]");
-    std::fs::write(d.join("a.yaml"), format!("{policy}---\n{}", policy.replace("name: p", "name: q"))).unwrap();
+    std::fs::write(
+        d.join("a.yaml"),
+        format!("{policy}---\n{}", policy.replace("name: p", "name: q")),
+    )
+    .unwrap();
     std::fs::write(d.join("empty.yaml"), "").unwrap();
     std::fs::write(d.join("blank.yml"), "# nothing yet\n---\n\n...\n").unwrap();
     std::fs::write(d.join("notes.txt"), "not read").unwrap();
@@ -2342,14 +2346,25 @@ fn the_loader_counts_the_documents_of_each_file() {
         .collect();
     assert_eq!(
         names,
-        ["a.yaml", "blank.yml", "empty.yaml", "linked.yaml", "mesh.yaml"]
+        [
+            "a.yaml",
+            "blank.yml",
+            "empty.yaml",
+            "linked.yaml",
+            "mesh.yaml"
+        ]
     );
     std::fs::remove_file(&mesh).unwrap();
 
     let mut l = Loader::new();
     l.add_path(d);
     let loaded = l.finish().unwrap();
-    let count = |f: &str| loaded.documents.get(&d.join(f).display().to_string()).copied();
+    let count = |f: &str| {
+        loaded
+            .documents
+            .get(&d.join(f).display().to_string())
+            .copied()
+    };
     assert_eq!(count("a.yaml"), Some(2));
     assert_eq!(count("empty.yaml"), Some(0));
     assert_eq!(count("blank.yml"), Some(0));

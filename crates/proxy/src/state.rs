@@ -433,8 +433,7 @@ impl State {
         let loaded = load_config(&self.bootstrap)?;
         {
             let before = self.documents.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(held) = emptied(&before, &loaded.documents, &self.bootstrap.config_paths)
-            {
+            if let Some(held) = emptied(&before, &loaded.documents, &self.bootstrap.config_paths) {
                 return Err(held);
             }
         }
@@ -623,6 +622,9 @@ mod tests {
             matches!(&held, LoadError::Held { path, documents: 3, directory: true } if *path == root),
             "{held:?}"
         );
-        assert!(held.to_string().contains("taken for a directory being written"));
+        assert!(
+            held.to_string()
+                .contains("taken for a directory being written")
+        );
     }
 }

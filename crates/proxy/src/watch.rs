@@ -24,7 +24,7 @@
 //! configuration), logs one WARN, sets `meshward_config_source_up` to 0,
 //! shows it in `/config_dump`, and keeps looking. It stays ready.
 
-mod scan;
+pub mod scan;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,7 @@ pub const RESCAN: Duration = Duration::from_secs(2);
 /// Changes are looked at once the file events have been quiet this long,
 /// so a writer's several steps (or a rotation's key and certificate)
 /// apply as one.
-const QUIET: Duration = Duration::from_millis(200);
+pub const QUIET: Duration = Duration::from_millis(200);
 
 /// The longest a stream of events delays a look at the files.
 const MAX_GATHER: Duration = Duration::from_secs(2);
@@ -257,7 +257,9 @@ impl Reloader {
                 scan::Fingerprint::Lost(why) => self.lost(Source::Config, why),
                 scan::Fingerprint::Files(_) => match state.reload_config() {
                     Ok(v) => {
-                        let before = state.sources.loaded(Source::Config, Some(v), &state.metrics);
+                        let before = state
+                            .sources
+                            .loaded(Source::Config, Some(v), &state.metrics);
                         if before == SourceState::Lost {
                             tracing::info!(target: "meshward::config", source = "config", "configuration source back");
                         }

@@ -28,7 +28,7 @@ use crate::state::Bootstrap;
 /// read is read again at the next scan (see the module's documentation).
 /// Local file systems stamp times to within a few milliseconds; the margin
 /// also covers a network file system's clock running somewhat behind.
-const RACY: Duration = Duration::from_secs(2);
+pub const RACY: Duration = Duration::from_secs(2);
 
 /// The files of the workload's certificate directory that are loaded.
 pub const CERT_FILES: [&str; 3] = ["key.pem", "cert-chain.pem", "root-cert.pem"];
@@ -256,9 +256,15 @@ mod tests {
         // (as a second write within one timestamp tick leaves it): the
         // file changed too recently to be trusted by its metadata, so its
         // contents tell.
-        let mtime = std::fs::metadata(config.join("a.yaml")).unwrap().modified().unwrap();
+        let mtime = std::fs::metadata(config.join("a.yaml"))
+            .unwrap()
+            .modified()
+            .unwrap();
         std::fs::write(config.join("a.yaml"), "kind: B\n").unwrap();
-        let f = std::fs::File::options().write(true).open(config.join("a.yaml")).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(config.join("a.yaml"))
+            .unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
         let second = s.scan(&b);
@@ -294,7 +300,10 @@ mod tests {
         std::fs::rename(&config, tmp.path().join("old")).unwrap();
         match s.scan(&b).config {
             Fingerprint::Lost(why) => {
-                assert!(why.contains("config") && why.contains("No such file"), "{why}")
+                assert!(
+                    why.contains("config") && why.contains("No such file"),
+                    "{why}"
+                )
             }
             other => panic!("{other:?}"),
         }
