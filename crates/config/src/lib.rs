@@ -20,6 +20,9 @@ pub mod values;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
-pub use load::{ConfigSet, DRY_RUN_ANNOTATION, Kind, Loaded, Loader, load_paths, parse_go_bool};
+pub use load::{
+    ConfigSet, DRY_RUN_ANNOTATION, Kind, Loaded, Loader, MAX_FILE_BYTES, config_files, load_paths,
+    parse_go_bool,
+};
 pub use model::mesh::{MeshConfig, PathNormalization};
 pub use model::{ObjectMeta, Origin, Resource, WorkloadSelector};

@@ -112,6 +112,11 @@ impl ConfigSet {
 pub struct Loaded {
     pub config: ConfigSet,
     pub warnings: Diagnostics,
+    /// How many YAML documents each source held, by the name it was read
+    /// under (a file's path as given). A source of only whitespace,
+    /// comments and empty documents holds none; a caller watching files
+    /// can tell an emptied file from a deleted one (absent here).
+    pub documents: BTreeMap<String, usize>,
 }
 
 /// Loads files and directories (see [`Loader::add_path`]) all-or-nothing.
@@ -133,6 +138,18 @@ pub struct Loader {
     first_skipped: Option<(Arc<str>, Pos)>,
     mesh_origin: Option<(Arc<str>, u32)>,
     seen: BTreeMap<(Kind, String, String), (Arc<str>, u32)>,
+    documents: BTreeMap<String, usize>,
+}
+
+/// The files [`Loader::add_path`] reads for `path`, in reading order: the
+/// path itself when it is a file, else the `.yaml`, `.yml` and `.json`
+/// files under it (hidden entries skipped, symbolic links followed). For
+/// those who watch what the loader reads.
+pub fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files, true)?;
+    files.sort();
+    Ok(files)
 }
 
 impl Loader {
@@ -143,12 +160,13 @@ impl Loader {
     /// Adds a file, or every `.yaml`/`.yml`/`.json` file under a directory
     /// (recursively, in sorted path order). Unreadable paths are errors.
     pub fn add_path(&mut self, path: &Path) {
-        let mut files = Vec::new();
-        if let Err(e) = collect_files(path, &mut files, true) {
-            self.io_error(path, &e);
-            return;
-        }
-        files.sort();
+        let files = match config_files(path) {
+            Ok(files) => files,
+            Err(e) => {
+                self.io_error(path, &e);
+                return;
+            }
+        };
         for file in files {
             self.add_file(&file);
         }
@@ -227,6 +245,7 @@ impl Loader {
                 return;
             }
         };
+        *self.documents.entry(name.to_string()).or_default() += docs.len();
         for doc in docs {
             self.add_document(&file, &doc.root);
         }
@@ -247,12 +266,16 @@ impl Loader {
         let file: Arc<str> = Arc::from(name);
         let node = match yaml::parse_one(text) {
             Ok(Some(node)) => node,
-            Ok(None) => return,
+            Ok(None) => {
+                self.documents.entry(name.to_string()).or_default();
+                return;
+            }
             Err(e) => {
                 self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message));
                 return;
             }
         };
+        *self.documents.entry(name.to_string()).or_default() += 1;
         let Some(block) = self.mesh_block(&file, &node) else {
             return;
         };
@@ -600,6 +623,7 @@ impl Loader {
             Ok(Loaded {
                 config: self.set,
                 warnings: diags,
+                documents: self.documents,
             })
         }
     }

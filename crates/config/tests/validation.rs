@@ -2311,6 +2311,72 @@ fn invalid_utf8_file_is_an_error() {
     );
 }
 
+/// A watcher tells an emptied file (no documents) from a deleted one (not
+/// read at all) by what the loader read; `config_files` lists what
+/// `add_path` reads (hidden entries, such as a Kubernetes volume's
+/// `..data`, skipped; symbolic links followed).
+#[test]
+fn the_loader_counts_the_documents_of_each_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let policy = res(AP, "action: DENY\nrules: [{}]");
+    std::fs::write(
+        d.join("a.yaml"),
+        format!("{policy}---\n{}", policy.replace("name: p", "name: q")),
+    )
+    .unwrap();
+    std::fs::write(d.join("empty.yaml"), "").unwrap();
+    std::fs::write(d.join("blank.yml"), "# nothing yet\n---\n\n...\n").unwrap();
+    std::fs::write(d.join("notes.txt"), "not read").unwrap();
+    std::fs::create_dir(d.join("..2026_01_01")).unwrap();
+    std::fs::write(
+        d.join("..2026_01_01/hidden.yaml"),
+        policy.replace("name: p", "name: r"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_01_01", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/hidden.yaml", d.join("linked.yaml")).unwrap();
+    let mesh = d.join("mesh.yaml");
+    std::fs::write(&mesh, "# mesh settings to come\n").unwrap();
+
+    let files = meshward_config::config_files(d).unwrap();
+    let names: Vec<_> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "a.yaml",
+            "blank.yml",
+            "empty.yaml",
+            "linked.yaml",
+            "mesh.yaml"
+        ]
+    );
+    std::fs::remove_file(&mesh).unwrap();
+
+    let mut l = Loader::new();
+    l.add_path(d);
+    let loaded = l.finish().unwrap();
+    let count = |f: &str| {
+        loaded
+            .documents
+            .get(&d.join(f).display().to_string())
+            .copied()
+    };
+    assert_eq!(count("a.yaml"), Some(2));
+    assert_eq!(count("empty.yaml"), Some(0));
+    assert_eq!(count("blank.yml"), Some(0));
+    assert_eq!(count("linked.yaml"), Some(1));
+    assert_eq!(count("notes.txt"), None);
+    assert_eq!(loaded.config.authorization_policies.len(), 3);
+
+    let mut l = Loader::new();
+    l.add_mesh_config_source("mesh.yaml", "# none yet\n");
+    assert_eq!(l.finish().unwrap().documents["mesh.yaml"], 0);
+}
+
 #[test]
 fn oversized_file_is_refused_without_reading_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,8 +7,10 @@
 //!   inbound ports with their mTLS mode, outbound listeners, the
 //!   authorization policies and JWT rules that apply, the services known,
 //!   with the current answer of each DNS name: addresses, TTL, expiry and
-//!   the last failed lookup, and per set of DestinationRule files the
-//!   client certificate loaded and the last load error);
+//!   the last failed lookup, per set of DestinationRule files the
+//!   client certificate loaded and the last load error, and the `source`
+//!   of the configuration and certificates: their paths, whether what
+//!   runs is what the files say or why not, the last successful load);
 //! - `GET /listeners`: every listener the proxy has bound, and those of
 //!   the current configuration it could not bind (with the error);
 //! - `GET /certs`: the loaded workload certificate and trust roots;
@@ -187,6 +189,10 @@ fn config_dump(state: &State) -> serde_json::Value {
         // SIMPLE and MUTUAL settings' files: what is loaded, and why a
         // change was refused or nothing could be loaded.
         "destination_rule_tls": state.dr_files.describe(),
+        // Where the configuration and certificates come from, and whether
+        // what runs is what the files say (`ok`, `lost`, `held`,
+        // `refused`), with the last successful load.
+        "source": state.sources.describe(),
     })
 }
 

@@ -27,9 +27,10 @@ pub mod listeners;
 pub mod outbound;
 mod rewind;
 pub mod snapshot;
+pub mod source;
 pub mod state;
 pub mod telemetry;
-mod watch;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +64,7 @@ pub enum StartError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("cannot watch files: {0}")]
+    #[error("cannot start the reload thread: {0}")]
     Watch(String),
 }
 
@@ -95,7 +96,17 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     };
     let metrics = Arc::new(Metrics::new(access));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
-    let state = State::load(bootstrap, metrics, idle_timeout, options.dns.clone())?;
+    // What the files hold before they are loaded: a change made while
+    // they load is then seen by the first look.
+    let mut scanner = watch::Scanner::default();
+    let first = options.watch.then(|| scanner.scan(&bootstrap));
+    let state = State::load(
+        bootstrap,
+        metrics,
+        idle_timeout,
+        options.dns.clone(),
+        options.watch,
+    )?;
     let mut fixed = Vec::new();
     let admin_l = bind(options.admin, "admin")?;
     fixed.push(admin::ListenerInfo {
@@ -131,13 +142,12 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
             true,
         ));
     }
-    let watcher = if options.watch {
-        Some(
-            watch::Watcher::start(Arc::clone(&state), Arc::clone(&listeners))
+    let watcher = match first {
+        Some(first) => Some(
+            watch::Watcher::start(Arc::clone(&state), Arc::clone(&listeners), scanner, first)
                 .map_err(StartError::Watch)?,
-        )
-    } else {
-        None
+        ),
+        None => None,
     };
     // Tokens of a `jwksUri` issuer can be checked from the start: ready
     // once each URI has been tried (a failed one is retried every few

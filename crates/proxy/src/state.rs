@@ -3,13 +3,13 @@
 //! static bootstrap (a config directory and a certificate directory). A
 //! change that fails to load is refused and the old state is kept.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use meshward_config::Loader;
+use meshward_config::{Loaded, Loader};
 use meshward_identity::verify::{Side, SvidError, TrustDomains};
 use meshward_identity::{
     CredentialResolver, SpiffeId, SpiffeServerVerifier, SvidVerifier, TrustBundle, TrustDomain,
@@ -72,6 +72,22 @@ pub enum LoadError {
     OwnCertificate {
         id: String,
         reason: meshward_identity::verify::SvidError,
+    },
+    /// A configuration file (or directory) that held documents at the
+    /// last load holds none now. A writer that truncates, then writes,
+    /// leaves such a file for a moment, and applying it would drop its
+    /// policies; so the change waits until the file has content again or
+    /// is deleted (which removes its resources).
+    #[error(
+        "{} is empty but held {documents} document(s) at the last load; taken for {} being written, the change waits until it has content again{}",
+        path.display(),
+        if *directory { "a directory" } else { "a file" },
+        if *directory { "" } else { " or is deleted (deleting it removes its resources)" }
+    )]
+    Held {
+        path: PathBuf,
+        documents: usize,
+        directory: bool,
     },
 }
 
@@ -189,6 +205,12 @@ pub struct State {
     /// services, kept across reloads ([`crate::dns::DnsStore::run`]
     /// looks them up).
     pub dns: Arc<crate::dns::DnsStore>,
+    /// Whether the configuration and certificate files can be read, and
+    /// whether what runs is what they say ([`crate::watch`] keeps it).
+    pub sources: crate::source::Sources,
+    /// How many documents each configuration file held at the last
+    /// successful load, to tell an emptied file ([`LoadError::Held`]).
+    documents: Mutex<BTreeMap<String, usize>>,
 }
 
 /// An open inbound connection's facts and the signal that closes it.
@@ -309,23 +331,26 @@ impl TcpTracker {
 }
 
 impl State {
-    /// Loads everything once; any failure here stops the proxy from starting.
+    /// Loads everything once; any failure here stops the proxy from
+    /// starting. `watched`: whether the files will be watched for changes.
     pub fn load(
         bootstrap: Bootstrap,
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
         dns: crate::dns::DnsConfig,
+        watched: bool,
     ) -> Result<Arc<State>, LoadError> {
         let jwks = Arc::new(crate::jwt::JwksStore::default());
         let dns = Arc::new(crate::dns::DnsStore::new(dns));
-        let snapshot = load_snapshot(&bootstrap, 1, &jwks, &dns)?;
+        let loaded = load_config(&bootstrap)?;
+        let documents = loaded.documents.clone();
+        let snapshot = build_snapshot(&bootstrap, loaded, 1, &jwks, &dns)?;
         let tls = load_tls(&bootstrap, &snapshot)?;
         // Unusable files do not stop the proxy: their DestinationRule's
         // requests fail (503) naming the file, as they are logged here.
         let dr_files = crate::dr_tls::DrFiles::default();
         dr_files.sync(&snapshot, &metrics);
         Ok(Arc::new(State {
-            bootstrap,
             snapshot: ArcSwap::from_pointee(snapshot),
             tls: ArcSwap::from_pointee(tls),
             version: AtomicU64::new(1),
@@ -346,6 +371,9 @@ impl State {
             jwks,
             dr_files,
             dns,
+            sources: crate::source::Sources::new(&bootstrap, watched),
+            bootstrap,
+            documents: Mutex::new(documents),
         }))
     }
 
@@ -398,15 +426,39 @@ impl State {
     }
 
     /// Re-reads the configuration; on failure the current snapshot stays.
+    /// A file (or configuration directory) that held documents and is
+    /// empty now makes the change wait ([`LoadError::Held`]).
     pub fn reload_config(&self) -> Result<u64, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let snapshot = load_snapshot(&self.bootstrap, version, &self.jwks, &self.dns)?;
-        // The trust domain may have changed: rebuild TLS for the new snapshot.
-        let tls = load_tls(&self.bootstrap, &snapshot)?;
+        let loaded = load_config(&self.bootstrap)?;
+        {
+            let before = self.documents.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = emptied(&before, &loaded.documents, &self.bootstrap.config_paths) {
+                return Err(held);
+            }
+        }
+        let documents = loaded.documents.clone();
+        let snapshot = build_snapshot(&self.bootstrap, loaded, version, &self.jwks, &self.dns)?;
+        // The trust domain may have changed: rebuild TLS for the new
+        // snapshot, from the files, or else with the certificate in use.
+        let tls = match load_tls(&self.bootstrap, &snapshot) {
+            Ok(tls) => tls,
+            Err(from_files) => {
+                // The certificate files cannot be used now (lost, half
+                // rotated, refused: the certificate source reports why).
+                // A policy change must not wait for them: the certificate
+                // in use goes on serving if it still fits the new
+                // configuration (identity, trust domains).
+                let tls = self.tls();
+                tls_with((*tls.credentials).clone(), tls.bundle.clone(), &snapshot)
+                    .map_err(|_| from_files)?
+            }
+        };
         // DestinationRule files: load new ones, re-read the others (their
         // problems are theirs; they never refuse the configuration).
         self.dr_files.sync(&snapshot, &self.metrics);
         self.version.store(version, Ordering::Release);
+        *self.documents.lock().unwrap_or_else(|e| e.into_inner()) = documents;
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
@@ -433,12 +485,7 @@ impl State {
     }
 }
 
-fn load_snapshot(
-    b: &Bootstrap,
-    version: u64,
-    jwks: &crate::jwt::JwksStore,
-    dns: &crate::dns::DnsStore,
-) -> Result<Snapshot, LoadError> {
+fn load_config(b: &Bootstrap) -> Result<Loaded, LoadError> {
     let mut loader = Loader::new();
     if let Some(mc) = &b.mesh_config {
         loader.add_mesh_config_path(mc);
@@ -446,7 +493,55 @@ fn load_snapshot(
     for p in &b.config_paths {
         loader.add_path(p);
     }
-    let loaded = loader.finish().map_err(LoadError::Config)?;
+    loader.finish().map_err(LoadError::Config)
+}
+
+/// Why a load must wait: a file that held documents at the last load
+/// (`before`) and holds none now (`now`), or a configuration directory
+/// that held some and has none in any file. A file absent from `now` was
+/// deleted, which removes its resources.
+fn emptied(
+    before: &BTreeMap<String, usize>,
+    now: &BTreeMap<String, usize>,
+    config_paths: &[PathBuf],
+) -> Option<LoadError> {
+    for (file, &n) in now {
+        let had = before.get(file).copied().unwrap_or(0);
+        if n == 0 && had > 0 {
+            return Some(LoadError::Held {
+                path: PathBuf::from(file),
+                documents: had,
+                directory: false,
+            });
+        }
+    }
+    let under = |counts: &BTreeMap<String, usize>, dir: &Path| -> usize {
+        counts
+            .iter()
+            .filter(|(f, _)| Path::new(f.as_str()).starts_with(dir))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    for dir in config_paths.iter().filter(|p| p.is_dir()) {
+        let had = under(before, dir);
+        if had > 0 && under(now, dir) == 0 {
+            return Some(LoadError::Held {
+                path: dir.clone(),
+                documents: had,
+                directory: true,
+            });
+        }
+    }
+    None
+}
+
+fn build_snapshot(
+    b: &Bootstrap,
+    loaded: Loaded,
+    version: u64,
+    jwks: &crate::jwt::JwksStore,
+    dns: &crate::dns::DnsStore,
+) -> Result<Snapshot, LoadError> {
     for w in loaded.warnings.warnings() {
         tracing::warn!(target: "meshward::config", "{w}");
     }
@@ -461,17 +556,75 @@ fn load_snapshot(
 
 fn load_tls(b: &Bootstrap, snapshot: &Snapshot) -> Result<TlsState, LoadError> {
     let credentials = WorkloadCredentials::from_dir(&b.certs_dir)?;
+    let bundle = TrustBundle::from_pem_file(&b.certs_dir.join("root-cert.pem"))?;
+    tls_with(credentials, bundle, snapshot)
+}
+
+/// TLS for `snapshot` with these credentials and roots: they must be of
+/// its workload's identity and one of its trust domains.
+fn tls_with(
+    credentials: WorkloadCredentials,
+    bundle: TrustBundle,
+    snapshot: &Snapshot,
+) -> Result<TlsState, LoadError> {
     if credentials.id().as_str() != snapshot.identity {
         return Err(LoadError::WrongIdentity {
             got: credentials.id().to_string(),
             expected: snapshot.identity.clone(),
         });
     }
-    let bundle = TrustBundle::from_pem_file(&b.certs_dir.join("root-cert.pem"))?;
     let mesh = &snapshot.config.mesh;
     let mut domains = Vec::new();
     for td in std::iter::once(&mesh.trust_domain).chain(&mesh.trust_domain_aliases) {
         domains.push(TrustDomain::new(td).map_err(|e| LoadError::TrustDomain(e.to_string()))?);
     }
     TlsState::build(credentials, bundle, domains)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::{LoadError, emptied};
+
+    fn counts(entries: &[(&str, usize)]) -> BTreeMap<String, usize> {
+        entries.iter().map(|(f, n)| (f.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn an_emptied_file_or_directory_holds_the_change_and_a_deleted_file_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let f = |name: &str| root.join(name).display().to_string();
+        let roots = [root.clone()];
+        let before = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
+
+        // a.yaml emptied: held, naming it and what it had.
+        let now = counts(&[(&f("a.yaml"), 0), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
+        match emptied(&before, &now, &roots) {
+            Some(LoadError::Held {
+                path,
+                documents: 2,
+                directory: false,
+            }) => assert_eq!(path, PathBuf::from(f("a.yaml"))),
+            other => panic!("{other:?}"),
+        }
+        // a.yaml deleted: its resources go.
+        let now = counts(&[(&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
+        assert!(emptied(&before, &now, &roots).is_none());
+        // A file that was empty, or a new empty one, changes nothing.
+        let now = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("d.yaml"), 0)]);
+        assert!(emptied(&before, &now, &roots).is_none());
+        // The directory re-created with nothing in it yet: held.
+        let held = emptied(&before, &BTreeMap::new(), &roots).unwrap();
+        assert!(
+            matches!(&held, LoadError::Held { path, documents: 3, directory: true } if *path == root),
+            "{held:?}"
+        );
+        assert!(
+            held.to_string()
+                .contains("taken for a directory being written")
+        );
+    }
 }

@@ -17,6 +17,7 @@ use bytes::Buf;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -63,6 +64,13 @@ pub fn principal_parts(principal: &str) -> (String, String) {
     }
 }
 
+/// Which source of the proxy's files: `config` (the configuration paths
+/// and the mesh config file) or `certs` (the workload's certificates).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
 /// The proxy's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,6 +86,8 @@ pub struct Metrics {
     tcp_sent: Family<TrafficLabels, Counter>,
     tcp_received: Family<TrafficLabels, Counter>,
     config_rejected: Counter,
+    source_up: Family<SourceLabels, Gauge>,
+    source_lost: Family<SourceLabels, Counter>,
     access: AccessLog,
 }
 
@@ -102,6 +112,8 @@ impl Metrics {
         let tcp_sent = Family::<TrafficLabels, Counter>::default();
         let tcp_received = Family::<TrafficLabels, Counter>::default();
         let config_rejected = Counter::default();
+        let source_up = Family::<SourceLabels, Gauge>::default();
+        let source_lost = Family::<SourceLabels, Counter>::default();
         registry.register("istio_requests", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -153,6 +165,23 @@ impl Metrics {
             "Configuration or certificate changes refused",
             config_rejected.clone(),
         );
+        registry.register(
+            "meshward_config_source_up",
+            "1 while the source's files can be read, 0 while it is lost (missing or unreadable; the last good state is kept)",
+            source_up.clone(),
+        );
+        registry.register(
+            "meshward_config_source_lost",
+            "Times the source was lost",
+            source_lost.clone(),
+        );
+        for source in crate::source::Source::ALL {
+            let labels = SourceLabels {
+                source: source.as_str(),
+            };
+            source_up.get_or_create(&labels).set(1);
+            let _ = source_lost.get_or_create(&labels);
+        }
         Metrics {
             registry,
             requests,
@@ -166,6 +195,8 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             config_rejected,
+            source_up,
+            source_lost,
             access,
         }
     }
@@ -200,6 +231,18 @@ impl Metrics {
 
     pub fn config_rejected(&self) {
         self.config_rejected.inc();
+    }
+
+    /// Whether `source` can be read (`meshward_config_source_up`); a loss
+    /// is counted in `meshward_config_source_lost_total`.
+    pub fn source_up(&self, source: crate::source::Source, up: bool) {
+        let labels = SourceLabels {
+            source: source.as_str(),
+        };
+        let gauge = self.source_up.get_or_create(&labels);
+        if gauge.set(i64::from(up)) == 1 && !up {
+            self.source_lost.get_or_create(&labels).inc();
+        }
     }
 
     pub fn access(&self) -> &AccessLog {
