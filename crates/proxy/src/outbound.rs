@@ -201,8 +201,7 @@ impl tower_service::Service<Uri> for MeshConnector {
 }
 
 /// Opens a connection to `t`: TCP, then TLS when its settings say so
-/// (verifying the server as they require), both within its connect
-/// timeout (see [`crate::connect`]).
+/// (verifying the server as they require), within its connect timeout.
 async fn connect(t: &Target) -> io::Result<Upstream> {
     let deadline = Deadline::after(t.connect_timeout);
     let tcp = deadline
@@ -397,10 +396,9 @@ impl Route {
     }
 
     /// The response flag and access-log reason for a failed upstream
-    /// connection or exchange: for a connect timeout `UF` (Envoy's flag
-    /// for a connection timeout) and the timeout, for a TLS failure `UF`
-    /// (Envoy's flag for a failed handshake) and words that say who
-    /// refused what, else `flag` and the error as it is.
+    /// connection or exchange: `UF` for a connect timeout (Envoy's flag
+    /// for one) or a TLS failure (with words that say who refused what),
+    /// else `flag` and the error as it is.
     fn failure(
         &self,
         err: &(dyn std::error::Error + 'static),
@@ -614,8 +612,7 @@ impl Outbound {
         // services (DestinationRule files carry no ALPN choice).
         let h2 = svc_port.app_protocol() == meshward_config::model::AppProtocol::Http2
             && !matches!(mode, TlsMode::Simple | TlsMode::Mutual);
-        // The connect timeout too: a changed one is in force for the next
-        // connection, whichever client makes it.
+        // With the connect timeout: a changed one applies to new connections.
         let connect_timeout = svc.connect_timeout_for(svc_port.number);
         key.add(&addr.port().to_be_bytes())
             .add(mode.as_str().as_bytes())
@@ -1409,8 +1406,7 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                     let mut up = Counted::new(up, &activity);
                     let (r, read) =
                         relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await;
-                    // A TLS refusal that shows in the first read is a
-                    // failed connection too (see `exchange`).
+                    // A TLS refusal seen at the first read: `UF` (see `exchange`).
                     (r.map_err(|e| route.failure(&e, "-")), read)
                 }
                 Err(e) => (Err(route.failure(&e, "UF")), 0),
