@@ -283,3 +283,367 @@ async fn a_proxy_whose_certificate_expires_is_no_longer_ready() {
         "{body}"
     );
 }
+
+/// A frozen server: it takes connections into its backlog and never looks
+/// at them, so a TCP connection to it is established and then nothing
+/// answers (a TLS handshake never ends, a request never gets a response).
+fn frozen_server() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// A server whose accept queue is full: a TCP connection to it is never
+/// established (the kernel drops the SYNs). Holds the connections that
+/// filled it.
+struct FullBacklog {
+    addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _held: Vec<std::net::TcpStream>,
+}
+
+impl FullBacklog {
+    async fn start() -> FullBacklog {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the queue until a connection is no longer established.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300))
+            {
+                Ok(s) => held.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return FullBacklog {
+                        addr,
+                        _listener: listener,
+                        _held: held,
+                    };
+                }
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+        }
+        panic!("the accept queue of {addr} never filled");
+    }
+}
+
+/// A request that a proxy answers itself, and how long that took.
+async fn timed_get(addr: SocketAddr, host: &str) -> (Resp, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut raw = Raw::connect(addr).await;
+    raw.send(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await;
+    let resp = raw.response().await;
+    (resp, started.elapsed())
+}
+
+/// One HTTP/2 request (prior knowledge) on a new connection: its status.
+async fn h2_get(addr: SocketAddr, host: &str, path: &str) -> u16 {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{host}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(patience(), send.send_request(req))
+        .await
+        .expect("no HTTP/2 response")
+        .unwrap();
+    resp.status().as_u16()
+}
+
+/// Well above every connect timeout of these tests, well below the
+/// patience of a response read: an answer that comes at all came from
+/// the timeout, not from the server.
+const LOOSE_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+const FROZEN: &str = "frozen.production.svc.cluster.local";
+const PAYMENTS: &str = "payments.production.svc.cluster.local";
+const INVENTORY: &str = "inventory.production.svc.cluster.local";
+const DB: &str = "db.production.svc.cluster.local";
+
+/// frontend (an outbound listener, and a TCP one for `db`) calling
+/// services whose one endpoint is a frozen server proxy (`frozen`:
+/// connections established, TLS never answered) or one whose backlog is
+/// full (`db`: connections never established). The mesh default is 1s;
+/// DestinationRules set 500ms (`frozen`, `db`) and, for `inventory`, 30s
+/// with port 80 at 300ms and port 81 listed without a connection pool.
+fn frozen_config(out: u16, tcp: u16, frozen: u16, full: u16) -> String {
+    let se = |name: &str, ports: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  hosts: [{name}.production.svc.cluster.local]\n  ports: {ports}\n  workloadSelector: {{labels: {{app: frozen}}}}\n"
+        )
+    };
+    let dr = |name: &str, policy: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: production}}\nspec:\n  host: {name}.production.svc.cluster.local\n  trafficPolicy:\n{policy}"
+        )
+    };
+    let pool = |t: &str| format!("    connectionPool:\n      tcp:\n        connectTimeout: {t}\n");
+    let mut c = format!(
+        r#"apiVersion: meshward.io/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh, namespace: istio-system}}
+spec:
+  connectTimeout: 1s
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: frontend
+  namespace: production
+  annotations:
+    meshward.io/outbound: "127.0.0.1:{out}"
+    meshward.io/tcp-outbound: "127.0.0.1:{tcp}={DB}:5432"
+spec: {{address: 127.0.0.1, labels: {{app: frontend}}, serviceAccount: frontend}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: frozen, namespace: production}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: frozen}}
+  serviceAccount: frozen
+  ports: {{http: {frozen}, http-alt: {frozen}, tcp: {full}}}
+"#
+    );
+    let http = "[{number: 80, name: http, protocol: HTTP}]";
+    c += &se("frozen", http);
+    c += &se("payments", http);
+    c += &se(
+        "inventory",
+        "[{number: 80, name: http, protocol: HTTP}, {number: 81, name: http-alt, protocol: HTTP}]",
+    );
+    c += &se("db", "[{number: 5432, name: tcp, protocol: TCP}]");
+    c += &dr("frozen", &pool("500ms"));
+    c += &dr("db", &pool("500ms"));
+    c += &dr(
+        "inventory",
+        &format!(
+            "{}    portLevelSettings:\n    - port: {{number: 80}}\n      connectionPool:\n        tcp: {{connectTimeout: 300ms}}\n    - port: {{number: 81}}\n      loadBalancer: {{simple: ROUND_ROBIN}}\n",
+            pool("30s")
+        ),
+    );
+    c
+}
+
+/// With the server proxy frozen, a request waited as long as it stayed
+/// frozen (45 s observed; issue 15). Every upstream connection now has a
+/// connect timeout covering the TCP connection and the TLS handshake: the
+/// DestinationRule's `connectionPool.tcp.connectTimeout`, a port's own
+/// (port-level settings inherit nothing), else `meshConfig.connectTimeout`;
+/// past it the request gets `503` with flag `UF` and the access log says
+/// which timeout expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_upstream_costs_a_request_its_connect_timeout() {
+    let mesh = Mesh::new();
+    let frozen = frozen_server();
+    let full = FullBacklog::start().await;
+    let (out, tcp) = (free_port(), free_port());
+    mesh.write_config(
+        "mesh.yaml",
+        &frozen_config(
+            out,
+            tcp,
+            frozen.local_addr().unwrap().port(),
+            full.addr.port(),
+        ),
+    );
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let local = SocketAddr::from(([127, 0, 0, 1], out));
+
+    // (host, what the access log must say): the DestinationRule's
+    // timeout, the mesh default, a port's own, and the mesh default for a
+    // port listed without a connection pool (not the rule's 30s).
+    let cases = [
+        (FROZEN.to_string(), "no TLS handshake within 500ms"),
+        (PAYMENTS.to_string(), "no TLS handshake within 1s"),
+        (format!("{INVENTORY}:80"), "no TLS handshake within 300ms"),
+        (format!("{INVENTORY}:81"), "no TLS handshake within 1s"),
+    ];
+    for (host, says) in &cases {
+        let (resp, took) = timed_get(local, host).await;
+        assert_eq!(
+            (resp.status, resp.body.as_str()),
+            (503, "upstream connect error"),
+            "{host}"
+        );
+        assert!(took < LOOSE_BOUND, "{host}: answered after {took:?}");
+        let line = front
+            .log_line(host, |l| {
+                l["authority"] == host.as_str() && l["response_code"] == 503
+            })
+            .await;
+        assert_eq!(line["response_flags"], "UF", "{line}");
+        assert_eq!(line["decision"], "error", "{line}");
+        let reason = line["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&format!("connection timeout: {says} (connectTimeout)")),
+            "{host}: {reason}"
+        );
+    }
+    // HTTP/2 from the application (hyper's client, the mesh connector).
+    let started = std::time::Instant::now();
+    assert_eq!(h2_get(local, FROZEN, "/h2").await, 503);
+    assert!(started.elapsed() < LOOSE_BOUND, "{:?}", started.elapsed());
+    let line = front
+        .log_line("the HTTP/2 request", |l| l["path"] == "/h2")
+        .await;
+    assert_eq!(line["response_flags"], "UF", "{line}");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .contains("connection timeout: no TLS handshake within 500ms"),
+        "{line}"
+    );
+    let (_, m) = front.admin_get("/stats/prometheus").await;
+    for svc in [FROZEN, PAYMENTS, INVENTORY] {
+        let labels = [
+            ("destination_service", svc),
+            ("response_code", "503"),
+            ("response_flags", "UF"),
+        ];
+        assert!(
+            metric(&m, "istio_requests_total", &labels) >= 1.0,
+            "{svc}:\n{m}"
+        );
+    }
+    // The effective timeouts are shown per service port.
+    let (_, dump) = front.admin_get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let inventory = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == INVENTORY)
+        .unwrap();
+    let ports: Vec<_> = inventory["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["number"].as_u64(), p["connect_timeout_ms"].as_u64()))
+        .collect();
+    assert_eq!(ports, [(Some(80), Some(300)), (Some(81), Some(1000))]);
+
+    // TCP: the application's connection is closed, logged with the flag;
+    // the endpoint never even completes the TCP connection.
+    let started = std::time::Instant::now();
+    let mut raw = Raw::connect(SocketAddr::from(([127, 0, 0, 1], tcp))).await;
+    raw.send(b"hello").await;
+    assert!(raw.closed().await, "the TCP connection stays open");
+    assert!(started.elapsed() < LOOSE_BOUND, "{:?}", started.elapsed());
+    let line = front.tcp_log_line("the TCP connection", "upstream").await;
+    assert_eq!(line["response_flags"], "UF", "{line}");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .contains("connection timeout: no TCP connection within 500ms (connectTimeout)"),
+        "{line}"
+    );
+    let (_, m) = front.admin_get("/stats/prometheus").await;
+    let closed = [("destination_service", DB), ("response_flags", "UF")];
+    assert_eq!(
+        metric(&m, "istio_tcp_connections_closed_total", &closed),
+        1.0,
+        "{m}"
+    );
+    drop(frozen);
+}
+
+/// The proxy's connections to its own application have the mesh's
+/// connect timeout too (Envoy's inbound cluster has one): an application
+/// that does not accept connections costs a request, HTTP/1.1, HTTP/2
+/// or TCP, at most `meshConfig.connectTimeout`, then `503 UF`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_accepts_no_connection_costs_the_connect_timeout() {
+    let mesh = Mesh::new();
+    let full = FullBacklog::start().await;
+    let (web, tcp) = (free_port(), free_port());
+    let app = full.addr.port();
+    mesh.write_config(
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: meshward.io/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh, namespace: istio-system}}
+spec:
+  connectTimeout: 1s
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: orders
+  namespace: production
+  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app},tcp=127.0.0.1:{app}"}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: orders}}
+  serviceAccount: orders
+  ports: {{http: {web}, tcp: {tcp}}}
+"#
+        ),
+    );
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let says = "unreachable: connection timeout: no TCP connection within 1s (connectTimeout)";
+
+    // HTTP/1.1 (the fast path), plaintext on a PERMISSIVE port.
+    let (resp, took) = timed_get(SocketAddr::from(([127, 0, 0, 1], web)), ORDERS).await;
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (503, "upstream connect error")
+    );
+    assert!(took < LOOSE_BOUND, "answered after {took:?}");
+    let line = orders
+        .log_line("the HTTP/1.1 request", |l| {
+            l["kind"] == "http" && l["path"] == "/x"
+        })
+        .await;
+    assert_eq!(line["response_flags"], "UF", "{line}");
+    assert!(line["reason"].as_str().unwrap().contains(says), "{line}");
+
+    // HTTP/2 (hyper's client to the application).
+    let started = std::time::Instant::now();
+    let status = h2_get(SocketAddr::from(([127, 0, 0, 1], web)), ORDERS, "/h2").await;
+    assert_eq!(status, 503);
+    assert!(started.elapsed() < LOOSE_BOUND, "{:?}", started.elapsed());
+    let line = orders
+        .log_line("the HTTP/2 request", |l| l["path"] == "/h2")
+        .await;
+    assert_eq!(line["response_flags"], "UF", "{line}");
+    assert!(line["reason"].as_str().unwrap().contains(says), "{line}");
+
+    // TCP: the connection is closed.
+    let started = std::time::Instant::now();
+    let mut raw = Raw::connect(SocketAddr::from(([127, 0, 0, 1], tcp))).await;
+    raw.send(b"hello").await;
+    assert!(raw.closed().await, "the TCP connection stays open");
+    assert!(started.elapsed() < LOOSE_BOUND, "{:?}", started.elapsed());
+    let line = orders
+        .tcp_log_line("the TCP connection", "application")
+        .await;
+    assert_eq!(line["response_flags"], "UF", "{line}");
+    assert!(line["reason"].as_str().unwrap().contains(says), "{line}");
+    let (_, m) = orders.admin_get("/stats/prometheus").await;
+    assert!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF")]
+        ) >= 2.0,
+        "{m}"
+    );
+}

@@ -1278,6 +1278,220 @@ fn destination_rule_errors() {
             "unknown field",
             Some(9),
         ),
+        // connectionPool, as Istio's validateConnectionPool and its CRD
+        // schema check it (spec: line 7, trafficPolicy 8, connectionPool
+        // 9, tcp/http 10, their fields 11).
+        row(
+            "connectTimeout under 1ms",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 500us\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "must be at least 1ms",
+            Some(11),
+        ),
+        row(
+            "connectTimeout of zero",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 0s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "must be at least 1ms",
+            Some(11),
+        ),
+        row(
+            "connectTimeout finer than 1ms",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 1500us\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "millisecond precision",
+            Some(11),
+        ),
+        row(
+            "connectTimeout negative",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: -1s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "is not a duration",
+            Some(11),
+        ),
+        row(
+            "connectTimeout not a duration",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 10 seconds\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "is not a duration",
+            Some(11),
+        ),
+        row(
+            "connectTimeout as a number",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 10\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "expected a string",
+            Some(11),
+        ),
+        row(
+            "empty connectionPool",
+            res(DR, &format!("{h}trafficPolicy:\n  connectionPool: {{}}\n")),
+            "spec.trafficPolicy.connectionPool",
+            "connection pool must have at least one field",
+            Some(9),
+        ),
+        row(
+            "misspelt connectTimeout",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimout: 1s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimout",
+            "unknown field",
+            Some(11),
+        ),
+        row(
+            "negative maxConnections",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      maxConnections: -1\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            "must be non-negative",
+            Some(11),
+        ),
+        row(
+            "maxRetries beyond int32",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    http:\n      maxRetries: 2147483648\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.http.maxRetries",
+            "out of range (int32)",
+            Some(11),
+        ),
+        row(
+            "tcp idleTimeout negative",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      idleTimeout: -5s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+            "is not a duration",
+            Some(11),
+        ),
+        row(
+            "http idleTimeout of zero",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    http:\n      idleTimeout: 0s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.http.idleTimeout",
+            "must be at least 1ms",
+            Some(11),
+        ),
+        row(
+            "keepalive probes negative",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      tcpKeepalive:\n        probes: -1\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.probes",
+            "out of range",
+            Some(12),
+        ),
+        row(
+            "http2 keepalive without timeout",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    http:\n      http2KeepAlive:\n        interval: 1s\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.http.http2KeepAlive.timeout",
+            "http2 keepalive timeout is required",
+            Some(12),
+        ),
+        row(
+            "useClientProtocol with UPGRADE",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    http:\n      h2UpgradePolicy: UPGRADE\n      useClientProtocol: true\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+            "must not be true when h2UpgradePolicy is UPGRADE",
+            Some(12),
+        ),
+        row(
+            "unknown h2UpgradePolicy",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    http:\n      h2UpgradePolicy: ALWAYS\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+            "unknown h2UpgradePolicy \"ALWAYS\"",
+            Some(11),
+        ),
+        row(
+            "port-level connectTimeout under 1ms",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  portLevelSettings:\n  - port:\n      number: 80\n    connectionPool:\n      tcp:\n        connectTimeout: 0.1ms\n"
+                ),
+            ),
+            "spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.connectTimeout",
+            "must be at least 1ms",
+            Some(14),
+        ),
+        row(
+            "subset connectTimeout not a duration",
+            res(
+                DR,
+                &format!(
+                    "{h}subsets:\n- name: v1\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        connectTimeout: soon\n"
+                ),
+            ),
+            "spec.subsets[0].trafficPolicy.connectionPool.tcp.connectTimeout",
+            "is not a duration",
+            Some(13),
+        ),
         row(
             "workloadSelector wildcard",
             res(
@@ -1677,6 +1891,34 @@ fn mesh_config_errors() {
             res(MC, "workloadCertTtl: forever\n"),
             "spec.workloadCertTtl",
             "not a duration",
+            Some(7),
+        ),
+        row(
+            "connectTimeout of zero",
+            res(MC, "connectTimeout: 0s\n"),
+            "spec.connectTimeout",
+            "must be at least 1ms",
+            Some(7),
+        ),
+        row(
+            "connectTimeout over an hour",
+            res(MC, "connectTimeout: 2h\n"),
+            "spec.connectTimeout",
+            "at most 1h",
+            Some(7),
+        ),
+        row(
+            "connectTimeout finer than 1ms",
+            res(MC, "connectTimeout: 1.0005s\n"),
+            "spec.connectTimeout",
+            "millisecond precision",
+            Some(7),
+        ),
+        row(
+            "connectTimeout not a duration",
+            res(MC, "connectTimeout: fast\n"),
+            "spec.connectTimeout",
+            "is not a duration",
             Some(7),
         ),
         row(
@@ -2956,6 +3198,45 @@ fn defaults_when_fields_are_absent() {
     assert_eq!(c.mesh.path_normalization, PathNormalization::Base);
 }
 
+/// `connectionPool.tcp.connectTimeout` of a DestinationRule (its own and
+/// per port) and `meshConfig.connectTimeout` (10 s unless set), decoded
+/// to what the proxy uses; no warning for `connectTimeout` alone.
+#[test]
+fn connect_timeouts_are_decoded() {
+    use std::time::Duration;
+    let dr = res(
+        DR,
+        "host: web.prod.svc.cluster.local\ntrafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 1.5s\n  portLevelSettings:\n  - port: {number: 8080}\n    connectionPool:\n      tcp: {connectTimeout: 250ms}\n  - port: {number: 9090}\n    connectionPool:\n      http: {}\n",
+    );
+    let loaded = load(&dr).unwrap();
+    assert!(
+        loaded.warnings.warnings().next().is_none(),
+        "{}",
+        render(&loaded.warnings)
+    );
+    let c = &loaded.config;
+    assert_eq!(c.mesh.connect_timeout, Duration::from_secs(10));
+    let tp = c.destination_rules[0].spec.traffic_policy.as_ref().unwrap();
+    let of =
+        |p: &Option<meshward_config::model::ConnectionPool>| p.as_ref().unwrap().connect_timeout;
+    assert_eq!(of(&tp.connection_pool), Some(Duration::from_millis(1500)));
+    assert_eq!(
+        of(&tp.port_level_settings[0].connection_pool),
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(of(&tp.port_level_settings[1].connection_pool), None);
+
+    let mesh = load(&res(MC, "connectTimeout: 750ms\n")).unwrap();
+    assert_eq!(mesh.config.mesh.connect_timeout, Duration::from_millis(750));
+    assert!(
+        mesh.warnings.warnings().next().is_none(),
+        "{}",
+        render(&mesh.warnings)
+    );
+    let hour = load(&res(MC, "connectTimeout: 1h\n")).unwrap();
+    assert_eq!(hour.config.mesh.connect_timeout, Duration::from_secs(3600));
+}
+
 #[test]
 fn dry_run_values_accepted_as_go_parse_bool() {
     for v in [
@@ -3432,6 +3713,18 @@ fn accepted_with_a_warning() {
             "spec.extensionProviders[0].envoyExtAuthzGrpc",
             "unknown field \"pathPrefix\" ignored",
             Some(12),
+        ),
+        row(
+            "connectionPool settings meshward does not act on",
+            res(
+                DR,
+                &format!(
+                    "{h}trafficPolicy:\n  connectionPool:\n    tcp:\n      connectTimeout: 250ms\n      maxConnections: 100\n      idleTimeout: 0s\n    http:\n      http2KeepAlive: {{interval: 1s, timeout: 2s}}\n"
+                ),
+            ),
+            "spec.trafficPolicy.connectionPool",
+            "these settings are accepted and have no effect: tcp.maxConnections, tcp.idleTimeout, http.http2KeepAlive",
+            Some(10),
         ),
     ];
     check_warning_rows(rows);

@@ -23,6 +23,7 @@
 //! it is preferred over a rule for the same host without one.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use meshward_config::model::networking::{ClientTls, DestinationRule, TrafficPolicy};
 use meshward_config::{ConfigSet, Resource};
@@ -65,6 +66,28 @@ impl AppliedDestinationRule<'_> {
             port_tls.entry(p.port).or_insert_with(|| p.tls.clone());
         }
         (tp.tls.clone(), port_tls)
+    }
+
+    /// `connectionPool.tcp.connectTimeout`: the rule's, and per port
+    /// (`None`: the mesh default). A port listed in `portLevelSettings`
+    /// takes its entry's value, or the mesh default when the entry sets
+    /// none: Istio's port-level settings replace the rule's whole, they
+    /// inherit nothing from it (`GetPortLevelTrafficPolicy`). The first
+    /// entry for a port counts.
+    pub fn connect_timeouts(&self) -> (Option<Duration>, BTreeMap<u16, Option<Duration>>) {
+        let Some(tp) = self.traffic_policy else {
+            return (None, BTreeMap::new());
+        };
+        let of = |pool: &Option<meshward_config::model::ConnectionPool>| {
+            pool.as_ref().and_then(|p| p.connect_timeout)
+        };
+        let mut per_port = BTreeMap::new();
+        for p in &tp.port_level_settings {
+            per_port
+                .entry(p.port)
+                .or_insert_with(|| of(&p.connection_pool));
+        }
+        (of(&tp.connection_pool), per_port)
     }
 }
 

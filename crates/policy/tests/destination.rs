@@ -331,3 +331,30 @@ fn port_level_settings_do_not_inherit_the_rules_tls() {
     assert_eq!(mode(9090), Some(None), "an entry without tls has none");
     assert_eq!(mode(7000), None, "other ports take the rule's");
 }
+
+#[test]
+fn connect_timeouts_come_from_the_rule_that_applies_and_port_settings_inherit_nothing() {
+    use std::time::Duration;
+    let pool = "  trafficPolicy:\n    connectionPool:\n      tcp: {connectTimeout: 2s}\n    portLevelSettings:\n    - port: {number: 8080}\n      connectionPool:\n        tcp: {connectTimeout: 250ms}\n    - port: {number: 9090}\n      tls: {mode: ISTIO_MUTUAL}\n";
+    let c = config(&[
+        dr("legacy", "timeouts", DB, None, pool),
+        // The client's own namespace has a rule without a pool: it wins,
+        // and the legacy namespace's timeouts do not apply.
+        dr("production", "plain", DB, Some("DISABLE"), ""),
+    ]);
+    let timeouts = |from: &Workload| {
+        destination_rule(&c, from, DB, "legacy")
+            .map(|d| d.connect_timeouts())
+            .unwrap_or_default()
+    };
+    let (own, ports) = timeouts(&client("development", &[]));
+    assert_eq!(own, Some(Duration::from_secs(2)));
+    assert_eq!(ports[&8080], Some(Duration::from_millis(250)));
+    // A port entry without a pool takes the mesh default, not the rule's
+    // 2s (Istio's `GetPortLevelTrafficPolicy`).
+    assert_eq!(ports[&9090], None);
+    assert_eq!(
+        timeouts(&client("production", &[])),
+        (None, BTreeMap::new())
+    );
+}

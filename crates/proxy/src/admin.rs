@@ -135,7 +135,7 @@ fn config_dump(state: &State) -> serde_json::Value {
         .iter()
         .map(|p| {
             let d = snap.policy.mtls(p.port);
-            json!({"name": p.name, "port": p.port, "protocol": p.protocol, "app": p.app, "mtls_mode": d.mode.as_str(), "mtls_source": d.source.to_string()})
+            json!({"name": p.name, "port": p.port, "protocol": p.protocol, "app": p.app, "app_connect_timeout_ms": snap.app_connect_timeout.as_millis(), "mtls_mode": d.mode.as_str(), "mtls_source": d.source.to_string()})
         })
         .collect();
     let policies: Vec<_> = snap
@@ -164,7 +164,7 @@ fn config_dump(state: &State) -> serde_json::Value {
                 "name": format!("{}/{}", s.namespace, s.name),
                 "host": s.host,
                 "destination_rule": s.destination_rule,
-                "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol, "connect_timeout_ms": s.connect_timeout_for(p.number).as_millis()})).collect::<Vec<_>>(),
                 "resolution": s.resolution.as_str(),
                 "endpoints": s.endpoints,
                 "dns": dns,

@@ -320,6 +320,7 @@ where
             state.tcp_conns.untrack(id);
         }
         let mut tunneled = None;
+        let mut unreachable = None;
         let (status, flags) = match outcome {
             Exchange::Done { status, close: c } => {
                 close |= c;
@@ -337,6 +338,14 @@ where
                 let _ = h1::reply(&mut io, status, body, true).await;
                 (status, flags)
             }
+            Exchange::Unreachable(why) => {
+                close = true;
+                let body = "upstream connect error";
+                sizes.1 = body.len() as u64;
+                let _ = h1::reply(&mut io, 503, body, true).await;
+                unreachable = Some(why);
+                (503, "UF")
+            }
             Exchange::Aborted(status, flags) => {
                 close = true;
                 (status, flags)
@@ -350,7 +359,11 @@ where
             (
                 status,
                 flags,
-                tunneled.as_ref().map(Ended::Tunnel),
+                match (&tunneled, &unreachable) {
+                    (Some(t), _) => Some(Ended::Tunnel(t)),
+                    (None, Some(why)) => Some(Ended::Unreachable(why)),
+                    (None, None) => None,
+                },
                 Counts::bytes(sizes.0, sizes.1),
             ),
             (decision.as_ref(), ext_allowed.as_deref()),
@@ -374,6 +387,8 @@ enum Exchange {
     /// No response came: answer with this status, flags and body, then
     /// close.
     NoResponse(u16, &'static str, &'static str),
+    /// The application could not be connected to (why): `503 UF`, close.
+    Unreachable(String),
     /// The exchange broke after the response started (or while the request
     /// body was read): nothing more can be sent; close.
     Aborted(u16, &'static str),
@@ -425,16 +440,18 @@ impl AppConn {
         let mut retried = false;
         let resp = loop {
             if self.stream.is_none() {
-                match TcpStream::connect(conn.app).await {
+                match crate::connect::tcp(conn.app, conn.app_connect_timeout).await {
                     Ok(s) => {
-                        let _ = s.set_nodelay(true);
                         self.stream = Some(s);
                         self.buf.clear();
                         self.reused = false;
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, app = %conn.app, "application unreachable");
-                        return Exchange::NoResponse(503, "UF", "upstream connect error");
+                        return Exchange::Unreachable(format!(
+                            "application at {} unreachable: {e}",
+                            conn.app
+                        ));
                     }
                 }
             }
@@ -615,6 +632,8 @@ async fn handle(
         }
         _ => None,
     };
+    // Why the application could not be reached, for the access log.
+    let mut unreachable = None;
     let (resp, flags) = if let Err(e) = &forward {
         tracing::debug!(error = %e, "invalid request path");
         (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
@@ -712,6 +731,11 @@ async fn handle(
             }
             Err(e) => {
                 tracing::debug!(error = %e, app = %conn.app, "application unreachable");
+                // hyper's own words say little ("client error (Connect)"):
+                // the cause is what helps.
+                let cause =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
+                unreachable = Some(format!("application at {} unreachable: {cause}", conn.app));
                 (
                     full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
                     "UF",
@@ -736,7 +760,7 @@ async fn handle(
         let ended = match (&rejected, &ext_refused) {
             (Some(r), _) => Some(Ended::Unauthenticated(r)),
             (None, Some((x, reason))) => Some(Ended::ExtAuthz(x, reason)),
-            (None, None) => None,
+            (None, None) => unreachable.as_deref().map(Ended::Unreachable),
         };
         account(
             &state,
@@ -810,6 +834,8 @@ enum Ended<'a> {
     /// The external provider of a CUSTOM policy refused it (or could not
     /// be asked): the rule that asked, and what happened.
     ExtAuthz(&'a meshward_policy::ExtAuthzCheck, &'a str),
+    /// Allowed, but the application could not be connected to (why).
+    Unreachable(&'a str),
 }
 
 /// Records one inbound request: its metrics and, when enabled, its access
@@ -846,6 +872,7 @@ fn account(
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
     record.response_code = Some(status);
+    record.response_flags = flags;
     if let Some(words) = ext_allowed {
         record.reason = format!("{}; {words}", record.reason);
     }
@@ -867,6 +894,7 @@ fn account(
             record.policy = Some(x.policy.policy.to_string());
             record.rule = Some(x.policy.rule);
         }
+        Some(Ended::Unreachable(why)) => record.reason = format!("{}; {why}", record.reason),
         Some(Ended::Tunnel(_)) | None => {}
     }
     state.metrics.access().write(&record);

@@ -41,6 +41,9 @@ pub struct Conn {
     pub app: SocketAddr,
     /// The application speaks cleartext HTTP/2 on this port (gRPC).
     pub app_h2: bool,
+    /// How long connecting to the application may take
+    /// (`meshConfig.connectTimeout`).
+    pub app_connect_timeout: Duration,
     /// `spiffe://...` of the mTLS peer.
     pub identity: Option<String>,
     /// SHA-256 of the peer's leaf certificate, hex (for XFCC).
@@ -76,6 +79,7 @@ impl Conn {
             path: None,
             authority: None,
             response_code: None,
+            response_flags: "-",
             decision,
             reason,
             policy: d
@@ -193,6 +197,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         .local_addr()
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
     let mode = snap.policy.mtls(port).mode;
+    let app_connect_timeout = snap.app_connect_timeout;
     drop(snap);
     let mut conn = Conn {
         peer,
@@ -200,6 +205,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         port,
         app: info.app,
         app_h2: info.app_h2,
+        app_connect_timeout,
         identity: None,
         cert_hash: None,
         sni: None,
@@ -376,9 +382,10 @@ where
     let ext_allowed = ext.map(|(x, o)| o.reason(&x.provider));
     state.metrics.tcp_opened(&labels);
     let (id, close) = state.tcp_conns.track(&conn, None, approved);
-    let (sent, received, error) = match TcpStream::connect(conn.app).await {
+    let (sent, received, error) = match crate::connect::tcp(conn.app, conn.app_connect_timeout)
+        .await
+    {
         Ok(app) => {
-            let _ = app.set_nodelay(true);
             let activity = Activity::new();
             let mut peer = Counted::new(io, &activity);
             let mut app = Counted::new(app, &activity);
@@ -398,15 +405,14 @@ where
         ),
     };
     state.tcp_conns.untrack(id);
-    if error
-        .as_deref()
-        .is_some_and(|e| !e.starts_with(IDLE_TIMEOUT))
-    {
-        labels.response_flags = "UF".to_string();
-    }
+    let flags = match error.as_deref() {
+        Some(e) if !e.starts_with(IDLE_TIMEOUT) => "UF",
+        _ => "-",
+    };
+    labels.response_flags = flags.to_string();
     state.metrics.tcp_closed(&labels, sent, received);
     let ended = match (error, ext_allowed) {
-        (Some(e), _) => Some(TcpEnd::Error(e)),
+        (Some(e), _) => Some(TcpEnd::Error(e, flags)),
         (None, allowed) => allowed.map(TcpEnd::ExtAllowed),
     };
     log_tcp(&state, &conn, &decision, started, (sent, received), ended);
@@ -414,8 +420,9 @@ where
 
 /// What a TCP connection's decision alone does not tell of how it ended.
 enum TcpEnd<'a> {
-    /// Closed with this error, or by a policy change.
-    Error(String),
+    /// Closed with this error (and these response flags), or by a policy
+    /// change.
+    Error(String, &'static str),
     /// The external provider of the CUSTOM rule refused it (or could not
     /// be asked), in these words.
     ExtAuthz(&'a meshward_policy::ExtAuthzCheck, String),
@@ -437,14 +444,16 @@ fn log_tcp(
     let snap = state.snapshot();
     let mut record = conn.record(&snap.identity, "tcp", started, Some(d));
     match ended {
-        Some(TcpEnd::Error(e)) => {
+        Some(TcpEnd::Error(e, flags)) => {
             if e.starts_with(POLICY_CHANGED) {
                 record.decision = "deny";
             }
+            record.response_flags = flags;
             record.reason = e;
         }
         Some(TcpEnd::ExtAuthz(x, reason)) => {
             record.decision = "deny";
+            record.response_flags = "UAEX";
             record.reason = reason;
             record.policy = Some(x.policy.policy.to_string());
             record.rule = Some(x.policy.rule);
@@ -478,6 +487,7 @@ fn refuse(state: &State, conn: &Conn, started: Instant, reason: &str, explanatio
     state.metrics.tcp_opened(&labels);
     state.metrics.tcp_closed(&labels, 0, 0);
     let mut record = conn.record(&snap.identity, "connection", started, None);
+    record.response_flags = "UAEX";
     record.reason = reason.to_string();
     record.explanation = explanation;
     state.metrics.access().write(&record);

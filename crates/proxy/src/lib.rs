@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod connect;
 pub mod dns;
 pub mod dr_tls;
 pub mod ext_authz;

@@ -30,6 +30,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::connect::{self, Deadline};
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
@@ -50,6 +51,8 @@ struct Target {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     /// Speak HTTP/2 (gRPC): prior knowledge in plaintext, ALPN under TLS.
     h2: bool,
+    /// How long connecting may take, TLS handshake included.
+    connect_timeout: Duration,
 }
 
 /// Connects to the target registered under the request's authority (a
@@ -198,16 +201,19 @@ impl tower_service::Service<Uri> for MeshConnector {
 }
 
 /// Opens a connection to `t`: TCP, then TLS when its settings say so
-/// (verifying the server as they require).
+/// (verifying the server as they require), within its connect timeout.
 async fn connect(t: &Target) -> io::Result<Upstream> {
-    let tcp = TcpStream::connect(t.addr).await?;
+    let deadline = Deadline::after(t.connect_timeout);
+    let tcp = deadline
+        .run(connect::TCP, TcpStream::connect(t.addr))
+        .await?;
     let _ = tcp.set_nodelay(true);
     match &t.tls {
         None => Ok(Upstream::Plain(tcp, t.h2)),
         Some((config, server_name)) => {
-            let s = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                .connect(server_name.clone(), tcp)
-                .await?;
+            let handshake = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                .connect(server_name.clone(), tcp);
+            let s = deadline.run(connect::TLS, handshake).await?;
             Ok(Upstream::Tls(Box::new(s)))
         }
     }
@@ -390,14 +396,17 @@ impl Route {
     }
 
     /// The response flag and access-log reason for a failed upstream
-    /// connection or exchange: for a TLS failure `UF` (Envoy's flag for a
-    /// failed handshake) and words that say who refused what, else
-    /// `flag` and the error as it is.
+    /// connection or exchange: `UF` for a connect timeout (Envoy's flag
+    /// for one) or a TLS failure (with words that say who refused what),
+    /// else `flag` and the error as it is.
     fn failure(
         &self,
         err: &(dyn std::error::Error + 'static),
         flag: &'static str,
     ) -> (&'static str, String) {
+        if let Some(t) = connect::timeout_of(err) {
+            return ("UF", format!("upstream {} failed: {t}", self.addr));
+        }
         match dr_tls::tls_failure(err) {
             Some(f) => (
                 "UF",
@@ -603,9 +612,12 @@ impl Outbound {
         // services (DestinationRule files carry no ALPN choice).
         let h2 = svc_port.app_protocol() == meshward_config::model::AppProtocol::Http2
             && !matches!(mode, TlsMode::Simple | TlsMode::Mutual);
+        // With the connect timeout: a changed one applies to new connections.
+        let connect_timeout = svc.connect_timeout_for(svc_port.number);
         key.add(&addr.port().to_be_bytes())
             .add(mode.as_str().as_bytes())
-            .add(&[u8::from(h2)]);
+            .add(&[u8::from(h2)])
+            .add(&connect_timeout.as_millis().to_be_bytes());
         let mut files = None;
         let tls = match mode {
             TlsMode::Disable => None,
@@ -646,7 +658,12 @@ impl Outbound {
                 Some((config, server_name))
             }
         };
-        let target = Target { addr, tls, h2 };
+        let target = Target {
+            addr,
+            tls,
+            h2,
+            connect_timeout,
+        };
         let key = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
         Ok(Route {
             svc: Arc::clone(svc),
@@ -1300,6 +1317,7 @@ fn account(
         path: Some(path.to_string()),
         authority: Some(host.to_string()),
         response_code: Some(status),
+        response_flags: flags,
         decision: if flags == "-" { "allow" } else { "error" },
         reason,
         policy: None,
@@ -1377,36 +1395,28 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 }
             };
             let mtls = route.mode != TlsMode::Disable;
-            let labels = source_labels(&snap, Some(&route), "tcp", mtls);
+            let mut labels = source_labels(&snap, Some(&route), "tcp", mtls);
             state.metrics.tcp_opened(&labels);
             let activity = Activity::new();
             let mut down = Counted::new(stream, &activity);
-            let mut up_read = 0;
-            let result = async {
-                let tcp = TcpStream::connect(route.addr).await?;
-                let _ = tcp.set_nodelay(true);
-                let (r, read) = match &route.target.tls {
-                    None => {
-                        let mut up = Counted::new(tcp, &activity);
-                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await
-                    }
-                    Some((config, server_name)) => {
-                        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                            .connect(server_name.clone(), tcp)
-                            .await?;
-                        let mut up = Counted::new(tls, &activity);
-                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await
-                    }
-                };
-                up_read = read;
-                r
-            }
-            .await;
-            let (sent, received) = (down.bytes_read(), up_read);
-            let reason = match result {
-                Ok(reason) => reason,
-                Err(e) => route.failure(&e, "UF").1,
+            // A failed connection (refused, timed out, TLS refused) closes
+            // the application's connection: flag `UF`, as Envoy's TCP proxy.
+            let (result, up_read) = match connect(&route.target).await {
+                Ok(up) => {
+                    let mut up = Counted::new(up, &activity);
+                    let (r, read) =
+                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await;
+                    // A TLS refusal seen at the first read: `UF` (see `exchange`).
+                    (r.map_err(|e| route.failure(&e, "-")), read)
+                }
+                Err(e) => (Err(route.failure(&e, "UF")), 0),
             };
+            let (sent, received) = (down.bytes_read(), up_read);
+            let (flags, reason) = match result {
+                Ok(reason) => ("-", reason),
+                Err(failure) => failure,
+            };
+            labels.response_flags = flags.to_string();
             state.metrics.tcp_closed(&labels, sent, received);
             state.metrics.access().write(&AccessRecord {
                 time: now_rfc3339(),
@@ -1422,7 +1432,8 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 path: None,
                 authority: None,
                 response_code: None,
-                decision: "allow",
+                response_flags: flags,
+                decision: if flags == "-" { "allow" } else { "error" },
                 reason,
                 policy: None,
                 rule: None,
@@ -1444,6 +1455,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             tls: None,
             h2: true,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 

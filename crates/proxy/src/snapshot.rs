@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshward_config::model::networking::{ClientTls, Resolution, TlsMode};
 use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
@@ -161,6 +162,14 @@ pub struct Service {
     /// Per port: the port-level entry's settings, `None` when it has none
     /// (it does not inherit the rule's).
     pub port_tls: BTreeMap<u16, Option<ClientTls>>,
+    /// How long a connection to an endpoint may take, TLS handshake
+    /// included: the DestinationRule's `connectTimeout`, else the mesh's.
+    #[serde(skip)]
+    pub connect_timeout: Duration,
+    /// The same for the ports the DestinationRule's `portLevelSettings`
+    /// list (which inherit nothing from the rule's own settings).
+    #[serde(skip)]
+    pub port_connect_timeout: BTreeMap<u16, Duration>,
 }
 
 impl Service {
@@ -223,6 +232,15 @@ impl Service {
         "no endpoints".to_string()
     }
 
+    /// How long a connection to an endpoint of service port `port` may
+    /// take (TCP connect and TLS handshake).
+    pub fn connect_timeout_for(&self, port: u16) -> Duration {
+        self.port_connect_timeout
+            .get(&port)
+            .copied()
+            .unwrap_or(self.connect_timeout)
+    }
+
     /// The client TLS settings for a service port, if a DestinationRule sets them.
     pub fn tls_for(&self, port: u16) -> Option<&ClientTls> {
         match self.port_tls.get(&port) {
@@ -266,6 +284,9 @@ pub struct Snapshot {
     /// The workload's RequestAuthentication rules.
     pub jwt: JwtPolicy,
     pub services: Vec<Arc<Service>>,
+    /// How long a connection to the application may take
+    /// (`meshConfig.connectTimeout`).
+    pub app_connect_timeout: Duration,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
 }
@@ -346,6 +367,7 @@ impl Snapshot {
             policy,
             jwt,
             services,
+            app_connect_timeout: config.mesh.connect_timeout,
             hosts,
             config,
         })
@@ -627,6 +649,11 @@ fn build_services(
             };
             let dr = destination_rule(config, client, &host, &se.meta.namespace);
             let (tls, port_tls) = dr.as_ref().map(|d| d.tls()).unwrap_or_default();
+            let mesh_timeout = config.mesh.connect_timeout;
+            let (timeout, port_timeouts) = dr
+                .as_ref()
+                .map(|d| d.connect_timeouts())
+                .unwrap_or_default();
             let service = Arc::new(Service {
                 namespace: se.meta.namespace.clone(),
                 name: se.meta.name.clone(),
@@ -645,6 +672,11 @@ fn build_services(
                 destination_rule: dr.map(|d| d.source().key()),
                 tls,
                 port_tls,
+                connect_timeout: timeout.unwrap_or(mesh_timeout),
+                port_connect_timeout: port_timeouts
+                    .into_iter()
+                    .map(|(port, t)| (port, t.unwrap_or(mesh_timeout)))
+                    .collect(),
             });
             if slot == services.len() {
                 hosts.insert(host, slot);

@@ -181,15 +181,14 @@ pub struct State {
     ready: AtomicBool,
     pub metrics: Arc<Metrics>,
     /// Pooled HTTP/1.1 connections to the local application.
-    pub app_client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::http_in::Body,
-    >,
+    pub app_client:
+        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http_in::Body>,
     /// The same over cleartext HTTP/2 (prior knowledge), for gRPC ports.
-    pub app_client_h2: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::http_in::Body,
-    >,
+    pub app_client_h2:
+        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http_in::Body>,
+    /// The connector of both, whose connect timeout follows the
+    /// snapshot's `app_connect_timeout`.
+    app_connector: crate::connect::AppConnector,
     pub outbound: crate::outbound::Outbound,
     /// Open inbound TCP connections, re-checked when policy changes.
     pub tcp_conns: TcpTracker,
@@ -350,6 +349,7 @@ impl State {
         // requests fail (503) naming the file, as they are logged here.
         let dr_files = crate::dr_tls::DrFiles::default();
         dr_files.sync(&snapshot, &metrics);
+        let app_connector = crate::connect::AppConnector::new(snapshot.app_connect_timeout);
         Ok(Arc::new(State {
             snapshot: ArcSwap::from_pointee(snapshot),
             tls: ArcSwap::from_pointee(tls),
@@ -359,12 +359,13 @@ impl State {
             app_client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
-            .build(hyper_util::client::legacy::connect::HttpConnector::new()),
+            .build(app_connector.clone()),
             app_client_h2: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
             .http2_only(true)
-            .build(hyper_util::client::legacy::connect::HttpConnector::new()),
+            .build(app_connector.clone()),
+            app_connector,
             outbound: crate::outbound::Outbound::default(),
             tcp_conns: TcpTracker::default(),
             idle_timeout,
@@ -462,6 +463,7 @@ impl State {
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
+        self.app_connector.set_timeout(snapshot.app_connect_timeout);
         self.dns.forget_unused();
         let closed = self.tcp_conns.recheck(&snapshot);
         if closed > 0 {

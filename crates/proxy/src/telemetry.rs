@@ -536,6 +536,8 @@ pub struct AccessRecord {
     pub path: Option<String>,
     pub authority: Option<String>,
     pub response_code: Option<u16>,
+    /// Envoy's response flags (`-` for none), as in the metrics' label.
+    pub response_flags: &'static str,
     pub decision: &'static str,
     pub reason: String,
     pub policy: Option<String>,

@@ -48,7 +48,6 @@ const NOT_ACTED_ON: &[&str] = &[
     "certificates",
     "serviceSettings",
     "tcpKeepalive",
-    "connectTimeout",
     "inboundClusterStatName",
     "outboundClusterStatName",
     "verifyCertificateAtClient",
@@ -317,7 +316,19 @@ pub struct MeshConfig {
     pub path_normalization: PathNormalization,
     /// meshward extension: default workload certificate lifetime (Go duration).
     pub workload_cert_ttl: Option<String>,
+    /// How long a proxy may take to connect to an upstream, TLS handshake
+    /// included, where no DestinationRule sets `connectTimeout`; also for
+    /// its connections to its own application (`connectTimeout`, 10 s by
+    /// default as in Istio).
+    pub connect_timeout: std::time::Duration,
 }
+
+/// Istio's default `meshConfig.connectTimeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bounds Istio's `ValidateConnectTimeout` puts on
+/// `meshConfig.connectTimeout`.
+const CONNECT_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Default for MeshConfig {
     fn default() -> Self {
@@ -330,6 +341,7 @@ impl Default for MeshConfig {
             enable_auto_mtls: true,
             path_normalization: PathNormalization::Base,
             workload_cert_ttl: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -400,6 +412,25 @@ impl MeshConfig {
             && let Err(e) = super::security::check_duration(ttl)
         {
             sink.error(f.pos(), &f.field_path("workloadCertTtl"), e);
+        }
+        let ct_pos = f.peek("connectTimeout").map_or(f.pos(), |n| n.pos);
+        if let Some(t) = f.string(sink, "connectTimeout") {
+            // Istio refuses the whole mesh config with a bad one
+            // (`ValidateMeshConfig`): 1ms to 1h, whole milliseconds.
+            let checked = super::security::check_duration(&t)
+                .and_then(|()| super::security::parse_duration(&t))
+                .map(|secs| std::time::Duration::from_millis((secs * 1000.0).round() as u64))
+                .and_then(|d| {
+                    if d > CONNECT_TIMEOUT_MAX {
+                        Err(format!("invalid connect timeout \"{t}\": at most 1h"))
+                    } else {
+                        Ok(d)
+                    }
+                });
+            match checked {
+                Ok(d) => m.connect_timeout = d,
+                Err(e) => sink.error(ct_pos, &f.field_path("connectTimeout"), e),
+            }
         }
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut providers: Vec<ExtensionProvider> = Vec::new();

@@ -13,8 +13,8 @@ pub mod security;
 
 pub use mesh::{ExtAuthz, ExtensionProvider, MeshConfig, header_listed};
 pub use networking::{
-    AppProtocol, ClientTls, DestinationRule, PortTrafficPolicy, ServiceEntry, ServicePort, TlsMode,
-    TrafficPolicy, WorkloadEntry,
+    AppProtocol, ClientTls, ConnectionPool, DestinationRule, PortTrafficPolicy, ServiceEntry,
+    ServicePort, TlsMode, TrafficPolicy, WorkloadEntry,
 };
 pub use security::{
     Action, AuthorizationPolicy, Condition, JwtHeader, JwtRule, MtlsMode, Operation,

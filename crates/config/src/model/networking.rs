@@ -3,6 +3,7 @@
 //! services outside Kubernetes).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::decode::{self, Fields};
 use crate::diag::Sink;
@@ -14,7 +15,6 @@ use crate::yaml::Node;
 /// and ignored so that users can apply their existing manifests.
 const IGNORED_TRAFFIC_POLICY: &[&str] = &[
     "loadBalancer",
-    "connectionPool",
     "outlierDetection",
     "tunnel",
     "proxyProtocol",
@@ -54,15 +54,27 @@ pub struct ClientTls {
     pub ca_crl: Option<String>,
 }
 
+/// `ConnectionPoolSettings`. meshward acts on `tcp.connectTimeout`; the
+/// other settings are validated as Istio validates them, and otherwise
+/// left alone (with a warning).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectionPool {
+    /// `tcp.connectTimeout`: how long the proxy may take to connect to an
+    /// endpoint, TLS handshake included (unset: `meshConfig.connectTimeout`).
+    pub connect_timeout: Option<Duration>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PortTrafficPolicy {
     pub port: u16,
     pub tls: Option<ClientTls>,
+    pub connection_pool: Option<ConnectionPool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TrafficPolicy {
     pub tls: Option<ClientTls>,
+    pub connection_pool: Option<ConnectionPool>,
     pub port_level_settings: Vec<PortTrafficPolicy>,
 }
 
@@ -142,6 +154,10 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
     let tls = f
         .take("tls")
         .and_then(|n| decode_client_tls(sink, n, &tls_path));
+    let pool_path = f.field_path("connectionPool");
+    let connection_pool = f
+        .take("connectionPool")
+        .map(|n| decode_connection_pool(sink, n, &pool_path));
     let mut seen = BTreeMap::new();
     let port_level_settings = f
         .list(sink, "portLevelSettings", |sink, n, p| {
@@ -192,6 +208,10 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
             let tls = pf
                 .take("tls")
                 .and_then(|t| decode_client_tls(sink, t, &tls_path));
+            let pool_path = format!("{p}.connectionPool");
+            let connection_pool = pf
+                .take("connectionPool")
+                .map(|c| decode_connection_pool(sink, c, &pool_path));
             pf.finish(sink);
             let port = port?;
             // Istio uses the first entry for a port (`GetPortLevelTrafficPolicy`
@@ -205,13 +225,190 @@ fn decode_traffic_policy(sink: &mut Sink<'_>, node: &Node, path: &str) -> Traffi
                 seen.insert(port, first);
                 return None;
             }
-            Some(PortTrafficPolicy { port, tls })
+            Some(PortTrafficPolicy {
+                port,
+                tls,
+                connection_pool,
+            })
         })
         .unwrap_or_default();
     f.finish(sink);
     TrafficPolicy {
         tls,
+        connection_pool,
         port_level_settings,
+    }
+}
+
+/// Decodes `connectionPool` with the checks of Istio's
+/// `validateConnectionPool` (and the types of its CRD schema): counts are
+/// non-negative int32s, durations at least 1ms in whole milliseconds (a
+/// TCP `idleTimeout` of 0 turns it off), an HTTP/2 keepalive needs both
+/// its interval and its timeout. Only `tcp.connectTimeout` is acted on;
+/// any other setting present is named in one warning.
+fn decode_connection_pool(sink: &mut Sink<'_>, node: &Node, path: &str) -> ConnectionPool {
+    let mut f = Fields::new(sink, node, path);
+    let mut pool = ConnectionPool::default();
+    // Settings present that meshward does not act on, by field path.
+    let mut ignored: Vec<String> = Vec::new();
+    let (tcp_node, http_node) = (f.take("tcp"), f.take("http"));
+    if tcp_node.is_none() && http_node.is_none() {
+        sink.error(
+            node.pos,
+            path,
+            "connection pool must have at least one field (tcp or http)",
+        );
+    }
+    if let Some(n) = tcp_node {
+        let mut t = Fields::new(sink, n, &decode::child(path, "tcp"));
+        pool.connect_timeout = pool_duration(sink, &mut t, "connectTimeout", false);
+        if pool_count(sink, &mut t, "maxConnections") {
+            ignored.push("tcp.maxConnections".to_string());
+        }
+        for key in ["maxConnectionDuration", "idleTimeout"] {
+            if pool_duration(sink, &mut t, key, key == "idleTimeout").is_some() {
+                ignored.push(format!("tcp.{key}"));
+            }
+        }
+        let ka_path = t.field_path("tcpKeepalive");
+        if let Some(ka) = t.take("tcpKeepalive") {
+            ignored.push("tcp.tcpKeepalive".to_string());
+            let mut k = Fields::new(sink, ka, &ka_path);
+            let probes_path = k.field_path("probes");
+            if let Some(p) = k.take("probes")
+                && let Some(v) = decode::integer(sink, p, &probes_path)
+                && !(0..=i64::from(u32::MAX)).contains(&v)
+            {
+                sink.error(
+                    p.pos,
+                    &probes_path,
+                    format!("probes {v} is out of range (0-4294967295)"),
+                );
+            }
+            pool_duration(sink, &mut k, "time", false);
+            pool_duration(sink, &mut k, "interval", false);
+            k.finish(sink);
+        }
+        t.finish(sink);
+    }
+    if let Some(n) = http_node {
+        let mut h = Fields::new(sink, n, &decode::child(path, "http"));
+        for key in [
+            "http1MaxPendingRequests",
+            "http2MaxRequests",
+            "maxRequestsPerConnection",
+            "maxRetries",
+            "maxConcurrentStreams",
+        ] {
+            if pool_count(sink, &mut h, key) {
+                ignored.push(format!("http.{key}"));
+            }
+        }
+        if pool_duration(sink, &mut h, "idleTimeout", false).is_some() {
+            ignored.push("http.idleTimeout".to_string());
+        }
+        let policy_path = h.field_path("h2UpgradePolicy");
+        let upgrade = match h.take("h2UpgradePolicy") {
+            None => false,
+            Some(p) => {
+                ignored.push("http.h2UpgradePolicy".to_string());
+                match decode::string(sink, p, &policy_path).as_deref() {
+                    Some("UPGRADE") => true,
+                    Some("DEFAULT" | "DO_NOT_UPGRADE") | None => false,
+                    Some(other) => {
+                        sink.error(p.pos, &policy_path, format!("unknown h2UpgradePolicy \"{other}\" (expected DEFAULT, DO_NOT_UPGRADE or UPGRADE)"));
+                        false
+                    }
+                }
+            }
+        };
+        let ucp_pos = h.peek("useClientProtocol").map_or(h.pos(), |n| n.pos);
+        if let Some(use_client) = h.bool(sink, "useClientProtocol") {
+            ignored.push("http.useClientProtocol".to_string());
+            if use_client && upgrade {
+                sink.error(
+                    ucp_pos,
+                    &h.field_path("useClientProtocol"),
+                    "use client protocol must not be true when h2UpgradePolicy is UPGRADE",
+                );
+            }
+        }
+        let ka_path = h.field_path("http2KeepAlive");
+        if let Some(ka) = h.take("http2KeepAlive") {
+            ignored.push("http.http2KeepAlive".to_string());
+            let mut k = Fields::new(sink, ka, &ka_path);
+            for key in ["interval", "timeout"] {
+                if k.peek(key).is_none() {
+                    sink.error(
+                        ka.pos,
+                        &k.field_path(key),
+                        format!("http2 keepalive {key} is required"),
+                    );
+                }
+                pool_duration(sink, &mut k, key, false);
+            }
+            k.finish(sink);
+        }
+        h.finish(sink);
+    }
+    f.finish(sink);
+    if !ignored.is_empty() {
+        sink.warn(
+            node.pos,
+            path,
+            format!(
+                "meshward acts only on tcp.connectTimeout here; these settings are accepted and have no effect: {}",
+                ignored.join(", ")
+            ),
+        );
+    }
+    pool
+}
+
+/// A non-negative int32 count of `connectionPool`; whether it is present.
+fn pool_count(sink: &mut Sink<'_>, f: &mut Fields<'_>, key: &str) -> bool {
+    let path = f.field_path(key);
+    let Some(n) = f.take(key) else {
+        return false;
+    };
+    match decode::integer(sink, n, &path) {
+        Some(v) if v < 0 => sink.error(
+            n.pos,
+            &path,
+            format!("{key} must be non-negative, found {v}"),
+        ),
+        Some(v) if v > i64::from(i32::MAX) => {
+            sink.error(n.pos, &path, format!("{key} {v} is out of range (int32)"));
+        }
+        _ => {}
+    }
+    true
+}
+
+/// A duration of `connectionPool` (Istio's `ValidateDuration`: at least
+/// 1ms, whole milliseconds; `zero_disables`: 0 is allowed too).
+fn pool_duration(
+    sink: &mut Sink<'_>,
+    f: &mut Fields<'_>,
+    key: &str,
+    zero_disables: bool,
+) -> Option<Duration> {
+    let pos = f.peek(key).map_or(f.pos(), |n| n.pos);
+    let path = f.field_path(key);
+    let text = f.string(sink, key)?;
+    let checked = super::security::parse_duration(&text).and_then(|secs| {
+        if zero_disables && secs == 0.0 {
+            Ok(secs)
+        } else {
+            super::security::check_duration(&text).map(|()| secs)
+        }
+    });
+    match checked {
+        Ok(secs) => Some(Duration::from_millis((secs * 1000.0).round() as u64)),
+        Err(e) => {
+            sink.error(pos, &path, e);
+            None
+        }
     }
 }
 
