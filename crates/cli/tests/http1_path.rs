@@ -425,9 +425,29 @@ async fn ambiguous_or_oversized_requests_are_refused_on_both_sides() {
             ),
             400,
         ),
+        // Any Transfer-Encoding but `chunked` alone: 501, as Envoy answers
+        // (`identity, chunked` is read as "no coding" by some parsers).
         (
             format!("POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            400,
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: identity, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
         ),
         ("GET / HTTP/1.1\r\n\r\n".to_string(), 400),
         (
