@@ -421,23 +421,30 @@ async fn a_refused_request_with_a_large_body_gets_its_refusal() {
         app.seen.lock().unwrap()
     );
 
-    // HTTP/2 straight to the server-side proxy: an early response is part
-    // of the protocol (the stream is reset once the response is sent).
-    let tcp = tokio::net::TcpStream::connect(server_side).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    for _ in 0..3 {
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{ORDERS}/deny"))
-            .body(Full::new(Bytes::from(vec![b'x'; LARGE])))
+    // HTTP/2 (hyper on the proxies' side), on both paths: an early
+    // response is part of the protocol (the stream is reset once the
+    // response is sent).
+    for target in [client_side, server_side] {
+        let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+            .await
             .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!((status, &body[..]), (403, &b"RBAC: access denied"[..]));
+        tokio::spawn(conn);
+        for _ in 0..3 {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{ORDERS}/deny"))
+                .body(Full::new(Bytes::from(vec![b'x'; LARGE])))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                (status, &body[..]),
+                (403, &b"RBAC: access denied"[..]),
+                "{target}"
+            );
+        }
     }
 
     // A large body that is allowed still gets through, on both paths.
