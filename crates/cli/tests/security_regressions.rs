@@ -460,3 +460,77 @@ async fn a_refused_request_with_a_large_body_gets_its_refusal() {
     }
     assert_eq!(app.seen.lock().unwrap().len(), 2);
 }
+
+/// A path that cannot be normalized (`%00`) was reported answered `403`
+/// where Envoy answers `400` (issue 15). Every path answers `400`, as
+/// Envoy 1.40 does: HTTP/1.1 and HTTP/2, through the client-side proxy and
+/// straight to the server-side one, a path a DENY policy names included;
+/// the access log says deny, `invalid_path`, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_with_an_encoded_nul_is_answered_400_on_every_path() {
+    let mesh = Mesh::new();
+    let app = App::start("orders").await;
+    let (port, out) = (free_port(), free_port());
+    mesh.write_config("mesh.yaml", &refusal_config(port, out, app.addr));
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let _front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    let client_side = SocketAddr::from(([127, 0, 0, 1], out));
+    let server_side = SocketAddr::from(([127, 0, 0, 1], port));
+    for path in ["/a%00b", "/deny%00", "/x/%00/../y?q=1"] {
+        for target in [client_side, server_side] {
+            let mut raw = Raw::connect(target).await;
+            raw.send(format!("GET {path} HTTP/1.1\r\nHost: {ORDERS}\r\n\r\n").as_bytes())
+                .await;
+            let resp = raw.response().await;
+            assert_eq!(
+                (resp.status, resp.body.as_str()),
+                (400, "invalid request path"),
+                "HTTP/1.1 {path} to {target}"
+            );
+            let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .uri(format!("http://{ORDERS}{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                (status, &body[..]),
+                (400, &b"invalid request path"[..]),
+                "HTTP/2 {path} to {target}"
+            );
+        }
+    }
+    assert!(app.seen.lock().unwrap().is_empty());
+    let line = orders
+        .log_line("the refused path", |l| l["path"] == "/a%00b")
+        .await;
+    assert_eq!(line["response_code"], 400, "{line}");
+    assert_eq!(
+        (&line["decision"], &line["reason"]),
+        (&"deny".into(), &"invalid_path".into()),
+        "{line}"
+    );
+    assert!(
+        line["explanation"]
+            .as_str()
+            .is_some_and(|r| r.contains("%00")),
+        "{line}"
+    );
+}
