@@ -645,6 +645,24 @@ async fn handle(
         }
         _ => None,
     };
+    // An HTTP/1.x request refused here keeps its body unread, and hyper
+    // closes such a connection after the answer: the kernel would reset
+    // it as the body kept coming, destroying the answer. So the body is
+    // read and discarded first, within the fast path's bounds. (HTTP/2
+    // needs nothing: the answer ends the stream. A client that waits for
+    // `100 Continue` has sent no body, and is not asked for it.)
+    let refused =
+        forward.is_err() || !allowed || ext.as_ref().is_some_and(|(_, o)| o.refusal().is_some());
+    if refused
+        && req.version() < Version::HTTP_2
+        && !hyper::body::Body::is_end_stream(req.body())
+        && !req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        discard_body(req.body_mut()).await;
+    }
     let (resp, flags) = if let Err(e) = &forward {
         tracing::debug!(error = %e, "invalid request path");
         (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
@@ -779,6 +797,23 @@ async fn handle(
         );
     });
     Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
+}
+
+/// Reads and throws away a request body, until it ends or one of the
+/// bounds of [`h1::linger`] is reached.
+async fn discard_body(body: &mut Incoming) {
+    let until = tokio::time::Instant::now() + h1::LINGER_MAX_TIME;
+    let mut discarded = 0u64;
+    while discarded < h1::LINGER_MAX_BYTES {
+        let quiet =
+            h1::LINGER_QUIET.min(until.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(quiet, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                discarded += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            _ => return,
+        }
+    }
 }
 
 /// The header edits of a request the fast path forwards, when it has any:
