@@ -425,9 +425,29 @@ async fn ambiguous_or_oversized_requests_are_refused_on_both_sides() {
             ),
             400,
         ),
+        // Any Transfer-Encoding but `chunked` alone: 501, as Envoy answers
+        // (`identity, chunked` is read as "no coding" by some parsers).
         (
             format!("POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            400,
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: identity, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            501,
         ),
         ("GET / HTTP/1.1\r\n\r\n".to_string(), 400),
         (
@@ -1060,4 +1080,39 @@ async fn a_streamed_http2_response_is_recorded_when_it_ends() {
             "{m}"
         );
     }
+}
+
+/// A request with a large body refused on an HTTP/2 port (issue 15): the
+/// client-side proxy, which cannot bridge a body that large, answers `413`
+/// and the server-side proxy (hyper serving HTTP/1.1 there) `403`, and
+/// either answer reaches a client that writes its whole body before
+/// reading; before, hyper's close reset the connection under the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_large_body_on_an_http2_port_gets_its_answer() {
+    let (app, log, _task) = body_app(true).await;
+    let p = pair(app, "http2").await;
+    let len = 5 * 1024 * 1024;
+    let cases = [
+        (p.outbound, 413, "request body too large"),
+        (p.inbound, 403, "RBAC: access denied"),
+    ];
+    for round in 0..3 {
+        for (target, status, body) in cases {
+            let mut c = Raw::connect(target).await;
+            let mut req = format!(
+                "POST /forbidden HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len}\r\n\r\n"
+            )
+            .into_bytes();
+            req.extend(std::iter::repeat_n(b'x', len));
+            c.send(&req).await;
+            let r = c.response().await;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (status, body),
+                "{target} round {round}"
+            );
+        }
+    }
+    assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
+    let _ = (&p.client, &p.server);
 }

@@ -204,7 +204,24 @@ impl Loader {
             }
             Ok(_) => {}
         }
-        match std::fs::read(file) {
+        // The size seen above is not enough: a file can grow between the
+        // two calls, and a device or a pipe (`/dev/zero`, `<(...)`) says 0.
+        // At most one byte more than the bound is read.
+        let read = std::fs::File::open(file).and_then(|f| {
+            use std::io::Read as _;
+            let mut bytes = Vec::new();
+            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        });
+        match read {
+            Ok(bytes) if bytes.len() as u64 > MAX_FILE_BYTES => {
+                self.error_at(
+                    &name,
+                    start,
+                    format!("file is larger than {MAX_FILE_BYTES} bytes"),
+                );
+                None
+            }
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(text) => Some(text),
                 Err(_) => {
@@ -238,16 +255,22 @@ impl Loader {
     /// Adds the documents of one YAML text; `name` is used in diagnostics.
     pub fn add_source(&mut self, name: &str, text: &str) {
         let file: Arc<str> = Arc::from(name);
-        let docs = match yaml::parse_stream(text) {
-            Ok(docs) => docs,
-            Err(e) => {
-                self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message));
-                return;
-            }
-        };
-        *self.documents.entry(name.to_string()).or_default() += docs.len();
-        for doc in docs {
+        // Each document is decoded as soon as it is parsed, and its tree
+        // dropped: holding every tree of a large file at once cost more
+        // memory than everything else (see docs/PERFORMANCE.md).
+        let before = self.diags.len();
+        let mut count = 0;
+        let parsed = yaml::for_each_document(text, |doc| {
+            count += 1;
             self.add_document(&file, &doc.root);
+        });
+        *self.documents.entry(name.to_string()).or_default() += count;
+        if let Err(e) = parsed {
+            // A file that does not parse says only that: what its earlier
+            // documents said is dropped with them (the load fails anyway,
+            // so what they added is never used).
+            self.diags.truncate(before);
+            self.error_at(&file, e.pos, format!("invalid YAML: {}", e.message));
         }
     }
 

@@ -170,6 +170,17 @@ pub struct SyntaxError {
 
 /// Parses a multi-document YAML stream. Empty documents are dropped.
 pub fn parse_stream(text: &str) -> Result<Vec<Document>, SyntaxError> {
+    let mut documents = Vec::new();
+    for_each_document(text, |doc| documents.push(doc))?;
+    Ok(documents)
+}
+
+/// Parses a multi-document YAML stream, handing each document to `f` as
+/// soon as it is complete, so that only one document's tree is in memory
+/// at a time (a tree takes several times the bytes of its text). Empty
+/// documents are dropped. On a syntax error, the documents before it have
+/// been handed over already.
+pub fn for_each_document(text: &str, mut f: impl FnMut(Document)) -> Result<(), SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     while let Some(event) = parser.next_event() {
@@ -181,8 +192,12 @@ pub fn parse_stream(text: &str) -> Result<Vec<Document>, SyntaxError> {
             message: e.info().to_string(),
         })?;
         builder.event(event, &span)?;
+        // At most one: a document is complete at its end event.
+        for doc in builder.documents.drain(..) {
+            f(doc);
+        }
     }
-    Ok(builder.documents)
+    Ok(())
 }
 
 /// Parses text holding exactly one YAML value (for example an embedded block).

@@ -2634,6 +2634,35 @@ fn oversized_file_is_refused_without_reading_it() {
     );
 }
 
+/// Documents are decoded as they are parsed (one tree in memory at a
+/// time); a file that turns out not to parse still reports only its
+/// syntax error, not what its earlier documents said.
+#[test]
+fn a_file_that_does_not_parse_reports_only_its_syntax_error() {
+    let mut l = Loader::new();
+    l.add_source(
+        "a.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: n}\nspec: {bogus: 1}\n---\nkey: [unclosed\n",
+    );
+    let d = l.finish().unwrap_err();
+    let all: Vec<_> = d.0.iter().collect();
+    assert_eq!(all.len(), 1, "{d}");
+    assert!(all[0].message.starts_with("invalid YAML"), "{d}");
+}
+
+/// A file whose size says nothing (a device, a pipe) is read only up to
+/// the bound: `/dev/zero` would otherwise be read until memory runs out.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_endless_file_is_refused_after_the_bound() {
+    let d = load_paths(&[std::path::Path::new("/dev/zero")]).unwrap_err();
+    assert!(
+        d.errors()
+            .any(|e| e.message.contains("file is larger than 16777216 bytes")),
+        "{d}"
+    );
+}
+
 #[test]
 fn mesh_config_block_source() {
     let mut l = Loader::new();

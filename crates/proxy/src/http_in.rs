@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshward_policy::{Decision, HttpAttributes};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::h1::codec::{self, Framing, Upgrade};
@@ -153,8 +153,9 @@ where
         };
         let started = Instant::now();
         let snap = state.snapshot();
+        let framing = head.framing();
         let Ok(target) = h1::target(&head) else {
-            let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+            h1::refuse(&mut io, &mut buf, 405, "method not allowed", framing).await;
             return;
         };
         // RequestAuthentication first, then authorization, as Envoy's
@@ -170,7 +171,6 @@ where
             })))
         });
         let line = [head.method(), &*target.path, target.host];
-        let framing = head.framing();
         // A request whose body is not read cannot be followed by another.
         let mut close = !head.keep_alive();
         // The application gets the path the decision saw. A path that
@@ -201,7 +201,7 @@ where
         if let Some((x, outcome)) = &ext
             && let Some((status, headers, body)) = outcome.refusal()
         {
-            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            close |= h1::has_body(framing);
             let fields = ext_authz::field_refs(headers);
             let sent = h1::reply_fields(&mut io, status, &fields, body, close).await;
             let reason = outcome.reason(&x.provider);
@@ -219,7 +219,13 @@ where
                 (decision.as_ref(), None),
                 line,
             );
-            if sent.is_err() || close {
+            if sent.is_err() {
+                return;
+            }
+            if close {
+                // The body was never read: it is discarded before the
+                // connection closes, so the refusal reaches the client.
+                h1::end_connection(&mut io, &mut buf, h1::Unread::all(framing)).await;
                 return;
             }
             continue;
@@ -231,7 +237,7 @@ where
         let forward = match (forward, &authn) {
             (Ok(forward), Ok(_)) if !denied && upgrade != Upgrade::Unsupported => forward,
             (bad, authn) => {
-                close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+                close |= h1::has_body(framing);
                 let (status, body, ended) = match (bad, authn) {
                     (Err(_), _) => (400, "invalid request path", None),
                     (Ok(_), Err(r)) => (401, r.message, Some(Ended::Unauthenticated(r))),
@@ -258,7 +264,11 @@ where
                     (decision.as_ref(), ext_allowed.as_deref()),
                     line,
                 );
-                if sent.is_err() || close {
+                if sent.is_err() {
+                    return;
+                }
+                if close {
+                    h1::end_connection(&mut io, &mut buf, h1::Unread::all(framing)).await;
                     return;
                 }
                 continue;
@@ -321,9 +331,19 @@ where
         }
         let mut tunneled = None;
         let mut unreachable = None;
+        // What the client may still send of the body when the connection
+        // closes.
+        let mut unread = h1::Unread::Nothing;
         let (status, flags) = match outcome {
-            Exchange::Done { status, close: c } => {
+            Exchange::Done {
+                status,
+                close: c,
+                early,
+            } => {
                 close |= c;
+                if early {
+                    unread = h1::Unread::rest(framing);
+                }
                 (status, "-")
             }
             Exchange::Tunneled(t) => {
@@ -336,6 +356,7 @@ where
                 close = true;
                 sizes.1 = body.len() as u64;
                 let _ = h1::reply(&mut io, status, body, true).await;
+                unread = h1::Unread::rest(framing);
                 (status, flags)
             }
             Exchange::Unreachable(why) => {
@@ -370,7 +391,7 @@ where
             line,
         );
         if close {
-            let _ = io.shutdown().await;
+            h1::end_connection(&mut io, &mut buf, unread).await;
             return;
         }
     }
@@ -382,8 +403,13 @@ enum Exchange {
     /// has ended; the downstream connection closes.
     Tunneled(h1::Tunneled),
     /// The response was forwarded; `close`: the downstream connection must
-    /// close after it.
-    Done { status: u16, close: bool },
+    /// close after it; `early`: it came before the request body had all
+    /// gone (the rest was not read).
+    Done {
+        status: u16,
+        close: bool,
+        early: bool,
+    },
     /// No response came: answer with this status, flags and body, then
     /// close.
     NoResponse(u16, &'static str, &'static str),
@@ -438,7 +464,7 @@ impl AppConn {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut retried = false;
-        let resp = loop {
+        let (resp, early) = loop {
             if self.stream.is_none() {
                 match crate::connect::tcp(conn.app, conn.app_connect_timeout).await {
                     Ok(s) => {
@@ -472,7 +498,8 @@ impl AppConn {
                 &mut sizes.0,
             );
             match sent.await {
-                Sent::Response(resp) => break resp,
+                Sent::Response(resp) => break (resp, false),
+                Sent::Early(resp) => break (resp, true),
                 Sent::Lost(_) if can_retry => {
                     retried = true;
                     self.stream = None;
@@ -506,24 +533,27 @@ impl AppConn {
             tracing::debug!(app = %conn.app, reason = %t.reason, bytes = ?t.bytes, "tunnel closed");
             return Exchange::Tunneled(t);
         }
+        // After an early answer, neither connection can carry another
+        // request: the body was cut short.
         let r = h1::relay(
             up,
             &mut self.buf,
             down,
             &resp,
-            (method, close_down, extra),
+            (method, close_down || early, extra),
             out,
         )
         .await;
         sizes.1 = r.bytes;
         self.reused = true;
-        if !r.reusable {
+        if !r.reusable || early {
             self.stream = None;
         }
         match r.flags {
             "-" => Exchange::Done {
                 status: r.status,
                 close: r.close,
+                early,
             },
             flags => Exchange::Aborted(r.status, flags),
         }
@@ -634,6 +664,24 @@ async fn handle(
     };
     // Why the application could not be reached, for the access log.
     let mut unreachable = None;
+    // An HTTP/1.x request refused here keeps its body unread, and hyper
+    // closes such a connection after the answer: the kernel would reset
+    // it as the body kept coming, destroying the answer. So the body is
+    // read and discarded first, within the fast path's bounds. (HTTP/2
+    // needs nothing: the answer ends the stream. A client that waits for
+    // `100 Continue` has sent no body, and is not asked for it.)
+    let refused =
+        forward.is_err() || !allowed || ext.as_ref().is_some_and(|(_, o)| o.refusal().is_some());
+    if refused
+        && req.version() < Version::HTTP_2
+        && !hyper::body::Body::is_end_stream(req.body())
+        && !req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        discard_body(req.body_mut()).await;
+    }
     let (resp, flags) = if let Err(e) = &forward {
         tracing::debug!(error = %e, "invalid request path");
         (full(StatusCode::BAD_REQUEST, "invalid request path"), "-")
@@ -773,6 +821,23 @@ async fn handle(
         );
     });
     Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
+}
+
+/// Reads and throws away a request body, until it ends or one of the
+/// bounds of [`h1::linger`] is reached.
+async fn discard_body(body: &mut Incoming) {
+    let until = tokio::time::Instant::now() + h1::LINGER_MAX_TIME;
+    let mut discarded = 0u64;
+    while discarded < h1::LINGER_MAX_BYTES {
+        let quiet =
+            h1::LINGER_QUIET.min(until.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(quiet, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                discarded += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            _ => return,
+        }
+    }
 }
 
 /// The header edits of a request the fast path forwards, when it has any:

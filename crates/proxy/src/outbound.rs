@@ -744,7 +744,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         let started = Instant::now();
         let snap = state.snapshot();
         let Ok(target) = h1::target(&head) else {
-            let _ = h1::reply(&mut io, 405, "method not allowed", true).await;
+            h1::refuse(&mut io, &mut buf, 405, "method not allowed", head.framing()).await;
             break;
         };
         let line = [head.method(), &*target.path, target.host];
@@ -758,7 +758,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             Ok(route) => route,
             Err(e) => {
                 let (status, flags) = e.status();
-                close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+                close |= h1::has_body(framing);
                 let body = "no healthy upstream";
                 let sent = h1::reply(&mut io, status, body, close).await;
                 let outcome = (
@@ -768,7 +768,11 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                     Counts::bytes(0, body.len() as u64),
                 );
                 account(&state, &snap, &cache, peer, started, None, outcome, line);
-                if sent.is_err() || close {
+                if sent.is_err() {
+                    break;
+                }
+                if close {
+                    h1::end_connection(&mut io, &mut buf, h1::Unread::all(framing)).await;
                     break;
                 }
                 continue;
@@ -791,9 +795,13 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         };
         // Body bytes: from the application, to it.
         let mut sizes = (0, 0);
+        // What the application may still send of the body when the
+        // connection closes.
+        let mut unread = h1::Unread::Nothing;
         let (status, flags, reason, must_close) = if upgrade == Upgrade::Unsupported {
             // Refused before the application, as an Istio sidecar does.
-            close |= !matches!(framing, Framing::Empty | Framing::Length(0));
+            close |= h1::has_body(framing);
+            unread = h1::Unread::all(framing);
             let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
             sizes.1 = h1::UPGRADE_REFUSED.len() as u64;
             let reason = h1::UPGRADE_REFUSED.to_string();
@@ -806,7 +814,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 &mut io,
                 &mut buf,
                 (framing, close),
-                &mut sizes,
+                (&mut sizes, &mut unread),
             )
             .await;
             (status, flags, reason, close)
@@ -820,7 +828,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                 write_head,
                 (framing, head.method(), close),
                 (upgrade == Upgrade::WebSocket).then_some(state.idle_timeout),
-                &mut sizes,
+                (&mut sizes, &mut unread),
             )
             .await
         };
@@ -838,7 +846,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             line,
         );
         if close {
-            let _ = io.shutdown().await;
+            h1::end_connection(&mut io, &mut buf, unread).await;
             break;
         }
     }
@@ -853,7 +861,8 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
 /// reused one turns out closed. `tunnel` is set for a WebSocket handshake,
 /// to the idle timeout of the tunnel a `101` opens (which ends both
 /// connections). Returns the status, response flags, the access log
-/// reason, and whether the downstream connection must close.
+/// reason, and whether the downstream connection must close; `unread`
+/// says what is left of the request body when it must.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     pool: &Pool,
@@ -864,7 +873,7 @@ async fn exchange(
     write_head: impl Fn(&mut Vec<u8>),
     (framing, method, close_down): (Framing, &str, bool),
     tunnel: Option<Duration>,
-    sizes: &mut (u64, u64),
+    (sizes, unread): (&mut (u64, u64), &mut h1::Unread),
 ) -> (u16, &'static str, String, bool) {
     if current.as_ref().is_some_and(|(key, _)| *key != route.key)
         && let Some((key, up)) = current.take()
@@ -872,7 +881,7 @@ async fn exchange(
         pool.checkin(key, up);
     }
     let mut retried = false;
-    let resp = loop {
+    let (resp, early) = loop {
         // `up_buf` belongs to the current connection: a connection taken
         // now starts with it empty.
         if current.is_none() {
@@ -893,6 +902,7 @@ async fn exchange(
                     let body = "upstream connect error";
                     let _ = h1::reply(down, 503, body, true).await;
                     sizes.1 = body.len() as u64;
+                    *unread = h1::Unread::all(framing);
                     let (flag, reason) = route.failure(&e, "UF");
                     return (503, flag, reason, true);
                 }
@@ -916,7 +926,8 @@ async fn exchange(
         );
         let sent = sent.await;
         let failure = match sent {
-            Sent::Response(resp) => break resp,
+            Sent::Response(resp) => break (resp, false),
+            Sent::Early(resp) => break (resp, true),
             // A TLS failure here is a handshake's end (a TLS 1.3 server
             // sends its refusal of a client certificate in the client's
             // first read): `UF`, as for a failed connect.
@@ -925,6 +936,7 @@ async fn exchange(
                 *current = None;
                 let _ = h1::reply(down, status, body, true).await;
                 sizes.1 = body.len() as u64;
+                *unread = h1::Unread::rest(framing);
                 return (status, flags, format!("{body} ({})", route.addr), true);
             }
             Sent::DownstreamBroke => {
@@ -944,6 +956,7 @@ async fn exchange(
         }
         let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
         sizes.1 = h1::UPSTREAM_RESET.len() as u64;
+        *unread = h1::Unread::rest(framing);
         let (flag, reason) = failure;
         return (503, flag, reason, true);
     };
@@ -962,10 +975,16 @@ async fn exchange(
         );
         return (101, t.flags, reason, true);
     }
+    // An early answer (a refusal before the body had all gone) ends both
+    // connections: the body was cut short.
+    let close_down = close_down || early;
     let r = h1::relay(up, up_buf, down, &resp, (method, close_down, &[]), out).await;
     sizes.1 = r.bytes;
-    if !r.reusable {
+    if !r.reusable || early {
         *current = None;
+    }
+    if early {
+        *unread = h1::Unread::rest(framing);
     }
     let reason = match r.flags {
         "-" => "forwarded".to_string(),
@@ -1129,7 +1148,7 @@ async fn bridge_h2(
     io: &mut TcpStream,
     buf: &mut BytesMut,
     (framing, close): (Framing, bool),
-    sizes: &mut (u64, u64),
+    (sizes, unread): (&mut (u64, u64), &mut h1::Unread),
 ) -> (u16, &'static str, String) {
     let refuse = |status: u16, why: &str| (status, "DPE", why.to_string());
     let len = match framing {
@@ -1137,10 +1156,12 @@ async fn bridge_h2(
         Framing::Length(n) if n <= BRIDGE_MAX_BODY => n,
         Framing::Length(_) => {
             let _ = h1::reply(io, 413, "request body too large", true).await;
+            *unread = h1::Unread::all(framing);
             return refuse(413, "request body too large for an HTTP/2 upstream");
         }
         Framing::Chunked | Framing::UntilClose => {
             let _ = h1::reply(io, 411, "length required", true).await;
+            *unread = h1::Unread::all(framing);
             return refuse(411, "chunked request body to an HTTP/2 upstream");
         }
     };

@@ -49,14 +49,19 @@ pub enum HeadError {
     TooManyHeaders,
     #[error("invalid message head: {0}")]
     Invalid(&'static str),
+    /// A request `Transfer-Encoding` other than `chunked` alone.
+    #[error("unsupported transfer encoding")]
+    UnsupportedTransferEncoding,
 }
 
 impl HeadError {
     /// The status a proxy answers a bad request head with: 431 for size
-    /// limits, 400 otherwise.
+    /// limits, 501 for a transfer coding other than `chunked` (as Envoy
+    /// answers, and RFC 9112 section 6.1 advises), 400 otherwise.
     pub fn status(&self) -> u16 {
         match self {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+            HeadError::UnsupportedTransferEncoding => 501,
             HeadError::Invalid(_) => 400,
         }
     }
@@ -122,8 +127,14 @@ impl RequestHead {
     /// Refused as [`HeadError::Invalid`]: an HTTP/1.1 request without
     /// exactly one `Host`, an HTTP/1.0 one with several; `Content-Length`
     /// values that are not all the same 1 to 19 digits; any
-    /// `Transfer-Encoding` together with `Content-Length`, in HTTP/1.0, or
-    /// whose codings do not end with a single `chunked`.
+    /// `Transfer-Encoding` together with `Content-Length` or in HTTP/1.0.
+    /// Refused as [`HeadError::UnsupportedTransferEncoding`]: any
+    /// `Transfer-Encoding` but the single coding `chunked` (in any case,
+    /// with empty list elements ignored). RFC 9112 lets a request carry
+    /// other codings before `chunked` (`gzip, chunked`), but Envoy refuses
+    /// them (501), and `identity, chunked` is how request smuggling gets
+    /// past parsers that take `identity` to mean "no coding": with one
+    /// reading only, proxy and application cannot disagree.
     pub fn parse(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
         // Slots httparse fills as it parses: nothing to initialize first.
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -150,7 +161,7 @@ impl RequestHead {
             _ => {}
         }
         let content_length = fields.content_length?;
-        let te = fields.transfer_encoding?;
+        let te = fields.transfer_encoding;
         if te.present {
             if content_length.is_some() {
                 return Err(HeadError::Invalid("Transfer-Encoding with Content-Length"));
@@ -158,10 +169,8 @@ impl RequestHead {
             if version == Version::Http10 {
                 return Err(HeadError::Invalid("Transfer-Encoding in HTTP/1.0"));
             }
-            if !te.chunked {
-                return Err(HeadError::Invalid(
-                    "Transfer-Encoding not ending in chunked",
-                ));
+            if !(te.chunked && te.codings == 1) {
+                return Err(HeadError::UnsupportedTransferEncoding);
             }
         }
 
@@ -301,7 +310,12 @@ impl ResponseHead {
         let headers = header_offsets(base, res.headers)?;
         let fields = FramingFields::scan(base, &headers);
         let content_length = fields.content_length?;
-        let te = fields.transfer_encoding?;
+        let te = fields.transfer_encoding;
+        if te.chunked_codings > 1 || (te.chunked_codings == 1 && !te.chunked) {
+            return Err(HeadError::Invalid(
+                "chunked not once and last in Transfer-Encoding",
+            ));
+        }
 
         let raw = buf.split_to(len).freeze();
         Ok(Some(ResponseHead {
@@ -784,8 +798,7 @@ struct FramingFields {
     hosts: usize,
     /// Refused: values that are not all the same 1 to 19 digits.
     content_length: Result<Option<u64>, HeadError>,
-    /// Refused: `chunked` anywhere but once, last.
-    transfer_encoding: Result<TransferEncoding, HeadError>,
+    transfer_encoding: TransferEncoding,
 }
 
 impl FramingFields {
@@ -795,8 +808,9 @@ impl FramingFields {
         let mut te = TransferEncoding {
             present: false,
             chunked: false,
+            codings: 0,
+            chunked_codings: 0,
         };
-        let mut chunked = 0usize;
         for (n, v) in headers {
             let name = &raw[n.clone()];
             let value = &raw[v.clone()];
@@ -813,23 +827,17 @@ impl FramingFields {
                     te.present = true;
                     for coding in list(value).filter(|c| !c.is_empty()) {
                         te.chunked = coding.eq_ignore_ascii_case(b"chunked");
-                        chunked += usize::from(te.chunked);
+                        te.chunked_codings += usize::from(te.chunked);
+                        te.codings += 1;
                     }
                 }
                 _ => {}
             }
         }
-        let transfer_encoding = if chunked > 1 || (chunked == 1 && !te.chunked) {
-            Err(HeadError::Invalid(
-                "chunked not once and last in Transfer-Encoding",
-            ))
-        } else {
-            Ok(te)
-        };
         FramingFields {
             hosts,
             content_length: length,
-            transfer_encoding,
+            transfer_encoding: te,
         }
     }
 }
@@ -855,6 +863,10 @@ struct TransferEncoding {
     present: bool,
     /// The last coding is `chunked`.
     chunked: bool,
+    /// Codings, in all `Transfer-Encoding` fields.
+    codings: usize,
+    /// Codings that are `chunked`.
+    chunked_codings: usize,
 }
 
 /// The tokens of every `Connection` header.
@@ -1241,20 +1253,23 @@ mod tests {
             req_ok(&with_te("1.1", &["CHUNKED"])).framing(),
             Framing::Chunked
         );
+        // Empty list elements are no codings (RFC 9110 section 5.6.1).
         assert_eq!(
-            req_ok(&with_te("1.1", &["gzip, chunked"])).framing(),
+            req_ok(&with_te("1.1", &[", chunked ,"])).framing(),
             Framing::Chunked
         );
-        assert_eq!(
-            req_ok(&with_te("1.1", &["gzip", "chunked"])).framing(),
-            Framing::Chunked
-        );
-        assert_eq!(
-            req_ok(&with_te("1.1", &["gzip,, chunked ,"])).framing(),
-            Framing::Chunked
-        );
+        // Anything but `chunked` alone is refused, as Envoy refuses it
+        // (501): `identity` smuggles past parsers that read it as "no
+        // coding", and a coding before `chunked` is one the application
+        // might not undo.
         for values in [
-            &["gzip"][..],
+            &["identity, chunked"][..],
+            &["identity", "chunked"],
+            &["gzip, chunked"],
+            &["gzip", "chunked"],
+            &["gzip,, chunked ,"],
+            &["gzip"],
+            &["identity"],
             &["chunked, gzip"],
             &["chunked", "gzip"],
             &["chunked, chunked"],
@@ -1263,10 +1278,9 @@ mod tests {
             &[""],
             &["xchunked"],
         ] {
-            assert!(
-                matches!(req_err(&with_te("1.1", values)), HeadError::Invalid(_)),
-                "{values:?}"
-            );
+            let e = req_err(&with_te("1.1", values));
+            assert_eq!(e, HeadError::UnsupportedTransferEncoding, "{values:?}");
+            assert_eq!(e.status(), 501);
         }
         assert!(matches!(
             req_err(&with_te("1.0", &["chunked"])),
@@ -1499,12 +1513,12 @@ mod tests {
         // Framing and routing fields survive Connection tokens.
         let head = req_ok(
             b"POST / HTTP/1.1\r\nHost: h\r\nConnection: transfer-encoding, host, content-length\r\n\
-              Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+              Transfer-Encoding: chunked\r\n\r\n",
         );
         assert_eq!(head.framing(), Framing::Chunked);
         assert_eq!(
             write_req(&head, &[], &[], false),
-            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
         let head = req_ok(b"POST / HTTP/1.1\r\nContent-Length: 007\r\nConnection: content-length\r\nHost: h\r\n\r\n");
         assert_eq!(

@@ -12,7 +12,14 @@
 //! syscall). Every ambiguity in framing is refused (see [`codec`]), so the
 //! proxy and the application can never disagree on where a request ends.
 
+mod body;
 pub mod codec;
+
+use body::{BodySent, BodyState, forward_request};
+pub use body::{
+    LINGER_MAX_BYTES, LINGER_MAX_TIME, LINGER_QUIET, Unread, end_connection, has_body, linger,
+    refuse,
+};
 
 use std::borrow::Cow;
 use std::io;
@@ -140,7 +147,10 @@ where
             (e.status(), "bad request")
         }
     };
-    let _ = reply(io, status, body, true).await;
+    if reply(io, status, body, true).await.is_ok() {
+        // The rest of the head, and any body, are still coming.
+        linger(io, buf, None).await;
+    }
     None
 }
 
@@ -520,6 +530,11 @@ pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset bef
 pub enum Sent {
     /// The final response head (interim ones went downstream already).
     Response(ResponseHead),
+    /// The upstream answered before the request body had all gone (a
+    /// refusal, typically): the rest of the body was not sent, and the
+    /// response head is this one. Relay it, then close both connections:
+    /// neither can carry another request.
+    Early(ResponseHead),
     /// The upstream connection failed or closed before any byte of a
     /// response: a request without a body may go again on a new connection.
     /// The error is kept whole, so that a TLS failure behind it (a TLS 1.3
@@ -533,11 +548,20 @@ pub enum Sent {
     DownstreamBroke,
 }
 
+/// How long a response may take to show up after writing the request
+/// failed: the upstream may have answered and closed (a refusal of a large
+/// body), and its answer can still be read. A broken connection answers a
+/// read at once (data, end or error), so this only bounds the odd case.
+const ANSWER_AFTER_WRITE_ERROR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Writes a request (`out` holds its head) and its body upstream (its
 /// bytes added to `request_bytes`), then reads the response head, passing
-/// interim responses downstream. With
-/// `upgrade` (a WebSocket handshake was sent), a `101` is the final
-/// response.
+/// interim responses downstream. With `upgrade` (a WebSocket handshake was
+/// sent), a `101` is the final response. While the body goes, the upstream
+/// is watched: a response that starts before the body ends stops the body
+/// ([`Sent::Early`]), as Envoy's router stops sending when the upstream
+/// answers early, so that a refusal reaches the client instead of a
+/// failed write (`503`).
 pub async fn send<U, D>(
     up: &mut U,
     up_buf: &mut BytesMut,
@@ -551,11 +575,35 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    match forward(down, down_buf, up, framing, out, request_bytes).await {
-        Ok(()) => {}
-        Err(ForwardError::Write(e)) => return Sent::Lost(e),
-        Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
-        Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
+    let mut body = BodyState::new(framing);
+    loop {
+        match forward_request(down, down_buf, up, up_buf, &mut body, out, request_bytes).await {
+            Ok(BodySent::Whole) => break,
+            Ok(BodySent::Answered) => {}
+            Err(ForwardError::Write(e)) => {
+                // The upstream may have answered and closed while the body
+                // was going: its answer is still readable.
+                let answer = tokio::time::timeout(
+                    ANSWER_AFTER_WRITE_ERROR,
+                    read_one_response(up, up_buf, down, upgrade),
+                )
+                .await;
+                return match answer {
+                    Ok(Ok(Some(resp))) => Sent::Early(resp),
+                    _ => Sent::Lost(e),
+                };
+            }
+            Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
+            Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
+        }
+        // The upstream spoke before the body ended: an interim response
+        // (the body goes on) or the final one (it stops).
+        match read_one_response(up, up_buf, down, upgrade).await {
+            Ok(Some(resp)) => return Sent::Early(resp),
+            Ok(None) => {}
+            Err(NoResponse::Lost(e)) => return Sent::Lost(e),
+            Err(NoResponse::Refused(failure)) => return Sent::Refused(failure),
+        }
     }
     match read_response(up, up_buf, down, upgrade).await {
         Ok(resp) => Sent::Response(resp),
@@ -724,9 +772,7 @@ pub const UPSTREAM_TIMEOUT: Failure = (504, "UT", "upstream request timeout");
 
 /// Reads a final response head from `up`, passing interim (1xx) responses
 /// through to `down`; a `101` is final when `upgrade` (the request asked
-/// for it), and a protocol error otherwise. `Err(None)`: the connection
-/// closed or failed before a head (retryable); `Err(Some(..))`: what to
-/// answer instead.
+/// for it), and a protocol error otherwise.
 pub async fn read_response<U, D>(
     up: &mut U,
     buf: &mut BytesMut,
@@ -738,37 +784,55 @@ where
     D: AsyncWrite + Unpin,
 {
     loop {
-        let resp = match read_head(up, buf, ResponseHead::parse, None).await {
-            Ok(Some(resp)) => resp,
-            Ok(None) => {
-                return Err(NoResponse::Lost(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before responding",
-                )));
-            }
-            Err(ReadError::Io(e)) => return Err(NoResponse::Lost(e)),
-            // No idle timer here: waiting for a response has no limit.
-            Err(ReadError::Timeout | ReadError::Idle) => {
-                return Err(NoResponse::Refused(UPSTREAM_TIMEOUT));
-            }
-            Err(ReadError::Truncated | ReadError::Head(_)) => {
+        if let Some(resp) = read_one_response(up, buf, down, upgrade).await? {
+            return Ok(resp);
+        }
+    }
+}
+
+/// Reads one response head from `up`: `Some` when it is final, `None` when
+/// it was an interim one (passed through to `down`).
+async fn read_one_response<U, D>(
+    up: &mut U,
+    buf: &mut BytesMut,
+    down: &mut D,
+    upgrade: bool,
+) -> Result<Option<ResponseHead>, NoResponse>
+where
+    U: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    let resp = match read_head(up, buf, ResponseHead::parse, None).await {
+        Ok(Some(resp)) => resp,
+        Ok(None) => {
+            return Err(NoResponse::Lost(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before responding",
+            )));
+        }
+        Err(ReadError::Io(e)) => return Err(NoResponse::Lost(e)),
+        // No idle timer here: waiting for a response has no limit.
+        Err(ReadError::Timeout | ReadError::Idle) => {
+            return Err(NoResponse::Refused(UPSTREAM_TIMEOUT));
+        }
+        Err(ReadError::Truncated | ReadError::Head(_)) => {
+            return Err(NoResponse::Refused(BAD_RESPONSE));
+        }
+    };
+    match resp.status() {
+        101 if upgrade => Ok(Some(resp)),
+        // The upgrade fields were not forwarded: a switch is a
+        // protocol error.
+        101 => Err(NoResponse::Refused(BAD_RESPONSE)),
+        100..=199 => {
+            let mut out = Vec::with_capacity(64);
+            codec::write_response(&resp, false, &mut out);
+            if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
                 return Err(NoResponse::Refused(BAD_RESPONSE));
             }
-        };
-        match resp.status() {
-            101 if upgrade => return Ok(resp),
-            // The upgrade fields were not forwarded: a switch is a
-            // protocol error.
-            101 => return Err(NoResponse::Refused(BAD_RESPONSE)),
-            100..=199 => {
-                let mut out = Vec::with_capacity(64);
-                codec::write_response(&resp, false, &mut out);
-                if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
-                    return Err(NoResponse::Refused(BAD_RESPONSE));
-                }
-            }
-            _ => return Ok(resp),
+            Ok(None)
         }
+        _ => Ok(Some(resp)),
     }
 }
 
