@@ -42,6 +42,24 @@ spec:
     )
 }
 
+/// Starts the proxies of `production/orders` and `production/frontend`
+/// (each with a certificate of its own) and waits until both are ready.
+async fn orders_and_frontend(mesh: &Mesh) -> (ProxyProcess, ProxyProcess) {
+    let orders = mesh
+        .proxy(
+            "production/orders",
+            &mesh.issue("orders", "production", "orders"),
+        )
+        .await;
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("frontend", "production", "frontend"),
+        )
+        .await;
+    (orders, front)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_on_a_header_holds_for_values_that_are_not_utf8() {
     let mesh = Mesh::new();
@@ -735,18 +753,7 @@ async fn a_refused_request_with_a_large_body_gets_its_refusal() {
     let app = App::start("orders").await;
     let (port, out) = (free_port(), free_port());
     mesh.write_config("mesh.yaml", &refusal_config(port, out, app.addr));
-    let _orders = mesh
-        .proxy(
-            "production/orders",
-            &mesh.issue("orders", "production", "orders"),
-        )
-        .await;
-    let _front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("frontend", "production", "frontend"),
-        )
-        .await;
+    let (_orders, _front) = orders_and_frontend(&mesh).await;
     let client_side = SocketAddr::from(([127, 0, 0, 1], out));
     let server_side = SocketAddr::from(([127, 0, 0, 1], port));
 
@@ -836,18 +843,7 @@ async fn a_path_with_an_encoded_nul_is_answered_400_on_every_path() {
     let app = App::start("orders").await;
     let (port, out) = (free_port(), free_port());
     mesh.write_config("mesh.yaml", &refusal_config(port, out, app.addr));
-    let orders = mesh
-        .proxy(
-            "production/orders",
-            &mesh.issue("orders", "production", "orders"),
-        )
-        .await;
-    let _front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("frontend", "production", "frontend"),
-        )
-        .await;
+    let (orders, _front) = orders_and_frontend(&mesh).await;
     let client_side = SocketAddr::from(([127, 0, 0, 1], out));
     let server_side = SocketAddr::from(([127, 0, 0, 1], port));
     for path in ["/a%00b", "/deny%00", "/x/%00/../y?q=1"] {
