@@ -397,3 +397,74 @@ async fn unusable_local_client_certificates_are_named_as_such() {
     ];
     assert_eq!(metric(&m, "istio_requests_total", &refused), 1.0, "{m}");
 }
+
+/// `subjectAltNames` pins the server: its certificate must carry one of
+/// them (the SNI is then not what is checked), as the SAN matchers Istio
+/// gives Envoy require. It was ignored: any certificate the CA signed for
+/// the SNI was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_alt_names_pin_the_server_certificate() {
+    let mesh = Mesh::new();
+    let server_pki = pki("external server CA");
+    let (cert, key) = leaf(&server_pki, "api.external.test");
+    let (addr, _) = tls_server(&cert, &key, None).await;
+    let files = mesh.path("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
+    let out = free_port();
+    let simple = |sni: &str, sans: &str| {
+        format!("{{mode: SIMPLE, caCertificates: \"{ca}\", sni: {sni}, subjectAltNames: [{sans}]}}")
+    };
+    let mut c = frontend(out);
+    c += &external(
+        "pinned",
+        addr,
+        &simple("api.external.test", "API.external.test"),
+    );
+    c += &external(
+        "elsewhere",
+        addr,
+        &simple("api.external.test", "billing.external.test"),
+    );
+    c += &external(
+        "named",
+        addr,
+        &simple("other.external.test", "api.external.test"),
+    );
+    mesh.write_config("external.yaml", &c);
+    let front = mesh
+        .proxy(
+            "production/frontend",
+            &mesh.issue("front", "production", "frontend"),
+        )
+        .await;
+    let local = SocketAddr::from(([127, 0, 0, 1], out));
+    assert_eq!(
+        get(local, "pinned.external.test", "/", &[]).await,
+        Some((200, "external".into())),
+        "a listed DNS name (any case)"
+    );
+    assert_eq!(
+        get(local, "elsewhere.external.test", "/", &[])
+            .await
+            .map(|r| r.0),
+        Some(503),
+        "a certificate valid for the SNI but carrying none of subjectAltNames"
+    );
+    let line = front
+        .log_line("the refused server", |l| {
+            l["dst.service"] == "elsewhere.external.test"
+        })
+        .await;
+    assert!(
+        line["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("NotValidForName")),
+        "{line}"
+    );
+    assert_eq!(
+        get(local, "named.external.test", "/", &[]).await,
+        Some((200, "external".into())),
+        "the names decide, not the SNI"
+    );
+}
