@@ -3,6 +3,8 @@
 //! directories. Interop checks use the `openssl` tool and fail (never skip)
 //! when it is missing.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -448,7 +450,7 @@ fn operator_openssl_ca(dir: &Path) {
 /// The one line `ca issue` / `ca init --root` print when they take the
 /// default trust domain; `file` is the certificate that names none.
 fn assert_default_note(stderr: &str, file: &str) {
-    let lines: Vec<&str> = stderr.lines().collect();
+    let lines = support::own_lines(stderr);
     assert_eq!(lines.len(), 1, "one note expected:\n{stderr}");
     let note = lines[0];
     assert!(note.starts_with("note: "), "{note}");

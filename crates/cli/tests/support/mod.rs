@@ -798,3 +798,13 @@ impl Raw {
         !self.more().await && self.buf.is_empty()
     }
 }
+
+/// The lines of a `meshward` command's stderr that meshward wrote: a
+/// profiling build (`scripts/release.sh` runs the suite with one) adds
+/// `LLVM Profile ...` lines of its runtime, which are not the command's.
+pub fn own_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("LLVM Profile "))
+        .collect()
+}
