@@ -15,26 +15,6 @@ use support::*;
 
 const ORDERS: &str = "orders.production.svc.cluster.local";
 
-/// The orders workload (PERMISSIVE, so the test can call its proxy
-/// directly) and its application.
-fn orders_workload(port: u16, app: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: orders
-  namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app}"}}
-spec:
-  address: 127.0.0.1
-  labels: {{app: orders}}
-  serviceAccount: orders
-  ports: {{http: {port}}}
-"#,
-        app = app.port()
-    )
-}
-
 /// A DENY of requests to `paths`, in namespace `ns`.
 fn deny(ns: &str, name: &str, paths: &[&str]) -> String {
     format!(

@@ -15,31 +15,18 @@ const ORDERS: &str = "orders.production.svc.cluster.local";
 /// orders (PERMISSIVE, so the test can speak to its proxy directly) with a
 /// DENY on the presence of `x-block`, and an ALLOW for everything else.
 fn header_deny_config(port: u16, app: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: orders
-  namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app}"}}
-spec:
-  address: 127.0.0.1
-  labels: {{app: orders}}
-  serviceAccount: orders
-  ports: {{http: {port}}}
----
+    orders_workload(port, app)
+        + r#"---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: block, namespace: production}}
+metadata: {name: block, namespace: production}
 spec:
   action: DENY
   rules:
   - when:
     - key: request.headers[x-block]
       values: ["*"]
-"#,
-        app = app.port()
-    )
+"#
 }
 
 /// Starts the proxies of `production/orders` and `production/frontend`

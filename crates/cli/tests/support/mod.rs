@@ -808,3 +808,23 @@ pub fn own_lines(stderr: &str) -> Vec<&str> {
         .filter(|l| !l.starts_with("LLVM Profile "))
         .collect()
 }
+
+/// The orders workload (PERMISSIVE, so the test can call its proxy
+/// directly) and its application.
+pub fn orders_workload(port: u16, app: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: orders
+  namespace: production
+  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app}"}}
+spec:
+  address: 127.0.0.1
+  labels: {{app: orders}}
+  serviceAccount: orders
+  ports: {{http: {port}}}
+"#,
+        app = app.port()
+    )
+}
