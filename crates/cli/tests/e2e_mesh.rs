@@ -633,13 +633,7 @@ async fn http2_over_mtls_is_authorized_per_request() {
     .await
     .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tls).await;
     // Two requests on one HTTP/2 connection, decided one by one.
     for (path, expected) in [("/api/v1/products", 200), ("/admin", 403)] {
         let req = http::Request::builder()
@@ -1119,13 +1113,7 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
     let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], out)))
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tcp).await;
     let call = |path: &'static str| {
         http::Request::builder()
             .method("POST")

@@ -471,10 +471,7 @@ async fn custom_policies_ask_the_external_provider() {
     )
     .await
     .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tls).await;
     for (ticket, status) in [("allow", 200), ("no", 403)] {
         let req = http::Request::builder()
             .uri(format!("https://{ORDERS}/admin/h2"))

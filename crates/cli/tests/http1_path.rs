@@ -1032,10 +1032,7 @@ async fn a_streamed_http2_response_is_recorded_when_it_ends() {
     // HTTP/2 from the client to its proxy too: both proxies serve the
     // request through their HTTP/2 path.
     let tcp = TcpStream::connect(p.outbound).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tcp).await;
     let req = http::Request::builder()
         .uri(format!("http://{HOST}/hold"))
         .body(Full::new(Bytes::new()))

@@ -353,10 +353,7 @@ async fn jwts_are_validated_and_feed_authorization() {
     )
     .await
     .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tls).await;
     for (t, expected) in [(&alice, 200), (&cases[1].0, 401)] {
         let req = http::Request::builder()
             .uri(format!("https://{ORDERS}/api/v1/orders/8"))

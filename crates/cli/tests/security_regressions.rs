@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use support::*;
 
 const ORDERS: &str = "orders.production.svc.cluster.local";
@@ -83,10 +82,7 @@ async fn a_deny_on_a_header_holds_for_values_that_are_not_utf8() {
 
     // HTTP/2 (hyper on the proxy's side): the same.
     let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(tcp).await;
     let req = http::Request::builder()
         .uri(format!("http://{ORDERS}/api"))
         .header("x-block", http::HeaderValue::from_bytes(b"\xff").unwrap())
@@ -344,10 +340,7 @@ async fn timed_get(addr: SocketAddr, host: &str) -> (Resp, std::time::Duration) 
 /// One HTTP/2 request (prior knowledge) on a new connection: its status.
 async fn h2_get(addr: SocketAddr, host: &str, path: &str) -> u16 {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_handshake(stream).await;
     let req = http::Request::builder()
         .uri(format!("http://{host}{path}"))
         .body(Full::new(Bytes::new()))
@@ -784,10 +777,7 @@ async fn a_refused_request_with_a_large_body_gets_its_refusal() {
     // response is sent).
     for target in [client_side, server_side] {
         let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut send = h2_handshake(tcp).await;
         for _ in 0..3 {
             let req = http::Request::builder()
                 .method("POST")
@@ -845,11 +835,7 @@ async fn a_path_with_an_encoded_nul_is_answered_400_on_every_path() {
                 "HTTP/1.1 {path} to {target}"
             );
             let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
-            let (mut send, conn) =
-                hyper::client::conn::http2::handshake(executor(), TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut send = h2_handshake(tcp).await;
             let req = http::Request::builder()
                 .uri(format!("http://{ORDERS}{path}"))
                 .body(Full::new(Bytes::new()))

@@ -828,3 +828,16 @@ spec:
         app = app.port()
     )
 }
+
+/// An HTTP/2 client connection (prior knowledge) over `io`, plain TCP or
+/// TLS; its connection task is spawned.
+pub async fn h2_handshake<T>(io: T) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
