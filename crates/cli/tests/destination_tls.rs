@@ -22,6 +22,24 @@ fn external(name: &str, addr: SocketAddr, tls: &str) -> String {
     )
 }
 
+/// Writes `config` (the frontend and the external services) and starts
+/// the frontend's proxy.
+async fn start_frontend(mesh: &Mesh, config: &str) -> ProxyProcess {
+    mesh.write_config("external.yaml", config);
+    mesh.proxy(
+        "production/frontend",
+        &mesh.issue("front", "production", "frontend"),
+    )
+    .await
+}
+
+/// The directory of the DestinationRules' files.
+fn files_dir(mesh: &Mesh) -> std::path::PathBuf {
+    let files = mesh.path("files");
+    std::fs::create_dir_all(&files).unwrap();
+    files
+}
+
 /// The frontend workload, whose outbound listener is 127.0.0.1:`out`.
 fn frontend(out: u16) -> String {
     format!(
@@ -59,8 +77,7 @@ async fn simple_and_mutual_tls_to_external_services() {
     let (simple_addr, _) = tls_server(&cert, &key, None).await;
     let (mutual_addr, mutual_seen) = tls_server(&cert, &key, Some(&client_pki.ca_pem)).await;
     let (client_cert, client_key) = leaf(&client_pki, "frontend.client.test");
-    let files = mesh.path("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let files = files_dir(&mesh);
     let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
     let wrong_ca = write(&files, "other-ca.pem", &other_pki.ca_pem);
     let ccert = write(&files, "client.pem", &client_cert);
@@ -89,13 +106,7 @@ async fn simple_and_mutual_tls_to_external_services() {
         simple_addr,
         &format!("{{mode: SIMPLE, caCertificates: \"{ca}\", sni: other.external.test}}"),
     );
-    mesh.write_config("external.yaml", &c);
-    let front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("front", "production", "frontend"),
-        )
-        .await;
+    let front = start_frontend(&mesh, &c).await;
     let local = SocketAddr::from(([127, 0, 0, 1], out));
 
     assert_eq!(
@@ -165,8 +176,7 @@ async fn mutual_client_certificate_files_are_reloaded_when_they_change() {
     let (addr, seen) = tls_server(&cert, &key, Some(&client_pki.ca_pem)).await;
     let (cert_a, key_a) = client_leaf(&client_pki, "client A");
     let (cert_b, key_b) = client_leaf(&client_pki, "client B");
-    let files = mesh.path("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let files = files_dir(&mesh);
     let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
     let ccert = write(&files, "client.pem", &cert_a);
     let ckey = write(&files, "client-key.pem", &key_a);
@@ -179,13 +189,7 @@ async fn mutual_client_certificate_files_are_reloaded_when_they_change() {
             "{{mode: MUTUAL, caCertificates: \"{ca}\", sni: api.external.test, clientCertificate: \"{ccert}\", privateKey: \"{ckey}\"}}"
         ),
     );
-    mesh.write_config("external.yaml", &c);
-    let front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("front", "production", "frontend"),
-        )
-        .await;
+    let front = start_frontend(&mesh, &c).await;
     let local = SocketAddr::from(([127, 0, 0, 1], out));
     let last_seen = || seen.lock().unwrap().last().cloned().flatten();
     assert_eq!(
@@ -295,8 +299,7 @@ async fn unusable_local_client_certificates_are_named_as_such() {
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
     let (foreign, foreign_key) = client_leaf(&other_pki, "foreign client");
-    let files = mesh.path("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let files = files_dir(&mesh);
     let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
     let expired = write(&files, "expired.pem", &expired);
     let expired_key = write(&files, "expired-key.pem", &expired_key);
@@ -311,13 +314,7 @@ async fn unusable_local_client_certificates_are_named_as_such() {
     let mut c = frontend(out);
     c += &external("expired", addr, &mutual(&expired, &expired_key));
     c += &external("foreign", addr, &mutual(&foreign, &foreign_key));
-    mesh.write_config("external.yaml", &c);
-    let front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("front", "production", "frontend"),
-        )
-        .await;
+    let front = start_frontend(&mesh, &c).await;
     let local = SocketAddr::from(([127, 0, 0, 1], out));
 
     // Expired from the start: 503, and the log names the local file.
@@ -408,8 +405,7 @@ async fn subject_alt_names_pin_the_server_certificate() {
     let server_pki = pki("external server CA");
     let (cert, key) = leaf(&server_pki, "api.external.test");
     let (addr, _) = tls_server(&cert, &key, None).await;
-    let files = mesh.path("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let files = files_dir(&mesh);
     let ca = write(&files, "server-ca.pem", &server_pki.ca_pem);
     let out = free_port();
     let simple = |sni: &str, sans: &str| {
@@ -431,13 +427,7 @@ async fn subject_alt_names_pin_the_server_certificate() {
         addr,
         &simple("other.external.test", "api.external.test"),
     );
-    mesh.write_config("external.yaml", &c);
-    let front = mesh
-        .proxy(
-            "production/frontend",
-            &mesh.issue("front", "production", "frontend"),
-        )
-        .await;
+    let front = start_frontend(&mesh, &c).await;
     let local = SocketAddr::from(([127, 0, 0, 1], out));
     assert_eq!(
         get(local, "pinned.external.test", "/", &[]).await,
