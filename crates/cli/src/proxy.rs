@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use meshward_proxy::{Bootstrap, Options};
+use meshward_proxy::Options;
+use meshward_proxy::source::files::{self, FilePaths};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -74,17 +75,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let rt = rt.build().context("cannot start the runtime")?;
     rt.block_on(async move {
-        let bootstrap = Bootstrap {
+        let paths = FilePaths {
             config_paths: args.config,
             mesh_config: args.mesh_config,
-            workload: args.workload,
             certs_dir: args.certs,
         };
+        let feed = files::start(paths, !args.no_watch)?;
         let options = Options {
+            workload: args.workload,
             admin: args.admin,
             metrics: args.metrics,
             access_log: !args.no_access_log,
-            watch: !args.no_watch,
             idle_timeout: args.idle_timeout,
             dns: if args.dns_servers.is_empty() {
                 meshward_proxy::dns::DnsConfig::System
@@ -92,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 meshward_proxy::dns::DnsConfig::Servers(args.dns_servers)
             },
         };
-        let proxy = meshward_proxy::start(bootstrap, options).await?;
+        let proxy = meshward_proxy::start(feed, options).await?;
         for l in proxy.listeners.bound() {
             eprintln!(
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",

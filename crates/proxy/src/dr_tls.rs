@@ -26,9 +26,8 @@
 //! pooled connections; meshward does not reuse them, so every request
 //! after a rotation presents the new certificate.)
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +44,7 @@ use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::X509Version;
 
 use crate::snapshot::{Service, Snapshot};
+use crate::source::LocalFiles;
 use crate::telemetry::Metrics;
 
 /// How often the files of a DestinationRule without a usable config are
@@ -161,14 +161,20 @@ impl Files {
 }
 
 /// The bytes of each named file, or why it could not be read.
-struct Contents(Vec<(&'static str, Result<Vec<u8>, String>)>);
+struct Contents(Vec<(&'static str, Result<Arc<[u8]>, String>)>);
 
 impl Contents {
-    fn read(files: &Files) -> Contents {
+    /// The contents of `files` as the source last published them.
+    fn of(files: &Files, published: &LocalFiles) -> Contents {
         Contents(
             files
                 .paths()
-                .map(|(field, p)| (field, std::fs::read(p).map_err(|e| e.to_string())))
+                .map(|(field, p)| {
+                    let c = published.get(p).cloned().unwrap_or_else(|| {
+                        Err("not provided by the configuration source".to_string())
+                    });
+                    (field, c)
+                })
                 .collect(),
         )
     }
@@ -181,7 +187,7 @@ impl Contents {
         for (field, c) in &self.0 {
             field.hash(&mut h);
             match c {
-                Ok(bytes) => (0u8, bytes).hash(&mut h),
+                Ok(bytes) => (0u8, &bytes[..]).hash(&mut h),
                 Err(e) => (1u8, e).hash(&mut h),
             }
         }
@@ -485,9 +491,17 @@ struct Slot {
 pub struct DrFiles {
     slots: Mutex<HashMap<Files, Arc<Slot>>>,
     generation: AtomicU64,
+    /// The files' contents as the source last published them.
+    published: Mutex<Arc<LocalFiles>>,
 }
 
 impl DrFiles {
+    /// Takes the files' contents the source published; [`refresh`]
+    /// (DrFiles::refresh) applies them.
+    pub fn set_files(&self, files: Arc<LocalFiles>) {
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = files;
+    }
+
     /// Brings the set of files in line with `snap`'s services: settings
     /// no service uses any more are forgotten; new ones are loaded, and
     /// the files of those kept are re-read (a change is applied as by
@@ -526,7 +540,7 @@ impl DrFiles {
         }
     }
 
-    /// Re-reads every DestinationRule's files; those whose contents
+    /// Looks at every DestinationRule's files again; those whose contents
     /// changed are loaded again. A change that cannot be used is refused
     /// (WARN, counted) and the previous config kept.
     pub fn refresh(&self, metrics: &Metrics) {
@@ -545,8 +559,8 @@ impl DrFiles {
     /// Loads `slot`'s files if they changed since the last attempt (or
     /// `always`).
     fn refresh_slot(&self, slot: &Slot, metrics: &Metrics, always: bool) {
-        // Read outside the lock: requests only wait for the swap.
-        let contents = Contents::read(&slot.files);
+        let published = Arc::clone(&self.published.lock().unwrap_or_else(|e| e.into_inner()));
+        let contents = Contents::of(&slot.files, &published);
         let fingerprint = contents.fingerprint();
         let now = OffsetDateTime::now_utc();
         let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -652,27 +666,6 @@ impl DrFiles {
     /// Changes whenever a client config is replaced.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
-    }
-
-    /// The directories holding the files in use (those that exist), to
-    /// watch: a directory, not the file, so that a file replaced by a
-    /// rename (an atomic write, a Kubernetes secret's symlink swap) is
-    /// seen.
-    pub fn dirs(&self) -> BTreeSet<PathBuf> {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
-            .keys()
-            .flat_map(|f| f.paths().map(|(_, p)| p.to_string()).collect::<Vec<_>>())
-            .filter_map(|p| Path::new(&p).parent().map(Path::to_path_buf))
-            .map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d
-                }
-            })
-            .filter_map(|d| std::fs::canonicalize(d).ok())
-            .collect()
     }
 
     /// For `/config_dump`: per set of files, the DestinationRules naming
@@ -804,6 +797,7 @@ pub fn describe_failure(f: TlsFailure<'_>, presented: Presented<'_>) -> String {
 mod tests {
     use super::*;
     use rcgen::{CertificateParams, KeyPair};
+    use std::path::Path;
 
     fn files(dir: &Path) -> Files {
         let p = |n: &str| Some(dir.join(n).to_str().unwrap().to_string());
@@ -835,7 +829,15 @@ mod tests {
 
     fn load(dir: &Path) -> Result<Option<CertFacts>, FileError> {
         let f = files(dir);
-        build(&f, &Contents::read(&f), OffsetDateTime::now_utc()).map(|(_, facts)| facts)
+        // What the file source publishes for them.
+        let published: LocalFiles = f
+            .paths()
+            .map(|(_, p)| {
+                let read = std::fs::read(p).map(Arc::from).map_err(|e| e.to_string());
+                (p.to_string(), read)
+            })
+            .collect();
+        build(&f, &Contents::of(&f, &published), OffsetDateTime::now_utc()).map(|(_, facts)| facts)
     }
 
     #[test]

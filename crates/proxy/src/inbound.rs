@@ -54,6 +54,24 @@ pub struct Conn {
     pub handles: crate::telemetry::HandleCache,
 }
 
+impl crate::conns::ConnFacts for Conn {
+    fn principal(&self) -> Option<&str> {
+        Conn::principal(self)
+    }
+    fn peer_ip(&self) -> std::net::IpAddr {
+        self.peer.ip()
+    }
+    fn local_ip(&self) -> std::net::IpAddr {
+        self.local.ip()
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+}
+
 impl Conn {
     /// An access record of this connection (reporter destination), with the
     /// decision's fields when there is one, and a deny otherwise.

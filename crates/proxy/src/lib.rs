@@ -9,13 +9,17 @@
 //! Istio-compatible metrics and a JSON access log, serves admin endpoints,
 //! and swaps configuration and certificates without dropping connections.
 //!
-//! Configuration comes from a static bootstrap ([`Bootstrap`]); all of it
-//! goes through [`State`], the one seam a control-plane source will replace.
+//! Configuration and credentials come from a source ([`source`]): files
+//! on disk ([`source::files`]), an in-process source in tests, the control
+//! plane. The proxy takes what the source publishes through one path
+//! ([`apply`]) into its [`State`], and never opens a file itself.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod apply;
 pub mod connect;
+pub mod conns;
 pub mod dns;
 pub mod dr_tls;
 pub mod ext_authz;
@@ -31,25 +35,25 @@ pub mod snapshot;
 pub mod source;
 pub mod state;
 pub mod telemetry;
-pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use listeners::bind;
 pub use listeners::{BindError, Listeners};
-pub use state::{Bootstrap, LoadError, State};
+pub use source::Feed;
+pub use state::{LoadError, State};
 pub use telemetry::{AccessLog, Metrics};
 
 /// Runtime options besides the bootstrap.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// This workload, `namespace/name` of its WorkloadEntry.
+    pub workload: String,
     pub admin: SocketAddr,
     /// Prometheus-only endpoint (Istio's merged metrics port 15020).
     pub metrics: Option<SocketAddr>,
     pub access_log: bool,
-    /// Re-read configuration and certificates when their files change.
-    pub watch: bool,
     /// How long a connection may sit idle ([`idle`]; at most
     /// [`idle::MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: std::time::Duration,
@@ -67,6 +71,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot start the reload thread: {0}")]
     Watch(String),
+    #[error("the {0} source closed before publishing anything")]
+    SourceClosed(&'static str),
 }
 
 /// A running proxy.
@@ -74,7 +80,8 @@ pub enum StartError {
 pub struct Proxy {
     pub state: Arc<State>,
     pub listeners: Arc<Listeners>,
-    _watcher: Option<watch::Watcher>,
+    /// Keeps the source running.
+    _source: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 impl Proxy {
@@ -87,9 +94,20 @@ impl Proxy {
     }
 }
 
-/// Loads everything, binds every listener, and starts serving. The proxy is
-/// ready (`/healthz/ready`) when this returns.
-pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, StartError> {
+/// Waits for the source's first configuration and credentials, binds every
+/// listener, and starts serving. The proxy is ready (`/healthz/ready`) when
+/// this returns.
+pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
+    let Feed {
+        mut config,
+        mut credentials,
+        mut files,
+        info,
+        guard,
+    } = feed;
+    let first_config = first(&mut config, source::Source::Config).await?;
+    let first_credentials = first(&mut credentials, source::Source::Certs).await?;
+    let first_files = Arc::clone(&files.borrow_and_update());
     let access = if options.access_log {
         AccessLog::stdout()
     } else {
@@ -97,16 +115,13 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     };
     let metrics = Arc::new(Metrics::new(access));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
-    // What the files hold before they are loaded: a change made while
-    // they load is then seen by the first look.
-    let mut scanner = watch::Scanner::default();
-    let first = options.watch.then(|| scanner.scan(&bootstrap));
-    let state = State::load(
-        bootstrap,
+    let state = State::new(
+        options.workload.clone(),
+        (&first_config, first_credentials, first_files),
+        &info,
         metrics,
         idle_timeout,
         options.dns.clone(),
-        options.watch,
     )?;
     let mut fixed = Vec::new();
     let admin_l = bind(options.admin, "admin")?;
@@ -143,13 +158,16 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
             true,
         ));
     }
-    let watcher = match first {
-        Some(first) => Some(
-            watch::Watcher::start(Arc::clone(&state), Arc::clone(&listeners), scanner, first)
-                .map_err(StartError::Watch)?,
-        ),
-        None => None,
-    };
+    tokio::spawn(
+        apply::Applier {
+            config,
+            credentials,
+            files,
+            state: Arc::clone(&state),
+            listeners: Arc::clone(&listeners),
+        }
+        .run(),
+    );
     // Tokens of a `jwksUri` issuer can be checked from the start: ready
     // once each URI has been tried (a failed one is retried every few
     // seconds, its tokens refused meanwhile). Likewise DNS services can be
@@ -160,10 +178,31 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
     tokio::join!(state.jwks.fetch_due(), state.dns.first_lookups());
     tokio::spawn(Arc::clone(&state.jwks).run());
     state.set_ready();
-    tracing::info!(workload = %state.bootstrap.workload, listeners = listeners.bound().len(), "proxy ready");
+    tracing::info!(workload = %state.workload, listeners = listeners.bound().len(), "proxy ready");
     Ok(Proxy {
         state,
         listeners,
-        _watcher: watcher,
+        _source: guard,
     })
+}
+
+/// The first content `rx` publishes. A problem before it is logged and
+/// waited out: the proxy is not ready until it has something to enforce.
+async fn first<T>(
+    rx: &mut tokio::sync::watch::Receiver<source::Published<T>>,
+    which: source::Source,
+) -> Result<Arc<T>, StartError> {
+    loop {
+        let now = rx.borrow_and_update().clone();
+        match now {
+            source::Published::Update { content, .. } => return Ok(content),
+            source::Published::Problem { state, error, .. } => {
+                tracing::warn!(source = which.as_str(), state = state.as_str(), error = %error, "waiting for the source's first usable content");
+            }
+            source::Published::Pending => {}
+        }
+        if rx.changed().await.is_err() {
+            return Err(StartError::SourceClosed(which.as_str()));
+        }
+    }
 }

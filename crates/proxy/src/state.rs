@@ -1,15 +1,14 @@
 //! The proxy's live state: the current snapshot and TLS material, each
-//! swapped atomically on change, and the loaders that build them from the
-//! static bootstrap (a config directory and a certificate directory). A
-//! change that fails to load is refused and the old state is kept.
+//! swapped atomically on change. They are built from what a source
+//! publishes ([`crate::source`]); the state never opens a file. A change
+//! that cannot be applied is refused and the old state is kept.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use meshward_config::{Loaded, Loader};
 use meshward_identity::verify::{Side, SvidError, TrustDomains};
 use meshward_identity::{
     CredentialResolver, SpiffeId, SpiffeServerVerifier, SvidVerifier, TrustBundle, TrustDomain,
@@ -17,7 +16,10 @@ use meshward_identity::{
 };
 use rustls::{ClientConfig, ServerConfig};
 
+use crate::conns::Conns;
+pub use crate::conns::TrackedRequest;
 use crate::snapshot::Snapshot;
+use crate::source::{ConfigUpdate, Credentials, LocalFiles, SourceInfo};
 use crate::telemetry::Metrics;
 
 /// ALPN values Istio sidecars use for mesh mTLS, then plain HTTP ones.
@@ -34,18 +36,6 @@ pub const SERVER_ALPN: &[&[u8]] = &[
     b"istio",
     b"istio-peer-exchange",
 ];
-
-/// Where the proxy reads its configuration and certificates.
-#[derive(Debug, Clone)]
-pub struct Bootstrap {
-    /// Files or directories of mesh resources.
-    pub config_paths: Vec<PathBuf>,
-    pub mesh_config: Option<PathBuf>,
-    /// This workload, `namespace/name` of its WorkloadEntry.
-    pub workload: String,
-    /// `key.pem`, `cert-chain.pem`, `root-cert.pem`.
-    pub certs_dir: PathBuf,
-}
 
 /// Why a load failed; the proxy keeps its previous state.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +164,8 @@ impl TlsState {
 /// snapshot and TLS state.
 #[derive(Debug)]
 pub struct State {
-    pub bootstrap: Bootstrap,
+    /// This workload, `namespace/name` of its WorkloadEntry.
+    pub workload: String,
     snapshot: ArcSwap<Snapshot>,
     tls: ArcSwap<TlsState>,
     version: AtomicU64,
@@ -191,7 +182,7 @@ pub struct State {
     app_connector: crate::connect::AppConnector,
     pub outbound: crate::outbound::Outbound,
     /// Open inbound TCP connections, re-checked when policy changes.
-    pub tcp_conns: TcpTracker,
+    pub tcp_conns: Conns,
     /// How long a connection may sit idle ([`crate::idle`]).
     pub idle_timeout: std::time::Duration,
     /// The keys of the `jwksUri`s the configuration names, kept across
@@ -204,150 +195,34 @@ pub struct State {
     /// services, kept across reloads ([`crate::dns::DnsStore::run`]
     /// looks them up).
     pub dns: Arc<crate::dns::DnsStore>,
-    /// Whether the configuration and certificate files can be read, and
-    /// whether what runs is what they say ([`crate::watch`] keeps it).
+    /// Whether what runs is what the sources say ([`crate::apply`] keeps
+    /// it).
     pub sources: crate::source::Sources,
-    /// How many documents each configuration file held at the last
-    /// successful load, to tell an emptied file ([`LoadError::Held`]).
-    documents: Mutex<BTreeMap<String, usize>>,
-}
-
-/// An open inbound connection's facts and the signal that closes it.
-#[derive(Debug)]
-struct Tracked {
-    principal: Option<String>,
-    peer: std::net::IpAddr,
-    local: std::net::IpAddr,
-    port: u16,
-    sni: Option<String>,
-    /// The request that opened a tunnel (a WebSocket), decided again as
-    /// it was decided then.
-    http: Option<TrackedRequest>,
-    /// The external authorization provider that let it through.
-    ext_approved: Option<String>,
-    close: Arc<tokio::sync::Notify>,
-}
-
-/// The request behind a tunnel: its head, and the host and path its
-/// decision saw.
-#[derive(Debug)]
-pub struct TrackedRequest {
-    pub head: crate::h1::codec::RequestHead,
-    pub host: String,
-    pub path: String,
-    /// The facts of its valid JWT, if it carried one.
-    pub auth: Option<meshward_policy::JwtAuth>,
-}
-
-/// The open inbound TCP connections and WebSocket tunnels. A
-/// configuration change re-decides each one and closes those no longer
-/// allowed, so a revoked permission does not live on in a long-lived
-/// connection.
-#[derive(Debug, Default)]
-pub struct TcpTracker {
-    next: AtomicU64,
-    conns: Mutex<HashMap<u64, Tracked>>,
-}
-
-impl TcpTracker {
-    /// Registers a connection (with `http`, the request of a tunnel;
-    /// `ext_approved`, the external authorization provider that let it
-    /// through, if a CUSTOM policy asked one); the returned `Notify` fires
-    /// when it must close.
-    pub fn track(
-        &self,
-        conn: &crate::inbound::Conn,
-        http: Option<TrackedRequest>,
-        ext_approved: Option<String>,
-    ) -> (u64, Arc<tokio::sync::Notify>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(tokio::sync::Notify::new());
-        let t = Tracked {
-            principal: conn.principal().map(str::to_string),
-            peer: conn.peer.ip(),
-            local: conn.local.ip(),
-            port: conn.port,
-            sni: conn.sni.clone(),
-            http,
-            ext_approved,
-            close: Arc::clone(&close),
-        };
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, t);
-        (id, close)
-    }
-
-    pub fn untrack(&self, id: u64) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-    }
-
-    /// Re-decides every open connection against `snapshot`; returns how many
-    /// were told to close.
-    fn recheck(&self, snapshot: &Snapshot) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let mut closed = 0;
-        for t in conns.values() {
-            let headers = t.http.as_ref().map(|h| crate::h1::HeaderView(&h.head));
-            let req = meshward_policy::Request {
-                principal: t.principal.as_deref(),
-                source_ip: t.peer,
-                remote_ip: None,
-                destination_ip: Some(t.local),
-                port: t.port,
-                sni: t.sni.as_deref(),
-                http: t.http.as_ref().zip(headers.as_ref()).map(|(h, headers)| {
-                    meshward_policy::HttpAttributes {
-                        method: h.head.method(),
-                        path: &h.path,
-                        host: &h.host,
-                        headers,
-                        auth: h.auth.as_ref(),
-                    }
-                }),
-            };
-            let d = snapshot.policy.decide(&req);
-            // A CUSTOM rule is satisfied by the provider that let the
-            // handshake or connection through; one that now names another
-            // provider is not (the proxy cannot ask it about a request or
-            // connection long past).
-            let approved = t.ext_approved.as_deref();
-            let ext_ok = d
-                .ext_authz
-                .as_ref()
-                .is_none_or(|x| approved == Some(x.provider.as_str()));
-            if !(d.is_allowed() && ext_ok) {
-                t.close.notify_one();
-                closed += 1;
-            }
-        }
-        closed
-    }
+    /// The credentials last published, even if refused: a configuration
+    /// change (a new trust domain) may make them usable.
+    published_credentials: Mutex<Arc<Credentials>>,
 }
 
 impl State {
-    /// Loads everything once; any failure here stops the proxy from
-    /// starting. `watched`: whether the files will be watched for changes.
-    pub fn load(
-        bootstrap: Bootstrap,
+    /// The state for a source's first configuration, credentials and
+    /// files; any failure here stops the proxy from starting.
+    pub fn new(
+        workload: String,
+        first: (&ConfigUpdate, Arc<Credentials>, Arc<LocalFiles>),
+        info: &SourceInfo,
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
         dns: crate::dns::DnsConfig,
-        watched: bool,
     ) -> Result<Arc<State>, LoadError> {
+        let (config, credentials, files) = first;
         let jwks = Arc::new(crate::jwt::JwksStore::default());
         let dns = Arc::new(crate::dns::DnsStore::new(dns));
-        let loaded = load_config(&bootstrap)?;
-        let documents = loaded.documents.clone();
-        let snapshot = build_snapshot(&bootstrap, loaded, 1, &jwks, &dns)?;
-        let tls = load_tls(&bootstrap, &snapshot)?;
+        let snapshot = build_snapshot(&workload, config, 1, &jwks, &dns)?;
+        let tls = tls_with(&credentials, &snapshot)?;
         // Unusable files do not stop the proxy: their DestinationRule's
         // requests fail (503) naming the file, as they are logged here.
         let dr_files = crate::dr_tls::DrFiles::default();
+        dr_files.set_files(files);
         dr_files.sync(&snapshot, &metrics);
         let app_connector = crate::connect::AppConnector::new(snapshot.app_connect_timeout);
         Ok(Arc::new(State {
@@ -367,14 +242,14 @@ impl State {
             .build(app_connector.clone()),
             app_connector,
             outbound: crate::outbound::Outbound::default(),
-            tcp_conns: TcpTracker::default(),
+            tcp_conns: Conns::default(),
             idle_timeout,
             jwks,
             dr_files,
             dns,
-            sources: crate::source::Sources::new(&bootstrap, watched),
-            bootstrap,
-            documents: Mutex::new(documents),
+            sources: crate::source::Sources::new(info),
+            workload,
+            published_credentials: Mutex::new(credentials),
         }))
     }
 
@@ -426,149 +301,92 @@ impl State {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Re-reads the configuration; on failure the current snapshot stays.
-    /// A file (or configuration directory) that held documents and is
-    /// empty now makes the change wait ([`LoadError::Held`]).
-    pub fn reload_config(&self) -> Result<u64, LoadError> {
+    /// Applies a published configuration: compiles it, then swaps it in
+    /// with TLS for it; on failure the current snapshot stays. Returns the
+    /// new snapshot (its `version` is the configuration version).
+    pub fn apply_config(&self, update: &ConfigUpdate) -> Result<Arc<Snapshot>, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let loaded = load_config(&self.bootstrap)?;
-        {
-            let before = self.documents.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(held) = emptied(&before, &loaded.documents, &self.bootstrap.config_paths) {
-                return Err(held);
-            }
-        }
-        let documents = loaded.documents.clone();
-        let snapshot = build_snapshot(&self.bootstrap, loaded, version, &self.jwks, &self.dns)?;
+        let snapshot = build_snapshot(&self.workload, update, version, &self.jwks, &self.dns)?;
         // The trust domain may have changed: rebuild TLS for the new
-        // snapshot, from the files, or else with the certificate in use.
-        let tls = match load_tls(&self.bootstrap, &snapshot) {
+        // snapshot, with the credentials last published, or else with the
+        // certificate in use.
+        let published = Arc::clone(
+            &self
+                .published_credentials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let tls = match tls_with(&published, &snapshot) {
             Ok(tls) => tls,
-            Err(from_files) => {
-                // The certificate files cannot be used now (lost, half
-                // rotated, refused: the certificate source reports why).
-                // A policy change must not wait for them: the certificate
-                // in use goes on serving if it still fits the new
+            Err(refused) => {
+                // The credentials last published cannot be used (half
+                // rotated, refused: the certificate source reports why). A
+                // policy change must not wait for them: the certificate in
+                // use goes on serving if it still fits the new
                 // configuration (identity, trust domains).
-                let tls = self.tls();
-                tls_with((*tls.credentials).clone(), tls.bundle.clone(), &snapshot)
-                    .map_err(|_| from_files)?
+                let current = self.tls();
+                let in_use = Credentials {
+                    credentials: (*current.credentials).clone(),
+                    bundle: current.bundle.clone(),
+                };
+                tls_with(&in_use, &snapshot).map_err(|_| refused)?
             }
         };
-        // DestinationRule files: load new ones, re-read the others (their
-        // problems are theirs; they never refuse the configuration).
+        // DestinationRule files: load new ones (their problems are
+        // theirs; they never refuse the configuration).
         self.dr_files.sync(&snapshot, &self.metrics);
         self.version.store(version, Ordering::Release);
-        *self.documents.lock().unwrap_or_else(|e| e.into_inner()) = documents;
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(Arc::clone(&snapshot));
         self.tls.store(Arc::new(tls));
         self.app_connector.set_timeout(snapshot.app_connect_timeout);
         self.dns.forget_unused();
-        let closed = self.tcp_conns.recheck(&snapshot);
-        if closed > 0 {
-            tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
-        }
-        Ok(version)
+        Ok(snapshot)
     }
 
-    /// Re-reads the files DestinationRules name; a change that cannot be
-    /// used is refused (logged, counted) and the previous client config
-    /// stays.
-    pub fn reload_dr_files(&self) {
-        self.dr_files.refresh(&self.metrics);
-    }
-
-    /// Re-reads the certificates; on failure the current ones stay.
-    pub fn reload_certs(&self) -> Result<(), LoadError> {
-        let tls = load_tls(&self.bootstrap, &self.snapshot())?;
+    /// Applies published credentials; on failure the current ones stay.
+    pub fn apply_credentials(&self, credentials: Arc<Credentials>) -> Result<(), LoadError> {
+        *self
+            .published_credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::clone(&credentials);
+        let tls = tls_with(&credentials, &self.snapshot())?;
         self.tls.store(Arc::new(tls));
         Ok(())
     }
-}
 
-fn load_config(b: &Bootstrap) -> Result<Loaded, LoadError> {
-    let mut loader = Loader::new();
-    if let Some(mc) = &b.mesh_config {
-        loader.add_mesh_config_path(mc);
+    /// Applies the published contents of the files DestinationRules name;
+    /// a change that cannot be used is refused (logged, counted) and the
+    /// previous client config stays.
+    pub fn apply_files(&self, files: Arc<LocalFiles>) {
+        self.dr_files.set_files(files);
+        self.dr_files.refresh(&self.metrics);
     }
-    for p in &b.config_paths {
-        loader.add_path(p);
-    }
-    loader.finish().map_err(LoadError::Config)
-}
-
-/// Why a load must wait: a file that held documents at the last load
-/// (`before`) and holds none now (`now`), or a configuration directory
-/// that held some and has none in any file. A file absent from `now` was
-/// deleted, which removes its resources.
-fn emptied(
-    before: &BTreeMap<String, usize>,
-    now: &BTreeMap<String, usize>,
-    config_paths: &[PathBuf],
-) -> Option<LoadError> {
-    for (file, &n) in now {
-        let had = before.get(file).copied().unwrap_or(0);
-        if n == 0 && had > 0 {
-            return Some(LoadError::Held {
-                path: PathBuf::from(file),
-                documents: had,
-                directory: false,
-            });
-        }
-    }
-    let under = |counts: &BTreeMap<String, usize>, dir: &Path| -> usize {
-        counts
-            .iter()
-            .filter(|(f, _)| Path::new(f.as_str()).starts_with(dir))
-            .map(|(_, n)| n)
-            .sum()
-    };
-    for dir in config_paths.iter().filter(|p| p.is_dir()) {
-        let had = under(before, dir);
-        if had > 0 && under(now, dir) == 0 {
-            return Some(LoadError::Held {
-                path: dir.clone(),
-                documents: had,
-                directory: true,
-            });
-        }
-    }
-    None
 }
 
 fn build_snapshot(
-    b: &Bootstrap,
-    loaded: Loaded,
+    workload: &str,
+    update: &ConfigUpdate,
     version: u64,
     jwks: &crate::jwt::JwksStore,
     dns: &crate::dns::DnsStore,
 ) -> Result<Snapshot, LoadError> {
-    for w in loaded.warnings.warnings() {
+    for w in &update.warnings {
         tracing::warn!(target: "meshward::config", "{w}");
     }
     Ok(Snapshot::build(
-        Arc::new(loaded.config),
-        &b.workload,
+        Arc::new(update.config.clone()),
+        workload,
         version,
         jwks,
         dns,
     )?)
 }
 
-fn load_tls(b: &Bootstrap, snapshot: &Snapshot) -> Result<TlsState, LoadError> {
-    let credentials = WorkloadCredentials::from_dir(&b.certs_dir)?;
-    let bundle = TrustBundle::from_pem_file(&b.certs_dir.join("root-cert.pem"))?;
-    tls_with(credentials, bundle, snapshot)
-}
-
 /// TLS for `snapshot` with these credentials and roots: they must be of
 /// its workload's identity and one of its trust domains.
-fn tls_with(
-    credentials: WorkloadCredentials,
-    bundle: TrustBundle,
-    snapshot: &Snapshot,
-) -> Result<TlsState, LoadError> {
+fn tls_with(c: &Credentials, snapshot: &Snapshot) -> Result<TlsState, LoadError> {
+    let credentials = &c.credentials;
     if credentials.id().as_str() != snapshot.identity {
         return Err(LoadError::WrongIdentity {
             got: credentials.id().to_string(),
@@ -580,53 +398,5 @@ fn tls_with(
     for td in std::iter::once(&mesh.trust_domain).chain(&mesh.trust_domain_aliases) {
         domains.push(TrustDomain::new(td).map_err(|e| LoadError::TrustDomain(e.to_string()))?);
     }
-    TlsState::build(credentials, bundle, domains)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
-
-    use super::{LoadError, emptied};
-
-    fn counts(entries: &[(&str, usize)]) -> BTreeMap<String, usize> {
-        entries.iter().map(|(f, n)| (f.to_string(), *n)).collect()
-    }
-
-    #[test]
-    fn an_emptied_file_or_directory_holds_the_change_and_a_deleted_file_does_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let f = |name: &str| root.join(name).display().to_string();
-        let roots = [root.clone()];
-        let before = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-
-        // a.yaml emptied: held, naming it and what it had.
-        let now = counts(&[(&f("a.yaml"), 0), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-        match emptied(&before, &now, &roots) {
-            Some(LoadError::Held {
-                path,
-                documents: 2,
-                directory: false,
-            }) => assert_eq!(path, PathBuf::from(f("a.yaml"))),
-            other => panic!("{other:?}"),
-        }
-        // a.yaml deleted: its resources go.
-        let now = counts(&[(&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-        assert!(emptied(&before, &now, &roots).is_none());
-        // A file that was empty, or a new empty one, changes nothing.
-        let now = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("d.yaml"), 0)]);
-        assert!(emptied(&before, &now, &roots).is_none());
-        // The directory re-created with nothing in it yet: held.
-        let held = emptied(&before, &BTreeMap::new(), &roots).unwrap();
-        assert!(
-            matches!(&held, LoadError::Held { path, documents: 3, directory: true } if *path == root),
-            "{held:?}"
-        );
-        assert!(
-            held.to_string()
-                .contains("taken for a directory being written")
-        );
-    }
+    TlsState::build(credentials.clone(), c.bundle.clone(), domains)
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest::{Context, SHA256};
 
-use crate::state::Bootstrap;
+use super::files::FilePaths;
 
 /// A file whose change time is less than this before the moment it was
 /// read is read again at the next scan (see the module's documentation).
@@ -63,7 +63,7 @@ struct Cached {
 }
 
 impl Scanner {
-    pub fn scan(&mut self, b: &Bootstrap) -> Scan {
+    pub fn scan(&mut self, b: &FilePaths) -> Scan {
         // Files no longer read are forgotten.
         let mut next = HashMap::new();
         let config = self.config(b, &mut next);
@@ -75,7 +75,7 @@ impl Scanner {
     /// The files the configuration loader reads: those under each
     /// configuration path (`meshward_config::config_files`) and the mesh
     /// config file.
-    fn config(&self, b: &Bootstrap, next: &mut HashMap<PathBuf, Cached>) -> Fingerprint {
+    fn config(&self, b: &FilePaths, next: &mut HashMap<PathBuf, Cached>) -> Fingerprint {
         let mut h = Context::new(&SHA256);
         for root in &b.config_paths {
             let files = match meshward_config::config_files(root) {
@@ -225,14 +225,12 @@ impl Meta {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{Fingerprint, Scanner};
-    use crate::state::Bootstrap;
+    use super::{FilePaths, Fingerprint, Scanner};
 
-    fn bootstrap(config: PathBuf, certs: PathBuf) -> Bootstrap {
-        Bootstrap {
+    fn bootstrap(config: PathBuf, certs: PathBuf) -> FilePaths {
+        FilePaths {
             config_paths: vec![config],
             mesh_config: None,
-            workload: "ns/w".to_string(),
             certs_dir: certs,
         }
     }

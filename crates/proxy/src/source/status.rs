@@ -1,14 +1,14 @@
-//! Where the proxy's configuration and certificates come from, and
-//! whether what runs is what those files say: for `/config_dump`
-//! (`source`), the `meshward_config_source_up` gauge, and the reload
-//! thread's logs (each state change is logged once, not every scan).
+//! Whether what runs is what each source says: for `/config_dump`
+//! (`source`), the `meshward_config_source_up` gauge, and the logs of
+//! [`crate::apply`] (each state change is logged once, not every scan).
 //!
-//! A source is `ok` (what runs is what the files say), `lost` (its path is
-//! missing or cannot be read: the last good state keeps running, the files
-//! are looked at again every [`crate::watch::RESCAN`]), `held` (a
+//! A source is `ok` (what runs is what it says), `lost` (its path is
+//! missing or cannot be read: the last good state keeps running; the file
+//! source looks again every [`super::files::RESCAN`]), `held` (a
 //! configuration file that had resources is empty: taken for a file being
 //! written, the change waits) or `refused` (the files do not load; the
-//! last good state keeps running). The proxy stays ready in every state:
+//! last good state keeps running, or the proxy refused what they say).
+//! The proxy stays ready in every state:
 //! it still enforces its last good configuration, as an Istio sidecar
 //! does while istiod is unreachable.
 
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::state::Bootstrap;
+use super::SourceInfo;
 use crate::telemetry::Metrics;
 
 /// One of the proxy's sources of files.
@@ -87,15 +87,16 @@ struct Status {
 /// The state of each source. Lives in the proxy's [`crate::State`].
 #[derive(Debug)]
 pub struct Sources {
+    kind: &'static str,
     watched: bool,
+    rescan: Option<std::time::Duration>,
     status: Mutex<[Status; 2]>,
 }
 
 impl Sources {
     /// Both sources as loaded at start (configuration version 1).
-    pub fn new(b: &Bootstrap, watched: bool) -> Sources {
+    pub fn new(info: &SourceInfo) -> Sources {
         let now = OffsetDateTime::now_utc();
-        let show = |p: &std::path::Path| p.display().to_string();
         let status = |paths: Vec<String>, version| Status {
             paths,
             state: SourceState::Ok,
@@ -105,19 +106,19 @@ impl Sources {
             version,
         };
         Sources {
-            watched,
+            kind: info.kind,
+            watched: info.watched,
+            rescan: info.rescan,
             status: Mutex::new([
-                status(
-                    b.config_paths
-                        .iter()
-                        .chain(b.mesh_config.iter())
-                        .map(|p| show(p))
-                        .collect(),
-                    Some(1),
-                ),
-                status(vec![show(&b.certs_dir)], None),
+                status(info.config.clone(), Some(1)),
+                status(info.credentials.clone(), None),
             ]),
         }
+    }
+
+    /// How often the source looks again, if it polls.
+    pub fn rescan(&self) -> Option<std::time::Duration> {
+        self.rescan
     }
 
     pub fn state(&self, source: Source) -> SourceState {
@@ -178,8 +179,9 @@ impl Sources {
             })
         };
         json!({
+            "kind": self.kind,
             "watched": self.watched,
-            "rescan_interval_s": crate::watch::RESCAN.as_secs(),
+            "rescan_interval_s": self.rescan.map(|d| d.as_secs()),
             "config": one(&all[Source::Config.index()]),
             "certs": one(&all[Source::Certs.index()]),
         })
