@@ -1,0 +1,312 @@
+
+use super::*;
+
+fn snapshot(yaml: &str, workload: &str) -> Result<Snapshot, SnapshotError> {
+    let mut loader = meshward_config::Loader::new();
+    loader.add_source("test.yaml", yaml);
+    let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
+    Snapshot::build(
+        Arc::new(config),
+        workload,
+        1,
+        &JwksStore::default(),
+        &DnsStore::default(),
+    )
+}
+
+const BASE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: api
+  namespace: prod
+  annotations:
+    meshward.io/app-ports: "http=127.0.0.1:18080, grpc-api=19090"
+    meshward.io/outbound: "127.0.0.1:15001"
+    meshward.io/tcp-outbound: "127.0.0.1:15432=DB.prod.svc.cluster.local:5432"
+spec:
+  address: 127.0.0.1
+  labels: {app: api}
+  serviceAccount: api-sa
+  ports: {http: 8080, grpc-api: 9090, db: 5432, tcp-raw: 7000}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{number: 80, name: db, protocol: HTTP, targetPort: 5432}]
+  workloadSelector: {labels: {app: api}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: legacy
+  namespace: prod
+  annotations: {meshward.io/proxy: "false"}
+spec: {address: 10.0.0.9, labels: {app: legacy}, ports: {http: 80}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: prod}
+spec:
+  hosts: [legacy.prod.svc.cluster.local]
+  ports: [{number: 80, name: http}]
+  workloadSelector: {labels: {app: legacy}}
+"#;
+
+#[test]
+fn workload_ports_protocols_and_app_addresses() {
+    let s = snapshot(BASE, "prod/api").unwrap();
+    assert_eq!(s.identity, "spiffe://cluster.local/ns/prod/sa/api-sa");
+    let port = |n: u16| s.inbound_port(n).unwrap().clone();
+    assert_eq!(port(8080).protocol, Protocol::Http);
+    assert_eq!(port(8080).app, "127.0.0.1:18080".parse().unwrap());
+    assert_eq!(port(9090).protocol, Protocol::Http, "grpc prefix");
+    assert_eq!(
+        port(9090).app,
+        "127.0.0.1:19090".parse().unwrap(),
+        "bare port means 127.0.0.1"
+    );
+    assert_eq!(
+        port(5432).protocol,
+        Protocol::Http,
+        "the ServiceEntry protocol wins over the name"
+    );
+    assert_eq!(port(7000).protocol, Protocol::Tcp);
+    assert_eq!(
+        port(7000).app,
+        "127.0.0.1:7000".parse().unwrap(),
+        "default: same port on 127.0.0.1"
+    );
+    assert_eq!(s.outbound, Some("127.0.0.1:15001".parse().unwrap()));
+    assert_eq!(s.tcp_outbound[0].host, "db.prod.svc.cluster.local");
+    assert_eq!(s.tcp_outbound[0].port, 5432);
+}
+
+#[test]
+fn services_hosts_and_auto_mtls() {
+    let s = snapshot(BASE, "prod/api").unwrap();
+    let legacy = s
+        .service_for_host("Legacy.Prod.svc.cluster.local:80")
+        .unwrap();
+    assert_eq!(
+        legacy.endpoints[0].identity,
+        "spiffe://cluster.local/ns/prod/sa/default"
+    );
+    assert!(!legacy.endpoints[0].has_proxy);
+    assert_eq!(
+        s.tls_mode(legacy, 80, &legacy.endpoints[0]),
+        TlsMode::Disable
+    );
+    let api = s.service_for_host("api.prod.svc.cluster.local").unwrap();
+    assert_eq!(s.tls_mode(api, 80, &api.endpoints[0]), TlsMode::IstioMutual);
+    assert_eq!(api.endpoint_port(&api.ports[0], &api.endpoints[0]), 5432);
+    assert!(s.service_for_host("unknown.host").is_none());
+}
+
+#[test]
+fn destination_rule_port_settings_override_auto_mtls() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: legacy, namespace: prod}\nspec:\n  host: legacy\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n    portLevelSettings:\n    - port: {number: 80}\n      tls: {mode: DISABLE}\n";
+    let s = snapshot(&format!("{BASE}{dr}"), "prod/api").unwrap();
+    let legacy = s.service_for_host("legacy.prod.svc.cluster.local").unwrap();
+    assert_eq!(
+        s.tls_mode(legacy, 80, &legacy.endpoints[0]),
+        TlsMode::Disable
+    );
+    assert_eq!(
+        s.tls_mode(legacy, 81, &legacy.endpoints[0]),
+        TlsMode::IstioMutual
+    );
+}
+
+#[test]
+fn bad_bootstrap_facts_are_errors() {
+    assert_eq!(
+        snapshot(BASE, "prod/nope").unwrap_err(),
+        SnapshotError::UnknownWorkload("prod/nope".into())
+    );
+    let bad = BASE.replace("http=127.0.0.1:18080, grpc-api=19090", "http=nowhere");
+    assert!(matches!(
+        snapshot(&bad, "prod/api").unwrap_err(),
+        SnapshotError::BadAnnotation {
+            annotation: APP_PORTS,
+            ..
+        }
+    ));
+    let bad = BASE.replace("http=127.0.0.1:18080, grpc-api=19090", "metrics=9000");
+    assert!(
+        snapshot(&bad, "prod/api")
+            .unwrap_err()
+            .to_string()
+            .contains("not one of the WorkloadEntry's ports")
+    );
+    let bad = BASE.replace("\"127.0.0.1:15001\"", "\"localhost\"");
+    assert!(matches!(
+        snapshot(&bad, "prod/api").unwrap_err(),
+        SnapshotError::BadAnnotation {
+            annotation: OUTBOUND,
+            ..
+        }
+    ));
+    let bad = BASE.replace("=DB.prod.svc.cluster.local:5432", "");
+    assert!(matches!(
+        snapshot(&bad, "prod/api").unwrap_err(),
+        SnapshotError::BadAnnotation {
+            annotation: TCP_OUTBOUND,
+            ..
+        }
+    ));
+    let bad = BASE.replace("address: 127.0.0.1", "address: api.example.com");
+    assert_eq!(
+        snapshot(&bad, "prod/api").unwrap_err(),
+        SnapshotError::NoAddress("prod/api".into())
+    );
+}
+
+const EXTERNAL: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: api, namespace: prod}
+spec: {address: 127.0.0.1, labels: {app: api}, serviceAccount: api-sa}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-api, namespace: prod}
+spec:
+  hosts: [api.external-service.com, Other.External-Service.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mixed, namespace: prod}
+spec:
+  hosts: [mixed.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+  endpoints: [{address: 10.0.0.1}, {address: a.backend.example.com, ports: {http: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: logical, namespace: prod}
+spec:
+  hosts: [logical.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: prod}
+spec:
+  hosts: [passthrough.example.com]
+  addresses: [192.0.2.0/24]
+  ports: [{number: 8080, name: http, targetPort: 9090}]
+  resolution: NONE
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn addresses(svc: &Service, host: &str) -> Vec<String> {
+    svc.endpoints_for(host)
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect()
+}
+
+#[test]
+fn dns_services_route_to_the_current_answer_of_their_names() {
+    let mut loader = meshward_config::Loader::new();
+    loader.add_source("test.yaml", EXTERNAL);
+    let config = loader.finish().unwrap_or_else(|d| panic!("{d}")).config;
+    let dns = DnsStore::default();
+    let s = Snapshot::build(Arc::new(config), "prod/api", 1, &JwksStore::default(), &dns).unwrap();
+    let ttl = std::time::Duration::from_secs(30);
+
+    // Without endpoints, each host is resolved for its own requests;
+    // nothing is routed before an answer.
+    let ext = s.service_for_host("api.external-service.com:443").unwrap();
+    assert_eq!(ext.resolution, Resolution::Dns);
+    assert!(ext.endpoints_for("api.external-service.com").is_empty());
+    dns.get("api.external-service.com")
+        .set_addresses(&[ip("10.1.0.1"), ip("10.1.0.2")], ttl);
+    dns.get("other.external-service.com")
+        .set_addresses(&[ip("10.2.0.1")], ttl);
+    assert_eq!(
+        addresses(ext, "API.external-service.com.:443"),
+        ["10.1.0.1", "10.1.0.2"],
+        "DNS uses every address"
+    );
+    // Each host is a service of its own, with its own name.
+    let other = s.service_for_host("other.external-service.com").unwrap();
+    assert_eq!(addresses(other, "other.external-service.com"), ["10.2.0.1"]);
+    assert!(
+        ext.dns_names_for("other.external-service.com")
+            .next()
+            .is_none()
+    );
+    let e = &ext.endpoints_for("api.external-service.com")[0];
+    assert_eq!(ext.endpoint_port(&ext.ports[0], e), 443);
+    assert!(!e.has_proxy, "an external host has no sidecar");
+    assert_eq!(s.tls_mode(ext, 443, e), TlsMode::Disable);
+
+    // Endpoints: IPs as they are, names by their answer, with the
+    // endpoint's own ports.
+    let mixed = s.service_for_host("mixed.example.com").unwrap();
+    assert_eq!(addresses(mixed, "mixed.example.com"), ["10.0.0.1"]);
+    dns.get("a.backend.example.com")
+        .set_addresses(&[ip("10.3.0.1"), ip("10.3.0.2")], ttl);
+    let eps = mixed.endpoints_for("mixed.example.com");
+    assert_eq!(
+        addresses(mixed, "mixed.example.com"),
+        ["10.0.0.1", "10.3.0.1", "10.3.0.2"]
+    );
+    assert_eq!(mixed.endpoint_port(&mixed.ports[0], &eps[1]), 8080);
+
+    // DNS_ROUND_ROBIN: only the first address of the answer.
+    let logical = s.service_for_host("logical.example.com").unwrap();
+    dns.get("logical.example.com")
+        .set_addresses(&[ip("10.4.0.1"), ip("10.4.0.2")], ttl);
+    assert_eq!(addresses(logical, "logical.example.com"), ["10.4.0.1"]);
+
+    // The snapshot points to the store's slots: a later answer is seen
+    // without a new snapshot.
+    dns.get("api.external-service.com")
+        .set_addresses(&[ip("10.1.0.9")], ttl);
+    assert_eq!(addresses(ext, "api.external-service.com"), ["10.1.0.9"]);
+}
+
+#[test]
+fn a_none_service_has_an_original_destination_only_for_its_addresses() {
+    let s = snapshot(EXTERNAL, "prod/api").unwrap();
+    let by_name = s.service_for_host("passthrough.example.com").unwrap();
+    assert_eq!(by_name.resolution, Resolution::None);
+    assert!(by_name.endpoints_for("passthrough.example.com").is_empty());
+    let (svc, dst) = s.original_destination("192.0.2.7:8080").unwrap();
+    assert_eq!(svc.name, "passthrough");
+    assert_eq!(dst, ip("192.0.2.7"));
+    let ep = svc.implicit.at(dst);
+    assert_eq!(
+        svc.endpoint_port(&svc.ports[0], &ep),
+        9090,
+        "targetPort applies"
+    );
+    assert!(s.original_destination("198.51.100.1:8080").is_none());
+    assert!(s.original_destination("passthrough.example.com").is_none());
+}
+
+#[test]
+fn hosts_without_ports() {
+    assert_eq!(strip_port("a.b:8080"), "a.b");
+    assert_eq!(strip_port("a.b"), "a.b");
+    assert_eq!(strip_port("[::1]:80"), "::1");
+    assert_eq!(inbound_protocol("http-web", None).0, Protocol::Http);
+    assert_eq!(
+        inbound_protocol("web", Some("grpc")),
+        (Protocol::Http, true)
+    );
+    assert_eq!(inbound_protocol("https", None).0, Protocol::Tcp);
+}
