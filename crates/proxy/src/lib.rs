@@ -15,17 +15,20 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod admission;
 pub mod connect;
 pub mod dns;
 pub mod dr_tls;
 pub mod ext_authz;
 pub mod h1;
+mod http;
 pub mod http_in;
 pub mod idle;
 pub mod inbound;
 pub mod jwt;
 pub mod listeners;
 pub mod outbound;
+mod outcome;
 mod rewind;
 pub mod snapshot;
 pub mod source;
