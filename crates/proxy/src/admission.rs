@@ -330,7 +330,9 @@ where
         _ => None,
     };
     let verdict = decide_http(req, authn, decision, forward, ext);
-    record_span(&tracing::Span::current(), &verdict);
+    if let Some(span) = current_span() {
+        record_span(&span, &verdict);
+    }
     verdict
 }
 
@@ -435,12 +437,20 @@ fn decide_http<'a, H: ?Sized>(
     })
 }
 
-/// Records a verdict's `decision`, `policy` and `reason` on `span` (a
-/// request's), when anything listens.
-fn record_span(span: &tracing::Span, verdict: &Verdict<'_>) {
-    if span.is_disabled() {
-        return;
+/// The current span, when it is enabled. `Span::current` asks the
+/// subscriber; the level check before it is a static comparison, so a
+/// proxy that logs at `info` (the default) pays nothing more.
+pub(crate) fn current_span() -> Option<tracing::Span> {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) {
+        return None;
     }
+    let span = tracing::Span::current();
+    (!span.is_disabled()).then_some(span)
+}
+
+/// Records a verdict's `decision`, `policy` and `reason` on `span` (a
+/// request's).
+fn record_span(span: &tracing::Span, verdict: &Verdict<'_>) {
     let (decision, refusal) = match verdict {
         Verdict::Admitted(a) => (Some(&a.decision), None),
         Verdict::Refused(r) => (r.decision.as_ref(), Some(&r.outcome)),
@@ -529,8 +539,7 @@ pub async fn admit_tcp(state: &State, snap: &Arc<Snapshot>, conn: &Conn) -> TcpV
         None => None,
     };
     let verdict = decide_tcp(decision, ext);
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
+    if let Some(span) = current_span() {
         let (d, refusal) = match &verdict {
             TcpVerdict::Admitted { decision, .. } => (decision, None),
             TcpVerdict::Refused {

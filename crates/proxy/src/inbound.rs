@@ -78,7 +78,10 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
     let mode = snap.policy.mtls(port).mode;
     let app_connect_timeout = snap.app_connect_timeout;
-    let own_identity = snap.identity.clone();
+    if let Some(span) = admission::current_span() {
+        span.record("dst.addr", tracing::field::display(local));
+        span.record("dst.identity", snap.identity.as_str());
+    }
     drop(snap);
     let mut conn = Conn {
         peer,
@@ -93,10 +96,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         mtls: false,
         handles: Default::default(),
     };
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        span.record("dst.addr", tracing::field::display(local));
-        span.record("dst.identity", tracing::field::display(&own_identity));
+    if let Some(span) = admission::current_span() {
         span.record("tls.mode", conn.tls_mode());
     }
 
@@ -216,8 +216,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         ))
     });
     conn.mtls = true;
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
+    if let Some(span) = admission::current_span() {
         span.record("src.identity", conn.identity.as_deref());
         span.record("tls.mode", conn.tls_mode());
     }
@@ -344,8 +343,7 @@ fn log_tcp(
 
 /// Logs a connection refused before any decision could be made.
 fn refuse(state: &State, conn: &Conn, started: Instant, why: ConnRefusal, explanation: String) {
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
+    if let Some(span) = admission::current_span() {
         span.record("decision", crate::outcome::Decision::Deny.as_str());
         span.record("reason", why.as_str());
     }

@@ -387,6 +387,11 @@ impl Close {
 /// The access-log reason of an exchange or tunnel that ended normally.
 pub const FORWARDED: &str = "forwarded";
 
+/// The outbound access-log reason of an exchange the client broke off
+/// (flag `DC`).
+#[allow(dead_code, reason = "the outbound path's words, converted when it is")]
+pub const DOWNSTREAM_CLOSED: &str = "downstream closed";
+
 /// How an inbound request ended, beyond its status: its response flag and
 /// what the access log says beyond the policy decision derive from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
