@@ -111,13 +111,11 @@ impl Outcome {
 
     /// The access log's words for it.
     pub fn reason(&self, provider: &str) -> String {
+        let words = crate::outcome::ExtAuthzWords(provider);
         match self {
-            Outcome::Allow { .. } => format!("ext_authz {provider}: allowed"),
-            Outcome::Deny { status, .. } => format!("ext_authz {provider}: denied ({status})"),
-            Outcome::Failed { reason, allow, .. } => format!(
-                "ext_authz {provider}: {reason}{}",
-                if *allow { " (failOpen)" } else { "" }
-            ),
+            Outcome::Allow { .. } => words.allowed(),
+            Outcome::Deny { status, .. } => words.denied(Some(*status)),
+            Outcome::Failed { reason, allow, .. } => words.failed(reason, *allow),
         }
     }
 }
@@ -470,7 +468,7 @@ fn failed(reason: String, p: Option<&ExtAuthz>) -> Outcome {
 fn check_request(
     p: &ExtAuthz,
     c: &HttpCheck<'_>,
-) -> Result<http::Request<crate::http_in::Body>, String> {
+) -> Result<http::Request<crate::http::Body>, String> {
     let mut req = http::Request::builder()
         .method(c.method)
         .uri(format!("{}{}", p.path_prefix, c.path))

@@ -28,15 +28,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// values are refused by the CLI and cut to this by [`crate::start`].
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 
-/// The access-log reason of a TCP connection closed by its idle timeout.
-pub const IDLE_TIMEOUT: &str = "idle_timeout";
-
-/// The access-log reason for a TCP connection closed after `timeout` idle.
+/// The access-log reason for a TCP connection closed after `timeout` idle
+/// ([`crate::outcome::Close::IdleTimeout`]).
 pub fn idle_reason(timeout: Duration) -> String {
-    format!(
-        "{IDLE_TIMEOUT}: no bytes either way for {}s",
-        timeout.as_secs()
-    )
+    crate::outcome::Close::idle(timeout)
 }
 
 /// The idle timer of one connection that waits for requests.

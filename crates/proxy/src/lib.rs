@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod admission;
 mod apply;
 pub mod connect;
 pub mod conns;
@@ -24,12 +25,14 @@ pub mod dns;
 pub mod dr_tls;
 pub mod ext_authz;
 pub mod h1;
+mod http;
 pub mod http_in;
 pub mod idle;
 pub mod inbound;
 pub mod jwt;
 pub mod listeners;
 pub mod outbound;
+mod outcome;
 mod rewind;
 pub mod snapshot;
 pub mod source;
