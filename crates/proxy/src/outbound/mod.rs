@@ -1,0 +1,124 @@
+//! Outbound: the application talks plaintext to a local listener; the proxy
+//! routes HTTP by `Host` (TCP by a per-service local port) to an endpoint of
+//! the destination service and secures the connection as the
+//! DestinationRule says (ISTIO_MUTUAL, MUTUAL, SIMPLE, DISABLE) or, without
+//! one, by auto-mTLS: mTLS to endpoints that have a proxy, plaintext to
+//! those that do not. Under mesh mTLS the server must present one of the
+//! service's identities (secure naming).
+
+mod http;
+mod pool;
+mod route;
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::time::Instant;
+
+use ::http::{Request as HttpRequest, Response};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub use self::http::serve_http;
+pub use self::pool::{MeshConnector, Pool, Upstream};
+use self::route::{Plans, Route, tls_word};
+pub use self::tcp::serve_tcp;
+use crate::dr_tls;
+use crate::http_in::Body;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+
+/// The outbound side's shared parts: connection pools and prepared routes.
+/// (The client configs of DestinationRule files live in
+/// [`State::dr_files`].)
+#[derive(Debug)]
+pub struct Outbound {
+    client: Client<MeshConnector, Body>,
+    /// For HTTP/1.x requests to HTTP/2 upstreams (bodies buffered).
+    client_full: Client<MeshConnector, Full<Bytes>>,
+    connector: MeshConnector,
+    pool: Pool,
+    plans: Mutex<Plans>,
+    next: AtomicUsize,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        let connector = MeshConnector::default();
+        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let client_full = Client::builder(TokioExecutor::new()).build(connector.clone());
+        Outbound {
+            client,
+            client_full,
+            connector,
+            pool: Pool::default(),
+            plans: Mutex::new(Plans::default()),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Outbound {
+    /// Sends a request of the proxy's own (an external authorization
+    /// check) to service `host` on `port` as the outbound listener sends
+    /// the application's: to the next endpoint, secured as the
+    /// DestinationRule or auto-mTLS says, with secure naming. `req`'s URI
+    /// carries the path and query. With `h2` (gRPC), the service port must
+    /// speak HTTP/2.
+    pub async fn send(
+        &self,
+        state: &State,
+        snap: &Arc<Snapshot>,
+        host: &str,
+        port: u16,
+        mut req: HttpRequest<Body>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, String> {
+        let route = self
+            .route(state, snap, host, Some(port))
+            .map_err(|e| e.to_string())?;
+        if h2 && !route.target.h2 {
+            return Err(format!(
+                "port {port} of {host} does not speak HTTP/2: declare it with protocol GRPC"
+            ));
+        }
+        self.register(&route);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *req.uri_mut() = format!("http://{}{path}", route.key)
+            .parse()
+            .map_err(|e| format!("bad path {path:?}: {e}"))?;
+        *req.version_mut() = if route.target.h2 {
+            ::http::Version::HTTP_2
+        } else {
+            ::http::Version::HTTP_11
+        };
+        self.client.request(req).await.map_err(|e| {
+            let detail = match dr_tls::tls_failure(&e) {
+                Some(f) => dr_tls::describe_failure(f, route.presented()),
+                None => {
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+                }
+            };
+            format!("{} ({}): {detail}", route.addr, tls_word(route.mode))
+        })
+    }
+
+    /// Makes `route`'s key known to the hyper client's connector.
+    fn register(&self, route: &Route) {
+        self.connector
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(&route.key, &route.target, Instant::now());
+    }
+}
