@@ -194,7 +194,10 @@ where
                         protocol: "HTTP/1.1",
                     }),
                 );
-                Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
+                Some((
+                    x,
+                    ext_authz::check(&conn.ext_authz, &snap, &x.provider, check).await,
+                ))
             }
             _ => None,
         };
@@ -657,7 +660,7 @@ async fn handle(
                     },
                 }),
             );
-            let outcome = ext_authz::check(&state, &snap, &x.provider, check).await;
+            let outcome = ext_authz::check(&conn.ext_authz, &snap, &x.provider, check).await;
             Some((x.clone(), outcome))
         }
         _ => None,

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::ext_authz;
+use crate::outbound::Outbound;
 use crate::snapshot::Protocol;
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -52,6 +53,9 @@ pub struct Conn {
     pub mtls: bool,
     /// Request metric handles of this connection, by response code.
     pub handles: crate::telemetry::HandleCache,
+    /// The outbound side, through which the external authorization
+    /// checks of this connection and its requests reach their provider.
+    pub ext_authz: Arc<Outbound>,
 }
 
 impl Conn {
@@ -166,7 +170,7 @@ impl Conn {
 }
 
 /// Accepts connections on one workload port until the listener fails.
-pub async fn serve(state: Arc<State>, port: u16, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -177,13 +181,20 @@ pub async fn serve(state: Arc<State>, port: u16, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
+        let outbound = Arc::clone(&outbound);
         tokio::spawn(async move {
-            handle(state, port, stream, peer).await;
+            handle(state, outbound, port, stream, peer).await;
         });
     }
 }
 
-async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    state: Arc<State>,
+    outbound: Arc<Outbound>,
+    port: u16,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let snap = state.snapshot();
     let Some(info) = snap.inbound_port(port).cloned() else {
@@ -211,6 +222,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         sni: None,
         mtls: false,
         handles: Default::default(),
+        ext_authz: outbound,
     };
 
     let mut first = [0u8; 1];
@@ -348,7 +360,10 @@ where
     let ext = match &decision.ext_authz {
         Some(x) => {
             let check = conn.ext_check(&snap.identity, None);
-            Some((x, ext_authz::check(&state, &snap, &x.provider, check).await))
+            Some((
+                x,
+                ext_authz::check(&conn.ext_authz, &snap, &x.provider, check).await,
+            ))
         }
         None => None,
     };

@@ -128,7 +128,9 @@ pub async fn start(bootstrap: Bootstrap, options: Options) -> Result<Proxy, Star
         None => None,
     };
     // The data-plane listeners start serving here: all of them or none.
-    let listeners = Arc::new(Listeners::start(Arc::clone(&state), fixed)?);
+    // The outbound side holds the state it reads; the state never holds it.
+    let outbound = Arc::new(outbound::Outbound::new(Arc::clone(&state)));
+    let listeners = Arc::new(Listeners::start(Arc::clone(&state), outbound, fixed)?);
     tokio::spawn(admin::serve(
         Arc::clone(&state),
         admin_l,

@@ -16,6 +16,7 @@ use meshward_config::model::networking::TlsMode;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::Outbound;
 use super::pool::{BoxError, Pool, Upstream, connect};
 use super::route::{Route, service_tag, source_labels, tls_word};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
@@ -28,7 +29,7 @@ use crate::state::State;
 use crate::telemetry::{self, AccessRecord, BodyCount, CountedBody, Counts, now_rfc3339};
 
 /// Serves the outbound HTTP listener.
-pub async fn serve_http(state: Arc<State>, listener: TcpListener) {
+pub async fn serve_http(outbound: Arc<Outbound>, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -38,14 +39,14 @@ pub async fn serve_http(state: Arc<State>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
+        let outbound = Arc::clone(&outbound);
         tokio::spawn(async move {
             let mut stream = stream;
             let mut buf = BytesMut::with_capacity(h1::READ_BUF);
             match h1::sniff_h2(&mut stream, &mut buf).await {
-                Ok(Some(false)) => serve_h1(state, peer, stream, buf).await,
+                Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
                 Ok(Some(true)) => {
-                    serve_hyper(state, peer, Rewind::new(buf.to_vec(), stream)).await;
+                    serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
                 }
                 Ok(None) | Err(_) => {}
             }
@@ -54,13 +55,13 @@ pub async fn serve_http(state: Arc<State>, listener: TcpListener) {
 }
 
 /// Serves an HTTP/2 connection from the application through hyper.
-async fn serve_hyper<S>(state: Arc<State>, peer: SocketAddr, io: S)
+async fn serve_hyper<S>(outbound: Arc<Outbound>, peer: SocketAddr, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cache = Arc::new(crate::telemetry::HandleCache::default());
-    let timeout = state.idle_timeout;
-    let svc = move |req| handle(Arc::clone(&state), peer, Arc::clone(&cache), req);
+    let timeout = outbound.state.idle_timeout;
+    let svc = move |req| handle(Arc::clone(&outbound), peer, Arc::clone(&cache), req);
     if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
@@ -72,7 +73,8 @@ type Current = Option<(Arc<str>, Upstream)>;
 /// The HTTP/1.x fast path from the application: each request is routed by
 /// its host, sent on a pooled connection for its route (kept while the
 /// next requests go the same way), and its response streamed back.
-async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut buf: BytesMut) {
+async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, mut buf: BytesMut) {
+    let state = &outbound.state;
     let cache = crate::telemetry::HandleCache::default();
     let mut current: Current = None;
     let mut up_buf = BytesMut::new();
@@ -95,7 +97,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             .and_then(|(_, p)| p.parse().ok());
         let framing = head.framing();
         let mut close = !head.keep_alive();
-        let route = match state.outbound.route(&state, &snap, target.host, port_hint) {
+        let route = match outbound.route(&snap, target.host, port_hint) {
             Ok(route) => route,
             Err(e) => {
                 let (status, flags) = e.status();
@@ -108,7 +110,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
                     e.to_string(),
                     Counts::bytes(0, body.len() as u64),
                 );
-                account(&state, &snap, &cache, peer, started, None, outcome, line);
+                account(state, &snap, &cache, peer, started, None, outcome, line);
                 if sent.is_err() {
                     break;
                 }
@@ -149,7 +151,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             (403, "-", reason, close || sent.is_err())
         } else if route.target.h2 {
             let (status, flags, reason) = bridge_h2(
-                &state,
+                &outbound,
                 &route,
                 (&head, &target),
                 &mut io,
@@ -161,7 +163,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             (status, flags, reason, close)
         } else {
             exchange(
-                &state.outbound.pool,
+                &outbound.pool,
                 &route,
                 &mut current,
                 (&mut io, &mut buf),
@@ -177,7 +179,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
             close = true;
         }
         account(
-            &state,
+            state,
             &snap,
             &cache,
             peer,
@@ -192,7 +194,7 @@ async fn serve_h1(state: Arc<State>, peer: SocketAddr, mut io: TcpStream, mut bu
         }
     }
     if let Some((key, up)) = current {
-        state.outbound.pool.checkin(key, up);
+        outbound.pool.checkin(key, up);
     }
 }
 
@@ -336,19 +338,19 @@ async fn exchange(
 }
 
 async fn handle(
-    state: Arc<State>,
+    outbound: Arc<Outbound>,
     peer: SocketAddr,
     cache: Arc<crate::telemetry::HandleCache>,
     mut req: HttpRequest<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
-    let snap = state.snapshot();
+    let snap = outbound.state.snapshot();
     // Request body bytes forwarded upstream.
     let request_bytes = Arc::new(BodyCount::default());
     let grpc = telemetry::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
     let (host, path, method) = request_line(&req);
     let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
-    let route = state.outbound.route(&state, &snap, &host, port_hint);
+    let route = outbound.route(&snap, &host, port_hint);
     let (resp, flags, reason, route) = match route {
         Err(e) => {
             let (status, flags) = e.status();
@@ -361,7 +363,7 @@ async fn handle(
             )
         }
         Ok(route) => {
-            state.outbound.register(&route);
+            outbound.register(&route);
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);
             strip_hop_by_hop(req.headers_mut());
@@ -387,7 +389,7 @@ async fn handle(
                     };
                     let req =
                         req.map(|b| CountedBody::new(b, Arc::clone(&request_bytes), grpc).boxed());
-                    match state.outbound.client.request(req).await {
+                    match outbound.client.request(req).await {
                         Ok(mut resp) => (
                             {
                                 strip_hop_by_hop(resp.headers_mut());
@@ -419,7 +421,7 @@ async fn handle(
     let status = resp.status().as_u16();
     let finish = Box::new(move |counts| {
         account(
-            &state,
+            &outbound.state,
             &snap,
             &cache,
             peer,
@@ -441,7 +443,7 @@ const BRIDGE_MAX_BODY: u64 = 4 * 1024 * 1024;
 /// the response is written back as HTTP/1.1 (chunked unless its length is
 /// known). Chunked request bodies are not bridged (411).
 async fn bridge_h2(
-    state: &State,
+    outbound: &Outbound,
     route: &Route,
     (head, target): (&RequestHead, &h1::Target<'_>),
     io: &mut TcpStream,
@@ -505,8 +507,8 @@ async fn bridge_h2(
     if let Ok(v) = HeaderValue::from_str(target.host) {
         req.headers_mut().insert(HOST, v);
     }
-    state.outbound.register(route);
-    let resp = match state.outbound.client_full.request(req).await {
+    outbound.register(route);
+    let resp = match outbound.client_full.request(req).await {
         Ok(resp) => resp,
         Err(e) => {
             let _ = h1::reply(io, 503, "upstream connect error", true).await;

@@ -34,11 +34,17 @@ use crate::http_in::Body;
 use crate::snapshot::Snapshot;
 use crate::state::State;
 
-/// The outbound side's shared parts: connection pools and prepared routes.
-/// (The client configs of DestinationRule files live in
-/// [`State::dr_files`].)
+/// The outbound side: the application's requests and connections routed
+/// to the services of the configuration, and the proxy's own requests (an
+/// external authorization check, [`Outbound::send`]). It reads the proxy's
+/// [`State`] (snapshot, TLS state, DestinationRule files, DNS answers,
+/// metrics) and keeps what it derives from them: prepared routes and
+/// connection pools. (The client configs of DestinationRule files live in
+/// [`State::dr_files`].) One is made at start and handed to the outbound
+/// listeners; the state never holds it.
 #[derive(Debug)]
 pub struct Outbound {
+    state: Arc<State>,
     client: Client<MeshConnector, Body>,
     /// For HTTP/1.x requests to HTTP/2 upstreams (bodies buffered).
     client_full: Client<MeshConnector, Full<Bytes>>,
@@ -48,12 +54,14 @@ pub struct Outbound {
     next: AtomicUsize,
 }
 
-impl Default for Outbound {
-    fn default() -> Self {
+impl Outbound {
+    /// The outbound side of the proxy whose state is `state`.
+    pub fn new(state: Arc<State>) -> Outbound {
         let connector = MeshConnector::default();
         let client = Client::builder(TokioExecutor::new()).build(connector.clone());
         let client_full = Client::builder(TokioExecutor::new()).build(connector.clone());
         Outbound {
+            state,
             client,
             client_full,
             connector,
@@ -62,9 +70,7 @@ impl Default for Outbound {
             next: AtomicUsize::new(0),
         }
     }
-}
 
-impl Outbound {
     /// Sends a request of the proxy's own (an external authorization
     /// check) to service `host` on `port` as the outbound listener sends
     /// the application's: to the next endpoint, secured as the
@@ -73,7 +79,6 @@ impl Outbound {
     /// speak HTTP/2.
     pub async fn send(
         &self,
-        state: &State,
         snap: &Arc<Snapshot>,
         host: &str,
         port: u16,
@@ -81,7 +86,7 @@ impl Outbound {
         h2: bool,
     ) -> Result<Response<Incoming>, String> {
         let route = self
-            .route(state, snap, host, Some(port))
+            .route(snap, host, Some(port))
             .map_err(|e| e.to_string())?;
         if h2 && !route.target.h2 {
             return Err(format!(

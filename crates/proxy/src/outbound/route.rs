@@ -16,7 +16,6 @@ use super::pool::Target;
 use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
-use crate::state::State;
 use crate::telemetry::{TrafficLabels, principal_parts};
 
 /// Routes prepared for one configuration snapshot, TLS state,
@@ -158,11 +157,11 @@ impl Outbound {
     /// request costs a lookup, not a rebuild.
     pub(super) fn route(
         &self,
-        state: &State,
         snap: &Arc<Snapshot>,
         host: &str,
         port_hint: Option<u16>,
     ) -> Result<Route, RouteError> {
+        let state = &self.state;
         let tls = state.tls();
         // Read before preparing: a config swapped or an answer changed
         // meanwhile bumps them again, so routes are never kept for
@@ -188,7 +187,7 @@ impl Outbound {
                 let (svc, port, endpoints) = self.service(snap, host, port_hint)?;
                 let endpoints: EndpointRoutes = endpoints
                     .into_iter()
-                    .map(|ep| self.prepare(state, snap, host, svc, port, ep))
+                    .map(|ep| self.prepare(snap, host, svc, port, ep))
                     .collect();
                 let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
                 // Only into plans for the same state (another request may
@@ -254,13 +253,13 @@ impl Outbound {
     /// The route to `endpoint` of `svc` on service port `port`.
     fn prepare(
         &self,
-        state: &State,
         snap: &Snapshot,
         host: &str,
         svc: &Arc<Service>,
         port: u16,
         endpoint: Endpoint,
     ) -> Result<Route, RouteError> {
+        let state = &self.state;
         let svc_port = svc
             .ports
             .iter()

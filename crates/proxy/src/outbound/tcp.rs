@@ -10,11 +10,11 @@ use meshward_config::model::networking::TlsMode;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
+use super::Outbound;
 use super::pool::connect;
 use super::route::{source_labels, tls_word};
 use crate::idle::{Activity, Counted, idle_reason};
 use crate::snapshot::TcpOutbound;
-use crate::state::State;
 use crate::telemetry::{AccessRecord, now_rfc3339};
 
 /// Copies bytes both ways until either side closes or nothing moves for the
@@ -38,7 +38,7 @@ where
 }
 
 /// Serves one TCP outbound listener: every connection goes to `target`.
-pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpListener) {
+pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -47,15 +47,13 @@ pub async fn serve_tcp(state: Arc<State>, target: TcpOutbound, listener: TcpList
                 continue;
             }
         };
-        let state = Arc::clone(&state);
+        let outbound = Arc::clone(&outbound);
         let target = target.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            let state = &outbound.state;
             let snap = state.snapshot();
-            let route = match state
-                .outbound
-                .route(&state, &snap, &target.host, Some(target.port))
-            {
+            let route = match outbound.route(&snap, &target.host, Some(target.port)) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(target: "meshward::outbound", peer = %peer, host = %target.host, error = %e, "TCP outbound refused");
