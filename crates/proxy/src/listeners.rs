@@ -137,9 +137,15 @@ impl Listeners {
     /// change; the rest of the change stands.
     ///
     /// Called from the reload thread, never from a runtime thread: it
-    /// blocks until the closed listeners' tasks have ended.
+    /// blocks until the closed listeners' tasks have ended. Called after
+    /// each configuration swap, it also has the outbound side forget what
+    /// the configuration no longer has ([`Outbound::retain`]).
     pub fn reconcile(&self) {
-        let wanted = wanted(&self.state.snapshot());
+        let snap = self.state.snapshot();
+        // The outbound side forgets the routes, targets and idle
+        // connections of services and endpoints that have gone.
+        self.outbound.retain(&snap);
+        let wanted = wanted(&snap);
         // The lock is never held while waiting: `/listeners` takes it on a
         // runtime thread, which is what ends the closed listeners' tasks.
         let closed = {

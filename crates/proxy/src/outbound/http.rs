@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Outbound;
-use super::pool::{BoxError, Pool, Upstream, connect};
+use super::pool::{BoxError, Origin, Upstream, connect};
 use super::route::{Route, service_tag, source_labels, tls_word};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
@@ -67,8 +67,9 @@ where
     }
 }
 
-/// The upstream connection a downstream connection is using, and its key.
-type Current = Option<(Arc<str>, Upstream)>;
+/// The upstream connection a downstream connection is using, and the
+/// route (key) it was made for.
+type Current = Option<(Arc<Origin>, Upstream)>;
 
 /// The HTTP/1.x fast path from the application: each request is routed by
 /// its host, sent on a pooled connection for its route (kept while the
@@ -163,7 +164,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             (status, flags, reason, close)
         } else {
             exchange(
-                &outbound.pool,
+                &outbound,
                 &route,
                 &mut current,
                 (&mut io, &mut buf),
@@ -193,8 +194,8 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             break;
         }
     }
-    if let Some((key, up)) = current {
-        outbound.pool.checkin(key, up);
+    if let Some((origin, up)) = current {
+        outbound.checkin(&origin, up);
     }
 }
 
@@ -208,7 +209,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
 /// says what is left of the request body when it must.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
-    pool: &Pool,
+    outbound: &Outbound,
     route: &Route,
     current: &mut Current,
     (down, down_buf): (&mut TcpStream, &mut BytesMut),
@@ -218,10 +219,12 @@ async fn exchange(
     tunnel: Option<Duration>,
     (sizes, unread): (&mut (u64, u64), &mut h1::Unread),
 ) -> (u16, &'static str, String, bool) {
-    if current.as_ref().is_some_and(|(key, _)| *key != route.key)
-        && let Some((key, up)) = current.take()
+    if current
+        .as_ref()
+        .is_some_and(|(origin, _)| origin.key != route.key)
+        && let Some((origin, up)) = current.take()
     {
-        pool.checkin(key, up);
+        outbound.checkin(&origin, up);
     }
     let mut retried = false;
     let (resp, early) = loop {
@@ -233,14 +236,14 @@ async fn exchange(
         // A retry goes to a new connection, never to another idle one.
         if current.is_none()
             && !retried
-            && let Some(up) = pool.checkout(&route.key)
+            && let Some(up) = outbound.pool.checkout(&route.key)
         {
-            *current = Some((route.key.clone(), up));
+            *current = Some((Arc::clone(&route.origin), up));
         }
         let reused = current.is_some();
         if current.is_none() {
             match connect(&route.target).await {
-                Ok(up) => *current = Some((route.key.clone(), up)),
+                Ok(up) => *current = Some((Arc::clone(&route.origin), up)),
                 Err(e) => {
                     let body = "upstream connect error";
                     let _ = h1::reply(down, 503, body, true).await;
@@ -363,7 +366,7 @@ async fn handle(
             )
         }
         Ok(route) => {
-            outbound.register(&route);
+            let _in_use = outbound.register(&route);
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);
             strip_hop_by_hop(req.headers_mut());
@@ -507,7 +510,7 @@ async fn bridge_h2(
     if let Ok(v) = HeaderValue::from_str(target.host) {
         req.headers_mut().insert(HOST, v);
     }
-    outbound.register(route);
+    let _in_use = outbound.register(route);
     let resp = match outbound.client_full.request(req).await {
         Ok(resp) => resp,
         Err(e) => {

@@ -13,6 +13,7 @@ mod tcp;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
@@ -23,11 +24,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use self::http::serve_http;
+use self::pool::{InUse, Origin, POOL_IDLE};
 pub use self::pool::{MeshConnector, Pool, Upstream};
-use self::route::{Plans, Route, tls_word};
+use self::route::{Plans, Route, still_made, tls_word};
 pub use self::tcp::serve_tcp;
 use crate::dr_tls;
 use crate::http_in::Body;
@@ -58,8 +60,17 @@ impl Outbound {
     /// The outbound side of the proxy whose state is `state`.
     pub fn new(state: Arc<State>) -> Outbound {
         let connector = MeshConnector::default();
-        let client = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let client_full = Client::builder(TokioExecutor::new()).build(connector.clone());
+        // With a timer, hyper closes connections idle for `POOL_IDLE`
+        // (without one it only skips them when their key is asked for
+        // again, so those of routes no longer used stayed open).
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector.clone());
+        let client_full = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector.clone());
         Outbound {
             state,
             client,
@@ -93,7 +104,7 @@ impl Outbound {
                 "port {port} of {host} does not speak HTTP/2: declare it with protocol GRPC"
             ));
         }
-        self.register(&route);
+        let _in_use = self.register(&route);
         let path = req
             .uri()
             .path_and_query()
@@ -118,12 +129,57 @@ impl Outbound {
         })
     }
 
-    /// Makes `route`'s key known to the hyper client's connector.
-    fn register(&self, route: &Route) {
+    /// Makes `route`'s key known to the hyper client's connector; the
+    /// request holds the returned token until its response head has come.
+    fn register(&self, route: &Route) -> InUse {
         self.connector
             .targets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .register(&route.key, &route.target, Instant::now());
+            .register(&route.key, &route.target, &route.origin, Instant::now())
+    }
+
+    /// Returns a connection the fast path is done with to the pool, or
+    /// closes it if a configuration applied since its route was made no
+    /// longer makes that route. (It carried its requests to the end: a
+    /// configuration change never cuts a request short.)
+    fn checkin(&self, origin: &Arc<Origin>, up: Upstream) {
+        self.pool.checkin(origin, up, |origin| {
+            let snap = self.state.snapshot();
+            origin.version == snap.version || still_made(&snap, origin)
+        });
+    }
+
+    /// Forgets what the configuration in `snap` no longer has: routes
+    /// prepared for earlier snapshots, and the connector's keys and the
+    /// idle pooled connections whose routes `snap` no longer makes (a
+    /// service or endpoint gone, or its settings changed), with the TLS
+    /// client configs they hold. Requests in flight keep their
+    /// connections (see [`Outbound::checkin`] and `InUse`). Called after
+    /// each configuration swap; idle connections of hyper's pools (HTTP/2
+    /// and the proxy's own requests) are closed by hyper after
+    /// [`POOL_IDLE`] idle.
+    pub fn retain(&self, snap: &Arc<Snapshot>) {
+        self.plans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(snap);
+        // Each route is judged once, however many keys share it.
+        let mut judged: HashMap<*const Origin, bool> = HashMap::new();
+        let mut keep = |o: &Arc<Origin>| {
+            *judged
+                .entry(Arc::as_ptr(o))
+                .or_insert_with(|| still_made(snap, o))
+        };
+        let targets = self
+            .connector
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(&mut keep);
+        let idle = self.pool.retain(&mut keep);
+        if targets + idle > 0 {
+            tracing::debug!(target: "meshward::config", version = snap.version, targets, idle, "outbound: forgot upstreams the configuration no longer has");
+        }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -55,33 +55,126 @@ pub(super) const TARGET_TTL: Duration = Duration::from_secs(600);
 /// The keys known to [`MeshConnector`]. Keys unused for [`TARGET_TTL`] are
 /// dropped whenever the map has doubled since the last sweep, so a
 /// workload whose endpoints, identities or modes keep changing does not
-/// accumulate them for ever.
+/// accumulate them for ever; and a configuration change drops those whose
+/// routes it no longer makes ([`Targets::retain`]).
 #[derive(Debug, Default)]
 pub(super) struct Targets {
-    pub(super) by_key: HashMap<String, (Target, Instant)>,
+    pub(super) by_key: HashMap<String, Known>,
     /// Size at which the next sweep runs.
     sweep_at: usize,
+}
+
+/// A registered key.
+#[derive(Debug)]
+pub(super) struct Known {
+    target: Target,
+    /// When a request last registered it.
+    pub(super) used: Instant,
+    /// The routes it was made from.
+    origins: Vec<Arc<Origin>>,
+    /// Cloned into the [`InUse`] of each request that may still connect
+    /// with it.
+    in_use: Arc<()>,
+}
+
+/// Held by a request from registering its key until its response head
+/// has come (hyper has connected for it by then): the key is not
+/// forgotten meanwhile, so a configuration change never makes a request
+/// already routed fail for want of its target.
+#[derive(Debug)]
+pub(super) struct InUse {
+    _token: Arc<()>,
 }
 
 /// The smallest map that is swept.
 pub(super) const SWEEP_MIN: usize = 256;
 
 impl Targets {
-    pub(super) fn register(&mut self, key: &str, target: &Target, now: Instant) {
-        if let Some((_, used)) = self.by_key.get_mut(key) {
-            *used = now;
-            return;
+    pub(super) fn register(
+        &mut self,
+        key: &str,
+        target: &Target,
+        origin: &Arc<Origin>,
+        now: Instant,
+    ) -> InUse {
+        if let Some(known) = self.by_key.get_mut(key) {
+            known.used = now;
+            note(&mut known.origins, origin);
+            return InUse {
+                _token: Arc::clone(&known.in_use),
+            };
         }
         if self.by_key.len() >= self.sweep_at.max(SWEEP_MIN) {
-            self.by_key
-                .retain(|_, (_, used)| now.duration_since(*used) < TARGET_TTL);
+            self.by_key.retain(|_, k| {
+                now.duration_since(k.used) < TARGET_TTL || Arc::strong_count(&k.in_use) > 1
+            });
             self.sweep_at = self.by_key.len() * 2;
         }
-        self.by_key.insert(key.to_string(), (target.clone(), now));
+        let in_use = Arc::new(());
+        let token = Arc::clone(&in_use);
+        self.by_key.insert(
+            key.to_string(),
+            Known {
+                target: target.clone(),
+                used: now,
+                origins: vec![Arc::clone(origin)],
+                in_use,
+            },
+        );
+        InUse { _token: token }
     }
 
     pub(super) fn get(&self, key: &str) -> Option<Target> {
-        self.by_key.get(key).map(|(t, _)| t.clone())
+        self.by_key.get(key).map(|k| k.target.clone())
+    }
+
+    /// Forgets the keys none of whose routes `keep` keeps, except those a
+    /// request is using; returns how many were forgotten.
+    pub(super) fn retain(&mut self, keep: &mut impl FnMut(&Arc<Origin>) -> bool) -> usize {
+        let before = self.by_key.len();
+        self.by_key.retain(|_, k| {
+            k.origins.retain(|o| keep(o));
+            !k.origins.is_empty() || Arc::strong_count(&k.in_use) > 1
+        });
+        before - self.by_key.len()
+    }
+}
+
+/// What a pool key was made from: the host (and port) a request named,
+/// the endpoint's address, and the hash of everything the key says but a
+/// DestinationRule file's client config. A configuration change keeps the
+/// key's target and idle connections only if it still makes such a route
+/// (see `Outbound::still_made`).
+#[derive(Debug)]
+pub(super) struct Origin {
+    pub(super) key: Arc<str>,
+    pub(super) host: Box<str>,
+    pub(super) port_hint: Option<u16>,
+    pub(super) endpoint: IpAddr,
+    pub(super) spec: u64,
+    /// The version of the snapshot the route was made for.
+    pub(super) version: u64,
+}
+
+impl Origin {
+    fn same_route(&self, other: &Origin) -> bool {
+        self.key == other.key
+            && self.host == other.host
+            && self.port_hint == other.port_hint
+            && self.endpoint == other.endpoint
+            && self.spec == other.spec
+    }
+}
+
+/// Routes remembered per key: several hosts (or spellings of one) may
+/// make the same key; past this many, more are not remembered (a key
+/// forgotten for want of one is registered again by its next request).
+const MAX_ORIGINS: usize = 8;
+
+/// Adds `origin` to `origins` unless the same route is there.
+fn note(origins: &mut Vec<Arc<Origin>>, origin: &Arc<Origin>) {
+    if origins.len() < MAX_ORIGINS && !origins.iter().any(|o| o.same_route(origin)) {
+        origins.push(Arc::clone(origin));
     }
 }
 
@@ -204,14 +297,21 @@ pub(super) async fn connect(t: &Target) -> io::Result<Upstream> {
 /// for requests that expect the same server.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<HashMap<Arc<str>, Parked>>,
+}
+
+/// The idle connections of one key, and the routes it was made from.
+#[derive(Debug, Default)]
+struct Parked {
+    origins: Vec<Arc<Origin>>,
+    conns: Vec<Idle>,
 }
 
 /// An idle connection and when it became idle.
 type Idle = (Upstream, Instant);
 
 /// How long an idle upstream connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(90);
+pub(super) const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle connections kept per key.
 const POOL_MAX_IDLE: usize = 64;
 
@@ -219,7 +319,7 @@ impl Pool {
     /// An idle connection for `key` that is still open, if any.
     pub(super) fn checkout(&self, key: &str) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(key)?;
+        let list = &mut idle.get_mut(key)?.conns;
         while let Some((mut up, since)) = list.pop() {
             if since.elapsed() < POOL_IDLE && up.is_open() {
                 return Some(up);
@@ -228,17 +328,56 @@ impl Pool {
         None
     }
 
-    /// Keeps `up` for reuse; connections idle too long are dropped here.
-    pub(super) fn checkin(&self, key: Arc<str>, up: Upstream) {
+    /// Keeps `up`, a connection of the route `origin`, for reuse if `keep`
+    /// says the route is still made (asked under the pool's lock, so a
+    /// configuration change's [`Pool::retain`] sees it either before or
+    /// after); otherwise `up` is closed. Connections idle too long are
+    /// dropped here.
+    pub(super) fn checkin(
+        &self,
+        origin: &Arc<Origin>,
+        up: Upstream,
+        keep: impl FnOnce(&Origin) -> bool,
+    ) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|_, list| {
-            list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
-            !list.is_empty()
+        idle.retain(|_, parked| {
+            parked
+                .conns
+                .retain(|(_, since)| since.elapsed() < POOL_IDLE);
+            !parked.conns.is_empty()
         });
-        let list = idle.entry(key).or_default();
-        if list.len() < POOL_MAX_IDLE {
-            list.push((up, Instant::now()));
+        if !keep(origin) {
+            return;
         }
+        let parked = idle.entry(Arc::clone(&origin.key)).or_default();
+        note(&mut parked.origins, origin);
+        if parked.conns.len() < POOL_MAX_IDLE {
+            parked.conns.push((up, Instant::now()));
+        }
+    }
+
+    /// Closes the idle connections of the keys none of whose routes
+    /// `keep` keeps; returns how many were closed. Connections in use are
+    /// not here: they go on serving their request (see [`Pool::checkin`]).
+    pub(super) fn retain(&self, keep: &mut impl FnMut(&Arc<Origin>) -> bool) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        idle.retain(|_, parked| {
+            parked.origins.retain(|o| keep(o));
+            if parked.origins.is_empty() {
+                closed += parked.conns.len();
+                return false;
+            }
+            true
+        });
+        closed
+    }
+
+    /// How many idle connections are kept.
+    #[cfg(test)]
+    pub(super) fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.values().map(|p| p.conns.len()).sum()
     }
 }
 

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use meshward_config::model::networking::TlsMode;
+use meshward_config::model::networking::{ClientTls, TlsMode};
 use rustls_pki_types::ServerName;
 
 use super::Outbound;
-use super::pool::Target;
+use super::pool::{Origin, Target};
 use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
@@ -25,7 +26,7 @@ use crate::telemetry::{TrafficLabels, principal_parts};
 #[derive(Debug, Default)]
 pub(super) struct Plans {
     made_for: Option<MadeFor>,
-    by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
+    pub(super) by_host: HashMap<String, Vec<(Option<u16>, EndpointRoutes)>>,
 }
 
 /// What prepared routes were made from: the snapshot, the TLS state, and
@@ -36,6 +37,19 @@ type MadeFor = (Arc<Snapshot>, Arc<crate::state::TlsState>, (u64, u64));
 type EndpointRoutes = Arc<[Result<Route, RouteError>]>;
 
 impl Plans {
+    /// Drops plans made for a snapshot other than `snap` (and with them
+    /// that snapshot, its services and their client configs).
+    pub(super) fn retain(&mut self, snap: &Arc<Snapshot>) {
+        if self
+            .made_for
+            .as_ref()
+            .is_some_and(|(s, ..)| !Arc::ptr_eq(s, snap))
+        {
+            self.made_for = None;
+            self.by_host.clear();
+        }
+    }
+
     fn made_for(
         &self,
         snap: &Arc<Snapshot>,
@@ -92,6 +106,9 @@ pub(super) struct Route {
     pub(super) key: Arc<str>,
     /// SIMPLE, MUTUAL: the DestinationRule files' client config in use.
     files: Option<Arc<Loaded>>,
+    /// What the key was made from, to tell whether a later configuration
+    /// still makes it.
+    pub(super) origin: Arc<Origin>,
 }
 
 impl Route {
@@ -134,7 +151,8 @@ impl Route {
 }
 
 /// FNV-1a over NUL-separated parts, for short stable keys.
-struct Fnv(u64);
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fnv(pub(super) u64);
 
 impl Fnv {
     fn new() -> Fnv {
@@ -184,10 +202,10 @@ impl Outbound {
         let endpoints = match prepared {
             Some(endpoints) => endpoints,
             None => {
-                let (svc, port, endpoints) = self.service(snap, host, port_hint)?;
+                let (svc, port, endpoints) = service(snap, host, port_hint)?;
                 let endpoints: EndpointRoutes = endpoints
                     .into_iter()
-                    .map(|ep| self.prepare(snap, host, svc, port, ep))
+                    .map(|ep| self.prepare(snap, (host, port_hint), svc, port, ep))
                     .collect();
                 let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
                 // Only into plans for the same state (another request may
@@ -211,62 +229,168 @@ impl Outbound {
         endpoints[i].clone()
     }
 
-    /// The service for `host`, the service port the request is for, and
-    /// the endpoints it may go to now (never empty).
-    fn service<'s>(
-        &self,
-        snap: &'s Snapshot,
-        host: &str,
-        port_hint: Option<u16>,
-    ) -> Result<(&'s Arc<Service>, u16, Vec<Endpoint>), RouteError> {
-        let (svc, original) = match snap.service_for_host(host) {
-            Some(svc) => (svc, None),
-            None => snap
-                .original_destination(host)
-                .map(|(svc, ip)| (svc, Some(ip)))
-                .ok_or_else(|| RouteError::NoService(host.to_string()))?,
-        };
-        let svc_port = match port_hint {
-            Some(p) => svc
-                .ports
-                .iter()
-                .find(|sp| sp.number == p)
-                .ok_or_else(|| RouteError::NoPort(svc.name.clone(), p))?,
-            None => svc
-                .ports
-                .iter()
-                .find(|sp| sp.is_http())
-                .or(svc.ports.first())
-                .ok_or_else(|| RouteError::NoPort(svc.name.clone(), 0))?,
-        };
-        let endpoints = match original {
-            Some(ip) => vec![svc.implicit.at(ip)],
-            None => svc.endpoints_for(host).into_owned(),
-        };
-        if endpoints.is_empty() {
-            let service = format!("{}/{}", svc.namespace, svc.name);
-            return Err(RouteError::NoEndpoints(service, svc.why_no_endpoint(host)));
-        }
-        Ok((svc, svc_port.number, endpoints))
-    }
-
-    /// The route to `endpoint` of `svc` on service port `port`.
+    /// The route to `endpoint` of `svc` on service port `port`, for a
+    /// request that named `host` (and `port_hint`).
     fn prepare(
         &self,
         snap: &Snapshot,
-        host: &str,
+        (host, port_hint): (&str, Option<u16>),
         svc: &Arc<Service>,
         port: u16,
         endpoint: Endpoint,
     ) -> Result<Route, RouteError> {
         let state = &self.state;
+        let shape = Shape::of(snap, host, svc, port, &endpoint)?;
+        let Shape {
+            addr,
+            mode,
+            h2,
+            connect_timeout,
+            ..
+        } = shape;
+        let mut key = shape.key;
+        let mut files = None;
+        let tls = match shape.files {
+            None if mode == TlsMode::Disable => None,
+            None => {
+                let config = state
+                    .tls()
+                    .client_for(&svc.identities, h2)
+                    .map_err(|e| RouteError::Tls(e.to_string()))?;
+                Some((config, ServerName::IpAddress(endpoint.address.into())))
+            }
+            Some((settings, name)) => {
+                let loaded = state
+                    .dr_files
+                    .client(svc, settings, &state.metrics)
+                    .map_err(RouteError::Tls)?;
+                let config = Arc::clone(&loaded.config);
+                files = Some(loaded);
+                // The config's address: a reloaded one makes a new key, so
+                // connections made with the previous certificate are not
+                // handed to new requests. (Each pooled connection holds
+                // its config, so an address is not reused while one
+                // lives.)
+                key.add(&(Arc::as_ptr(&config) as usize).to_ne_bytes());
+                let server_name =
+                    ServerName::try_from(name).map_err(|e| RouteError::Tls(e.to_string()))?;
+                Some((config, server_name))
+            }
+        };
+        let target = Target {
+            addr,
+            tls,
+            h2,
+            connect_timeout,
+        };
+        let key: Arc<str> = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
+        let origin = Arc::new(Origin {
+            key: Arc::clone(&key),
+            host: host.into(),
+            port_hint,
+            endpoint: endpoint.address,
+            spec: shape.key.0,
+            version: snap.version,
+        });
+        Ok(Route {
+            svc: Arc::clone(svc),
+            endpoint: Arc::new(endpoint),
+            addr,
+            mode,
+            target,
+            key,
+            files,
+            origin,
+        })
+    }
+}
+
+/// Whether `snap` still makes the route `origin` was taken from: the
+/// host still names a service with an endpoint at that address, for
+/// which the key would say the same (address, port, mode, protocol,
+/// connect timeout, expected identities or server name). A
+/// DestinationRule file's client config is left out: a reloaded file
+/// is the DestinationRule files' business, not a configuration change.
+pub(super) fn still_made(snap: &Snapshot, origin: &Origin) -> bool {
+    let Ok((svc, port, endpoints)) = service(snap, &origin.host, origin.port_hint) else {
+        return false;
+    };
+    endpoints
+        .iter()
+        .filter(|ep| ep.address == origin.endpoint)
+        .any(|ep| {
+            Shape::of(snap, &origin.host, svc, port, ep).is_ok_and(|s| s.key.0 == origin.spec)
+        })
+}
+
+/// The service for `host`, the service port the request is for, and
+/// the endpoints it may go to now (never empty).
+pub(super) fn service<'s>(
+    snap: &'s Snapshot,
+    host: &str,
+    port_hint: Option<u16>,
+) -> Result<(&'s Arc<Service>, u16, Vec<Endpoint>), RouteError> {
+    let (svc, original) = match snap.service_for_host(host) {
+        Some(svc) => (svc, None),
+        None => snap
+            .original_destination(host)
+            .map(|(svc, ip)| (svc, Some(ip)))
+            .ok_or_else(|| RouteError::NoService(host.to_string()))?,
+    };
+    let svc_port = match port_hint {
+        Some(p) => svc
+            .ports
+            .iter()
+            .find(|sp| sp.number == p)
+            .ok_or_else(|| RouteError::NoPort(svc.name.clone(), p))?,
+        None => svc
+            .ports
+            .iter()
+            .find(|sp| sp.is_http())
+            .or(svc.ports.first())
+            .ok_or_else(|| RouteError::NoPort(svc.name.clone(), 0))?,
+    };
+    let endpoints = match original {
+        Some(ip) => vec![svc.implicit.at(ip)],
+        None => svc.endpoints_for(host).into_owned(),
+    };
+    if endpoints.is_empty() {
+        let service = format!("{}/{}", svc.namespace, svc.name);
+        return Err(RouteError::NoEndpoints(service, svc.why_no_endpoint(host)));
+    }
+    Ok((svc, svc_port.number, endpoints))
+}
+
+/// A route before its TLS client config: where and how to connect, and
+/// the pool key's hash of all that (everything but the client config of
+/// a DestinationRule's files).
+pub(super) struct Shape<'s> {
+    pub(super) addr: SocketAddr,
+    mode: TlsMode,
+    h2: bool,
+    connect_timeout: Duration,
+    /// SIMPLE, MUTUAL: the DestinationRule's settings and the server name.
+    files: Option<(&'s ClientTls, String)>,
+    pub(super) key: Fnv,
+}
+
+impl<'s> Shape<'s> {
+    /// The shape of the route to `endpoint` of `svc` on service port
+    /// `port`, for a request that named `host`.
+    pub(super) fn of(
+        snap: &Snapshot,
+        host: &str,
+        svc: &'s Service,
+        port: u16,
+        endpoint: &Endpoint,
+    ) -> Result<Shape<'s>, RouteError> {
         let svc_port = svc
             .ports
             .iter()
             .find(|sp| sp.number == port)
             .ok_or_else(|| RouteError::NoPort(svc.name.clone(), port))?;
-        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, &endpoint));
-        let mode = snap.tls_mode(svc, svc_port.number, &endpoint);
+        let addr = SocketAddr::new(endpoint.address, svc.endpoint_port(svc_port, endpoint));
+        let mode = snap.tls_mode(svc, svc_port.number, endpoint);
         let mut key = Fnv::new();
         match addr.ip() {
             std::net::IpAddr::V4(ip) => key.add(&ip.octets()),
@@ -282,61 +406,34 @@ impl Outbound {
             .add(mode.as_str().as_bytes())
             .add(&[u8::from(h2)])
             .add(&connect_timeout.as_millis().to_be_bytes());
-        let mut files = None;
-        let tls = match mode {
+        let files = match mode {
             TlsMode::Disable => None,
             TlsMode::IstioMutual => {
-                let config = state
-                    .tls()
-                    .client_for(&svc.identities, h2)
-                    .map_err(|e| RouteError::Tls(e.to_string()))?;
                 for id in &svc.identities {
                     key.add(id.as_bytes());
                 }
-                Some((config, ServerName::IpAddress(endpoint.address.into())))
+                None
             }
             TlsMode::Simple | TlsMode::Mutual => {
                 // SIMPLE and MUTUAL come only from a DestinationRule.
                 let settings = svc.tls_for(svc_port.number).ok_or_else(|| {
                     RouteError::Tls("no DestinationRule TLS settings".to_string())
                 })?;
-                let loaded = state
-                    .dr_files
-                    .client(svc, settings, &state.metrics)
-                    .map_err(RouteError::Tls)?;
-                let config = Arc::clone(&loaded.config);
-                files = Some(loaded);
                 let name = settings
                     .sni
                     .clone()
                     .unwrap_or_else(|| strip_port(host).to_string());
-                // The config's address: a reloaded one makes a new key, so
-                // connections made with the previous certificate are not
-                // handed to new requests. (Each pooled connection holds
-                // its config, so an address is not reused while one
-                // lives.)
-                key.add(name.as_bytes())
-                    .add(&(Arc::as_ptr(&config) as usize).to_ne_bytes());
-                let server_name =
-                    ServerName::try_from(name).map_err(|e| RouteError::Tls(e.to_string()))?;
-                Some((config, server_name))
+                key.add(name.as_bytes());
+                Some((settings, name))
             }
         };
-        let target = Target {
-            addr,
-            tls,
-            h2,
-            connect_timeout,
-        };
-        let key = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
-        Ok(Route {
-            svc: Arc::clone(svc),
-            endpoint: Arc::new(endpoint),
+        Ok(Shape {
             addr,
             mode,
-            target,
-            key,
+            h2,
+            connect_timeout,
             files,
+            key,
         })
     }
 }
