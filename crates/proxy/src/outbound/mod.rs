@@ -155,10 +155,10 @@ impl Outbound {
     /// idle pooled connections whose routes `snap` no longer makes (a
     /// service or endpoint gone, or its settings changed), with the TLS
     /// client configs they hold. Requests in flight keep their
-    /// connections (see [`Outbound::checkin`] and `InUse`). Called after
+    /// connections (see `Outbound::checkin` and `InUse`). Called after
     /// each configuration swap; idle connections of hyper's pools (HTTP/2
     /// and the proxy's own requests) are closed by hyper after
-    /// [`POOL_IDLE`] idle.
+    /// `POOL_IDLE` idle.
     pub fn retain(&self, snap: &Arc<Snapshot>) {
         self.plans
             .lock()
