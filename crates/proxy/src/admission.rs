@@ -49,6 +49,9 @@ pub struct Conn {
     pub mtls: bool,
     /// Request metric handles of this connection, by response code.
     pub handles: crate::telemetry::HandleCache,
+    /// The outbound side, through which the external authorization
+    /// checks of this connection and its requests reach their provider.
+    pub ext_authz: Arc<crate::outbound::Outbound>,
 }
 
 impl crate::conns::ConnFacts for Conn {
@@ -304,7 +307,6 @@ pub struct HeaderEdits {
 /// provider, the authorization decision. Records `decision`, `policy` and
 /// `reason` on the current span.
 pub async fn admit_http<'a, H>(
-    state: &State,
     snap: &Arc<Snapshot>,
     conn: &Conn,
     req: &HttpRequest<'a, '_, H>,
@@ -343,7 +345,7 @@ where
                     protocol: req.protocol,
                 }),
             );
-            Some(ext_authz::check(state, snap, &x.provider, check).await)
+            Some(ext_authz::check(&conn.ext_authz, snap, &x.provider, check).await)
         }
         _ => None,
     };
@@ -547,12 +549,12 @@ pub enum TcpVerdict {
 /// Decides one connection: the authorization decision and, for a CUSTOM
 /// policy with a gRPC provider that matches it, the provider first (as
 /// Envoy's network ext_authz filter does).
-pub async fn admit_tcp(state: &State, snap: &Arc<Snapshot>, conn: &Conn) -> TcpVerdict {
+pub async fn admit_tcp(snap: &Arc<Snapshot>, conn: &Conn) -> TcpVerdict {
     let decision = snap.policy.decide(&conn.facts(None));
     let ext = match &decision.ext_authz {
         Some(x) => {
             let check = conn.ext_check(&snap.identity, None);
-            Some(ext_authz::check(state, snap, &x.provider, check).await)
+            Some(ext_authz::check(&conn.ext_authz, snap, &x.provider, check).await)
         }
         None => None,
     };

@@ -30,8 +30,8 @@ use http::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use meshward_config::model::{ExtAuthz, header_listed};
 
+use crate::outbound::Outbound;
 use crate::snapshot::Snapshot;
-use crate::state::State;
 
 pub mod proto;
 
@@ -146,7 +146,12 @@ pub struct HttpCheck<'a> {
 }
 
 /// Asks provider `name` about `check`.
-pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check<'_>) -> Outcome {
+pub async fn check(
+    outbound: &Outbound,
+    snap: &Arc<Snapshot>,
+    name: &str,
+    check: Check<'_>,
+) -> Outcome {
     let provider = snap.config.mesh.provider(name);
     let (Some(p), Some(service), Some(port)) = (
         provider.and_then(|p| p.authz.as_ref()),
@@ -161,9 +166,13 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
     let service = service.rsplit_once('/').map_or(service, |(_, host)| host);
     let timeout = Duration::from_millis(p.timeout_ms);
     let asked = if provider.is_some_and(|p| p.kind == "envoyExtAuthzGrpc") {
-        tokio::time::timeout(timeout, grpc_check(state, snap, (service, port), &check)).await
+        tokio::time::timeout(timeout, grpc_check(outbound, snap, (service, port), &check)).await
     } else {
-        tokio::time::timeout(timeout, http_check(state, snap, (service, port), p, &check)).await
+        tokio::time::timeout(
+            timeout,
+            http_check(outbound, snap, (service, port), p, &check),
+        )
+        .await
     };
     match asked {
         Ok(Ok(outcome)) => outcome,
@@ -174,7 +183,7 @@ pub async fn check(state: &State, snap: &Arc<Snapshot>, name: &str, check: Check
 
 /// An `envoyExtAuthzHttp` check: a `200` allows, anything else denies.
 async fn http_check(
-    state: &State,
+    outbound: &Outbound,
     snap: &Arc<Snapshot>,
     (service, port): (&str, u16),
     p: &ExtAuthz,
@@ -184,10 +193,7 @@ async fn http_check(
         return Err("an HTTP provider cannot check a TCP connection".into());
     };
     let req = check_request(p, http)?;
-    let resp = state
-        .outbound
-        .send(state, snap, service, port, req, false)
-        .await?;
+    let resp = outbound.send(snap, service, port, req, false).await?;
     let status = resp.status().as_u16();
     // As Envoy: a 5xx is the provider failing, not a denial.
     if resp.status().is_server_error() {
@@ -258,7 +264,7 @@ const MAX_GRPC_ANSWER: usize = 1024 * 1024;
 /// header edits), any other denies (with its HTTP response, 403 by
 /// default).
 async fn grpc_check(
-    state: &State,
+    outbound: &Outbound,
     snap: &Arc<Snapshot>,
     (service, port): (&str, u16),
     check: &Check<'_>,
@@ -279,10 +285,7 @@ async fn grpc_check(
                 .boxed(),
         )
         .map_err(|e| e.to_string())?;
-    let resp = state
-        .outbound
-        .send(state, snap, service, port, req, true)
-        .await?;
+    let resp = outbound.send(snap, service, port, req, true).await?;
     if resp.status() != http::StatusCode::OK {
         return Err(format!("HTTP status {}", resp.status()));
     }

@@ -145,7 +145,7 @@ impl H1Session {
         };
         // A request whose body is not read cannot be followed by another.
         let mut close = !head.keep_alive();
-        let admitted = match admission::admit_http(state, &snap, conn, &request).await {
+        let admitted = match admission::admit_http(&snap, conn, &request).await {
             Verdict::Admitted(a) => a,
             Verdict::Refused(Refused {
                 outcome,
@@ -362,7 +362,7 @@ async fn handle(
         // hyper carries upgrades as it does any request.
         unsupported_upgrade: false,
     };
-    let verdict = admission::admit_http(&state, &snap, &conn, &request).await;
+    let verdict = admission::admit_http(&snap, &conn, &request).await;
     let (resp, end, decision, ext_words) = match verdict {
         Verdict::Refused(refused) => {
             let resp = refusal(&mut req, refused.outcome.status(), refused.reply).await;

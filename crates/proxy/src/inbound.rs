@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::admission::{self, TcpVerdict};
 use crate::idle::{Activity, Counted};
+use crate::outbound::Outbound;
 use crate::outcome::{Close, ConnRefusal, TcpEnd};
 use crate::rewind::{Rewind, read_client_hello};
 use crate::snapshot::Protocol;
@@ -36,7 +37,7 @@ pub use crate::admission::Conn;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections on one workload port until the listener fails.
-pub async fn serve(state: Arc<State>, port: u16, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -59,11 +60,18 @@ pub async fn serve(state: Arc<State>, port: u16, listener: TcpListener) {
             decision = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
-        tokio::spawn(handle(state, port, stream, peer).instrument(span));
+        let outbound = Arc::clone(&outbound);
+        tokio::spawn(handle(state, outbound, port, stream, peer).instrument(span));
     }
 }
 
-async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    state: Arc<State>,
+    outbound: Arc<Outbound>,
+    port: u16,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let snap = state.snapshot();
     let Some(info) = snap.inbound_port(port).cloned() else {
@@ -95,6 +103,7 @@ async fn handle(state: Arc<State>, port: u16, stream: TcpStream, peer: SocketAdd
         sni: None,
         mtls: false,
         handles: Default::default(),
+        ext_authz: outbound,
     };
     if let Some(span) = admission::current_span() {
         span.record("tls.mode", conn.tls_mode());
@@ -241,7 +250,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let snap = state.snapshot();
-    let verdict = admission::admit_tcp(&state, &snap, &conn).await;
+    let verdict = admission::admit_tcp(&snap, &conn).await;
     drop(snap);
     let mut labels = conn.labels(&state, "tcp");
     let (decision, ext) = match verdict {

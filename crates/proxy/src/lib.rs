@@ -146,7 +146,9 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         None => None,
     };
     // The data-plane listeners start serving here: all of them or none.
-    let listeners = Arc::new(Listeners::start(Arc::clone(&state), fixed)?);
+    // The outbound side holds the state it reads; the state never holds it.
+    let outbound = Arc::new(outbound::Outbound::new(Arc::clone(&state)));
+    let listeners = Arc::new(Listeners::start(Arc::clone(&state), outbound, fixed)?);
     tokio::spawn(admin::serve(
         Arc::clone(&state),
         admin_l,

@@ -17,9 +17,10 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 use crate::admin::ListenerInfo;
+use crate::inbound;
+use crate::outbound::{self, Outbound};
 use crate::snapshot::{Snapshot, TcpOutbound};
 use crate::state::State;
-use crate::{inbound, outbound};
 
 /// The listen backlog of every listener.
 const BACKLOG: u32 = 1024;
@@ -87,6 +88,9 @@ pub struct ListenerStatus {
 #[derive(Debug)]
 pub struct Listeners {
     state: Arc<State>,
+    /// The outbound side, which the outbound listeners serve (and the
+    /// inbound ones ask external authorization providers through).
+    outbound: Arc<Outbound>,
     runtime: tokio::runtime::Handle,
     fixed: Vec<ListenerInfo>,
     running: Mutex<Vec<Running>>,
@@ -99,10 +103,15 @@ impl Listeners {
     /// the first that cannot be bound is an error (and none is left
     /// serving). `fixed` are the admin and metrics listeners, for
     /// [`Listeners::infos`]. Must be called within the proxy's runtime.
-    pub fn start(state: Arc<State>, fixed: Vec<ListenerInfo>) -> Result<Listeners, BindError> {
+    pub fn start(
+        state: Arc<State>,
+        outbound: Arc<Outbound>,
+        fixed: Vec<ListenerInfo>,
+    ) -> Result<Listeners, BindError> {
         let listeners = Listeners {
             runtime: tokio::runtime::Handle::current(),
             state,
+            outbound,
             fixed,
             running: Mutex::new(Vec::new()),
             failed: Mutex::new(Vec::new()),
@@ -128,9 +137,15 @@ impl Listeners {
     /// change; the rest of the change stands.
     ///
     /// Called from the reload thread, never from a runtime thread: it
-    /// blocks until the closed listeners' tasks have ended.
+    /// blocks until the closed listeners' tasks have ended. Called after
+    /// each configuration swap, it also has the outbound side forget what
+    /// the configuration no longer has ([`Outbound::retain`]).
     pub fn reconcile(&self) {
-        let wanted = wanted(&self.state.snapshot());
+        let snap = self.state.snapshot();
+        // The outbound side forgets the routes, targets and idle
+        // connections of services and endpoints that have gone.
+        self.outbound.retain(&snap);
+        let wanted = wanted(&snap);
         // The lock is never held while waiting: `/listeners` takes it on a
         // runtime thread, which is what ends the closed listeners' tasks.
         let closed = {
@@ -218,10 +233,11 @@ impl Listeners {
             w.info.address = bound;
         }
         let state = Arc::clone(&self.state);
+        let out = Arc::clone(&self.outbound);
         let task = match &w.serves {
-            Serves::Inbound(port) => self.runtime.spawn(inbound::serve(state, *port, l)),
-            Serves::OutboundHttp => self.runtime.spawn(outbound::serve_http(state, l)),
-            Serves::OutboundTcp(t) => self.runtime.spawn(outbound::serve_tcp(state, t.clone(), l)),
+            Serves::Inbound(port) => self.runtime.spawn(inbound::serve(state, out, *port, l)),
+            Serves::OutboundHttp => self.runtime.spawn(outbound::serve_http(out, l)),
+            Serves::OutboundTcp(t) => self.runtime.spawn(outbound::serve_tcp(out, t.clone(), l)),
         };
         Running {
             serves: w.serves,

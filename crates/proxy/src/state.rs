@@ -180,7 +180,6 @@ pub struct State {
     /// The connector of both, whose connect timeout follows the
     /// snapshot's `app_connect_timeout`.
     app_connector: crate::connect::AppConnector,
-    pub outbound: crate::outbound::Outbound,
     /// Open inbound TCP connections, re-checked when policy changes.
     pub tcp_conns: Conns,
     /// How long a connection may sit idle ([`crate::idle`]).
@@ -241,7 +240,6 @@ impl State {
             .http2_only(true)
             .build(app_connector.clone()),
             app_connector,
-            outbound: crate::outbound::Outbound::default(),
             tcp_conns: Conns::default(),
             idle_timeout,
             jwks,

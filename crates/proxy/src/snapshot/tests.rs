@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn snapshot(yaml: &str, workload: &str) -> Result<Snapshot, SnapshotError> {

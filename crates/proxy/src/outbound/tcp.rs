@@ -1,0 +1,113 @@
+//! The outbound TCP listeners: every connection of one goes to its
+//! service, bytes relayed both ways until either side closes or the
+//! connection sits idle.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshward_config::model::networking::TlsMode;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+use super::Outbound;
+use super::pool::connect;
+use super::route::{source_labels, tls_word};
+use crate::idle::{Activity, Counted, idle_reason};
+use crate::snapshot::TcpOutbound;
+use crate::telemetry::{AccessRecord, now_rfc3339};
+
+/// Copies bytes both ways until either side closes or nothing moves for the
+/// idle timeout. Returns the access-log reason and the bytes read from
+/// `up`.
+async fn relay_tcp<D, U>(
+    down: &mut Counted<D>,
+    up: &mut Counted<U>,
+    activity: &Activity,
+    timeout: Duration,
+) -> (io::Result<String>, u64)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let r = tokio::select! {
+        r = tokio::io::copy_bidirectional(down, up) => r.map(|_| "forwarded".to_string()),
+        () = activity.idle(timeout) => Ok(idle_reason(timeout)),
+    };
+    (r, up.bytes_read())
+}
+
+/// Serves one TCP outbound listener: every connection goes to `target`.
+pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "TCP outbound accept failed");
+                continue;
+            }
+        };
+        let outbound = Arc::clone(&outbound);
+        let target = target.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let state = &outbound.state;
+            let snap = state.snapshot();
+            let route = match outbound.route(&snap, &target.host, Some(target.port)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(target: "meshward::outbound", peer = %peer, host = %target.host, error = %e, "TCP outbound refused");
+                    return;
+                }
+            };
+            let mtls = route.mode != TlsMode::Disable;
+            let mut labels = source_labels(&snap, Some(&route), "tcp", mtls);
+            state.metrics.tcp_opened(&labels);
+            let activity = Activity::new();
+            let mut down = Counted::new(stream, &activity);
+            // A failed connection (refused, timed out, TLS refused) closes
+            // the application's connection: flag `UF`, as Envoy's TCP proxy.
+            let (result, up_read) = match connect(&route.target).await {
+                Ok(up) => {
+                    let mut up = Counted::new(up, &activity);
+                    let (r, read) =
+                        relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await;
+                    // A TLS refusal seen at the first read: `UF` (see `exchange`).
+                    (r.map_err(|e| route.failure(&e, "-")), read)
+                }
+                Err(e) => (Err(route.failure(&e, "UF")), 0),
+            };
+            let (sent, received) = (down.bytes_read(), up_read);
+            let (flags, reason) = match result {
+                Ok(reason) => ("-", reason),
+                Err(failure) => failure,
+            };
+            labels.response_flags = flags.to_string();
+            state.metrics.tcp_closed(&labels, sent, received);
+            state.metrics.access().write(&AccessRecord {
+                time: now_rfc3339(),
+                kind: "tcp",
+                reporter: "source",
+                src_addr: peer.to_string(),
+                src_identity: Some(snap.identity.clone()),
+                dst_addr: route.addr.to_string(),
+                dst_service: Some(route.svc.host.clone()),
+                dst_identity: mtls.then(|| route.endpoint().identity.clone()),
+                tls_mode: tls_word(route.mode),
+                method: None,
+                path: None,
+                authority: None,
+                response_code: None,
+                response_flags: flags,
+                decision: if flags == "-" { "allow" } else { "error" },
+                reason,
+                policy: None,
+                rule: None,
+                explanation: String::new(),
+                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                bytes_sent: sent,
+                bytes_received: received,
+            });
+        });
+    }
+}
