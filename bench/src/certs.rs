@@ -27,8 +27,12 @@ pub struct Certs {
 /// A root valid for a day (as `meshward ca init` makes it, organization
 /// `meshward-bench`) and the two workload certificates.
 pub fn generate(dir: &Path) -> Result<Certs> {
-    let ca = MeshCa::generate("cluster.local", "meshward-bench", Duration::from_secs(24 * 3600))
-        .map_err(|e| anyhow!("generating the bench root CA: {e}"))?;
+    let ca = MeshCa::generate(
+        "cluster.local",
+        "meshward-bench",
+        Duration::from_secs(24 * 3600),
+    )
+    .map_err(|e| anyhow!("generating the bench root CA: {e}"))?;
     let issue = |sa: &str| {
         ca.write_workload(&dir.join(sa), NAMESPACE, sa)
             .map_err(|e| anyhow!("issuing the {sa} certificate: {e}"))

@@ -456,10 +456,8 @@ fn ports(n: usize) -> Result<Vec<u16>> {
 /// Waits until the process' admin `path` answers 200, failing early when
 /// it exits.
 async fn wait_ready(p: &mut Process, admin: SocketAddr, path: &str, limit: Duration) -> Result<()> {
-    let ready = wait::for_admin_ready(|| Some(admin), path, limit, READY_POLL, || {
-        p.check_alive()
-    })
-    .await;
+    let ready =
+        wait::for_admin_ready(|| Some(admin), path, limit, READY_POLL, || p.check_alive()).await;
     ready.map_err(|e| anyhow!("{} {e}; log:\n{}", p.name, p.tail(40)))
 }
 

@@ -207,7 +207,9 @@ impl App {
 fn answer(
     spec: AppSpec,
     seen: Arc<Mutex<Vec<Seen>>>,
-) -> impl Fn(http::Request<Incoming>) -> std::pin::Pin<
+) -> impl Fn(
+    http::Request<Incoming>,
+) -> std::pin::Pin<
     Box<dyn Future<Output = http::Response<BoxBody<Bytes, Infallible>>> + Send>,
 > + Clone
 + Send

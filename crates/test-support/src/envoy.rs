@@ -285,9 +285,12 @@ impl Server<'_> {
         if a.methods.is_empty() && a.path_prefix.is_none() {
             permissions.push_str("                    - any: true\n");
         } else {
-            permissions.push_str("                    - and_rules:\n                        rules:\n");
+            permissions
+                .push_str("                    - and_rules:\n                        rules:\n");
             if !a.methods.is_empty() {
-                permissions.push_str("                        - or_rules:\n                            rules:\n");
+                permissions.push_str(
+                    "                        - or_rules:\n                            rules:\n",
+                );
                 for m in a.methods {
                     let _ = writeln!(
                         permissions,
@@ -416,13 +419,9 @@ impl Envoy {
                 .ok()
                 .and_then(|s| s.trim().parse::<SocketAddr>().ok())
         };
-        wait::for_admin_ready(
-            admin,
-            "/ready",
-            limit,
-            Duration::from_millis(50),
-            || process.check_alive(),
-        )
+        wait::for_admin_ready(admin, "/ready", limit, Duration::from_millis(50), || {
+            process.check_alive()
+        })
         .await
         .map_err(|e| format!("{name} {e}; log:\n{}", process.tail(40)))?;
         let admin = admin().ok_or_else(|| format!("{name} wrote no admin address"))?;

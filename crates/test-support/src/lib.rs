@@ -21,7 +21,11 @@
 //! benchmark needs an error it can report: those return `Result`.
 
 // Everything here is test code: a failed set-up step is a failed test.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
 pub mod app;
 pub mod ca;

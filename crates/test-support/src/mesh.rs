@@ -169,7 +169,13 @@ mod tests {
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: production}\nspec: {}\n---\n"
         );
         assert_eq!(
-            allow_from("production", "p", "orders", "cluster.local/ns/production/sa/frontend", None),
+            allow_from(
+                "production",
+                "p",
+                "orders",
+                "cluster.local/ns/production/sa/frontend",
+                None
+            ),
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: production}\nspec:\n  selector: {matchLabels: {app: orders}}\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/production/sa/frontend\"]}}]\n---\n"
         );
     }

@@ -122,6 +122,8 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
     if ports.len() == n {
         Ok(ports)
     } else {
-        Err(format!("no {n} free loopback ports between 20000 and 32000"))
+        Err(format!(
+            "no {n} free loopback ports between 20000 and 32000"
+        ))
     }
 }
