@@ -204,17 +204,14 @@ impl App {
     }
 }
 
+/// The echo application's answer to one request.
+type Answer =
+    std::pin::Pin<Box<dyn Future<Output = http::Response<BoxBody<Bytes, Infallible>>> + Send>>;
+
 fn answer(
     spec: AppSpec,
     seen: Arc<Mutex<Vec<Seen>>>,
-) -> impl Fn(
-    http::Request<Incoming>,
-) -> std::pin::Pin<
-    Box<dyn Future<Output = http::Response<BoxBody<Bytes, Infallible>>> + Send>,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(http::Request<Incoming>) -> Answer + Clone + Send + Sync + 'static {
     move |req: http::Request<Incoming>| {
         if spec.record {
             seen.lock().unwrap().push(Seen::of(&req));
