@@ -163,24 +163,6 @@ pub async fn one_shot(t: &Target, method: Method) -> Result<StatusCode> {
     .context("request timed out")?
 }
 
-/// One GET to `http://ADDR/PATH`, returning the status (admin readiness).
-pub async fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<StatusCode> {
-    timeout(limit, async {
-        let mut s: SendRequest<Empty<Bytes>> = connect(addr).await?;
-        s.ready().await?;
-        let req = Request::builder()
-            .uri(path)
-            .header(header::HOST, addr.to_string())
-            .body(Empty::new())?;
-        let resp = s.send_request(req).await?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
-        Ok(status)
-    })
-    .await
-    .context("probe timed out")?
-}
-
 /// Open loop at `rate` requests/s over `conns` keep-alive connections.
 pub async fn fixed_rate(
     t: &Target,

@@ -10,7 +10,6 @@
 
 #![forbid(unsafe_code)]
 
-mod app;
 mod certs;
 mod envoy;
 mod load;

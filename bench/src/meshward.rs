@@ -7,87 +7,40 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use meshward_test_support::mesh::{self, WorkloadEntry};
+
 use crate::certs::{self, NAMESPACE};
 use crate::envoy::{Ports, SERVICE_HOST};
 
 /// The mesh configuration, one file per resource kind. The policy is the
-/// one the server-side Envoy's RBAC filter implements.
-pub fn config_files(p: &Ports) -> Vec<(&'static str, String)> {
-    let client = certs::principal(certs::CLIENT_SA);
+/// one the server-side Envoy's RBAC filter implements: `client` (Istio's
+/// principal form) may GET any path.
+pub fn config_files(p: &Ports, client: &str) -> Vec<(&'static str, String)> {
+    let app = SocketAddr::from(([127, 0, 0, 1], p.app));
     vec![
         (
             "peer-authentication.yaml",
-            format!(
-                r#"apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: default
-  namespace: {NAMESPACE}
-spec:
-  mtls:
-    mode: STRICT
-"#
-            ),
+            mesh::peer_authentication(NAMESPACE, "default", "STRICT"),
         ),
         (
             "authorization-policy.yaml",
-            format!(
-                r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: server-allow
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels:
-      app: server
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{client}"]
-    to:
-    - operation:
-        methods: ["GET"]
-        paths: ["/*"]
-"#
+            mesh::allow_from(
+                NAMESPACE,
+                "server-allow",
+                certs::SERVER_SA,
+                client,
+                Some(r#"[{operation: {methods: ["GET"], paths: ["/*"]}}]"#),
             ),
         ),
         (
             "workload-entries.yaml",
-            format!(
-                r#"apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: server
-  namespace: {NAMESPACE}
-  annotations:
-    meshward.io/app-ports: "http=127.0.0.1:{app}"
-spec:
-  address: 127.0.0.1
-  labels:
-    app: server
-  serviceAccount: server
-  ports:
-    http: {inb}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: client
-  namespace: {NAMESPACE}
-  annotations:
-    meshward.io/outbound: "127.0.0.1:{out}"
-spec:
-  address: 127.0.0.1
-  labels:
-    app: client
-  serviceAccount: client
-"#,
-                app = p.app,
-                inb = p.inbound,
-                out = p.outbound,
-            ),
+            WorkloadEntry::new(NAMESPACE, certs::SERVER_SA)
+                .app_ports(&[("http", app)])
+                .port("http", p.inbound)
+                .yaml()
+                + &WorkloadEntry::new(NAMESPACE, certs::CLIENT_SA)
+                    .outbound(p.outbound)
+                    .yaml(),
         ),
         (
             "service-entry.yaml",
@@ -182,7 +135,7 @@ mod tests {
             inbound: 15006,
             app: 8080,
         };
-        for (name, text) in config_files(&ports) {
+        for (name, text) in config_files(&ports, "cluster.local/ns/bench/sa/client") {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         match meshward_config::load_paths(&[dir.path()]) {

@@ -1,107 +1,17 @@
-//! Child processes (the proxies) and their resource usage, read from
-//! `/proc`: CPU time (utime + stime) and peak RSS (VmHWM, reset per run
-//! through `/proc/PID/clear_refs`).
+//! The resource usage of the proxies (child processes, started with
+//! `meshward_test_support::Process`), read from `/proc`: CPU time (utime +
+//! stime) and peak RSS (VmHWM, reset per run through
+//! `/proc/PID/clear_refs`).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-/// A child process that is killed (and reaped) on drop. Its stdout and
-/// stderr go to a log file that is printed when a run fails.
-#[derive(Debug)]
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Self> {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            log,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails (with the log's tail) if the process has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited ({status}); its log ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail(40)
-            );
-        }
-        Ok(())
-    }
-
-    /// The last `lines` lines of the process' output.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let start = all.len().saturating_sub(lines);
-        let mut out = String::new();
-        for l in &all[start..] {
-            out.push_str("    ");
-            out.push_str(l);
-            out.push('\n');
-        }
-        out
-    }
-
-    pub fn usage(&self, clk_tck: f64) -> Result<Usage> {
-        usage(self.pid(), clk_tck)
-    }
-
-    /// Resets VmHWM to the current RSS so that the next reading is the
-    /// peak of the coming run (Linux >= 4.0). Returns false if the kernel
-    /// refused, in which case VmHWM is the peak since process start.
-    pub fn reset_peak_rss(&self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").is_ok()
-    }
-}
-
-impl Drop for Proc {
-    /// Stops the process as an orchestrator does: SIGTERM, then SIGKILL if
-    /// it has not exited within a few seconds. A graceful exit lets a
-    /// profiling build (`scripts/release.sh`) write its profile.
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let termed = Command::new("kill")
-                .args(["-TERM", &self.pid().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if termed {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while matches!(self.child.try_wait(), Ok(None))
-                    && std::time::Instant::now() < deadline
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Resets VmHWM to the current RSS of `pid` so that the next reading is
+/// the peak of the coming run (Linux >= 4.0). Returns false if the kernel
+/// refused, in which case VmHWM is the peak since process start.
+pub fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 /// A reading of one process' counters.

@@ -8,16 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use http::{Method, StatusCode};
+use meshward_test_support::app::{AppSpec, Protocol, ThreadedApp};
+use meshward_test_support::envoy::{self as envoy_proc, Envoy};
+use meshward_test_support::{Process, free_ports, wait};
 
 use crate::Args;
-use crate::app::App;
 use crate::certs::{self, Certs};
 use crate::envoy::{self, Ports, SERVICE_HOST};
 use crate::load::{self, LoadResult, Target};
 use crate::meshward;
-use crate::procs::{self, Proc, Usage};
+use crate::procs::{self, Usage};
 use crate::report::{self, Measurement, ProcUsage, Scenario, ScenarioResult, TargetKind};
 
 /// Poll interval of readiness checks (bounded by the ready timeout).
@@ -100,24 +102,27 @@ struct Deployment {
     kind: TargetKind,
     entry: SocketAddr,
     /// (role, process): "client" and "server".
-    procs: Vec<(&'static str, Proc)>,
+    procs: Vec<(&'static str, Process)>,
 }
 
 impl Deployment {
     fn check_alive(&mut self) -> Result<()> {
         for (_, p) in &mut self.procs {
-            p.check_alive()?;
+            p.check_alive().map_err(|e| anyhow!(e))?;
         }
         Ok(())
     }
 
     fn usage(&self, clk: f64) -> Result<Vec<Usage>> {
-        self.procs.iter().map(|(_, p)| p.usage(clk)).collect()
+        self.procs
+            .iter()
+            .map(|(_, p)| procs::usage(p.pid(), clk))
+            .collect()
     }
 
     fn print_logs(&self) {
         for (_, p) in &self.procs {
-            eprintln!("--- {} log (tail) ---\n{}", p.name, p.log_tail(30));
+            eprintln!("--- {} log (tail) ---\n{}", p.name, p.tail(30));
         }
     }
 }
@@ -130,7 +135,13 @@ pub fn run(args: Args) -> Result<bool> {
         .tempdir()
         .context("creating the work directory")?;
     let certs = certs::generate(&work.path().join("certs"))?;
-    let app = App::spawn(s.body_bytes)?;
+    let app = ThreadedApp::spawn(AppSpec {
+        protocol: Protocol::Http1,
+        body: vec![b'x'; s.body_bytes].into(),
+        content_type: Some("text/plain"),
+        record: false,
+    })
+    .context("starting the upstream app")?;
     // The load generator and the orchestration share this single-threaded
     // runtime on the main thread; the app has its own thread.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -178,7 +189,7 @@ async fn run_all(
             TargetKind::Relay => start_relay(work, app.port()),
             TargetKind::Envoy => match envoy_binary(args) {
                 Ok(bin) => {
-                    envoy_version = envoy::version(&bin);
+                    envoy_version = envoy_proc::version(&bin);
                     start_envoy(&bin, work, certs, app.port(), s).await
                 }
                 Err(e) => Err(e),
@@ -338,7 +349,7 @@ async fn measure(
     dep.check_alive()?;
     let mut hwm_reset = true;
     for (_, p) in &dep.procs {
-        hwm_reset &= p.reset_peak_rss();
+        hwm_reset &= procs::reset_peak_rss(p.pid());
     }
     if !hwm_reset {
         notes.push(
@@ -438,52 +449,16 @@ async fn preflight(dep: &mut Deployment, t: &Target, s: &Settings) -> Result<Opt
     }))
 }
 
-/// Picks `n` distinct free loopback ports for configuration that must name
-/// them. They come from below the kernel's ephemeral range (32768+), so no
-/// socket bound to port 0 and no outgoing connection can take one between
-/// this check and the proxy binding it.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = 20_000 + (std::process::id() % 500) * 20;
-    let mut ports = Vec::with_capacity(n);
-    for _ in 0..12_000 {
-        if ports.len() == n {
-            return Ok(ports);
-        }
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
-        let port = (20_000 + (base - 20_000 + offset) % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            ports.push(port);
-        }
-    }
-    anyhow::bail!("no {n} free loopback ports between 20000 and 32000")
+fn ports(n: usize) -> Result<Vec<u16>> {
+    free_ports(n).map_err(|e| anyhow!(e))
 }
 
-async fn wait_ready(
-    p: &mut Proc,
-    admin: impl Fn() -> Option<SocketAddr>,
-    path: &str,
-    limit: Duration,
-) -> Result<()> {
-    let attempts = (limit.as_secs_f64() / READY_POLL.as_secs_f64()).ceil() as u32;
-    let mut last = "no admin address yet".to_owned();
-    for _ in 0..attempts.max(1) {
-        p.check_alive()?;
-        if let Some(addr) = admin() {
-            match load::probe(addr, path, Duration::from_secs(1)).await {
-                Ok(StatusCode::OK) => return Ok(()),
-                Ok(st) => last = format!("{path} returned {st}"),
-                Err(e) => last = format!("{e:#}"),
-            }
-        }
-        tokio::time::sleep(READY_POLL).await;
-    }
-    bail!(
-        "{} not ready after {limit:?} ({last}); log:\n{}",
-        p.name,
-        p.log_tail(40)
-    )
+/// Waits until the process' admin `path` answers 200, failing early when
+/// it exits.
+async fn wait_ready(p: &mut Process, admin: SocketAddr, path: &str, limit: Duration) -> Result<()> {
+    let ready =
+        wait::for_admin_ready(|| Some(admin), path, limit, READY_POLL, || p.check_alive()).await;
+    ready.map_err(|e| anyhow!("{} {e}; log:\n{}", p.name, p.tail(40)))
 }
 
 async fn start_envoy(
@@ -495,7 +470,7 @@ async fn start_envoy(
 ) -> Result<Deployment> {
     let dir = work.join("envoy");
     std::fs::create_dir_all(&dir)?;
-    let ports = free_ports(2)?;
+    let ports = ports(2)?;
     let ports = Ports {
         outbound: ports[0],
         inbound: ports[1],
@@ -507,21 +482,11 @@ async fn start_envoy(
         ("server", envoy::server_bootstrap(certs, &ports)),
         ("client", envoy::client_bootstrap(certs, &ports)),
     ] {
-        let cfg = dir.join(format!("{role}.yaml"));
-        std::fs::write(&cfg, yaml)?;
-        let admin_file = dir.join(format!("{role}.admin"));
-        let mut p = Proc::spawn(
-            &format!("envoy-{role}"),
-            envoy::command(bin, &cfg, &admin_file),
-            &dir,
-        )?;
-        let admin = || {
-            std::fs::read_to_string(&admin_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-        };
-        wait_ready(&mut p, admin, "/ready", s.ready_timeout).await?;
-        started.push((role, p));
+        let name = format!("envoy-{role}");
+        let envoy = Envoy::start(bin, &dir, &name, &yaml, "warn", s.ready_timeout)
+            .await
+            .map_err(|e| anyhow!(e))?;
+        started.push((role, envoy.process));
     }
     started.reverse();
     Ok(Deployment {
@@ -542,13 +507,13 @@ async fn start_meshward(
     let dir = work.join("meshward");
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
-    let ports = free_ports(4)?;
+    let ports = ports(4)?;
     let p = Ports {
         outbound: ports[0],
         inbound: ports[1],
         app: app_port,
     };
-    for (name, text) in meshward::config_files(&p) {
+    for (name, text) in meshward::config_files(&p, &certs.client_principal) {
         std::fs::write(config.join(name), text)?;
     }
     let mut started = Vec::new();
@@ -559,8 +524,8 @@ async fn start_meshward(
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let workload = format!("{}/{role}", certs::NAMESPACE);
         let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, extra);
-        let mut proc = Proc::spawn(&format!("meshward-{role}"), cmd, &dir)?;
-        wait_ready(&mut proc, || Some(admin), "/healthz/ready", s.ready_timeout).await?;
+        let mut proc = spawn(&format!("meshward-{role}"), cmd, &dir)?;
+        wait_ready(&mut proc, admin, "/healthz/ready", s.ready_timeout).await?;
         started.push((role, proc));
     }
     started.reverse();
@@ -579,7 +544,7 @@ fn start_relay(work: &Path, app_port: u16) -> Result<Deployment> {
     let bin = sibling_binary("meshward-relay").context(
         "meshward-relay is not next to the harness (cargo build --release -p meshward-bench)",
     )?;
-    let ports = free_ports(2)?;
+    let ports = ports(2)?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let mut started = Vec::new();
     for (role, listen, upstream) in [
@@ -591,7 +556,7 @@ fn start_relay(work: &Path, app_port: u16) -> Result<Deployment> {
             .arg(addr(listen).to_string())
             .arg("--upstream")
             .arg(addr(upstream).to_string());
-        started.push((role, Proc::spawn(&format!("relay-{role}"), cmd, &dir)?));
+        started.push((role, spawn(&format!("relay-{role}"), cmd, &dir)?));
     }
     started.reverse();
     Ok(Deployment {
@@ -610,31 +575,20 @@ fn sibling_binary(name: &str) -> Option<PathBuf> {
 }
 
 fn envoy_binary(args: &Args) -> Result<PathBuf> {
-    if let Some(b) = &args.envoy {
-        return Ok(b.clone());
+    match &args.envoy {
+        Some(b) => Ok(b.clone()),
+        None => envoy_proc::install().map_err(|e| anyhow!(e)),
     }
-    let script = envoy::install_script();
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_owned();
-    if path.is_empty() {
-        bail!("{} printed no path", script.display());
-    }
-    Ok(PathBuf::from(path))
+}
+
+/// A proxy or relay with its output in `dir/NAME.log`: a graceful stop
+/// (SIGTERM, SIGKILL after 5 s) lets a profiling build write its profile.
+fn spawn(name: &str, cmd: Command, dir: &Path) -> Result<Process> {
+    let log = dir.join(format!("{name}.log"));
+    let what = format!("starting {name}: {cmd:?}");
+    Ok(Process::spawn_logged(name, cmd, &log)
+        .context(what)?
+        .with_grace(Duration::from_secs(5)))
 }
 
 fn meshward_binary(args: &Args) -> PathBuf {

@@ -30,15 +30,7 @@ fn workload(ns: &str, name: &str, sa: &str, ports: &str, annotations: &str) -> S
     )
 }
 
-fn service(ns: &str, name: &str, app: &str, ports: &str) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  ports: [{ports}]\n  workloadSelector: {{labels: {{app: {app}}}}}\n  resolution: STATIC\n---\n"
-    )
-}
-
-/// The mesh-wide STRICT PeerAuthentication, as a policies file's first
-/// document.
-const MESH_STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
+use support::mesh::service_entry as service;
 
 const POLICIES: &str = r#"
 apiVersion: security.istio.io/v1
@@ -845,7 +837,8 @@ async fn tcp_services_and_destination_rules() {
     mesh.write_config(
         "policies.yaml",
         &format!(
-            "{MESH_STRICT}{}",
+            "{}{}",
+            mesh::mesh_strict(),
             r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: mongodb-policy, namespace: production}
@@ -1010,67 +1003,15 @@ fn client_hello_bytes() -> Vec<u8> {
     out
 }
 
-/// A cleartext HTTP/2 application answering like a gRPC server: a data
-/// frame, then trailers with `grpc-status`.
-async fn grpc_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
-    let seen2 = Arc::clone(&seen);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let seen = Arc::clone(&seen2);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| {
-                        seen.lock().unwrap().push(format!(
-                            "{:?} {}",
-                            req.version(),
-                            req.uri().path()
-                        ));
-                        async move {
-                            // A unary server reads the request message before
-                            // it answers. Answering first would race the
-                            // proxy's count of the request's bytes.
-                            use http_body_util::BodyExt;
-                            let _ = req.into_body().collect().await;
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                            let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
-                                Ok(Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"))),
-                                Ok(Frame::trailers(trailers)),
-                            ];
-                            let body = StreamBody::new(futures_util::stream::iter(frames));
-                            let mut resp = http::Response::new(body);
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("application/grpc"),
-                            );
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_flows_over_http2_end_to_end_with_trailers() {
     use http_body_util::BodyExt;
     let mesh = Mesh::new();
     let (grpc_port, out) = (free_port(), free_port());
-    let (app, seen) = grpc_app().await;
+    // The echo application answers gRPC calls: a message, then trailers
+    // with `grpc-status`.
+    let grpc = App::start_grpc().await;
+    let app = grpc.addr;
     let mut c = workload(
         "production",
         "product-catalog",
@@ -1139,7 +1080,12 @@ async fn grpc_flows_over_http2_end_to_end_with_trailers() {
     );
     assert_eq!(body.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
     assert_eq!(
-        seen.lock().unwrap().as_slice(),
+        grpc.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{:?} {}", s.version, s.path))
+            .collect::<Vec<_>>(),
         ["HTTP/2.0 /shop.Catalog/List"],
         "the application got HTTP/2"
     );
@@ -1234,7 +1180,8 @@ async fn listeners_follow_configuration_changes() {
     mesh.write_config(
         "policies.yaml",
         &format!(
-            "{MESH_STRICT}{}",
+            "{}{}",
+            mesh::mesh_strict(),
             r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: payment-to-db, namespace: production}

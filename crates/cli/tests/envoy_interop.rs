@@ -13,209 +13,33 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use futures_util::SinkExt;
+use meshward_test_support::ca::WorkloadCerts;
+use meshward_test_support::envoy::{self, Allow, Client, Envoy, Server, Sidecar};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
-fn envoy_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHWARD_ENVOY") {
-        return PathBuf::from(p);
+/// Envoy as `name`'s sidecar with `bootstrap`, ready; its log is printed
+/// if the test fails.
+async fn start_envoy(dir: &Path, name: &str, bootstrap: &str) -> Envoy {
+    let bin = envoy::binary().unwrap_or_else(|e| panic!("Envoy is needed for this test: {e}"));
+    Envoy::start(&bin, dir, name, bootstrap, "info", patience())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Istio's sidecar settings for a workload of `production`: its
+/// certificates, Istio's ALPN over mTLS, WebSocket upgrades.
+fn sidecar<'a>(name: &'a str, certs: &'a WorkloadCerts) -> Sidecar<'a> {
+    Sidecar {
+        namespace: "production",
+        name,
+        certs,
+        alpn: &["istio-http/1.1", "istio", "http/1.1"],
+        websocket: true,
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/install-envoy.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run bench/install-envoy.sh");
-    assert!(
-        out.status.success(),
-        "Envoy is needed for this test: `bash bench/install-envoy.sh` failed (set MESHWARD_ENVOY to a binary)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-struct Envoy {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- envoy log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-async fn start_envoy(dir: &Path, name: &str, config: &str) -> Envoy {
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = config.replace("ADMIN_PORT", &admin.port().to_string());
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config).unwrap();
-    let log = dir.join(format!("{name}.log"));
-    let child = Command::new(envoy_binary())
-        .args([
-            "-c",
-            path.to_str().unwrap(),
-            "--concurrency",
-            "1",
-            "--base-id",
-            &free_port().to_string(),
-            "--log-path",
-            log.to_str().unwrap(),
-            "-l",
-            "info",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start envoy");
-    let envoy = Envoy { child, log };
-    eventually(&format!("envoy {name} to be ready"), || async {
-        matches!(get(admin, "admin", "/ready", &[]).await, Some((200, _))).then_some(())
-    })
-    .await;
-    envoy
-}
-
-fn tls_files(dir: &Path) -> (String, String, String) {
-    let s = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    (s("cert-chain.pem"), s("key.pem"), s("root-cert.pem"))
-}
-
-/// A cluster of one endpoint on 127.0.0.1 (an entry of `clusters:`).
-fn static_cluster(name: &str, port: u16) -> String {
-    format!(
-        r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
-"#
-    )
-}
-
-/// An Istio-style client sidecar: plaintext in, mTLS out with secure
-/// naming, WebSocket upgrades enabled; `/ws` goes to the `upstreams.1`
-/// port, the rest to `upstreams.0` (two ports of one workload).
-fn envoy_client(out_port: u16, upstreams: (u16, u16), certs: &Path, expected_san: &str) -> String {
-    let (chain, key, root) = tls_files(certs);
-    let cluster = |name: &str, port: u16| {
-        format!(
-            r#"{}    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          alpn_protocols: ["istio-http/1.1", "istio", "http/1.1"]
-          tls_certificates: [{{certificate_chain: {{filename: "{chain}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{root}"}}
-            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{expected_san}"}}}}]
-"#,
-            static_cluster(name, port)
-        )
-    };
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {out_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          upgrade_configs: [{{upgrade_type: websocket}}]
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - {{match: {{prefix: "/ws"}}, route: {{cluster: upstream_ws}}}}
-              - {{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{}{}"#,
-        cluster("upstream", upstreams.0),
-        cluster("upstream_ws", upstreams.1),
-    )
-}
-
-/// An Istio-style server sidecar: mTLS in (client certificate required),
-/// RBAC on the peer principal, XFCC set from the peer certificate,
-/// WebSocket upgrades enabled; `/ws` goes to `ws_app`, the rest to `app`.
-fn envoy_server(
-    in_port: u16,
-    (app, ws_app): (SocketAddr, SocketAddr),
-    certs: &Path,
-    allowed_principal: &str,
-) -> String {
-    let (chain, key, root) = tls_files(certs);
-
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN_PORT}}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {in_port}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            alpn_protocols: ["istio-http/1.1", "http/1.1"]
-            tls_certificates: [{{certificate_chain: {{filename: "{chain}"}}, private_key: {{filename: "{key}"}}}}]
-            validation_context:
-              trusted_ca: {{filename: "{root}"}}
-              match_typed_subject_alt_names: [{{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          forward_client_cert_details: SANITIZE_SET
-          set_current_client_cert_details: {{uri: true}}
-          upgrade_configs: [{{upgrade_type: websocket}}]
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - {{match: {{prefix: "/ws"}}, route: {{cluster: ws}}}}
-              - {{match: {{prefix: "/"}}, route: {{cluster: app}}}}
-          http_filters:
-          - name: envoy.filters.http.rbac
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
-              rules:
-                action: ALLOW
-                policies:
-                  allowed:
-                    permissions: [{{any: true}}]
-                    principals: [{{authenticated: {{principal_name: {{exact: "{allowed_principal}"}}}}}}]
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{}{}"#,
-        static_cluster("app", app.port()),
-        static_cluster("ws", ws_app.port()),
-    )
 }
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/production/sa/frontend";
@@ -294,17 +118,18 @@ spec:
     let orders_certs = mesh.issue("orders", "production", "orders");
 
     // Envoy (as frontend's Istio sidecar) -> meshward inbound.
-    let _client = start_envoy(
-        mesh.dir.path(),
-        "envoy-client",
-        &envoy_client(
-            envoy_out,
-            (cat_port, cat_ws_port),
-            &frontend_certs,
-            CATALOG_ID,
-        ),
-    )
-    .await;
+    // `/ws` goes to the catalog's WebSocket port, the rest to its HTTP port.
+    let frontend_certs = WorkloadCerts {
+        dir: frontend_certs,
+    };
+    let client = Client {
+        sidecar: sidecar("frontend", &frontend_certs),
+        listen: envoy_out,
+        host: None,
+        routes: &[("/ws", cat_ws_port), ("/", cat_port)],
+        server_id: CATALOG_ID,
+    };
+    let _client = start_envoy(mesh.dir.path(), "envoy-client", &client.bootstrap()).await;
     let out = SocketAddr::from(([127, 0, 0, 1], envoy_out));
     assert_eq!(
         get(
@@ -347,12 +172,19 @@ spec:
     assert_eq!(line["src.identity"], FRONTEND, "{line}");
 
     // meshward outbound -> Envoy (as orders' Istio sidecar) inbound.
-    let _server = start_envoy(
-        mesh.dir.path(),
-        "envoy-server",
-        &envoy_server(envoy_in, (orders_app.addr, ws_app), &orders_certs, FRONTEND),
-    )
-    .await;
+    let orders_certs = WorkloadCerts { dir: orders_certs };
+    let server = Server {
+        sidecar: sidecar("orders", &orders_certs),
+        listen: envoy_in,
+        routes: &[("/ws", ws_app.port()), ("/", orders_app.addr.port())],
+        allow: Allow {
+            policy: "allowed",
+            principal: FRONTEND,
+            methods: &[],
+            path_prefix: None,
+        },
+    };
+    let _server = start_envoy(mesh.dir.path(), "envoy-server", &server.bootstrap()).await;
     let mw = SocketAddr::from(([127, 0, 0, 1], mw_out));
     assert_eq!(
         get(

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use meshward_test_support::app::{Protocol, Server, serve};
 use support::*;
 
 const ORDERS: &str = "orders.production.svc.cluster.local";
@@ -47,74 +48,56 @@ impl Seen {
 /// over `/check/slow/...`, fails with 503 over `/check/admin/broken`, and
 /// otherwise denies with 403, a body and `x-deny-reason` / `x-other` /
 /// `www-authenticate`.
-async fn provider() -> (
-    SocketAddr,
-    Arc<Mutex<Vec<Seen>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+async fn provider() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>, Server) {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let seen2 = Arc::clone(&seen);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
-            let seen = Arc::clone(&seen2);
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<Incoming>| {
-                    let seen = Arc::clone(&seen);
-                    async move {
-                        let headers: Vec<(String, String)> = req
-                            .headers()
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
-                            .collect();
-                        let path = req.uri().to_string();
-                        seen.lock().unwrap().push(Seen {
-                            method: req.method().to_string(),
-                            path: path.clone(),
-                            headers: headers.clone(),
-                        });
-                        if path.starts_with("/check/slow/") {
-                            tokio::time::sleep(Duration::from_secs(3)).await;
-                        }
-                        if path.starts_with("/check/admin/broken") {
-                            let resp = http::Response::builder()
-                                .status(503)
-                                .body(Full::new(Bytes::from("provider trouble")));
-                            return Ok(resp.unwrap());
-                        }
-                        let allow = path.starts_with("/check/ws/")
-                            || headers
-                                .iter()
-                                .any(|(n, v)| n == "x-ext-authz" && v == "allow");
-                        let resp = if allow {
-                            http::Response::builder()
-                                .header("x-user", "alice")
-                                .header("x-session", "s1")
-                                .header("x-secret", "not for anyone")
-                                .header("x-envoy-auth-headers-to-remove", "x-drop")
-                                .body(Full::new(Bytes::new()))
-                        } else {
-                            http::Response::builder()
-                                .status(403)
-                                .header("x-deny-reason", "no ticket")
-                                .header("x-other", "not for the client")
-                                .header("www-authenticate", "Bearer realm=\"shop\"")
-                                .body(Full::new(Bytes::from("denied by ext")))
-                        };
-                        Ok::<_, std::convert::Infallible>(resp.unwrap())
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+    let server = serve(Protocol::Http1, move |req: http::Request<Incoming>| {
+        let seen = Arc::clone(&seen2);
+        async move {
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            let path = req.uri().to_string();
+            seen.lock().unwrap().push(Seen {
+                method: req.method().to_string(),
+                path: path.clone(),
+                headers: headers.clone(),
             });
+            if path.starts_with("/check/slow/") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            if path.starts_with("/check/admin/broken") {
+                let resp = http::Response::builder()
+                    .status(503)
+                    .body(Full::new(Bytes::from("provider trouble")));
+                return resp.unwrap();
+            }
+            let allow = path.starts_with("/check/ws/")
+                || headers
+                    .iter()
+                    .any(|(n, v)| n == "x-ext-authz" && v == "allow");
+            let resp = if allow {
+                http::Response::builder()
+                    .header("x-user", "alice")
+                    .header("x-session", "s1")
+                    .header("x-secret", "not for anyone")
+                    .header("x-envoy-auth-headers-to-remove", "x-drop")
+                    .body(Full::new(Bytes::new()))
+            } else {
+                http::Response::builder()
+                    .status(403)
+                    .header("x-deny-reason", "no ticket")
+                    .header("x-other", "not for the client")
+                    .header("www-authenticate", "Bearer realm=\"shop\"")
+                    .body(Full::new(Bytes::from("denied by ext")))
+            };
+            resp.unwrap()
         }
-    });
-    (addr, seen, task)
+    })
+    .await;
+    (server.addr, seen, server)
 }
 
 /// The ports the proxies listen on: orders' HTTP and TCP (`db`) ports,

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use meshward_test_support::app::{Protocol, Server, serve};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,61 +33,42 @@ type Log = Arc<Mutex<Vec<String>>>;
 
 /// An HTTP/1.1 (or, with `h2`, cleartext HTTP/2) application: answers
 /// `METHOD TARGET BODY`, and `/stream` with a chunked body in two parts.
-async fn body_app(h2: bool) -> (SocketAddr, Log, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+async fn body_app(h2: bool) -> (SocketAddr, Log, Server) {
     let log: Log = Arc::default();
     let log2 = Arc::clone(&log);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
+    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+    let server = serve(protocol, move |req: http::Request<Incoming>| {
+        let log = Arc::clone(&log2);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            // HTTP/1.1: the request-target as sent; HTTP/2:
+            // the path (the URI carries the authority).
+            let target = if h2 {
+                parts.uri.path_and_query().unwrap().to_string()
+            } else {
+                parts.uri.to_string()
             };
-            let log = Arc::clone(&log2);
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<Incoming>| {
-                    let log = Arc::clone(&log);
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await.unwrap().to_bytes();
-                        // HTTP/1.1: the request-target as sent; HTTP/2:
-                        // the path (the URI carries the authority).
-                        let target = if h2 {
-                            parts.uri.path_and_query().unwrap().to_string()
-                        } else {
-                            parts.uri.to_string()
-                        };
-                        let line = format!(
-                            "{} {} {}",
-                            parts.method,
-                            target,
-                            String::from_utf8_lossy(&body)
-                        );
-                        log.lock().unwrap().push(line.clone());
-                        let body: BoxBody<Bytes, Infallible> = if parts.uri.path() == "/stream" {
-                            let parts = [Bytes::from("part1,"), Bytes::from("part2")];
-                            BodyExt::boxed(StreamBody::new(stream::iter(
-                                parts.map(|b| Ok::<_, Infallible>(Frame::data(b))),
-                            )))
-                        } else {
-                            BodyExt::boxed(Full::new(Bytes::from(line)))
-                        };
-                        Ok::<_, Infallible>(http::Response::new(body))
-                    }
-                });
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(executor())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                }
-            });
+            let line = format!(
+                "{} {} {}",
+                parts.method,
+                target,
+                String::from_utf8_lossy(&body)
+            );
+            log.lock().unwrap().push(line.clone());
+            let body: BoxBody<Bytes, Infallible> = if parts.uri.path() == "/stream" {
+                let parts = [Bytes::from("part1,"), Bytes::from("part2")];
+                BodyExt::boxed(StreamBody::new(stream::iter(
+                    parts.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+                )))
+            } else {
+                BodyExt::boxed(Full::new(Bytes::from(line)))
+            };
+            http::Response::new(body)
         }
-    });
-    (addr, log, task)
+    })
+    .await;
+    (server.addr, log, server)
 }
 
 /// An application that answers one request per connection and then closes

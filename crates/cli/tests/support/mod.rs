@@ -1,26 +1,26 @@
-//! Test mesh builder for end-to-end tests: a CA, workloads with real
-//! `meshward proxy` processes on 127.0.0.1, in-process echo applications,
-//! and HTTP clients. Children are killed on drop and their output is
-//! printed when a test fails.
+//! Test mesh builder for end-to-end tests: real `meshward proxy`
+//! processes on 127.0.0.1 with certificates from `meshward ca`, built on
+//! the shared pieces of `meshward_test_support` (echo applications, HTTP
+//! clients, bounded waits, child processes stopped on drop with their
+//! output printed when a test fails), which are re-exported here.
 
-#![allow(dead_code)]
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 pub mod dns;
 pub mod tls;
 
-use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use meshward_test_support::app::{Handshakes, websocket_app};
+pub use meshward_test_support::http::{connect, executor, get, h2_handshake, request, send_on};
+pub use meshward_test_support::mesh::{self, WorkloadEntry};
+pub use meshward_test_support::{App, Echo, Seen, eventually, free_port, patience};
+use meshward_test_support::{Process, wait};
 
 /// The `meshward` binary the tests run: this build's, or the one
 /// `MESHWARD_TEST_BIN` names. `scripts/release.sh` runs the suite against
@@ -30,53 +30,6 @@ pub fn bin() -> PathBuf {
     std::env::var_os("MESHWARD_TEST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshward")))
-}
-
-/// How long readiness and eventual-consistency waits may take.
-pub fn patience() -> Duration {
-    Duration::from_secs(
-        std::env::var("MESHWARD_TEST_PATIENCE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
-    )
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + patience();
-    let mut delay = Duration::from_millis(10);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(200));
-    }
-}
-
-/// A free port on 127.0.0.1 for configuration that must name one.
-///
-/// Ports come from below the kernel's ephemeral range (32768+), so a port
-/// handed out here cannot be taken meanwhile by a socket bound to port 0 or
-/// by an outgoing connection; a per-process counter (offset by the process
-/// id) keeps the tests of one binary apart, and each port is checked free.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
-    loop {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
-        let port = 20_000 + (base - 20_000 + offset) % 12_000;
-        if StdListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 pub fn run_ok(args: &[&str]) {
@@ -102,96 +55,19 @@ pub fn describe(dir: &Path, workload: &str, yaml: &str) -> String {
     stdout_of(&["describe", workload, "-c", dir.to_str().unwrap()])
 }
 
-/// A request as the echo application saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub headers: BTreeMap<String, String>,
-}
-
-/// An in-process HTTP/1.1 application that answers `200 <name>` and records
-/// what it received.
-pub struct App {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl App {
-    pub async fn start(name: &'static str) -> App {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let seen2 = Arc::clone(&seen);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let seen = Arc::clone(&seen2);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<Incoming>| {
-                        let seen = Arc::clone(&seen);
-                        async move {
-                            // Repeated fields joined with ", ", in order.
-                            let mut headers: BTreeMap<String, String> = BTreeMap::new();
-                            for (k, v) in req.headers() {
-                                let v = v.to_str().unwrap_or_default();
-                                headers
-                                    .entry(k.as_str().to_string())
-                                    .and_modify(|joined| {
-                                        joined.push_str(", ");
-                                        joined.push_str(v);
-                                    })
-                                    .or_insert_with(|| v.to_string());
-                            }
-                            seen.lock().unwrap().push(Seen {
-                                method: req.method().to_string(),
-                                path: req.uri().to_string(),
-                                headers,
-                            });
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from(name),
-                            )))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        App { addr, seen, task }
-    }
-
-    pub fn last(&self) -> Option<Seen> {
-        self.seen.lock().unwrap().last().cloned()
-    }
-}
-
 /// A running `meshward proxy`.
 pub struct ProxyProcess {
     pub name: String,
     pub admin: SocketAddr,
     /// The Prometheus-only endpoint (`--metrics`).
     pub metrics: SocketAddr,
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    process: Process,
 }
 
 impl ProxyProcess {
     pub fn access_log(&self) -> Vec<serde_json::Value> {
-        self.stdout
-            .lock()
-            .unwrap()
+        self.process
+            .stdout()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
@@ -213,9 +89,8 @@ impl ProxyProcess {
 
     /// The proxy's own log events so far (JSON lines on stderr).
     pub fn events(&self) -> Vec<serde_json::Value> {
-        self.stderr
-            .lock()
-            .unwrap()
+        self.process
+            .stderr()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
@@ -245,17 +120,11 @@ impl ProxyProcess {
     /// Stops the proxy as an orchestrator does, with SIGTERM, and returns
     /// how it exited (killed, if it was still running after `patience()`).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        stop(&mut self.child)
+        self.process.terminate()
     }
 
     pub fn logs(&self) -> String {
-        format!(
-            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
-            self.name,
-            self.stdout.lock().unwrap(),
-            self.name,
-            self.stderr.lock().unwrap()
-        )
+        self.process.logs()
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
@@ -271,51 +140,6 @@ impl ProxyProcess {
             .and_then(|v| v["version"].as_u64())
             .unwrap_or(0)
     }
-}
-
-impl Drop for ProxyProcess {
-    /// Stops the proxy as an orchestrator does (SIGTERM, which the proxy
-    /// handles), and kills it if it has not exited within `patience()`.
-    fn drop(&mut self) {
-        stop(&mut self.child);
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-    }
-}
-
-/// SIGTERM, then SIGKILL if the process is still running after
-/// `patience()`; reaps it either way and returns how it exited.
-pub fn stop(child: &mut Child) -> std::process::ExitStatus {
-    if matches!(child.try_wait(), Ok(None)) {
-        let termed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        let deadline = Instant::now() + patience();
-        while termed && matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    let _ = child.kill();
-    child.wait().expect("reaping a child process")
-}
-
-fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out: Arc<Mutex<String>> = Arc::default();
-    let out2 = Arc::clone(&out);
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out2.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
 }
 
 /// A test mesh: CA, config directory, certificates per workload.
@@ -394,126 +218,44 @@ impl Mesh {
     pub async fn proxy_with(&self, workload: &str, certs: &Path, extra: &[&str]) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut child = Command::new(bin())
-            .args([
-                "proxy",
-                "--config",
-                self.config_dir().to_str().unwrap(),
-                "--workload",
-                workload,
-                "--certs",
-                certs.to_str().unwrap(),
-                "--admin",
-                &admin.to_string(),
-                "--metrics",
-                &metrics.to_string(),
-                "--log",
-                &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
-                "--worker-threads",
-                "1",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = pump(child.stdout.take().unwrap());
-        let stderr = pump(child.stderr.take().unwrap());
-        let mut p = ProxyProcess {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "proxy",
+            "--config",
+            self.config_dir().to_str().unwrap(),
+            "--workload",
+            workload,
+            "--certs",
+            certs.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+            "--metrics",
+            &metrics.to_string(),
+            "--log",
+            &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
+            "--worker-threads",
+            "1",
+        ])
+        .args(extra);
+        let mut process = Process::spawn_captured(workload, cmd).unwrap();
+        let ready = wait::for_admin_ready(
+            || Some(admin),
+            "/healthz/ready",
+            patience(),
+            Duration::from_millis(20),
+            || process.check_alive(),
+        )
+        .await;
+        if let Err(e) = ready {
+            panic!("proxy {workload}: {e}\n{}", process.logs());
+        }
+        ProxyProcess {
             name: workload.to_string(),
             admin,
             metrics,
-            child,
-            stdout,
-            stderr,
-        };
-        let deadline = Instant::now() + patience();
-        loop {
-            if let Some((200, _)) = get(admin, "admin", "/healthz/ready", &[]).await {
-                return p;
-            }
-            if let Ok(Some(status)) = p.child.try_wait() {
-                panic!(
-                    "proxy {workload} exited ({status}) before it was ready\n{}",
-                    p.logs()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!("proxy {workload} did not become ready\n{}", p.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            process,
         }
     }
-}
-
-/// One HTTP/1.1 request on a new connection: `(status, body)`.
-pub async fn get(
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Option<(u16, String)> {
-    request(addr, "GET", host, path, headers).await.ok()
-}
-
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(u16, String), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    send_on(&mut send, method, host, path, headers).await
-}
-
-/// A request on an existing connection.
-pub async fn send_on(
-    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    method: &str,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(u16, String), String> {
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::new())).unwrap();
-    // A kept-alive connection may still be finishing the previous exchange.
-    send.ready().await.map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// A kept-alive HTTP/1.1 connection.
-pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
-pub fn executor() -> TokioExecutor {
-    TokioExecutor::new()
 }
 
 /// The value of a Prometheus sample whose labels include all of `labels`
@@ -533,37 +275,6 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// An in-process TCP echo server.
-pub struct Echo {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Echo {
-    pub async fn start() -> Echo {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        Echo { addr, task }
-    }
-}
-
 /// Sends `msg` over TCP and reads the same number of bytes back; `Err` when
 /// the connection is closed first.
 pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Result<Vec<u8>, String> {
@@ -578,69 +289,6 @@ pub async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Result<Vec<u8>, Stri
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| e.to_string())?;
     Ok(buf)
-}
-
-/// What the WebSocket application saw of each handshake: the path and the
-/// `x-forwarded-client-cert` the server proxy added (empty without mTLS).
-pub type Handshakes = Arc<Mutex<Vec<(String, String)>>>;
-
-/// A real WebSocket server (tokio-tungstenite): greets every connection
-/// with `hello <path>`, answers a text message with `echo: <text>`, sends
-/// binary messages back as they came, and completes the close handshake.
-pub async fn websocket_app() -> (SocketAddr, Handshakes, tokio::task::JoinHandle<()>) {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Handshakes = Arc::default();
-    let seen2 = Arc::clone(&seen);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
-            let seen = Arc::clone(&seen2);
-            tokio::spawn(async move {
-                let path = Arc::new(Mutex::new(String::new()));
-                let path2 = Arc::clone(&path);
-                // The callback's type is tungstenite's (its error is an
-                // HTTP response).
-                #[allow(clippy::result_large_err)]
-                let callback = move |req: &Request, resp: Response| {
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .unwrap_or_default();
-                    *path2.lock().unwrap() = req.uri().path().to_owned();
-                    seen.lock()
-                        .unwrap()
-                        .push((req.uri().path().to_owned(), xfcc));
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, callback).await else {
-                    return;
-                };
-                let hello = format!("hello {}", path.lock().unwrap());
-                if ws.send(Message::text(hello)).await.is_err() {
-                    return;
-                }
-                while let Some(Ok(msg)) = ws.next().await {
-                    let answer = match msg {
-                        Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
-                        Message::Binary(b) => Message::Binary(b),
-                        _ => continue,
-                    };
-                    if ws.send(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen, task)
 }
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -810,34 +458,12 @@ pub fn own_lines(stderr: &str) -> Vec<&str> {
 }
 
 /// The orders workload (PERMISSIVE, so the test can call its proxy
-/// directly) and its application.
+/// directly) and its application, without the document separator (the
+/// callers add their own).
 pub fn orders_workload(port: u16, app: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: orders
-  namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app}"}}
-spec:
-  address: 127.0.0.1
-  labels: {{app: orders}}
-  serviceAccount: orders
-  ports: {{http: {port}}}
-"#,
-        app = app.port()
-    )
-}
-
-/// An HTTP/2 client connection (prior knowledge) over `io`, plain TCP or
-/// TLS; its connection task is spawned.
-pub async fn h2_handshake<T>(io: T) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (send, conn) = hyper::client::conn::http2::handshake(executor(), TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    send
+    let doc = WorkloadEntry::new("production", "orders")
+        .app_ports(&[("http", app)])
+        .port("http", port)
+        .yaml();
+    doc.strip_suffix("---\n").unwrap_or(&doc).to_owned()
 }

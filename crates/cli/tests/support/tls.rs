@@ -1,5 +1,5 @@
-//! A PKI of its own for services outside the mesh (made here with rcgen)
-//! and TLS servers that use it, for DestinationRule SIMPLE and MUTUAL.
+//! TLS servers for DestinationRule SIMPLE and MUTUAL, with certificates
+//! from a PKI of their own outside the mesh (`meshward_test_support::ca`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,59 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-
-/// A CA: its certificate (PEM) and what signs with it.
-pub struct Pki {
-    pub ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-pub fn pki(name: &str) -> Pki {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Pki {
-        ca_pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-/// A leaf certificate for DNS name `dns` and its key (PEM).
-pub fn leaf(pki: &Pki, dns: &str) -> (String, String) {
-    leaf_with(pki, dns, |_| {})
-}
-
-/// A leaf certificate and its key, with `adjust` applied to its params
-/// (subject, validity).
-pub fn leaf_with(
-    pki: &Pki,
-    dns: &str,
-    adjust: impl FnOnce(&mut CertificateParams),
-) -> (String, String) {
-    let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
-    adjust(&mut params);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &pki.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-/// A client certificate named `cn`.
-pub fn client_leaf(pki: &Pki, cn: &str) -> (String, String) {
-    leaf_with(pki, "client.test", |p| {
-        p.distinguished_name.push(DnType::CommonName, cn);
-    })
-}
-
-/// The DER of a PEM certificate, as the server sees it.
-pub fn der(pem: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .unwrap()
-        .to_vec()
-}
+pub use meshward_test_support::ca::{Pki, client_leaf, der, leaf, leaf_with, pki};
 
 /// The client certificate of each request a TLS server answered (its
 /// DER), `None` where the client presented none.

@@ -1,5 +1,7 @@
-//! Shared test helpers: every key and certificate is generated at run time.
-#![allow(dead_code)]
+//! Shared test helpers: every key and certificate is generated at run time
+//! (the test CA pieces come from `meshward_test_support::ca`).
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 use std::path::Path;
 use std::process::Command;
@@ -9,27 +11,17 @@ use meshward_identity::ca::{CaMaterial, CaOptions, CaSettings, CertificateAuthor
 use meshward_identity::issue::{IssuedCertificate, WorkloadKey};
 use meshward_identity::keys::KeyType;
 use meshward_identity::spiffe::{SpiffeId, TrustDomain};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+pub use meshward_test_support::ca::{Custom, TRUST_DOMAIN as TD};
+use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
-
-pub const TD: &str = "cluster.local";
 
 pub fn td(name: &str) -> TrustDomain {
     TrustDomain::new(name).unwrap()
 }
 
 pub fn opts(trust_domain: &str, key_type: KeyType, lifetime: Duration) -> CaOptions {
-    CaOptions {
-        trust_domain: td(trust_domain),
-        organization: "meshward-test".into(),
-        common_name: None,
-        key_type,
-        lifetime,
-    }
+    meshward_test_support::ca::options(trust_domain, key_type, lifetime)
 }
 
 pub fn days(n: u64) -> Duration {
@@ -63,65 +55,11 @@ pub fn workload(ns: &str, sa: &str) -> SpiffeId {
 
 /// Generates a key + CSR for `who` and has `ca` sign it.
 pub fn issue(ca: &CertificateAuthority, who: &SpiffeId) -> (WorkloadKey, IssuedCertificate) {
-    let key = WorkloadKey::generate(KeyType::EcP256).unwrap();
-    let csr = key.csr_der(who).unwrap();
-    let issued = ca.sign_csr(&csr, who, None).unwrap();
-    (key, issued)
+    meshward_test_support::ca::issue(ca, who, None).unwrap()
 }
 
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
-}
-
-/// Builds a certificate with arbitrary CA-ish properties, signed by
-/// `signer` (cert + key) or self-signed.
-pub struct Custom {
-    pub cn: &'static str,
-    pub is_ca: IsCa,
-    pub key_usages: Vec<KeyUsagePurpose>,
-    pub uris: Vec<String>,
-    pub not_before: OffsetDateTime,
-    pub not_after: OffsetDateTime,
-}
-
-impl Custom {
-    pub fn ca(cn: &'static str) -> Self {
-        Self {
-            cn,
-            is_ca: IsCa::Ca(BasicConstraints::Unconstrained),
-            key_usages: vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
-            uris: vec![format!("spiffe://{TD}")],
-            not_before: now() - time::Duration::hours(1),
-            not_after: now() + time::Duration::days(365),
-        }
-    }
-
-    pub fn build(
-        &self,
-        key: &KeyPair,
-        signer: Option<(&CertificateDer<'_>, &KeyPair)>,
-    ) -> CertificateDer<'static> {
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, self.cn);
-        p.distinguished_name = dn;
-        p.is_ca = self.is_ca;
-        p.key_usages = self.key_usages.clone();
-        p.subject_alt_names = self
-            .uris
-            .iter()
-            .map(|u| SanType::URI(u.as_str().try_into().unwrap()))
-            .collect();
-        p.not_before = self.not_before;
-        p.not_after = self.not_after;
-        match signer {
-            None => p.self_signed(key).unwrap().der().clone(),
-            Some((cert, signer_key)) => {
-                let issuer = Issuer::from_ca_cert_der(cert, signer_key).unwrap();
-                p.signed_by(key, &issuer).unwrap().der().clone()
-            }
-        }
-    }
 }
 
 /// The root's key, re-parsed from its PEM (tests sign odd certificates with it).
