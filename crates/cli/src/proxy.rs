@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use meshward_proxy::Options;
 use meshward_proxy::source::files::{self, FilePaths};
+use meshward_proxy::{AccessLogTo, Options};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -85,7 +85,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             workload: args.workload,
             admin: args.admin,
             metrics: args.metrics,
-            access_log: !args.no_access_log,
+            access_log: if args.no_access_log {
+                AccessLogTo::Off
+            } else {
+                AccessLogTo::Stdout
+            },
             idle_timeout: args.idle_timeout,
             dns: if args.dns_servers.is_empty() {
                 meshward_proxy::dns::DnsConfig::System

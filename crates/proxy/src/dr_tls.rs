@@ -161,7 +161,10 @@ impl Files {
 }
 
 /// The bytes of each named file, or why it could not be read.
-struct Contents(Vec<(&'static str, Result<Arc<[u8]>, String>)>);
+struct Contents(Vec<(&'static str, FileContents)>);
+
+/// A file's bytes, or why it could not be read.
+type FileContents = Result<Arc<[u8]>, String>;
 
 impl Contents {
     /// The contents of `files` as the source last published them.

@@ -56,12 +56,24 @@ pub struct Options {
     pub admin: SocketAddr,
     /// Prometheus-only endpoint (Istio's merged metrics port 15020).
     pub metrics: Option<SocketAddr>,
-    pub access_log: bool,
+    pub access_log: AccessLogTo,
     /// How long a connection may sit idle ([`idle`]; at most
     /// [`idle::MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: std::time::Duration,
     /// The resolver for `DNS` and `DNS_ROUND_ROBIN` ServiceEntries.
     pub dns: dns::DnsConfig,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone)]
+pub enum AccessLogTo {
+    Off,
+    /// One JSON object per line on standard output.
+    Stdout,
+    /// The JSON lines kept in memory, for in-process tests (feature
+    /// `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(Arc<std::sync::Mutex<Vec<String>>>),
 }
 
 /// Why the proxy could not start.
@@ -111,10 +123,11 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     let first_config = first(&mut config, source::Source::Config).await?;
     let first_credentials = first(&mut credentials, source::Source::Certs).await?;
     let first_files = Arc::clone(&files.borrow_and_update());
-    let access = if options.access_log {
-        AccessLog::stdout()
-    } else {
-        AccessLog::Off
+    let access = match &options.access_log {
+        AccessLogTo::Off => AccessLog::Off,
+        AccessLogTo::Stdout => AccessLog::stdout(),
+        #[cfg(any(test, feature = "test-util"))]
+        AccessLogTo::Memory(lines) => AccessLog::Memory(Arc::clone(lines)),
     };
     let metrics = Arc::new(Metrics::new(access));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);

@@ -553,6 +553,9 @@ pub struct AccessRecord {
 pub enum AccessLog {
     Off,
     Stdout(Mutex<std::io::Stdout>),
+    /// Kept in memory, for the in-process tests (feature `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(std::sync::Arc<Mutex<Vec<String>>>),
 }
 
 impl AccessLog {
@@ -561,16 +564,25 @@ impl AccessLog {
     }
 
     pub fn enabled(&self) -> bool {
-        matches!(self, AccessLog::Stdout(_))
+        !matches!(self, AccessLog::Off)
     }
 
     pub fn write(&self, record: &AccessRecord) {
-        if let AccessLog::Stdout(out) = self
-            && let Ok(line) = serde_json::to_string(record)
-        {
-            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+        match self {
+            AccessLog::Off => {}
+            AccessLog::Stdout(out) => {
+                if let Ok(line) = serde_json::to_string(record) {
+                    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+            }
+            #[cfg(any(test, feature = "test-util"))]
+            AccessLog::Memory(lines) => {
+                if let Ok(line) = serde_json::to_string(record) {
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            }
         }
     }
 }

@@ -15,7 +15,8 @@
 //!   and free ports;
 //! - [`process`]: child processes stopped on drop, their output printed when
 //!   a test fails;
-//! - [`http`]: small HTTP clients.
+//! - [`http`]: small HTTP clients;
+//! - [`tls`]: a mesh peer's mTLS client.
 //!
 //! Helpers panic on set-up errors (they run inside tests) except where the
 //! benchmark needs an error it can report: those return `Result`.
@@ -33,6 +34,7 @@ pub mod envoy;
 pub mod http;
 pub mod mesh;
 pub mod process;
+pub mod tls;
 pub mod wait;
 
 pub use app::{App, Echo, Seen};

@@ -19,6 +19,7 @@ use std::time::Duration;
 pub use meshward_test_support::app::{Handshakes, websocket_app};
 pub use meshward_test_support::http::{connect, executor, get, h2_handshake, request, send_on};
 pub use meshward_test_support::mesh::{self, WorkloadEntry};
+pub use meshward_test_support::tls::mtls_connect;
 pub use meshward_test_support::{App, Echo, Seen, eventually, free_port, patience};
 use meshward_test_support::{Process, wait};
 
@@ -315,37 +316,6 @@ pub async fn ws_text(ws: &mut Ws) -> String {
         Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t.as_str().to_owned(),
         other => panic!("expected a text message, got {other:?}"),
     }
-}
-
-/// An mTLS connection to `addr` with the credentials in `dir`, trusting `root`.
-pub async fn mtls_connect(
-    dir: &std::path::Path,
-    root: &std::path::Path,
-    addr: SocketAddr,
-    alpn: &[u8],
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    use meshward_identity::verify::TrustDomains;
-    let creds = meshward_identity::WorkloadCredentials::from_dir(dir).map_err(|e| e.to_string())?;
-    let bundle = meshward_identity::TrustBundle::from_pem_file(root).map_err(|e| e.to_string())?;
-    let verifier = meshward_identity::SpiffeServerVerifier::new(
-        meshward_identity::SvidVerifier::new(bundle, TrustDomains::any()),
-    );
-    let mut config = meshward_identity::client_config(
-        verifier,
-        meshward_identity::CredentialResolver::fixed(creds),
-    )
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// A raw HTTP/1.1 connection: bytes out, responses read off the wire.
