@@ -17,7 +17,6 @@
 //! - `GET /stats/prometheus` (also `/metrics`): Prometheus metrics.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,17 +28,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::http_in::Body;
+use crate::http::Body;
 use crate::listeners::Listeners;
 use crate::state::State;
-
-/// A listener of the proxy, for `/listeners`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ListenerInfo {
-    pub name: String,
-    pub address: SocketAddr,
-    pub kind: &'static str,
-}
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut r = Response::new(

@@ -84,8 +84,6 @@ pub enum StartError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("cannot start the reload thread: {0}")]
-    Watch(String),
     #[error("the {0} source closed before publishing anything")]
     SourceClosed(&'static str),
 }
@@ -129,7 +127,8 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         #[cfg(any(test, feature = "test-util"))]
         AccessLogTo::Memory(lines) => AccessLog::Memory(Arc::clone(lines)),
     };
-    let metrics = Arc::new(Metrics::new(access));
+    let sources = source::Source::ALL.map(source::Source::as_str);
+    let metrics = Arc::new(Metrics::new(access, &sources));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
     let state = State::new(
         options.workload.clone(),
@@ -141,7 +140,7 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     )?;
     let mut fixed = Vec::new();
     let admin_l = bind(options.admin, "admin")?;
-    fixed.push(admin::ListenerInfo {
+    fixed.push(listeners::ListenerInfo {
         name: "admin".to_string(),
         address: admin_l.local_addr().unwrap_or(options.admin),
         kind: "admin",
@@ -149,7 +148,7 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     let metrics_l = match options.metrics {
         Some(addr) => {
             let l = bind(addr, "metrics")?;
-            fixed.push(admin::ListenerInfo {
+            fixed.push(listeners::ListenerInfo {
                 name: "metrics".to_string(),
                 address: l.local_addr().unwrap_or(addr),
                 kind: "metrics",

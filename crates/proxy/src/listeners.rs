@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
-use crate::admin::ListenerInfo;
 use crate::inbound;
 use crate::outbound::{self, Outbound};
 use crate::snapshot::{Snapshot, TcpOutbound};
@@ -24,6 +23,14 @@ use crate::state::State;
 
 /// The listen backlog of every listener.
 const BACKLOG: u32 = 1024;
+
+/// A listener of the proxy, for `/listeners`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: SocketAddr,
+    pub kind: &'static str,
+}
 
 /// What a data-plane listener serves. With its address, this is what
 /// decides whether a configuration change needs a new socket.

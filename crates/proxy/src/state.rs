@@ -4,7 +4,6 @@
 //! that cannot be applied is refused and the old state is kept.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -37,18 +36,13 @@ pub const SERVER_ALPN: &[&[u8]] = &[
     b"istio-peer-exchange",
 ];
 
-/// Why a load failed; the proxy keeps its previous state.
+/// Why an update could not be applied (or, for the first one, why the
+/// proxy cannot start); the proxy keeps its previous state.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    #[error("invalid configuration:\n{0}")]
-    Config(meshward_config::Diagnostics),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
-    #[error("certificates: {0}")]
-    Credentials(#[from] meshward_identity::CredentialsFileError),
-    #[error("trust bundle: {0}")]
-    Bundle(#[from] meshward_identity::bundle::BundleError),
     #[error("certificate {got} does not belong to this workload ({expected})")]
     WrongIdentity { got: String, expected: String },
     #[error("TLS configuration: {0}")]
@@ -62,22 +56,6 @@ pub enum LoadError {
     OwnCertificate {
         id: String,
         reason: meshward_identity::verify::SvidError,
-    },
-    /// A configuration file (or directory) that held documents at the
-    /// last load holds none now. A writer that truncates, then writes,
-    /// leaves such a file for a moment, and applying it would drop its
-    /// policies; so the change waits until the file has content again or
-    /// is deleted (which removes its resources).
-    #[error(
-        "{} is empty but held {documents} document(s) at the last load; taken for {} being written, the change waits until it has content again{}",
-        path.display(),
-        if *directory { "a directory" } else { "a file" },
-        if *directory { "" } else { " or is deleted (deleting it removes its resources)" }
-    )]
-    Held {
-        path: PathBuf,
-        documents: usize,
-        directory: bool,
     },
 }
 
@@ -173,10 +151,10 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Pooled HTTP/1.1 connections to the local application.
     pub app_client:
-        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http_in::Body>,
+        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http::Body>,
     /// The same over cleartext HTTP/2 (prior knowledge), for gRPC ports.
     pub app_client_h2:
-        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http_in::Body>,
+        hyper_util::client::legacy::Client<crate::connect::AppConnector, crate::http::Body>,
     /// The connector of both, whose connect timeout follows the
     /// snapshot's `app_connect_timeout`.
     app_connector: crate::connect::AppConnector,

@@ -96,7 +96,9 @@ fn duration_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(access: AccessLog) -> Metrics {
+    /// The metrics, with a `meshward_config_source_up` series for each of
+    /// `sources` (up at start).
+    pub fn new(access: AccessLog, sources: &[&'static str]) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<TrafficLabels, Counter>::default();
         let histograms = || {
@@ -175,10 +177,8 @@ impl Metrics {
             "Times the source was lost",
             source_lost.clone(),
         );
-        for source in crate::source::Source::ALL {
-            let labels = SourceLabels {
-                source: source.as_str(),
-            };
+        for &source in sources {
+            let labels = SourceLabels { source };
             source_up.get_or_create(&labels).set(1);
             let _ = source_lost.get_or_create(&labels);
         }
@@ -235,10 +235,8 @@ impl Metrics {
 
     /// Whether `source` can be read (`meshward_config_source_up`); a loss
     /// is counted in `meshward_config_source_lost_total`.
-    pub fn source_up(&self, source: crate::source::Source, up: bool) {
-        let labels = SourceLabels {
-            source: source.as_str(),
-        };
+    pub fn source_up(&self, source: &'static str, up: bool) {
+        let labels = SourceLabels { source };
         let gauge = self.source_up.get_or_create(&labels);
         if gauge.set(i64::from(up)) == 1 && !up {
             self.source_lost.get_or_create(&labels).inc();

@@ -40,8 +40,6 @@ use super::scan::{self, Scan, Scanner};
 use super::{
     ConfigUpdate, Credentials, Feed, LocalFiles, Publisher, Source, SourceInfo, SourceState,
 };
-use crate::StartError;
-use crate::state::LoadError;
 
 /// How often the files are looked at when no event says they changed.
 pub const RESCAN: Duration = Duration::from_secs(2);
@@ -58,6 +56,37 @@ const MAX_GATHER: Duration = Duration::from_secs(2);
 /// many scans: a file written without pause is then taken as it is).
 const SETTLE_SCANS: usize = 10;
 
+/// Why the file source could not load its files (at start: the proxy
+/// does not start) or publishes a change as refused or held.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    #[error("invalid configuration:\n{0}")]
+    Config(meshward_config::Diagnostics),
+    #[error("certificates: {0}")]
+    Credentials(#[from] meshward_identity::CredentialsFileError),
+    #[error("trust bundle: {0}")]
+    Bundle(#[from] meshward_identity::bundle::BundleError),
+    /// A configuration file (or directory) that held documents at the
+    /// last load holds none now. A writer that truncates, then writes,
+    /// leaves such a file for a moment, and applying it would drop its
+    /// policies; so the change waits until the file has content again or
+    /// is deleted (which removes its resources).
+    #[error(
+        "{} is empty but held {documents} document(s) at the last load; taken for {} being written, the change waits until it has content again{}",
+        path.display(),
+        if *directory { "a directory" } else { "a file" },
+        if *directory { "" } else { " or is deleted (deleting it removes its resources)" }
+    )]
+    Held {
+        path: PathBuf,
+        documents: usize,
+        directory: bool,
+    },
+    #[error("cannot start the reload thread: {0}")]
+    Watch(String),
+}
+
 /// Where the file source reads.
 #[derive(Debug, Clone)]
 pub struct FilePaths {
@@ -70,7 +99,7 @@ pub struct FilePaths {
 
 /// Loads the files once and, with `watch`, starts the thread that
 /// publishes their changes. Fails when the first load does.
-pub fn start(paths: FilePaths, watch: bool) -> Result<Feed, StartError> {
+pub fn start(paths: FilePaths, watch: bool) -> Result<Feed, FileError> {
     let info = SourceInfo {
         kind: "files",
         config: paths
@@ -101,7 +130,7 @@ pub fn start(paths: FilePaths, watch: bool) -> Result<Feed, StartError> {
     let Some(first) = first else {
         return Ok(feed);
     };
-    let watcher = Watcher::start(files, scanner, first).map_err(StartError::Watch)?;
+    let watcher = Watcher::start(files, scanner, first).map_err(FileError::Watch)?;
     Ok(feed.with_guard(watcher))
 }
 
@@ -504,7 +533,7 @@ fn identity(p: &Path) -> Option<(u64, u64)> {
     }
 }
 
-fn load_config(b: &FilePaths) -> Result<Loaded, LoadError> {
+fn load_config(b: &FilePaths) -> Result<Loaded, FileError> {
     let mut loader = Loader::new();
     if let Some(mc) = &b.mesh_config {
         loader.add_mesh_config_path(mc);
@@ -512,10 +541,10 @@ fn load_config(b: &FilePaths) -> Result<Loaded, LoadError> {
     for p in &b.config_paths {
         loader.add_path(p);
     }
-    loader.finish().map_err(LoadError::Config)
+    loader.finish().map_err(FileError::Config)
 }
 
-fn load_credentials(dir: &Path) -> Result<Credentials, LoadError> {
+fn load_credentials(dir: &Path) -> Result<Credentials, FileError> {
     Ok(Credentials {
         credentials: WorkloadCredentials::from_dir(dir)?,
         bundle: TrustBundle::from_pem_file(&dir.join("root-cert.pem"))?,
@@ -566,11 +595,11 @@ fn emptied(
     before: &BTreeMap<String, usize>,
     now: &BTreeMap<String, usize>,
     config_paths: &[PathBuf],
-) -> Option<LoadError> {
+) -> Option<FileError> {
     for (file, &n) in now {
         let had = before.get(file).copied().unwrap_or(0);
         if n == 0 && had > 0 {
-            return Some(LoadError::Held {
+            return Some(FileError::Held {
                 path: PathBuf::from(file),
                 documents: had,
                 directory: false,
@@ -587,7 +616,7 @@ fn emptied(
     for dir in config_paths.iter().filter(|p| p.is_dir()) {
         let had = under(before, dir);
         if had > 0 && under(now, dir) == 0 {
-            return Some(LoadError::Held {
+            return Some(FileError::Held {
                 path: dir.clone(),
                 documents: had,
                 directory: true,
@@ -602,7 +631,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
-    use super::{LoadError, emptied};
+    use super::{FileError, emptied};
 
     fn counts(entries: &[(&str, usize)]) -> BTreeMap<String, usize> {
         entries.iter().map(|(f, n)| (f.to_string(), *n)).collect()
@@ -619,7 +648,7 @@ mod tests {
         // a.yaml emptied: held, naming it and what it had.
         let now = counts(&[(&f("a.yaml"), 0), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
         match emptied(&before, &now, &roots) {
-            Some(LoadError::Held {
+            Some(FileError::Held {
                 path,
                 documents: 2,
                 directory: false,
@@ -635,7 +664,7 @@ mod tests {
         // The directory re-created with nothing in it yet: held.
         let held = emptied(&before, &BTreeMap::new(), &roots).unwrap();
         assert!(
-            matches!(&held, LoadError::Held { path, documents: 3, directory: true } if *path == root),
+            matches!(&held, FileError::Held { path, documents: 3, directory: true } if *path == root),
             "{held:?}"
         );
         assert!(

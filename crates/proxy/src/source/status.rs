@@ -142,7 +142,7 @@ impl Sources {
         }
         s.state = state;
         s.error = Some(error);
-        metrics.source_up(source, state != SourceState::Lost);
+        metrics.source_up(source.as_str(), state != SourceState::Lost);
         before
     }
 
@@ -162,7 +162,7 @@ impl Sources {
         if version.is_some() {
             s.version = version;
         }
-        metrics.source_up(source, true);
+        metrics.source_up(source.as_str(), true);
         before
     }
 
