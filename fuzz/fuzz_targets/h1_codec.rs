@@ -6,7 +6,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use meshward_proxy::h1::codec::{
+use meshward_proxy::h1_codec::{
     ChunkedScanner, Framing, HeadError, MAX_HEAD, RequestHead, ResponseHead, write_request,
     write_response,
 };

@@ -38,7 +38,7 @@ pub struct Args {
     no_watch: bool,
     /// Close a connection idle this long: HTTP with no request in flight
     /// (HTTP/2: GOAWAY first), TCP with no bytes either way (Envoy's
-    /// default, `meshward_proxy::idle::DEFAULT_IDLE_TIMEOUT`: 1h).
+    /// default, `meshward_proxy::DEFAULT_IDLE_TIMEOUT`: 1h).
     #[arg(long, default_value = "1h", value_parser = parse_idle_timeout)]
     idle_timeout: std::time::Duration,
     /// Name server for ServiceEntries with resolution DNS or
@@ -92,13 +92,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             },
             idle_timeout: args.idle_timeout,
             dns: if args.dns_servers.is_empty() {
-                meshward_proxy::dns::DnsConfig::System
+                meshward_proxy::DnsConfig::System
             } else {
-                meshward_proxy::dns::DnsConfig::Servers(args.dns_servers)
+                meshward_proxy::DnsConfig::Servers(args.dns_servers)
             },
         };
         let proxy = meshward_proxy::start(feed, options).await?;
-        for l in proxy.listeners.bound() {
+        for l in proxy.listeners() {
             eprintln!(
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
                 l.name, l.address
@@ -115,9 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
     match meshward_identity::duration::parse_duration(s) {
         Ok(d) if d.is_zero() => Err("must be at least 1s".to_string()),
-        Ok(d) if d > meshward_proxy::idle::MAX_IDLE_TIMEOUT => {
-            Err("must be at most 365d".to_string())
-        }
+        Ok(d) if d > meshward_proxy::MAX_IDLE_TIMEOUT => Err("must be at most 365d".to_string()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }

@@ -566,10 +566,10 @@ async fn a_websocket_the_provider_let_through_lives_on_until_its_rule_changes() 
 /// attributes) is allowed from frontend only.
 async fn grpc_provider() -> (
     SocketAddr,
-    Arc<Mutex<Vec<meshward_proxy::ext_authz::proto::CheckRequest>>>,
+    Arc<Mutex<Vec<meshward_proxy::ext_authz_proto::CheckRequest>>>,
     tokio::task::JoinHandle<()>,
 ) {
-    use meshward_proxy::ext_authz::proto;
+    use meshward_proxy::ext_authz_proto as proto;
     use prost::Message as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use meshward_proxy::jwt::{JwksStore, JwtPolicy};
+use meshward_proxy::{JwksStore, JwtPolicy};
 use serde_json::json;
 
 const ISS: &str = "https://auth.example.com";

@@ -260,6 +260,7 @@ impl DnsStore {
     }
 
     /// A store that asks `resolver` (tests).
+    #[cfg(test)]
     pub fn with_resolver(resolver: Arc<dyn Resolve>) -> DnsStore {
         let store = DnsStore::new(DnsConfig::System);
         *store.resolver.lock().unwrap_or_else(|e| e.into_inner()) = Some(resolver);

@@ -95,20 +95,6 @@ impl Outcome {
         )
     }
 
-    /// What the client gets instead of the application's answer, for an
-    /// outcome that stops the request: status, header fields, body.
-    pub fn refusal(&self) -> Option<(u16, &[Field], &[u8])> {
-        match self {
-            Outcome::Allow { .. } | Outcome::Failed { allow: true, .. } => None,
-            Outcome::Deny {
-                status,
-                headers,
-                body,
-            } => Some((*status, headers, body)),
-            Outcome::Failed { status, .. } => Some((*status, &[], b"")),
-        }
-    }
-
     /// The access log's words for it.
     pub fn reason(&self, provider: &str) -> String {
         let words = crate::outcome::ExtAuthzWords(provider);

@@ -222,10 +222,6 @@ impl<S> Counted<S> {
     pub fn bytes_read(&self) -> u64 {
         self.read
     }
-
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

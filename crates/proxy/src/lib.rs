@@ -16,37 +16,45 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+mod admin;
 mod admission;
 mod apply;
-pub mod connect;
-pub mod conns;
-pub mod dns;
-pub mod dr_tls;
-pub mod ext_authz;
-pub mod h1;
+mod connect;
+mod conns;
+mod dns;
+mod dr_tls;
+mod ext_authz;
+mod h1;
 mod http;
-pub mod http_in;
-pub mod idle;
-pub mod inbound;
-pub mod jwt;
-pub mod listeners;
-pub mod outbound;
+mod http_in;
+mod idle;
+mod inbound;
+mod jwt;
+mod listeners;
+mod outbound;
 mod outcome;
 mod rewind;
-pub mod snapshot;
+mod snapshot;
 pub mod source;
-pub mod state;
-pub mod telemetry;
+mod state;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use listeners::bind;
-pub use listeners::{BindError, Listeners};
+pub use dns::DnsConfig;
+pub use ext_authz::proto as ext_authz_proto;
+/// The HTTP/1.x codec, for its fuzz target.
+pub use h1::codec as h1_codec;
+pub use idle::{DEFAULT_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT};
+/// RequestAuthentication's compiled form, for its benchmark.
+pub use jwt::{JwksStore, JwtPolicy};
+pub use listeners::{BindError, ListenerInfo};
+use listeners::{Listeners, bind};
 pub use source::Feed;
-pub use state::{LoadError, State};
-pub use telemetry::{AccessLog, Metrics};
+pub use state::LoadError;
+use state::State;
+use telemetry::{AccessLog, Metrics};
 
 /// Runtime options besides the bootstrap.
 #[derive(Debug, Clone)]
@@ -91,13 +99,24 @@ pub enum StartError {
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    pub state: Arc<State>,
-    pub listeners: Arc<Listeners>,
+    state: Arc<State>,
+    listeners: Arc<Listeners>,
     /// Keeps the source running.
     _source: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 impl Proxy {
+    /// The listeners bound now (the admin and metrics ones, and those of
+    /// the configuration).
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.listeners.bound()
+    }
+
+    /// The workload this proxy serves (`namespace/name`).
+    pub fn workload(&self) -> &str {
+        &self.state.workload
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.listeners
             .bound()

@@ -80,8 +80,8 @@ impl Harness {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics: None,
             access_log: AccessLogTo::Memory(Arc::clone(&access_log)),
-            idle_timeout: meshward_proxy::idle::DEFAULT_IDLE_TIMEOUT,
-            dns: meshward_proxy::dns::DnsConfig::System,
+            idle_timeout: meshward_proxy::DEFAULT_IDLE_TIMEOUT,
+            dns: meshward_proxy::DnsConfig::System,
         };
         let proxy = meshward_proxy::start(feed, options).await.unwrap();
         Harness {

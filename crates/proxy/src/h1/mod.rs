@@ -57,15 +57,19 @@ pub enum ReadError {
 }
 
 /// Why forwarding a body failed, and on which side.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     /// Reading from the sending side failed.
+    #[error("reading the body: {0}")]
     Read(io::Error),
     /// The sending side closed before the body ended.
+    #[error("the sender closed before the body ended")]
     Truncated,
     /// The chunked encoding is invalid.
+    #[error("invalid chunked body: {0:?}")]
     Body(codec::BodyError),
     /// Writing to the receiving side failed.
+    #[error("writing the body: {0}")]
     Write(io::Error),
 }
 
@@ -246,13 +250,8 @@ pub async fn sniff_h2<S: AsyncRead + Unpin>(
     }
 }
 
-/// Appends a response the proxy makes itself (a deny, an error).
-pub fn local_reply(status: u16, body: &str, close: bool, out: &mut Vec<u8>) {
-    local_reply_with(status, body, &[], close, out);
-}
-
-/// [`local_reply`] with more header fields (names and values the proxy
-/// made: no CR or LF).
+/// Appends a response the proxy makes itself (a deny, an error), with
+/// more header fields (names and values the proxy made: no CR or LF).
 pub fn local_reply_with(
     status: u16,
     body: &str,

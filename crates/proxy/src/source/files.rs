@@ -135,7 +135,7 @@ pub fn start(paths: FilePaths, watch: bool) -> Result<Feed, FileError> {
 }
 
 /// Keeps the reload thread running; dropping it stops the thread.
-pub struct Watcher {
+struct Watcher {
     stop: mpsc::Sender<Msg>,
 }
 

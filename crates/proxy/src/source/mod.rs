@@ -22,8 +22,8 @@
 pub mod files;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
-pub mod scan;
-pub mod status;
+mod scan;
+mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,7 +33,8 @@ use meshward_config::ConfigSet;
 use meshward_identity::{TrustBundle, WorkloadCredentials};
 use tokio::sync::watch;
 
-pub use status::{Source, SourceState, Sources};
+pub(crate) use status::Sources;
+pub use status::{Source, SourceState};
 
 /// The mesh resources a source found valid, with the warnings of their
 /// validation (logged when applied).

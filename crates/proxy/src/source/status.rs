@@ -121,10 +121,6 @@ impl Sources {
         self.rescan
     }
 
-    pub fn state(&self, source: Source) -> SourceState {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())[source.index()].state
-    }
-
     /// Records that `source` is in `state` for `error`; returns the state
     /// it was in before. The gauge follows (a loss is counted once).
     pub fn set(
