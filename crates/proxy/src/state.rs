@@ -160,6 +160,10 @@ impl TlsState {
     }
 }
 
+/// How long an idle connection to the local application is kept (as the
+/// outbound side's pools keep theirs, and hyper's default).
+const APP_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// Everything a connection handler reads: lock-free loads of the current
 /// snapshot and TLS state.
 #[derive(Debug)]
@@ -230,13 +234,20 @@ impl State {
             version: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             metrics,
+            // With a timer, hyper closes connections to the application
+            // idle for `APP_POOL_IDLE` (without one it only skips them when
+            // a request asks for a connection again, so they stayed open).
             app_client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
             .build(app_connector.clone()),
             app_client_h2: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
             .http2_only(true)
             .build(app_connector.clone()),
             app_connector,
