@@ -95,7 +95,14 @@ pub struct TlsState {
     resolver: CredentialResolver,
     /// Client configs per set of expected server identities.
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    /// Larger for a TLS state built later (in this process), so that
+    /// the outbound side can tell the newer of two client configs apart
+    /// (a certificate or trust bundle rotated in between).
+    pub(crate) generation: u64,
 }
+
+/// The generation of the next [`TlsState`] built.
+static TLS_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl TlsState {
     fn build(
@@ -129,6 +136,7 @@ impl TlsState {
             verifier,
             resolver,
             clients: Mutex::new(HashMap::new()),
+            generation: TLS_GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 

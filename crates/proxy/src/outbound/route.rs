@@ -250,11 +250,11 @@ impl Outbound {
         } = shape;
         let mut key = shape.key;
         let mut files = None;
+        let tls_state = state.tls();
         let tls = match shape.files {
             None if mode == TlsMode::Disable => None,
             None => {
-                let config = state
-                    .tls()
+                let config = tls_state
                     .client_for(&svc.identities, h2)
                     .map_err(|e| RouteError::Tls(e.to_string()))?;
                 Some((config, ServerName::IpAddress(endpoint.address.into())))
@@ -282,6 +282,7 @@ impl Outbound {
             tls,
             h2,
             connect_timeout,
+            generation: tls_state.generation,
         };
         let key: Arc<str> = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
         let origin = Arc::new(Origin {
