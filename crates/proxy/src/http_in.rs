@@ -283,7 +283,7 @@ impl H1Session {
             }
             Exchange::Tunneled(t) => {
                 close = true;
-                let flag = Flag::of_label(t.flags);
+                let flag = t.flags;
                 let reason = t.reason;
                 (101, RequestEnd::Tunnel { flag, reason })
             }

@@ -38,7 +38,8 @@ pub enum Flag {
 }
 
 impl Flag {
-    /// Every flag, for tests and for parsing.
+    /// Every flag.
+    #[cfg(test)]
     pub const ALL: [Flag; 10] = [
         Flag::None,
         Flag::ExtAuthzDenied,
@@ -67,19 +68,6 @@ impl Flag {
             Flag::UpstreamProtocolError => "UPE",
         }
     }
-
-    /// The flag spelled `label` (the inverse of [`Flag::as_str`]).
-    pub fn parse(label: &str) -> Option<Flag> {
-        Flag::ALL.into_iter().find(|f| f.as_str() == label)
-    }
-
-    /// The flag of a label made by [`Flag::as_str`] elsewhere in the
-    /// crate (the `h1` structures the outbound path reads still carry
-    /// labels). Every such label parses (a unit test checks the `h1`
-    /// constants); an unknown one would only mislabel telemetry.
-    pub fn of_label(label: &str) -> Flag {
-        Flag::parse(label).unwrap_or(Flag::None)
-    }
 }
 
 impl fmt::Display for Flag {
@@ -88,10 +76,17 @@ impl fmt::Display for Flag {
     }
 }
 
-/// A response the proxy makes itself when the exchange with the upstream
-/// fails: the status, flag and body are one value.
+/// A response the proxy makes itself when a request cannot be routed or
+/// forwarded, or the exchange with the upstream fails: the status, flag
+/// and body are one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LocalFailure {
+    /// Outbound: no service for the host, or no such port: `404 NR`.
+    NoRoute,
+    /// Outbound: the service has no endpoint to send to: `503 UH`.
+    NoHealthyUpstream,
+    /// Outbound: the service's TLS settings cannot be used: `503 NR`.
+    UnusableTls,
     /// The upstream could not be connected to: `503 UF`.
     ConnectFailed,
     /// The upstream connection broke before the response head: `503 UC`.
@@ -105,44 +100,119 @@ pub enum LocalFailure {
     BadResponse,
     /// No response head in time: `504 UT`.
     Timeout,
+    /// Outbound, HTTP/1.x to an HTTP/2 upstream: a request body too large
+    /// to be read whole first: `413 DPE`.
+    BodyTooLarge,
+    /// Outbound, HTTP/1.x to an HTTP/2 upstream: a chunked request body,
+    /// which is not bridged: `411 DPE`.
+    LengthRequired,
+    /// Outbound, HTTP/1.x to an HTTP/2 upstream: a method HTTP/2 cannot
+    /// carry: `400 DPE`.
+    BadMethod,
+    /// Outbound, HTTP/1.x to an HTTP/2 upstream: a path that makes no
+    /// URI: `400 DPE`.
+    BadPath,
+    /// Outbound, HTTP/2 from the application: a path that makes no URI:
+    /// `400`, flag `-` (as it has always been logged, unlike
+    /// [`LocalFailure::BadPath`]).
+    BadH2Path,
 }
 
 impl LocalFailure {
+    #[cfg(test)]
+    pub const ALL: [LocalFailure; 14] = [
+        LocalFailure::NoRoute,
+        LocalFailure::NoHealthyUpstream,
+        LocalFailure::UnusableTls,
+        LocalFailure::ConnectFailed,
+        LocalFailure::Reset,
+        LocalFailure::DownstreamBroke,
+        LocalFailure::BadBody,
+        LocalFailure::BadResponse,
+        LocalFailure::Timeout,
+        LocalFailure::BodyTooLarge,
+        LocalFailure::LengthRequired,
+        LocalFailure::BadMethod,
+        LocalFailure::BadPath,
+        LocalFailure::BadH2Path,
+    ];
+
     pub const fn status(self) -> u16 {
         match self {
-            LocalFailure::ConnectFailed | LocalFailure::Reset => 503,
-            LocalFailure::DownstreamBroke | LocalFailure::BadBody => 400,
+            LocalFailure::NoRoute => 404,
+            LocalFailure::NoHealthyUpstream
+            | LocalFailure::UnusableTls
+            | LocalFailure::ConnectFailed
+            | LocalFailure::Reset => 503,
+            LocalFailure::DownstreamBroke
+            | LocalFailure::BadBody
+            | LocalFailure::BadMethod
+            | LocalFailure::BadPath
+            | LocalFailure::BadH2Path => 400,
             LocalFailure::BadResponse => 502,
             LocalFailure::Timeout => 504,
+            LocalFailure::BodyTooLarge => 413,
+            LocalFailure::LengthRequired => 411,
         }
     }
 
     pub const fn flag(self) -> Flag {
         match self {
+            LocalFailure::NoRoute | LocalFailure::UnusableTls => Flag::NoRoute,
+            LocalFailure::NoHealthyUpstream => Flag::NoHealthyUpstream,
             LocalFailure::ConnectFailed => Flag::UpstreamConnectFailure,
             LocalFailure::Reset => Flag::UpstreamTermination,
             LocalFailure::DownstreamBroke => Flag::DownstreamTermination,
-            LocalFailure::BadBody => Flag::DownstreamProtocolError,
+            LocalFailure::BadBody
+            | LocalFailure::BodyTooLarge
+            | LocalFailure::LengthRequired
+            | LocalFailure::BadMethod
+            | LocalFailure::BadPath => Flag::DownstreamProtocolError,
             LocalFailure::BadResponse => Flag::UpstreamProtocolError,
             LocalFailure::Timeout => Flag::UpstreamTimeout,
+            LocalFailure::BadH2Path => Flag::None,
         }
     }
 
     /// Envoy's body for it.
     pub const fn body(self) -> &'static str {
         match self {
+            LocalFailure::NoRoute | LocalFailure::NoHealthyUpstream | LocalFailure::UnusableTls => {
+                "no healthy upstream"
+            }
             LocalFailure::ConnectFailed => "upstream connect error",
             LocalFailure::Reset => "upstream connect error or disconnect/reset before headers",
             LocalFailure::DownstreamBroke => "",
             LocalFailure::BadBody => "bad request body",
             LocalFailure::BadResponse => "upstream sent an invalid response",
             LocalFailure::Timeout => "upstream request timeout",
+            LocalFailure::BodyTooLarge => "request body too large",
+            LocalFailure::LengthRequired => "length required",
+            LocalFailure::BadMethod => "bad request method",
+            LocalFailure::BadPath | LocalFailure::BadH2Path => "bad request path",
         }
     }
 
-    /// As the `h1` module's tuples carry it: status, flag label, body.
-    pub const fn parts(self) -> (u16, &'static str, &'static str) {
-        (self.status(), self.flag().as_str(), self.body())
+    /// The outbound access log's reason for it when no error met says
+    /// more: the outbound path logs the error (the route's, the
+    /// connection's) where there is one, and this where there is none.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            LocalFailure::DownstreamBroke => "downstream closed in the request body",
+            LocalFailure::BodyTooLarge => "request body too large for an HTTP/2 upstream",
+            LocalFailure::LengthRequired => "chunked request body to an HTTP/2 upstream",
+            LocalFailure::BadMethod => "invalid method",
+            LocalFailure::BadH2Path => "bad path",
+            LocalFailure::NoRoute
+            | LocalFailure::NoHealthyUpstream
+            | LocalFailure::UnusableTls
+            | LocalFailure::ConnectFailed
+            | LocalFailure::Reset
+            | LocalFailure::BadBody
+            | LocalFailure::BadResponse
+            | LocalFailure::Timeout
+            | LocalFailure::BadPath => self.body(),
+        }
     }
 }
 
@@ -246,7 +316,6 @@ pub enum Decision {
     Allow,
     Deny,
     /// Outbound: the proxy could not carry an allowed request.
-    #[allow(dead_code, reason = "the outbound path's words, converted when it is")]
     Error,
 }
 
@@ -265,6 +334,16 @@ impl Decision {
             Decision::Allow
         } else {
             Decision::Deny
+        }
+    }
+
+    /// Outbound, where no policy decides: `allow` when the proxy carried
+    /// the request or connection (flag `-`), else `error`.
+    pub fn carried(flag: Flag) -> Decision {
+        if flag == Flag::None {
+            Decision::Allow
+        } else {
+            Decision::Error
         }
     }
 }
@@ -389,7 +468,6 @@ pub const FORWARDED: &str = "forwarded";
 
 /// The outbound access-log reason of an exchange the client broke off
 /// (flag `DC`).
-#[allow(dead_code, reason = "the outbound path's words, converted when it is")]
 pub const DOWNSTREAM_CLOSED: &str = "downstream closed";
 
 /// How an inbound request ended, beyond its status: its response flag and

@@ -73,7 +73,14 @@ pub struct TlsState {
     resolver: CredentialResolver,
     /// Client configs per set of expected server identities.
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    /// Larger for a TLS state built later (in this process), so that
+    /// the outbound side can tell the newer of two client configs apart
+    /// (a certificate or trust bundle rotated in between).
+    pub(crate) generation: u64,
 }
+
+/// The generation of the next [`TlsState`] built.
+static TLS_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl TlsState {
     fn build(
@@ -107,6 +114,7 @@ impl TlsState {
             verifier,
             resolver,
             clients: Mutex::new(HashMap::new()),
+            generation: TLS_GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -137,6 +145,10 @@ impl TlsState {
         Ok(config)
     }
 }
+
+/// How long an idle connection to the local application is kept (as the
+/// outbound side's pools keep theirs, and hyper's default).
+const APP_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Everything a connection handler reads: lock-free loads of the current
 /// snapshot and TLS state.
@@ -208,13 +220,20 @@ impl State {
             version: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             metrics,
+            // With a timer, hyper closes connections to the application
+            // idle for `APP_POOL_IDLE` (without one it only skips them when
+            // a request asks for a connection again, so they stayed open).
             app_client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
             .build(app_connector.clone()),
             app_client_h2: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
             .http2_only(true)
             .build(app_connector.clone()),
             app_connector,

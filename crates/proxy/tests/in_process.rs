@@ -40,6 +40,8 @@ struct Harness {
     dir: tempfile::TempDir,
     /// The orders workload's TCP port, on its proxy.
     inbound: SocketAddr,
+    /// Its proxy's outbound listener.
+    outbound: SocketAddr,
     /// Its HTTP port.
     inbound_http: SocketAddr,
     /// The TCP port's application, an echo server.
@@ -60,11 +62,13 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let inbound_http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let echo = Echo::start().await;
         let app = App::start("orders").await;
         let ports = Ports {
             tcp: (inbound, echo.addr),
             http: (inbound_http, app.addr),
+            outbound,
         };
         let access_log = Arc::new(Mutex::new(Vec::new()));
         let (source, feed) = MemorySource::new();
@@ -90,6 +94,7 @@ impl Harness {
             ca,
             dir,
             inbound,
+            outbound,
             inbound_http,
             echo,
             app,
@@ -101,6 +106,7 @@ impl Harness {
         Ports {
             tcp: (self.inbound, self.echo.addr),
             http: (self.inbound_http, self.app.addr),
+            outbound: self.outbound,
         }
     }
 
@@ -165,6 +171,8 @@ impl Harness {
 struct Ports {
     tcp: (SocketAddr, SocketAddr),
     http: (SocketAddr, SocketAddr),
+    /// The outbound listener.
+    outbound: SocketAddr,
 }
 
 /// The mesh: STRICT mTLS mesh-wide, the orders workload, `extra`.
@@ -173,6 +181,7 @@ fn config(ports: &Ports, extra: &str) -> String {
         .port("tcp", ports.tcp.0.port())
         .port("http", ports.http.0.port())
         .app_ports(&[("tcp", ports.tcp.1), ("http", ports.http.1)])
+        .outbound(ports.outbound.port())
         .yaml();
     format!("{}{orders}{extra}", mesh::mesh_strict())
 }
@@ -447,4 +456,127 @@ async fn a_denied_request_is_refused_identically_over_http1_and_http2() {
         ),
         "{d}"
     );
+}
+
+/// A mesh workload's HTTP/2 server (mTLS with `certs`, ALPN `h2`) that
+/// answers one request per connection and then closes it, so that every
+/// request after the first comes on a new connection; it records the
+/// leaf certificate each client presented, in order.
+struct MeshH2Server {
+    addr: SocketAddr,
+    clients: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl MeshH2Server {
+    async fn start(certs: &WorkloadCerts) -> MeshH2Server {
+        use meshward_identity::verify::TrustDomains;
+        let creds = meshward_identity::WorkloadCredentials::from_dir(&certs.dir).unwrap();
+        let bundle = meshward_identity::TrustBundle::from_pem_file(&certs.root()).unwrap();
+        let verifier = meshward_identity::SvidVerifier::new(bundle, TrustDomains::any());
+        let mut config = meshward_identity::server_config(
+            verifier,
+            meshward_identity::CredentialResolver::fixed(creds),
+        )
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&clients);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        seen.lock().unwrap().push(leaf.to_vec());
+                    }
+                    serve_one_h2(tls).await;
+                });
+            }
+        });
+        MeshH2Server { addr, clients }
+    }
+
+    /// The certificate the last client presented.
+    fn last_client(&self) -> Option<Vec<u8>> {
+        self.clients.lock().unwrap().last().cloned()
+    }
+}
+
+/// Serves HTTP/2 on `io` until one request is answered, then closes the
+/// connection gracefully (GOAWAY).
+async fn serve_one_h2<T>(io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (done, answered) = tokio::sync::oneshot::channel::<()>();
+    let done = Mutex::new(Some(done));
+    let svc = hyper::service::service_fn(move |_req| {
+        if let Some(done) = done.lock().unwrap().take() {
+            let _ = done.send(());
+        }
+        async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"ratings",
+            ))))
+        }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = answered => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// After a certificate rotation, a new outbound connection to an HTTP/2
+/// (gRPC) service presents the new certificate. (Connections through
+/// hyper's client once kept the client config their pool key was first
+/// registered with, so they presented the old certificate, and would
+/// have until it expired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_outbound_h2_connection_presents_the_rotated_certificate() {
+    let h = Harness::start("").await;
+    let ratings = MeshH2Server::start(&h.issue("ratings")).await;
+    h.push(&format!(
+        "{}{}",
+        WorkloadEntry::new(NS, "ratings")
+            .port("grpc", ratings.addr.port())
+            .yaml(),
+        mesh::service_entry(
+            NS,
+            "ratings",
+            "ratings",
+            "{number: 9090, name: grpc, protocol: GRPC}"
+        ),
+    ));
+    let host = "ratings.production.svc.cluster.local:9090";
+    let through = || async {
+        get(h.outbound, host, "/", &[])
+            .await
+            .filter(|(status, body)| *status == 200 && body == "ratings")
+    };
+    eventually("a request through to ratings", through).await;
+    assert_eq!(ratings.last_client(), Some(leaf_of(&orders_now(&h))));
+
+    let renewed = h.issue("orders");
+    push_credentials(&h.source, &renewed).unwrap();
+    let want = leaf_of(&renewed);
+    eventually(
+        "the renewed certificate on a new upstream connection",
+        || async {
+            through().await?;
+            (ratings.last_client() == Some(want.clone())).then_some(())
+        },
+    )
+    .await;
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use codec::{ChunkedScanner, Framing, HeadError, RequestHead, ResponseHead};
 
 use crate::idle::{Activity, Counted, IdleTimer, idle_reason};
-use crate::outcome::{FORWARDED, Flag, LocalFailure, Refusal};
+use crate::outcome::{FORWARDED, Flag, LocalFailure};
 
 /// Read buffer size of each side of a connection.
 pub const READ_BUF: usize = 16 * 1024;
@@ -423,11 +423,6 @@ pub async fn answer_continue<W: AsyncWrite + Unpin>(
     io.flush().await
 }
 
-/// The body of the `403` for an upgrade to anything but WebSocket (Envoy
-/// answers these `403` too: only `websocket` upgrades are enabled in an
-/// Istio sidecar).
-pub const UPGRADE_REFUSED: &str = Refusal::UPGRADE_REFUSED;
-
 /// The header the server-side proxy sets to the client certificate it
 /// verified; whatever a request brings of it is dropped.
 pub const XFCC: &str = "x-forwarded-client-cert";
@@ -521,10 +516,6 @@ pub struct FieldEdits<'a> {
     pub added: Cow<'a, [(&'a str, &'a [u8])]>,
 }
 
-/// Envoy's body for a request whose upstream connection broke before the
-/// response head.
-pub const UPSTREAM_RESET: &str = LocalFailure::Reset.body();
-
 /// How sending one request upstream ended.
 #[derive(Debug)]
 pub enum Sent {
@@ -542,7 +533,7 @@ pub enum Sent {
     /// the handshake is done, in the first read) can be told apart.
     Lost(io::Error),
     /// Answer this instead, then close.
-    Refused(Failure),
+    Refused(LocalFailure),
     /// The downstream side broke while its body was read: nothing more can
     /// be sent to it.
     DownstreamBroke,
@@ -593,7 +584,7 @@ where
                     _ => Sent::Lost(e),
                 };
             }
-            Err(ForwardError::Body(_)) => return Sent::Refused(BAD_BODY),
+            Err(ForwardError::Body(_)) => return Sent::Refused(LocalFailure::BadBody),
             Err(ForwardError::Read(_) | ForwardError::Truncated) => return Sent::DownstreamBroke,
         }
         // The upstream spoke before the body ended: an interim response
@@ -618,7 +609,7 @@ pub enum NoResponse {
     /// The connection closed or failed first.
     Lost(io::Error),
     /// Answer this instead, then close.
-    Refused(Failure),
+    Refused(LocalFailure),
 }
 
 /// How relaying a response ended.
@@ -631,7 +622,7 @@ pub struct Relayed {
     pub reusable: bool,
     /// `-`, or Envoy's flag for what broke: `DC` (downstream), `UPE`
     /// (upstream body).
-    pub flags: &'static str,
+    pub flags: Flag,
     /// Body bytes forwarded.
     pub bytes: u64,
 }
@@ -668,9 +659,9 @@ where
             && framing != Framing::UntilClose
             && up_buf.is_empty(),
         flags: match result {
-            Ok(_) => Flag::None.as_str(),
-            Err(ForwardError::Write(_)) => Flag::DownstreamTermination.as_str(),
-            Err(_) => Flag::UpstreamProtocolError.as_str(),
+            Ok(_) => Flag::None,
+            Err(ForwardError::Write(_)) => Flag::DownstreamTermination,
+            Err(_) => Flag::UpstreamProtocolError,
         },
     }
 }
@@ -680,7 +671,7 @@ where
 pub struct Tunneled {
     /// `-`, or Envoy's flag for the side that broke: `DC` (downstream),
     /// `UPE` (upstream).
-    pub flags: &'static str,
+    pub flags: Flag,
     /// `forwarded`, the idle timeout's reason, or the error.
     pub reason: String,
     /// Bytes from the client (after the request head) and from the
@@ -734,7 +725,7 @@ where
     let bytes = (early.0 + down.bytes_read(), early.1 + up.bytes_read());
     match result {
         Ok(reason) => Tunneled {
-            flags: Flag::None.as_str(),
+            flags: Flag::None,
             reason,
             bytes,
         },
@@ -745,7 +736,7 @@ where
 impl Tunneled {
     fn broken(flag: Flag, e: &io::Error, bytes: (u64, u64)) -> Tunneled {
         Tunneled {
-            flags: flag.as_str(),
+            flags: flag,
             reason: format!("tunnel broke off: {e}"),
             bytes,
         }
@@ -756,22 +747,6 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Resu
     w.write_all(bytes).await?;
     w.flush().await
 }
-
-/// A request body whose chunked encoding is invalid.
-pub const BAD_BODY: Failure = LocalFailure::BadBody.parts();
-
-/// What the proxy answers when an upstream response cannot be forwarded:
-/// status, response flags (Envoy's) and body, made from a
-/// [`LocalFailure`]. The flag travels as its label (and the `flags` of
-/// [`Relayed`] and [`Tunneled`] too) while the outbound path still reads
-/// labels; the inbound path turns them back with [`Flag::of_label`].
-pub type Failure = (u16, &'static str, &'static str);
-
-/// An upstream response that is not valid HTTP/1.x (or a protocol switch
-/// nobody asked for).
-pub const BAD_RESPONSE: Failure = LocalFailure::BadResponse.parts();
-/// An upstream response head that started but did not finish in time.
-pub const UPSTREAM_TIMEOUT: Failure = LocalFailure::Timeout.parts();
 
 /// Reads a final response head from `up`, passing interim (1xx) responses
 /// through to `down`; a `101` is final when `upgrade` (the request asked
@@ -816,22 +791,22 @@ where
         Err(ReadError::Io(e)) => return Err(NoResponse::Lost(e)),
         // No idle timer here: waiting for a response has no limit.
         Err(ReadError::Timeout | ReadError::Idle) => {
-            return Err(NoResponse::Refused(UPSTREAM_TIMEOUT));
+            return Err(NoResponse::Refused(LocalFailure::Timeout));
         }
         Err(ReadError::Truncated | ReadError::Head(_)) => {
-            return Err(NoResponse::Refused(BAD_RESPONSE));
+            return Err(NoResponse::Refused(LocalFailure::BadResponse));
         }
     };
     match resp.status() {
         101 if upgrade => Ok(Some(resp)),
         // The upgrade fields were not forwarded: a switch is a
         // protocol error.
-        101 => Err(NoResponse::Refused(BAD_RESPONSE)),
+        101 => Err(NoResponse::Refused(LocalFailure::BadResponse)),
         100..=199 => {
             let mut out = Vec::with_capacity(64);
             codec::write_response(&resp, false, &mut out);
             if down.write_all(&out).await.is_err() || down.flush().await.is_err() {
-                return Err(NoResponse::Refused(BAD_RESPONSE));
+                return Err(NoResponse::Refused(LocalFailure::BadResponse));
             }
             Ok(None)
         }

@@ -111,7 +111,7 @@ async fn bytes_after_a_response_make_its_connection_unusable() {
         )
         .await;
         assert_eq!(
-            (r.status, r.flags, r.reusable),
+            (r.status, r.flags.as_str(), r.reusable),
             (200, "-", reusable),
             "{extra:?}"
         );
@@ -277,7 +277,7 @@ async fn a_tunnel_carries_early_bytes_both_ways_and_half_closes() {
     client.read_to_end(&mut rest).await.unwrap();
     assert_eq!(rest, b"bye");
     let t = tunnel.await.unwrap();
-    assert_eq!((t.flags, t.reason.as_str()), ("-", "forwarded"));
+    assert_eq!((t.flags.as_str(), t.reason.as_str()), ("-", "forwarded"));
     assert_eq!(t.bytes, (12 + 4, 9 + 4 + 3));
 }
 
@@ -323,7 +323,10 @@ async fn a_tunnel_ends_when_told_to_with_the_reason() {
     assert_eq!(take(&mut app, 1).await, "x");
     tell.send(()).unwrap();
     let t = tunnel.await.unwrap();
-    assert_eq!((t.flags, t.reason.as_str()), ("-", "policy_changed"));
+    assert_eq!(
+        (t.flags.as_str(), t.reason.as_str()),
+        ("-", "policy_changed")
+    );
     // Both connections are closed with it.
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).await.unwrap();

@@ -123,9 +123,9 @@ impl AppConn {
                     let reset = LocalFailure::Reset;
                     return Exchange::NoResponse(reset.status(), reset.flag(), reset.body());
                 }
-                Sent::Refused((status, flags, body)) => {
+                Sent::Refused(failure) => {
                     self.stream = None;
-                    return Exchange::NoResponse(status, Flag::of_label(flags), body);
+                    return Exchange::NoResponse(failure.status(), failure.flag(), failure.body());
                 }
                 Sent::DownstreamBroke => {
                     self.stream = None;
@@ -165,7 +165,7 @@ impl AppConn {
         if !r.reusable || early {
             self.stream = None;
         }
-        match Flag::of_label(r.flags) {
+        match r.flags {
             Flag::None => Exchange::Done {
                 status: r.status,
                 close: r.close,

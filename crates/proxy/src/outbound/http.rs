@@ -23,6 +23,7 @@ use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::http_in::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::IdleTimer;
+use crate::outcome::{DOWNSTREAM_CLOSED, Decision, FORWARDED, Flag, LocalFailure, Refusal};
 use crate::rewind::Rewind;
 use crate::snapshot::Snapshot;
 use crate::state::State;
@@ -101,13 +102,13 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
         let route = match outbound.route(&snap, target.host, port_hint) {
             Ok(route) => route,
             Err(e) => {
-                let (status, flags) = e.status();
+                let failure = e.failure();
                 close |= h1::has_body(framing);
-                let body = "no healthy upstream";
-                let sent = h1::reply(&mut io, status, body, close).await;
+                let body = failure.body();
+                let sent = h1::reply(&mut io, failure.status(), body, close).await;
                 let outcome = (
-                    status,
-                    flags,
+                    failure.status(),
+                    failure.flag(),
                     e.to_string(),
                     Counts::bytes(0, body.len() as u64),
                 );
@@ -146,10 +147,16 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             // Refused before the application, as an Istio sidecar does.
             close |= h1::has_body(framing);
             unread = h1::Unread::all(framing);
-            let sent = h1::reply(&mut io, 403, h1::UPGRADE_REFUSED, close).await;
-            sizes.1 = h1::UPGRADE_REFUSED.len() as u64;
-            let reason = h1::UPGRADE_REFUSED.to_string();
-            (403, "-", reason, close || sent.is_err())
+            let refusal = Refusal::UpgradeRefused;
+            let body = Refusal::UPGRADE_REFUSED;
+            let sent = h1::reply(&mut io, refusal.status(), body, close).await;
+            sizes.1 = body.len() as u64;
+            (
+                refusal.status(),
+                refusal.flag(),
+                body.to_string(),
+                close || sent.is_err(),
+            )
         } else if route.target.h2 {
             let (status, flags, reason) = bridge_h2(
                 &outbound,
@@ -176,7 +183,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             )
             .await
         };
-        if flags != "-" || must_close {
+        if flags != Flag::None || must_close {
             close = true;
         }
         account(
@@ -218,7 +225,7 @@ async fn exchange(
     (framing, method, close_down): (Framing, &str, bool),
     tunnel: Option<Duration>,
     (sizes, unread): (&mut (u64, u64), &mut h1::Unread),
-) -> (u16, &'static str, String, bool) {
+) -> (u16, Flag, String, bool) {
     if current
         .as_ref()
         .is_some_and(|(origin, _)| origin.key != route.key)
@@ -245,12 +252,12 @@ async fn exchange(
             match connect(&route.target).await {
                 Ok(up) => *current = Some((Arc::clone(&route.origin), up)),
                 Err(e) => {
-                    let body = "upstream connect error";
-                    let _ = h1::reply(down, 503, body, true).await;
-                    sizes.1 = body.len() as u64;
+                    let failure = LocalFailure::ConnectFailed;
+                    let _ = h1::reply(down, failure.status(), failure.body(), true).await;
+                    sizes.1 = failure.body().len() as u64;
                     *unread = h1::Unread::all(framing);
-                    let (flag, reason) = route.failure(&e, "UF");
-                    return (503, flag, reason, true);
+                    let (flag, reason) = route.failure(&e, failure.flag());
+                    return (failure.status(), flag, reason, true);
                 }
             }
         }
@@ -277,22 +284,20 @@ async fn exchange(
             // A TLS failure here is a handshake's end (a TLS 1.3 server
             // sends its refusal of a client certificate in the client's
             // first read): `UF`, as for a failed connect.
-            Sent::Lost(e) => route.failure(&e, "UC"),
-            Sent::Refused((status, flags, body)) => {
+            Sent::Lost(e) => route.failure(&e, LocalFailure::Reset.flag()),
+            Sent::Refused(failure) => {
                 *current = None;
-                let _ = h1::reply(down, status, body, true).await;
+                let body = failure.body();
+                let _ = h1::reply(down, failure.status(), body, true).await;
                 sizes.1 = body.len() as u64;
                 *unread = h1::Unread::rest(framing);
-                return (status, flags, format!("{body} ({})", route.addr), true);
+                let reason = format!("{body} ({})", route.addr);
+                return (failure.status(), failure.flag(), reason, true);
             }
             Sent::DownstreamBroke => {
                 *current = None;
-                return (
-                    400,
-                    "DC",
-                    "downstream closed in the request body".to_string(),
-                    true,
-                );
+                let (status, flag, reason) = unsent(LocalFailure::DownstreamBroke);
+                return (status, flag, reason, true);
             }
         };
         *current = None;
@@ -300,11 +305,12 @@ async fn exchange(
             retried = true;
             continue;
         }
-        let _ = h1::reply(down, 503, h1::UPSTREAM_RESET, true).await;
-        sizes.1 = h1::UPSTREAM_RESET.len() as u64;
+        let reset = LocalFailure::Reset;
+        let _ = h1::reply(down, reset.status(), reset.body(), true).await;
+        sizes.1 = reset.body().len() as u64;
         *unread = h1::Unread::rest(framing);
         let (flag, reason) = failure;
-        return (503, flag, reason, true);
+        return (reset.status(), flag, reason, true);
     };
     let Some((_, up)) = current.as_mut() else {
         unreachable!("the response was read from it")
@@ -333,8 +339,8 @@ async fn exchange(
         *unread = h1::Unread::rest(framing);
     }
     let reason = match r.flags {
-        "-" => "forwarded".to_string(),
-        "DC" => "downstream closed".to_string(),
+        Flag::None => FORWARDED.to_string(),
+        Flag::DownstreamTermination => DOWNSTREAM_CLOSED.to_string(),
         _ => format!("response body from {} broke off", route.addr),
     };
     (r.status, r.flags, reason, r.close)
@@ -356,14 +362,8 @@ async fn handle(
     let route = outbound.route(&snap, &host, port_hint);
     let (resp, flags, reason, route) = match route {
         Err(e) => {
-            let (status, flags) = e.status();
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            (
-                full(status, "no healthy upstream"),
-                flags,
-                e.to_string(),
-                None,
-            )
+            let failure = e.failure();
+            (answer(failure), failure.flag(), e.to_string(), None)
         }
         Ok(route) => {
             let _in_use = outbound.register(&route);
@@ -377,12 +377,11 @@ async fn handle(
             }
             let target = format!("http://{}{path}", route.key);
             match target.parse::<Uri>() {
-                Err(_) => (
-                    full(StatusCode::BAD_REQUEST, "bad request path"),
-                    "-",
-                    "bad path".to_string(),
-                    Some(route),
-                ),
+                Err(_) => {
+                    let failure = LocalFailure::BadH2Path;
+                    let reason = failure.reason().to_string();
+                    (answer(failure), failure.flag(), reason, Some(route))
+                }
                 Ok(uri) => {
                     *req.uri_mut() = uri;
                     *req.version_mut() = if route.target.h2 {
@@ -398,21 +397,17 @@ async fn handle(
                                 strip_hop_by_hop(resp.headers_mut());
                                 resp.map(|b| b.boxed())
                             },
-                            "-",
-                            "forwarded".to_string(),
+                            Flag::None,
+                            FORWARDED.to_string(),
                             Some(route),
                         ),
                         Err(e) => {
+                            let failure = LocalFailure::ConnectFailed;
                             let (flag, reason) = match std::error::Error::source(&e) {
-                                Some(source) => route.failure(source, "UF"),
-                                None => route.failure(&e, "UF"),
+                                Some(source) => route.failure(source, failure.flag()),
+                                None => route.failure(&e, failure.flag()),
                             };
-                            (
-                                full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
-                                flag,
-                                reason,
-                                Some(route),
-                            )
+                            (answer(failure), flag, reason, Some(route))
                         }
                     }
                 }
@@ -453,20 +448,17 @@ async fn bridge_h2(
     buf: &mut BytesMut,
     (framing, close): (Framing, bool),
     (sizes, unread): (&mut (u64, u64), &mut h1::Unread),
-) -> (u16, &'static str, String) {
-    let refuse = |status: u16, why: &str| (status, "DPE", why.to_string());
+) -> (u16, Flag, String) {
     let len = match framing {
         Framing::Empty => 0,
         Framing::Length(n) if n <= BRIDGE_MAX_BODY => n,
         Framing::Length(_) => {
-            let _ = h1::reply(io, 413, "request body too large", true).await;
             *unread = h1::Unread::all(framing);
-            return refuse(413, "request body too large for an HTTP/2 upstream");
+            return refuse(io, LocalFailure::BodyTooLarge).await;
         }
         Framing::Chunked | Framing::UntilClose => {
-            let _ = h1::reply(io, 411, "length required", true).await;
             *unread = h1::Unread::all(framing);
-            return refuse(411, "chunked request body to an HTTP/2 upstream");
+            return refuse(io, LocalFailure::LengthRequired).await;
         }
     };
     let mut body = Vec::with_capacity(usize::try_from(len).unwrap_or_default());
@@ -474,26 +466,16 @@ async fn bridge_h2(
         .await
         .is_err()
     {
-        return (
-            400,
-            "DC",
-            "downstream closed in the request body".to_string(),
-        );
+        return unsent(LocalFailure::DownstreamBroke);
     }
     let mut req = HttpRequest::new(Full::new(Bytes::from(body)));
     *req.method_mut() = match http::Method::from_bytes(head.method().as_bytes()) {
         Ok(m) => m,
-        Err(_) => {
-            let _ = h1::reply(io, 400, "bad request method", true).await;
-            return refuse(400, "invalid method");
-        }
+        Err(_) => return refuse(io, LocalFailure::BadMethod).await,
     };
     match format!("http://{}{}", route.key, target.path).parse::<Uri>() {
         Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => {
-            let _ = h1::reply(io, 400, "bad request path", true).await;
-            return refuse(400, "bad request path");
-        }
+        Err(_) => return refuse(io, LocalFailure::BadPath).await,
     }
     *req.version_mut() = http::Version::HTTP_2;
     for (name, value) in head.iter() {
@@ -514,16 +496,44 @@ async fn bridge_h2(
     let resp = match outbound.client_full.request(req).await {
         Ok(resp) => resp,
         Err(e) => {
-            let _ = h1::reply(io, 503, "upstream connect error", true).await;
-            let (flag, reason) = route.failure(&e, "UF");
-            return (503, flag, reason);
+            let failure = LocalFailure::ConnectFailed;
+            let _ = h1::reply(io, failure.status(), failure.body(), true).await;
+            let (flag, reason) = route.failure(&e, failure.flag());
+            return (failure.status(), flag, reason);
         }
     };
     let status = resp.status().as_u16();
     match write_h1_response(io, resp, head.method() == "HEAD", close, &mut sizes.1).await {
-        Ok(()) => (status, "-", "forwarded".to_string()),
-        Err(e) => (status, "UPE", format!("response from {}: {e}", route.addr)),
+        Ok(()) => (status, Flag::None, FORWARDED.to_string()),
+        Err(e) => (
+            status,
+            Flag::UpstreamProtocolError,
+            format!("response from {}: {e}", route.addr),
+        ),
     }
+}
+
+/// Answers `failure` on `io` and closes: the status, flag and reason to
+/// account.
+async fn refuse(io: &mut TcpStream, failure: LocalFailure) -> (u16, Flag, String) {
+    let _ = h1::reply(io, failure.status(), failure.body(), true).await;
+    unsent(failure)
+}
+
+/// The status, flag and reason to account for `failure`, when nothing
+/// more specific is known.
+fn unsent(failure: LocalFailure) -> (u16, Flag, String) {
+    (
+        failure.status(),
+        failure.flag(),
+        failure.reason().to_string(),
+    )
+}
+
+/// The HTTP/2 side's answer for `failure`.
+fn answer(failure: LocalFailure) -> Response<Body> {
+    let status = StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    full(status, failure.body())
 }
 
 /// Writes a hyper response to an HTTP/1.1 client; `sent` counts its body
@@ -608,16 +618,16 @@ fn account(
     peer: SocketAddr,
     started: Instant,
     route: Option<&Route>,
-    (status, flags, reason, counts): (u16, &'static str, String, Counts),
+    (status, flags, reason, counts): (u16, Flag, String, Counts),
     [method, path, host]: [&str; 3],
 ) {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
     let protocol = counts.protocol();
     let tag = (route.map_or(0, |r| service_tag(&r.svc)), protocol);
-    let handles = cache.get_or_insert(tag, status, flags, || {
+    let handles = cache.get_or_insert(tag, status, flags.as_str(), || {
         let mut labels = source_labels(snap, route, protocol, mtls);
         labels.response_code = status.to_string();
-        labels.response_flags = flags.to_string();
+        labels.response_flags = flags.as_str().to_string();
         state.metrics.request_handles(&labels)
     });
     handles.record(started.elapsed(), counts);
@@ -642,8 +652,8 @@ fn account(
         path: Some(path.to_string()),
         authority: Some(host.to_string()),
         response_code: Some(status),
-        response_flags: flags,
-        decision: if flags == "-" { "allow" } else { "error" },
+        response_flags: flags.as_str(),
+        decision: Decision::carried(flags).as_str(),
         reason,
         policy: None,
         rule: None,

@@ -32,6 +32,10 @@ pub(super) struct Target {
     pub(super) h2: bool,
     /// How long connecting may take, TLS handshake included.
     pub(super) connect_timeout: Duration,
+    /// The generation of the TLS state the route was made with
+    /// ([`crate::state::TlsState`]): of two targets for one key, the one
+    /// with the larger generation has the current client config.
+    pub(super) generation: u64,
 }
 
 /// Connects to the target registered under the request's authority (a
@@ -100,6 +104,16 @@ impl Targets {
         if let Some(known) = self.by_key.get_mut(key) {
             known.used = now;
             note(&mut known.origins, origin);
+            // A mesh key does not name the client config (it would change
+            // with every configuration applied): after a certificate or
+            // trust bundle rotation the same key comes with a newer one,
+            // which new connections must use. Connections already made
+            // (in hyper's pool) carry on with theirs. A route made before
+            // the rotation and registered late never puts the older one
+            // back.
+            if target.generation > known.target.generation {
+                known.target = target.clone();
+            }
             return InUse {
                 _token: Arc::clone(&known.in_use),
             };

@@ -16,6 +16,7 @@ use super::Outbound;
 use super::pool::{Origin, Target};
 use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
+use crate::outcome::{Flag, LocalFailure};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
 use crate::telemetry::{TrafficLabels, principal_parts};
 
@@ -81,15 +82,14 @@ pub(super) enum RouteError {
 }
 
 impl RouteError {
-    /// The status and Envoy response flag a request that cannot be routed
-    /// gets: `404 NR` when nothing matches (no route), `503 UH` when the
-    /// service has no endpoint to send to (no healthy upstream), `503 NR`
-    /// when its TLS settings cannot be used.
-    pub(super) fn status(&self) -> (u16, &'static str) {
+    /// The answer a request that cannot be routed gets: no route when
+    /// nothing matches, no healthy upstream when the service has no
+    /// endpoint to send to, unusable TLS settings.
+    pub(super) fn failure(&self) -> LocalFailure {
         match self {
-            RouteError::NoService(_) | RouteError::NoPort(..) => (404, "NR"),
-            RouteError::NoEndpoints(..) => (503, "UH"),
-            RouteError::Tls(_) => (503, "NR"),
+            RouteError::NoService(_) | RouteError::NoPort(..) => LocalFailure::NoRoute,
+            RouteError::NoEndpoints(..) => LocalFailure::NoHealthyUpstream,
+            RouteError::Tls(_) => LocalFailure::UnusableTls,
         }
     }
 }
@@ -131,14 +131,18 @@ impl Route {
     pub(super) fn failure(
         &self,
         err: &(dyn std::error::Error + 'static),
-        flag: &'static str,
-    ) -> (&'static str, String) {
+        flag: Flag,
+    ) -> (Flag, String) {
+        let connect_failed = LocalFailure::ConnectFailed.flag();
         if let Some(t) = connect::timeout_of(err) {
-            return ("UF", format!("upstream {} failed: {t}", self.addr));
+            return (
+                connect_failed,
+                format!("upstream {} failed: {t}", self.addr),
+            );
         }
         match dr_tls::tls_failure(err) {
             Some(f) => (
-                "UF",
+                connect_failed,
                 format!(
                     "upstream {} failed: {}",
                     self.addr,
@@ -250,11 +254,11 @@ impl Outbound {
         } = shape;
         let mut key = shape.key;
         let mut files = None;
+        let tls_state = state.tls();
         let tls = match shape.files {
             None if mode == TlsMode::Disable => None,
             None => {
-                let config = state
-                    .tls()
+                let config = tls_state
                     .client_for(&svc.identities, h2)
                     .map_err(|e| RouteError::Tls(e.to_string()))?;
                 Some((config, ServerName::IpAddress(endpoint.address.into())))
@@ -282,6 +286,7 @@ impl Outbound {
             tls,
             h2,
             connect_timeout,
+            generation: tls_state.generation,
         };
         let key: Arc<str> = format!("m{:016x}.mesh:{}", key.0, addr.port()).into();
         let origin = Arc::new(Origin {
@@ -475,7 +480,7 @@ pub(super) fn source_labels(
             .unwrap_or_else(|| "unknown".to_string()),
         request_protocol: protocol,
         response_code: String::new(),
-        response_flags: "-".to_string(),
+        response_flags: Flag::None.as_str().to_string(),
         connection_security_policy: TrafficLabels::security(mtls),
     }
 }

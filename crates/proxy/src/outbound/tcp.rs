@@ -14,6 +14,7 @@ use super::Outbound;
 use super::pool::connect;
 use super::route::{source_labels, tls_word};
 use crate::idle::{Activity, Counted, idle_reason};
+use crate::outcome::{Decision, FORWARDED, Flag, LocalFailure};
 use crate::snapshot::TcpOutbound;
 use crate::telemetry::{AccessRecord, now_rfc3339};
 
@@ -31,7 +32,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let r = tokio::select! {
-        r = tokio::io::copy_bidirectional(down, up) => r.map(|_| "forwarded".to_string()),
+        r = tokio::io::copy_bidirectional(down, up) => r.map(|_| FORWARDED.to_string()),
         () = activity.idle(timeout) => Ok(idle_reason(timeout)),
     };
     (r, up.bytes_read())
@@ -73,16 +74,19 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                     let (r, read) =
                         relay_tcp(&mut down, &mut up, &activity, state.idle_timeout).await;
                     // A TLS refusal seen at the first read: `UF` (see `exchange`).
-                    (r.map_err(|e| route.failure(&e, "-")), read)
+                    (r.map_err(|e| route.failure(&e, Flag::None)), read)
                 }
-                Err(e) => (Err(route.failure(&e, "UF")), 0),
+                Err(e) => (
+                    Err(route.failure(&e, LocalFailure::ConnectFailed.flag())),
+                    0,
+                ),
             };
             let (sent, received) = (down.bytes_read(), up_read);
             let (flags, reason) = match result {
-                Ok(reason) => ("-", reason),
+                Ok(reason) => (Flag::None, reason),
                 Err(failure) => failure,
             };
-            labels.response_flags = flags.to_string();
+            labels.response_flags = flags.as_str().to_string();
             state.metrics.tcp_closed(&labels, sent, received);
             state.metrics.access().write(&AccessRecord {
                 time: now_rfc3339(),
@@ -98,8 +102,8 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                 path: None,
                 authority: None,
                 response_code: None,
-                response_flags: flags,
-                decision: if flags == "-" { "allow" } else { "error" },
+                response_flags: flags.as_str(),
+                decision: Decision::carried(flags).as_str(),
                 reason,
                 policy: None,
                 rule: None,

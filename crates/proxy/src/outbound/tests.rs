@@ -28,7 +28,52 @@ fn target(port: u16) -> Target {
         tls: None,
         h2: true,
         connect_timeout: Duration::from_secs(10),
+        generation: 1,
     }
+}
+
+/// A TLS target whose client config is made by TLS state `generation`.
+fn tls_target(generation: u64) -> Target {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name =
+        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    Target {
+        tls: Some((Arc::new(config), name)),
+        generation,
+        ..target(443)
+    }
+}
+
+/// The client config a key's target connects with.
+fn config_of(t: &Targets, key: &str) -> Arc<rustls::ClientConfig> {
+    Arc::clone(&t.get(key).unwrap().tls.unwrap().0)
+}
+
+#[test]
+fn a_key_connects_with_the_newest_client_config_registered_for_it() {
+    // A mesh key names no client config: after a certificate rotation,
+    // the routes made from the new TLS state register the same key.
+    let mut t = Targets::default();
+    let origin = origin_of("k");
+    let now = Instant::now();
+    let before = tls_target(1);
+    let after = tls_target(2);
+    drop(t.register("k", &before, &origin, now));
+    drop(t.register("k", &after, &origin, now));
+    let newest = after.tls.as_ref().unwrap().0.clone();
+    assert!(
+        Arc::ptr_eq(&config_of(&t, "k"), &newest),
+        "new connections would present the certificate of before the rotation"
+    );
+    // A request routed before the rotation that registers late does not
+    // put the older config back.
+    drop(t.register("k", &before, &origin, now));
+    assert!(Arc::ptr_eq(&config_of(&t, "k"), &newest));
 }
 
 #[test]

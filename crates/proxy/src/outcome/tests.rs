@@ -45,10 +45,17 @@ fn every_flag_has_envoys_label_and_parses_back() {
     for (flag, label) in expected {
         assert_eq!(flag.as_str(), label);
         assert_eq!(flag.to_string(), label);
-        assert_eq!(Flag::parse(label), Some(flag));
-        assert_eq!(Flag::of_label(label), flag);
     }
-    assert_eq!(Flag::parse("XX"), None);
+    // No two flags share a label.
+    for a in Flag::ALL {
+        assert_eq!(
+            Flag::ALL
+                .iter()
+                .filter(|b| b.as_str() == a.as_str())
+                .count(),
+            1
+        );
+    }
 }
 
 #[test]
@@ -75,22 +82,71 @@ fn local_failures_keep_their_status_flag_and_body() {
             "upstream sent an invalid response",
         ),
         (LocalFailure::Timeout, 504, "UT", "upstream request timeout"),
+        // The outbound side's.
+        (LocalFailure::NoRoute, 404, "NR", "no healthy upstream"),
+        (
+            LocalFailure::NoHealthyUpstream,
+            503,
+            "UH",
+            "no healthy upstream",
+        ),
+        (LocalFailure::UnusableTls, 503, "NR", "no healthy upstream"),
+        (
+            LocalFailure::BodyTooLarge,
+            413,
+            "DPE",
+            "request body too large",
+        ),
+        (LocalFailure::LengthRequired, 411, "DPE", "length required"),
+        (LocalFailure::BadMethod, 400, "DPE", "bad request method"),
+        (LocalFailure::BadPath, 400, "DPE", "bad request path"),
+        (LocalFailure::BadH2Path, 400, "-", "bad request path"),
     ];
+    assert_eq!(table.len(), LocalFailure::ALL.len());
     for (failure, status, flag, body) in table {
-        assert_eq!(failure.parts(), (status, flag, body), "{failure:?}");
+        assert_eq!(
+            (failure.status(), failure.flag().as_str(), failure.body()),
+            (status, flag, body),
+            "{failure:?}"
+        );
     }
-    // The h1 module's tuples (read by the outbound path) are these.
-    assert_eq!(crate::h1::BAD_BODY, LocalFailure::BadBody.parts());
-    assert_eq!(crate::h1::BAD_RESPONSE, LocalFailure::BadResponse.parts());
-    assert_eq!(crate::h1::UPSTREAM_TIMEOUT, LocalFailure::Timeout.parts());
-    assert_eq!(crate::h1::UPSTREAM_RESET, LocalFailure::Reset.body());
-    for (_, label, _) in [
-        crate::h1::BAD_BODY,
-        crate::h1::BAD_RESPONSE,
-        crate::h1::UPSTREAM_TIMEOUT,
-    ] {
-        assert!(Flag::parse(label).is_some(), "{label}");
+}
+
+#[test]
+fn outbound_reasons_without_an_error_are_the_ones_logged_before() {
+    let fixed = [
+        (
+            LocalFailure::DownstreamBroke,
+            "downstream closed in the request body",
+        ),
+        (
+            LocalFailure::BodyTooLarge,
+            "request body too large for an HTTP/2 upstream",
+        ),
+        (
+            LocalFailure::LengthRequired,
+            "chunked request body to an HTTP/2 upstream",
+        ),
+        (LocalFailure::BadMethod, "invalid method"),
+        (LocalFailure::BadPath, "bad request path"),
+        (LocalFailure::BadH2Path, "bad path"),
+    ];
+    for (failure, reason) in fixed {
+        assert_eq!(failure.reason(), reason, "{failure:?}");
     }
+    // The others log their error; without one, their body.
+    for failure in LocalFailure::ALL {
+        if !fixed.iter().any(|(f, _)| *f == failure) {
+            assert_eq!(failure.reason(), failure.body(), "{failure:?}");
+        }
+    }
+    // Outbound, the flag decides the access log's decision.
+    assert_eq!(Decision::carried(Flag::None).as_str(), "allow");
+    for flag in Flag::ALL.into_iter().filter(|f| *f != Flag::None) {
+        assert_eq!(Decision::carried(flag).as_str(), "error", "{flag}");
+    }
+    assert_eq!(FORWARDED, "forwarded");
+    assert_eq!(DOWNSTREAM_CLOSED, "downstream closed");
 }
 
 #[test]
