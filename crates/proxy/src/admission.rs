@@ -162,12 +162,7 @@ impl Conn {
             Some(id) => principal_parts(id),
             None => ("unknown".to_string(), "unknown".to_string()),
         };
-        let name = snap
-            .workload_name
-            .split('/')
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
+        let name = snap.workload_short_name().to_string();
         TrafficLabels {
             reporter: "destination",
             source_workload: "unknown".to_string(),
@@ -471,10 +466,19 @@ pub(crate) fn current_span() -> Option<tracing::Span> {
 /// Records a verdict's `decision`, `policy` and `reason` on `span` (a
 /// request's).
 fn record_span(span: &tracing::Span, verdict: &Verdict<'_>) {
-    let (decision, refusal) = match verdict {
-        Verdict::Admitted(a) => (Some(&a.decision), None),
-        Verdict::Refused(r) => (r.decision.as_ref(), Some(&r.outcome)),
-    };
+    match verdict {
+        Verdict::Admitted(a) => record_decision(span, Some(&a.decision), None),
+        Verdict::Refused(r) => record_decision(span, r.decision.as_ref(), Some(&r.outcome)),
+    }
+}
+
+/// Records `decision` (the policy's) and the refusal that followed, if
+/// any, on `span`.
+fn record_decision(
+    span: &tracing::Span,
+    decision: Option<&Decision>,
+    refusal: Option<&dyn std::fmt::Debug>,
+) {
     if let Some(d) = decision {
         let (words, reason) = decision_words(d);
         span.record("decision", words);
@@ -560,21 +564,11 @@ pub async fn admit_tcp(snap: &Arc<Snapshot>, conn: &Conn) -> TcpVerdict {
     };
     let verdict = decide_tcp(decision, ext);
     if let Some(span) = current_span() {
-        let (d, refusal) = match &verdict {
-            TcpVerdict::Admitted { decision, .. } => (decision, None),
+        match &verdict {
+            TcpVerdict::Admitted { decision, .. } => record_decision(&span, Some(decision), None),
             TcpVerdict::Refused {
                 decision, outcome, ..
-            } => (decision, Some(outcome)),
-        };
-        let (words, reason) = decision_words(d);
-        span.record("decision", words);
-        span.record("reason", reason);
-        if let Some(by) = &d.decided_by {
-            span.record("policy", tracing::field::display(&by.policy));
-        }
-        if let Some(r) = refusal {
-            span.record("decision", outcome::Decision::Deny.as_str());
-            span.record("reason", tracing::field::debug(r));
+            } => record_decision(&span, Some(decision), Some(outcome)),
         }
     }
     verdict

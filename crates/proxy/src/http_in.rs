@@ -18,18 +18,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 use crate::admission::{self, Admitted, Conn, Refused, Reply, Verdict};
+use crate::conns::TrackedRequest;
 use crate::ext_authz;
 use crate::h1::codec::{RequestHead, Upgrade};
 use crate::h1::{self, XFCC};
+use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::IdleTimer;
 use crate::outcome::{Flag, LocalFailure, RequestEnd};
 use crate::rewind::Rewind;
-use crate::state::{State, TrackedRequest};
+use crate::state::State;
 use crate::telemetry::{self, BodyCount, CountedBody, Counts};
 
 mod app;
 
-pub use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use app::{AppConn, Exchange};
 
 /// Serves HTTP on one accepted (and, when mTLS, authenticated) connection:

@@ -292,6 +292,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The workload's name without its namespace (`name` of
+    /// `namespace/name`; empty when it has no namespace part), as Istio's
+    /// `*_workload` metric labels show it.
+    pub fn workload_short_name(&self) -> &str {
+        self.workload_name.split('/').nth(1).unwrap_or_default()
+    }
+
     /// Builds the view of workload `ns/name` (a WorkloadEntry); `jwks`
     /// holds the keys of the `jwksUri`s its rules name, `dns` the
     /// addresses of the DNS names its services name.

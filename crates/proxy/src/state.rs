@@ -16,7 +16,6 @@ use meshward_identity::{
 use rustls::{ClientConfig, ServerConfig};
 
 use crate::conns::Conns;
-pub use crate::conns::TrackedRequest;
 use crate::snapshot::Snapshot;
 use crate::source::{ConfigUpdate, Credentials, LocalFiles, SourceInfo};
 use crate::telemetry::Metrics;

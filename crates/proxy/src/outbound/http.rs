@@ -18,16 +18,16 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::Outbound;
 use super::pool::{BoxError, Origin, Upstream, connect};
-use super::route::{Route, service_tag, source_labels, tls_word};
+use super::route::{Route, service_tag, source_labels, source_record};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
-use crate::http_in::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
+use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::IdleTimer;
-use crate::outcome::{DOWNSTREAM_CLOSED, Decision, FORWARDED, Flag, LocalFailure, Refusal};
+use crate::outcome::{DOWNSTREAM_CLOSED, FORWARDED, Flag, LocalFailure, Refusal};
 use crate::rewind::Rewind;
 use crate::snapshot::Snapshot;
 use crate::state::State;
-use crate::telemetry::{self, AccessRecord, BodyCount, CountedBody, Counts, now_rfc3339};
+use crate::telemetry::{self, AccessRecord, BodyCount, CountedBody, Counts};
 
 /// Serves the outbound HTTP listener.
 pub async fn serve_http(outbound: Arc<Outbound>, listener: TcpListener) {
@@ -637,29 +637,19 @@ fn account(
     // From the application (the downstream here), and to it.
     let (bytes_received, bytes_sent) = counts.bytes;
     state.metrics.access().write(&AccessRecord {
-        time: now_rfc3339(),
-        kind: "http",
-        reporter: "source",
-        src_addr: peer.to_string(),
-        src_identity: Some(snap.identity.clone()),
-        dst_addr: route.map(|r| r.addr.to_string()).unwrap_or_default(),
-        dst_service: route.map(|r| r.svc.host.clone()),
-        dst_identity: route
-            .filter(|_| mtls)
-            .map(|r| r.endpoint().identity.clone()),
-        tls_mode: route.map_or("none", |r| tls_word(r.mode)),
         method: Some(method.to_string()),
         path: Some(path.to_string()),
         authority: Some(host.to_string()),
         response_code: Some(status),
-        response_flags: flags.as_str(),
-        decision: Decision::carried(flags).as_str(),
-        reason,
-        policy: None,
-        rule: None,
-        explanation: String::new(),
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_sent,
-        bytes_received,
+        ..source_record(
+            snap,
+            peer,
+            route,
+            mtls,
+            "http",
+            (flags, reason),
+            started,
+            (bytes_received, bytes_sent),
+        )
     });
 }

@@ -32,7 +32,7 @@ pub use self::pool::{MeshConnector, Pool, Upstream};
 use self::route::{Plans, Route, still_made, tls_word};
 pub use self::tcp::serve_tcp;
 use crate::dr_tls;
-use crate::http_in::Body;
+use crate::http::Body;
 use crate::snapshot::Snapshot;
 use crate::state::State;
 

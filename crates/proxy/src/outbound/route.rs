@@ -16,9 +16,10 @@ use super::Outbound;
 use super::pool::{Origin, Target};
 use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
+use crate::outcome::Decision;
 use crate::outcome::{Flag, LocalFailure};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
-use crate::telemetry::{TrafficLabels, principal_parts};
+use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
 /// Routes prepared for one configuration snapshot, TLS state,
 /// generation of DestinationRule client configs and set of DNS answers
@@ -443,18 +444,55 @@ impl<'s> Shape<'s> {
     }
 }
 
+/// The access record of an outbound connection or request (reporter
+/// source) to `route`, without its HTTP fields: `flags` and `reason` say
+/// how it ended; `bytes` are (received from the application, sent to it).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn source_record(
+    snap: &Snapshot,
+    peer: SocketAddr,
+    route: Option<&Route>,
+    mtls: bool,
+    kind: &'static str,
+    (flags, reason): (Flag, String),
+    started: std::time::Instant,
+    (bytes_received, bytes_sent): (u64, u64),
+) -> AccessRecord {
+    AccessRecord {
+        time: now_rfc3339(),
+        kind,
+        reporter: "source",
+        src_addr: peer.to_string(),
+        src_identity: Some(snap.identity.clone()),
+        dst_addr: route.map(|r| r.addr.to_string()).unwrap_or_default(),
+        dst_service: route.map(|r| r.svc.host.clone()),
+        dst_identity: route
+            .filter(|_| mtls)
+            .map(|r| r.endpoint().identity.clone()),
+        tls_mode: route.map_or("none", |r| tls_word(r.mode)),
+        method: None,
+        path: None,
+        authority: None,
+        response_code: None,
+        response_flags: flags.as_str(),
+        decision: Decision::carried(flags).as_str(),
+        reason,
+        policy: None,
+        rule: None,
+        explanation: String::new(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_sent,
+        bytes_received,
+    }
+}
+
 pub(super) fn source_labels(
     snap: &Snapshot,
     route: Option<&Route>,
     protocol: &'static str,
     mtls: bool,
 ) -> TrafficLabels {
-    let name = snap
-        .workload_name
-        .split('/')
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
+    let name = snap.workload_short_name().to_string();
     let (dst_ns, _) = route
         .map(|r| principal_parts(&r.endpoint().identity))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));

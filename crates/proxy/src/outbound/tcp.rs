@@ -12,11 +12,10 @@ use tokio::net::TcpListener;
 
 use super::Outbound;
 use super::pool::connect;
-use super::route::{source_labels, tls_word};
+use super::route::{source_labels, source_record};
 use crate::idle::{Activity, Counted, idle_reason};
-use crate::outcome::{Decision, FORWARDED, Flag, LocalFailure};
+use crate::outcome::{FORWARDED, Flag, LocalFailure};
 use crate::snapshot::TcpOutbound;
-use crate::telemetry::{AccessRecord, now_rfc3339};
 
 /// Copies bytes both ways until either side closes or nothing moves for the
 /// idle timeout. Returns the access-log reason and the bytes read from
@@ -88,30 +87,16 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
             };
             labels.response_flags = flags.as_str().to_string();
             state.metrics.tcp_closed(&labels, sent, received);
-            state.metrics.access().write(&AccessRecord {
-                time: now_rfc3339(),
-                kind: "tcp",
-                reporter: "source",
-                src_addr: peer.to_string(),
-                src_identity: Some(snap.identity.clone()),
-                dst_addr: route.addr.to_string(),
-                dst_service: Some(route.svc.host.clone()),
-                dst_identity: mtls.then(|| route.endpoint().identity.clone()),
-                tls_mode: tls_word(route.mode),
-                method: None,
-                path: None,
-                authority: None,
-                response_code: None,
-                response_flags: flags.as_str(),
-                decision: Decision::carried(flags).as_str(),
-                reason,
-                policy: None,
-                rule: None,
-                explanation: String::new(),
-                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-                bytes_sent: sent,
-                bytes_received: received,
-            });
+            state.metrics.access().write(&source_record(
+                &snap,
+                peer,
+                Some(&route),
+                mtls,
+                "tcp",
+                (flags, reason),
+                started,
+                (received, sent),
+            ));
         });
     }
 }
