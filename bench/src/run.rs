@@ -81,6 +81,9 @@ fn settings(a: &Args) -> Result<Settings> {
         // Added latency is relative to the direct run.
         targets.insert(0, TargetKind::Direct);
     }
+    if a.baseline.is_some() {
+        targets.push(TargetKind::Baseline);
+    }
     Ok(Settings {
         duration,
         warmup,
@@ -183,16 +186,29 @@ async fn run_all(
                 }
                 Err(e) => Err(e),
             },
-            TargetKind::Meshward => {
-                let bin = meshward_binary(args);
+            TargetKind::Meshward | TargetKind::Baseline => {
+                let bin = match (kind, &args.baseline) {
+                    (TargetKind::Baseline, Some(b)) => b.clone(),
+                    _ => meshward_binary(args),
+                };
                 if let Some(help) = meshward::proxy_help(&bin) {
-                    meshward_version = meshward::version(&bin);
+                    let version = meshward::version(&bin);
+                    if kind == TargetKind::Baseline {
+                        notes.push(format!(
+                            "{}: {} ({})",
+                            kind.label(),
+                            version.as_deref().unwrap_or("no version"),
+                            bin.display()
+                        ));
+                    } else {
+                        meshward_version = version;
+                    }
                     let mut extra = meshward::parity_flags(&help);
                     extra.extend(args.meshward_args.iter().map(String::as_str));
                     if !extra.is_empty() {
-                        notes.push(format!("meshward pair started with {}", extra.join(" ")));
+                        notes.push(format!("{} started with {}", kind.label(), extra.join(" ")));
                     }
-                    start_meshward(&bin, work, certs, app.port(), s, &extra).await
+                    start_meshward(kind, &bin, work, certs, app.port(), s, &extra).await
                 } else {
                     eprintln!(
                         "meshward proxy not available (`{} proxy --help` failed): skipping the meshward pair",
@@ -250,10 +266,40 @@ async fn run_all(
             if s.rounds > 1 {
                 eprintln!("   round {} of {}", round + 1, s.rounds);
             }
-            for (i, dep) in deployments.iter_mut().enumerate() {
+            // The A/B pair runs in turns: first the meshward pair, then the
+            // baseline, in odd rounds; the other way round in even ones.
+            let mut order: Vec<usize> = (0..deployments.len()).collect();
+            if round % 2 == 1 {
+                let at = |k| deployments.iter().position(|d| d.kind == k);
+                if let (Some(a), Some(b)) = (at(TargetKind::Meshward), at(TargetKind::Baseline)) {
+                    order.swap(a, b);
+                }
+            }
+            for i in order {
+                let dep = &mut deployments[i];
                 let m = measure(dep, scenario, &target_for(dep.entry), s, clk, &mut notes).await?;
                 rounds[i].push(m);
             }
+        }
+        let cpu_of = |k| {
+            deployments.iter().position(|d| d.kind == k).map(|i| {
+                rounds[i]
+                    .iter()
+                    .map(Measurement::cpu_per_1k)
+                    .collect::<Vec<_>>()
+            })
+        };
+        if let (Some(a), Some(b)) = (cpu_of(TargetKind::Meshward), cpu_of(TargetKind::Baseline)) {
+            let ratios: Vec<String> = a
+                .iter()
+                .zip(&b)
+                .filter_map(|(a, b)| Some(format!("{:.3}", (*a)? / (*b)?)))
+                .collect();
+            notes.push(format!(
+                "{}: meshward / baseline CPU per 1,000 requests, round by round: {}",
+                scenario.title(),
+                ratios.join(", ")
+            ));
         }
         for (dep, mut ms) in deployments.iter().zip(rounds) {
             if ms.len() > 1 {
@@ -268,6 +314,16 @@ async fn run_all(
                         scenario.title(),
                         dep.kind.label(),
                         cpus.join(", ")
+                    ));
+                }
+            }
+            for (round, m) in ms.iter().enumerate() {
+                if let Some(sched) = m.sched_per_request() {
+                    notes.push(format!(
+                        "{}, {}, round {}: {sched}",
+                        scenario.title(),
+                        dep.kind.label(),
+                        round + 1
                     ));
                 }
             }
@@ -347,7 +403,11 @@ async fn measure(
         );
     }
     let before = dep.usage(clk)?;
+    let machine_before = procs::Machine::read();
+    let started = std::time::Instant::now();
     let res = drive(scenario, target, s.duration, s).await?;
+    let machine =
+        procs::Machine::read().cores_since(&machine_before, started.elapsed().as_secs_f64(), clk);
     let after = dep.usage(clk)?;
     dep.check_alive()?;
     let procs = dep
@@ -358,6 +418,7 @@ async fn measure(
             role: (*role).to_owned(),
             cpu_secs: a.cpu_secs - b.cpu_secs,
             peak_rss_kib: a.peak_rss_kib,
+            sched: a.sched.since(&b.sched),
         })
         .collect();
     eprintln!(
@@ -369,6 +430,16 @@ async fn measure(
         res.quantile_us(0.99),
         res.errors
     );
+    let m = Measurement {
+        target: dep.kind,
+        load: res,
+        procs,
+        machine,
+    };
+    if let (Some(cpu), Some(sched)) = (m.cpu_per_1k(), m.sched_per_request()) {
+        eprintln!("   {:<20} CPU {cpu:.3} s per 1,000 requests; {sched}", "");
+    }
+    let res = &m.load;
     if res.errors > 0 {
         eprintln!(
             "   first error: {}",
@@ -376,11 +447,7 @@ async fn measure(
         );
         dep.print_logs();
     }
-    Ok(Measurement {
-        target: dep.kind,
-        load: res,
-        procs,
-    })
+    Ok(m)
 }
 
 /// What a round is ranked by: CPU per 1,000 requests, or the p90 latency
@@ -532,6 +599,7 @@ async fn start_envoy(
 }
 
 async fn start_meshward(
+    kind: TargetKind,
     bin: &Path,
     work: &Path,
     certs: &Certs,
@@ -539,7 +607,10 @@ async fn start_meshward(
     s: &Settings,
     extra: &[&str],
 ) -> Result<Deployment> {
-    let dir = work.join("meshward");
+    let dir = work.join(match kind {
+        TargetKind::Baseline => "meshward-baseline",
+        _ => "meshward",
+    });
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
     let ports = free_ports(4)?;
@@ -559,13 +630,17 @@ async fn start_meshward(
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let workload = format!("{}/{role}", certs::NAMESPACE);
         let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, extra);
-        let mut proc = Proc::spawn(&format!("meshward-{role}"), cmd, &dir)?;
+        let name = match kind {
+            TargetKind::Baseline => format!("meshward-baseline-{role}"),
+            _ => format!("meshward-{role}"),
+        };
+        let mut proc = Proc::spawn(&name, cmd, &dir)?;
         wait_ready(&mut proc, || Some(admin), "/healthz/ready", s.ready_timeout).await?;
         started.push((role, proc));
     }
     started.reverse();
     Ok(Deployment {
-        kind: TargetKind::Meshward,
+        kind,
         entry: SocketAddr::from(([127, 0, 0, 1], p.outbound)),
         procs: started,
     })
