@@ -740,20 +740,34 @@ fn header(
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    // The CPUs this run (and every process it starts) may use: a run under
+    // `taskset -c 1` keeps the whole chain on one vCPU, which takes the
+    // scheduler's placement out of the CPU figures (docs/PERFORMANCE.md).
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     let la = |l: &str| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     format!(
         "## Proxy vs Envoy: loopback benchmark\n\n\
-         - Date: {date}; machine: {cores} cores ({cpu}); load average before / after: {} / {}\n\
+         - Date: {date}; machine: {cores} cores ({cpu}); CPUs this run may use: {allowed}; \
+         load average before / after: {} / {}\n\
          - Envoy: {}; meshward: {}\n\
          - Each proxy runs one worker thread (Envoy `--concurrency 1`, meshward `--worker-threads 1`).\n\
          - Measured runs of {:.1} s after {:.1} s warm-ups; {} byte responses; load generator: one thread \
