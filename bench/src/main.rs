@@ -85,6 +85,12 @@ pub struct Args {
     /// The meshward binary (default: `meshward` next to this binary, else on PATH).
     #[arg(long, env = "MESHWARD_BIN")]
     meshward: Option<PathBuf>,
+    /// A second meshward binary, e.g. a build of the previous commit,
+    /// measured as one more target (after the meshward pair, in every
+    /// round) with the same flags: an interleaved A/B comparison on one
+    /// machine state. The notes give meshward / baseline CPU by round.
+    #[arg(long, env = "MESHWARD_BASELINE_BIN")]
+    baseline: Option<PathBuf>,
     /// Extra argument for both meshward proxies (repeatable), e.g.
     /// `--meshward-arg=--no-watch`.
     #[arg(long = "meshward-arg", value_name = "ARG", allow_hyphen_values = true)]

@@ -12,6 +12,9 @@ pub enum TargetKind {
     Relay,
     Envoy,
     Meshward,
+    /// A second meshward binary (`--baseline`), e.g. the previous commit's
+    /// build, measured in the same rounds for an A/B comparison.
+    Baseline,
 }
 
 impl TargetKind {
@@ -21,6 +24,7 @@ impl TargetKind {
             TargetKind::Relay => "plain TCP relay pair",
             TargetKind::Envoy => "Envoy pair",
             TargetKind::Meshward => "meshward pair",
+            TargetKind::Baseline => "meshward pair, baseline build",
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct ProcUsage {
     pub role: String,
     pub cpu_secs: f64,
     pub peak_rss_kib: u64,
+    /// The scheduler's counts over the run, all threads.
+    pub sched: crate::procs::Sched,
 }
 
 /// One target in one scenario.
@@ -65,6 +71,9 @@ pub struct Measurement {
     pub target: TargetKind,
     pub load: LoadResult,
     pub procs: Vec<ProcUsage>,
+    /// The machine during the run: CPUs busy (all processes) and CPUs
+    /// stolen by the hypervisor, on average.
+    pub machine: (f64, f64),
 }
 
 impl Measurement {
@@ -75,6 +84,38 @@ impl Measurement {
         }
         let cpu: f64 = self.procs.iter().map(|p| p.cpu_secs).sum();
         Some(cpu * 1000.0 / self.load.ok as f64)
+    }
+
+    /// The scheduler's view of the run, per request, both proxies summed:
+    /// context switches (voluntary + involuntary), µs waiting for a CPU
+    /// and µs on one. Switches per request depend on the proxy's wake-up
+    /// pattern, hardly on the machine's load; waiting time only on the
+    /// load. So a CPU figure that grows with these unchanged is the
+    /// machine's, and one that grows with more switches is the proxy's.
+    pub fn sched_per_request(&self) -> Option<String> {
+        if self.procs.is_empty() || self.load.ok == 0 {
+            return None;
+        }
+        let n = self.load.ok as f64;
+        let sum = |f: fn(&crate::procs::Sched) -> u64| -> f64 {
+            self.procs.iter().map(|p| f(&p.sched) as f64).sum::<f64>() / n
+        };
+        let threads: Vec<String> = self
+            .procs
+            .iter()
+            .map(|p| p.sched.threads.to_string())
+            .collect();
+        Some(format!(
+            "{:.2} + {:.2} switches, {:.2} migrations, {:.0} µs waiting, {:.0} µs running per request; threads {}; machine {:.2} CPUs busy, {:.2} stolen",
+            sum(|s| s.voluntary),
+            sum(|s| s.involuntary),
+            sum(|s| s.migrations),
+            sum(|s| s.wait_ns) / 1000.0,
+            sum(|s| s.run_ns) / 1000.0,
+            threads.join(" / "),
+            self.machine.0,
+            self.machine.1,
+        ))
     }
 
     fn rss_mib(&self, role: &str) -> Option<f64> {
@@ -374,11 +415,13 @@ mod tests {
             role: role.to_owned(),
             cpu_secs: cpu_secs / 2.0,
             peak_rss_kib: 1024,
+            sched: crate::procs::Sched::default(),
         };
         Measurement {
             target,
             load,
             procs: vec![role("client"), role("server")],
+            machine: (0.0, 0.0),
         }
     }
 

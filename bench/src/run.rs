@@ -83,6 +83,9 @@ fn settings(a: &Args) -> Result<Settings> {
         // Added latency is relative to the direct run.
         targets.insert(0, TargetKind::Direct);
     }
+    if a.baseline.is_some() {
+        targets.push(TargetKind::Baseline);
+    }
     Ok(Settings {
         duration,
         warmup,
@@ -194,16 +197,29 @@ async fn run_all(
                 }
                 Err(e) => Err(e),
             },
-            TargetKind::Meshward => {
-                let bin = meshward_binary(args);
+            TargetKind::Meshward | TargetKind::Baseline => {
+                let bin = match (kind, &args.baseline) {
+                    (TargetKind::Baseline, Some(b)) => b.clone(),
+                    _ => meshward_binary(args),
+                };
                 if let Some(help) = meshward::proxy_help(&bin) {
-                    meshward_version = meshward::version(&bin);
+                    let version = meshward::version(&bin);
+                    if kind == TargetKind::Baseline {
+                        notes.push(format!(
+                            "{}: {} ({})",
+                            kind.label(),
+                            version.as_deref().unwrap_or("no version"),
+                            bin.display()
+                        ));
+                    } else {
+                        meshward_version = version;
+                    }
                     let mut extra = meshward::parity_flags(&help);
                     extra.extend(args.meshward_args.iter().map(String::as_str));
                     if !extra.is_empty() {
-                        notes.push(format!("meshward pair started with {}", extra.join(" ")));
+                        notes.push(format!("{} started with {}", kind.label(), extra.join(" ")));
                     }
-                    start_meshward(&bin, work, certs, app.port(), s, &extra).await
+                    start_meshward(kind, &bin, work, certs, app.port(), s, &extra).await
                 } else {
                     eprintln!(
                         "meshward proxy not available (`{} proxy --help` failed): skipping the meshward pair",
@@ -261,10 +277,40 @@ async fn run_all(
             if s.rounds > 1 {
                 eprintln!("   round {} of {}", round + 1, s.rounds);
             }
-            for (i, dep) in deployments.iter_mut().enumerate() {
+            // The A/B pair runs in turns: first the meshward pair, then the
+            // baseline, in odd rounds; the other way round in even ones.
+            let mut order: Vec<usize> = (0..deployments.len()).collect();
+            if round % 2 == 1 {
+                let at = |k| deployments.iter().position(|d| d.kind == k);
+                if let (Some(a), Some(b)) = (at(TargetKind::Meshward), at(TargetKind::Baseline)) {
+                    order.swap(a, b);
+                }
+            }
+            for i in order {
+                let dep = &mut deployments[i];
                 let m = measure(dep, scenario, &target_for(dep.entry), s, clk, &mut notes).await?;
                 rounds[i].push(m);
             }
+        }
+        let cpu_of = |k| {
+            deployments.iter().position(|d| d.kind == k).map(|i| {
+                rounds[i]
+                    .iter()
+                    .map(Measurement::cpu_per_1k)
+                    .collect::<Vec<_>>()
+            })
+        };
+        if let (Some(a), Some(b)) = (cpu_of(TargetKind::Meshward), cpu_of(TargetKind::Baseline)) {
+            let ratios: Vec<String> = a
+                .iter()
+                .zip(&b)
+                .filter_map(|(a, b)| Some(format!("{:.3}", (*a)? / (*b)?)))
+                .collect();
+            notes.push(format!(
+                "{}: meshward / baseline CPU per 1,000 requests, round by round: {}",
+                scenario.title(),
+                ratios.join(", ")
+            ));
         }
         for (dep, mut ms) in deployments.iter().zip(rounds) {
             if ms.len() > 1 {
@@ -279,6 +325,16 @@ async fn run_all(
                         scenario.title(),
                         dep.kind.label(),
                         cpus.join(", ")
+                    ));
+                }
+            }
+            for (round, m) in ms.iter().enumerate() {
+                if let Some(sched) = m.sched_per_request() {
+                    notes.push(format!(
+                        "{}, {}, round {}: {sched}",
+                        scenario.title(),
+                        dep.kind.label(),
+                        round + 1
                     ));
                 }
             }
@@ -358,7 +414,11 @@ async fn measure(
         );
     }
     let before = dep.usage(clk)?;
+    let machine_before = procs::Machine::read();
+    let started = std::time::Instant::now();
     let res = drive(scenario, target, s.duration, s).await?;
+    let machine =
+        procs::Machine::read().cores_since(&machine_before, started.elapsed().as_secs_f64(), clk);
     let after = dep.usage(clk)?;
     dep.check_alive()?;
     let procs = dep
@@ -369,6 +429,7 @@ async fn measure(
             role: (*role).to_owned(),
             cpu_secs: a.cpu_secs - b.cpu_secs,
             peak_rss_kib: a.peak_rss_kib,
+            sched: a.sched.since(&b.sched),
         })
         .collect();
     eprintln!(
@@ -380,6 +441,16 @@ async fn measure(
         res.quantile_us(0.99),
         res.errors
     );
+    let m = Measurement {
+        target: dep.kind,
+        load: res,
+        procs,
+        machine,
+    };
+    if let (Some(cpu), Some(sched)) = (m.cpu_per_1k(), m.sched_per_request()) {
+        eprintln!("   {:<20} CPU {cpu:.3} s per 1,000 requests; {sched}", "");
+    }
+    let res = &m.load;
     if res.errors > 0 {
         eprintln!(
             "   first error: {}",
@@ -387,11 +458,7 @@ async fn measure(
         );
         dep.print_logs();
     }
-    Ok(Measurement {
-        target: dep.kind,
-        load: res,
-        procs,
-    })
+    Ok(m)
 }
 
 /// What a round is ranked by: CPU per 1,000 requests, or the p90 latency
@@ -497,6 +564,7 @@ async fn start_envoy(
 }
 
 async fn start_meshward(
+    kind: TargetKind,
     bin: &Path,
     work: &Path,
     certs: &Certs,
@@ -504,7 +572,10 @@ async fn start_meshward(
     s: &Settings,
     extra: &[&str],
 ) -> Result<Deployment> {
-    let dir = work.join("meshward");
+    let dir = work.join(match kind {
+        TargetKind::Baseline => "meshward-baseline",
+        _ => "meshward",
+    });
     let config = dir.join("config");
     std::fs::create_dir_all(&config)?;
     let ports = ports(4)?;
@@ -524,13 +595,17 @@ async fn start_meshward(
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let workload = format!("{}/{role}", certs::NAMESPACE);
         let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, extra);
-        let mut proc = spawn(&format!("meshward-{role}"), cmd, &dir)?;
+        let name = match kind {
+            TargetKind::Baseline => format!("meshward-baseline-{role}"),
+            _ => format!("meshward-{role}"),
+        };
+        let mut proc = spawn(&name, cmd, &dir)?;
         wait_ready(&mut proc, admin, "/healthz/ready", s.ready_timeout).await?;
         started.push((role, proc));
     }
     started.reverse();
     Ok(Deployment {
-        kind: TargetKind::Meshward,
+        kind,
         entry: SocketAddr::from(([127, 0, 0, 1], p.outbound)),
         procs: started,
     })
@@ -619,20 +694,34 @@ fn header(
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    // The CPUs this run (and every process it starts) may use: a run under
+    // `taskset -c 1` keeps the whole chain on one vCPU, which takes the
+    // scheduler's placement out of the CPU figures (docs/PERFORMANCE.md).
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     let la = |l: &str| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     format!(
         "## Proxy vs Envoy: loopback benchmark\n\n\
-         - Date: {date}; machine: {cores} cores ({cpu}); load average before / after: {} / {}\n\
+         - Date: {date}; machine: {cores} cores ({cpu}); CPUs this run may use: {allowed}; \
+         load average before / after: {} / {}\n\
          - Envoy: {}; meshward: {}\n\
          - Each proxy runs one worker thread (Envoy `--concurrency 1`, meshward `--worker-threads 1`).\n\
          - Measured runs of {:.1} s after {:.1} s warm-ups; {} byte responses; load generator: one thread \
