@@ -143,8 +143,8 @@ impl Listeners {
     /// listed by `/listeners` with the error, and tried again at the next
     /// change; the rest of the change stands.
     ///
-    /// Called from the reload thread, never from a runtime thread: it
-    /// blocks until the closed listeners' tasks have ended. Called after
+    /// Called by the applier on the blocking pool, never from a runtime
+    /// worker thread: it blocks until the closed listeners' tasks have ended. Called after
     /// each configuration swap, it also has the outbound side forget what
     /// the configuration no longer has ([`Outbound::retain`]).
     pub fn reconcile(&self) {
