@@ -474,11 +474,7 @@ fn record_span(span: &tracing::Span, verdict: &Verdict<'_>) {
 
 /// Records `decision` (the policy's) and the refusal that followed, if
 /// any, on `span`.
-fn record_decision(
-    span: &tracing::Span,
-    decision: Option<&Decision>,
-    refusal: Option<&dyn std::fmt::Debug>,
-) {
+fn record_decision(span: &tracing::Span, decision: Option<&Decision>, refusal: Option<&Refusal>) {
     if let Some(d) = decision {
         let (words, reason) = decision_words(d);
         span.record("decision", words);
@@ -487,9 +483,17 @@ fn record_decision(
             span.record("policy", tracing::field::display(&by.policy));
         }
     }
+    // As the access log shows it (`Refusal::log`).
     if let Some(r) = refusal {
-        span.record("decision", outcome::Decision::Deny.as_str());
-        span.record("reason", tracing::field::debug(r));
+        if matches!(
+            r,
+            Refusal::Unauthenticated { .. } | Refusal::ExtAuthz { .. }
+        ) {
+            span.record("decision", outcome::Decision::Deny.as_str());
+        }
+        if let Some(reason) = r.reason() {
+            span.record("reason", reason);
+        }
     }
 }
 

@@ -283,26 +283,35 @@ impl Refusal {
         }
     }
 
+    /// The access log's `reason` for this refusal, where it is not the
+    /// policy decision's (`None`: a DENY or missing ALLOW, or a path
+    /// the decision itself refused).
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Refusal::InvalidPath | Refusal::Rbac => None,
+            Refusal::UpgradeRefused => Some(Refusal::UPGRADE_REFUSED.to_string()),
+            Refusal::Unauthenticated { message, .. } => {
+                Some(format!("RequestAuthentication: {message}"))
+            }
+            Refusal::ExtAuthz { words, .. } => Some(words.clone()),
+        }
+    }
+
     /// Sets the access-log fields this refusal decides (the rest comes
     /// from the policy decision).
     pub fn log(&self, record: &mut AccessRecord) {
+        if let Some(reason) = self.reason() {
+            record.reason = reason;
+        }
         match self {
-            Refusal::InvalidPath | Refusal::Rbac => {}
-            Refusal::UpgradeRefused => record.reason = Refusal::UPGRADE_REFUSED.to_string(),
-            Refusal::Unauthenticated { message, policy } => {
+            Refusal::InvalidPath | Refusal::Rbac | Refusal::UpgradeRefused => {}
+            Refusal::Unauthenticated { policy, .. } => {
                 record.decision = Decision::Deny.as_str();
-                record.reason = format!("RequestAuthentication: {message}");
                 record.policy.clone_from(policy);
                 record.rule = None;
             }
-            Refusal::ExtAuthz {
-                words,
-                policy,
-                rule,
-                ..
-            } => {
+            Refusal::ExtAuthz { policy, rule, .. } => {
                 record.decision = Decision::Deny.as_str();
-                record.reason.clone_from(words);
                 record.policy = Some(policy.clone());
                 record.rule = Some(*rule);
             }

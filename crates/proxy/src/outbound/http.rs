@@ -15,10 +15,13 @@ use hyper::body::Incoming;
 use meshward_config::model::networking::TlsMode;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 use super::Outbound;
 use super::pool::{BoxError, Origin, Upstream, connect};
-use super::route::{Route, service_tag, source_labels, source_record};
+use super::route::{
+    Route, connection_span, record_route, request_span, service_tag, source_labels, source_record,
+};
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
@@ -41,17 +44,21 @@ pub async fn serve_http(outbound: Arc<Outbound>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let outbound = Arc::clone(&outbound);
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let mut buf = BytesMut::with_capacity(h1::READ_BUF);
-            match h1::sniff_h2(&mut stream, &mut buf).await {
-                Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
-                Ok(Some(true)) => {
-                    serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
+        let span = connection_span(peer, &outbound.state);
+        tokio::spawn(
+            async move {
+                let mut stream = stream;
+                let mut buf = BytesMut::with_capacity(h1::READ_BUF);
+                match h1::sniff_h2(&mut stream, &mut buf).await {
+                    Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
+                    Ok(Some(true)) => {
+                        serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
+                    }
+                    Ok(None) | Err(_) => {}
                 }
-                Ok(None) | Err(_) => {}
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -62,7 +69,10 @@ where
 {
     let cache = Arc::new(crate::telemetry::HandleCache::default());
     let timeout = outbound.state.idle_timeout;
-    let svc = move |req| handle(Arc::clone(&outbound), peer, Arc::clone(&cache), req);
+    let svc = move |req: HttpRequest<Incoming>| {
+        let span = request_span(req.method().as_str(), req.uri().path());
+        handle(Arc::clone(&outbound), peer, Arc::clone(&cache), req).instrument(span)
+    };
     if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
@@ -93,6 +103,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             break;
         };
         let line = [head.method(), &*target.path, target.host];
+        let span = request_span(head.method(), &target.path);
         let port_hint = target
             .host
             .rsplit_once(':')
@@ -105,7 +116,9 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                 let failure = e.failure();
                 close |= h1::has_body(framing);
                 let body = failure.body();
-                let sent = h1::reply(&mut io, failure.status(), body, close).await;
+                let sent = h1::reply(&mut io, failure.status(), body, close)
+                    .instrument(span)
+                    .await;
                 let outcome = (
                     failure.status(),
                     failure.flag(),
@@ -123,6 +136,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                 continue;
             }
         };
+        record_route(&span, &route);
         let upgrade = head.upgrade();
         if upgrade != Upgrade::Unsupported && h1::answer_continue(&mut io, &head).await.is_err() {
             break;
@@ -167,6 +181,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                 (framing, close),
                 (&mut sizes, &mut unread),
             )
+            .instrument(span)
             .await;
             (status, flags, reason, close)
         } else {
@@ -181,6 +196,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                 (upgrade == Upgrade::WebSocket).then_some(state.idle_timeout),
                 (&mut sizes, &mut unread),
             )
+            .instrument(span)
             .await
         };
         if flags != Flag::None || must_close {
@@ -366,6 +382,7 @@ async fn handle(
             (answer(failure), failure.flag(), e.to_string(), None)
         }
         Ok(route) => {
+            record_route(&tracing::Span::current(), &route);
             let _in_use = outbound.register(&route);
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);

@@ -534,6 +534,51 @@ pub(super) fn service_tag(svc: &Service) -> usize {
     (h as usize) | 1
 }
 
+/// An outbound connection's span: the application's address and this
+/// workload's identity; the destination fields are recorded once routed
+/// ([`record_route`]). At `debug`, so that with the default filter it is
+/// never built.
+pub(super) fn connection_span(peer: SocketAddr, state: &crate::state::State) -> tracing::Span {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) {
+        return tracing::Span::none();
+    }
+    tracing::debug_span!(
+        "outbound",
+        src.addr = %peer,
+        src.identity = state.snapshot().identity.as_str(),
+        dst.service = tracing::field::Empty,
+        dst.addr = tracing::field::Empty,
+        dst.identity = tracing::field::Empty,
+        tls.mode = tracing::field::Empty,
+    )
+}
+
+/// An outbound request's span (inside its connection's).
+pub(super) fn request_span(method: &str, path: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method,
+        path,
+        dst.service = tracing::field::Empty,
+        dst.addr = tracing::field::Empty,
+        dst.identity = tracing::field::Empty,
+        tls.mode = tracing::field::Empty,
+    )
+}
+
+/// Records where `route` goes on `span`.
+pub(super) fn record_route(span: &tracing::Span, route: &Route) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("dst.service", route.svc.host.as_str());
+    span.record("dst.addr", tracing::field::display(route.addr));
+    if route.mode != TlsMode::Disable {
+        span.record("dst.identity", route.endpoint().identity.as_str());
+    }
+    span.record("tls.mode", tls_word(route.mode));
+}
+
 pub(super) fn tls_word(mode: TlsMode) -> &'static str {
     match mode {
         TlsMode::IstioMutual => "mutual_tls",

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use meshward_config::model::networking::TlsMode;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use super::Outbound;
 use super::pool::connect;
-use super::route::{source_labels, source_record};
+use super::route::{connection_span, record_route, source_labels, source_record};
 use crate::idle::{Activity, Counted, idle_reason};
 use crate::outcome::{FORWARDED, Flag, LocalFailure};
 use crate::snapshot::TcpOutbound;
@@ -49,6 +50,7 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
         };
         let outbound = Arc::clone(&outbound);
         let target = target.clone();
+        let span = connection_span(peer, &outbound.state);
         tokio::spawn(async move {
             let started = Instant::now();
             let state = &outbound.state;
@@ -60,6 +62,7 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                     return;
                 }
             };
+            record_route(&tracing::Span::current(), &route);
             let mtls = route.mode != TlsMode::Disable;
             let mut labels = source_labels(&snap, Some(&route), "tcp", mtls);
             state.metrics.tcp_opened(&labels);
@@ -97,6 +100,6 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                 started,
                 (received, sent),
             ));
-        });
+        }.instrument(span));
     }
 }
