@@ -13,10 +13,9 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use meshward_test_support::app::{Handshakes, websocket_app};
 pub use meshward_test_support::http::{connect, executor, get, h2_handshake, request, send_on};
 pub use meshward_test_support::mesh::{self, WorkloadEntry};
 pub use meshward_test_support::tls::mtls_connect;
@@ -436,4 +435,67 @@ pub fn orders_workload(port: u16, app: SocketAddr) -> String {
         .port("http", port)
         .yaml();
     doc.strip_suffix("---\n").unwrap_or(&doc).to_owned()
+}
+
+/// What the WebSocket application saw of each handshake: the path and the
+/// `x-forwarded-client-cert` the server proxy added (empty without mTLS).
+pub type Handshakes = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A real WebSocket server (tokio-tungstenite): greets every connection
+/// with `hello <path>`, answers a text message with `echo: <text>`, sends
+/// binary messages back as they came, and completes the close handshake.
+pub async fn websocket_app() -> (SocketAddr, Handshakes, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Handshakes = Arc::default();
+    let seen2 = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let path = Arc::new(Mutex::new(String::new()));
+                let path2 = Arc::clone(&path);
+                // The callback's type is tungstenite's (its error is an
+                // HTTP response).
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, resp: Response| {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    *path2.lock().unwrap() = req.uri().path().to_owned();
+                    seen.lock()
+                        .unwrap()
+                        .push((req.uri().path().to_owned(), xfcc));
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, callback).await else {
+                    return;
+                };
+                let hello = format!("hello {}", path.lock().unwrap());
+                if ws.send(Message::text(hello)).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    let answer = match msg {
+                        Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
+                        Message::Binary(b) => Message::Binary(b),
+                        _ => continue,
+                    };
+                    if ws.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, task)
 }
