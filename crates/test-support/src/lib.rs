@@ -7,8 +7,7 @@
 //! - [`ca`]: a test mesh CA writing workload certificates in Istio's
 //!   layout, a PKI of its own for services outside the mesh, and a builder
 //!   of odd certificates;
-//! - [`app`]: in-process applications (HTTP/1.1, HTTP/2, gRPC, TCP echo,
-//!   WebSocket);
+//! - [`app`]: in-process applications (HTTP/1.1, HTTP/2, gRPC, TCP echo);
 //! - [`envoy`]: the Envoy binary and Istio-style sidecar bootstraps;
 //! - [`mesh`]: Istio resources as YAML documents;
 //! - [`wait`]: bounded waits (eventual consistency, ports, admin readiness)
