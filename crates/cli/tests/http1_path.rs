@@ -73,30 +73,21 @@ async fn body_app(h2: bool) -> (SocketAddr, Log, Server) {
 
 /// An application that answers one request per connection and then closes
 /// it without saying so (as an idle timeout does): `200 once`.
-async fn closing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce")
-                    .await;
-            });
+async fn closing_app() -> meshward_test_support::app::Server {
+    meshward_test_support::app::serve_tcp(|mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
-    });
-    (addr, task)
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce")
+            .await;
+    })
+    .await
 }
 
 struct Pair {
@@ -471,7 +462,8 @@ async fn ambiguous_or_oversized_requests_are_refused_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_closing_idle_connections_is_retried_transparently() {
-    let (app, _task) = closing_app().await;
+    let app_server = closing_app().await;
+    let app = app_server.addr;
     let p = pair(app, "http").await;
     // Through both proxies and directly to the server proxy: the second
     // request on the connection finds the application's connection closed

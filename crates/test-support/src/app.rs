@@ -304,34 +304,43 @@ impl Drop for ThreadedApp {
     }
 }
 
+/// Serves raw TCP on an ephemeral port of 127.0.0.1: `handler` gets each
+/// accepted connection, on a task of its own.
+pub async fn serve_tcp<F, Fut>(handler: F) -> Server
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(handler(s));
+        }
+    });
+    Server { addr, task }
+}
+
 /// An in-process TCP echo server.
 #[derive(Debug)]
 pub struct Echo {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: Server,
 }
 
 impl Echo {
     pub async fn start() -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        Echo { addr, task }
+        let server = serve_tcp(|mut s| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await;
+        Echo {
+            addr: server.addr,
+            _server: server,
+        }
     }
 }
