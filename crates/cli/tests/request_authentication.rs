@@ -14,33 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use meshward_test_support::jwt::es256;
 use serde_json::{Value, json};
 use support::*;
 
 const ISSUER: &str = "https://auth.shop.example";
 const DOWN_ISSUER: &str = "https://down.shop.example";
 const ORDERS: &str = "orders.production.svc.cluster.local";
-
-/// An ES256 key and its public JWK, with `kid`.
-fn es256(kid: &str) -> (EncodingKey, Value) {
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-            .unwrap();
-    let key = EncodingKey::from_ec_der(pkcs8.as_ref());
-    let mut jwk =
-        serde_json::to_value(Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap()).unwrap();
-    jwk["kid"] = json!(kid);
-    (key, jwk)
-}
 
 fn token(key: &EncodingKey, iss: &str, sub: &str, extra: Value) -> String {
     let now = SystemTime::now()

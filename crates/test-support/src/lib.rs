@@ -15,6 +15,7 @@
 //! - [`process`]: child processes stopped on drop, their output printed when
 //!   a test fails;
 //! - [`http`]: small HTTP clients;
+//! - [`jwt`]: signing keys for RequestAuthentication tests;
 //! - [`tls`]: a mesh peer's mTLS client.
 //!
 //! Helpers panic on set-up errors (they run inside tests) except where the
@@ -31,6 +32,7 @@ pub mod app;
 pub mod ca;
 pub mod envoy;
 pub mod http;
+pub mod jwt;
 pub mod mesh;
 pub mod process;
 pub mod tls;

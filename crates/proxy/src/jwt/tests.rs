@@ -1,23 +1,9 @@
 use super::*;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{EncodingKey, Header};
+use meshward_test_support::jwt::es256;
 use serde_json::json;
 
 const ISS: &str = "https://issuer.example.com";
-
-/// An ES256 signing key and its JWK (with `kid`).
-fn es256(kid: &str) -> (EncodingKey, Value) {
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-            .unwrap();
-    let key = EncodingKey::from_ec_der(pkcs8.as_ref());
-    let mut jwk =
-        serde_json::to_value(Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap()).unwrap();
-    jwk["kid"] = json!(kid);
-    (key, jwk)
-}
 
 fn sign(key: &EncodingKey, alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
     let mut header = Header::new(alg);
