@@ -10,14 +10,16 @@
 //! (`DestinationRule ns/name: clientCertificate FILE: certificate expired
 //! at ...`), not as whatever the server answers to a bad certificate.
 //!
-//! The files are re-read when they change ([`DrFiles::refresh`], called by
-//! the file watcher), like the workload's own certificates: a change that
+//! Their bytes come from the source (`Feed::files`: the file source reads
+//! them and publishes them when they change); [`DrFiles::refresh`] builds
+//! again what changed, like the workload's own certificates: a change that
 //! cannot be used is refused (WARN, counted in
 //! `meshward_config_rejected_total`) and the last good config is kept. A
 //! DestinationRule whose files were never usable has no config: its
 //! requests fail with 503 naming the file and the reason, and the proxy
-//! tries the files again at most every [`RETRY_UNUSABLE`] (a certificate
-//! that was not yet valid becomes usable without any file changing).
+//! tries the published files again at most every [`RETRY_UNUSABLE`] (a
+//! certificate that was not yet valid becomes usable without any file
+//! changing).
 //!
 //! A new config is used by new connections only. Connections made with the
 //! previous certificate finish what they carry, but the pool key names the

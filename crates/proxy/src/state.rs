@@ -177,7 +177,8 @@ pub struct State {
     /// reloads ([`crate::jwt::JwksStore::run`] fetches them).
     pub jwks: Arc<crate::jwt::JwksStore>,
     /// Client configs from the files DestinationRules name (SIMPLE,
-    /// MUTUAL), kept across reloads and re-read when the files change.
+    /// MUTUAL), kept across reloads and built again when the source
+    /// publishes new contents.
     pub dr_files: crate::dr_tls::DrFiles,
     /// The addresses of the DNS names of `DNS` and `DNS_ROUND_ROBIN`
     /// services, kept across reloads ([`crate::dns::DnsStore::run`]
