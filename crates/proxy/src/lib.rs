@@ -12,7 +12,7 @@
 //! Configuration and credentials come from a source ([`source`]): files
 //! on disk ([`source::files`]), an in-process source in tests, the control
 //! plane. The proxy takes what the source publishes through one path
-//! ([`apply`]) into its [`State`], and never opens a file itself.
+//! (`apply`) into its `State`, and never opens a file itself.
 
 #![forbid(unsafe_code)]
 
@@ -65,8 +65,7 @@ pub struct Options {
     /// Prometheus-only endpoint (Istio's merged metrics port 15020).
     pub metrics: Option<SocketAddr>,
     pub access_log: AccessLogTo,
-    /// How long a connection may sit idle ([`idle`]; at most
-    /// [`idle::MAX_IDLE_TIMEOUT`]).
+    /// How long a connection may sit idle (at most [`MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: std::time::Duration,
     /// The resolver for `DNS` and `DNS_ROUND_ROBIN` ServiceEntries.
     pub dns: dns::DnsConfig,

@@ -7,7 +7,7 @@
 //! refused, and the proxy keeps serving with what it had.
 //!
 //! One mechanism decides whether anything changed: a fingerprint of the
-//! files each loader reads ([`scan`](super::scan)), compared with the one
+//! files each loader reads (`scan.rs`), compared with the one
 //! last acted on. It is taken when file events say something happened
 //! (after they have been quiet for [`QUIET`]) and every [`RESCAN`]
 //! regardless. Events (inotify, through `notify`) only make changes apply

@@ -15,7 +15,7 @@
 //! Each publication is a [`Published`]: new content with the source's
 //! revision, or a problem (the source is lost, holds a change back, or
 //! refuses what it found), after which the proxy keeps what it has. The
-//! proxy never opens a file: [`crate::apply`] takes each publication,
+//! proxy never opens a file: its applier (`apply.rs`) takes each publication,
 //! validates and compiles it, swaps it in atomically, re-checks open
 //! connections and reconciles listeners. A source only has to publish.
 
