@@ -345,7 +345,7 @@ where
         _ => None,
     };
     let verdict = decide_http(req, authn, decision, forward, ext);
-    if let Some(span) = current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         record_span(&span, &verdict);
     }
     verdict
@@ -452,17 +452,6 @@ fn decide_http<'a, H: ?Sized>(
     })
 }
 
-/// The current span, when it is enabled. `Span::current` asks the
-/// subscriber; the level check before it is a static comparison, so a
-/// proxy that logs at `info` (the default) pays nothing more.
-pub(crate) fn current_span() -> Option<tracing::Span> {
-    if !tracing::level_enabled!(tracing::Level::DEBUG) {
-        return None;
-    }
-    let span = tracing::Span::current();
-    (!span.is_disabled()).then_some(span)
-}
-
 /// Records a verdict's `decision`, `policy` and `reason` on `span` (a
 /// request's).
 fn record_span(span: &tracing::Span, verdict: &Verdict<'_>) {
@@ -567,7 +556,7 @@ pub async fn admit_tcp(snap: &Arc<Snapshot>, conn: &Conn) -> TcpVerdict {
         None => None,
     };
     let verdict = decide_tcp(decision, ext);
-    if let Some(span) = current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         match &verdict {
             TcpVerdict::Admitted { decision, .. } => record_decision(&span, Some(decision), None),
             TcpVerdict::Refused {

@@ -86,7 +86,7 @@ async fn handle(
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
     let mode = snap.policy.mtls(port).mode;
     let app_connect_timeout = snap.app_connect_timeout;
-    if let Some(span) = admission::current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         span.record("dst.addr", tracing::field::display(local));
         span.record("dst.identity", snap.identity.as_str());
     }
@@ -105,7 +105,7 @@ async fn handle(
         handles: Default::default(),
         ext_authz: outbound,
     };
-    if let Some(span) = admission::current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         span.record("tls.mode", conn.tls_mode());
     }
 
@@ -225,7 +225,7 @@ async fn handle(
         ))
     });
     conn.mtls = true;
-    if let Some(span) = admission::current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         span.record("src.identity", conn.identity.as_deref());
         span.record("tls.mode", conn.tls_mode());
     }
@@ -352,7 +352,7 @@ fn log_tcp(
 
 /// Logs a connection refused before any decision could be made.
 fn refuse(state: &State, conn: &Conn, started: Instant, why: ConnRefusal, explanation: String) {
-    if let Some(span) = admission::current_span() {
+    if let Some(span) = crate::telemetry::current_span() {
         span.record("decision", crate::outcome::Decision::Deny.as_str());
         span.record("reason", why.as_str());
     }

@@ -585,6 +585,17 @@ impl AccessLog {
     }
 }
 
+/// The current span, when it is enabled. `Span::current` asks the
+/// subscriber; the level check before it is a static comparison, so a
+/// proxy that logs at `info` (the default) pays nothing more.
+pub(crate) fn current_span() -> Option<tracing::Span> {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) {
+        return None;
+    }
+    let span = tracing::Span::current();
+    (!span.is_disabled()).then_some(span)
+}
+
 /// RFC 3339 UTC time with milliseconds.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::from(SystemTime::now());

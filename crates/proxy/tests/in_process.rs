@@ -106,6 +106,23 @@ async fn an_invalid_update_is_refused_counted_and_the_previous_state_keeps_servi
     assert_eq!(s["state"], "refused", "{s}");
     serves_as_before().await;
 
+    // 4. Credentials that do not parse: refused by the source itself.
+    assert!(
+        h.source
+            .push_credentials_pem("not a chain", "not a key", "not roots")
+            .is_err()
+    );
+    eventually("the fourth refusal counted", || async {
+        (h.rejected().await == 4.0).then_some(())
+    })
+    .await;
+    let s = h.source_state("certs").await;
+    assert!(
+        s["error"].as_str().is_some_and(|e| e.contains("private key")),
+        "{s}"
+    );
+    serves_as_before().await;
+
     // A good update after them applies.
     h.push("");
     eventually("the intruder let in by the next good update", || async {

@@ -136,7 +136,9 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                 continue;
             }
         };
-        record_route(&span, &route);
+        if !span.is_disabled() {
+            record_route(&span, &route);
+        }
         let upgrade = head.upgrade();
         if upgrade != Upgrade::Unsupported && h1::answer_continue(&mut io, &head).await.is_err() {
             break;
@@ -382,7 +384,9 @@ async fn handle(
             (answer(failure), failure.flag(), e.to_string(), None)
         }
         Ok(route) => {
-            record_route(&tracing::Span::current(), &route);
+            if let Some(span) = crate::telemetry::current_span() {
+                record_route(&span, &route);
+            }
             let _in_use = outbound.register(&route);
             // The application must not speak for the mesh.
             req.headers_mut().remove(XFCC);

@@ -566,11 +566,9 @@ pub(super) fn request_span(method: &str, path: &str) -> tracing::Span {
     )
 }
 
-/// Records where `route` goes on `span`.
+/// Records where `route` goes on `span` (an enabled one: see
+/// `telemetry::current_span`).
 pub(super) fn record_route(span: &tracing::Span, route: &Route) {
-    if span.is_disabled() {
-        return;
-    }
     span.record("dst.service", route.svc.host.as_str());
     span.record("dst.addr", tracing::field::display(route.addr));
     if route.mode != TlsMode::Disable {

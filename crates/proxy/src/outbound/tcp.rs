@@ -62,7 +62,9 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                     return;
                 }
             };
-            record_route(&tracing::Span::current(), &route);
+            if let Some(span) = crate::telemetry::current_span() {
+                record_route(&span, &route);
+            }
             let mtls = route.mode != TlsMode::Disable;
             let mut labels = source_labels(&snap, Some(&route), "tcp", mtls);
             state.metrics.tcp_opened(&labels);

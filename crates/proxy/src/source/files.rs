@@ -197,14 +197,11 @@ struct Files {
 impl Files {
     /// Publishes a loaded configuration, the files it names first (so
     /// that its DestinationRules find them).
-    fn publish_config(&mut self, loaded: Loaded) {
+    fn publish_config(&mut self, mut loaded: Loaded) {
         self.named = named_files(&loaded.config);
         self.publish_named_files();
-        self.documents = loaded.documents;
-        self.publisher.config(ConfigUpdate {
-            config: loaded.config,
-            warnings: loaded.warnings.warnings().map(|w| w.to_string()).collect(),
-        });
+        self.documents = std::mem::take(&mut loaded.documents);
+        self.publisher.config(ConfigUpdate::from(loaded));
     }
 
     /// Reads the files DestinationRules name; published when their

@@ -55,39 +55,46 @@ impl MemorySource {
         }
         match loader.finish() {
             Ok(loaded) => {
-                self.publisher.config(ConfigUpdate {
-                    config: loaded.config,
-                    warnings: loaded.warnings.warnings().map(|w| w.to_string()).collect(),
-                });
+                self.publisher.config(ConfigUpdate::from(loaded));
                 Ok(())
             }
-            Err(diags) => {
-                let e = PushError::Config(diags);
-                self.publisher
-                    .problem(Source::Config, SourceState::Refused, e.to_string());
-                Err(e)
-            }
+            Err(diags) => Err(self.refused(Source::Config, PushError::Config(diags))),
         }
     }
 
+    /// Publishes `e` as the source's refusal of what it was given (as the
+    /// file source does with files that do not load), and returns it.
+    fn refused(&self, source: Source, e: PushError) -> PushError {
+        self.publisher
+            .problem(source, SourceState::Refused, e.to_string());
+        e
+    }
+
     /// Publishes credentials from PEM: the chain (leaf first), its key
-    /// and the trust bundle.
+    /// and the trust bundle. What does not parse is published as refused,
+    /// and returned.
     pub fn push_credentials_pem(
         &self,
         chain: &str,
         key: &str,
         roots: &str,
     ) -> Result<(), PushError> {
-        let origin = Path::new("memory");
-        let key = meshward_identity::pem::key_from_pem(key.as_bytes(), origin)?;
-        let chain = meshward_identity::pem::certs_from_pem(chain.as_bytes(), origin)?;
-        let credentials = WorkloadCredentials::from_parts(key, chain, None)?;
-        let bundle = TrustBundle::from_pem(roots.as_bytes(), origin)?;
-        self.publisher.credentials(Credentials {
-            credentials,
-            bundle,
-        });
-        Ok(())
+        let parsed = || -> Result<Credentials, PushError> {
+            let origin = Path::new("memory");
+            let key = meshward_identity::pem::key_from_pem(key.as_bytes(), origin)?;
+            let chain = meshward_identity::pem::certs_from_pem(chain.as_bytes(), origin)?;
+            Ok(Credentials {
+                credentials: WorkloadCredentials::from_parts(key, chain, None)?,
+                bundle: TrustBundle::from_pem(roots.as_bytes(), origin)?,
+            })
+        };
+        match parsed() {
+            Ok(c) => {
+                self.publisher.credentials(c);
+                Ok(())
+            }
+            Err(e) => Err(self.refused(Source::Certs, e)),
+        }
     }
 
     /// Publishes the contents of files DestinationRules name.

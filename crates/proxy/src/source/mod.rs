@@ -44,6 +44,15 @@ pub struct ConfigUpdate {
     pub warnings: Vec<String>,
 }
 
+impl From<meshward_config::Loaded> for ConfigUpdate {
+    fn from(loaded: meshward_config::Loaded) -> ConfigUpdate {
+        ConfigUpdate {
+            warnings: loaded.warnings.warnings().map(|w| w.to_string()).collect(),
+            config: loaded.config,
+        }
+    }
+}
+
 /// The workload's credentials: its certificate chain and key, and the
 /// roots it trusts.
 #[derive(Debug)]
