@@ -380,14 +380,9 @@ fn frozen_config(out: u16, tcp: u16, frozen: u16, full: u16) -> String {
         )
     };
     let pool = |t: &str| format!("    connectionPool:\n      tcp:\n        connectTimeout: {t}\n");
-    let mut c = format!(
-        r#"apiVersion: meshward.io/v1alpha1
-kind: MeshConfig
-metadata: {{name: mesh, namespace: istio-system}}
-spec:
-  connectTimeout: 1s
----
-apiVersion: networking.istio.io/v1
+    let mut c = mesh::mesh_config("  connectTimeout: 1s");
+    c += &format!(
+        r#"apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata:
   name: frontend
@@ -566,29 +561,14 @@ async fn an_application_that_accepts_no_connection_costs_the_connect_timeout() {
     let mesh = Mesh::new();
     let full = FullBacklog::start().await;
     let (web, tcp) = (free_port(), free_port());
-    let app = full.addr.port();
+    let orders = WorkloadEntry::new("production", "orders")
+        .port("http", web)
+        .port("tcp", tcp)
+        .app_ports(&[("http", full.addr), ("tcp", full.addr)])
+        .yaml();
     mesh.write_config(
         "mesh.yaml",
-        &format!(
-            r#"apiVersion: meshward.io/v1alpha1
-kind: MeshConfig
-metadata: {{name: mesh, namespace: istio-system}}
-spec:
-  connectTimeout: 1s
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: orders
-  namespace: production
-  annotations: {{meshward.io/app-ports: "http=127.0.0.1:{app},tcp=127.0.0.1:{app}"}}
-spec:
-  address: 127.0.0.1
-  labels: {{app: orders}}
-  serviceAccount: orders
-  ports: {{http: {web}, tcp: {tcp}}}
-"#
-        ),
+        &(mesh::mesh_config("  connectTimeout: 1s") + &orders),
     );
     let orders = mesh
         .proxy(

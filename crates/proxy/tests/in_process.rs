@@ -118,7 +118,9 @@ async fn an_invalid_update_is_refused_counted_and_the_previous_state_keeps_servi
     .await;
     let s = h.source_state("certs").await;
     assert!(
-        s["error"].as_str().is_some_and(|e| e.contains("private key")),
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("private key")),
         "{s}"
     );
     serves_as_before().await;

@@ -106,6 +106,16 @@ pub fn service_entry(ns: &str, name: &str, app: &str, ports: &str) -> String {
     )
 }
 
+/// meshward's `MeshConfig` resource (Istio's `meshConfig` as a document)
+/// with `spec` (YAML lines indented by two spaces, e.g.
+/// `"  connectTimeout: 1s\n"`).
+pub fn mesh_config(spec: &str) -> String {
+    format!(
+        "apiVersion: meshward.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh, namespace: istio-system}}\nspec:\n{}\n---\n",
+        spec.trim_end_matches('\n')
+    )
+}
+
 /// A `PeerAuthentication` `name` in `ns` with mTLS `mode` (STRICT,
 /// PERMISSIVE, DISABLE); in `istio-system`, mesh-wide.
 pub fn peer_authentication(ns: &str, name: &str, mode: &str) -> String {
@@ -159,6 +169,14 @@ mod tests {
                 .port("http", 15006)
                 .yaml(),
             "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: orders\n  namespace: production\n  annotations: {meshward.io/app-ports: \"http=127.0.0.1:8080\"}\nspec:\n  address: 127.0.0.1\n  labels: {app: orders}\n  serviceAccount: orders\n  ports: {http: 15006}\n---\n"
+        );
+    }
+
+    #[test]
+    fn mesh_config_renders_its_spec_block() {
+        assert_eq!(
+            mesh_config("  connectTimeout: 1s\n"),
+            "apiVersion: meshward.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh, namespace: istio-system}\nspec:\n  connectTimeout: 1s\n---\n"
         );
     }
 
