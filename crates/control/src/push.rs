@@ -267,19 +267,25 @@ impl Stream {
         let mut bundles = self.service.bundle.clone();
         let mut sent: Option<String> = None;
         let mut cause = Instant::now();
+        // The view is computed again only when the snapshot or the bundle
+        // changed, not for every ACK.
+        let mut stale = true;
         loop {
-            let snapshot = snapshots.borrow_and_update().clone();
-            let bundle = bundles.borrow_and_update().clone();
-            if let Err(status) = self.push(&snapshot, &bundle, &mut sent, cause).await {
-                if let Some(status) = status {
-                    tracing::warn!(
-                        node = %self.sub.node_id,
-                        reason = status.message(),
-                        "config stream ended"
-                    );
-                    let _ = self.tx.send(Err(status)).await;
+            if stale {
+                stale = false;
+                let snapshot = snapshots.borrow_and_update().clone();
+                let bundle = bundles.borrow_and_update().clone();
+                if let Err(status) = self.push(&snapshot, &bundle, &mut sent, cause).await {
+                    if let Some(status) = status {
+                        tracing::warn!(
+                            node = %self.sub.node_id,
+                            reason = status.message(),
+                            "config stream ended"
+                        );
+                        let _ = self.tx.send(Err(status)).await;
+                    }
+                    return;
                 }
-                return;
             }
             tokio::select! {
                 changed = snapshots.changed() => {
@@ -288,6 +294,7 @@ impl Stream {
                         return;
                     }
                     cause = snapshots.borrow().accepted_at();
+                    stale = true;
                 }
                 changed = bundles.changed() => {
                     if changed.is_err() {
@@ -295,6 +302,7 @@ impl Stream {
                         return;
                     }
                     cause = Instant::now();
+                    stale = true;
                 }
                 msg = self.inbound.message() => match msg {
                     Ok(Some(req)) => {

@@ -77,7 +77,12 @@ pub struct Subscriber {
     pub proxy_version: String,
 }
 
-/// Every proxy known, by node id.
+/// An entry's key: the node id and the identity that subscribed with it,
+/// so that a proxy cannot take over another identity's entry by naming its
+/// node id.
+type Key = (String, String);
+
+/// Every proxy known, by node id and identity.
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
@@ -86,10 +91,10 @@ pub struct Registry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    proxies: HashMap<String, Entry>,
+    proxies: HashMap<Key, Entry>,
     /// Disconnected entries, oldest first, with their stream number (an
     /// entry reconnected since then is not evicted by a stale record).
-    disconnected: VecDeque<(String, u64)>,
+    disconnected: VecDeque<(Key, u64)>,
     next_stream: u64,
 }
 
@@ -122,12 +127,13 @@ impl Registry {
 
     /// Records a stream opening; the handle records what happens on it and
     /// marks the proxy disconnected when dropped. A second stream of the
-    /// same node id takes the entry over.
+    /// same node id and identity takes the entry over.
     pub fn connect(self: &Arc<Self>, who: Subscriber) -> Connection {
         let now = SystemTime::now();
         let mut inner = self.lock();
         inner.next_stream += 1;
         let stream = inner.next_stream;
+        let key = (who.node_id.clone(), who.identity.clone());
         let status = ProxyStatus {
             node_id: who.node_id.clone(),
             workload: who.workload,
@@ -143,7 +149,7 @@ impl Registry {
             last_nack: None,
         };
         inner.proxies.insert(
-            who.node_id.clone(),
+            key.clone(),
             Entry {
                 status,
                 stream,
@@ -154,7 +160,7 @@ impl Registry {
         self.metrics.xds_connected.inc();
         Connection {
             registry: Arc::clone(self),
-            node_id: who.node_id,
+            key,
             stream,
         }
     }
@@ -171,9 +177,10 @@ impl Registry {
         out
     }
 
-    /// The state of the proxy with `node_id`.
+    /// The state of the proxy with `node_id` (the connected one, if
+    /// several identities used that id).
     pub fn get(&self, node_id: &str) -> Option<ProxyStatus> {
-        self.lock().proxies.get(node_id).map(|e| e.status.clone())
+        self.list().into_iter().find(|s| s.node_id == node_id)
     }
 
     /// How many proxies are connected.
@@ -194,13 +201,9 @@ impl Registry {
         })
     }
 
-    fn update(&self, node_id: &str, stream: u64, f: impl FnOnce(&mut Entry)) {
+    fn update(&self, key: &Key, stream: u64, f: impl FnOnce(&mut Entry)) {
         let mut inner = self.lock();
-        if let Some(e) = inner
-            .proxies
-            .get_mut(node_id)
-            .filter(|e| e.stream == stream)
-        {
+        if let Some(e) = inner.proxies.get_mut(key).filter(|e| e.stream == stream) {
             e.status.last_seen = SystemTime::now();
             f(e);
         }
@@ -211,7 +214,7 @@ impl Registry {
 #[derive(Debug)]
 pub struct Connection {
     registry: Arc<Registry>,
-    node_id: String,
+    key: Key,
     stream: u64,
 }
 
@@ -219,7 +222,7 @@ impl Connection {
     /// A response was sent: `version` with `nonce`, caused by something
     /// that happened at `cause` (a source change, or the subscription).
     pub fn sent(&self, version: &str, nonce: &str, cause: Instant) {
-        self.registry.update(&self.node_id, self.stream, |e| {
+        self.registry.update(&self.key, self.stream, |e| {
             e.status.version_sent = Some(version.to_string());
             e.status.nonce_sent = Some(nonce.to_string());
             // A response superseded before its ACK keeps the earlier cause:
@@ -234,7 +237,7 @@ impl Connection {
     /// An ACK of an older response (another nonce) only counts as seen.
     pub fn ack(&self, version: &str, nonce: &str) {
         let metrics = &self.registry.metrics;
-        self.registry.update(&self.node_id, self.stream, |e| {
+        self.registry.update(&self.key, self.stream, |e| {
             if e.status.nonce_sent.as_deref() != Some(nonce) {
                 return;
             }
@@ -252,7 +255,7 @@ impl Connection {
     /// `version_info` names the version the proxy kept).
     pub fn nack(&self, nonce: &str, error: &str) {
         let metrics = &self.registry.metrics;
-        self.registry.update(&self.node_id, self.stream, |e| {
+        self.registry.update(&self.key, self.stream, |e| {
             if e.status.nonce_sent.as_deref() != Some(nonce) {
                 return;
             }
@@ -268,7 +271,7 @@ impl Connection {
 
     /// The proxy sent something (e.g. a stale ACK).
     pub fn seen(&self) {
-        self.registry.update(&self.node_id, self.stream, |_| {});
+        self.registry.update(&self.key, self.stream, |_| {});
     }
 }
 
@@ -278,7 +281,7 @@ impl Drop for Connection {
         let mut inner = self.registry.lock();
         let Some(e) = inner
             .proxies
-            .get_mut(&self.node_id)
+            .get_mut(&self.key)
             .filter(|e| e.stream == self.stream)
         else {
             return;
@@ -288,17 +291,17 @@ impl Drop for Connection {
         e.cause = None;
         inner
             .disconnected
-            .push_back((self.node_id.clone(), self.stream));
+            .push_back((self.key.clone(), self.stream));
         while inner.disconnected.len() > MAX_DISCONNECTED {
-            let Some((id, stream)) = inner.disconnected.pop_front() else {
+            let Some((key, stream)) = inner.disconnected.pop_front() else {
                 break;
             };
             if inner
                 .proxies
-                .get(&id)
+                .get(&key)
                 .is_some_and(|e| e.stream == stream && !e.status.connected)
             {
-                inner.proxies.remove(&id);
+                inner.proxies.remove(&key);
             }
         }
     }
@@ -368,6 +371,34 @@ mod tests {
         drop(c);
         assert!(!reg.get("p1").unwrap().connected);
         assert_eq!(metrics.xds_connected.get(), 0);
+    }
+
+    #[test]
+    fn another_identity_naming_the_same_node_id_gets_its_own_entry() {
+        let reg = Arc::new(Registry::new(Arc::new(Metrics::new())));
+        let a = reg.connect(who("p1"));
+        let mut other = who("p1");
+        other.identity = "spiffe://td/ns/ns/sa/b".to_string();
+        let b = reg.connect(other);
+        a.sent("v1", "n1", Instant::now());
+        drop(b);
+        let s = reg.get("p1").unwrap();
+        assert!(s.connected);
+        assert_eq!(s.version_sent.as_deref(), Some("v1"));
+        assert_eq!(reg.list().len(), 2);
+    }
+
+    #[test]
+    fn disconnected_entries_are_bounded() {
+        let reg = Arc::new(Registry::new(Arc::new(Metrics::new())));
+        for i in 0..super::MAX_DISCONNECTED + 5 {
+            drop(reg.connect(who(&format!("p{i}"))));
+        }
+        let kept = reg.connect(who("live"));
+        assert_eq!(reg.list().len(), super::MAX_DISCONNECTED + 1);
+        assert!(reg.get("live").unwrap().connected);
+        assert!(reg.get("p0").is_none());
+        drop(kept);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! proxy that fails over from one to the other sees no change.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use aws_lc_rs::digest::{Context, SHA256};
@@ -110,6 +110,18 @@ pub struct Snapshot {
     mesh_config: String,
     accepted_at: Instant,
     accepted_wall: SystemTime,
+    /// WorkloadEntries by namespace and name: index in `config`.
+    workloads: HashMap<(String, String), usize>,
+    /// The documents each workload asked for so far needs: computed once
+    /// per snapshot, however many proxies serve the workload.
+    selections: Mutex<HashMap<(String, String), Arc<Selection>>>,
+}
+
+/// The documents one workload needs, and their digest.
+#[derive(Debug)]
+struct Selection {
+    documents: Vec<Document>,
+    digest: [u8; 32],
 }
 
 /// What one workload receives.
@@ -203,6 +215,12 @@ impl Snapshot {
             feed(&mut h, d.content.as_bytes());
         }
         feed(&mut h, mesh_text.as_bytes());
+        let workloads = config
+            .workload_entries
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ((w.meta.namespace.clone(), w.meta.name.clone()), i))
+            .collect();
         Ok(Snapshot {
             version: hex_prefix(h),
             config: Arc::new(config.clone()),
@@ -210,6 +228,8 @@ impl Snapshot {
             mesh_config: mesh_text,
             accepted_at: Instant::now(),
             accepted_wall: SystemTime::now(),
+            workloads,
+            selections: Mutex::new(HashMap::new()),
         })
     }
 
@@ -241,10 +261,9 @@ impl Snapshot {
     /// The workload a WorkloadEntry `namespace/name` describes (its
     /// service account `default` when it names none), if there is one.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<Workload> {
-        self.config
-            .workload_entries
-            .iter()
-            .find(|w| w.meta.namespace == namespace && w.meta.name == name)
+        self.workloads
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|&i| self.config.workload_entries.get(i))
             .map(Workload::from_entry)
     }
 
@@ -262,6 +281,34 @@ impl Snapshot {
                 version: self.version.clone(),
             });
         };
+        let selection = self.selection(namespace, name, &workload);
+        let trust_bundle: Vec<String> = bundle
+            .roots()
+            .iter()
+            .map(|r| meshward_identity::pem::encode_certs([r]))
+            .collect();
+        let mut h = Context::new(&SHA256);
+        feed(&mut h, &selection.digest);
+        feed(&mut h, self.mesh_config.as_bytes());
+        for r in &trust_bundle {
+            feed(&mut h, r.as_bytes());
+        }
+        Ok(WorkloadView {
+            version: hex_prefix(h),
+            documents: selection.documents.clone(),
+            mesh_config: self.mesh_config.clone(),
+            trust_bundle,
+        })
+    }
+}
+
+impl Snapshot {
+    /// The documents `workload` needs (cached per snapshot).
+    fn selection(&self, namespace: &str, name: &str, workload: &Workload) -> Arc<Selection> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(s) = self.lock_selections().get(&key) {
+            return Arc::clone(s);
+        }
         let root = self.config.mesh.root_namespace.as_str();
         let documents: Vec<Document> = self
             .documents
@@ -285,26 +332,26 @@ impl Snapshot {
                 content: d.content.clone(),
             })
             .collect();
-        let trust_bundle: Vec<String> = bundle
-            .roots()
-            .iter()
-            .map(|r| meshward_identity::pem::encode_certs([r]))
-            .collect();
         let mut h = Context::new(&SHA256);
         for d in &documents {
             feed(&mut h, d.origin.as_bytes());
             feed(&mut h, d.content.as_bytes());
         }
-        feed(&mut h, self.mesh_config.as_bytes());
-        for r in &trust_bundle {
-            feed(&mut h, r.as_bytes());
-        }
-        Ok(WorkloadView {
-            version: hex_prefix(h),
-            documents,
-            mesh_config: self.mesh_config.clone(),
-            trust_bundle,
-        })
+        let mut digest = [0; 32];
+        digest.copy_from_slice(h.finish().as_ref());
+        let selection = Arc::new(Selection { documents, digest });
+        // Bounded by the number of WorkloadEntries: only those get here.
+        self.lock_selections().insert(key, Arc::clone(&selection));
+        selection
+    }
+
+    fn lock_selections(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Selection>>> {
+        // A cache: a panic elsewhere leaves it usable.
+        self.selections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
