@@ -107,6 +107,7 @@ impl ConfigSource {
         metrics.config_accepted.inc();
         let (tx, rx) = watch::channel(Arc::new(snapshot));
         let (events, inbox) = mpsc::channel();
+        let watched = identities(&paths, mesh_config.as_deref());
         let watcher = watch_paths(&paths, mesh_config.as_deref(), events.clone());
         let state = Watching {
             paths,
@@ -115,7 +116,8 @@ impl ConfigSource {
             publish: tx,
             last_digest: reading.digest,
             last_documents: loaded.documents,
-            _watcher: watcher,
+            watcher,
+            watched,
         };
         let thread = std::thread::Builder::new()
             .name("config-source".into())
@@ -150,7 +152,9 @@ struct Watching {
     last_digest: [u8; 32],
     /// Documents per file at the last accepted load.
     last_documents: BTreeMap<String, usize>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
+    /// The identities of the watched paths when they were watched.
+    watched: Vec<Option<(u64, u64)>>,
 }
 
 impl Watching {
@@ -173,16 +177,38 @@ impl Watching {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
+            // Watches first: a change made after the reading below is then
+            // announced by an event.
+            self.rewatch_replaced();
             self.check();
         }
+    }
+
+    /// Watches again the paths that are another file or directory than
+    /// when they were watched (replaced by a rename): the old watch follows
+    /// the old inode.
+    fn rewatch_replaced(&mut self) {
+        let now = identities(&self.paths, self.mesh_config.as_deref());
+        if now == self.watched {
+            return;
+        }
+        if let Some(w) = self.watcher.as_mut() {
+            tracing::debug!("config paths replaced; watching them again");
+            add_watches(w, &self.paths, self.mesh_config.as_deref(), true);
+        }
+        self.watched = now;
     }
 
     /// Reads the paths; acts when what they hold changed.
     fn check(&mut self) {
         let reading = Reading::of(&self.paths, self.mesh_config.as_deref());
-        if reading.digest == self.last_digest {
-            return;
+        if reading.digest != self.last_digest {
+            self.apply(reading);
         }
+    }
+
+    /// Loads a reading that differs from the last one.
+    fn apply(&mut self, reading: Reading) {
         self.last_digest = reading.digest;
         let current = self.publish.borrow().clone();
         let loaded = match reading.load() {
@@ -276,20 +302,56 @@ fn watch_paths(
             return None;
         }
     };
+    add_watches(&mut watcher, paths, mesh_config, false);
+    Some(watcher)
+}
+
+/// The device and inode of each path's watch target (`None` when it is
+/// missing).
+fn identities(paths: &[PathBuf], mesh_config: Option<&Path>) -> Vec<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    paths
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(mesh_config)
+        .map(|p| {
+            let target = watch_target(p).0;
+            std::fs::metadata(target).ok().map(|m| (m.dev(), m.ino()))
+        })
+        .collect()
+}
+
+/// What watching `path` watches: a directory itself, recursively; a file
+/// through its parent (so that a rename over it is seen).
+fn watch_target(path: &Path) -> (&Path, RecursiveMode) {
+    if path.is_dir() {
+        (path, RecursiveMode::Recursive)
+    } else {
+        match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => (parent, RecursiveMode::NonRecursive),
+            None => (Path::new("."), RecursiveMode::NonRecursive),
+        }
+    }
+}
+
+/// Watches each configured path. With `again`, drops the watch first: a
+/// directory replaced since (renamed away, another one renamed in) is
+/// another inode, which the old watch does not see.
+fn add_watches(
+    watcher: &mut notify::RecommendedWatcher,
+    paths: &[PathBuf],
+    mesh_config: Option<&Path>,
+    again: bool,
+) {
     for path in paths.iter().map(PathBuf::as_path).chain(mesh_config) {
-        let (target, mode) = if path.is_dir() {
-            (path, RecursiveMode::Recursive)
-        } else {
-            match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                Some(parent) => (parent, RecursiveMode::NonRecursive),
-                None => (Path::new("."), RecursiveMode::NonRecursive),
-            }
-        };
+        let (target, mode) = watch_target(path);
+        if again {
+            let _ = watcher.unwatch(target);
+        }
         if let Err(e) = watcher.watch(target, mode) {
             tracing::warn!(path = %target.display(), error = %e, "cannot watch; rescanning every {RESCAN:?}");
         }
     }
-    Some(watcher)
 }
 
 /// What the paths held at one moment.
