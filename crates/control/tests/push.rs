@@ -706,3 +706,80 @@ async fn a_workload_removed_from_the_configuration_ends_its_stream() {
         other => panic!("expected PERMISSION_DENIED, got {other:?}"),
     }
 }
+
+/// Sends one raw gRPC request body to the config stream; the grpc-status
+/// and grpc-message the server answers with.
+async fn raw_call(plane: &Plane, body: Vec<u8>) -> (String, String) {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(plane.addr).await.unwrap();
+    let mut send = meshward_test_support::http::h2_handshake(stream).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/meshward.control.v1.ConfigDiscoveryService/StreamConfig",
+            plane.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(IDENTITY_HEADER, id("ns-a", "web"))
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(PATIENCE, send.send_request(req))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let headers = match parts.headers.get("grpc-status") {
+        Some(_) => parts.headers,
+        None => tokio::time::timeout(PATIENCE, body.collect())
+            .await
+            .expect("the trailers")
+            .unwrap()
+            .trailers()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let get = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+fn frame(flag: u8, declared: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![flag];
+    f.extend(declared.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+#[tokio::test]
+async fn crafted_messages_are_refused_and_the_service_keeps_serving() {
+    let plane = Plane::start().await;
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("not protobuf", frame(0, 5, &[0xff; 5])),
+        // Field 2 (node), length-delimited, declaring more bytes than sent.
+        (
+            "a field longer than the message",
+            frame(0, 3, &[0x12, 0x7f, 0x01]),
+        ),
+        ("a truncated frame", frame(0, 100, &[0x12, 0x00])),
+        ("compressed without an encoding", frame(1, 2, &[0x12, 0x00])),
+    ];
+    for (what, body) in cases {
+        let (status, message) = raw_call(&plane, body).await;
+        assert_eq!(status, "3", "{what}: {message}, expected INVALID_ARGUMENT");
+        assert!(
+            message.starts_with("malformed%20request"),
+            "{what}: {message}"
+        );
+    }
+    let mut web = plane
+        .subscribe(Some(&id("ns-a", "web")), "ns-a/web", "after-crafted")
+        .await
+        .unwrap();
+    web.next().await;
+}
