@@ -12,6 +12,13 @@
 //! (see the `.proto`), recorded in the [`Registry`]. If the workload leaves
 //! the configuration, or its service account changes, the stream ends
 //! with an error status.
+//!
+//! Bounds: requests are at most [`MAX_REQUEST_BYTES`] (use
+//! [`ConfigService::into_server`], which sets it), the first request must
+//! come within [`FIRST_REQUEST_TIMEOUT`], and at most
+//! [`DEFAULT_MAX_STREAMS`] streams are open at once (RESOURCE_EXHAUSTED
+//! past it; [`ConfigService::with_max_streams`]). A malformed request gets
+//! INVALID_ARGUMENT.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +29,7 @@ use meshward_proto::config::config_discovery_service_server::{
     ConfigDiscoveryService, ConfigDiscoveryServiceServer,
 };
 use meshward_proto::config::{ConfigRequest, ConfigResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -38,6 +45,10 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// The longest node id, workload or version string accepted.
 pub const MAX_FIELD_CHARS: usize = 512;
 
+/// How many config streams are open at most, by default (a proxy holds
+/// one; a stream past the bound is refused with RESOURCE_EXHAUSTED).
+pub const DEFAULT_MAX_STREAMS: usize = 20_000;
+
 /// How long a new stream may take to send its first request.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,6 +61,8 @@ pub struct ConfigService {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     nonces: Arc<AtomicU64>,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
 }
 
 impl ConfigService {
@@ -69,7 +82,16 @@ impl ConfigService {
             registry,
             metrics,
             nonces: Arc::new(AtomicU64::new(0)),
+            streams: Arc::new(Semaphore::new(DEFAULT_MAX_STREAMS)),
+            max_streams: DEFAULT_MAX_STREAMS,
         }
+    }
+
+    /// Bounds the open streams to `max` (default [`DEFAULT_MAX_STREAMS`]).
+    pub fn with_max_streams(mut self, max: usize) -> ConfigService {
+        self.streams = Arc::new(Semaphore::new(max));
+        self.max_streams = max;
+        self
     }
 
     /// The service as a tonic server, with its request size bounded by
@@ -186,6 +208,14 @@ impl ConfigDiscoveryService for ConfigService {
                 "no mesh certificate: the config stream needs a client certificate of the mesh",
             ));
         };
+        // Taken before the first request is awaited, so that streams that
+        // never subscribe count too.
+        let Ok(permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "the control plane serves at most {} config streams",
+                self.max_streams
+            )));
+        };
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
             Err(_) => {
@@ -234,6 +264,7 @@ impl ConfigDiscoveryService for ConfigService {
             connection,
             tx,
             inbound,
+            _permit: permit,
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -259,6 +290,8 @@ struct Stream {
     connection: Connection,
     tx: mpsc::Sender<Result<ConfigResponse, Status>>,
     inbound: Streaming<ConfigRequest>,
+    /// Released when the stream ends.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Stream {

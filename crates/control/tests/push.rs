@@ -91,6 +91,10 @@ struct Plane {
 
 impl Plane {
     async fn start() -> Plane {
+        Plane::start_with(|s| s).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(ConfigService) -> ConfigService) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         write_base(dir.path());
         let metrics = Arc::new(Metrics::new());
@@ -100,13 +104,13 @@ impl Plane {
         let roots = TrustBundle::from_pem(pki.ca_pem.as_bytes(), Path::new("root.pem")).unwrap();
         let (bundle, bundle_rx) = watch::channel(Arc::new(roots));
         let registry = Arc::new(Registry::new(metrics.clone()));
-        let service: ConfigDiscoveryServiceServer<ConfigService> = ConfigService::new(
+        let service: ConfigDiscoveryServiceServer<ConfigService> = adjust(ConfigService::new(
             snapshots.clone(),
             bundle_rx,
             TrustDomain::new(TD).unwrap(),
             registry.clone(),
             metrics.clone(),
-        )
+        ))
         .into_server();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -782,4 +786,38 @@ async fn crafted_messages_are_refused_and_the_service_keeps_serving() {
         .await
         .unwrap();
     web.next().await;
+}
+
+#[tokio::test]
+async fn streams_past_the_bound_are_refused_until_one_closes() {
+    let plane = Plane::start_with(|s| s.with_max_streams(2)).await;
+    let mut a = plane
+        .subscribe(Some(&id("ns-a", "web")), "ns-a/web", "a")
+        .await
+        .unwrap();
+    a.next().await;
+    let mut b = plane
+        .subscribe(Some(&id("ns-a", "web")), "ns-a/web", "b")
+        .await
+        .unwrap();
+    b.next().await;
+    match plane
+        .subscribe(Some(&id("ns-a", "web")), "ns-a/web", "c")
+        .await
+    {
+        Err(s) => {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("at most 2 config streams"), "{s:?}");
+        }
+        Ok(_) => panic!("a third stream was accepted"),
+    }
+    drop(a);
+    let mut c = meshward_test_support::wait::eventually("a stream accepted again", || async {
+        plane
+            .subscribe(Some(&id("ns-a", "web")), "ns-a/web", "c")
+            .await
+            .ok()
+    })
+    .await;
+    c.next().await;
 }
