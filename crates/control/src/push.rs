@@ -52,6 +52,12 @@ pub const DEFAULT_MAX_STREAMS: usize = 20_000;
 /// How long a new stream may take to send its first request.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a proxy may take to receive one response (its HTTP/2 window
+/// full, a proxy that stopped reading): past it the stream is closed, and
+/// the proxy subscribes again when it can. A stuck stream holds no one
+/// else up either way; this frees what it holds.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The config stream service.
 #[derive(Debug, Clone)]
 pub struct ConfigService {
@@ -315,7 +321,7 @@ impl Stream {
                             reason = status.message(),
                             "config stream ended"
                         );
-                        let _ = self.tx.send(Err(status)).await;
+                        self.end(status).await;
                     }
                     return;
                 }
@@ -323,7 +329,7 @@ impl Stream {
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
-                        let _ = self.tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+                        self.end(Status::unavailable("the control plane is stopping")).await;
                         return;
                     }
                     cause = snapshots.borrow().accepted_at();
@@ -331,7 +337,7 @@ impl Stream {
                 }
                 changed = bundles.changed() => {
                     if changed.is_err() {
-                        let _ = self.tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+                        self.end(Status::unavailable("the control plane is stopping")).await;
                         return;
                     }
                     cause = Instant::now();
@@ -340,7 +346,7 @@ impl Stream {
                 msg = self.inbound.message() => match msg {
                     Ok(Some(req)) => {
                         if let Err(status) = self.receive(req) {
-                            let _ = self.tx.send(Err(status)).await;
+                            self.end(status).await;
                             return;
                         }
                     }
@@ -350,6 +356,12 @@ impl Stream {
                 () = self.tx.closed() => return,
             }
         }
+    }
+
+    /// Ends the stream with `status` (bounded: a proxy that does not read
+    /// gets its stream closed without it).
+    async fn end(&self, status: Status) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tx.send(Err(status))).await;
     }
 
     /// Sends the view if its version differs from the last one sent.
@@ -378,7 +390,17 @@ impl Stream {
         }
         let nonce = self.service.nonce();
         let response = view.to_response(nonce.clone());
-        self.tx.send(Ok(response)).await.map_err(|_| None)?;
+        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(Ok(response))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(None),
+            Err(_) => {
+                tracing::warn!(
+                    node = %self.sub.node_id,
+                    "proxy did not take a config response within {SEND_TIMEOUT:?}; closing its stream"
+                );
+                return Err(None);
+            }
+        }
         self.connection.sent(&view.version, &nonce, cause);
         self.service.metrics.count_push("config");
         tracing::debug!(node = %self.sub.node_id, version = %view.version, "config pushed");
