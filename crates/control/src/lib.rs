@@ -15,8 +15,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod metrics;
 pub mod peer;
+pub mod push;
+pub mod registry;
+pub mod snapshot;
+pub mod source;
 
 pub use metrics::Metrics;
 pub use peer::PeerInfo;

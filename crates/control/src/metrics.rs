@@ -2,13 +2,61 @@
 //! (`citadel_server_*` for the CA, `pilot_*` for the config push), so that
 //! existing dashboards and alerts work. Served as Prometheus text on the
 //! admin listener's `/metrics`.
+//!
+//! prometheus-client's text encoder appends `_total` to every counter, as
+//! OpenMetrics wants; istiod's counters have none (`citadel_server_csr_count`,
+//! `pilot_xds_pushes`, `pilot_total_xds_rejects`). Those are
+//! [`IstioCounter`]s: counters (`# TYPE ... counter`) whose sample carries
+//! the name exactly as registered. meshward's own counters keep `_total`.
+//! The admin listener serves the text as Prometheus' classic format
+//! (`text/plain; version=0.0.4`), where a counter needs no suffix.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+/// A counter exported under its registered name, without the `_total`
+/// suffix prometheus-client adds to [`Counter`]s: istiod's names.
+#[derive(Debug, Clone, Default)]
+pub struct IstioCounter(Counter);
+
+impl IstioCounter {
+    /// Adds one; returns the previous value.
+    pub fn inc(&self) -> u64 {
+        self.0.inc()
+    }
+
+    /// Adds `v`; returns the previous value.
+    pub fn inc_by(&self, v: u64) -> u64 {
+        self.0.inc_by(v)
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl TypedMetric for IstioCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for IstioCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // The sample line of a gauge is `name value`, which is what a
+        // counter of Prometheus' classic format looks like; the `# TYPE`
+        // line comes from `metric_type`.
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
 
 /// Label of `pilot_xds_pushes` (Istio: `type`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,14 +78,14 @@ pub struct RefusalLabels {
 pub struct Metrics {
     registry: Registry,
     /// `citadel_server_csr_count`: CSRs received.
-    pub csr_count: Counter,
+    pub csr_count: IstioCounter,
     /// `citadel_server_success_cert_issuance_count`: certificates issued.
-    pub success_cert_issuance_count: Counter,
+    pub success_cert_issuance_count: IstioCounter,
     /// `citadel_server_csr_parsing_err_count`: CSRs that did not parse.
-    pub csr_parsing_err_count: Counter,
+    pub csr_parsing_err_count: IstioCounter,
     /// `citadel_server_authentication_failure_count`: callers that proved
     /// no identity.
-    pub authentication_failure_count: Counter,
+    pub authentication_failure_count: IstioCounter,
     /// `meshward_ca_refused_total{reason}`: requests refused, by reason.
     pub ca_refused: Family<RefusalLabels, Counter>,
     /// `citadel_server_root_cert_expiry_timestamp`: when the earliest root
@@ -49,17 +97,17 @@ pub struct Metrics {
     /// `pilot_xds`: connected proxies.
     pub xds_connected: Gauge,
     /// `pilot_xds_pushes{type}`: responses sent.
-    pub xds_pushes: Family<PushLabels, Counter>,
+    pub xds_pushes: Family<PushLabels, IstioCounter>,
     /// `pilot_total_xds_rejects`: NACKs received.
-    pub xds_rejects: Counter,
+    pub xds_rejects: IstioCounter,
     /// `pilot_proxy_convergence_time`: seconds from a change of the
     /// source to the proxy's ACK of it.
     pub proxy_convergence_time: Histogram,
     /// `meshward_config_rejected_total`: source changes that failed
     /// validation (the last good snapshot kept being served).
     pub config_rejected: Counter,
-    /// `meshward_config_version_info`: 1, for the version served now
-    /// (set by the source; the label changes with each accepted change).
+    /// `meshward_config_accepted_total`: source changes accepted (a new
+    /// snapshot published).
     pub config_accepted: Counter,
 }
 
@@ -74,19 +122,19 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
-            csr_count: Counter::default(),
-            success_cert_issuance_count: Counter::default(),
-            csr_parsing_err_count: Counter::default(),
-            authentication_failure_count: Counter::default(),
+            csr_count: IstioCounter::default(),
+            success_cert_issuance_count: IstioCounter::default(),
+            csr_parsing_err_count: IstioCounter::default(),
+            authentication_failure_count: IstioCounter::default(),
             ca_refused: Family::default(),
             root_cert_expiry_timestamp: Gauge::default(),
             cert_chain_expiry_timestamp: Gauge::default(),
             xds_connected: Gauge::default(),
             xds_pushes: Family::default(),
-            xds_rejects: Counter::default(),
-            proxy_convergence_time: Histogram::new(
-                [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-            ),
+            xds_rejects: IstioCounter::default(),
+            proxy_convergence_time: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             config_rejected: Counter::default(),
             config_accepted: Counter::default(),
             registry: Registry::default(),
@@ -155,11 +203,50 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Counts one push of `type` (`config`) in `pilot_xds_pushes`.
+    pub fn count_push(&self, r#type: &str) {
+        self.xds_pushes
+            .get_or_create(&PushLabels {
+                r#type: r#type.to_string(),
+            })
+            .inc();
+    }
+
     /// The metrics in Prometheus' text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn istio_counters_have_istio_names_and_meshward_ones_keep_total() {
+        let m = Metrics::new();
+        m.csr_count.inc();
+        m.xds_rejects.inc_by(2);
+        m.count_push("config");
+        m.config_rejected.inc();
+        let text = m.encode();
+        for line in [
+            "# TYPE citadel_server_csr_count counter",
+            "citadel_server_csr_count 1",
+            "# TYPE pilot_total_xds_rejects counter",
+            "pilot_total_xds_rejects 2",
+            "pilot_xds_pushes{type=\"config\"} 1",
+            "meshward_config_rejected_total 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in:\n{text}"
+            );
+        }
+        assert!(!text.contains("citadel_server_csr_count_total"), "{text}");
+        assert!(!text.contains("pilot_xds_pushes_total"), "{text}");
     }
 }
