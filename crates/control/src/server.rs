@@ -40,6 +40,9 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// A PING not answered by then closes the connection.
     pub keepalive_timeout: Duration,
+    /// At shutdown, requests in flight get this long to finish (Istio's
+    /// `terminationDrainDuration` default); then the server stops anyway.
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +53,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(5),
         }
     }
 }
@@ -270,18 +274,31 @@ pub(crate) fn spawn(
     let incoming = futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx).map(|c| c.map(Ok::<_, io::Error>))
     });
+    let mut drain_signal = shutdown.clone();
     tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = shutdown.changed().await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "gRPC server failed");
+            });
+        // Graceful shutdown sends GOAWAY and waits for the connections to
+        // finish; a client that never closes must not hold the control
+        // plane up beyond the drain duration.
+        let drained = async move {
+            let _ = drain_signal.changed().await;
+            tokio::time::sleep(limits.drain).await;
+        };
+        tokio::select! {
+            result = serve => if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            },
+            _ = drained => tracing::warn!(
+                drain = ?limits.drain,
+                "connections still open after the drain duration: stopping anyway"
+            ),
         }
         accept.abort();
     })
