@@ -84,9 +84,9 @@ impl Metrics {
             xds_connected: Gauge::default(),
             xds_pushes: Family::default(),
             xds_rejects: Counter::default(),
-            proxy_convergence_time: Histogram::new(
-                [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-            ),
+            proxy_convergence_time: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             config_rejected: Counter::default(),
             config_accepted: Counter::default(),
             registry: Registry::default(),
