@@ -341,6 +341,27 @@ mod tests {
     }
 
     #[test]
+    fn claims_have_the_documented_names_and_lifetime() {
+        let ca = ca(KeyType::EcP256, "cluster.local");
+        let token = mint(&ca, "default", "api", None).unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert_eq!(json["iss"], "meshward-control");
+        assert_eq!(json["aud"], "istio-ca");
+        assert_eq!(json["sub"], "system:serviceaccount:default:api");
+        assert_eq!(json["spiffe"], "spiffe://cluster.local/ns/default/sa/api");
+        assert_eq!(json["jti"].as_str().unwrap().len(), 32);
+        let (iat, exp) = (json["iat"].as_u64().unwrap(), json["exp"].as_u64().unwrap());
+        assert_eq!(exp - iat, 3600);
+        assert_eq!(json["nbf"], json["iat"]);
+        let header = token.split('.').next().unwrap();
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+        assert_eq!(header["alg"], "ES256");
+    }
+
+    #[test]
     fn refusals() {
         let ca1 = ca(KeyType::EcP256, "cluster.local");
         let ca2 = ca(KeyType::EcP256, "cluster.local");

@@ -771,3 +771,52 @@ async fn missing_or_broken_plugin_ca_is_a_clear_start_error() {
         .unwrap_err();
     assert!(err.to_string().contains("ca-cert.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn connections_and_handshakes_are_bounded() {
+    use tokio::io::AsyncReadExt as _;
+    let (dir, _root) = plugin_dir(KeyType::EcP256);
+    let mut o = options(CaSource::PlugIn(dir.path().to_owned()));
+    o.limits.max_connections = 1;
+    o.limits.handshake_timeout = Duration::from_secs(2);
+    let cp = meshward_control::start(o).await.unwrap();
+
+    // A client that never says hello is dropped after the handshake timeout.
+    let mut silent = tokio::net::TcpStream::connect(cp.grpc_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed within the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    drop(silent);
+
+    // One connection at a time: a second one is closed at once.
+    let first = eventually("the slot is free again", || async {
+        let channel = client(&cp, None).await;
+        Some(channel)
+    })
+    .await;
+    let mut first = first;
+    first
+        .create_certificate(request(
+            csr_pem(
+                &WorkloadKey::generate(KeyType::EcP256).unwrap(),
+                &id("default", "api"),
+            ),
+            0,
+            Some(&mint(&cp, "default", "api")),
+        ))
+        .await
+        .unwrap();
+    let mut second = tokio::net::TcpStream::connect(cp.grpc_addr())
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
