@@ -290,3 +290,35 @@ fn bad_ca_and_flags_exit_2_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most 24h"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_within_30_days_is_warned_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = meshward(
+        &[
+            "ca",
+            "init",
+            "--out",
+            "cacerts",
+            "--root-lifetime",
+            "20d",
+            "--lifetime",
+            "10d",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cp, _addr) = control(&["--ca", "cacerts"], dir.path()).await;
+    let stderr = cp.stderr();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("\"WARN\"") && l.contains("expires within 30 days"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "root and signing CA: {stderr}");
+    assert!(warnings[0].contains("rotate the root"), "{stderr}");
+    assert!(warnings[1].contains("signing CA certificate"), "{stderr}");
+}

@@ -820,3 +820,40 @@ async fn connections_and_handshakes_are_bounded() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// The leaf certificate the control plane presents now.
+async fn server_leaf(cp: &ControlPlane) -> CertificateDer<'static> {
+    let bundle = TrustBundle::clone(&cp.authority().bundle().borrow());
+    let verifier = SpiffeServerVerifier::expecting(
+        SvidVerifier::new(bundle, TrustDomains::only([td()])),
+        [id("istio-system", "istiod")],
+    );
+    let (_tx, rx) = tokio::sync::watch::channel::<CurrentCredentials>(None);
+    let config = meshward_identity::client_config(verifier, CredentialResolver::new(rx)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(cp.grpc_addr())
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+#[tokio::test]
+async fn server_certificate_is_renewed_at_half_its_lifetime() {
+    let (dir, _root) = plugin_dir(KeyType::EcP256);
+    let mut o = options(CaSource::PlugIn(dir.path().to_owned()));
+    // The server certificate takes the CA's default lifetime.
+    o.default_cert_ttl = Duration::from_secs(4);
+    let cp = meshward_control::start(o).await.unwrap();
+    let first = server_leaf(&cp).await;
+    assert_eq!(uris(&first), [id("istio-system", "istiod").to_string()]);
+    assert_eq!(lifetime(&first), 4 + 60);
+    let renewed = eventually("a renewed server certificate", || async {
+        let now = server_leaf(&cp).await;
+        (now != first).then_some(now)
+    })
+    .await;
+    assert_eq!(uris(&renewed), [id("istio-system", "istiod").to_string()]);
+}
