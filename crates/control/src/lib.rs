@@ -197,6 +197,20 @@ impl Drop for ControlPlane {
 /// Loads the CA, issues the control plane's certificate, binds the gRPC
 /// listener and serves.
 pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
+    // The effective configuration (it holds no secrets: paths and limits).
+    tracing::info!(
+        ca = ?options.ca,
+        trust_domain = ?options.trust_domain,
+        listen = %options.listen,
+        admin = %options.admin,
+        identity = %format_args!("{}/{}", options.identity.0, options.identity.1),
+        sans = ?options.sans,
+        default_cert_ttl = ?options.default_cert_ttl,
+        max_cert_ttl = ?options.max_cert_ttl,
+        rate_limit = ?options.rate_limit,
+        limits = ?options.limits,
+        "starting the control plane"
+    );
     let metrics = Arc::new(Metrics::new());
     let authority_options = options.authority();
     let authority = {
