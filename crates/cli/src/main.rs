@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod ca;
 mod cert;
+mod control;
 mod describe;
 mod output;
 mod policy;
@@ -46,6 +47,9 @@ enum Command {
     /// Certificate inspection.
     #[command(subcommand)]
     Cert(cert::Command),
+    /// Run the control plane: the mesh CA (Istio's certificate service) and
+    /// the config push to proxies; `control token` mints bootstrap tokens.
+    Control(Box<control::Args>),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(*args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Control(args) => control::run(*args),
     };
     match result {
         Ok(code) => code,

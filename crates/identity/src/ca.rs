@@ -95,7 +95,7 @@ pub enum CaLoadError {
     RootNotSelfSigned { path: PathBuf, reason: String },
     #[error("{}: first certificate is not the one in {CA_CERT_FILE}", path.display())]
     ChainDoesNotStartAtCaCert { path: PathBuf },
-    #[error("{}: chain does not end at the root in {ROOT_CERT_FILE}", path.display())]
+    #[error("{}: chain does not end at a root in {ROOT_CERT_FILE}", path.display())]
     ChainDoesNotEndAtRoot { path: PathBuf },
     #[error("{}: certificate #{index} is not signed by certificate #{}: {reason}", path.display(), index + 1)]
     ChainBroken {
@@ -477,6 +477,10 @@ pub struct CertificateAuthority {
     /// Signing certificate first, root last (a self-signed CA: just the root).
     pub(crate) chain: Vec<CertificateDer<'static>>,
     pub(crate) root: CertificateDer<'static>,
+    /// Every root of `root-cert.pem`; `root` is one of them.
+    pub(crate) trusted_roots: Vec<CertificateDer<'static>>,
+    /// The signing key's DER, in the encoding it was loaded from.
+    pub(crate) signing_key_der: rustls_pki_types::PrivateKeyDer<'static>,
     /// The earliest expiry in the chain: no leaf outlives it.
     pub(crate) not_after: OffsetDateTime,
     pub(crate) settings: CaSettings,
@@ -508,9 +512,9 @@ impl CertificateAuthority {
         let paths = Paths::in_dir(dir);
         let ca_cert = first_cert(&paths.ca_cert)?;
         let key_pem = pem::read_file(&paths.ca_key)?;
-        let root = first_cert(&paths.root_cert)?;
+        let roots = pem::read_certs(&paths.root_cert)?;
         let chain = pem::read_certs(&paths.chain)?;
-        Self::assemble(&paths, ca_cert, &key_pem, root, chain, settings, now)
+        Self::assemble(&paths, ca_cert, &key_pem, roots, chain, settings, now)
     }
 
     /// Builds a CA from in-memory material (validated exactly as files are;
@@ -520,7 +524,7 @@ impl CertificateAuthority {
             &Paths::in_dir(Path::new("")),
             material.ca_cert.clone(),
             material.ca_key_pem.as_bytes(),
-            material.root_cert.clone(),
+            vec![material.root_cert.clone()],
             material.chain.clone(),
             settings,
             OffsetDateTime::now_utc(),
@@ -538,9 +542,31 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
-    /// The root certificate (what peers put in their trust bundle).
+    /// The root certificate this CA's chain ends at.
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root
+    }
+
+    /// Every root of `root-cert.pem` (validated: self-signed CAs, valid
+    /// now), in file order; the root of the signing chain is one of them.
+    /// During a root rotation the file holds the old and the new root, and
+    /// peers must trust both: this is the trust bundle the CA publishes.
+    pub fn trusted_roots(&self) -> &[CertificateDer<'static>] {
+        &self.trusted_roots
+    }
+
+    /// The signing certificate (`ca-cert.pem`; the root for a self-signed CA).
+    pub fn signing_cert(&self) -> &CertificateDer<'static> {
+        // `assemble` checked that the chain starts with the signing certificate.
+        &self.chain[0]
+    }
+
+    /// The signing key as loaded (PKCS#8, PKCS#1 or SEC1 DER), for signing
+    /// the control plane's bootstrap tokens with the CA key, so that every
+    /// replica over the same plug-in CA accepts the others' tokens. Never
+    /// log or write it.
+    pub fn signing_key_der(&self) -> &rustls_pki_types::PrivateKeyDer<'static> {
+        &self.signing_key_der
     }
 
     /// The chain appended to every issued leaf: signing certificate first, root last.
@@ -567,7 +593,7 @@ impl CertificateAuthority {
         paths: &Paths,
         ca_cert: CertificateDer<'static>,
         key_pem: &[u8],
-        root: CertificateDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
         chain: Vec<CertificateDer<'static>>,
         mut settings: CaSettings,
         now: OffsetDateTime,
@@ -578,10 +604,13 @@ impl CertificateAuthority {
         let key_der = pem::key_from_pem(key_pem, &paths.ca_key)?;
         let (key, key_type) = key_matching(&key_der, &paths.ca_key, &ca_parsed, &paths.ca_cert)?;
 
-        // The root.
-        let root_parsed = parse_cert(&root, &paths.root_cert)?;
-        check_ca_cert(&root_parsed, &paths.root_cert, now)?;
-        check_self_signed(&root_parsed, &paths.root_cert)?;
+        // The roots: `root-cert.pem` may hold several (root rotation: the
+        // old and the new root overlap); each must be a valid self-signed CA.
+        for root in &roots {
+            let root_parsed = parse_cert(root, &paths.root_cert)?;
+            check_ca_cert(&root_parsed, &paths.root_cert, now)?;
+            check_self_signed(&root_parsed, &paths.root_cert)?;
+        }
 
         // The chain: ca-cert, intermediates..., root; each signed by the next.
         if chain.first() != Some(&ca_cert) {
@@ -589,11 +618,13 @@ impl CertificateAuthority {
                 path: paths.chain.clone(),
             });
         }
-        if chain.last() != Some(&root) {
+        // The chain must end at one of the roots (during a rotation, the
+        // signing CA may already be under the new root).
+        let Some(root) = chain.last().filter(|last| roots.contains(last)).cloned() else {
             return Err(CaLoadError::ChainDoesNotEndAtRoot {
                 path: paths.chain.clone(),
             });
-        }
+        };
         let parsed_chain = chain
             .iter()
             .map(|c| parse_cert(c, &paths.chain))
@@ -653,6 +684,8 @@ impl CertificateAuthority {
             key_type,
             chain,
             root,
+            trusted_roots: roots,
+            signing_key_der: key_der.clone_key(),
             not_after,
             settings,
         };

@@ -338,7 +338,61 @@ impl CertificateAuthority {
             raw: spki.subject_public_key.data.to_vec(),
             alg: key_type.signature_algorithm(),
         };
+        self.sign_leaf(&public_key, key_type, authenticated, Vec::new(), ttl, now)
+    }
 
+    /// Issues the certificate of a server that is itself part of the mesh
+    /// (the control plane): the SVID `id` (a workload identity of this CA's
+    /// trust domain) plus DNS names and IP addresses as further SANs, so
+    /// that clients can verify it by SPIFFE ID or by the name they dialled.
+    /// The key is the caller's own (generated where the server runs).
+    pub fn issue_server_cert(
+        &self,
+        key: &WorkloadKey,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedCertificate, IssueError> {
+        SpiffeId::parse_workload(id.as_str()).map_err(|source| {
+            IssueError::NotWorkloadIdentity {
+                id: id.to_string(),
+                source,
+            }
+        })?;
+        if id.trust_domain_str() != self.trust_domain().as_str() {
+            return Err(IssueError::ForeignTrustDomain {
+                id: id.to_string(),
+                requested: id.trust_domain_str().to_owned(),
+                ca: self.trust_domain().to_string(),
+            });
+        }
+        let mut extra = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            extra.push(SanType::DnsName(ia5(name)?));
+        }
+        extra.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.sign_leaf(
+            &key.key,
+            key.key_type,
+            id,
+            extra,
+            ttl,
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    /// Builds and signs a leaf from the CA's decisions only: `id` as the
+    /// only URI SAN (then `extra_sans`), not a CA, the capped TTL.
+    fn sign_leaf(
+        &self,
+        public_key: &impl PublicKeyData,
+        key_type: KeyType,
+        id: &SpiffeId,
+        extra_sans: Vec<SanType>,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         // 5. Lifetime: requested or default, capped by policy and by the CA.
         let ttl = ttl
             .unwrap_or(self.settings.default_ttl)
@@ -361,7 +415,8 @@ impl CertificateAuthority {
         // 6. Build the certificate from our decisions only.
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(ia5(authenticated.as_str())?)];
+        params.subject_alt_names = vec![SanType::URI(ia5(id.as_str())?)];
+        params.subject_alt_names.extend(extra_sans);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = if key_type.is_rsa() {
             vec![
@@ -383,7 +438,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
 
         let leaf = params
-            .signed_by(&public_key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| IssueError::Sign {
                 reason: e.to_string(),
             })?;
@@ -391,7 +446,7 @@ impl CertificateAuthority {
         chain.push(leaf.der().clone());
         chain.extend(self.chain.iter().cloned());
         Ok(IssuedCertificate {
-            id: authenticated.clone(),
+            id: id.clone(),
             leaf: leaf.der().clone(),
             chain,
             root: self.root.clone(),
@@ -399,6 +454,88 @@ impl CertificateAuthority {
             not_after,
             serial: serial_hex,
         })
+    }
+}
+
+/// What a CSR asks for, as a CA service needs it to decide whether to
+/// refuse it (the CA never copies any of it into a certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CsrRequest {
+    /// The requested URI SANs, in order.
+    pub uris: Vec<String>,
+    /// Other requested SANs, as `DNS:name`, `IP:addr`, `email:addr` or the
+    /// SAN type's name.
+    pub other_names: Vec<String>,
+    /// Whether it asks for a CA (basicConstraints CA:TRUE, or keyCertSign /
+    /// cRLSign key usages).
+    pub ca: bool,
+}
+
+/// Parses a DER CSR, checks its signature (proof of possession) and
+/// returns what it asks for. Never panics on any input.
+pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
+    let csr = match X509CertificationRequest::from_der(csr_der) {
+        Ok(([], csr)) => csr,
+        Ok(_) => {
+            return Err(IssueError::MalformedCsr {
+                reason: "trailing data".into(),
+            });
+        }
+        Err(e) => {
+            return Err(IssueError::MalformedCsr {
+                reason: e.to_string(),
+            });
+        }
+    };
+    csr.verify_signature()
+        .map_err(|_| IssueError::BadCsrSignature)?;
+    let mut request = CsrRequest::default();
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::URI(u) => request.uris.push((*u).to_owned()),
+                        GeneralName::DNSName(d) => request.other_names.push(format!("DNS:{d}")),
+                        GeneralName::RFC822Name(e) => {
+                            request.other_names.push(format!("email:{e}"))
+                        }
+                        GeneralName::IPAddress(ip) => request.other_names.push(ip_name(ip)),
+                        other => request
+                            .other_names
+                            .push(general_name_kind(other).to_owned()),
+                    }
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) if bc.ca => request.ca = true,
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                request.ca = true
+            }
+            _ => {}
+        }
+    }
+    Ok(request)
+}
+
+fn ip_name(bytes: &[u8]) -> String {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        format!("IP:{}", std::net::Ipv4Addr::from(v4))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        format!("IP:{}", std::net::Ipv6Addr::from(v6))
+    } else {
+        format!("IP:{} bytes", bytes.len())
+    }
+}
+
+fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
+    match name {
+        GeneralName::OtherName(..) => "otherName",
+        GeneralName::X400Address(_) => "x400Address",
+        GeneralName::DirectoryName(_) => "dirName",
+        GeneralName::EDIPartyName(_) => "ediPartyName",
+        GeneralName::RegisteredID(_) => "registeredID",
+        _ => "SAN",
     }
 }
 

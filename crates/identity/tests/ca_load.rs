@@ -414,3 +414,46 @@ fn self_signed_root_as_signing_ca() {
     assert_eq!(issued.chain().len(), 2);
     assert_eq!(issued.root(), &root_der);
 }
+
+/// Root rotation: `root-cert.pem` holds the old and the new root while the
+/// signing CA is already an intermediate under the new one.
+#[test]
+fn root_file_with_several_roots_and_chain_to_the_second() {
+    let (dir, old_root) = written(KeyType::EcP256, KeyType::EcP256);
+    let (new_root, new_m) = material(TD, KeyType::EcP256, KeyType::EcP256);
+    let both = format!("{}{}", old_root.cert_pem(), new_root.cert_pem());
+    // (a) new root appended: the old intermediate still loads, both trusted.
+    write(&dir.path().join("root-cert.pem"), &both);
+    let ca = load(dir.path()).unwrap();
+    assert_eq!(
+        ca.trusted_roots(),
+        [old_root.cert().clone(), new_root.cert().clone()]
+    );
+    assert_eq!(ca.root(), old_root.cert());
+    // (b) intermediate under the new root, root file still holds both.
+    new_m.write_dir(dir.path(), true).unwrap();
+    write(&dir.path().join("root-cert.pem"), &both);
+    let ca = load(dir.path()).unwrap();
+    assert_eq!(ca.root(), new_root.cert());
+    assert_eq!(ca.trusted_roots().len(), 2);
+    let (_, issued) = issue(&ca, &workload("default", "api"));
+    assert_eq!(issued.chain().last(), Some(new_root.cert()));
+    // A chain that ends at neither root is refused, naming the chain file.
+    write(&dir.path().join("root-cert.pem"), old_root.cert_pem());
+    let err = load(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, CaLoadError::ChainDoesNotEndAtRoot { .. }),
+        "{err}"
+    );
+    names(&err, "cert-chain.pem");
+}
+
+#[test]
+fn signing_key_is_the_loaded_one() {
+    let (dir, _root) = written(KeyType::EcP256, KeyType::Rsa2048);
+    let ca = load(dir.path()).unwrap();
+    let pem = std::fs::read(dir.path().join("ca-key.pem")).unwrap();
+    let key = meshward_identity::pem::key_from_pem(&pem, Path::new("ca-key.pem")).unwrap();
+    assert_eq!(ca.signing_key_der().secret_der(), key.secret_der());
+    assert_eq!(ca.signing_cert(), &ca.chain()[0]);
+}

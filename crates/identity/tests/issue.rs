@@ -303,3 +303,104 @@ proptest::proptest! {
 thread_local! {
     static CA: std::sync::Arc<CertificateAuthority> = std::sync::Arc::new(ca());
 }
+
+#[test]
+fn server_certificate_has_the_svid_and_the_listen_names() {
+    let ca = ca();
+    let who = workload("istio-system", "istiod");
+    let key = WorkloadKey::generate(KeyType::EcP256).unwrap();
+    let ips = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+    let issued = ca
+        .issue_server_cert(
+            &key,
+            &who,
+            &["localhost".to_owned(), "istiod.example".to_owned()],
+            &ips,
+            Some(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    let (_, leaf) = X509Certificate::from_der(issued.leaf()).unwrap();
+    let sans = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .clone();
+    assert_eq!(
+        sans,
+        vec![
+            GeneralName::URI(who.as_str()),
+            GeneralName::DNSName("localhost"),
+            GeneralName::DNSName("istiod.example"),
+            GeneralName::IPAddress(&[127, 0, 0, 1]),
+            GeneralName::IPAddress(&std::net::Ipv6Addr::LOCALHOST.octets()),
+        ]
+    );
+    assert!(!leaf.basic_constraints().unwrap().unwrap().value.ca);
+    let life = issued.not_after() - issued.not_before();
+    assert_eq!(life.whole_seconds(), 3600 + 60);
+    // The peer identity is still the one SPIFFE ID.
+    assert_eq!(
+        meshward_identity::verify::identity_of(issued.leaf()).unwrap(),
+        who
+    );
+}
+
+#[test]
+fn server_certificate_only_for_workload_ids_of_the_trust_domain() {
+    let ca = ca();
+    let key = WorkloadKey::generate(KeyType::EcP256).unwrap();
+    let foreign = id("spiffe://other.domain/ns/a/sa/b");
+    assert!(matches!(
+        ca.issue_server_cert(&key, &foreign, &[], &[], None),
+        Err(IssueError::ForeignTrustDomain { .. })
+    ));
+    let not_workload = id(&format!("spiffe://{TD}/something"));
+    assert!(matches!(
+        ca.issue_server_cert(&key, &not_workload, &[], &[], None),
+        Err(IssueError::NotWorkloadIdentity { .. })
+    ));
+}
+
+#[test]
+fn inspect_csr_reports_every_requested_name_and_ca_requests() {
+    use meshward_identity::issue::inspect_csr;
+    let key = KeyPair::generate().unwrap();
+    let csr = csr_with(&key, |p| {
+        p.subject_alt_names = vec![
+            uri("spiffe://td/ns/a/sa/b"),
+            uri("spiffe://td/ns/c/sa/d"),
+            SanType::DnsName("x.example".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
+            SanType::Rfc822Name("a@b.example".try_into().unwrap()),
+        ];
+    });
+    let req = inspect_csr(&csr).unwrap();
+    assert_eq!(req.uris, ["spiffe://td/ns/a/sa/b", "spiffe://td/ns/c/sa/d"]);
+    assert_eq!(
+        req.other_names,
+        ["DNS:x.example", "IP:10.0.0.1", "email:a@b.example"]
+    );
+    assert!(!req.ca);
+
+    let ca_csr = csr_with(&key, |p| {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    });
+    assert!(inspect_csr(&ca_csr).unwrap().ca);
+    let ku_csr = csr_with(&key, |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    });
+    assert!(inspect_csr(&ku_csr).unwrap().ca);
+
+    // Garbage and truncated input are errors, never panics.
+    assert!(matches!(
+        inspect_csr(b"not a csr"),
+        Err(IssueError::MalformedCsr { .. })
+    ));
+    assert!(inspect_csr(&csr[..csr.len() / 2]).is_err());
+    let mut tampered = csr.clone();
+    let n = tampered.len();
+    tampered[n - 3] ^= 0xff;
+    assert!(inspect_csr(&tampered).is_err());
+}
