@@ -97,11 +97,13 @@ pub fn full(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// Serves one connection through hyper (HTTP/1.x or HTTP/2, by what the
 /// peer speaks), each request answered by `handle`; once no request has
-/// been in flight for `idle_timeout`, the connection is shut down
-/// gracefully (HTTP/2: GOAWAY).
+/// been in flight for `idle_timeout`, or when the proxy drains, the
+/// connection is shut down gracefully: HTTP/2 sends GOAWAY and finishes
+/// the streams it has; HTTP/1.x closes when idle, or after the response
+/// in flight (which says `Connection: close`).
 pub async fn serve_hyper_conn<S, F, Fut>(
     io: S,
-    idle_timeout: std::time::Duration,
+    (idle_timeout, drain): (std::time::Duration, &crate::drain::Drain),
     handle: F,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -122,6 +124,10 @@ where
     tokio::select! {
         r = served.as_mut() => r,
         () = streams.idle(idle_timeout) => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+        () = drain.draining() => {
             served.as_mut().graceful_shutdown();
             served.await
         }
