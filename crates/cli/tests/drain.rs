@@ -79,26 +79,36 @@ struct Drainee {
     inbound: SocketAddr,
     /// Its outbound listener, which routes `HOST` to `inbound` (mTLS).
     outbound: SocketAddr,
+    /// Its TCP port, in front of a TCP echo.
+    tcp: SocketAddr,
     app: SlowApp,
+    _echo: Echo,
 }
 
 /// Starts the proxy with the mesh settings `mesh_spec` (if any) and the
 /// extra arguments `args`.
 async fn drainee(mesh_spec: Option<&str>, args: &[&str]) -> Drainee {
     let app = slow_app().await;
+    let echo = Echo::start().await;
     let mesh = Mesh::new();
     let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let tcp = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut yaml = WorkloadEntry::new("production", "orders")
-        .app_ports(&[("http", app.addr)])
+        .app_ports(&[("http", app.addr), ("tcp", echo.addr)])
         .port("http", inbound.port())
+        .port("tcp", tcp.port())
         .outbound(outbound.port())
         .yaml();
     yaml.push_str(&mesh::service_entry(
         "production",
         "orders",
         "orders",
-        &format!("{{number: {}, name: http, protocol: HTTP}}", inbound.port()),
+        &format!(
+            "{{number: {}, name: http, protocol: HTTP}}, {{number: {}, name: tcp, protocol: TCP}}",
+            inbound.port(),
+            tcp.port()
+        ),
     ));
     yaml.push_str(&mesh::peer_authentication(
         "production",
@@ -116,7 +126,9 @@ async fn drainee(mesh_spec: Option<&str>, args: &[&str]) -> Drainee {
         proxy,
         inbound,
         outbound,
+        tcp,
         app,
+        _echo: echo,
     }
 }
 
@@ -275,22 +287,41 @@ async fn an_http2_connection_gets_goaway_and_its_stream_finishes() {
     );
 }
 
-/// A request that outlives the deadline (here the mesh setting's 1 s, no
-/// flag) is cut, and the proxy exits 0 shortly after the deadline.
+/// A request that outlives the deadline (here the mesh setting's 2 s, no
+/// flag) is cut, and so is a TCP connection, which carries bytes until
+/// then; the proxy exits 0 shortly after the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_the_deadline_is_cut_and_the_proxy_exits() {
-    let spec = "  defaultConfig:\n    terminationDrainDuration: 1s\n";
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let spec = "  defaultConfig:\n    terminationDrainDuration: 2s\n";
     let mut d = drainee(Some(spec), &[]).await;
     let mut slow = Raw::connect(d.inbound).await;
     slow.send(format!("GET /sleep/60000 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await;
     d.app.started(1).await;
+    let mut tcp = tokio::net::TcpStream::connect(d.tcp).await.unwrap();
+    let mut echoed = [0u8; 4];
+    tcp.write_all(b"ping").await.unwrap();
+    tcp.read_exact(&mut echoed).await.unwrap();
 
     let signalled = Instant::now();
     d.proxy.signal("TERM");
     let event = draining_event(&d.proxy).await;
-    assert_eq!(event["fields"]["deadline_ms"], 1000, "{event}");
+    assert_eq!(event["fields"]["deadline_ms"], 2000, "{event}");
+    // The TCP connection still carries bytes during the drain.
+    tcp.write_all(b"pong").await.unwrap();
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"pong");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "too slow to tell"
+    );
     assert!(slow.closed().await, "cut without an answer");
+    let end = tokio::time::timeout(patience(), tcp.read(&mut echoed)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the TCP connection is cut: {end:?}"
+    );
     let status = d.proxy.exit_within(patience()).await;
     let elapsed = signalled.elapsed();
     assert!(
@@ -298,15 +329,15 @@ async fn a_request_past_the_deadline_is_cut_and_the_proxy_exits() {
         "exit status {status:?}"
     );
     assert!(
-        elapsed >= Duration::from_secs(1),
+        elapsed >= Duration::from_secs(2),
         "not before the deadline: {elapsed:?}"
     );
     assert!(
-        elapsed < Duration::from_secs(6),
+        elapsed < Duration::from_secs(7),
         "shortly after the deadline: {elapsed:?}"
     );
     let drained = d.proxy.event("drained", |e| is_event(e, "drained")).await;
-    assert_eq!(drained["fields"]["cut"], 1, "{drained}");
+    assert_eq!(drained["fields"]["cut"], 2, "{drained}");
 }
 
 /// A second signal during the drain exits at once, with the status a

@@ -64,12 +64,11 @@ fn a_bad_drain_duration_refuses_the_mesh_config_naming_the_field() {
         let Err(d) = load(&mesh(&spec)) else {
             panic!("{text} was accepted");
         };
-        let errors: Vec<String> = d
-            .0
-            .iter()
-            .filter(|d| d.is_error())
-            .map(|d| d.to_string())
-            .collect();
+        let errors: Vec<String> =
+            d.0.iter()
+                .filter(|d| d.is_error())
+                .map(|d| d.to_string())
+                .collect();
         assert_eq!(errors.len(), 1, "{text}: {errors:?}");
         let e = &errors[0];
         assert!(
@@ -87,7 +86,8 @@ fn default_config_that_is_not_a_mapping_is_an_error() {
         panic!("accepted");
     };
     assert!(
-        d.to_string().contains("spec.defaultConfig: expected a mapping"),
+        d.to_string()
+            .contains("spec.defaultConfig: expected a mapping"),
         "{d}"
     );
 }
