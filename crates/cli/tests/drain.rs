@@ -238,7 +238,8 @@ async fn requests_in_flight_finish_and_new_connections_are_refused() {
 
 /// An HTTP/2 connection receives GOAWAY: its stream in flight finishes
 /// (200, whole body, no reset), no new stream is accepted, and the
-/// connection then closes cleanly.
+/// connection then closes cleanly. (SIGINT here: it drains as SIGTERM
+/// does.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_gets_goaway_and_its_stream_finishes() {
     let mut d = drainee(None, &["--drain-duration", "30s"]).await;
@@ -259,7 +260,7 @@ async fn an_http2_connection_gets_goaway_and_its_stream_finishes() {
     let in_flight = tokio::spawn(in_flight);
     d.app.started(2).await;
 
-    d.proxy.signal("TERM");
+    d.proxy.signal("INT");
     draining_event(&d.proxy).await;
     let resp = tokio::time::timeout(patience(), in_flight)
         .await
