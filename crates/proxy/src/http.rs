@@ -121,7 +121,12 @@ where
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = builder.serve_connection(TokioIo::new(io), svc);
     let mut served = std::pin::pin!(served);
+    // The connection is polled first: one accepted just before a drain
+    // began gets past hyper's protocol detection before it is shut down
+    // when its first bytes are at hand (after `h1::sniff_h2`), so the
+    // request it carries is served rather than dropped.
     tokio::select! {
+        biased;
         r = served.as_mut() => r,
         () = streams.idle(idle_timeout) => {
             served.as_mut().graceful_shutdown();

@@ -101,8 +101,9 @@ pub enum StartError {
 /// stop lets its connections finish ([`Proxy::drain`]).
 pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(5);
 
-/// The longest drain `meshward proxy --drain-duration` accepts (the mesh
-/// setting has the same bound).
+/// The longest drain: `meshward proxy --drain-duration` and the mesh
+/// setting accept no more, and [`Proxy::drain`] cuts a longer deadline
+/// to it.
 pub const MAX_DRAIN_DURATION: Duration = meshward_config::model::MAX_TERMINATION_DRAIN_DURATION;
 
 /// A running proxy.
@@ -162,8 +163,10 @@ impl Proxy {
     /// response and idle keep-alive connections close at once. Requests
     /// in flight and TCP connections run on until `deadline` has passed;
     /// what is still open then is cut. Returns when no connection is left.
-    /// The admin listener serves until the proxy is dropped.
+    /// The admin listener serves until the proxy is dropped. A `deadline`
+    /// past [`MAX_DRAIN_DURATION`] is cut to it.
     pub async fn drain(self, deadline: Duration) -> Drained {
+        let deadline = deadline.min(MAX_DRAIN_DURATION);
         let started = tokio::time::Instant::now();
         let drain = &self.state.drain;
         drain.begin();
