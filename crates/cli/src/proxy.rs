@@ -104,14 +104,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 meshward_proxy::DnsConfig::Servers(args.dns_servers)
             },
         };
-        let proxy = meshward_proxy::start(feed, options).await?;
+        // Taken over before the start, which may wait for a usable
+        // configuration for long: a stop signal then ends the wait.
+        let mut signals = Signals::new()?;
+        let proxy = tokio::select! {
+            started = meshward_proxy::start(feed, options) => started?,
+            stop = signals.next() => {
+                tracing::info!(signal = stop.name(), "stopped before the proxy was ready: nothing to drain");
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
         for l in proxy.listeners() {
             eprintln!(
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
                 l.name, l.address
             );
         }
-        let mut signals = Signals::new()?;
         let first = signals.next().await;
         // The flag wins over the mesh setting, read now: the configuration
         // may have changed since the start.

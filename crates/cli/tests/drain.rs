@@ -362,3 +362,59 @@ async fn a_second_signal_exits_at_once() {
         second.elapsed()
     );
 }
+
+/// A proxy stopped while it starts (here: its first DNS lookup, to a
+/// name server that never answers, takes up to 10 s) has nothing to
+/// drain: it exits 0 at once instead of being killed by the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_stopped_before_it_is_ready_exits_zero() {
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mesh = Mesh::new();
+    let mut yaml = WorkloadEntry::new("production", "orders").yaml();
+    yaml.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: external, namespace: production}\n\
+         spec:\n  hosts: [api.example.com]\n  ports: [{number: 80, name: http}]\n  \
+         resolution: DNS\n  location: MESH_EXTERNAL\n",
+    );
+    mesh.write_config("mesh.yaml", &yaml);
+    let certs = mesh.issue("orders", "production", "orders");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["proxy", "--config"])
+        .arg(mesh.config_dir())
+        .args(["--workload", "production/orders", "--certs"])
+        .arg(&certs)
+        .args(["--admin", &admin.to_string(), "--worker-threads", "1"])
+        .args(["--dns-server", &silent.local_addr().unwrap().to_string()]);
+    let mut process = meshward_test_support::Process::spawn_captured("orders", cmd).unwrap();
+    eventually("the proxy starting (admin: 503 starting)", || async move {
+        let ready = get(admin, "admin", "/healthz/ready", &[]).await;
+        (ready == Some((503, "not ready: starting\n".to_string()))).then_some(())
+    })
+    .await;
+    let signalled = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &process.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = eventually("the proxy to exit", || {
+        let status = process.exited();
+        async move { status }
+    })
+    .await;
+    assert!(status.success(), "{status}\n{}", process.logs());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "at once, not after the lookup: {:?}",
+        signalled.elapsed()
+    );
+    assert!(
+        process
+            .stderr()
+            .contains("stopped before the proxy was ready"),
+        "{}",
+        process.logs()
+    );
+}
