@@ -7,7 +7,8 @@
 //! routes the application's plaintext requests to the destination service
 //! and secures them (DestinationRule or auto-mTLS, secure naming). It keeps
 //! Istio-compatible metrics and a JSON access log, serves admin endpoints,
-//! and swaps configuration and certificates without dropping connections.
+//! swaps configuration and certificates without dropping connections, and
+//! drains its connections before it stops ([`Proxy::drain`]).
 //!
 //! Configuration and credentials come from a source ([`source`]): files
 //! on disk ([`source::files`]), an in-process source in tests, the control
