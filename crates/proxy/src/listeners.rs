@@ -150,18 +150,17 @@ impl Listeners {
     /// Called by the applier on the blocking pool, never from a runtime
     /// worker thread: it blocks until the closed listeners' tasks have ended. Called after
     /// each configuration swap, it also has the outbound side forget what
-    /// the configuration no longer has ([`Outbound::retain`]).
+    /// the configuration no longer has ([`Outbound::retain`]). After
+    /// [`Listeners::close_all`] it binds nothing.
     pub fn reconcile(&self) {
         let snap = self.state.snapshot();
-        if self.is_closed() {
-            // Draining: the outbound side still forgets what has gone,
-            // but no listener comes back.
-            self.outbound.retain(&snap);
-            return;
-        }
         // The outbound side forgets the routes, targets and idle
         // connections of services and endpoints that have gone.
         self.outbound.retain(&snap);
+        if self.is_closed() {
+            // Draining: no listener comes back.
+            return;
+        }
         let wanted = wanted(&snap);
         // The lock is never held while waiting: `/listeners` takes it on a
         // runtime thread, which is what ends the closed listeners' tasks.
