@@ -48,12 +48,40 @@ async fn a_drain_refuses_new_connections_and_cuts_open_ones_at_the_deadline() {
     assert!(closed(&mut open).await, "cut at the deadline");
 }
 
+/// With nothing open a drain returns at once; a configuration change
+/// applied after it binds no listener again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_with_nothing_open_returns_at_once() {
+async fn a_drain_with_nothing_open_returns_at_once_and_listeners_stay_closed() {
     let h = Harness::start("").await;
-    let Harness { proxy, .. } = h;
+    let admin = h.proxy.admin_addr().unwrap();
+    let (ports, inbound) = (h.ports(), h.inbound);
+    let Harness { proxy, source, .. } = h;
     let drained = tokio::time::timeout(patience(), proxy.drain(Duration::from_secs(3600)))
         .await
         .expect("nothing to wait for");
     assert_eq!((drained.open_at_start, drained.cut), (0, 0), "{drained:?}");
+
+    let version = || async move {
+        let (_, body) = get(admin, "admin", "/config_dump", &[]).await.unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"]
+            .as_u64()
+            .unwrap()
+    };
+    // Two changes one after the other: the applier reconciles the
+    // listeners after it swaps the first in, and before it takes the
+    // second.
+    for sa in ["intruder", "stranger"] {
+        let before = version().await;
+        source
+            .push_yaml(&[("mesh.yaml", &config(&ports, &deny_from(sa)))])
+            .unwrap();
+        eventually("the change applied", || async move {
+            (version().await > before).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        tokio::net::TcpStream::connect(inbound).await.is_err(),
+        "a listener was bound again"
+    );
 }
