@@ -418,3 +418,25 @@ async fn a_proxy_stopped_before_it_is_ready_exits_zero() {
         process.logs()
     );
 }
+
+#[test]
+fn an_invalid_drain_duration_is_refused_before_anything_starts() {
+    for (value, says) in [
+        ("2h", "at most 1h"),
+        ("3601s", "at most 1h"),
+        ("soon", "invalid duration"),
+        ("", "invalid duration"),
+    ] {
+        let out = std::process::Command::new(bin())
+            .args(["proxy", "-c", "none", "-w", "a/b", "--certs", "none"])
+            .args(["--drain-duration", value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+        assert!(
+            err.contains("--drain-duration") && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+}
