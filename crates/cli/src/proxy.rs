@@ -47,6 +47,12 @@ pub struct Args {
     /// /etc/hosts), which are used without it.
     #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
     dns_servers: Vec<SocketAddr>,
+    /// On SIGTERM or SIGINT, let connections finish for this long before
+    /// exiting (Istio's `terminationDrainDuration`; a second signal exits
+    /// at once). Wins over the mesh setting
+    /// `defaultConfig.terminationDrainDuration`; without either, 5s.
+    #[arg(long, value_name = "DUR", value_parser = parse_drain_duration)]
+    drain_duration: Option<std::time::Duration>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
@@ -74,7 +80,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         rt.worker_threads(args.worker_threads);
     }
     let rt = rt.build().context("cannot start the runtime")?;
-    rt.block_on(async move {
+    let drain_flag = args.drain_duration;
+    let code = rt.block_on(async move {
         let paths = FilePaths {
             config_paths: args.config,
             mesh_config: args.mesh_config,
@@ -97,19 +104,107 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 meshward_proxy::DnsConfig::Servers(args.dns_servers)
             },
         };
-        let proxy = meshward_proxy::start(feed, options).await?;
+        // Taken over before the start, which may wait for a usable
+        // configuration for long: a stop signal then ends the wait.
+        let mut signals = Signals::new()?;
+        let proxy = tokio::select! {
+            started = meshward_proxy::start(feed, options) => started?,
+            stop = signals.next() => {
+                tracing::info!(signal = stop.name(), "stopped before the proxy was ready: nothing to drain");
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
         for l in proxy.listeners() {
             eprintln!(
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
                 l.name, l.address
             );
         }
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        drop(proxy);
-        Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(ExitCode::SUCCESS)
+        let first = signals.next().await;
+        // The flag wins over the mesh setting, read now: the configuration
+        // may have changed since the start.
+        let deadline = drain_flag
+            .or_else(|| proxy.mesh_drain_duration())
+            .unwrap_or(meshward_proxy::DEFAULT_DRAIN_DURATION);
+        tracing::info!(signal = first.name(), "shutting down: draining first");
+        tokio::select! {
+            _ = proxy.drain(deadline) => Ok::<_, anyhow::Error>(ExitCode::SUCCESS),
+            second = signals.next() => {
+                tracing::warn!(signal = second.name(), "second signal: exiting without finishing the drain");
+                Ok(ExitCode::from(second.exit_status()))
+            }
+        }
+    });
+    // Whatever still runs (the file watcher, a blocking task) is not
+    // waited for.
+    rt.shutdown_background();
+    code
+}
+
+/// The signals that stop the proxy: SIGTERM (an orchestrator) and SIGINT
+/// (Ctrl-C), each taken over for the process's lifetime, so that a second
+/// one can cut the drain short.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+/// A signal that stops the proxy.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Terminate,
+    Interrupt,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Terminate => "SIGTERM",
+            Stop::Interrupt => "SIGINT",
+        }
+    }
+
+    /// The exit status after a second signal: 128 + the signal's number,
+    /// as a shell reports a process that signal ended.
+    fn exit_status(self) -> u8 {
+        match self {
+            Stop::Terminate => 128 + 15,
+            Stop::Interrupt => 128 + 2,
+        }
+    }
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next stop signal.
+    async fn next(&mut self) -> Stop {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Stop::Terminate,
+                _ = self.int.recv() => Stop::Interrupt,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Stop::Interrupt
+        }
+    }
 }
 
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
@@ -121,31 +216,18 @@ fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+fn parse_drain_duration(s: &str) -> Result<std::time::Duration, String> {
+    match meshward_identity::duration::parse_duration(s) {
+        Ok(d) if d > meshward_proxy::MAX_DRAIN_DURATION => Err("must be at most 1h".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, 53));
     }
     s.parse()
         .map_err(|_| format!("\"{s}\" is not an IP address or IP:PORT"))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

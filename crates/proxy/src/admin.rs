@@ -2,7 +2,8 @@
 //! `istioctl proxy-config`:
 //!
 //! - `GET /healthz/ready`: 200 once listeners are bound and config and
-//!   certificates are loaded, 503 before;
+//!   certificates are loaded, 503 before, and 503 `draining` from the
+//!   start of a drain until the proxy exits;
 //! - `GET /config_dump`: the effective configuration (version, workload,
 //!   inbound ports with their mTLS mode, outbound listeners, the
 //!   authorization policies and JWT rules that apply, the services known,

@@ -97,11 +97,13 @@ pub fn full(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// Serves one connection through hyper (HTTP/1.x or HTTP/2, by what the
 /// peer speaks), each request answered by `handle`; once no request has
-/// been in flight for `idle_timeout`, the connection is shut down
-/// gracefully (HTTP/2: GOAWAY).
+/// been in flight for `idle_timeout`, or when the proxy drains, the
+/// connection is shut down gracefully: HTTP/2 sends GOAWAY and finishes
+/// the streams it has; HTTP/1.x closes when idle, or after the response
+/// in flight (which says `Connection: close`).
 pub async fn serve_hyper_conn<S, F, Fut>(
     io: S,
-    idle_timeout: std::time::Duration,
+    (idle_timeout, drain): (std::time::Duration, &crate::drain::Drain),
     handle: F,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -119,9 +121,18 @@ where
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = builder.serve_connection(TokioIo::new(io), svc);
     let mut served = std::pin::pin!(served);
+    // The connection is polled first: one accepted just before a drain
+    // began gets past hyper's protocol detection before it is shut down
+    // when its first bytes are at hand (after `h1::sniff_h2`), so the
+    // request it carries is served rather than dropped.
     tokio::select! {
+        biased;
         r = served.as_mut() => r,
         () = streams.idle(idle_timeout) => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+        () = drain.draining() => {
             served.as_mut().graceful_shutdown();
             served.await
         }

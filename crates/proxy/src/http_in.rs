@@ -86,15 +86,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut idle = IdleTimer::new(state.idle_timeout);
+    let drain = state.drain.clone();
     let mut session = H1Session {
-        app: AppConn::new(state.idle_timeout),
+        app: AppConn::new(state.idle_timeout, drain.clone()),
         out: Vec::with_capacity(1024),
         xfcc: None,
         state,
         conn,
     };
     loop {
-        let Some(head) = h1::next_request(&mut io, &mut buf, session.conn.peer, &mut idle).await
+        let peer = session.conn.peer;
+        let Some(head) =
+            h1::next_request_draining(&mut io, &mut buf, peer, &mut idle, &drain).await
         else {
             return;
         };
@@ -144,8 +147,9 @@ impl H1Session {
             protocol: "HTTP/1.1",
             unsupported_upgrade: upgrade == Upgrade::Unsupported,
         };
-        // A request whose body is not read cannot be followed by another.
-        let mut close = !head.keep_alive();
+        // A request whose body is not read cannot be followed by another;
+        // a draining proxy closes every connection after its response.
+        let mut close = !head.keep_alive() || state.drain.is_draining();
         let admitted = match admission::admit_http(&snap, conn, &request).await {
             Verdict::Admitted(a) => a,
             Verdict::Refused(Refused {
@@ -316,7 +320,7 @@ impl H1Session {
             (Some(&decision), ext.as_ref().map(|x| x.words.as_str())),
             line,
         );
-        if close {
+        if close || state.drain.is_draining() {
             h1::end_connection(io, buf, unread).await;
             return false;
         }
@@ -329,11 +333,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = state.idle_timeout;
+    let drain = state.drain.clone();
     let svc = move |req: HttpRequest<Incoming>| {
         let span = request_span(req.method().as_str(), req.uri().path());
         handle(Arc::clone(&state), Arc::clone(&conn), req).instrument(span)
     };
-    if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
+    if let Err(e) = serve_hyper_conn(io, (timeout, &drain), svc).await {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }

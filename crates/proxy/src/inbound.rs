@@ -36,7 +36,8 @@ pub use crate::admission::Conn;
 /// handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections on one workload port until the listener fails.
+/// Accepts connections on one workload port until the listener is closed
+/// (a configuration that no longer has the port, or a drain).
 pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -61,7 +62,13 @@ pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listen
             reason = tracing::field::Empty,
         );
         let outbound = Arc::clone(&outbound);
-        tokio::spawn(handle(state, outbound, port, stream, peer).instrument(span));
+        // Counted from the accept on, so a drain waits for it.
+        let guard = state.drain.guard();
+        tokio::spawn(
+            guard
+                .run(handle(state, outbound, port, stream, peer))
+                .instrument(span),
+        );
     }
 }
 

@@ -7,7 +7,8 @@
 //! routes the application's plaintext requests to the destination service
 //! and secures them (DestinationRule or auto-mTLS, secure naming). It keeps
 //! Istio-compatible metrics and a JSON access log, serves admin endpoints,
-//! and swaps configuration and certificates without dropping connections.
+//! swaps configuration and certificates without dropping connections, and
+//! drains its connections before it stops ([`Proxy::drain`]).
 //!
 //! Configuration and credentials come from a source ([`source`]): files
 //! on disk ([`source::files`]), an in-process source in tests, the control
@@ -23,6 +24,7 @@ mod connect;
 mod conns;
 mod dns;
 mod dr_tls;
+mod drain;
 mod ext_authz;
 mod h1;
 mod http;
@@ -41,6 +43,7 @@ mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use dns::DnsConfig;
 pub use ext_authz::proto as ext_authz_proto;
@@ -95,13 +98,35 @@ pub enum StartError {
     SourceClosed(&'static str),
 }
 
+/// Istio's default `terminationDrainDuration`: how long a proxy told to
+/// stop lets its connections finish ([`Proxy::drain`]).
+pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(5);
+
+/// The longest drain: `meshward proxy --drain-duration` and the mesh
+/// setting accept no more, and [`Proxy::drain`] cuts a longer deadline
+/// to it.
+pub const MAX_DRAIN_DURATION: Duration = meshward_config::model::MAX_TERMINATION_DRAIN_DURATION;
+
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
     state: Arc<State>,
     listeners: Arc<Listeners>,
+    outbound: Arc<outbound::Outbound>,
     /// Keeps the source running.
     _source: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+}
+
+/// How a drain went ([`Proxy::drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drained {
+    /// Connections open when the drain began.
+    pub open_at_start: usize,
+    /// Connections still open at the deadline, which were cut.
+    pub cut: usize,
+    /// How long it took.
+    pub elapsed: Duration,
 }
 
 impl Proxy {
@@ -123,7 +148,71 @@ impl Proxy {
             .find(|l| l.kind == "admin")
             .map(|l| l.address)
     }
+
+    /// The drain duration the mesh settings ask for
+    /// (`defaultConfig.terminationDrainDuration`), if they set one.
+    pub fn mesh_drain_duration(&self) -> Option<Duration> {
+        self.state.snapshot().config.mesh.termination_drain_duration
+    }
+
+    /// Shuts down gracefully, as Istio's sidecar does on SIGTERM: stops
+    /// accepting on every data-plane listener (inbound and outbound; new
+    /// connections are refused), answers `/healthz/ready` with 503
+    /// `draining`, closes the idle pooled upstream connections, and tells
+    /// every open connection to finish: HTTP/2 gets GOAWAY (streams in
+    /// flight finish), HTTP/1.1 says `Connection: close` on its next
+    /// response and idle keep-alive connections close at once. Requests
+    /// in flight and TCP connections run on until `deadline` has passed;
+    /// what is still open then is cut. Returns when no connection is left.
+    /// The admin listener serves until the proxy is dropped. A `deadline`
+    /// past [`MAX_DRAIN_DURATION`] is cut to it.
+    pub async fn drain(self, deadline: Duration) -> Drained {
+        let deadline = deadline.min(MAX_DRAIN_DURATION);
+        let started = tokio::time::Instant::now();
+        let drain = &self.state.drain;
+        drain.begin();
+        let open_at_start = drain.open();
+        let listeners = self.listeners.close_all().await;
+        let idle_upstream = self.outbound.close_idle();
+        // Logged once new connections are refused.
+        tracing::info!(
+            deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            connections = open_at_start,
+            listeners_closed = listeners,
+            idle_upstream_closed = idle_upstream,
+            "draining"
+        );
+        let mut cut = 0;
+        if tokio::time::timeout_at(started + deadline, drain.all_closed())
+            .await
+            .is_err()
+        {
+            cut = drain.open();
+            tracing::warn!(
+                connections = cut,
+                "drain deadline passed: closing the connections still open"
+            );
+            drain.cut();
+            // Each connection ends when its task next runs; the bound
+            // only guards against a task that never yields.
+            let _ = tokio::time::timeout(CUT_GRACE, drain.all_closed()).await;
+        }
+        let elapsed = started.elapsed();
+        tracing::info!(
+            elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            cut,
+            "drained"
+        );
+        Drained {
+            open_at_start,
+            cut,
+            elapsed,
+        }
+    }
 }
+
+/// How long [`Proxy::drain`] waits for the connections it cut to close.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// Waits for the source's first configuration and credentials, binds every
 /// listener, and starts serving. The proxy is ready (`/healthz/ready`) when
@@ -178,7 +267,11 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     // The data-plane listeners start serving here: all of them or none.
     // The outbound side holds the state it reads; the state never holds it.
     let outbound = Arc::new(outbound::Outbound::new(Arc::clone(&state)));
-    let listeners = Arc::new(Listeners::start(Arc::clone(&state), outbound, fixed)?);
+    let listeners = Arc::new(Listeners::start(
+        Arc::clone(&state),
+        Arc::clone(&outbound),
+        fixed,
+    )?);
     tokio::spawn(admin::serve(
         Arc::clone(&state),
         admin_l,
@@ -217,6 +310,7 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     Ok(Proxy {
         state,
         listeners,
+        outbound,
         _source: guard,
     })
 }

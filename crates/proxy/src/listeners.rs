@@ -103,6 +103,9 @@ pub struct Listeners {
     running: Mutex<Vec<Running>>,
     /// Listeners of the current configuration that could not be bound.
     failed: Mutex<Vec<ListenerStatus>>,
+    /// Set (under the `running` lock) by [`Listeners::close_all`]: no
+    /// data-plane listener is bound again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Listeners {
@@ -122,6 +125,7 @@ impl Listeners {
             fixed,
             running: Mutex::new(Vec::new()),
             failed: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         };
         let wanted = wanted(&listeners.state.snapshot());
         let mut bound = Vec::new();
@@ -146,12 +150,17 @@ impl Listeners {
     /// Called by the applier on the blocking pool, never from a runtime
     /// worker thread: it blocks until the closed listeners' tasks have ended. Called after
     /// each configuration swap, it also has the outbound side forget what
-    /// the configuration no longer has ([`Outbound::retain`]).
+    /// the configuration no longer has ([`Outbound::retain`]). After
+    /// [`Listeners::close_all`] it binds nothing.
     pub fn reconcile(&self) {
         let snap = self.state.snapshot();
         // The outbound side forgets the routes, targets and idle
         // connections of services and endpoints that have gone.
         self.outbound.retain(&snap);
+        if self.is_closed() {
+            // Draining: no listener comes back.
+            return;
+        }
         let wanted = wanted(&snap);
         // The lock is never held while waiting: `/listeners` takes it on a
         // runtime thread, which is what ends the closed listeners' tasks.
@@ -196,6 +205,15 @@ impl Listeners {
             }
         }
         let mut running = self.lock_running();
+        if self.is_closed() {
+            // Closed for a drain while this change was being applied:
+            // the listeners just bound stop at once.
+            drop(running);
+            for r in added {
+                r.task.abort();
+            }
+            return;
+        }
         let mut all: Vec<Running> = std::mem::take(&mut *running)
             .into_iter()
             .chain(added)
@@ -210,6 +228,31 @@ impl Listeners {
         }
         drop(running);
         *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = failed;
+    }
+
+    /// Closes every data-plane listener for good (a drain): new
+    /// connections to their ports are refused from when this returns
+    /// (their sockets are closed); connections accepted before go on.
+    /// Later configuration changes bind none again. Returns how many were
+    /// closed.
+    pub async fn close_all(&self) -> usize {
+        let closed = {
+            let mut running = self.lock_running();
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *running)
+        };
+        let n = closed.len();
+        for r in closed {
+            r.task.abort();
+            // The socket is closed when the aborted task is dropped.
+            let _ = r.task.await;
+        }
+        n
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Every listener: bound ones (data plane, then admin and metrics),

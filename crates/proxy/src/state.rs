@@ -171,6 +171,9 @@ pub struct State {
     app_connector: crate::connect::AppConnector,
     /// Open inbound TCP connections, re-checked when policy changes.
     pub tcp_conns: Conns,
+    /// The shutdown signal every data-plane connection follows
+    /// ([`crate::drain`]).
+    pub drain: crate::drain::Drain,
     /// How long a connection may sit idle ([`crate::idle`]).
     pub idle_timeout: std::time::Duration,
     /// The keys of the `jwksUri`s the configuration names, kept across
@@ -238,6 +241,7 @@ impl State {
             .build(app_connector.clone()),
             app_connector,
             tcp_conns: Conns::default(),
+            drain: crate::drain::Drain::new(),
             idle_timeout,
             jwks,
             dr_files,
@@ -260,12 +264,16 @@ impl State {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Why the proxy is not ready, if it is not: still starting, or its
+    /// Why the proxy is not ready, if it is not: still starting, draining
+    /// before it exits (as Envoy's `/healthcheck/fail`), or its
     /// certificate has expired (or is not valid yet) since it was loaded.
     /// A proxy whose certificate peers would refuse serves nothing useful.
     pub fn not_ready(&self) -> Option<String> {
         if !self.is_ready() {
             return Some("starting".to_string());
+        }
+        if self.drain.is_draining() {
+            return Some("draining".to_string());
         }
         let tls = self.tls();
         let c = &tls.credentials;

@@ -127,6 +127,31 @@ impl ProxyProcess {
         self.process.logs()
     }
 
+    /// Sends `signal` (`TERM`, `INT`) to the proxy without waiting.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), self.process.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{signal} {}", self.name);
+    }
+
+    /// How the proxy exited, waiting at most `limit` for it; `None` if it
+    /// is still running then. (A child's exit has no readiness signal to
+    /// wait on here: it is polled every 10 ms.)
+    pub async fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.process.exited() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         get(self.admin, "admin", path, &[])
             .await

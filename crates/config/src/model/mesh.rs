@@ -28,7 +28,6 @@ const NOT_ACTED_ON: &[&str] = &[
     "accessLogEncoding",
     "enableTracing",
     "enableEnvoyAccessLogService",
-    "defaultConfig",
     "outboundTrafficPolicy",
     "inboundTrafficPolicy",
     "localityLbSetting",
@@ -321,7 +320,18 @@ pub struct MeshConfig {
     /// its connections to its own application (`connectTimeout`, 10 s by
     /// default as in Istio).
     pub connect_timeout: std::time::Duration,
+    /// `defaultConfig.terminationDrainDuration`: how long a proxy told to
+    /// stop lets its connections finish (unset: the proxy's default,
+    /// Istio's 5 s). The only `defaultConfig` (ProxyConfig) field meshward
+    /// acts on.
+    pub termination_drain_duration: Option<std::time::Duration>,
 }
+
+/// The longest `defaultConfig.terminationDrainDuration` meshward accepts:
+/// an orchestrator stops a workload long before (Kubernetes' default
+/// grace period is 30 s), so a longer one is a mistake.
+pub const MAX_TERMINATION_DRAIN_DURATION: std::time::Duration =
+    std::time::Duration::from_secs(3600);
 
 /// Istio's default `meshConfig.connectTimeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -342,6 +352,7 @@ impl Default for MeshConfig {
             path_normalization: PathNormalization::Base,
             workload_cert_ttl: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            termination_drain_duration: None,
         }
     }
 }
@@ -432,6 +443,10 @@ impl MeshConfig {
                 Err(e) => sink.error(ct_pos, &f.field_path("connectTimeout"), e),
             }
         }
+        let dc_path = f.field_path("defaultConfig");
+        if let Some(dc) = f.take("defaultConfig") {
+            m.termination_drain_duration = decode_default_config(sink, dc, &dc_path);
+        }
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut providers: Vec<ExtensionProvider> = Vec::new();
         let mut invalid: BTreeMap<String, String> = BTreeMap::new();
@@ -492,6 +507,66 @@ impl MeshConfig {
         f.finish_ignoring_unknown(sink, IGNORED_AS_IN_ISTIO);
         m
     }
+}
+
+/// Decodes `defaultConfig` (Istio's ProxyConfig): its
+/// `terminationDrainDuration` (a duration such as `5s`, from `0s` to
+/// [`MAX_TERMINATION_DRAIN_DURATION`], whole milliseconds; anything else
+/// is an error that refuses the mesh config, as Istio refuses a value it
+/// cannot read). Its other fields are named in one warning.
+fn decode_default_config(
+    sink: &mut Sink<'_>,
+    node: &Node,
+    path: &str,
+) -> Option<std::time::Duration> {
+    let mut f = Fields::new(sink, node, path);
+    let key = "terminationDrainDuration";
+    let pos = f.peek(key).map_or(f.pos(), |n| n.pos);
+    let drain = f.string(sink, key).and_then(|t| {
+        let checked = super::security::parse_duration(&t).and_then(|secs| {
+            if secs == 0.0 {
+                return Ok(std::time::Duration::ZERO);
+            }
+            super::security::check_duration(&t)?;
+            let d = std::time::Duration::from_millis((secs * 1000.0).round() as u64);
+            if d > MAX_TERMINATION_DRAIN_DURATION {
+                Err(format!("drain duration \"{t}\" is too long: at most 1h"))
+            } else {
+                Ok(d)
+            }
+        });
+        match checked {
+            Ok(d) => Some(d),
+            Err(e) => {
+                sink.error(pos, &f.field_path(key), e);
+                None
+            }
+        }
+    });
+    let others: Vec<String> = match &node.value {
+        crate::yaml::Value::Map(entries) => entries
+            .iter()
+            .filter_map(|(k, _)| k.scalar_text())
+            .filter(|k| *k != key)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
+    for k in &others {
+        f.ignore(k);
+    }
+    if !others.is_empty() {
+        sink.warn(
+            f.pos(),
+            path,
+            format!(
+                "meshward does not act on these defaultConfig settings: {}",
+                others.join(", ")
+            ),
+        );
+    }
+    f.finish(sink);
+    drain
 }
 
 /// Istio's `validateProviderName`: a DNS-1123 label.

@@ -11,7 +11,9 @@ pub mod mesh;
 pub mod networking;
 pub mod security;
 
-pub use mesh::{ExtAuthz, ExtensionProvider, MeshConfig, header_listed};
+pub use mesh::{
+    ExtAuthz, ExtensionProvider, MAX_TERMINATION_DRAIN_DURATION, MeshConfig, header_listed,
+};
 pub use networking::{
     AppProtocol, ClientTls, ConnectionPool, DestinationRule, PortTrafficPolicy, ServiceEntry,
     ServicePort, TlsMode, TrafficPolicy, WorkloadEntry,

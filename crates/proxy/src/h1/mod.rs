@@ -159,6 +159,44 @@ where
     None
 }
 
+/// [`next_request`] for a proxy that may drain ([`crate::drain`]): once
+/// the drain has begun, a keep-alive connection waiting for its next
+/// request is closed at once (`None`), unless bytes of one have come
+/// already (they are in `buf`, or readable now): a request the client has
+/// begun to send is read and served (its response says `Connection:
+/// close`). A connection only gets here after its first bytes have come
+/// (see [`sniff_h2`]).
+pub async fn next_request_draining<S>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    peer: std::net::SocketAddr,
+    idle: &mut IdleTimer,
+    drain: &crate::drain::Drain,
+) -> Option<RequestHead>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !drain.is_draining() {
+        tokio::select! {
+            biased;
+            head = next_request(io, buf, peer, idle) => return head,
+            // `read_head` keeps what it has read in `buf`: a head begun
+            // before the drain is read on below.
+            () = drain.draining() => {}
+        }
+    }
+    if buf.is_empty() {
+        // Whatever is readable now, without waiting (a zero timeout polls
+        // the read once).
+        let now = tokio::time::timeout(std::time::Duration::ZERO, fill(io, buf)).await;
+        if !matches!(now, Ok(Ok(n)) if n > 0) {
+            tracing::debug!(peer = %peer, "draining: closing an idle connection");
+            return None;
+        }
+    }
+    next_request(io, buf, peer, idle).await
+}
+
 /// Writes `out` (a head, possibly empty) and then the body framed by
 /// `framing`: first the bytes already in `buf`, then what `src` sends, until
 /// the body ends. Bytes after the body (a pipelined request) stay in `buf`.

@@ -43,15 +43,18 @@ pub(super) struct AppConn {
     reused: bool,
     /// How long an upgraded connection may stay silent.
     idle_timeout: std::time::Duration,
+    /// Once the proxy drains, every response says `Connection: close`.
+    drain: crate::drain::Drain,
 }
 
 impl AppConn {
-    pub(super) fn new(idle_timeout: std::time::Duration) -> AppConn {
+    pub(super) fn new(idle_timeout: std::time::Duration, drain: crate::drain::Drain) -> AppConn {
         AppConn {
             stream: None,
             buf: BytesMut::new(),
             reused: false,
             idle_timeout,
+            drain,
         }
     }
 
@@ -150,13 +153,16 @@ impl AppConn {
             return Exchange::Tunneled(t);
         }
         // After an early answer, neither connection can carry another
-        // request: the body was cut short.
+        // request: the body was cut short. Draining is asked when the
+        // response head is written: a request in flight when the drain
+        // began gets its answer with `Connection: close`.
+        let close_down = close_down || early || self.drain.is_draining();
         let r = h1::relay(
             up,
             &mut self.buf,
             down,
             &resp,
-            (method, close_down || early, extra),
+            (method, close_down, extra),
             out,
         )
         .await;

@@ -45,19 +45,21 @@ pub async fn serve_http(outbound: Arc<Outbound>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let outbound = Arc::clone(&outbound);
         let span = connection_span(peer, &outbound.state);
+        let guard = outbound.state.drain.guard();
         tokio::spawn(
-            async move {
-                let mut stream = stream;
-                let mut buf = BytesMut::with_capacity(h1::READ_BUF);
-                match h1::sniff_h2(&mut stream, &mut buf).await {
-                    Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
-                    Ok(Some(true)) => {
-                        serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
+            guard
+                .run(async move {
+                    let mut stream = stream;
+                    let mut buf = BytesMut::with_capacity(h1::READ_BUF);
+                    match h1::sniff_h2(&mut stream, &mut buf).await {
+                        Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
+                        Ok(Some(true)) => {
+                            serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
+                        }
+                        Ok(None) | Err(_) => {}
                     }
-                    Ok(None) | Err(_) => {}
-                }
-            }
-            .instrument(span),
+                })
+                .instrument(span),
         );
     }
 }
@@ -69,11 +71,12 @@ where
 {
     let cache = Arc::new(crate::telemetry::HandleCache::default());
     let timeout = outbound.state.idle_timeout;
+    let drain = outbound.state.drain.clone();
     let svc = move |req: HttpRequest<Incoming>| {
         let span = request_span(req.method().as_str(), req.uri().path());
         handle(Arc::clone(&outbound), peer, Arc::clone(&cache), req).instrument(span)
     };
-    if let Err(e) = serve_hyper_conn(io, timeout, svc).await {
+    if let Err(e) = serve_hyper_conn(io, (timeout, &drain), svc).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
 }
@@ -92,8 +95,10 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
     let mut up_buf = BytesMut::new();
     let mut out = Vec::with_capacity(1024);
     let mut idle = IdleTimer::new(state.idle_timeout);
+    let drain = &state.drain;
     loop {
-        let Some(head) = h1::next_request(&mut io, &mut buf, peer, &mut idle).await else {
+        let Some(head) = h1::next_request_draining(&mut io, &mut buf, peer, &mut idle, drain).await
+        else {
             break;
         };
         let started = Instant::now();
@@ -109,7 +114,8 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok());
         let framing = head.framing();
-        let mut close = !head.keep_alive();
+        // A draining proxy closes every connection after its response.
+        let mut close = !head.keep_alive() || drain.is_draining();
         let route = match outbound.route(&snap, target.host, port_hint) {
             Ok(route) => route,
             Err(e) => {
@@ -201,7 +207,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             .instrument(span)
             .await
         };
-        if flags != Flag::None || must_close {
+        if flags != Flag::None || must_close || drain.is_draining() {
             close = true;
         }
         account(
@@ -346,8 +352,9 @@ async fn exchange(
         return (101, t.flags, reason, true);
     }
     // An early answer (a refusal before the body had all gone) ends both
-    // connections: the body was cut short.
-    let close_down = close_down || early;
+    // connections: the body was cut short. Draining is asked when the
+    // response head is written (see `crate::drain`).
+    let close_down = close_down || early || outbound.state.drain.is_draining();
     let r = h1::relay(up, up_buf, down, &resp, (method, close_down, &[]), out).await;
     sizes.1 = r.bytes;
     if !r.reusable || early {
@@ -524,6 +531,7 @@ async fn bridge_h2(
         }
     };
     let status = resp.status().as_u16();
+    let close = close || outbound.state.drain.is_draining();
     match write_h1_response(io, resp, head.method() == "HEAD", close, &mut sizes.1).await {
         Ok(()) => (status, Flag::None, FORWARDED.to_string()),
         Err(e) => (

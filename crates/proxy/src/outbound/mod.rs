@@ -145,9 +145,22 @@ impl Outbound {
     /// configuration change never cuts a request short.)
     fn checkin(&self, origin: &Arc<Origin>, up: Upstream) {
         self.pool.checkin(origin, up, |origin| {
+            // A draining proxy keeps no connection for later.
+            if self.state.drain.is_draining() {
+                return false;
+            }
             let snap = self.state.snapshot();
             origin.version == snap.version || still_made(&snap, origin)
         });
+    }
+
+    /// Closes every idle pooled connection of the HTTP/1.1 fast path (a
+    /// drain; connections in use are closed when their request is done,
+    /// see `Outbound::checkin`); returns how many were closed. hyper's
+    /// pools (HTTP/2 upstreams, the proxy's own requests) close theirs
+    /// when the proxy is dropped.
+    pub fn close_idle(&self) -> usize {
+        self.pool.clear()
     }
 
     /// Forgets what the configuration in `snap` no longer has: routes

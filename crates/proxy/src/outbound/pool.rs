@@ -387,6 +387,14 @@ impl Pool {
         closed
     }
 
+    /// Closes every idle connection; returns how many were closed.
+    pub(super) fn clear(&self) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let closed = idle.values().map(|p| p.conns.len()).sum();
+        idle.clear();
+        closed
+    }
+
     /// How many idle connections are kept.
     #[cfg(test)]
     pub(super) fn idle_count(&self) -> usize {

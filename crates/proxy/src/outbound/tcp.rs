@@ -51,7 +51,9 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
         let outbound = Arc::clone(&outbound);
         let target = target.clone();
         let span = connection_span(peer, &outbound.state);
-        tokio::spawn(async move {
+        // Until the drain deadline: a TCP connection is never told to end.
+        let guard = outbound.state.drain.guard();
+        tokio::spawn(guard.run(async move {
             let started = Instant::now();
             let state = &outbound.state;
             let snap = state.snapshot();
@@ -102,6 +104,6 @@ pub async fn serve_tcp(outbound: Arc<Outbound>, target: TcpOutbound, listener: T
                 started,
                 (received, sent),
             ));
-        }.instrument(span));
+        }).instrument(span));
     }
 }

@@ -289,3 +289,22 @@ async fn idle_connections_of_routes_gone_are_closed_and_one_in_use_carries_on() 
     assert_eq!(pool.idle_count(), 1);
     assert_eq!(busy_server.read(&mut b).await.unwrap(), 0, "closed");
 }
+
+/// A drain closes every idle pooled connection at once (its server sees
+/// the end), whatever its route.
+#[tokio::test]
+async fn a_drain_closes_every_idle_connection() {
+    let snap = snapshot(MESH, 1);
+    let orders = origins(&snap, ORDERS).remove(0);
+    let ratings = origins(&snap, RATINGS).remove(0);
+    let pool = Pool::default();
+    let (a, mut a_server) = pair().await;
+    let (b, mut b_server) = pair().await;
+    pool.checkin(&orders, a, |_| true);
+    pool.checkin(&ratings, b, |_| true);
+    assert_eq!(pool.clear(), 2);
+    assert_eq!(pool.idle_count(), 0);
+    let mut byte = [0u8; 1];
+    assert_eq!(a_server.read(&mut byte).await.unwrap(), 0, "closed");
+    assert_eq!(b_server.read(&mut byte).await.unwrap(), 0, "closed");
+}
