@@ -156,8 +156,9 @@ impl Proxy {
     }
 
     /// Shuts down gracefully, as Istio's sidecar does on SIGTERM: stops
-    /// accepting on every data-plane listener (inbound and outbound; new
-    /// connections are refused), answers `/healthz/ready` with 503
+    /// accepting on the inbound listeners (new connections are refused;
+    /// the outbound ones keep accepting, so that the application can
+    /// finish its requests), answers `/healthz/ready` with 503
     /// `draining`, closes the idle pooled upstream connections, and tells
     /// every open connection to finish: HTTP/2 gets GOAWAY (streams in
     /// flight finish), HTTP/1.1 says `Connection: close` on its next
@@ -172,7 +173,7 @@ impl Proxy {
         let drain = &self.state.drain;
         drain.begin();
         let open_at_start = drain.open();
-        let listeners = self.listeners.close_all().await;
+        let listeners = self.listeners.close_inbound().await;
         let idle_upstream = self.outbound.close_idle();
         // Logged once new connections are refused.
         tracing::info!(

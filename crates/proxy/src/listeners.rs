@@ -103,7 +103,7 @@ pub struct Listeners {
     running: Mutex<Vec<Running>>,
     /// Listeners of the current configuration that could not be bound.
     failed: Mutex<Vec<ListenerStatus>>,
-    /// Set (under the `running` lock) by [`Listeners::close_all`]: no
+    /// Set (under the `running` lock) by [`Listeners::close_inbound`]: no
     /// data-plane listener is bound again.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -151,7 +151,7 @@ impl Listeners {
     /// worker thread: it blocks until the closed listeners' tasks have ended. Called after
     /// each configuration swap, it also has the outbound side forget what
     /// the configuration no longer has ([`Outbound::retain`]). After
-    /// [`Listeners::close_all`] it binds nothing.
+    /// [`Listeners::close_inbound`] it binds nothing.
     pub fn reconcile(&self) {
         let snap = self.state.snapshot();
         // The outbound side forgets the routes, targets and idle
@@ -230,17 +230,23 @@ impl Listeners {
         *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = failed;
     }
 
-    /// Closes every data-plane listener for good (a drain): new
-    /// connections to their ports are refused from when this returns
-    /// (their sockets are closed); connections accepted before go on.
-    /// Later configuration changes bind none again. Returns how many were
-    /// closed.
-    pub async fn close_all(&self) -> usize {
+    /// Closes the inbound listeners for good (a drain, as Istio's agent
+    /// drains `inboundonly`): new connections to the workload's ports are
+    /// refused from when this returns (their sockets are closed);
+    /// connections accepted before go on. The outbound listeners keep
+    /// accepting, so that the application can still call other services
+    /// while it finishes its requests. Later configuration changes bind
+    /// and close nothing. Returns how many were closed.
+    pub async fn close_inbound(&self) -> usize {
         let closed = {
             let mut running = self.lock_running();
             self.closed
                 .store(true, std::sync::atomic::Ordering::Release);
-            std::mem::take(&mut *running)
+            let (inbound, outbound) = std::mem::take(&mut *running)
+                .into_iter()
+                .partition(|r| matches!(r.serves, Serves::Inbound(_)));
+            *running = outbound;
+            inbound
         };
         let n = closed.len();
         for r in closed {

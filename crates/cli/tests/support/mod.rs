@@ -7,6 +7,7 @@
 // Each test binary uses a part of this module.
 #![allow(dead_code, unused_imports)]
 
+pub mod control;
 pub mod dns;
 pub mod tls;
 
@@ -241,27 +242,37 @@ impl Mesh {
 
     /// [`Mesh::proxy`] with extra command-line arguments.
     pub async fn proxy_with(&self, workload: &str, certs: &Path, extra: &[&str]) -> ProxyProcess {
+        let config = self.config_dir();
+        let source = [
+            "--config",
+            config.to_str().unwrap(),
+            "--certs",
+            certs.to_str().unwrap(),
+        ];
+        self.spawn_proxy(workload, &source, extra).await
+    }
+
+    /// Starts `meshward proxy` for `workload` with its source's arguments
+    /// (files or control plane) and `extra`, and waits until it is ready.
+    pub async fn spawn_proxy(&self, workload: &str, source: &[&str], extra: &[&str]) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(bin());
-        cmd.args([
-            "proxy",
-            "--config",
-            self.config_dir().to_str().unwrap(),
-            "--workload",
-            workload,
-            "--certs",
-            certs.to_str().unwrap(),
-            "--admin",
-            &admin.to_string(),
-            "--metrics",
-            &metrics.to_string(),
-            "--log",
-            &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
-            "--worker-threads",
-            "1",
-        ])
-        .args(extra);
+        cmd.arg("proxy")
+            .args(source)
+            .args([
+                "--workload",
+                workload,
+                "--admin",
+                &admin.to_string(),
+                "--metrics",
+                &metrics.to_string(),
+                "--log",
+                &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
+                "--worker-threads",
+                "1",
+            ])
+            .args(extra);
         let mut process = Process::spawn_captured(workload, cmd).unwrap();
         let ready = wait::for_admin_ready(
             || Some(admin),
