@@ -208,6 +208,7 @@ impl State {
         let dns = Arc::new(crate::dns::DnsStore::new(dns));
         let snapshot = build_snapshot(&workload, config, 1, &jwks, &dns)?;
         let tls = tls_with(&credentials, &snapshot)?;
+        metrics.cert_in_use(credentials.credentials.not_after());
         // Unusable files do not stop the proxy: their DestinationRule's
         // requests fail (503) naming the file, as they are logged here.
         let dr_files = crate::dr_tls::DrFiles::default();
@@ -347,6 +348,8 @@ impl State {
             .unwrap_or_else(|e| e.into_inner()) = Arc::clone(&credentials);
         let tls = tls_with(&credentials, &self.snapshot())?;
         self.tls.store(Arc::new(tls));
+        self.metrics
+            .cert_in_use(credentials.credentials.not_after());
         Ok(())
     }
 

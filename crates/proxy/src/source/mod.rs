@@ -19,6 +19,7 @@
 //! validates and compiles it, swaps it in atomically, re-checks open
 //! connections and reconciles listeners. A source only has to publish.
 
+pub mod control;
 pub mod files;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;

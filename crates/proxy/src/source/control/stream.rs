@@ -1,0 +1,220 @@
+//! The config stream: `meshward.control.v1.ConfigDiscoveryService/StreamConfig`
+//! over mTLS with the workload's current certificate. The proxy subscribes
+//! with its node, then answers every response: an ACK (its version and
+//! nonce) once the response's documents, mesh settings and trust bundle
+//! all loaded and were published; otherwise a NACK (the version applied
+//! before, the refused nonce, code INVALID_ARGUMENT and the diagnostics),
+//! and what runs stays.
+//!
+//! A stream that cannot be opened, or breaks, publishes the config source
+//! as lost (once per outage) and is opened again on the next address after
+//! a backoff (exponential with jitter, at most `max_backoff`). The control
+//! plane sends its current view on every new stream: that is the resync.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshward_config::Loader;
+use meshward_identity::TrustBundle;
+use meshward_proto::config::config_discovery_service_client::ConfigDiscoveryServiceClient;
+use meshward_proto::config::{ConfigRequest, ConfigResponse, Node, Status};
+use tokio::sync::mpsc;
+
+use super::connect::{self, Address};
+use super::{Shared, Source, SourceState, jittered};
+use crate::source::ConfigUpdate;
+
+/// google.rpc.Code INVALID_ARGUMENT, the code of a NACK.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// The first wait before opening the stream again.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The largest response accepted (a mesh's whole configuration).
+const MAX_RESPONSE: usize = 64 << 20;
+
+/// Follows the control plane's configuration until the source is dropped.
+pub(crate) async fn run(shared: Arc<Shared>, node_id: String) {
+    let node = Node {
+        id: node_id,
+        workload: shared.workload.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut credentials = shared.credentials.subscribe();
+    let mut stream = Stream {
+        shared: Arc::clone(&shared),
+        node,
+        applied: String::new(),
+    };
+    let mut backoff = INITIAL_BACKOFF;
+    let mut lost = false;
+    loop {
+        // The stream is authenticated by the certificate: wait for one.
+        if credentials
+            .wait_for(|c| {
+                c.as_ref()
+                    .is_some_and(|c| c.not_after() > std::time::SystemTime::now())
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut failures = Vec::new();
+        for (i, address) in shared.addresses_in_order() {
+            let (answered, why) = stream.follow(address).await;
+            if answered {
+                shared.answered(i);
+                backoff = INITIAL_BACKOFF;
+                lost = false;
+            }
+            tracing::warn!(target: "meshward::config", control_plane = %address.text, error = %why, "configuration stream ended");
+            failures.push(format!("{}: {why}", address.text));
+            if answered {
+                // It served us: start again from it (a restart, a rolling update).
+                break;
+            }
+        }
+        if shared.publisher.is_closed() {
+            return;
+        }
+        if !lost {
+            lost = true;
+            shared.publisher.problem(
+                Source::Config,
+                SourceState::Lost,
+                format!(
+                    "no control plane answers ({}); keeping the configuration applied, version {:?}",
+                    failures.join("; "),
+                    stream.applied
+                ),
+            );
+        }
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(shared.max_backoff);
+    }
+}
+
+/// One proxy's subscription: who it is and the version it applied.
+struct Stream {
+    shared: Arc<Shared>,
+    node: Node,
+    /// The version last applied (empty before the first).
+    applied: String,
+}
+
+impl Stream {
+    /// Opens the stream on `address` and follows it until it ends.
+    /// Returns whether a response arrived, and why it ended.
+    async fn follow(&mut self, address: &Address) -> (bool, String) {
+        let credentials = self.shared.valid_credentials();
+        let channel = match connect::channel(&self.shared, address, credentials.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => return (false, e),
+        };
+        let mut client =
+            ConfigDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
+        let (tx, rx) = mpsc::channel::<ConfigRequest>(4);
+        let subscribe = ConfigRequest {
+            version_info: String::new(),
+            node: Some(self.node.clone()),
+            response_nonce: String::new(),
+            error_detail: None,
+        };
+        // The channel holds 4: this cannot wait.
+        if tx.try_send(subscribe).is_err() {
+            return (false, "cannot queue the subscription".to_string());
+        }
+        let requests =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+            );
+        let mut responses = match client.stream_config(requests).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return (false, describe(&status)),
+        };
+        let mut answered = false;
+        loop {
+            let response = match responses.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return (answered, "the control plane closed the stream".to_string()),
+                Err(status) => return (answered, describe(&status)),
+            };
+            answered = true;
+            let reply = self.answer(address, response);
+            if tx.send(reply).await.is_err() {
+                return (answered, "the stream closed".to_string());
+            }
+        }
+    }
+
+    /// Loads a response whole and publishes it; the ACK or NACK.
+    fn answer(&mut self, address: &Address, response: ConfigResponse) -> ConfigRequest {
+        let version = response.version_info.clone();
+        let nonce = response.nonce.clone();
+        match load(response) {
+            Ok((update, bundle)) => {
+                // The bundle first: the configuration may name identities
+                // only the new roots sign.
+                if let Some(bundle) = bundle {
+                    self.shared.set_bundle(bundle);
+                }
+                self.shared.publisher.config(update);
+                tracing::info!(target: "meshward::config", control_plane = %address.text, version = %version, "configuration received");
+                self.applied = version.clone();
+                ConfigRequest {
+                    version_info: version,
+                    node: Some(self.node.clone()),
+                    response_nonce: nonce,
+                    error_detail: None,
+                }
+            }
+            Err(message) => {
+                tracing::error!(target: "meshward::config", control_plane = %address.text, version = %version, error = %message, "configuration refused; keeping the configuration applied");
+                self.shared.publisher.problem(
+                    Source::Config,
+                    SourceState::Refused,
+                    format!("version {version:?} from {}: {message}", address.text),
+                );
+                ConfigRequest {
+                    version_info: self.applied.clone(),
+                    node: Some(self.node.clone()),
+                    response_nonce: nonce,
+                    error_detail: Some(Status {
+                        code: INVALID_ARGUMENT,
+                        message,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// The response's configuration and trust bundle, or why they do not load.
+fn load(response: ConfigResponse) -> Result<(ConfigUpdate, Option<TrustBundle>), String> {
+    let bundle = if response.trust_bundle.is_empty() {
+        None
+    } else {
+        let pem = response.trust_bundle.join("\n");
+        let bundle = TrustBundle::from_pem(pem.as_bytes(), std::path::Path::new("trust_bundle"))
+            .map_err(|e| format!("trust bundle: {e}"))?;
+        if bundle.is_empty() {
+            return Err("trust bundle: no certificate".to_string());
+        }
+        Some(bundle)
+    };
+    let mut loader = Loader::new();
+    for d in &response.documents {
+        loader.add_source(&d.origin, &d.content);
+    }
+    if !response.mesh_config.trim().is_empty() {
+        loader.add_mesh_config_source("mesh_config", &response.mesh_config);
+    }
+    let loaded = loader.finish().map_err(|d| d.to_string())?;
+    Ok((ConfigUpdate::from(loaded), bundle))
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), connect::error_chain(status))
+}
