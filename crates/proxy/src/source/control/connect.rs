@@ -182,19 +182,34 @@ async fn connect_tcp(address: &Address) -> std::io::Result<TcpStream> {
 }
 
 /// An error with its causes, `a: b: c` (tonic's transport errors say
-/// little at the top).
+/// little at the top); a refused control-plane certificate says why in
+/// words.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(current) = next {
+        if let Some(svid) = svid_error(current) {
+            return format!("{}: the control plane's certificate is refused: {svid}", e);
+        }
+        let text = current.to_string();
         if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
-        source = s.source();
+        next = current.source();
     }
     out
+}
+
+/// The SVID check that refused a handshake, if that is what `e` is (a
+/// rustls error, maybe inside an I/O error).
+fn svid_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let rustls = e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    })?;
+    meshward_identity::verify::svid_error_of(rustls).map(|s| s.to_string())
 }
 
 /// Whether a call that failed with `status` should try the next address:

@@ -1,0 +1,594 @@
+//! The control-plane source (`source::control`) against a small in-test
+//! control plane (`control_plane/`): Istio's CA service and meshward's
+//! config stream over real TLS on loopback, real signing. The proxy runs
+//! in process; the tests assert what a peer of the proxy sees (connections
+//! allowed or refused), what `/config_dump` and the metrics say, and what
+//! the control plane received (how each CSR was authenticated, every ACK
+//! and NACK).
+
+mod control_plane;
+mod support;
+
+use control_plane::{Ca, Plane, Seen, Server, token};
+use meshward_proxy::source::control::{self, ControlError, ControlOptions};
+use meshward_proxy::source::{Published, SourceState};
+use support::*;
+
+const TOKEN_TTL_ASKED: Duration = Duration::from_secs(4);
+
+/// A mesh around the orders proxy: its applications, its control plane,
+/// the callers' credentials.
+struct Mesh {
+    plane: Arc<Plane>,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    /// The orders applications, serving as long as the mesh.
+    _apps: (Echo, App),
+}
+
+impl Mesh {
+    async fn new() -> Mesh {
+        let plane = Plane::new();
+        let echo = Echo::start().await;
+        let app = App::start("orders").await;
+        let ports = Ports {
+            tcp: (SocketAddr::from(([127, 0, 0, 1], free_port())), echo.addr),
+            http: (SocketAddr::from(([127, 0, 0, 1], free_port())), app.addr),
+            outbound: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        };
+        let t = token(NS, "orders");
+        plane.allow_token(&t, NS, "orders");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), format!("{t}\n")).unwrap();
+        std::fs::write(dir.path().join("root-cert.pem"), plane.ca.root_pem()).unwrap();
+        Mesh {
+            plane,
+            dir,
+            ports,
+            _apps: (echo, app),
+        }
+    }
+
+    /// The control plane serves the orders mesh with `extra`; returns
+    /// the version.
+    fn serve(&self, extra: &str) -> u64 {
+        self.plane
+            .push(&[("mesh.yaml", &config(&self.ports, extra))], &[])
+    }
+
+    fn options(&self, addresses: &[SocketAddr]) -> ControlOptions {
+        let mut o = ControlOptions::new(
+            addresses.iter().map(|a| a.to_string()).collect(),
+            format!("{NS}/orders"),
+            self.dir.path().join("token"),
+            self.dir.path().join("root-cert.pem"),
+        );
+        o.cert_ttl = Some(TOKEN_TTL_ASKED);
+        o.max_backoff = Duration::from_millis(500);
+        o
+    }
+
+    async fn proxy(&self, addresses: &[SocketAddr]) -> Proxy {
+        let feed = control::start(self.options(addresses)).unwrap();
+        let options = Options {
+            workload: format!("{NS}/orders"),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics: None,
+            access_log: AccessLogTo::Off,
+            idle_timeout: meshward_proxy::DEFAULT_IDLE_TIMEOUT,
+            dns: meshward_proxy::DnsConfig::System,
+        };
+        tokio::time::timeout(patience(), meshward_proxy::start(feed, options))
+            .await
+            .expect("the proxy started from the control plane in time")
+            .unwrap()
+    }
+
+    /// Credentials for `production/<sa>` from the mesh CA.
+    fn caller(&self, sa: &str) -> WorkloadCerts {
+        self.plane
+            .ca
+            .write_workload(&self.dir.path().join(format!("caller-{sa}")), NS, sa)
+    }
+
+    /// Whether `caller` gets an echo through the orders TCP port.
+    async fn passes(&self, caller: &WorkloadCerts) -> bool {
+        // The proxy's certificate is verified with the mesh's first root.
+        let root = self.dir.path().join("root-cert.pem");
+        match mtls_connect(&caller.dir, &root, self.ports.tcp.0, b"istio").await {
+            Ok(mut c) => echo_back(&mut c, "ping").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+async fn admin(proxy: &Proxy, path: &str) -> String {
+    let (status, body) = get(proxy.admin_addr().unwrap(), "admin", path, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+async fn source(proxy: &Proxy) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&admin(proxy, "/config_dump").await).unwrap()
+        ["source"]
+        .clone()
+}
+
+/// The ACKs and NACKs the control plane received (not the subscriptions).
+fn answers(plane: &Plane) -> Vec<meshward_proto::config::ConfigRequest> {
+    plane
+        .requests()
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| !r.response_nonce.is_empty())
+        .collect()
+}
+
+/// Polls `check` until it holds, failing the test after the patience.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + patience();
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_certificate_is_obtained_with_the_token_and_renewed_over_mtls() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let proxy = mesh.proxy(&[server.addr]).await;
+
+    // Traffic flows with the issued certificate and the pushed config.
+    let frontend = mesh.caller("frontend");
+    assert!(mesh.passes(&frontend).await);
+    let dump = source(&proxy).await;
+    assert_eq!(dump["kind"], "control", "{dump}");
+    assert_eq!(dump["config"]["state"], "ok", "{dump}");
+    assert_eq!(dump["certs"]["state"], "ok", "{dump}");
+    assert_eq!(
+        dump["config"]["paths"][0],
+        server.addr.to_string(),
+        "{dump}"
+    );
+
+    // A 4 s certificate is renewed after 2-2.4 s: wait for two renewals.
+    until("two renewals", async || {
+        mesh.plane
+            .seen()
+            .iter()
+            .filter(|s| matches!(s, Seen::Csr { .. }))
+            .count()
+            >= 3
+    })
+    .await;
+    let csrs: Vec<_> = mesh
+        .plane
+        .seen()
+        .into_iter()
+        .filter_map(|s| match s {
+            Seen::Csr {
+                client_cert,
+                bearer,
+                validity,
+                ..
+            } => Some((client_cert, bearer, validity)),
+            _ => None,
+        })
+        .collect();
+    let orders = format!("spiffe://cluster.local/ns/{NS}/sa/orders");
+    // The first: the token, trimmed, and no client certificate.
+    assert_eq!(csrs[0].0, None);
+    assert_eq!(csrs[0].1.as_deref(), Some(token(NS, "orders").as_str()));
+    // Renewals: the current certificate, and no token.
+    for (cert, bearer, _) in &csrs[1..] {
+        assert_eq!(cert.as_ref().map(|c| c.as_str()), Some(orders.as_str()));
+        assert_eq!(bearer, &None);
+    }
+    assert!(csrs.iter().all(|c| c.2 == 4), "{csrs:?}");
+
+    // The proxy presents the renewed certificate; its expiry is exported.
+    let metrics = admin(&proxy, "/stats/prometheus").await;
+    let left: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("istio_agent_cert_expiry_seconds "))
+        .expect("istio_agent_cert_expiry_seconds")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((0.0..=4.0).contains(&left), "{left}");
+    assert!(mesh.passes(&frontend).await);
+
+    // The config stream was subscribed once, over mTLS, and survived the
+    // rotations; it ACKed version 1.
+    let subscriptions: Vec<_> = mesh
+        .plane
+        .seen()
+        .into_iter()
+        .filter_map(|s| match s {
+            Seen::Subscribed { peer, .. } => Some(peer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subscriptions.len(), 1, "{subscriptions:?}");
+    assert_eq!(
+        subscriptions[0].as_ref().map(|p| p.as_str()),
+        Some(orders.as_str())
+    );
+    let first = &mesh.plane.requests()[0].1;
+    let node = first.node.as_ref().unwrap();
+    assert_eq!(node.workload, format!("{NS}/orders"));
+    assert!(node.id.starts_with(&format!("{NS}/orders~")), "{}", node.id);
+    assert_eq!(
+        (first.version_info.as_str(), first.response_nonce.as_str()),
+        ("", "")
+    );
+    let acks = answers(&mesh.plane);
+    assert_eq!(acks[0].version_info, "1");
+    assert_eq!(acks[0].response_nonce, "nonce-1");
+    assert!(acks[0].error_detail.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_applied_and_acked_and_a_bad_one_nacked_while_the_last_good_one_stays() {
+    let mesh = Mesh::new().await;
+    mesh.serve(&deny_from("intruder"));
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let proxy = mesh.proxy(&[server.addr]).await;
+    let (frontend, intruder) = (mesh.caller("frontend"), mesh.caller("intruder"));
+    assert!(mesh.passes(&frontend).await);
+    assert!(!mesh.passes(&intruder).await);
+
+    // A new policy: applied, ACKed.
+    let v2 = mesh.serve(&format!(
+        "{}{}",
+        deny_from("intruder"),
+        deny_from("frontend")
+    ));
+    until("frontend denied by version 2", async || {
+        !mesh.passes(&frontend).await
+    })
+    .await;
+    until("version 2 ACKed", async || {
+        answers(&mesh.plane)
+            .iter()
+            .any(|a| a.version_info == v2.to_string() && a.error_detail.is_none())
+    })
+    .await;
+
+    // A document that does not validate: NACKed with the diagnostics,
+    // naming its origin; version 2 keeps being enforced.
+    let broken = mesh::authorization_policy(NS, "broken", "  action: DENY\n  rules: 7");
+    let v3 = mesh.plane.push(
+        &[
+            ("mesh.yaml", &config(&mesh.ports, "")),
+            ("broken.yaml", &broken),
+        ],
+        &[],
+    );
+    until("version 3 NACKed", async || {
+        answers(&mesh.plane)
+            .iter()
+            .any(|a| a.response_nonce == format!("nonce-{v3}"))
+    })
+    .await;
+    let nack = answers(&mesh.plane)
+        .into_iter()
+        .find(|a| a.response_nonce == format!("nonce-{v3}"))
+        .unwrap();
+    assert_eq!(
+        nack.version_info,
+        v2.to_string(),
+        "a NACK names the version applied"
+    );
+    let error = nack.error_detail.expect("a NACK carries the error");
+    assert_eq!(error.code, 3);
+    assert!(error.message.contains("broken.yaml:1"), "{}", error.message);
+    assert!(error.message.contains("rules"), "{}", error.message);
+    let dump = source(&proxy).await;
+    assert_eq!(dump["config"]["state"], "refused", "{dump}");
+    assert!(
+        dump["config"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml"),
+        "{dump}"
+    );
+    assert!(!mesh.passes(&frontend).await, "version 2 is still enforced");
+    assert!(!mesh.passes(&intruder).await);
+
+    // A good version after it applies.
+    let v4 = mesh.serve("");
+    until("frontend allowed by version 4", async || {
+        mesh.passes(&frontend).await
+    })
+    .await;
+    assert!(mesh.passes(&intruder).await);
+    until("version 4 ACKed", async || {
+        answers(&mesh.plane)
+            .iter()
+            .any(|a| a.version_info == v4.to_string() && a.error_detail.is_none())
+    })
+    .await;
+    assert_eq!(source(&proxy).await["config"]["state"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pushed_trust_bundle_replaces_the_roots_the_proxy_trusts() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let proxy = mesh.proxy(&[server.addr]).await;
+    let old_caller = mesh.caller("frontend");
+    let new_ca = Ca::generate("meshward-test");
+    let new_caller = new_ca.write_workload(&mesh.dir.path().join("new-frontend"), NS, "frontend");
+    assert!(mesh.passes(&old_caller).await);
+    assert!(
+        !mesh.passes(&new_caller).await,
+        "an unknown root is refused"
+    );
+
+    // Add the new root (to what the config stream and the CA send).
+    let config = config(&mesh.ports, "");
+    let both = [mesh.plane.ca.root_pem(), new_ca.root_pem()];
+    *mesh.plane.ca_roots.lock().unwrap() = both.to_vec();
+    mesh.plane.push(&[("mesh.yaml", &config)], &both);
+    until("the new root trusted", async || {
+        mesh.passes(&new_caller).await
+    })
+    .await;
+    assert!(mesh.passes(&old_caller).await);
+    assert_eq!(source(&proxy).await["certs"]["state"], "ok");
+
+    // A bundle without the root of the proxy's own certificate (retired
+    // too early, before the proxy was issued one under the new root) is
+    // refused: the proxy keeps both roots, and its peers keep working.
+    *mesh.plane.ca_roots.lock().unwrap() = vec![new_ca.root_pem()];
+    mesh.plane
+        .push(&[("mesh.yaml", &config)], &[new_ca.root_pem()]);
+    until("the early retirement refused", async || {
+        source(&proxy).await["certs"]["state"] == "refused"
+    })
+    .await;
+    assert!(mesh.passes(&old_caller).await);
+    assert!(mesh.passes(&new_caller).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_fails_over_past_dead_addresses_and_to_the_other_replica_when_one_dies() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let b = Server::start(&mesh.plane, "b", "127.0.0.1:0".parse().unwrap());
+    // Whichever address it starts at, it gets its certificate and
+    // configuration.
+    let proxy = mesh.proxy(&[dead, a.addr, b.addr]).await;
+    let frontend = mesh.caller("frontend");
+    assert!(mesh.passes(&frontend).await);
+
+    // Kill the replica the stream is on: the proxy goes on serving and
+    // follows the other one.
+    let on = match mesh.plane.requests().last().unwrap().0 {
+        "a" => "a",
+        _ => "b",
+    };
+    let survivor = if on == "a" {
+        drop(a);
+        b
+    } else {
+        drop(b);
+        a
+    };
+    assert!(mesh.passes(&frontend).await);
+    mesh.serve(&deny_from("frontend"));
+    until(
+        "the policy pushed by the surviving replica enforced",
+        async || !mesh.passes(&frontend).await,
+    )
+    .await;
+    let other = if on == "a" { "b" } else { "a" };
+    assert!(
+        mesh.plane
+            .requests()
+            .iter()
+            .any(|(server, r)| *server == other
+                && r.error_detail.is_none()
+                && !r.response_nonce.is_empty()),
+        "ACKed to the other replica"
+    );
+    assert_eq!(source(&proxy).await["config"]["state"], "ok");
+    drop(survivor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_keeps_serving_while_the_control_plane_is_down_and_resyncs_when_it_returns() {
+    let mesh = Mesh::new().await;
+    mesh.serve(&deny_from("intruder"));
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let proxy = mesh.proxy(&[server.addr]).await;
+    let (frontend, intruder) = (mesh.caller("frontend"), mesh.caller("intruder"));
+    assert!(mesh.passes(&frontend).await);
+
+    let addr = server.stop();
+    until("the config source shown lost", async || {
+        source(&proxy).await["config"]["state"] == "lost"
+    })
+    .await;
+    let dump = source(&proxy).await;
+    assert!(
+        dump["config"]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&addr.to_string()),
+        "{dump}"
+    );
+    let metrics = admin(&proxy, "/stats/prometheus").await;
+    assert!(
+        metrics.contains("meshward_config_source_up{source=\"config\"} 0"),
+        "{metrics}"
+    );
+    // Serving goes on with the configuration applied.
+    assert!(mesh.passes(&frontend).await);
+    assert!(!mesh.passes(&intruder).await);
+
+    // A change made while it was down reaches the proxy when it returns.
+    mesh.serve(&deny_from("frontend"));
+    let _back = Server::start(&mesh.plane, "a", addr);
+    until("resynced: the new policy enforced", async || {
+        !mesh.passes(&frontend).await
+    })
+    .await;
+    assert!(mesh.passes(&intruder).await);
+    until("the config source ok again", async || {
+        source(&proxy).await["config"]["state"] == "ok"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_shown_and_the_proxy_waits_for_a_good_one() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    // A token of the right namespace the CA does not know.
+    std::fs::write(
+        mesh.dir.path().join("token"),
+        token(NS, "orders") + "-forged",
+    )
+    .unwrap();
+    let mut feed = control::start(mesh.options(&[server.addr])).unwrap();
+    let refused = tokio::time::timeout(patience(), async {
+        loop {
+            feed.credentials.changed().await.unwrap();
+            if let Published::Problem { state, error, .. } = &*feed.credentials.borrow_and_update()
+            {
+                return (*state, error.clone());
+            }
+        }
+    })
+    .await
+    .expect("the refusal published");
+    assert_eq!(refused.0, SourceState::Refused);
+    assert!(refused.1.contains("PermissionDenied"), "{}", refused.1);
+    assert!(
+        refused.1.contains("unknown bootstrap token"),
+        "{}",
+        refused.1
+    );
+    assert!(
+        !refused.1.contains("forged"),
+        "the token is never shown: {}",
+        refused.1
+    );
+
+    // The token file is read again on the next attempt.
+    std::fs::write(mesh.dir.path().join("token"), token(NS, "orders")).unwrap();
+    let got = tokio::time::timeout(patience(), async {
+        loop {
+            feed.credentials.changed().await.unwrap();
+            if let Published::Update { content, .. } = &*feed.credentials.borrow_and_update() {
+                return content.credentials.id().to_string();
+            }
+        }
+    })
+    .await
+    .expect("a certificate once the token is good");
+    assert_eq!(got, format!("spiffe://cluster.local/ns/{NS}/sa/orders"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_fail_at_start_saying_what_is_wrong() {
+    let mesh = Mesh::new().await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], 15012));
+    let start = |o: ControlOptions| control::start(o).map(drop).unwrap_err();
+
+    // A token of another namespace.
+    let other = mesh.dir.path().join("other-token");
+    std::fs::write(&other, token("staging", "orders")).unwrap();
+    let mut o = mesh.options(&[addr]);
+    o.token_file = other;
+    let e = start(o);
+    assert!(matches!(e, ControlError::TokenNamespace { .. }), "{e}");
+    assert!(e.to_string().contains("\"staging\""), "{e}");
+
+    let mut o = mesh.options(&[addr]);
+    o.token_file = mesh.dir.path().join("missing");
+    let e = start(o);
+    assert!(
+        e.to_string().contains("cannot read the bootstrap token"),
+        "{e}"
+    );
+
+    let not_jwt = mesh.dir.path().join("not-jwt");
+    std::fs::write(&not_jwt, "hello").unwrap();
+    let mut o = mesh.options(&[addr]);
+    o.token_file = not_jwt;
+    assert!(start(o).to_string().contains("not a JWT"));
+
+    let mut o = mesh.options(&[addr]);
+    o.addresses = vec!["127.0.0.1".to_string()];
+    let e = start(o);
+    assert!(e.to_string().contains("\"127.0.0.1\""), "{e}");
+    let mut o = mesh.options(&[]);
+    o.addresses = vec![];
+    assert!(matches!(start(o), ControlError::NoAddress));
+
+    let empty = mesh.dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut o = mesh.options(&[addr]);
+    o.root_cert = empty;
+    let e = start(o);
+    assert!(e.to_string().contains("empty.pem"), "{e}");
+
+    let mut o = mesh.options(&[addr]);
+    o.control_identity = "istiod".to_string();
+    assert!(matches!(start(o), ControlError::ControlIdentity { .. }));
+
+    let mut o = mesh.options(&[addr]);
+    o.workload = "orders".to_string();
+    assert!(matches!(start(o), ControlError::Workload { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_with_another_identity_is_not_trusted() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let mut o = mesh.options(&[server.addr]);
+    o.control_identity = "istio-system/other".to_string();
+    let mut feed = control::start(o).unwrap();
+    let lost = tokio::time::timeout(patience(), async {
+        loop {
+            feed.credentials.changed().await.unwrap();
+            if let Published::Problem { state, error, .. } = &*feed.credentials.borrow_and_update()
+            {
+                return (*state, error.clone());
+            }
+        }
+    })
+    .await
+    .expect("the failure published");
+    assert_eq!(lost.0, SourceState::Lost);
+    assert!(
+        lost.1
+            .contains("spiffe://cluster.local/ns/istio-system/sa/istiod")
+            && lost.1.contains("not one of the expected identities"),
+        "{}",
+        lost.1
+    );
+    assert!(
+        !mesh
+            .plane
+            .seen()
+            .iter()
+            .any(|s| matches!(s, Seen::Csr { .. })),
+        "no CSR reached a server of the wrong identity"
+    );
+}
