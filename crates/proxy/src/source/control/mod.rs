@@ -115,11 +115,8 @@ pub enum ControlError {
         workload: String,
         workload_namespace: String,
     },
-    #[error("root certificates {path}: {source}")]
-    RootCert {
-        path: String,
-        source: meshward_identity::bundle::BundleError,
-    },
+    #[error("root certificates {path}: {reason}")]
+    RootCert { path: String, reason: String },
     #[error("root certificates {path}: the file holds no certificate")]
     NoRoots { path: String },
     #[error("control plane identity {value:?}: {reason}")]
@@ -263,12 +260,11 @@ fn prepare(options: &ControlOptions) -> Result<(Shared, Feed, SpiffeId), Control
         }
     };
     let root_path = options.root_cert.display().to_string();
-    let bundle = TrustBundle::from_pem_file(&options.root_cert).map_err(|source| {
-        ControlError::RootCert {
+    let bundle =
+        TrustBundle::from_pem_file(&options.root_cert).map_err(|e| ControlError::RootCert {
             path: root_path.clone(),
-            source,
-        }
-    })?;
+            reason: e.to_string(),
+        })?;
     if bundle.is_empty() {
         return Err(ControlError::NoRoots { path: root_path });
     }
