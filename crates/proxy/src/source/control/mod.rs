@@ -4,13 +4,13 @@
 //!
 //! - Identity: the key is generated here and never leaves the process; a
 //!   CSR goes to Istio's `IstioCertificateService/CreateCertificate`
-//!   ([`ca`]), authenticated by the bootstrap token (`--token-file`, read
+//!   (`ca.rs`), authenticated by the bootstrap token (`--token-file`, read
 //!   again for every first issuance) or, for a renewal, by the current
 //!   certificate (mTLS). `meshward_identity`'s rotation renews at 50% of
 //!   the lifetime plus jitter and retries with backoff, keeping the
 //!   still-valid certificate meanwhile.
 //! - Configuration: one `ConfigDiscoveryService/StreamConfig` stream
-//!   ([`stream`]), over mTLS with the current certificate. Every response
+//!   (`stream.rs`), over mTLS with the current certificate. Every response
 //!   is loaded whole: published and ACKed, or NACKed with its diagnostics
 //!   while what runs stays.
 //! - Trust bundle: the `--root-cert` file at first, then the roots the CA
