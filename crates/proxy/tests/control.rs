@@ -404,6 +404,12 @@ async fn it_fails_over_past_dead_addresses_and_to_the_other_replica_when_one_die
         "ACKed to the other replica"
     );
     assert_eq!(source(&proxy).await["config"]["state"], "ok");
+    // Failing over to a live replica is not an outage.
+    let metrics = admin(&proxy, "/stats/prometheus").await;
+    assert!(
+        metrics.contains("meshward_config_source_lost_total{source=\"config\"} 0"),
+        "{metrics}"
+    );
     drop(survivor);
 }
 
@@ -591,4 +597,25 @@ async fn a_control_plane_with_another_identity_is_not_trusted() {
             .any(|s| matches!(s, Seen::Csr { .. })),
         "no CSR reached a server of the wrong identity"
     );
+}
+
+/// `istio_agent_cert_expiry_seconds` is the proxy's, whatever its source:
+/// here the in-process one (the files source goes through the same state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_expiry_is_exported_for_every_source() {
+    let h = Harness::start("").await;
+    let metrics = h.admin("/stats/prometheus").await;
+    assert!(
+        metrics.contains("# TYPE istio_agent_cert_expiry_seconds gauge"),
+        "{metrics}"
+    );
+    let left: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("istio_agent_cert_expiry_seconds "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The harness's certificates live an hour.
+    assert!((3500.0..=3600.0).contains(&left), "{left}");
 }

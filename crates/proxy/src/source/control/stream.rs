@@ -6,9 +6,10 @@
 //! before, the refused nonce, code INVALID_ARGUMENT and the diagnostics),
 //! and what runs stays.
 //!
-//! A stream that cannot be opened, or breaks, publishes the config source
-//! as lost (once per outage) and is opened again on the next address after
-//! a backoff (exponential with jitter, at most `max_backoff`). The control
+//! A stream that breaks is opened again at once, on the same address and
+//! then the others; when none answers, the config source is published as
+//! lost (once per outage) and the addresses are tried again after a
+//! backoff (exponential with jitter, at most `max_backoff`). The control
 //! plane sends its current view on every new stream: that is the resync.
 
 use std::sync::Arc;
@@ -61,22 +62,28 @@ pub(crate) async fn run(shared: Arc<Shared>, node_id: String) {
             return;
         }
         let mut failures = Vec::new();
+        let mut served = false;
         for (i, address) in shared.addresses_in_order() {
             let (answered, why) = stream.follow(address).await;
-            if answered {
-                shared.answered(i);
-                backoff = INITIAL_BACKOFF;
-                lost = false;
-            }
             tracing::warn!(target: "meshward::config", control_plane = %address.text, error = %why, "configuration stream ended");
             failures.push(format!("{}: {why}", address.text));
             if answered {
-                // It served us: start again from it (a restart, a rolling update).
+                shared.answered(i);
+                served = true;
                 break;
             }
         }
         if shared.publisher.is_closed() {
             return;
+        }
+        if served {
+            // A stream that served us ended (a restart, a rolling update,
+            // a replica gone): subscribe again at once, from it, then the
+            // others; only a round where none answers counts as lost.
+            backoff = INITIAL_BACKOFF;
+            lost = false;
+            tokio::time::sleep(jittered(INITIAL_BACKOFF / 4)).await;
+            continue;
         }
         if !lost {
             lost = true;
