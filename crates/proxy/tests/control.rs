@@ -91,11 +91,16 @@ impl Mesh {
             .write_workload(&self.dir.path().join(format!("caller-{sa}")), NS, sa)
     }
 
-    /// Whether `caller` gets an echo through the orders TCP port.
+    /// Whether `caller` gets an echo through the orders TCP port (the
+    /// proxy's certificate verified with the mesh's first root).
     async fn passes(&self, caller: &WorkloadCerts) -> bool {
-        // The proxy's certificate is verified with the mesh's first root.
-        let root = self.dir.path().join("root-cert.pem");
-        match mtls_connect(&caller.dir, &root, self.ports.tcp.0, b"istio").await {
+        self.passes_trusting(caller, &self.dir.path().join("root-cert.pem"))
+            .await
+    }
+
+    /// As [`Mesh::passes`], verifying the proxy with the roots in `roots`.
+    async fn passes_trusting(&self, caller: &WorkloadCerts, roots: &std::path::Path) -> bool {
+        match mtls_connect(&caller.dir, roots, self.ports.tcp.0, b"istio").await {
             Ok(mut c) => echo_back(&mut c, "ping").await.is_ok(),
             Err(_) => false,
         }
@@ -326,7 +331,7 @@ async fn the_pushed_trust_bundle_replaces_the_roots_the_proxy_trusts() {
     let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
     let proxy = mesh.proxy(&[server.addr]).await;
     let old_caller = mesh.caller("frontend");
-    let new_ca = Ca::generate("meshward-test");
+    let new_ca = Ca::generate();
     let new_caller = new_ca.write_workload(&mesh.dir.path().join("new-frontend"), NS, "frontend");
     assert!(mesh.passes(&old_caller).await);
     assert!(
@@ -656,5 +661,113 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
         presented_leaves.len() >= 3,
         "{} certificates presented in 7 s",
         presented_leaves.len()
+    );
+}
+
+/// The root rotation of DESIGN section 6, as the proxy lives it: a new
+/// root added to the pushed bundle; the CA switched to an intermediate
+/// under it (the control plane restarted with it); certificates rotated;
+/// the old root retired. A peer under the new CA talks to the proxy
+/// throughout without a failed request; a peer still under the old root
+/// is refused at the end; the proxy keeps renewing from the control plane,
+/// now verified by the new root alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_reaches_the_proxy_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
+    let proxy = mesh.proxy(&[server.addr]).await;
+    let config = config(&mesh.ports, "");
+    let new_ca = Arc::new(Ca::intermediate_under_new_root());
+    let (old_root, new_root) = (mesh.plane.ca.root_pem(), new_ca.root_pem());
+    let both = mesh.dir.path().join("both-roots.pem");
+    std::fs::write(&both, format!("{old_root}{new_root}")).unwrap();
+    let old_peer = mesh.caller("reports");
+    let new_peer = new_ca.write_workload(&mesh.dir.path().join("new-frontend"), NS, "frontend");
+
+    // 1. The new root joins the bundle.
+    *mesh.plane.ca_roots.lock().unwrap() = vec![old_root.clone(), new_root.clone()];
+    mesh.plane.push(
+        &[("mesh.yaml", &config)],
+        &[old_root.clone(), new_root.clone()],
+    );
+    until("the new root trusted", async || {
+        mesh.passes_trusting(&new_peer, &both).await
+    })
+    .await;
+
+    // Traffic from the new peer from now on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let traffic = {
+        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+        let (dir, both, port) = (new_peer.dir.clone(), both.clone(), mesh.ports.tcp.0);
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) {
+                sent += 1;
+                match mtls_connect(&dir, &both, port, b"istio").await {
+                    Ok(mut c) => {
+                        if let Err(e) = echo_back(&mut c, "ping").await {
+                            failures.lock().unwrap().push(e);
+                        }
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        })
+    };
+
+    // 2. The CA signs under the new root; the control plane restarts with
+    // a certificate of it. The proxy resubscribes and renews under it.
+    mesh.plane.switch_ca(Arc::clone(&new_ca));
+    let addr = server.stop();
+    let _server = Server::start(&mesh.plane, "a", addr);
+    until(
+        "the proxy presenting a certificate under the new root",
+        async || {
+            match mtls_connect(&new_peer.dir, &both, mesh.ports.tcp.0, b"istio").await {
+                // Leaf and intermediate: the new CA's chain (the old root
+                // signed leaves directly).
+                Ok(c) => c.get_ref().1.peer_certificates().unwrap().len() == 2,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+
+    // 3. The old root retired.
+    *mesh.plane.ca_roots.lock().unwrap() = vec![new_root.clone()];
+    mesh.plane
+        .push(&[("mesh.yaml", &config)], std::slice::from_ref(&new_root));
+    until("the old root's peers refused", async || {
+        !mesh.passes_trusting(&old_peer, &both).await
+    })
+    .await;
+    let csrs = || {
+        mesh.plane
+            .seen()
+            .iter()
+            .filter(|s| matches!(s, Seen::Csr { .. }))
+            .count()
+    };
+    let before = csrs();
+    until("a renewal after the retirement", async || csrs() > before).await;
+    let dump = source(&proxy).await;
+    assert_eq!(dump["certs"]["state"], "ok", "{dump}");
+    assert_eq!(dump["config"]["state"], "ok", "{dump}");
+
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.await.unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(sent > 20, "only {sent} requests");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
     );
 }

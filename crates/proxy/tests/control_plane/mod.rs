@@ -30,7 +30,7 @@ use meshward_proto::config::config_discovery_service_server::{
 };
 use meshward_proto::config::{ConfigRequest, ConfigResponse, Document};
 use meshward_test_support::ca::WorkloadCerts;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::server::Connected;
@@ -44,17 +44,31 @@ pub struct Ca {
 }
 
 impl Ca {
-    pub fn generate(organization: &str) -> Ca {
-        let root = RootCa::generate(&meshward_test_support::ca::options(
-            TD,
-            KeyType::EcP256,
-            Duration::from_secs(24 * 3600),
-        ))
-        .unwrap();
-        let _ = organization;
+    /// A self-signed root that signs workloads itself.
+    pub fn generate() -> Ca {
         Ca {
-            ca: root.into_authority(CaSettings::default()).unwrap(),
+            ca: Self::new_root()
+                .into_authority(CaSettings::default())
+                .unwrap(),
         }
+    }
+
+    /// A new root, and an intermediate under it that signs workloads (as
+    /// a plug-in CA in Istio's cacerts layout would be).
+    pub fn intermediate_under_new_root() -> Ca {
+        let root = Self::new_root();
+        let material = root.new_intermediate(&Self::options()).unwrap();
+        Ca {
+            ca: CertificateAuthority::from_material(&material, CaSettings::default()).unwrap(),
+        }
+    }
+
+    fn options() -> meshward_identity::CaOptions {
+        meshward_test_support::ca::options(TD, KeyType::EcP256, Duration::from_secs(24 * 3600))
+    }
+
+    fn new_root() -> RootCa {
+        RootCa::generate(&Self::options()).unwrap()
     }
 
     pub fn root(&self) -> &CertificateDer<'static> {
@@ -128,29 +142,45 @@ pub enum Seen {
 
 /// The control plane's state, shared by its replicas.
 pub struct Plane {
+    /// The CA the mesh started with.
     pub ca: Ca,
+    /// The CA that signs now, when not `ca` (a root rotation).
+    pub signer: Mutex<Option<Arc<Ca>>>,
     /// What the CA returns as `root_cert` (the CA's root when empty).
     pub ca_roots: Mutex<Vec<String>>,
     tokens: Mutex<HashMap<String, SpiffeId>>,
-    server_chain: Vec<CertificateDer<'static>>,
-    server_key: WorkloadKey,
+    /// The control plane's own certificate chain and key.
+    server: Mutex<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     pub snapshot: watch::Sender<Snapshot>,
     pub seen: Mutex<Vec<Seen>>,
 }
 
 impl Plane {
     pub fn new() -> Arc<Plane> {
-        let ca = Ca::generate("meshward-test");
-        let (server_key, issued) = ca.issue("istio-system", "istiod", Duration::from_secs(3600));
+        let ca = Ca::generate();
+        let server = Self::server_credentials(&ca);
         Arc::new(Plane {
-            server_chain: issued.chain().to_vec(),
-            server_key,
+            server: Mutex::new(server),
             ca,
+            signer: Mutex::new(None),
             ca_roots: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
             snapshot: watch::Sender::new(Snapshot::default()),
             seen: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The control plane's certificate (istio-system/istiod) from `ca`.
+    fn server_credentials(ca: &Ca) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (key, issued) = ca.issue("istio-system", "istiod", Duration::from_secs(3600));
+        (issued.chain().to_vec(), key.private_key_der())
+    }
+
+    /// Signs with `ca` from now on, and serves with a certificate of it
+    /// (servers started from now on).
+    pub fn switch_ca(&self, ca: Arc<Ca>) {
+        *self.server.lock().unwrap() = Self::server_credentials(&ca);
+        *self.signer.lock().unwrap() = Some(ca);
     }
 
     /// Accepts `token` as proof of `NS/SA`.
@@ -195,9 +225,16 @@ impl Plane {
     }
 
     fn server_config(&self) -> rustls::ServerConfig {
+        let server = {
+            let s = self.server.lock().unwrap();
+            (s.0.clone(), s.1.clone_key())
+        };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.root().clone()).unwrap();
+        if let Some(signer) = self.signer.lock().unwrap().as_ref() {
+            roots.add(signer.root().clone()).unwrap();
+        }
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::clone(&provider),
@@ -210,7 +247,7 @@ impl Plane {
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.server_chain.clone(), self.server_key.private_key_der())
+            .with_single_cert(server.0, server.1)
             .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
         config
@@ -303,10 +340,9 @@ impl IstioCertificateService for Services {
         };
         let ttl = (r.validity_duration > 0)
             .then(|| Duration::from_secs(r.validity_duration.unsigned_abs()));
-        let issued = self
-            .plane
-            .ca
-            .ca
+        let signer = self.plane.signer.lock().unwrap().clone();
+        let ca = signer.as_ref().map_or(&self.plane.ca.ca, |s| &s.ca);
+        let issued = ca
             .sign_csr_pem(&r.csr, &who, ttl)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let root = issued.root().clone();
@@ -318,7 +354,7 @@ impl IstioCertificateService for Services {
             .collect();
         let mut roots = self.plane.ca_roots.lock().unwrap().clone();
         if roots.is_empty() {
-            roots.push(self.plane.ca.root_pem());
+            roots.push(meshward_identity::pem::encode("CERTIFICATE", ca.root()));
         }
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
