@@ -353,14 +353,28 @@ async fn the_pushed_trust_bundle_replaces_the_roots_the_proxy_trusts() {
 
     // A bundle without the root of the proxy's own certificate (retired
     // too early, before the proxy was issued one under the new root) is
-    // refused: the proxy keeps both roots, and its peers keep working.
-    *mesh.plane.ca_roots.lock().unwrap() = vec![new_ca.root_pem()];
-    mesh.plane
+    // NACKed, saying so: the proxy keeps both roots, its peers keep
+    // working.
+    let early = mesh
+        .plane
         .push(&[("mesh.yaml", &config)], &[new_ca.root_pem()]);
-    until("the early retirement refused", async || {
-        source(&proxy).await["certs"]["state"] == "refused"
+    until("the early retirement NACKed", async || {
+        answers(&mesh.plane)
+            .iter()
+            .any(|a| a.response_nonce == format!("nonce-{early}"))
     })
     .await;
+    let nack = answers(&mesh.plane)
+        .into_iter()
+        .find(|a| a.response_nonce == format!("nonce-{early}"))
+        .unwrap();
+    let error = nack.error_detail.expect("a NACK").message;
+    assert!(
+        error.contains("would not verify this proxy's own certificate"),
+        "{error}"
+    );
+    assert_eq!(nack.version_info, (early - 1).to_string());
+    assert_eq!(source(&proxy).await["config"]["state"], "refused");
     assert!(mesh.passes(&old_caller).await);
     assert!(mesh.passes(&new_caller).await);
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshward_config::Loader;
-use meshward_identity::TrustBundle;
+use meshward_identity::verify::TrustDomains;
+use meshward_identity::{Side, SvidVerifier, TrustBundle, WorkloadCredentials};
 use meshward_proto::config::config_discovery_service_client::ConfigDiscoveryServiceClient;
 use meshward_proto::config::{ConfigRequest, ConfigResponse, Node, Status};
 use tokio::sync::mpsc;
@@ -160,7 +161,8 @@ impl Stream {
     fn answer(&mut self, address: &Address, response: ConfigResponse) -> ConfigRequest {
         let version = response.version_info.clone();
         let nonce = response.nonce.clone();
-        match load(response) {
+        let credentials = self.shared.valid_credentials();
+        match load(response, credentials.as_deref(), &self.shared) {
             Ok((update, bundle)) => {
                 // The bundle first: the configuration may name identities
                 // only the new roots sign.
@@ -199,7 +201,15 @@ impl Stream {
 }
 
 /// The response's configuration and trust bundle, or why they do not load.
-fn load(response: ConfigResponse) -> Result<(ConfigUpdate, Option<TrustBundle>), String> {
+/// A trust bundle must verify the proxy's own certificate (`credentials`):
+/// one that does not (the old root retired before this proxy was issued a
+/// certificate under the new one) would have its peers refused by it, and
+/// is NACKed, so that the control plane shows which proxies lag.
+fn load(
+    response: ConfigResponse,
+    credentials: Option<&WorkloadCredentials>,
+    shared: &Shared,
+) -> Result<(ConfigUpdate, Option<TrustBundle>), String> {
     let bundle = if response.trust_bundle.is_empty() {
         None
     } else {
@@ -208,6 +218,21 @@ fn load(response: ConfigResponse) -> Result<(ConfigUpdate, Option<TrustBundle>),
             .map_err(|e| format!("trust bundle: {e}"))?;
         if bundle.is_empty() {
             return Err("trust bundle: no certificate".to_string());
+        }
+        if let Some(c) = credentials
+            && let Some((leaf, intermediates)) = c.chain().split_first()
+        {
+            SvidVerifier::new(
+                bundle.clone(),
+                TrustDomains::only([shared.control_id.trust_domain()]),
+            )
+            .verify_now(leaf, intermediates, Side::Client)
+            .map_err(|e| {
+                format!(
+                    "trust bundle: it would not verify this proxy's own certificate ({}): {e}",
+                    c.id()
+                )
+            })?;
         }
         Some(bundle)
     };
