@@ -57,8 +57,12 @@ impl Mesh {
     }
 
     fn options(&self, addresses: &[SocketAddr]) -> ControlOptions {
+        self.options_at(addresses.iter().map(|a| a.to_string()).collect())
+    }
+
+    fn options_at(&self, addresses: Vec<String>) -> ControlOptions {
         let mut o = ControlOptions::new(
-            addresses.iter().map(|a| a.to_string()).collect(),
+            addresses,
             format!("{NS}/orders"),
             self.dir.path().join("token"),
             self.dir.path().join("root-cert.pem"),
@@ -69,7 +73,12 @@ impl Mesh {
     }
 
     async fn proxy(&self, addresses: &[SocketAddr]) -> Proxy {
-        let feed = control::start(self.options(addresses)).unwrap();
+        self.proxy_at(addresses.iter().map(|a| a.to_string()).collect())
+            .await
+    }
+
+    async fn proxy_at(&self, addresses: Vec<String>) -> Proxy {
+        let feed = control::start(self.options_at(addresses)).unwrap();
         let options = Options {
             workload: format!("{NS}/orders"),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -148,7 +157,9 @@ async fn the_first_certificate_is_obtained_with_the_token_and_renewed_over_mtls(
     let mesh = Mesh::new().await;
     mesh.serve("");
     let server = Server::start(&mesh.plane, "a", "127.0.0.1:0".parse().unwrap());
-    let proxy = mesh.proxy(&[server.addr]).await;
+    // A host name resolves.
+    let address = format!("localhost:{}", server.addr.port());
+    let proxy = mesh.proxy_at(vec![address.clone()]).await;
 
     // Traffic flows with the issued certificate and the pushed config.
     let frontend = mesh.caller("frontend");
@@ -157,11 +168,7 @@ async fn the_first_certificate_is_obtained_with_the_token_and_renewed_over_mtls(
     assert_eq!(dump["kind"], "control", "{dump}");
     assert_eq!(dump["config"]["state"], "ok", "{dump}");
     assert_eq!(dump["certs"]["state"], "ok", "{dump}");
-    assert_eq!(
-        dump["config"]["paths"][0],
-        server.addr.to_string(),
-        "{dump}"
-    );
+    assert_eq!(dump["config"]["paths"][0], address, "{dump}");
 
     // A 4 s certificate is renewed after 2-2.4 s: wait for two renewals.
     until("two renewals", async || {

@@ -66,7 +66,12 @@ pub(crate) async fn run(shared: Arc<Shared>, node_id: String) {
         let mut served = false;
         for (i, address) in shared.addresses_in_order() {
             let (answered, why) = stream.follow(address).await;
-            tracing::warn!(target: "meshward::config", control_plane = %address.text, error = %why, "configuration stream ended");
+            // Once an outage is published, its retries log quietly.
+            if lost {
+                tracing::debug!(target: "meshward::config", control_plane = %address.text, error = %why, "control plane still unreachable");
+            } else {
+                tracing::warn!(target: "meshward::config", control_plane = %address.text, error = %why, "configuration stream ended");
+            }
             failures.push(format!("{}: {why}", address.text));
             if answered {
                 shared.answered(i);
