@@ -792,3 +792,42 @@ async fn a_root_rotation_reaches_the_proxy_without_a_failed_request() {
         failures.len()
     );
 }
+
+/// The first address is dead: the first CA call fails over to the next
+/// one, which the stream then starts from; the proxy starts as if nothing
+/// happened. (The stream's own failover: the replica test above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_address_fails_over_to_the_next_one() {
+    let mesh = Mesh::new().await;
+    mesh.serve("");
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let live = Server::start(&mesh.plane, "live", "127.0.0.1:0".parse().unwrap());
+    let mut o = mesh.options(&[dead, live.addr]);
+    o.first_address = Some(0);
+    let feed = control::start(o).unwrap();
+    let options = Options {
+        workload: format!("{NS}/orders"),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics: None,
+        access_log: AccessLogTo::Off,
+        idle_timeout: meshward_proxy::DEFAULT_IDLE_TIMEOUT,
+        dns: meshward_proxy::DnsConfig::System,
+    };
+    let proxy = tokio::time::timeout(patience(), meshward_proxy::start(feed, options))
+        .await
+        .expect("started through the second address")
+        .unwrap();
+    assert!(mesh.passes(&mesh.caller("frontend")).await);
+    let seen = mesh.plane.seen();
+    assert!(
+        seen.iter()
+            .any(|s| matches!(s, Seen::Csr { server: "live", .. }))
+    );
+    assert!(
+        seen.iter()
+            .any(|s| matches!(s, Seen::Subscribed { server: "live", .. }))
+    );
+    let dump = source(&proxy).await;
+    assert_eq!(dump["config"]["state"], "ok", "{dump}");
+    assert_eq!(dump["certs"]["state"], "ok", "{dump}");
+}

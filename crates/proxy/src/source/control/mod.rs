@@ -70,6 +70,9 @@ pub struct ControlOptions {
     pub max_backoff: Duration,
     /// How long a TCP and TLS connection may take.
     pub connect_timeout: Duration,
+    /// The index in `addresses` to try first (`None`: one at random, so
+    /// that proxies spread over the replicas).
+    pub first_address: Option<usize>,
 }
 
 impl ControlOptions {
@@ -90,6 +93,7 @@ impl ControlOptions {
             control_identity: DEFAULT_CONTROL_IDENTITY.to_string(),
             max_backoff: DEFAULT_MAX_BACKOFF,
             connect_timeout: Duration::from_secs(3),
+            first_address: None,
         }
     }
 }
@@ -280,7 +284,12 @@ fn prepare(options: &ControlOptions) -> Result<(Shared, Feed, SpiffeId), Control
     let shared = Shared {
         addresses,
         // Proxies started together spread over the replicas.
-        preferred: AtomicUsize::new(random_u32() as usize % n),
+        preferred: AtomicUsize::new(
+            options
+                .first_address
+                .unwrap_or_else(|| random_u32() as usize)
+                % n,
+        ),
         control_id,
         bundle: watch::Sender::new(Arc::new(bundle)),
         credentials: watch::Sender::new(None),
