@@ -303,6 +303,12 @@ async fn a_push_is_applied_and_acked_and_a_bad_one_nacked_while_the_last_good_on
     assert_eq!(error.code, 3);
     assert!(error.message.contains("broken.yaml:1"), "{}", error.message);
     assert!(error.message.contains("rules"), "{}", error.message);
+    // The NACK is sent as the refusal is published; the proxy records it
+    // as it applies it.
+    until("the refusal shown", async || {
+        source(&proxy).await["config"]["state"] == "refused"
+    })
+    .await;
     let dump = source(&proxy).await;
     assert_eq!(dump["config"]["state"], "refused", "{dump}");
     assert!(
@@ -381,7 +387,10 @@ async fn the_pushed_trust_bundle_replaces_the_roots_the_proxy_trusts() {
         "{error}"
     );
     assert_eq!(nack.version_info, (early - 1).to_string());
-    assert_eq!(source(&proxy).await["config"]["state"], "refused");
+    until("the refusal shown", async || {
+        source(&proxy).await["config"]["state"] == "refused"
+    })
+    .await;
     assert!(mesh.passes(&old_caller).await);
     assert!(mesh.passes(&new_caller).await);
 }
