@@ -410,6 +410,10 @@ async fn it_fails_over_past_dead_addresses_and_to_the_other_replica_when_one_die
 
     // Kill the replica the stream is on: the proxy goes on serving and
     // follows the other one.
+    until("the subscription recorded", async || {
+        !mesh.plane.requests().is_empty()
+    })
+    .await;
     let on = match mesh.plane.requests().last().unwrap().0 {
         "a" => "a",
         _ => "b",
@@ -429,15 +433,12 @@ async fn it_fails_over_past_dead_addresses_and_to_the_other_replica_when_one_die
     )
     .await;
     let other = if on == "a" { "b" } else { "a" };
-    assert!(
-        mesh.plane
-            .requests()
-            .iter()
-            .any(|(server, r)| *server == other
-                && r.error_detail.is_none()
-                && !r.response_nonce.is_empty()),
-        "ACKed to the other replica"
-    );
+    until("ACKed to the other replica", async || {
+        mesh.plane.requests().iter().any(|(server, r)| {
+            *server == other && r.error_detail.is_none() && !r.response_nonce.is_empty()
+        })
+    })
+    .await;
     assert_eq!(source(&proxy).await["config"]["state"], "ok");
     // Failing over to a live replica is not an outage.
     let metrics = admin(&proxy, "/stats/prometheus").await;
