@@ -215,6 +215,10 @@ impl State {
         dr_files.set_files(files);
         dr_files.sync(&snapshot, &metrics);
         let app_connector = crate::connect::AppConnector::new(snapshot.app_connect_timeout);
+        // The first configuration is applied (version 1).
+        if let Some(outcome) = &config.outcome {
+            outcome.report(Ok(1));
+        }
         Ok(Arc::new(State {
             snapshot: ArcSwap::from_pointee(snapshot),
             tls: ArcSwap::from_pointee(tls),

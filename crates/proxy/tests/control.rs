@@ -321,17 +321,38 @@ async fn a_push_is_applied_and_acked_and_a_bad_one_nacked_while_the_last_good_on
     assert!(!mesh.passes(&frontend).await, "version 2 is still enforced");
     assert!(!mesh.passes(&intruder).await);
 
-    // A good version after it applies.
-    let v4 = mesh.serve("");
-    until("frontend allowed by version 4", async || {
+    // Valid resources this proxy cannot apply (no WorkloadEntry for it):
+    // NACKed with the proxy's reason.
+    let v4 = mesh.plane.push(&[("mesh.yaml", &mesh::mesh_strict())], &[]);
+    until("version 4 NACKed", async || {
+        answers(&mesh.plane)
+            .iter()
+            .any(|a| a.response_nonce == format!("nonce-{v4}"))
+    })
+    .await;
+    let nack = answers(&mesh.plane)
+        .into_iter()
+        .find(|a| a.response_nonce == format!("nonce-{v4}"))
+        .unwrap();
+    assert_eq!(nack.version_info, v2.to_string());
+    let error = nack.error_detail.expect("a NACK carries the error").message;
+    assert!(
+        error.contains("the proxy cannot apply it") && error.contains("orders"),
+        "{error}"
+    );
+    assert!(!mesh.passes(&frontend).await, "version 2 is still enforced");
+
+    // A good version after them applies.
+    let v5 = mesh.serve("");
+    until("frontend allowed by version 5", async || {
         mesh.passes(&frontend).await
     })
     .await;
     assert!(mesh.passes(&intruder).await);
-    until("version 4 ACKed", async || {
+    until("version 5 ACKed", async || {
         answers(&mesh.plane)
             .iter()
-            .any(|a| a.version_info == v4.to_string() && a.error_detail.is_none())
+            .any(|a| a.version_info == v5.to_string() && a.error_detail.is_none())
     })
     .await;
     assert_eq!(source(&proxy).await["config"]["state"], "ok");

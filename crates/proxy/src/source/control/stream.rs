@@ -2,9 +2,10 @@
 //! over mTLS with the workload's current certificate. The proxy subscribes
 //! with its node, then answers every response: an ACK (its version and
 //! nonce) once the response's documents, mesh settings and trust bundle
-//! all loaded and were published; otherwise a NACK (the version applied
-//! before, the refused nonce, code INVALID_ARGUMENT and the diagnostics),
-//! and what runs stays.
+//! all loaded and the proxy applied them; otherwise a NACK (the version
+//! applied before, the refused nonce, code INVALID_ARGUMENT and the
+//! diagnostics, or why the proxy could not apply it, e.g. no WorkloadEntry
+//! for it), and what runs stays.
 //!
 //! A stream that breaks is opened again at once, on the same address and
 //! then the others; when none answers, the config source is published as
@@ -24,13 +25,17 @@ use tokio::sync::mpsc;
 
 use super::connect::{self, Address};
 use super::{Shared, Source, SourceState, jittered};
-use crate::source::ConfigUpdate;
+use crate::source::{ConfigUpdate, Outcome};
 
 /// google.rpc.Code INVALID_ARGUMENT, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
 /// The first wait before opening the stream again.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// How long the proxy may take to apply a configuration before the
+/// stream moves on without answering it.
+const APPLY_WAIT: Duration = Duration::from_secs(30);
 
 /// The largest response accepted (a mesh's whole configuration).
 const MAX_RESPONSE: usize = 64 << 20;
@@ -155,33 +160,55 @@ impl Stream {
                 Err(status) => return (answered, describe(&status)),
             };
             answered = true;
-            let reply = self.answer(address, response);
+            let Some(reply) = self.answer(address, response).await else {
+                continue;
+            };
             if tx.send(reply).await.is_err() {
                 return (answered, "the stream closed".to_string());
             }
         }
     }
 
-    /// Loads a response whole and publishes it; the ACK or NACK.
-    fn answer(&mut self, address: &Address, response: ConfigResponse) -> ConfigRequest {
+    /// Loads a response whole, publishes it and waits for the proxy to
+    /// apply it: the ACK, or the NACK with why it did not load or was not
+    /// applied. `None`: no answer (the proxy took up a newer update first,
+    /// or is not running).
+    async fn answer(
+        &mut self,
+        address: &Address,
+        response: ConfigResponse,
+    ) -> Option<ConfigRequest> {
         let version = response.version_info.clone();
         let nonce = response.nonce.clone();
         let credentials = self.shared.valid_credentials();
-        match load(response, credentials.as_deref(), &self.shared) {
-            Ok((update, bundle)) => {
-                // The bundle first: the configuration may name identities
-                // only the new roots sign.
-                if let Some(bundle) = bundle {
-                    self.shared.set_bundle(bundle);
-                }
+        let loaded = load(response, credentials.as_deref(), &self.shared);
+        let refused = match loaded {
+            Ok((mut update, bundle)) => {
+                let (outcome, applied) = Outcome::new();
+                update.outcome = Some(outcome);
                 self.shared.publisher.config(update);
-                tracing::info!(target: "meshward::config", control_plane = %address.text, version = %version, "configuration received");
-                self.applied = version.clone();
-                ConfigRequest {
-                    version_info: version,
-                    node: Some(self.node.clone()),
-                    response_nonce: nonce,
-                    error_detail: None,
+                match tokio::time::timeout(APPLY_WAIT, applied).await {
+                    Ok(Ok(Ok(_))) => {
+                        // The roots with the configuration they came with.
+                        if let Some(bundle) = bundle {
+                            self.shared.set_bundle(bundle);
+                        }
+                        tracing::info!(target: "meshward::config", control_plane = %address.text, version = %version, "configuration applied");
+                        self.applied = version.clone();
+                        return Some(ConfigRequest {
+                            version_info: version,
+                            node: Some(self.node.clone()),
+                            response_nonce: nonce,
+                            error_detail: None,
+                        });
+                    }
+                    // The proxy refused it (it logged why, and shows it).
+                    Ok(Ok(Err(message))) => format!("the proxy cannot apply it: {message}"),
+                    Ok(Err(_superseded)) => return None,
+                    Err(_) => {
+                        tracing::warn!(target: "meshward::config", control_plane = %address.text, version = %version, "the proxy did not apply the configuration in {}s; not answering", APPLY_WAIT.as_secs());
+                        return None;
+                    }
                 }
             }
             Err(message) => {
@@ -191,17 +218,18 @@ impl Stream {
                     SourceState::Refused,
                     format!("version {version:?} from {}: {message}", address.text),
                 );
-                ConfigRequest {
-                    version_info: self.applied.clone(),
-                    node: Some(self.node.clone()),
-                    response_nonce: nonce,
-                    error_detail: Some(Status {
-                        code: INVALID_ARGUMENT,
-                        message,
-                    }),
-                }
+                message
             }
-        }
+        };
+        Some(ConfigRequest {
+            version_info: self.applied.clone(),
+            node: Some(self.node.clone()),
+            response_nonce: nonce,
+            error_detail: Some(Status {
+                code: INVALID_ARGUMENT,
+                message: refused,
+            }),
+        })
     }
 }
 
