@@ -1,29 +1,89 @@
-//! `meshward proxy`: the sidecar, from a static bootstrap.
+//! `meshward proxy`: the sidecar, fed by the control plane (`--control`)
+//! or by static files (`--config` and `--certs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use meshward_proxy::source::control::{self, ControlOptions};
 use meshward_proxy::source::files::{self, FilePaths};
 use meshward_proxy::{AccessLogTo, Options};
 
 #[derive(Debug, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("source")
+        .required(true)
+        .args(["control", "config"])
+))]
 pub struct Args {
-    /// Files or directories of mesh resources (watched for changes).
-    #[arg(long = "config", short = 'c', value_name = "PATH", required = true)]
+    /// Control plane mode: the control plane's gRPC address(es), HOST:PORT,
+    /// comma-separated or repeated (replicas: the proxy starts at a random
+    /// one and fails over). The proxy generates its key, obtains and renews
+    /// its certificate by CSR, and follows its configuration and trust
+    /// bundle. Needs --token-file and --root-cert; excludes --config and
+    /// --certs.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        requires_all = ["token_file", "root_cert"],
+        conflicts_with_all = ["certs", "mesh_config", "no_watch"]
+    )]
+    control: Option<Vec<String>>,
+    /// Control plane mode: the bootstrap token for the first certificate
+    /// (`meshward control token`), read again on each first-issuance attempt.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "control",
+        conflicts_with = "config"
+    )]
+    token_file: Option<PathBuf>,
+    /// Control plane mode: the mesh root(s) to verify the control plane
+    /// with until it pushes its trust bundle (root-cert.pem).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "control",
+        conflicts_with = "config"
+    )]
+    root_cert: Option<PathBuf>,
+    /// Control plane mode: the certificate lifetime to ask for (e.g. `1h`;
+    /// default: the control plane's, 24h unless configured).
+    #[arg(
+        long,
+        value_name = "DUR",
+        requires = "control",
+        conflicts_with = "config",
+        value_parser = parse_cert_ttl
+    )]
+    cert_ttl: Option<std::time::Duration>,
+    /// Control plane mode: the control plane's identity, NAMESPACE/SERVICE_ACCOUNT
+    /// in the workload's trust domain, checked against its certificate.
+    #[arg(
+        long,
+        value_name = "NS/SA",
+        requires = "control",
+        default_value = control::DEFAULT_CONTROL_IDENTITY
+    )]
+    control_identity: String,
+    /// Files mode: files or directories of mesh resources (watched for
+    /// changes). Needs --certs.
+    #[arg(long = "config", short = 'c', value_name = "PATH", requires = "certs")]
     config: Vec<PathBuf>,
-    /// Mesh settings: a file holding Istio's meshConfig block, Helm values
-    /// with `meshConfig:`, or an IstioOperator with `spec.meshConfig`.
+    /// Files mode: mesh settings: a file holding Istio's meshConfig block,
+    /// Helm values with `meshConfig:`, or an IstioOperator with
+    /// `spec.meshConfig`.
     #[arg(long, value_name = "FILE")]
     mesh_config: Option<PathBuf>,
     /// This workload: namespace/name of its WorkloadEntry.
     #[arg(long, short = 'w', value_name = "NS/NAME")]
     workload: String,
-    /// Directory with key.pem, cert-chain.pem and root-cert.pem (as
-    /// `meshward ca issue` writes them; watched for changes).
-    #[arg(long, value_name = "DIR")]
-    certs: PathBuf,
+    /// Files mode: directory with key.pem, cert-chain.pem and root-cert.pem
+    /// (as `meshward ca issue` writes them; watched for changes).
+    #[arg(long, value_name = "DIR", requires = "config")]
+    certs: Option<PathBuf>,
     /// Admin endpoints: readiness, config dump, certificates, metrics.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -33,7 +93,8 @@ pub struct Args {
     /// Do not write the JSON access log to stdout.
     #[arg(long)]
     no_access_log: bool,
-    /// Do not reload configuration and certificates when files change.
+    /// Files mode: do not reload configuration and certificates when files
+    /// change.
     #[arg(long)]
     no_watch: bool,
     /// Close a connection idle this long: HTTP with no request in flight
@@ -82,12 +143,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rt = rt.build().context("cannot start the runtime")?;
     let drain_flag = args.drain_duration;
     let code = rt.block_on(async move {
-        let paths = FilePaths {
-            config_paths: args.config,
-            mesh_config: args.mesh_config,
-            certs_dir: args.certs,
+        let feed = match args.control {
+            Some(addresses) => {
+                // clap requires both with --control.
+                let (Some(token_file), Some(root_cert)) = (args.token_file, args.root_cert) else {
+                    anyhow::bail!("--control needs --token-file and --root-cert");
+                };
+                let mut options =
+                    ControlOptions::new(addresses, args.workload.clone(), token_file, root_cert);
+                options.cert_ttl = args.cert_ttl;
+                options.control_identity = args.control_identity;
+                control::start(options)?
+            }
+            None => {
+                // clap requires --certs with --config.
+                let Some(certs_dir) = args.certs else {
+                    anyhow::bail!("--config needs --certs");
+                };
+                let paths = FilePaths {
+                    config_paths: args.config,
+                    mesh_config: args.mesh_config,
+                    certs_dir,
+                };
+                files::start(paths, !args.no_watch)?
+            }
         };
-        let feed = files::start(paths, !args.no_watch)?;
         let options = Options {
             workload: args.workload,
             admin: args.admin,
@@ -219,6 +299,14 @@ fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
 fn parse_drain_duration(s: &str) -> Result<std::time::Duration, String> {
     match meshward_identity::duration::parse_duration(s) {
         Ok(d) if d > meshward_proxy::MAX_DRAIN_DURATION => Err("must be at most 1h".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_cert_ttl(s: &str) -> Result<std::time::Duration, String> {
+    match meshward_identity::duration::parse_duration(s) {
+        Ok(d) if d.as_secs() == 0 => Err("must be at least 1s".to_string()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }

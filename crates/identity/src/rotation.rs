@@ -181,12 +181,16 @@ async fn run(
                     .not_after()
                     .duration_since(now_sys)
                     .unwrap_or_default();
-                let elapsed = now_sys
-                    .duration_since(creds.not_before())
-                    .unwrap_or_default();
+                // The lifetime counts from when the certificate arrived: a
+                // CA backdates notBefore against clock skew (meshward's by
+                // `LEAF_BACKDATE`, 60 s), and counting from it would renew
+                // a 10 s certificate at once, again and again. A notBefore
+                // in the future (skew the other way) counts from there.
+                let start = creds.not_before().max(now_sys);
+                let lifetime = creds.not_after().duration_since(start).unwrap_or_default();
+                let elapsed = now_sys.duration_since(start).unwrap_or_default();
                 let fraction = config.renew_at + config.jitter * random_unit();
-                let renew_in = creds
-                    .lifetime()
+                let renew_in = lifetime
                     .mul_f64(fraction.clamp(0.0, 1.0))
                     .saturating_sub(elapsed)
                     .min(remaining);

@@ -115,6 +115,25 @@ async fn renews_between_50_and_60_percent_of_the_lifetime() {
     assert_eq!(ca.attempts().len(), 4);
 }
 
+/// A real CA backdates notBefore by 60 s: the lifetime still counts from
+/// issuance, so a 10 s certificate is renewed after 5-6 s, not at once.
+#[tokio::test]
+async fn a_backdated_short_certificate_is_renewed_at_half_its_ttl_not_at_once() {
+    let (_, m) = material(TD, KeyType::EcP256, KeyType::EcP256);
+    let ca = Arc::new(ca_from(&m));
+    let id = workload("default", "api");
+    let mut c = RotationConfig::new(id.clone());
+    c.ttl = Some(Duration::from_secs(4));
+    let rotation = spawn_rotation(c, Arc::new(LocalCaClient::new(ca, id)));
+    let mut rx = rotation.subscribe();
+    rx.changed().await.unwrap();
+    let first = std::time::Instant::now();
+    rx.changed().await.unwrap();
+    let gap = first.elapsed().as_secs_f64();
+    // 50-60% of 4 s, with X.509's one-second resolution as slack.
+    assert!((1.0..=3.5).contains(&gap), "renewed after {gap}s");
+}
+
 #[tokio::test(start_paused = true)]
 async fn keeps_serving_until_expiry_while_the_ca_is_down_with_backoff() {
     // Only the first call succeeds.

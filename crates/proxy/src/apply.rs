@@ -84,6 +84,9 @@ fn config_published(state: &State, listeners: &Listeners, published: Published<C
         Published::Update { content, .. } => match state.apply_config(&content) {
             Ok(snapshot) => {
                 let v = snapshot.version;
+                if let Some(outcome) = &content.outcome {
+                    outcome.report(Ok(v));
+                }
                 let closed = state.tcp_conns.recheck(&snapshot);
                 if closed > 0 {
                     tracing::info!(target: "meshward::config", closed, "closed TCP connections and WebSocket tunnels the new policy denies");
@@ -98,7 +101,12 @@ fn config_published(state: &State, listeners: &Listeners, published: Published<C
                 // Bind errors are logged there and do not undo the change.
                 listeners.reconcile();
             }
-            Err(e) => refused(state, Source::Config, e.to_string()),
+            Err(e) => {
+                if let Some(outcome) = &content.outcome {
+                    outcome.report(Err(e.to_string()));
+                }
+                refused(state, Source::Config, e.to_string());
+            }
         },
         Published::Problem {
             state: s, error, ..

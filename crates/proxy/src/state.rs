@@ -211,12 +211,17 @@ impl State {
         let dns = Arc::new(crate::dns::DnsStore::new(dns));
         let snapshot = build_snapshot(&workload, config, 1, &jwks, &dns)?;
         let tls = tls_with(&credentials, &snapshot)?;
+        metrics.cert_in_use(credentials.credentials.not_after());
         // Unusable files do not stop the proxy: their DestinationRule's
         // requests fail (503) naming the file, as they are logged here.
         let dr_files = crate::dr_tls::DrFiles::default();
         dr_files.set_files(files);
         dr_files.sync(&snapshot, &metrics);
         let app_connector = crate::connect::AppConnector::new(snapshot.app_connect_timeout);
+        // The first configuration is applied (version 1).
+        if let Some(outcome) = &config.outcome {
+            outcome.report(Ok(1));
+        }
         Ok(Arc::new(State {
             snapshot: ArcSwap::from_pointee(snapshot),
             tls: ArcSwap::from_pointee(tls),
@@ -355,6 +360,8 @@ impl State {
             .unwrap_or_else(|e| e.into_inner()) = Arc::clone(&credentials);
         let tls = tls_with(&credentials, &self.snapshot())?;
         self.tls.store(Arc::new(tls));
+        self.metrics
+            .cert_in_use(credentials.credentials.not_after());
         Ok(())
     }
 

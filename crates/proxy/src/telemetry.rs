@@ -2,12 +2,14 @@
 //! `istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`,
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
-//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; and a
-//! JSON access log line per request or TCP connection.
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; the
+//! workload certificate's remaining lifetime as Istio's agent exports it,
+//! `istio_agent_cert_expiry_seconds`; and a JSON access log line per
+//! request or TCP connection.
 
 use std::io::Write;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -88,6 +90,11 @@ pub struct Metrics {
     config_rejected: Counter,
     source_up: Family<SourceLabels, Gauge>,
     source_lost: Family<SourceLabels, Counter>,
+    /// Seconds left before the workload certificate expires, computed at
+    /// each scrape from `cert_not_after`.
+    cert_expiry: Gauge<f64, AtomicU64>,
+    /// The certificate in use's `notAfter`, Unix seconds.
+    cert_not_after: AtomicI64,
     access: AccessLog,
 }
 
@@ -116,6 +123,7 @@ impl Metrics {
         let config_rejected = Counter::default();
         let source_up = Family::<SourceLabels, Gauge>::default();
         let source_lost = Family::<SourceLabels, Counter>::default();
+        let cert_expiry = Gauge::<f64, AtomicU64>::default();
         registry.register("istio_requests", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -177,6 +185,11 @@ impl Metrics {
             "Times the source was lost",
             source_lost.clone(),
         );
+        registry.register(
+            "istio_agent_cert_expiry_seconds",
+            "The time remaining, in seconds, before the workload certificate expires (negative once expired)",
+            cert_expiry.clone(),
+        );
         for &source in sources {
             let labels = SourceLabels { source };
             source_up.get_or_create(&labels).set(1);
@@ -197,6 +210,8 @@ impl Metrics {
             config_rejected,
             source_up,
             source_lost,
+            cert_expiry,
+            cert_not_after: AtomicI64::new(0),
             access,
         }
     }
@@ -243,16 +258,35 @@ impl Metrics {
         }
     }
 
+    /// Records the `notAfter` of the certificate now in use.
+    pub fn cert_in_use(&self, not_after: SystemTime) {
+        self.cert_not_after
+            .store(unix_seconds(not_after), Ordering::Relaxed);
+    }
+
     pub fn access(&self) -> &AccessLog {
         &self.access
     }
 
     /// Prometheus text format.
     pub fn encode(&self) -> String {
+        let left = self
+            .cert_not_after
+            .load(Ordering::Relaxed)
+            .saturating_sub(unix_seconds(SystemTime::now()));
+        self.cert_expiry.set(left as f64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// `t` as (signed) seconds since the Unix epoch.
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
     }
 }
 

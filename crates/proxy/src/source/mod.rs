@@ -19,6 +19,7 @@
 //! validates and compiles it, swaps it in atomically, re-checks open
 //! connections and reconciles listeners. A source only has to publish.
 
+pub mod control;
 pub mod files;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
@@ -42,6 +43,10 @@ pub use status::{Source, SourceState};
 pub struct ConfigUpdate {
     pub config: ConfigSet,
     pub warnings: Vec<String>,
+    /// Where the proxy says whether it applied this update, for a source
+    /// that answers for it (the control plane's ACK or NACK); `None` for
+    /// the others.
+    pub outcome: Option<Outcome>,
 }
 
 impl From<meshward_config::Loaded> for ConfigUpdate {
@@ -49,7 +54,39 @@ impl From<meshward_config::Loaded> for ConfigUpdate {
         ConfigUpdate {
             warnings: loaded.warnings.warnings().map(|w| w.to_string()).collect(),
             config: loaded.config,
+            outcome: None,
         }
+    }
+}
+
+/// Whether the proxy applied a configuration update: the configuration
+/// version it made, or why it refused it. An update superseded before the
+/// proxy took it up reports nothing (the receiver sees the sender dropped).
+pub type Applied = Result<u64, String>;
+
+/// The proxy's end of an update's [`Applied`] report.
+pub struct Outcome(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Applied>>>);
+
+impl Outcome {
+    /// An outcome to attach to an update, and where its report arrives.
+    pub fn new() -> (Outcome, tokio::sync::oneshot::Receiver<Applied>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Outcome(std::sync::Mutex::new(Some(tx))), rx)
+    }
+
+    /// Reports the outcome (once; later reports are ignored).
+    pub(crate) fn report(&self, applied: Applied) {
+        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = sender {
+            // The source may have stopped waiting.
+            let _ = tx.send(applied);
+        }
+    }
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome").finish_non_exhaustive()
     }
 }
 
