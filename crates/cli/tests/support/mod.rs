@@ -254,7 +254,12 @@ impl Mesh {
 
     /// Starts `meshward proxy` for `workload` with its source's arguments
     /// (files or control plane) and `extra`, and waits until it is ready.
-    pub async fn spawn_proxy(&self, workload: &str, source: &[&str], extra: &[&str]) -> ProxyProcess {
+    pub async fn spawn_proxy(
+        &self,
+        workload: &str,
+        source: &[&str],
+        extra: &[&str],
+    ) -> ProxyProcess {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(bin());
