@@ -136,13 +136,7 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&args.log).context("invalid --log filter")?;
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::process::init_logging(&args.log)?;
     if args.default_cert_ttl > args.max_cert_ttl {
         anyhow::bail!("--default-cert-ttl must not exceed --max-cert-ttl");
     }
@@ -167,8 +161,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             cp.grpc_addr(),
             cp.admin_addr()
         );
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        let mut signals = crate::process::Signals::new()?;
+        let stop = signals.next().await;
+        tracing::info!(signal = stop.name(), "shutting down");
         cp.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })?;
@@ -200,25 +195,4 @@ fn parse_token_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be at most 24h".into());
     }
     Ok(d)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -12,6 +12,7 @@ mod control;
 mod describe;
 mod output;
 mod policy;
+mod process;
 mod proxy;
 mod validate;
 

@@ -123,13 +123,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&args.log).context("invalid --log filter")?;
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::process::init_logging(&args.log)?;
     // One worker: a current-thread runtime, with no cross-thread wake-ups.
     let mut rt = if args.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -186,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         // Taken over before the start, which may wait for a usable
         // configuration for long: a stop signal then ends the wait.
-        let mut signals = Signals::new()?;
+        let mut signals = crate::process::Signals::new()?;
         let proxy = tokio::select! {
             started = meshward_proxy::start(feed, options) => started?,
             stop = signals.next() => {
@@ -219,72 +213,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // waited for.
     rt.shutdown_background();
     code
-}
-
-/// The signals that stop the proxy: SIGTERM (an orchestrator) and SIGINT
-/// (Ctrl-C), each taken over for the process's lifetime, so that a second
-/// one can cut the drain short.
-struct Signals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-}
-
-/// A signal that stops the proxy.
-#[derive(Debug, Clone, Copy)]
-enum Stop {
-    Terminate,
-    Interrupt,
-}
-
-impl Stop {
-    fn name(self) -> &'static str {
-        match self {
-            Stop::Terminate => "SIGTERM",
-            Stop::Interrupt => "SIGINT",
-        }
-    }
-
-    /// The exit status after a second signal: 128 + the signal's number,
-    /// as a shell reports a process that signal ended.
-    fn exit_status(self) -> u8 {
-        match self {
-            Stop::Terminate => 128 + 15,
-            Stop::Interrupt => 128 + 2,
-        }
-    }
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Signals> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Signals {
-                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Signals {})
-    }
-
-    /// The next stop signal.
-    async fn next(&mut self) -> Stop {
-        #[cfg(unix)]
-        {
-            tokio::select! {
-                _ = self.term.recv() => Stop::Terminate,
-                _ = self.int.recv() => Stop::Interrupt,
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            Stop::Interrupt
-        }
-    }
 }
 
 fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {

@@ -16,7 +16,8 @@ const ORDERS: &str = "orders.production.svc.cluster.local";
 
 struct Shop {
     cm: ControlMesh,
-    app: App,
+    /// The orders application (kept running for the test).
+    _app: App,
     outbound: u16,
 }
 
@@ -49,7 +50,11 @@ async fn shop(ca: CaDir) -> Shop {
         None,
     );
     cm.mesh.write_config("mesh.yaml", &yaml);
-    Shop { cm, app, outbound }
+    Shop {
+        cm,
+        _app: app,
+        outbound,
+    }
 }
 
 impl Shop {

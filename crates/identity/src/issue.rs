@@ -309,21 +309,7 @@ impl CertificateAuthority {
         }
 
         // 2. Parse the CSR and check proof of possession.
-        let csr = match X509CertificationRequest::from_der(csr_der) {
-            Ok(([], csr)) => csr,
-            Ok(_) => {
-                return Err(IssueError::MalformedCsr {
-                    reason: "trailing data".into(),
-                });
-            }
-            Err(e) => {
-                return Err(IssueError::MalformedCsr {
-                    reason: e.to_string(),
-                });
-            }
-        };
-        csr.verify_signature()
-            .map_err(|_| IssueError::BadCsrSignature)?;
+        let csr = parse_csr(csr_der)?;
 
         // 3. What the CSR asks for may only be a subset of what we grant.
         check_requested(&csr, authenticated, self.trust_domain())?;
@@ -472,9 +458,9 @@ pub struct CsrRequest {
     pub ca: bool,
 }
 
-/// Parses a DER CSR, checks its signature (proof of possession) and
-/// returns what it asks for. Never panics on any input.
-pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
+/// Parses a DER CSR (nothing may follow it) and checks its signature:
+/// proof of possession of the key it carries.
+fn parse_csr(csr_der: &[u8]) -> Result<X509CertificationRequest<'_>, IssueError> {
     let csr = match X509CertificationRequest::from_der(csr_der) {
         Ok(([], csr)) => csr,
         Ok(_) => {
@@ -490,6 +476,13 @@ pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
     };
     csr.verify_signature()
         .map_err(|_| IssueError::BadCsrSignature)?;
+    Ok(csr)
+}
+
+/// Parses a DER CSR, checks its signature (proof of possession) and
+/// returns what it asks for. Never panics on any input.
+pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
+    let csr = parse_csr(csr_der)?;
     let mut request = CsrRequest::default();
     for ext in csr.requested_extensions().into_iter().flatten() {
         match ext {

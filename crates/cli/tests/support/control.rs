@@ -3,13 +3,13 @@
 //! identity and configuration from them (`meshward proxy --control`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use meshward_test_support::{Process, wait};
+use meshward_test_support::Process;
 
 use super::*;
 
@@ -69,10 +69,9 @@ pub struct ControlMesh {
 
 impl ControlMesh {
     pub fn new(ca: CaDir) -> ControlMesh {
+        // Mesh::new makes `ca/` with `meshward ca init` (a root and an
+        // intermediate): the plug-in CA.
         let mesh = Mesh::new();
-        if let CaDir::PlugIn = ca {
-            // Mesh::new made `ca/` with `meshward ca init` (root + intermediate).
-        }
         ControlMesh {
             mesh,
             ca,
@@ -119,18 +118,7 @@ impl ControlMesh {
                 &std::env::var("MESHWARD_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
             ])
             .args(extra);
-        let mut process = Process::spawn_captured("control", cmd).unwrap();
-        let ready = wait::for_admin_ready(
-            || Some(admin),
-            "/healthz/ready",
-            patience(),
-            Duration::from_millis(20),
-            || process.check_alive(),
-        )
-        .await;
-        if let Err(e) = ready {
-            panic!("control plane: {e}\n{}", process.logs());
-        }
+        let process = spawn_ready("control plane", cmd, admin).await;
         ControlProcess {
             grpc,
             admin,
@@ -270,5 +258,3 @@ pub async fn serving_serial(p: &ProxyProcess) -> Option<String> {
         .as_str()
         .map(str::to_string)
 }
-
-pub fn _unused(_: &Path) {}

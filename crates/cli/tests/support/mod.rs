@@ -278,18 +278,7 @@ impl Mesh {
                 "1",
             ])
             .args(extra);
-        let mut process = Process::spawn_captured(workload, cmd).unwrap();
-        let ready = wait::for_admin_ready(
-            || Some(admin),
-            "/healthz/ready",
-            patience(),
-            Duration::from_millis(20),
-            || process.check_alive(),
-        )
-        .await;
-        if let Err(e) = ready {
-            panic!("proxy {workload}: {e}\n{}", process.logs());
-        }
+        let process = spawn_ready(&format!("proxy {workload}"), cmd, admin).await;
         ProxyProcess {
             name: workload.to_string(),
             admin,
@@ -297,6 +286,24 @@ impl Mesh {
             process,
         }
     }
+}
+
+/// Spawns `cmd` (named `name` in failures) and waits until its admin
+/// endpoint at `admin` answers `/healthz/ready` with 200.
+pub async fn spawn_ready(name: &str, cmd: Command, admin: SocketAddr) -> Process {
+    let mut process = Process::spawn_captured(name, cmd).unwrap();
+    let ready = wait::for_admin_ready(
+        || Some(admin),
+        "/healthz/ready",
+        patience(),
+        Duration::from_millis(20),
+        || process.check_alive(),
+    )
+    .await;
+    if let Err(e) = ready {
+        panic!("{name}: {e}\n{}", process.logs());
+    }
+    process
 }
 
 /// The value of a Prometheus sample whose labels include all of `labels`
