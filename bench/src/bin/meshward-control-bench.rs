@@ -616,10 +616,24 @@ async fn push_bench(args: &Args, control: &Control) -> Result<Value> {
         );
         latencies.push(ms);
     }
+    // The control plane counts an ACK when it has read it, a little after
+    // the proxy sent it: wait (bounded) until it has counted them all.
+    let responses = state.responses.load(Ordering::SeqCst) as f64;
+    let counted = Instant::now();
+    let convergence = loop {
+        let h = metric_histogram(control, "pilot_proxy_convergence_time").await;
+        if h["count"].as_f64().unwrap_or(0.0) >= responses
+            || counted.elapsed() > Duration::from_secs(5)
+        {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Only now: a proxy dropped at once may reset its stream before its last
+    // ACK has left.
     for t in &tasks {
         t.abort();
     }
-    let convergence = metric_histogram(control, "pilot_proxy_convergence_time").await;
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(json!({
