@@ -219,6 +219,7 @@ async fn run(args: &Args) -> Result<Value> {
                 .await
                 .context("issuance benchmark")?;
         }
+        report["machine"]["loadavg_end"] = json!(loadavg());
         report["control_peak_rss_kib"] = json!(proc_status(control.process.pid(), "VmHWM:"));
         Ok::<_, anyhow::Error>(())
     }
@@ -347,6 +348,16 @@ fn write_round(dir: &Path, round: usize) -> Result<()> {
     Ok(())
 }
 
+/// What a response carries: documents, mesh settings and roots, in bytes.
+fn payload_bytes(resp: &ConfigResponse) -> usize {
+    resp.documents
+        .iter()
+        .map(|d| d.origin.len() + d.content.len())
+        .sum::<usize>()
+        + resp.mesh_config.len()
+        + resp.trust_bundle.iter().map(String::len).sum::<usize>()
+}
+
 /// The round whose policy a response carries.
 fn round_of(resp: &ConfigResponse) -> Option<usize> {
     resp.documents
@@ -448,6 +459,8 @@ struct PushState {
     all_acked_at: Vec<OnceLock<Instant>>,
     /// Responses received and ACKed, over all proxies.
     responses: AtomicUsize,
+    /// The largest response's documents, mesh settings and roots, bytes.
+    payload_max: AtomicUsize,
     failed: AtomicBool,
     first_error: Mutex<Option<String>>,
     changed: Notify,
@@ -527,6 +540,9 @@ async fn simulated_proxy(
             .await
             .map_err(|_| anyhow!("request channel closed"))?;
             state.responses.fetch_add(1, Ordering::Relaxed);
+            state
+                .payload_max
+                .fetch_max(payload_bytes(&resp), Ordering::Relaxed);
             if let Some(r) = round.filter(|r| Some(*r) != last_round && *r < state.acked.len()) {
                 last_round = Some(r);
                 if state.acked[r].fetch_add(1, Ordering::SeqCst) + 1 == state.proxies {
@@ -561,6 +577,7 @@ async fn push_bench(args: &Args, control: &Control) -> Result<Value> {
         acked: (0..=args.rounds).map(|_| AtomicUsize::new(0)).collect(),
         all_acked_at: (0..=args.rounds).map(|_| OnceLock::new()).collect(),
         responses: AtomicUsize::new(0),
+        payload_max: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         first_error: Mutex::new(None),
         changed: Notify::new(),
@@ -645,6 +662,7 @@ async fn push_bench(args: &Args, control: &Control) -> Result<Value> {
         "push_all_acked_median_ms": round3(median(&sorted)),
         "push_all_acked_max_ms": round3(sorted.last().copied().unwrap_or(0.0)),
         "responses_acked": state.responses.load(Ordering::Relaxed),
+        "response_payload_max_bytes": state.payload_max.load(Ordering::Relaxed),
         "pilot_xds": connected,
         "pilot_proxy_convergence_time": convergence,
         "control_rss_before_kib": rss_before,
@@ -891,6 +909,14 @@ async fn metric_histogram(control: &Control, name: &str) -> Value {
     }
 }
 
+/// The 1-, 5- and 15-minute load averages (other load on the machine
+/// shows in the numbers).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn machine() -> Value {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -902,7 +928,7 @@ fn machine() -> Value {
                 .map(|(_, m)| m.trim().to_string())
         })
         .unwrap_or_default();
-    json!({ "cpus": cpus, "cpu_model": model })
+    json!({ "cpus": cpus, "cpu_model": model, "loadavg_start": loadavg() })
 }
 
 /// The plain-text report: one row per metric, with its target.
@@ -937,6 +963,11 @@ fn table(report: &Value) -> String {
         rows.push((
             "push: rounds, ms".into(),
             fmt(&p["push_all_acked_ms"]),
+            String::new(),
+        ));
+        rows.push((
+            "push: largest response payload, bytes".into(),
+            fmt(&p["response_payload_max_bytes"]),
             String::new(),
         ));
         rows.push((
@@ -998,9 +1029,11 @@ fn table(report: &Value) -> String {
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
     let mut out = format!(
-        "meshward control benchmarks ({} CPUs, {})\n",
+        "meshward control benchmarks ({} CPUs, {}; load average {} before, {} after)\n",
         fmt(&report["machine"]["cpus"]),
-        fmt(&report["machine"]["cpu_model"])
+        fmt(&report["machine"]["cpu_model"]),
+        fmt(&report["machine"]["loadavg_start"]),
+        fmt(&report["machine"]["loadavg_end"]),
     );
     for (name, value, target) in rows {
         out.push_str(&format!("{name:<w0$}  {value:>w1$}  {target}\n"));
