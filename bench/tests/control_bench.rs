@@ -120,3 +120,18 @@ fn a_missing_binary_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_control_plane_that_does_not_start_is_a_clear_error() {
+    // `false` exits at once: the harness must say so, not hang or pass.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshward-control-bench"))
+        .args(["--quick", "--meshward", "/bin/false"])
+        .output()
+        .expect("the harness starts");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("meshward control did not become ready") && stderr.contains("exited"),
+        "{stderr}"
+    );
+}

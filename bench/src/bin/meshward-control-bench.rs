@@ -1040,3 +1040,79 @@ fn table(report: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshward_proto::config::Document;
+
+    fn response(contents: &[&str]) -> ConfigResponse {
+        ConfigResponse {
+            documents: contents
+                .iter()
+                .map(|c| Document {
+                    origin: "f.yaml:1".into(),
+                    content: (*c).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_response_carries_the_round_of_its_newest_policy() {
+        assert_eq!(round_of(&response(&["kind: WorkloadEntry"])), None);
+        assert_eq!(
+            round_of(&response(&[
+                "name: bench-round-3, x",
+                "name: bench-round-12"
+            ])),
+            Some(12)
+        );
+        assert_eq!(round_of(&response(&["bench-round-"])), None);
+    }
+
+    #[test]
+    fn the_address_line_is_found_among_log_lines() {
+        let log = "{\"level\":\"INFO\",\"fields\":{}}\nnot json\n{\"grpc\":\"127.0.0.1:4000\",\"admin\":\"127.0.0.1:4001\"}\n";
+        assert_eq!(
+            listening_addrs(log),
+            Some((
+                "127.0.0.1:4000".parse().unwrap(),
+                "127.0.0.1:4001".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            listening_addrs("{\"grpc\":\"nonsense\",\"admin\":\"x\"}"),
+            None
+        );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
+        assert!(proc_cpu_seconds(std::process::id()).is_some());
+        assert!(proc_status(std::process::id(), "VmRSS:").is_some_and(|k| k > 0));
+        assert_eq!(proc_status(std::process::id(), "NoSuchField:"), None);
+    }
+
+    #[test]
+    fn the_policy_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        write_round(dir.path(), 1).unwrap();
+        write_round(dir.path(), 2).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [ROUND_FILE]);
+        let policy = std::fs::read_to_string(dir.path().join(ROUND_FILE)).unwrap();
+        assert!(policy.contains("bench-round-2") && !policy.contains("bench-round-1"));
+    }
+}
