@@ -135,3 +135,33 @@ fn a_control_plane_that_does_not_start_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn renewal_callers_are_served_over_their_own_certificates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshward-control-bench"))
+        .args([
+            "--quick", "--json", "--only", "issuance", "--proof", "renewal",
+        ])
+        .arg("--meshward")
+        .arg(meshward())
+        .output()
+        .expect("the harness starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the harness failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["issuance"]["proof"], "renewal");
+    assert_eq!(
+        number(&report, "issuance.connections"),
+        200.0,
+        "one per identity"
+    );
+    let certs = number(&report, "issuance.certificates");
+    assert!(certs > 0.0);
+    assert_eq!(
+        number(&report, "issuance.requests"),
+        certs,
+        "{:#}",
+        report["issuance"]
+    );
+    assert!(report.get("push").is_none(), "--only issuance");
+}

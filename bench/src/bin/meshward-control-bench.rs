@@ -91,6 +91,12 @@ struct Args {
     /// are used up; default: 4,000 per second of --duration).
     #[arg(long)]
     csrs: Option<usize>,
+    /// How the issuance callers prove their identity: `token` (a bootstrap
+    /// token per request, callers on C connections without a client
+    /// certificate) or `renewal` (each identity's current certificate over
+    /// mTLS: one connection per identity, obtained before the timed part).
+    #[arg(long, value_enum, default_value = "token")]
+    proof: Proof,
     /// Benchmarks to run.
     #[arg(long, value_delimiter = ',', default_value = "push,issuance")]
     only: Vec<Bench>,
@@ -108,6 +114,12 @@ struct Args {
     /// Keep the work directory (config, state, control log) and print its path.
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Proof {
+    Token,
+    Renewal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -704,11 +716,25 @@ async fn issuance_bench(args: &Args, control: &Control) -> Result<Value> {
     );
     let tokens = Arc::new(tokens);
 
-    let config = client_config(control, None)?;
+    // Token: each caller its own connection. Renewal: each identity its own
+    // mTLS connection, which any caller uses for that identity's requests.
     let mut channels = Vec::with_capacity(args.callers);
-    for _ in 0..args.callers {
-        channels.push(connect(control, config.clone()).await?);
-    }
+    let renewal = match args.proof {
+        Proof::Token => {
+            let config = client_config(control, None)?;
+            for _ in 0..args.callers {
+                channels.push(connect(control, config.clone()).await?);
+            }
+            None
+        }
+        Proof::Renewal => {
+            eprintln!(
+                "issuance: obtaining {} certificates and opening their mTLS connections",
+                args.identities
+            );
+            Some(Arc::new(renewal_channels(control, args.identities).await?))
+        }
+    };
     let issued_before = metric_value(control, "citadel_server_success_cert_issuance_count").await;
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = proc_cpu_seconds(control.process.pid());
@@ -716,10 +742,11 @@ async fn issuance_bench(args: &Args, control: &Control) -> Result<Value> {
     let started = Instant::now();
     let end = started + Duration::from_secs_f64(args.duration);
     let mut tasks = Vec::with_capacity(args.callers);
-    for channel in channels {
+    for c in 0..args.callers {
         let (csrs, tokens, next) = (csrs.clone(), tokens.clone(), next.clone());
+        let own = channels.get(c).cloned();
+        let renewal = renewal.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = IstioCertificateServiceClient::new(channel);
             let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
                 .map_err(|e| anyhow!("histogram: {e}"))?;
             let mut outcomes = Outcomes::new();
@@ -728,7 +755,23 @@ async fn issuance_bench(args: &Args, control: &Control) -> Result<Value> {
                 if i >= csrs.len() || Instant::now() >= end {
                     break;
                 }
-                let req = token_request(csrs[i].clone(), &tokens[i % tokens.len()])?;
+                let identity = i % tokens.len();
+                let (channel, req) = match (&renewal, &own) {
+                    (Some(by_identity), _) => (
+                        by_identity[identity].clone(),
+                        tonic::Request::new(IstioCertificateRequest {
+                            csr: csrs[i].clone(),
+                            validity_duration: 0,
+                            metadata: None,
+                        }),
+                    ),
+                    (None, Some(own)) => (
+                        own.clone(),
+                        token_request(csrs[i].clone(), &tokens[identity])?,
+                    ),
+                    (None, None) => bail!("caller {c} has no connection"),
+                };
+                let mut client = IstioCertificateServiceClient::new(channel);
                 let t0 = Instant::now();
                 let result = client.create_certificate(req).await;
                 let us = t0.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
@@ -768,6 +811,8 @@ async fn issuance_bench(args: &Args, control: &Control) -> Result<Value> {
     Ok(json!({
         "callers": args.callers,
         "identities": args.identities,
+        "proof": format!("{:?}", args.proof).to_lowercase(),
+        "connections": renewal.as_ref().map_or(args.callers, |r| r.len()),
         "duration_s": round3(elapsed),
         "csr_pool": pool,
         "csr_pool_exhausted": attempted as usize >= pool,
@@ -787,6 +832,37 @@ async fn issuance_bench(args: &Args, control: &Control) -> Result<Value> {
             .zip(issued_after)
             .map(|(b, a)| a - b),
     }))
+}
+
+/// One mTLS connection per identity of the issuance benchmark, each
+/// presenting a certificate obtained with a token (before the timed part).
+async fn renewal_channels(control: &Control, identities: usize) -> Result<Vec<Channel>> {
+    let ca_channel = connect(control, client_config(control, None)?).await?;
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = Vec::with_capacity(identities);
+    for i in 0..identities {
+        let (gate, ca_channel) = (gate.clone(), ca_channel.clone());
+        let sa = format!("sa-{i:05}");
+        let creds = async move {
+            let _permit = gate.acquire_owned().await;
+            obtain_credentials(control, ca_channel, CA_NS, &sa).await
+        };
+        tasks.push(creds);
+    }
+    let mut channels = Vec::with_capacity(identities);
+    for creds in futures_util::future::join_all(tasks).await {
+        let config = client_config(control, Some(creds?))?;
+        channels.push(config);
+    }
+    let channels = futures_util::future::join_all(channels.into_iter().map(|config| {
+        let gate = gate.clone();
+        async move {
+            let _permit = gate.acquire_owned().await;
+            connect(control, config).await
+        }
+    }))
+    .await;
+    channels.into_iter().collect()
 }
 
 /// `pool` CSRs with fresh P-256 keys, CSR `i` for identity `i % ids.len()`,
@@ -982,6 +1058,11 @@ fn table(report: &Value) -> String {
         ));
     }
     if let Some(i) = report.get("issuance") {
+        rows.push((
+            "issuance: proof (connections)".into(),
+            format!("{} ({})", fmt(&i["proof"]), fmt(&i["connections"])),
+            String::new(),
+        ));
         rows.push((
             "issuance: certificates/s".into(),
             fmt(&i["certificates_per_s"]),
