@@ -14,6 +14,8 @@
 //!   without it; so the proxy's NACK of such a version, as it is on the
 //!   wire (code, the version it names, the message), is only seen here.
 
+pub mod mesh;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
