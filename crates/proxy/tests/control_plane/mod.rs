@@ -1,271 +1,297 @@
-//! A small control plane for the control-source tests: Istio's
-//! `IstioCertificateService` and meshward's `ConfigDiscoveryService` over
-//! tonic and tokio-rustls, signing for real with `meshward_identity`. It
-//! records what each proxy sent (how a CSR was authenticated, every ACK
-//! and NACK) for the tests to assert on. Each server runs on a runtime of
-//! its own thread: stopping it drops every connection at once, as a
-//! killed process would.
+//! The control planes of the control-source tests.
+//!
+//! - [`Replica`]: the real control plane (`meshward_control::start`), in
+//!   process, on a runtime of its own thread: stopping it drops its
+//!   listeners and every connection at once, as a killed process would. Its
+//!   log (JSON lines) is kept, for the tests to read what it says of each
+//!   certificate it issued.
+//! - [`FakeStream`]: a config stream that pushes whatever the test says,
+//!   beside the real CA service. It exists for one thing the real control
+//!   plane cannot be made to do: push a version the proxy's own loader
+//!   refuses. The real one validates every change before pushing it (a
+//!   document that does not validate never leaves it) and ends the stream
+//!   of a workload that left the configuration instead of pushing a view
+//!   without it; so the proxy's NACK of such a version, as it is on the
+//!   wire (code, the version it names, the message), is only seen here.
 
-#![allow(dead_code)]
+pub mod mesh;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::Stream;
-use meshward_identity::ca::{CaSettings, CertificateAuthority, RootCa};
-use meshward_identity::issue::{self, IssuedCertificate, WorkloadKey};
-use meshward_identity::keys::KeyType;
-use meshward_identity::{SpiffeId, TrustDomain};
-use meshward_proto::ca::istio_certificate_service_server::{
-    IstioCertificateService, IstioCertificateServiceServer,
-};
-use meshward_proto::ca::{IstioCertificateRequest, IstioCertificateResponse, Roots};
+use meshward_control::authority::{Authority, AuthorityOptions, CaSource};
+use meshward_control::registry::{ProxyStatus, Registry};
+use meshward_control::{CaService, Lifetimes, Metrics, Options, PeerInfo, RateLimit};
+use meshward_identity::{KeyType, SpiffeId, WorkloadKey};
 use meshward_proto::config::config_discovery_service_server::{
     ConfigDiscoveryService, ConfigDiscoveryServiceServer,
 };
 use meshward_proto::config::{ConfigRequest, ConfigResponse, Document};
-use meshward_test_support::ca::WorkloadCerts;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
-pub const TD: &str = "cluster.local";
-
-/// A mesh CA: a self-signed root that signs workload certificates.
-pub struct Ca {
-    pub ca: CertificateAuthority,
+/// A real control plane, serving until stopped or dropped.
+pub struct Replica {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Every proxy that subscribed, with its state.
+    pub registry: Arc<Registry>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    log: Arc<Mutex<Vec<u8>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Ca {
-    /// A self-signed root that signs workloads itself.
-    pub fn generate() -> Ca {
-        Ca {
-            ca: Self::new_root()
-                .into_authority(CaSettings::default())
-                .unwrap(),
-        }
-    }
+/// Appends what the replica logs to a buffer.
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
 
-    /// A new root, and an intermediate under it that signs workloads (as
-    /// a plug-in CA in Istio's cacerts layout would be).
-    pub fn intermediate_under_new_root() -> Ca {
-        let root = Self::new_root();
-        let material = root.new_intermediate(&Self::options()).unwrap();
-        Ca {
-            ca: CertificateAuthority::from_material(&material, CaSettings::default()).unwrap(),
-        }
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
     }
-
-    fn options() -> meshward_identity::CaOptions {
-        meshward_test_support::ca::options(TD, KeyType::EcP256, Duration::from_secs(24 * 3600))
-    }
-
-    fn new_root() -> RootCa {
-        RootCa::generate(&Self::options()).unwrap()
-    }
-
-    pub fn root(&self) -> &CertificateDer<'static> {
-        self.ca.root()
-    }
-
-    pub fn root_pem(&self) -> String {
-        meshward_identity::pem::encode("CERTIFICATE", self.ca.root())
-    }
-
-    pub fn issue(&self, ns: &str, sa: &str, ttl: Duration) -> (WorkloadKey, IssuedCertificate) {
-        let id = SpiffeId::workload(&TrustDomain::new(TD).unwrap(), ns, sa).unwrap();
-        meshward_test_support::ca::issue(&self.ca, &id, Some(ttl)).unwrap()
-    }
-
-    /// Credentials for `NS/SA` in Istio's layout under `dir`.
-    pub fn write_workload(&self, dir: &std::path::Path, ns: &str, sa: &str) -> WorkloadCerts {
-        let (key, issued) = self.issue(ns, sa, Duration::from_secs(3600));
-        issue::write_workload_files(dir, &key, &issued, true).unwrap();
-        WorkloadCerts {
-            dir: dir.to_owned(),
-        }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-/// A bootstrap token for `spiffe://cluster.local/ns/NS/sa/SA`: a JWT
-/// whose signature this control plane does not check (it knows its
-/// tokens by value).
-pub fn token(ns: &str, sa: &str) -> String {
-    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    let payload = format!(
-        r#"{{"iss":"test-control","aud":["meshward-ca"],"sub":"system:serviceaccount:{ns}:{sa}","spiffe":"spiffe://{TD}/ns/{ns}/sa/{sa}","exp":4102444800}}"#
-    );
-    format!(
-        "{}.{}.{}",
-        b(r#"{"alg":"ES256","typ":"JWT"}"#),
-        b(&payload),
-        b("not-checked-here")
-    )
-}
-
-/// What the control plane serves now.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub version: u64,
-    /// `(origin, content)`.
-    pub documents: Vec<(String, String)>,
-    pub mesh_config: String,
-    /// PEM roots; empty: none sent.
-    pub bundle: Vec<String>,
-}
-
-/// One thing a proxy did.
-#[derive(Debug, Clone)]
-pub enum Seen {
-    Csr {
-        server: &'static str,
-        client_cert: Option<SpiffeId>,
-        bearer: Option<String>,
-        validity: i64,
-    },
-    Subscribed {
-        server: &'static str,
-        peer: Option<SpiffeId>,
-    },
-    Request {
-        server: &'static str,
-        request: ConfigRequest,
-    },
-}
-
-/// The control plane's state, shared by its replicas.
-pub struct Plane {
-    /// The CA the mesh started with.
-    pub ca: Ca,
-    /// The CA that signs now, when not `ca` (a root rotation).
-    pub signer: Mutex<Option<Arc<Ca>>>,
-    /// What the CA returns as `root_cert` (the CA's root when empty).
-    pub ca_roots: Mutex<Vec<String>>,
-    tokens: Mutex<HashMap<String, SpiffeId>>,
-    /// The control plane's own certificate chain and key.
-    server: Mutex<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    pub snapshot: watch::Sender<Snapshot>,
-    pub seen: Mutex<Vec<Seen>>,
-}
-
-impl Plane {
-    pub fn new() -> Arc<Plane> {
-        let ca = Ca::generate();
-        let server = Self::server_credentials(&ca);
-        Arc::new(Plane {
-            server: Mutex::new(server),
-            ca,
-            signer: Mutex::new(None),
-            ca_roots: Mutex::new(Vec::new()),
-            tokens: Mutex::new(HashMap::new()),
-            snapshot: watch::Sender::new(Snapshot::default()),
-            seen: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// The control plane's certificate (istio-system/istiod) from `ca`.
-    fn server_credentials(ca: &Ca) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let (key, issued) = ca.issue("istio-system", "istiod", Duration::from_secs(3600));
-        (issued.chain().to_vec(), key.private_key_der())
-    }
-
-    /// Signs with `ca` from now on, and serves with a certificate of it
-    /// (servers started from now on).
-    pub fn switch_ca(&self, ca: Arc<Ca>) {
-        *self.server.lock().unwrap() = Self::server_credentials(&ca);
-        *self.signer.lock().unwrap() = Some(ca);
-    }
-
-    /// Accepts `token` as proof of `NS/SA`.
-    pub fn allow_token(&self, token: &str, ns: &str, sa: &str) {
-        let id = SpiffeId::workload(&TrustDomain::new(TD).unwrap(), ns, sa).unwrap();
-        self.tokens.lock().unwrap().insert(token.to_owned(), id);
-    }
-
-    /// Serves a new version: `documents` (one `FILE:1` origin each),
-    /// with `bundle` as the trust bundle.
-    pub fn push(&self, documents: &[(&str, &str)], bundle: &[String]) -> u64 {
-        let mut version = 0;
-        self.snapshot.send_modify(|s| {
-            s.version += 1;
-            version = s.version;
-            s.documents = documents
-                .iter()
-                .map(|(f, c)| (format!("{f}:1"), (*c).to_owned()))
-                .collect();
-            s.bundle = bundle.to_vec();
+impl Replica {
+    /// Starts a control plane with `options`.
+    pub async fn start(options: Options) -> Replica {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready, started) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let writer = Arc::clone(&log);
+        let thread = std::thread::spawn(move || {
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .with_writer(move || LogWriter(Arc::clone(&writer)))
+                .finish();
+            // Every task of a current-thread runtime runs on this thread.
+            let _log = tracing::subscriber::set_default(subscriber);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                match meshward_control::start(options).await {
+                    Ok(cp) => {
+                        let _ = ready.send(Ok((
+                            cp.grpc_addr(),
+                            Arc::clone(cp.registry()),
+                            Arc::clone(cp.metrics()),
+                        )));
+                        let _ = stopped.await;
+                        drop(cp);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                    }
+                }
+            });
+            // Dropping the runtime drops every connection it holds.
+            rt.shutdown_timeout(Duration::from_secs(1));
         });
-        version
+        let (addr, registry, metrics) = started
+            .await
+            .expect("the control plane's thread")
+            .expect("the control plane started");
+        Replica {
+            addr,
+            registry,
+            metrics,
+            log,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
-    pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn record(&self, s: Seen) {
-        self.seen.lock().unwrap().push(s);
-    }
-
-    /// The config requests received so far (subscriptions, ACKs, NACKs).
-    pub fn requests(&self) -> Vec<(&'static str, ConfigRequest)> {
-        self.seen()
-            .into_iter()
-            .filter_map(|s| match s {
-                Seen::Request { server, request } => Some((server, request)),
-                _ => None,
+    /// Every certificate issued so far, as the control plane logged it:
+    /// how the caller proved its identity (`token` or `renewal`) and the
+    /// identity signed.
+    pub fn issued(&self) -> Vec<(String, String)> {
+        let log = String::from_utf8(self.log.lock().unwrap().clone()).unwrap();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["fields"]["message"] == "certificate issued")
+            .map(|e| {
+                let field = |f: &str| e["fields"][f].as_str().unwrap_or_default().to_string();
+                (field("proof"), field("src.identity"))
             })
             .collect()
     }
 
-    fn server_config(&self) -> rustls::ServerConfig {
-        let server = {
-            let s = self.server.lock().unwrap();
-            (s.0.clone(), s.1.clone_key())
-        };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.root().clone()).unwrap();
-        if let Some(signer) = self.signer.lock().unwrap().as_ref() {
-            roots.add(signer.root().clone()).unwrap();
+    /// The one proxy connected to it, if one is.
+    pub fn connected(&self) -> Option<ProxyStatus> {
+        self.registry.list().into_iter().find(|p| p.connected)
+    }
+
+    /// Stops the replica: its listeners and every connection close.
+    pub fn stop(mut self) -> SocketAddr {
+        tokio::task::block_in_place(|| self.shutdown());
+        self.addr
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::clone(&provider),
-        )
-        // A first certificate is asked for without one.
-        .allow_unauthenticated()
-        .build()
-        .unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(server.0, server.1)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        config
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-/// Who is on the other end of a connection, as its handshake proved.
-#[derive(Debug, Clone)]
-struct Peer(Option<SpiffeId>);
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
 
+/// What the fake stream pushes now.
+#[derive(Debug, Clone, Default)]
+struct Pushed {
+    version: u64,
+    /// `(origin, content)`.
+    documents: Vec<(String, String)>,
+}
+
+/// A config stream pushing what the test says (and recording every
+/// request it receives), with the real CA service of the mesh's CA beside
+/// it, over TLS with a certificate of istiod from that CA.
+pub struct FakeStream {
+    /// Its address.
+    pub addr: SocketAddr,
+    pushed: watch::Sender<Pushed>,
+    requests: Arc<Mutex<Vec<ConfigRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeStream {
+    /// Serves on an ephemeral port, signing with the plug-in CA in
+    /// `ca_dir`.
+    pub async fn start(ca_dir: &std::path::Path) -> FakeStream {
+        let metrics = Arc::new(Metrics::new());
+        let lifetimes = Lifetimes {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(3600),
+        };
+        let authority = Authority::load(
+            AuthorityOptions {
+                source: CaSource::PlugIn(ca_dir.to_owned()),
+                trust_domain: None,
+                default_cert_ttl: lifetimes.default_ttl,
+                max_cert_ttl: lifetimes.max_ttl,
+                poll_interval: Duration::from_secs(3600),
+            },
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let istiod =
+            SpiffeId::workload(authority.trust_domain(), "istio-system", "istiod").unwrap();
+        let key = WorkloadKey::generate(KeyType::EcP256).unwrap();
+        let issued = authority
+            .ca()
+            .issue_server_cert(&key, &istiod, &["localhost".to_string()], &[], None)
+            .unwrap();
+        let tls = meshward_control::tls::server_config(
+            &authority.current().bundle,
+            authority.trust_domain(),
+            issued.chain().to_vec(),
+            key.private_key_der(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let ca = CaService::new(authority, metrics, lifetimes, RateLimit::default());
+        let (pushed, _) = watch::channel(Pushed::default());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let config = Config {
+            pushed: pushed.clone(),
+            requests: Arc::clone(&requests),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel::<std::io::Result<Conn>>(16);
+        let task = tokio::spawn(async move {
+            tokio::spawn(async move {
+                while let Ok((tcp, remote)) = listener.accept().await {
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            let identity = meshward_identity::peer_identity(
+                                tls.get_ref().1.peer_certificates(),
+                            )
+                            .ok();
+                            let peer = PeerInfo {
+                                remote: Some(remote),
+                                identity,
+                            };
+                            let _ = tx.send(Ok(Conn { tls, peer })).await;
+                        }
+                    });
+                }
+            });
+            let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|c| (c, rx))
+            });
+            let _ = tonic::transport::Server::builder()
+                .add_service(ca.into_server())
+                .add_service(ConfigDiscoveryServiceServer::new(config))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        FakeStream {
+            addr,
+            pushed,
+            requests,
+            task,
+        }
+    }
+
+    /// Pushes a new version: `documents` (one `FILE:1` origin each).
+    /// Returns the version.
+    pub fn push(&self, documents: &[(&str, &str)]) -> u64 {
+        let mut version = 0;
+        self.pushed.send_modify(|p| {
+            p.version += 1;
+            version = p.version;
+            p.documents = documents
+                .iter()
+                .map(|(f, c)| (format!("{f}:1"), (*c).to_owned()))
+                .collect();
+        });
+        version
+    }
+
+    /// Every request received so far: subscriptions, ACKs and NACKs.
+    pub fn requests(&self) -> Vec<ConfigRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One TLS connection with the peer its handshake proved (what the CA
+/// service reads).
 struct Conn {
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    peer: Peer,
+    peer: PeerInfo,
 }
 
 impl Connected for Conn {
-    type ConnectInfo = Peer;
-    fn connect_info(&self) -> Peer {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
         self.peer.clone()
     }
 }
@@ -296,112 +322,39 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The fake config stream service.
 #[derive(Clone)]
-struct Services {
-    plane: Arc<Plane>,
-    name: &'static str,
-}
-
-fn peer_of<T>(r: &Request<T>) -> Option<SpiffeId> {
-    r.extensions().get::<Peer>().and_then(|p| p.0.clone())
-}
-
-#[tonic::async_trait]
-impl IstioCertificateService for Services {
-    async fn create_certificate(
-        &self,
-        request: Request<IstioCertificateRequest>,
-    ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let client_cert = peer_of(&request);
-        let bearer = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
-        let r = request.into_inner();
-        self.plane.record(Seen::Csr {
-            server: self.name,
-            client_cert: client_cert.clone(),
-            bearer: bearer.clone(),
-            validity: r.validity_duration,
-        });
-        let who = match (client_cert, bearer) {
-            (Some(id), _) => id,
-            (None, Some(token)) => self
-                .plane
-                .tokens
-                .lock()
-                .unwrap()
-                .get(&token)
-                .cloned()
-                .ok_or_else(|| Status::permission_denied("unknown bootstrap token"))?,
-            (None, None) => return Err(Status::unauthenticated("no certificate and no token")),
-        };
-        let ttl = (r.validity_duration > 0)
-            .then(|| Duration::from_secs(r.validity_duration.unsigned_abs()));
-        let signer = self.plane.signer.lock().unwrap().clone();
-        let ca = signer.as_ref().map_or(&self.plane.ca.ca, |s| &s.ca);
-        let issued = ca
-            .sign_csr_pem(&r.csr, &who, ttl)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
-        let root = issued.root().clone();
-        let chain = issued
-            .chain()
-            .iter()
-            .filter(|c| **c != root)
-            .map(|c| meshward_identity::pem::encode("CERTIFICATE", c))
-            .collect();
-        let mut roots = self.plane.ca_roots.lock().unwrap().clone();
-        if roots.is_empty() {
-            roots.push(meshward_identity::pem::encode("CERTIFICATE", ca.root()));
-        }
-        Ok(Response::new(IstioCertificateResponse {
-            cert_chain: chain,
-            root_cert: Some(Roots { ca_cert: roots }),
-        }))
-    }
+struct Config {
+    pushed: watch::Sender<Pushed>,
+    requests: Arc<Mutex<Vec<ConfigRequest>>>,
 }
 
 type Responses = Pin<Box<dyn Stream<Item = Result<ConfigResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl ConfigDiscoveryService for Services {
+impl ConfigDiscoveryService for Config {
     type StreamConfigStream = Responses;
 
     async fn stream_config(
         &self,
         request: Request<Streaming<ConfigRequest>>,
     ) -> Result<Response<Responses>, Status> {
-        let peer = peer_of(&request);
-        self.plane.record(Seen::Subscribed {
-            server: self.name,
-            peer: peer.clone(),
-        });
-        if peer.is_none() {
-            return Err(Status::unauthenticated(
-                "the config stream needs a mesh certificate",
-            ));
-        }
         let mut inbound = request.into_inner();
-        let (plane, name) = (Arc::clone(&self.plane), self.name);
+        let requests = Arc::clone(&self.requests);
         tokio::spawn(async move {
             while let Ok(Some(request)) = inbound.message().await {
-                plane.record(Seen::Request {
-                    server: name,
-                    request,
-                });
+                requests.lock().unwrap().push(request);
             }
         });
-        let rx = self.plane.snapshot.subscribe();
+        let rx = self.pushed.subscribe();
         let responses = futures_util::stream::unfold((rx, 0u64), |(mut rx, n)| async move {
             if n > 0 && rx.changed().await.is_err() {
                 return None;
             }
-            let s = rx.borrow_and_update().clone();
+            let p = rx.borrow_and_update().clone();
             let response = ConfigResponse {
-                version_info: s.version.to_string(),
-                documents: s
+                version_info: p.version.to_string(),
+                documents: p
                     .documents
                     .iter()
                     .map(|(origin, content)| Document {
@@ -409,107 +362,12 @@ impl ConfigDiscoveryService for Services {
                         content: content.clone(),
                     })
                     .collect(),
-                mesh_config: s.mesh_config.clone(),
+                mesh_config: String::new(),
                 nonce: format!("nonce-{}", n + 1),
-                trust_bundle: s.bundle.clone(),
+                trust_bundle: Vec::new(),
             };
             Some((Ok(response), (rx, n + 1)))
         });
         Ok(Response::new(Box::pin(responses)))
-    }
-}
-
-/// One replica, serving until dropped.
-pub struct Server {
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    /// Serves `plane` on `addr` (port 0: any) as replica `name`.
-    pub fn start(plane: &Arc<Plane>, name: &'static str, addr: SocketAddr) -> Server {
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let services = Services {
-            plane: Arc::clone(plane),
-            name,
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(plane.server_config()));
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let (tx, rx) = mpsc::channel::<std::io::Result<Conn>>(16);
-                tokio::spawn(async move {
-                    loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let handshake =
-                                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp));
-                            if let Ok(Ok(tls)) = handshake.await {
-                                let peer = meshward_identity::peer_identity(
-                                    tls.get_ref().1.peer_certificates(),
-                                )
-                                .ok();
-                                let _ = tx
-                                    .send(Ok(Conn {
-                                        tls,
-                                        peer: Peer(peer),
-                                    }))
-                                    .await;
-                            }
-                        });
-                    }
-                });
-                let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|c| (c, rx))
-                });
-                let serve = tonic::transport::Server::builder()
-                    .add_service(IstioCertificateServiceServer::new(services.clone()))
-                    .add_service(ConfigDiscoveryServiceServer::new(services))
-                    .serve_with_incoming(incoming);
-                tokio::select! {
-                    _ = serve => {}
-                    _ = stopped => {}
-                }
-            });
-            // Dropping the runtime drops every connection it holds.
-            drop(rt);
-        });
-        Server {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops the replica: its listener and every connection close.
-    pub fn stop(mut self) -> SocketAddr {
-        self.shutdown();
-        self.addr
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
