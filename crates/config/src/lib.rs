@@ -21,8 +21,8 @@ pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use load::{
-    ConfigSet, DRY_RUN_ANNOTATION, Kind, Loaded, Loader, MAX_FILE_BYTES, config_files, load_paths,
-    parse_go_bool,
+    ConfigSet, DRY_RUN_ANNOTATION, Emptied, Kind, Loaded, Loader, MAX_FILE_BYTES, config_files,
+    emptied, load_paths, parse_go_bool,
 };
 pub use model::mesh::{MeshConfig, PathNormalization};
 pub use model::{ObjectMeta, Origin, Resource, WorkloadSelector};

@@ -879,3 +879,64 @@ fn is_config_file(path: &Path) -> bool {
         Some("yaml" | "yml" | "json")
     )
 }
+
+/// A configuration file that held documents at the last load and holds
+/// none now, or a configuration directory that held some and has none in
+/// any file ([`emptied`]). A writer that truncates, then writes, leaves
+/// such a file for a moment, and applying it would drop its policies; so
+/// a watcher holds the change back until the file has content again or
+/// is deleted (which removes its resources).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{} is empty but held {documents} document(s) at the last load; taken for {} being written, the change waits until it has content again{}",
+    path.display(),
+    if *directory { "a directory" } else { "a file" },
+    if *directory { "" } else { " or is deleted (deleting it removes its resources)" }
+)]
+pub struct Emptied {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// How many documents it held at the last load.
+    pub documents: usize,
+    /// Whether `path` is one of the configuration directories.
+    pub directory: bool,
+}
+
+/// Whether a load must wait ([`Emptied`]): `before` and `now` are the
+/// documents per source of the last applied load and of this one
+/// ([`Loaded::documents`]), `config_paths` the paths the configuration is
+/// read from. A file absent from `now` was deleted, which is applied.
+pub fn emptied(
+    before: &BTreeMap<String, usize>,
+    now: &BTreeMap<String, usize>,
+    config_paths: &[PathBuf],
+) -> Option<Emptied> {
+    for (file, &n) in now {
+        let had = before.get(file).copied().unwrap_or(0);
+        if n == 0 && had > 0 {
+            return Some(Emptied {
+                path: PathBuf::from(file),
+                documents: had,
+                directory: false,
+            });
+        }
+    }
+    let under = |counts: &BTreeMap<String, usize>, dir: &Path| -> usize {
+        counts
+            .iter()
+            .filter(|(f, _)| Path::new(f.as_str()).starts_with(dir))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    for dir in config_paths.iter().filter(|p| p.is_dir()) {
+        let had = under(before, dir);
+        if had > 0 && under(now, dir) == 0 {
+            return Some(Emptied {
+                path: dir.clone(),
+                documents: had,
+                directory: true,
+            });
+        }
+    }
+    None
+}

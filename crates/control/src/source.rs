@@ -230,11 +230,10 @@ impl Watching {
                 return;
             }
         };
-        if let Some(held) = emptied(&self.last_documents, &loaded.documents, &self.paths) {
-            tracing::warn!(
-                serving = current.version(),
-                "{held}; the change waits until it has content again"
-            );
+        if let Some(held) =
+            meshward_config::emptied(&self.last_documents, &loaded.documents, &self.paths)
+        {
+            tracing::warn!(serving = current.version(), "{held}");
             return;
         }
         log_warnings(&loaded.warnings);
@@ -492,71 +491,4 @@ fn relative(root: &Path, file: &Path) -> String {
 fn feed(h: &mut Context, bytes: &[u8]) {
     h.update(&(bytes.len() as u64).to_be_bytes());
     h.update(bytes);
-}
-
-/// Why a load must wait: a file that held documents at the last accepted
-/// load (`before`) and holds none now, or a configuration directory that
-/// held some and has none in any file. A file absent from `now` was
-/// deleted, which removes its resources.
-fn emptied(
-    before: &BTreeMap<String, usize>,
-    now: &BTreeMap<String, usize>,
-    config_paths: &[PathBuf],
-) -> Option<String> {
-    for (file, &n) in now {
-        let had = before.get(file).copied().unwrap_or(0);
-        if n == 0 && had > 0 {
-            return Some(format!(
-                "{file} is empty but held {had} document(s) at the last load; taken for a file being written"
-            ));
-        }
-    }
-    let under = |counts: &BTreeMap<String, usize>, dir: &Path| -> usize {
-        counts
-            .iter()
-            .filter(|(f, _)| Path::new(f.as_str()).starts_with(dir))
-            .map(|(_, n)| n)
-            .sum()
-    };
-    for dir in config_paths.iter().filter(|p| p.is_dir()) {
-        let had = under(before, dir);
-        if had > 0 && under(now, dir) == 0 {
-            return Some(format!(
-                "directory {} holds no documents but held {had} at the last load; taken for a directory being written",
-                dir.display()
-            ));
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
-
-    use super::emptied;
-
-    #[test]
-    fn an_emptied_file_holds_the_change_and_a_deleted_one_does_not() {
-        let before: BTreeMap<String, usize> =
-            [("d/a.yaml".to_string(), 2), ("d/b.yaml".to_string(), 1)].into();
-        let roots = vec![PathBuf::from("d")];
-        let now: BTreeMap<String, usize> =
-            [("d/a.yaml".to_string(), 0), ("d/b.yaml".to_string(), 1)].into();
-        let held = emptied(&before, &now, &roots).expect("held");
-        assert!(
-            held.contains("d/a.yaml") && held.contains("2 document"),
-            "{held}"
-        );
-        let deleted: BTreeMap<String, usize> = [("d/b.yaml".to_string(), 1)].into();
-        assert!(emptied(&before, &deleted, &roots).is_none());
-        let new_empty: BTreeMap<String, usize> = [
-            ("d/a.yaml".to_string(), 2),
-            ("d/b.yaml".to_string(), 1),
-            ("d/c.yaml".to_string(), 0),
-        ]
-        .into();
-        assert!(emptied(&before, &new_empty, &roots).is_none());
-    }
 }

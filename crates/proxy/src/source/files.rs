@@ -68,21 +68,10 @@ pub enum FileError {
     #[error("trust bundle: {0}")]
     Bundle(#[from] meshward_identity::bundle::BundleError),
     /// A configuration file (or directory) that held documents at the
-    /// last load holds none now. A writer that truncates, then writes,
-    /// leaves such a file for a moment, and applying it would drop its
-    /// policies; so the change waits until the file has content again or
-    /// is deleted (which removes its resources).
-    #[error(
-        "{} is empty but held {documents} document(s) at the last load; taken for {} being written, the change waits until it has content again{}",
-        path.display(),
-        if *directory { "a directory" } else { "a file" },
-        if *directory { "" } else { " or is deleted (deleting it removes its resources)" }
-    )]
-    Held {
-        path: PathBuf,
-        documents: usize,
-        directory: bool,
-    },
+    /// last load holds none now: the change waits (see
+    /// [`meshward_config::Emptied`]).
+    #[error(transparent)]
+    Held(#[from] meshward_config::Emptied),
     #[error("cannot start the reload thread: {0}")]
     Watch(String),
 }
@@ -371,7 +360,7 @@ impl Reloader {
                 }
                 scan::Fingerprint::Files(_) => match load_config(&files.paths) {
                     Ok(loaded) => {
-                        match emptied(
+                        match meshward_config::emptied(
                             &files.documents,
                             &loaded.documents,
                             &files.paths.config_paths,
@@ -379,7 +368,7 @@ impl Reloader {
                             Some(held) => files.publisher.problem(
                                 Source::Config,
                                 SourceState::Held,
-                                held.to_string(),
+                                FileError::Held(held).to_string(),
                             ),
                             None => files.publish_config(loaded),
                         }
@@ -582,91 +571,4 @@ fn named_files(config: &ConfigSet) -> BTreeSet<String> {
         }
     }
     out
-}
-
-/// Why a load must wait: a file that held documents at the last load
-/// (`before`) and holds none now (`now`), or a configuration directory
-/// that held some and has none in any file. A file absent from `now` was
-/// deleted, which removes its resources.
-fn emptied(
-    before: &BTreeMap<String, usize>,
-    now: &BTreeMap<String, usize>,
-    config_paths: &[PathBuf],
-) -> Option<FileError> {
-    for (file, &n) in now {
-        let had = before.get(file).copied().unwrap_or(0);
-        if n == 0 && had > 0 {
-            return Some(FileError::Held {
-                path: PathBuf::from(file),
-                documents: had,
-                directory: false,
-            });
-        }
-    }
-    let under = |counts: &BTreeMap<String, usize>, dir: &Path| -> usize {
-        counts
-            .iter()
-            .filter(|(f, _)| Path::new(f.as_str()).starts_with(dir))
-            .map(|(_, n)| n)
-            .sum()
-    };
-    for dir in config_paths.iter().filter(|p| p.is_dir()) {
-        let had = under(before, dir);
-        if had > 0 && under(now, dir) == 0 {
-            return Some(FileError::Held {
-                path: dir.clone(),
-                documents: had,
-                directory: true,
-            });
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
-
-    use super::{FileError, emptied};
-
-    fn counts(entries: &[(&str, usize)]) -> BTreeMap<String, usize> {
-        entries.iter().map(|(f, n)| (f.to_string(), *n)).collect()
-    }
-
-    #[test]
-    fn an_emptied_file_or_directory_holds_the_change_and_a_deleted_file_does_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let f = |name: &str| root.join(name).display().to_string();
-        let roots = [root.clone()];
-        let before = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-
-        // a.yaml emptied: held, naming it and what it had.
-        let now = counts(&[(&f("a.yaml"), 0), (&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-        match emptied(&before, &now, &roots) {
-            Some(FileError::Held {
-                path,
-                documents: 2,
-                directory: false,
-            }) => assert_eq!(path, PathBuf::from(f("a.yaml"))),
-            other => panic!("{other:?}"),
-        }
-        // a.yaml deleted: its resources go.
-        let now = counts(&[(&f("b.yaml"), 1), (&f("c.yaml"), 0)]);
-        assert!(emptied(&before, &now, &roots).is_none());
-        // A file that was empty, or a new empty one, changes nothing.
-        let now = counts(&[(&f("a.yaml"), 2), (&f("b.yaml"), 1), (&f("d.yaml"), 0)]);
-        assert!(emptied(&before, &now, &roots).is_none());
-        // The directory re-created with nothing in it yet: held.
-        let held = emptied(&before, &BTreeMap::new(), &roots).unwrap();
-        assert!(
-            matches!(&held, FileError::Held { path, documents: 3, directory: true } if *path == root),
-            "{held:?}"
-        );
-        assert!(
-            held.to_string()
-                .contains("taken for a directory being written")
-        );
-    }
 }
