@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshward_identity::issue::{IssueError, inspect_csr};
+use meshward_identity::issue::{CheckedCsr, IssueError, check_csr};
 use meshward_identity::{CertificateAuthority, SpiffeId, pem};
 use meshward_proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
@@ -156,15 +156,17 @@ impl CaService {
         }
     }
 
-    /// The CSR must request exactly `id` and nothing else.
-    fn check_csr(&self, der: &[u8], id: &SpiffeId) -> Result<(), Status> {
-        let request = inspect_csr(der).map_err(|e| {
+    /// The CSR must parse, carry a valid signature and request exactly
+    /// `id` and nothing else; returns it, checked, for signing.
+    fn check_csr<'a>(&self, der: &'a [u8], id: &SpiffeId) -> Result<CheckedCsr<'a>, Status> {
+        let checked = check_csr(der).map_err(|e| {
             self.metrics.csr_parsing_err_count.inc();
             self.refuse(
                 "invalid_argument",
                 Status::invalid_argument(format!("CSR refused: {e}")),
             )
         })?;
+        let request = &checked.request;
         let denied = |msg: String| self.refuse("permission_denied", Status::permission_denied(msg));
         if request.ca {
             return Err(denied(format!(
@@ -177,7 +179,7 @@ impl CaService {
                 request.other_names.join(", ")
             )));
         }
-        match request.uris.as_slice() {
+        let verdict = match request.uris.as_slice() {
             [] => Err(denied(format!(
                 "the CSR requests no SPIFFE ID (no URI SAN); it must request exactly {id}, the identity the caller proved"
             ))),
@@ -207,7 +209,8 @@ impl CaService {
                 many.len(),
                 many.join(", ")
             ))),
-        }
+        };
+        verdict.map(|()| checked)
     }
 
     fn ttl(&self, validity_duration: i64) -> Result<Duration, Status> {
@@ -263,10 +266,10 @@ impl IstioCertificateService for CaService {
                     )),
                 )
             })?;
-        self.check_csr(&der, &id)?;
+        let checked = self.check_csr(&der, &id)?;
         let issued = signing
             .ca
-            .sign_csr(&der, &id, Some(ttl))
+            .sign_checked(&checked, &id, Some(ttl))
             .map_err(|e| match e {
                 IssueError::MalformedCsr { .. }
                 | IssueError::BadCsrSignature

@@ -293,6 +293,32 @@ impl CertificateAuthority {
         ttl: Option<Duration>,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        // 2. Parse the CSR and check proof of possession.
+        let csr = parse_csr(csr_der)?;
+        self.sign_parsed(&csr, authenticated, ttl, now)
+    }
+
+    /// Signs a CSR that [`check_csr`] parsed and whose signature it
+    /// verified (the CA service inspects what a CSR asks for before it
+    /// signs; the signature is not verified a second time). What the CSR
+    /// asks for is checked again, as by [`CertificateAuthority::sign_csr`].
+    pub fn sign_checked(
+        &self,
+        csr: &CheckedCsr<'_>,
+        authenticated: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedCertificate, IssueError> {
+        self.sign_parsed(&csr.csr, authenticated, ttl, OffsetDateTime::now_utc())
+    }
+
+    /// Signs a parsed CSR whose signature was verified.
+    fn sign_parsed(
+        &self,
+        csr: &X509CertificationRequest<'_>,
+        authenticated: &SpiffeId,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         // 1. The authenticated identity must be a workload of our trust domain.
         SpiffeId::parse_workload(authenticated.as_str()).map_err(|source| {
             IssueError::NotWorkloadIdentity {
@@ -308,11 +334,8 @@ impl CertificateAuthority {
             });
         }
 
-        // 2. Parse the CSR and check proof of possession.
-        let csr = parse_csr(csr_der)?;
-
         // 3. What the CSR asks for may only be a subset of what we grant.
-        check_requested(&csr, authenticated, self.trust_domain())?;
+        check_requested(csr, authenticated, self.trust_domain())?;
 
         // 4. The key.
         let spki = &csr.certification_request_info.subject_pki;
@@ -479,10 +502,31 @@ fn parse_csr(csr_der: &[u8]) -> Result<X509CertificationRequest<'_>, IssueError>
     Ok(csr)
 }
 
+/// A CSR parsed and with its signature verified ([`check_csr`]): what it
+/// asks for, and what [`CertificateAuthority::sign_checked`] signs.
+#[derive(Debug)]
+pub struct CheckedCsr<'a> {
+    csr: X509CertificationRequest<'a>,
+    /// What it asks for.
+    pub request: CsrRequest,
+}
+
+/// Parses a DER CSR, checks its signature (proof of possession) and
+/// returns it with what it asks for. Never panics on any input.
+pub fn check_csr(csr_der: &[u8]) -> Result<CheckedCsr<'_>, IssueError> {
+    let csr = parse_csr(csr_der)?;
+    let request = requested(&csr);
+    Ok(CheckedCsr { csr, request })
+}
+
 /// Parses a DER CSR, checks its signature (proof of possession) and
 /// returns what it asks for. Never panics on any input.
 pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
-    let csr = parse_csr(csr_der)?;
+    check_csr(csr_der).map(|c| c.request)
+}
+
+/// What a parsed CSR asks for.
+fn requested(csr: &X509CertificationRequest<'_>) -> CsrRequest {
     let mut request = CsrRequest::default();
     for ext in csr.requested_extensions().into_iter().flatten() {
         match ext {
@@ -508,7 +552,7 @@ pub fn inspect_csr(csr_der: &[u8]) -> Result<CsrRequest, IssueError> {
             _ => {}
         }
     }
-    Ok(request)
+    request
 }
 
 fn ip_name(bytes: &[u8]) -> String {

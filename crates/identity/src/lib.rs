@@ -37,7 +37,9 @@ pub use credentials::{
     CredentialResolver, CredentialsError, CredentialsFileError, WorkloadCredentials, client_config,
     server_config,
 };
-pub use issue::{CsrRequest, IssueError, IssuedCertificate, WorkloadKey, inspect_csr};
+pub use issue::{
+    CheckedCsr, CsrRequest, IssueError, IssuedCertificate, WorkloadKey, check_csr, inspect_csr,
+};
 pub use keys::KeyType;
 pub use rotation::{CaClient, Rotation, RotationConfig, spawn_rotation};
 pub use spiffe::{SpiffeId, TrustDomain};

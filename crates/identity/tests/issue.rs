@@ -404,3 +404,31 @@ fn inspect_csr_reports_every_requested_name_and_ca_requests() {
     tampered[n - 3] ^= 0xff;
     assert!(inspect_csr(&tampered).is_err());
 }
+
+/// The CA service's path: the CSR is parsed and its signature verified
+/// once (`check_csr`), then signed (`sign_checked`), which still refuses
+/// what the caller did not prove.
+#[test]
+fn a_checked_csr_is_signed_for_the_proven_identity_only() {
+    use meshward_identity::issue::check_csr;
+    let ca = ca();
+    let key = KeyPair::generate().unwrap();
+    let id = format!("spiffe://{TD}/ns/a/sa/b");
+    let csr = csr_with(&key, |p| p.subject_alt_names = vec![uri(&id)]);
+    let checked = check_csr(&csr).unwrap();
+    assert_eq!(checked.request.uris, [id.as_str()]);
+    let proven = meshward_identity::SpiffeId::parse(&id).unwrap();
+    let issued = ca.sign_checked(&checked, &proven, None).unwrap();
+    assert_eq!(issued.id(), &proven);
+
+    let other = meshward_identity::SpiffeId::parse(&format!("spiffe://{TD}/ns/x/sa/y")).unwrap();
+    assert!(matches!(
+        ca.sign_checked(&checked, &other, None),
+        Err(IssueError::IdentityMismatch { .. })
+    ));
+
+    let mut tampered = csr.clone();
+    let n = tampered.len();
+    tampered[n - 3] ^= 0xff;
+    assert!(check_csr(&tampered).is_err());
+}
