@@ -71,12 +71,53 @@ impl Shop {
         (orders, payment)
     }
 
+    /// Writes `deny.yaml`: a DENY of path `/locked`.
+    fn deny_locked(&self) {
+        self.cm.mesh.write_config(
+            "deny.yaml",
+            &mesh::authorization_policy(
+                "production",
+                "deny-locked",
+                "  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/locked\"]}}]\n",
+            ),
+        );
+    }
+
     async fn call(&self, path: &str) -> u16 {
         get(self.via(), ORDERS, path, &[])
             .await
             .map(|r| r.0)
             .unwrap_or(0)
     }
+}
+
+/// The configuration version each proxy has applied.
+async fn applied(proxies: &[&ProxyProcess]) -> Vec<u64> {
+    let mut v = Vec::new();
+    for p in proxies {
+        v.push(p.config_version().await);
+    }
+    v
+}
+
+/// Waits until every proxy has applied a newer version than `before`.
+async fn newer_than(proxies: &[&ProxyProcess], before: Vec<u64>) {
+    for (p, v) in proxies.iter().zip(before) {
+        eventually(&format!("the change to reach {}", p.name), || async {
+            (p.config_version().await > v).then_some(())
+        })
+        .await;
+    }
+}
+
+/// How many proxies are connected to `control`.
+async fn connected(control: &ControlProcess) -> usize {
+    control
+        .connections()
+        .await
+        .iter()
+        .filter(|p| p["connected"] == true)
+        .count()
 }
 
 /// What `/certs` says of the certificate a proxy serves.
@@ -122,10 +163,7 @@ async fn proxies_get_their_identity_and_config_from_the_control_plane() {
     assert!(left > 3600.0 && left <= 86400.0, "{left}");
 
     // A policy written to the directory is enforced by every proxy within 1 s.
-    let before = [
-        orders.config_version().await,
-        payment.config_version().await,
-    ];
+    let before = applied(&[&orders, &payment]).await;
     let deny = mesh::authorization_policy(
         "production",
         "deny-writes",
@@ -133,12 +171,7 @@ async fn proxies_get_their_identity_and_config_from_the_control_plane() {
     );
     let written = Instant::now();
     shop.cm.mesh.write_config("deny.yaml", &deny);
-    for (p, v) in [&orders, &payment].into_iter().zip(before) {
-        eventually("the new policy to reach every proxy", || async {
-            (p.config_version().await > v).then_some(())
-        })
-        .await;
-    }
+    newer_than(&[&orders, &payment], before).await;
     let took = written.elapsed();
     assert!(took <= Duration::from_secs(1), "took {took:?}");
     assert_eq!(shop.call("/api/v1/orders/locked").await, 403);
@@ -158,10 +191,7 @@ async fn proxies_get_their_identity_and_config_from_the_control_plane() {
 
     // An invalid change is refused whole: every proxy stays on the last
     // good version, which keeps being enforced.
-    let versions = [
-        orders.config_version().await,
-        payment.config_version().await,
-    ];
+    let versions = applied(&[&orders, &payment]).await;
     shop.cm.mesh.write_config(
         "broken.yaml",
         &mesh::authorization_policy("production", "broken", "  action: MAYBE\n"),
@@ -180,13 +210,7 @@ async fn proxies_get_their_identity_and_config_from_the_control_plane() {
         "the refusal names the file and line:\n{}",
         control.logs()
     );
-    assert_eq!(
-        [
-            orders.config_version().await,
-            payment.config_version().await
-        ],
-        versions
-    );
+    assert_eq!(applied(&[&orders, &payment]).await, versions);
     assert_eq!(shop.call("/api/v1/orders/locked").await, 403);
     assert_eq!(shop.call("/api/v1/orders/3").await, 200);
 }
@@ -264,30 +288,13 @@ async fn proxies_ride_out_a_control_plane_outage_and_resync() {
     control.terminate();
     drop(control);
     // A change made while no control plane runs reaches nobody yet.
-    let versions = [
-        orders.config_version().await,
-        payment.config_version().await,
-    ];
-    shop.cm.mesh.write_config(
-        "deny.yaml",
-        &mesh::authorization_policy(
-            "production",
-            "deny-locked",
-            "  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/locked\"]}}]\n",
-        ),
-    );
+    let versions = applied(&[&orders, &payment]).await;
+    shop.deny_locked();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(
-        [
-            orders.config_version().await,
-            payment.config_version().await
-        ],
-        versions
-    );
+    assert_eq!(applied(&[&orders, &payment]).await, versions);
     let control = shop.cm.control(Some(grpc)).await;
     eventually("both proxies to resync", || async {
-        let c = control.connections().await;
-        (c.iter().filter(|p| p["connected"] == true).count() == 2).then_some(())
+        (connected(&control).await == 2).then_some(())
     })
     .await;
     eventually(
@@ -310,30 +317,12 @@ async fn two_replicas_one_killed() {
     drop(a);
     eventually(
         "both proxies to be connected to the surviving replica",
-        || async {
-            let c = b.connections().await;
-            (c.iter().filter(|p| p["connected"] == true).count() == 2).then_some(())
-        },
+        || async { (connected(&b).await == 2).then_some(()) },
     )
     .await;
-    let versions = [
-        orders.config_version().await,
-        payment.config_version().await,
-    ];
-    shop.cm.mesh.write_config(
-        "deny.yaml",
-        &mesh::authorization_policy(
-            "production",
-            "deny-locked",
-            "  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/locked\"]}}]\n",
-        ),
-    );
-    for (p, v) in [&orders, &payment].into_iter().zip(versions) {
-        eventually("the change to reach every proxy", || async {
-            (p.config_version().await > v).then_some(())
-        })
-        .await;
-    }
+    let versions = applied(&[&orders, &payment]).await;
+    shop.deny_locked();
+    newer_than(&[&orders, &payment], versions).await;
     assert_eq!(shop.call("/locked").await, 403);
     let (ok, failed, errors) = traffic.stop().await;
     assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
