@@ -53,6 +53,10 @@ mod issuance;
 mod push;
 #[path = "../control/report.rs"]
 mod report;
+// The proxy benchmark's /proc readings (this binary uses a part of them).
+#[allow(dead_code)]
+#[path = "../procs.rs"]
+mod procs;
 
 use issuance::*;
 use push::*;

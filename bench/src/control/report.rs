@@ -27,29 +27,12 @@ pub(crate) fn proc_status(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// User plus system CPU seconds of a process (`/proc/PID/stat`).
+/// User plus system CPU seconds of a process (`/proc/PID/stat`, read as
+/// the proxy benchmark reads it).
 pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start at state (3).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-pub(crate) fn clock_ticks() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|t: &f64| *t > 0.0)
-            .unwrap_or(100.0)
-    })
+    crate::procs::usage(pid, crate::procs::clock_ticks())
+        .ok()
+        .map(|u| u.cpu_secs)
 }
 
 pub(crate) async fn metrics_text(control: &Control) -> Option<String> {
