@@ -7,13 +7,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod ca;
+mod call;
 mod cert;
 mod control;
 mod describe;
+mod live;
 mod output;
 mod policy;
 mod process;
 mod proxy;
+mod up;
 mod validate;
 
 /// The version, with the kind of build when it is not a plain `cargo
@@ -51,6 +54,12 @@ enum Command {
     /// Run the control plane: the mesh CA (Istio's certificate service) and
     /// the config push to proxies; `control token` mints bootstrap tokens.
     Control(Box<control::Args>),
+    /// Run a whole mesh on this host: a control plane, a proxy per
+    /// workload, echo applications; the built-in example without DIR.
+    Up(Box<up::Args>),
+    /// Send one request as a workload, through its sidecar, and show the
+    /// decision the destination recorded.
+    Call(Box<call::Args>),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +72,8 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
         Command::Control(args) => control::run(*args),
+        Command::Up(args) => up::run(*args),
+        Command::Call(args) => call::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -128,3 +128,12 @@ pub fn resolve_workload(
     }
     Ok(workload)
 }
+
+/// How a live command prints its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Tables and sentences.
+    Text,
+    /// JSON, for scripts.
+    Json,
+}

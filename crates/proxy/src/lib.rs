@@ -55,6 +55,12 @@ pub use jwt::{JwksStore, JwtPolicy};
 pub use listeners::{BindError, ListenerInfo};
 use listeners::{Listeners, bind};
 pub use source::Feed;
+
+/// The `meshward.io/` WorkloadEntry annotations that tell a proxy what
+/// Istio would learn from the pod (README, "Running the sidecar").
+pub mod annotations {
+    pub use crate::snapshot::{APP_PORTS, HAS_PROXY, OUTBOUND, TCP_OUTBOUND};
+}
 pub use state::LoadError;
 use state::State;
 use telemetry::{AccessLog, Metrics};
