@@ -12,10 +12,13 @@ mod cert;
 mod control;
 mod describe;
 mod live;
+mod mtls;
 mod output;
 mod policy;
 mod process;
 mod proxy;
+mod proxy_config;
+mod status;
 mod up;
 mod validate;
 
@@ -60,6 +63,15 @@ enum Command {
     /// Send one request as a workload, through its sidecar, and show the
     /// decision the destination recorded.
     Call(Box<call::Args>),
+    /// Every proxy the control plane knows: connected, configuration in
+    /// sync (or its last NACK), certificate expiry (as istioctl proxy-status).
+    Status(status::Args),
+    /// What a running proxy holds: its certificates, listeners, endpoints
+    /// or authorization policies (as istioctl proxy-config).
+    ProxyConfig(Box<proxy_config::Args>),
+    /// mTLS operations: the migration report.
+    #[command(subcommand)]
+    Mtls(mtls::Command),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +86,9 @@ fn main() -> ExitCode {
         Command::Control(args) => control::run(*args),
         Command::Up(args) => up::run(*args),
         Command::Call(args) => call::run(*args),
+        Command::Status(args) => status::run(args),
+        Command::ProxyConfig(args) => proxy_config::run(*args),
+        Command::Mtls(cmd) => mtls::run(cmd),
     };
     match result {
         Ok(code) => code,

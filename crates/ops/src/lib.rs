@@ -21,6 +21,10 @@ pub mod echo;
 pub mod example;
 pub mod live;
 pub mod mesh;
+pub mod proxy_config;
+pub mod report;
+pub mod status;
+pub mod text;
 pub mod up;
 
 /// Why an operation failed.

@@ -22,6 +22,7 @@ pub mod normalize;
 mod peer;
 mod request;
 pub mod suite;
+pub mod what_if;
 
 pub use compile::PolicyRef;
 pub use decision::{Decision, DryRunResult, ExtAuthzCheck, Reason, RuleRef, Verdict};

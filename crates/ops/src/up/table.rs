@@ -4,6 +4,7 @@ use crate::OpsError;
 use crate::admin::{Side, get_json};
 use crate::live::Live;
 use crate::mesh::MeshWorkload;
+use crate::text::columns;
 
 /// Workload, SPIFFE ID, ports with the mTLS mode each proxy enforces, and
 /// the outbound listener, one row per workload.
@@ -58,28 +59,4 @@ pub async fn render(live: &Live, workloads: &[MeshWorkload]) -> Result<String, O
         ]);
     }
     Ok(columns(&rows))
-}
-
-/// Rows as left-aligned columns separated by two spaces.
-pub fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i + 1 == N {
-                line.push_str(c);
-            } else {
-                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
