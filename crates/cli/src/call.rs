@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Format::Text => print!("{}", outcome.render()),
     }
     Ok(match outcome.reply {
-        Reply::Response { .. } => ExitCode::SUCCESS,
+        Reply::Response { .. } | Reply::Bytes { .. } => ExitCode::SUCCESS,
         Reply::Failed(_) => ExitCode::from(1),
     })
 }

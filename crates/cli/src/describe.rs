@@ -150,7 +150,9 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
     let (live, proxy, dump) = rt.block_on(async {
         let live = args.control.live().await?;
         let proxy = live.proxy(&args.workload)?.clone();
-        let admin = proxy.admin.expect("reachable proxies have an admin address");
+        let admin = proxy
+            .admin
+            .expect("reachable proxies have an admin address");
         let dump = get_json(Side::Proxy, admin, "/config_dump").await?;
         Ok::<_, anyhow::Error>((live, proxy, dump))
     })?;
@@ -173,7 +175,10 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
     println!("\nAuthorization policies, in evaluation order:");
-    let policies = dump["authorization_policies"].as_array().cloned().unwrap_or_default();
+    let policies = dump["authorization_policies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if policies.is_empty() {
         println!("  none: every request is allowed");
     }
@@ -215,7 +220,10 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
     println!("\nRequest authentication (JWT):");
-    let jwt = dump["request_authentication"].as_array().cloned().unwrap_or_default();
+    let jwt = dump["request_authentication"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if jwt.is_empty() {
         println!("  none");
     }

@@ -39,7 +39,9 @@ pub struct ReportArgs {
 fn parse_since(s: &str) -> Result<Duration, String> {
     let d = meshward_identity::duration::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() || d > Duration::from_secs(3600) {
-        return Err("must be between 1s and 60m (the proxies keep one hour of one-minute buckets)".into());
+        return Err(
+            "must be between 1s and 60m (the proxies keep one hour of one-minute buckets)".into(),
+        );
     }
     Ok(d)
 }

@@ -37,9 +37,20 @@ pub struct CallSpec {
     pub body: Option<Vec<u8>>,
 }
 
-/// A parsed `http://` URL.
+/// What a call speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// One HTTP/1.1 request.
+    Http,
+    /// A TCP connection: the body is sent, the write side closed, and
+    /// what comes back is the reply.
+    Tcp,
+}
+
+/// A parsed `http://` or `tcp://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
     /// Path and query, at least `/`.
@@ -47,21 +58,31 @@ pub struct Url {
 }
 
 impl Url {
-    /// Parses `http://HOST[:PORT][/PATH][?QUERY]`.
+    /// Parses `http://HOST[:PORT][/PATH][?QUERY]` or `tcp://HOST:PORT`.
     pub fn parse(s: &str) -> Result<Url, OpsError> {
         let bad = |why: &str| OpsError::Invalid(format!("URL {s:?}: {why}"));
-        let rest = s
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("must start with http:// (the sidecar secures the connection; the application speaks plaintext to it)"))?;
+        let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = s.strip_prefix("tcp://") {
+            (Scheme::Tcp, rest)
+        } else {
+            return Err(bad(
+                "must start with http:// or tcp:// (the sidecar secures the connection; the application speaks plaintext to it)",
+            ));
+        };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
             None => (rest, "/".to_string()),
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("bad port"))?),
-            None => (authority, 80),
+        let (host, port) = match (authority.rsplit_once(':'), scheme) {
+            (Some((h, p)), _) => (h, p.parse::<u16>().map_err(|_| bad("bad port"))?),
+            (None, Scheme::Http) => (authority, 80),
+            (None, Scheme::Tcp) => return Err(bad("tcp:// needs a port")),
         };
+        if scheme == Scheme::Tcp && path != "/" {
+            return Err(bad("a tcp:// URL has no path"));
+        }
         if host.is_empty() || host.contains(['@', ' ', '[', ']']) {
             return Err(bad("bad host"));
         }
@@ -69,6 +90,7 @@ impl Url {
             return Err(bad("the path must not hold spaces or control characters"));
         }
         Ok(Url {
+            scheme,
             host: host.to_ascii_lowercase(),
             port,
             path,
@@ -95,6 +117,8 @@ pub enum Reply {
         body_head: String,
         body_len: usize,
     },
+    /// A TCP call: what came back before the destination closed.
+    Bytes { head: String, len: usize },
     /// The connection failed or closed before a response.
     Failed(String),
 }
@@ -144,7 +168,7 @@ impl CallOutcome {
     pub fn status(&self) -> Option<u16> {
         match &self.reply {
             Reply::Response { status, .. } => Some(*status),
-            Reply::Failed(_) => None,
+            Reply::Bytes { .. } | Reply::Failed(_) => None,
         }
     }
 
@@ -159,6 +183,7 @@ impl CallOutcome {
             } => {
                 json!({"status": status, "reason": reason, "body_head": body_head, "body_bytes": body_len})
             }
+            Reply::Bytes { head, len } => json!({"reply_head": head, "reply_bytes": len}),
             Reply::Failed(e) => json!({"error": e}),
         };
         json!({
@@ -195,6 +220,13 @@ impl CallOutcome {
                     if *body_len > body_head.len() {
                         out.push_str(&format!("... ({body_len} bytes in all)\n"));
                     }
+                }
+            }
+            Reply::Bytes { head, len } => {
+                out.push_str(&format!("connected; {len} bytes came back\n"));
+                if !head.is_empty() {
+                    out.push_str(head.trim_end());
+                    out.push('\n');
                 }
             }
             Reply::Failed(e) => out.push_str(&format!("no response: {e}\n")),
@@ -260,7 +292,7 @@ pub async fn call(live: &Live, spec: &CallSpec) -> Result<CallOutcome, OpsError>
     // endpoint of the service, from the caller's own address.
     let (target, bind): (SocketAddr, Option<IpAddr>) = if from.has_proxy {
         let proxy = live.proxy(&from.key())?;
-        (outbound_listener(proxy, &from.key()).await?, None)
+        (outbound_listener(proxy, &from.key(), &url).await?, None)
     } else {
         let d = destination.as_ref().ok_or_else(|| {
             OpsError::NotFound(format!(
@@ -301,15 +333,34 @@ pub async fn call(live: &Live, spec: &CallSpec) -> Result<CallOutcome, OpsError>
     Ok(outcome)
 }
 
-/// The outbound HTTP listener of `proxy`, from its `/config_dump`.
+/// The outbound listener of `proxy` for `url`, from its `/config_dump`:
+/// the HTTP one, or the TCP one for that service.
 async fn outbound_listener(
     proxy: &crate::live::ProxyRecord,
     key: &str,
+    url: &Url,
 ) -> Result<SocketAddr, OpsError> {
     let admin = proxy
         .admin
         .expect("reachable proxies have an admin address");
     let dump = get_json(Side::Proxy, admin, "/config_dump").await?;
+    if url.scheme == Scheme::Tcp {
+        return dump["outbound"]["tcp"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| {
+                t["host"].as_str() == Some(url.host.as_str())
+                    && t["port"].as_u64() == Some(u64::from(url.port))
+            })
+            .and_then(|t| t["listen"].as_str()?.parse().ok())
+            .ok_or_else(|| {
+                OpsError::NotFound(format!(
+                    "the proxy of {key} has no TCP listener for {}:{} (annotation meshward.io/tcp-outbound)",
+                    url.host, url.port
+                ))
+            });
+    }
     dump["outbound"]["http"]
         .as_str()
         .and_then(|a| a.parse().ok())
@@ -348,6 +399,12 @@ async fn send(
             .await
             .map_err(|e| (format!("cannot connect to {target}: {e}"), None))?;
         let local = stream.local_addr().ok();
+        if url.scheme == Scheme::Tcp {
+            return tcp_exchange(stream, spec.body.as_deref().unwrap_or_default())
+                .await
+                .map(|r| (r, local))
+                .map_err(|e| (e, local));
+        }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| (e.to_string(), local))?;
@@ -391,6 +448,39 @@ async fn send(
         Ok(Err((e, local))) => (Reply::Failed(e), local),
         Err(_) => (Reply::Failed("no response within 30s".into()), None),
     }
+}
+
+/// Sends `body`, closes the write side, and reads what comes back until
+/// the destination closes (at most 64 KiB kept).
+async fn tcp_exchange(mut stream: tokio::net::TcpStream, body: &[u8]) -> Result<Reply, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let closed =
+        |e: std::io::Error| format!("the connection failed: {e} (refused by the destination?)");
+    stream.write_all(body).await.map_err(closed)?;
+    stream.shutdown().await.map_err(closed)?;
+    let mut back = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if back.len() < 64 << 10 {
+                    back.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(e) if back.is_empty() => return Err(closed(e)),
+            Err(_) => break,
+        }
+    }
+    if back.is_empty() && !body.is_empty() {
+        return Err(
+            "the connection was closed with nothing sent back (refused by the destination?)".into(),
+        );
+    }
+    Ok(Reply::Bytes {
+        head: String::from_utf8_lossy(&back[..back.len().min(BODY_HEAD)]).into_owned(),
+        len: back.len(),
+    })
 }
 
 fn connection_error(e: &hyper::Error) -> String {

@@ -32,7 +32,9 @@ pub struct Shown {
 /// Asks the proxy of `workload` for `section`.
 pub async fn show(live: &Live, workload: &str, section: Section) -> Result<Shown, OpsError> {
     let proxy = live.proxy(workload)?;
-    let admin = proxy.admin.expect("reachable proxies have an admin address");
+    let admin = proxy
+        .admin
+        .expect("reachable proxies have an admin address");
     match section {
         Section::Secret => Ok(secret(&get_json(Side::Proxy, admin, "/certs").await?)),
         Section::Listeners => {
@@ -42,8 +44,13 @@ pub async fn show(live: &Live, workload: &str, section: Section) -> Result<Shown
             );
             Ok(listeners_of(&listeners?, &dump?))
         }
-        Section::Endpoints => Ok(endpoints(&get_json(Side::Proxy, admin, "/config_dump").await?)),
-        Section::Authz => Ok(authz(live, &get_json(Side::Proxy, admin, "/config_dump").await?)),
+        Section::Endpoints => Ok(endpoints(
+            &get_json(Side::Proxy, admin, "/config_dump").await?,
+        )),
+        Section::Authz => Ok(authz(
+            live,
+            &get_json(Side::Proxy, admin, "/config_dump").await?,
+        )),
     }
 }
 
@@ -159,9 +166,23 @@ fn listeners_of(listeners: &Value, dump: &Value) -> Shown {
             ),
         };
         if let Some(err) = l["error"].as_str() {
-            rows.push([addr.into(), kind.into(), l["name"].as_str().unwrap_or("-").into(), protocol.clone(), mtls.clone(), format!("NOT BOUND: {err}")]);
+            rows.push([
+                addr.into(),
+                kind.into(),
+                l["name"].as_str().unwrap_or("-").into(),
+                protocol.clone(),
+                mtls.clone(),
+                format!("NOT BOUND: {err}"),
+            ]);
         } else {
-            rows.push([addr.into(), kind.into(), l["name"].as_str().unwrap_or("-").into(), protocol.clone(), mtls.clone(), dest]);
+            rows.push([
+                addr.into(),
+                kind.into(),
+                l["name"].as_str().unwrap_or("-").into(),
+                protocol.clone(),
+                mtls.clone(),
+                dest,
+            ]);
         }
         let mut v = l.clone();
         if let Some(p) = inb {
@@ -212,7 +233,13 @@ fn endpoints(dump: &Value) -> Shown {
                 } else {
                     "-".to_string()
                 };
-                rows.push([ep.clone(), format!("{host}:{number}"), identity.clone(), tls.clone(), dr.clone()]);
+                rows.push([
+                    ep.clone(),
+                    format!("{host}:{number}"),
+                    identity.clone(),
+                    tls.clone(),
+                    dr.clone(),
+                ]);
                 out.push(json!({"endpoint": ep, "service": s["name"], "host": host, "port": number, "identity": identity, "tls": tls, "destination_rule": s["destination_rule"]}));
             }
         }
@@ -233,7 +260,11 @@ fn authz(live: &Live, dump: &Value) -> Shown {
         "FROM".to_string(),
     ]];
     let mut out = Vec::new();
-    for p in dump["authorization_policies"].as_array().into_iter().flatten() {
+    for p in dump["authorization_policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let (ns, name) = (
             p["namespace"].as_str().unwrap_or_default(),
             p["name"].as_str().unwrap_or_default(),
@@ -251,7 +282,12 @@ fn authz(live: &Live, dump: &Value) -> Shown {
         if p["dry_run"] == true {
             action.push_str(" (dry-run)");
         }
-        rows.push([action, format!("{ns}/{name}"), rules.to_string(), origin.clone()]);
+        rows.push([
+            action,
+            format!("{ns}/{name}"),
+            rules.to_string(),
+            origin.clone(),
+        ]);
         let mut v = p.clone();
         v["rules"] = json!(rules);
         v["origin"] = json!(origin);

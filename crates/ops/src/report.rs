@@ -169,10 +169,7 @@ pub async fn report(live: &Live, options: ReportOptions) -> Report {
             e.refused += x;
         }
     }
-    let judge = options
-        .if_strict
-        .as_ref()
-        .map(|ns| Judge::new(live, ns));
+    let judge = options.if_strict.as_ref().map(|ns| Judge::new(live, ns));
     let flows = rows
         .into_iter()
         .map(|((source, destination, port), counts)| {
@@ -197,8 +194,15 @@ pub async fn report(live: &Live, options: ReportOptions) -> Report {
             continue;
         }
         if !w.has_proxy {
-            without_proxy.push((w.key(), "runs without a proxy (meshward.io/proxy: \"false\")"));
-        } else if !live.proxies.iter().any(|p| p.connected && p.workload == w.key()) {
+            without_proxy.push((
+                w.key(),
+                "runs without a proxy (meshward.io/proxy: \"false\")",
+            ));
+        } else if !live
+            .proxies
+            .iter()
+            .any(|p| p.connected && p.workload == w.key())
+        {
             without_proxy.push((w.key(), "no proxy connected to the control plane"));
         }
     }
@@ -221,7 +225,11 @@ struct Judge {
 
 impl Judge {
     fn new(live: &Live, namespace: &str) -> Judge {
-        let then = meshward_policy::what_if::with_namespace_mode(&live.config, namespace, MtlsMode::Strict);
+        let then = meshward_policy::what_if::with_namespace_mode(
+            &live.config,
+            namespace,
+            MtlsMode::Strict,
+        );
         Judge {
             namespace: namespace.to_string(),
             now: PolicyEngine::new(Arc::new(live.config.clone())),
@@ -336,11 +344,15 @@ impl Report {
                 ));
             }
             if !any {
-                out.push_str(&format!("  no plaintext flow into {ns}: nothing would be refused\n"));
+                out.push_str(&format!(
+                    "  no plaintext flow into {ns}: nothing would be refused\n"
+                ));
             }
         }
         for (w, e) in &self.unreachable {
-            out.push_str(&format!("\nwarning: the flows of {w} could not be read: {e}\n"));
+            out.push_str(&format!(
+                "\nwarning: the flows of {w} could not be read: {e}\n"
+            ));
         }
         out
     }

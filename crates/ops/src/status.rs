@@ -29,7 +29,10 @@ pub struct ProxyStatus {
 pub async fn status(live: &Live) -> Vec<ProxyStatus> {
     let mut out = Vec::new();
     for p in &live.proxies {
-        let sync = if p.last_nack.as_ref().is_some_and(|(v, _)| Some(v) == p.version_sent.as_ref())
+        let sync = if p
+            .last_nack
+            .as_ref()
+            .is_some_and(|(v, _)| Some(v) == p.version_sent.as_ref())
         {
             "NACKED"
         } else if p.version_acked.as_deref() == Some(live.version.as_str()) {
@@ -40,16 +43,18 @@ pub async fn status(live: &Live) -> Vec<ProxyStatus> {
             "STALE"
         };
         let cert_expiry = match (p.connected, p.admin) {
-            (true, Some(admin)) => get_json(Side::Proxy, admin, "/certs")
-                .await
-                .ok()
-                .and_then(|c| {
-                    let leaf = &c["chain"]["certificates"][0];
-                    Some((
-                        leaf["not_after"].as_str()?.to_string(),
-                        leaf["time_left"].as_str().unwrap_or_default().to_string(),
-                    ))
-                }),
+            (true, Some(admin)) => {
+                get_json(Side::Proxy, admin, "/certs")
+                    .await
+                    .ok()
+                    .and_then(|c| {
+                        let leaf = &c["chain"]["certificates"][0];
+                        Some((
+                            leaf["not_after"].as_str()?.to_string(),
+                            leaf["time_left"].as_str().unwrap_or_default().to_string(),
+                        ))
+                    })
+            }
             _ => None,
         };
         out.push(ProxyStatus {
@@ -99,7 +104,10 @@ pub fn render(live: &Live, rows: &[ProxyStatus]) -> String {
             r.workload.clone(),
             if r.connected { "yes" } else { "no" }.to_string(),
             r.sync.to_string(),
-            r.version_acked.as_deref().map(short).unwrap_or_else(|| "-".into()),
+            r.version_acked
+                .as_deref()
+                .map(short)
+                .unwrap_or_else(|| "-".into()),
             r.cert_expiry
                 .as_ref()
                 .map(|(at, left)| format!("{at} ({left})"))

@@ -19,7 +19,9 @@ pub const WHAT_IF_NAME: &str = "what-if";
 pub fn with_namespace_mode(config: &ConfigSet, namespace: &str, mode: MtlsMode) -> ConfigSet {
     let mut out = config.clone();
     out.peer_authentications.retain(|pa| {
-        pa.meta.namespace != namespace || pa.spec.selector.is_some() || !pa.spec.target_refs.is_empty()
+        pa.meta.namespace != namespace
+            || pa.spec.selector.is_some()
+            || !pa.spec.target_refs.is_empty()
     });
     out.peer_authentications.push(Resource {
         meta: ObjectMeta {
