@@ -21,7 +21,10 @@ cd "$(dirname "$0")/.."
 setup() {
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         local need=()
-        for p in gcc libc6-dev make ca-certificates openssl; do
+        # jq, prometheus: the live-operations tests (crates/cli/tests/up.rs)
+        # pipe `proxy-config secret -o json` through jq, and evaluate the
+        # seed article's PromQL query on what a real Prometheus scraped.
+        for p in gcc libc6-dev make ca-certificates openssl jq prometheus; do
             dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
         done
         if [ ${#need[@]} -gt 0 ]; then
