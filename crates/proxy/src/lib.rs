@@ -247,6 +247,7 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         mut files,
         info,
         guard,
+        admin,
     } = feed;
     let (config_revision, first_config) = first(&mut config, source::Source::Config).await?;
     let (credentials_revision, first_credentials) =
@@ -262,6 +263,11 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     let access = recent::AccessLogger::new(access, options.access_log_buffer);
     let metrics = Arc::new(Metrics::new(access, &sources));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
+    // Bound before the first configuration is applied, so that the
+    // source's answer to it (the control plane's ACK) can say where it is.
+    let admin_l = bind(options.admin, "admin")?;
+    let admin_addr = admin_l.local_addr().unwrap_or(options.admin);
+    let _ = admin.set(admin_addr);
     let state = State::new(
         options.workload.clone(),
         (&first_config, first_credentials, Arc::clone(&first_files)),
@@ -272,10 +278,9 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         options.overrides.clone(),
     )?;
     let mut fixed = Vec::new();
-    let admin_l = bind(options.admin, "admin")?;
     fixed.push(listeners::ListenerInfo {
         name: "admin".to_string(),
-        address: admin_l.local_addr().unwrap_or(options.admin),
+        address: admin_addr,
         kind: "admin",
     });
     let metrics_l = match options.metrics {
