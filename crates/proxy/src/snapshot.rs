@@ -321,7 +321,7 @@ impl Snapshot {
         Snapshot::build_with(config, workload_name, version, (jwks, dns), &none)
     }
 
-    /// [`Snapshot::build`] with the command line's `overrides` of the
+    /// `Snapshot::build` with the command line's `overrides` of the
     /// WorkloadEntry's annotations (`--outbound`, `--app-port`).
     pub fn build_with(
         config: Arc<ConfigSet>,
