@@ -290,3 +290,51 @@ async fn an_app_port_override_naming_no_port_of_the_workload_is_refused() {
         )
     );
 }
+
+/// HTTP/2 requests (the hyper path) carry their `x-request-id` to the
+/// application and into their entries too, allowed or denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_are_logged_with_their_request_id() {
+    let h = Harness::start(&mesh::authorization_policy(
+        NS,
+        "no-admin",
+        "  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]",
+    ))
+    .await;
+    let frontend = h.issue("frontend");
+    let tls = mtls_connect(&frontend.dir, &frontend.root(), h.inbound_http, b"h2")
+        .await
+        .unwrap();
+    let mut h2 = h2_handshake(tls).await;
+    let host = "orders.production.svc.cluster.local";
+    for (path, id, status) in [("/api", "h2-ok", 200), ("/admin", "h2-denied", 403)] {
+        let req = http::Request::builder()
+            .uri(format!("http://{host}{path}"))
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        h2.ready().await.unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        resp.into_body().collect().await.unwrap();
+        let entries = eventually("the request's entry", || async {
+            let e = access_log(&h, &format!("request_id={id}")).await;
+            (e.len() == 1).then_some(e)
+        })
+        .await;
+        assert_eq!(entries[0]["path"], path);
+        assert_eq!(
+            entries[0]["decision"],
+            if status == 200 { "allow" } else { "deny" }
+        );
+    }
+    assert_eq!(
+        h.app
+            .last()
+            .unwrap()
+            .headers
+            .get("x-request-id")
+            .map(String::as_str),
+        Some("h2-ok")
+    );
+}
