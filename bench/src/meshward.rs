@@ -107,11 +107,14 @@ pub fn proxy_help(meshward: &Path) -> Option<String> {
 
 /// Flags beyond the contract that make the comparison like for like, if
 /// this build has them: Istio's default mesh config writes no access log,
-/// and the Envoy pair is configured without one.
+/// and the Envoy pair is configured without one (nor keeps recent
+/// entries in memory).
 pub fn parity_flags(help: &str) -> Vec<&'static str> {
-    ["--no-access-log"]
+    [&["--no-access-log"][..], &["--access-log-buffer", "0"][..]]
         .into_iter()
-        .filter(|f| help.contains(f))
+        .filter(|f| help.contains(f[0]))
+        .flatten()
+        .copied()
         .collect()
 }
 

@@ -114,6 +114,7 @@ pub(crate) async fn simulated_proxy(
                 id: node_id.clone(),
                 workload,
                 version: "meshward-control-bench".into(),
+                admin_address: String::new(),
             }),
             ..Default::default()
         })

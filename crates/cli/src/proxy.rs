@@ -93,6 +93,19 @@ pub struct Args {
     /// Do not write the JSON access log to stdout.
     #[arg(long)]
     no_access_log: bool,
+    /// Keep the last N access-log entries in memory for the admin
+    /// endpoint's `/access_log` (0: none; kept even with --no-access-log).
+    #[arg(long, value_name = "N", default_value_t = meshward_proxy::DEFAULT_ACCESS_LOG_BUFFER, value_parser = parse_access_log_buffer)]
+    access_log_buffer: usize,
+    /// The outbound HTTP listener (where the application sends plaintext
+    /// requests), over the WorkloadEntry's `meshward.io/outbound`.
+    #[arg(long, value_name = "ADDR")]
+    outbound: Option<SocketAddr>,
+    /// Where the application listens for the WorkloadEntry port NAME, over
+    /// `meshward.io/app-ports` for that name (repeatable). NAME must be a
+    /// port of the WorkloadEntry.
+    #[arg(long = "app-port", value_name = "NAME=ADDR", value_parser = parse_app_port)]
+    app_ports: Vec<(String, SocketAddr)>,
     /// Files mode: do not reload configuration and certificates when files
     /// change.
     #[arg(long)]
@@ -177,6 +190,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 meshward_proxy::DnsConfig::Servers(args.dns_servers)
             },
+            access_log_buffer: args.access_log_buffer,
+            overrides: meshward_proxy::Overrides {
+                outbound: args.outbound,
+                app_ports: args.app_ports,
+            },
         };
         // Taken over before the start, which may wait for a usable
         // configuration for long: a stop signal then ends the wait.
@@ -246,4 +264,33 @@ fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
     }
     s.parse()
         .map_err(|_| format!("\"{s}\" is not an IP address or IP:PORT"))
+}
+
+fn parse_access_log_buffer(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a number of entries"))?;
+    if n > meshward_proxy::MAX_ACCESS_LOG_BUFFER {
+        return Err(format!(
+            "must be at most {}",
+            meshward_proxy::MAX_ACCESS_LOG_BUFFER
+        ));
+    }
+    Ok(n)
+}
+
+/// `NAME=ADDR`, as `meshward.io/app-ports` writes one port (a bare port
+/// means 127.0.0.1).
+fn parse_app_port(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .filter(|(n, _)| !n.is_empty())
+        .ok_or_else(|| format!("\"{s}\" is not NAME=ADDR"))?;
+    let addr = match addr.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => addr
+            .parse()
+            .map_err(|_| format!("\"{addr}\" is not a port or IP:PORT"))?,
+    };
+    Ok((name.to_string(), addr))
 }

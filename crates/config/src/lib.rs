@@ -16,6 +16,7 @@ pub mod decode;
 pub mod diag;
 mod load;
 pub mod model;
+mod served;
 pub mod values;
 pub mod yaml;
 
@@ -26,3 +27,4 @@ pub use load::{
 };
 pub use model::mesh::{MeshConfig, PathNormalization};
 pub use model::{ObjectMeta, Origin, Resource, WorkloadSelector};
+pub use served::{MESH_CONFIG_ORIGIN, load_served};

@@ -4,10 +4,13 @@
 //!   other readiness condition holds, else 503 naming what is missing;
 //! - `/metrics`: Prometheus text (classic format, istiod's names);
 //! - `/debug/connections`: every proxy and its state (istiod's name);
-//! - `/debug/config`: the current snapshot's version and resource counts.
+//! - `/debug/config`: the current snapshot's version and resource counts;
+//! - `/debug/configz`: the configuration served, whole ([`crate::configz`]).
 //!
-//! Nothing here shows key material: the registry holds identities and
-//! versions, the snapshot summary holds counts.
+//! Nothing here shows key material: the registry holds identities,
+//! versions and the admin addresses proxies report (informational), the
+//! snapshot summary holds counts, `/debug/configz` the documents and the
+//! mesh settings.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -203,6 +206,16 @@ impl Admin {
                         "root_namespace": s.config().mesh.root_namespace,
                     }))
                 }
+            },
+            "/debug/configz" => match self.readiness.snapshot() {
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no configuration loaded yet\n".to_string(),
+                ),
+                Some(s) => match serde_json::to_value(crate::configz::Configz::of(&s)) {
+                    Ok(v) => json_response(&v),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                },
             },
             _ => text(StatusCode::NOT_FOUND, "not found\n".to_string()),
         }

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod authority;
 pub mod ca_service;
+pub mod configz;
 pub mod metrics;
 pub mod peer;
 pub mod push;
@@ -39,6 +40,7 @@ use tokio::sync::watch;
 
 pub use authority::{Authority, AuthorityError, AuthorityOptions, CaSource};
 pub use ca_service::{CaService, Lifetimes, RateLimit};
+pub use configz::{Configz, ConfigzDocument, ConfigzError};
 pub use metrics::Metrics;
 pub use peer::PeerInfo;
 pub use push::ConfigService;

@@ -20,6 +20,7 @@
 //! past it; [`ConfigService::with_max_streams`]). A malformed request gets
 //! INVALID_ARGUMENT.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use meshward_identity::{SpiffeId, TrustBundle, TrustDomain};
 use meshward_proto::config::config_discovery_service_server::{
     ConfigDiscoveryService, ConfigDiscoveryServiceServer,
 };
-use meshward_proto::config::{ConfigRequest, ConfigResponse};
+use meshward_proto::config::{ConfigRequest, ConfigResponse, Node};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -121,6 +122,8 @@ struct Subscription {
     namespace: String,
     name: String,
     proxy_version: String,
+    /// The proxy's admin listener, as it says (informational only).
+    admin: Option<SocketAddr>,
 }
 
 fn parse_first(req: &ConfigRequest) -> Result<Subscription, Status> {
@@ -133,6 +136,7 @@ fn parse_first(req: &ConfigRequest) -> Result<Subscription, Status> {
         ("node.id", &node.id),
         ("node.workload", &node.workload),
         ("node.version", &node.version),
+        ("node.admin_address", &node.admin_address),
     ] {
         if value.chars().count() > MAX_FIELD_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -158,6 +162,25 @@ fn parse_first(req: &ConfigRequest) -> Result<Subscription, Status> {
         namespace: namespace.to_string(),
         name: name.to_string(),
         proxy_version: node.version.clone(),
+        admin: admin_address(node)?,
+    })
+}
+
+/// `node.admin_address`: empty, or `IP:PORT`. The address is only shown
+/// (`/debug/connections`, for the CLI to read the proxy's debug
+/// endpoints); it is trusted for nothing else.
+fn admin_address(node: &Node) -> Result<Option<SocketAddr>, Status> {
+    if node.admin_address.is_empty() {
+        return Ok(None);
+    }
+    node.admin_address.parse().map(Some).map_err(|_| {
+        Status::invalid_argument(format!(
+            "node.admin_address {:?} is not IP:PORT",
+            node.admin_address
+                .chars()
+                .take(MAX_FIELD_CHARS)
+                .collect::<String>()
+        ))
     })
 }
 
@@ -255,6 +278,7 @@ impl ConfigDiscoveryService for ConfigService {
             identity: identity.to_string(),
             remote: peer.remote,
             proxy_version: sub.proxy_version.clone(),
+            admin: sub.admin,
         });
         tracing::info!(
             node = %sub.node_id,
@@ -418,6 +442,18 @@ impl Stream {
             return Err(Status::invalid_argument(
                 "node.id and node.workload cannot change within a stream",
             ));
+        }
+        // A proxy may learn its admin address after subscribing (it binds
+        // it once it has a configuration): a later request says it.
+        if let Some(node) = &req.node
+            && !node.admin_address.is_empty()
+        {
+            if node.admin_address.chars().count() > MAX_FIELD_CHARS {
+                return Err(Status::invalid_argument(format!(
+                    "node.admin_address is longer than {MAX_FIELD_CHARS} characters"
+                )));
+            }
+            self.connection.admin(admin_address(node)?);
         }
         if req.version_info.chars().count() > MAX_FIELD_CHARS
             || req.response_nonce.chars().count() > MAX_FIELD_CHARS

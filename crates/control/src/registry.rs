@@ -46,6 +46,9 @@ pub struct ProxyStatus {
     pub remote: Option<SocketAddr>,
     /// The proxy's version string.
     pub proxy_version: String,
+    /// Its admin listener, as it says: informational only (the CLI reads
+    /// the proxy's debug endpoints there; nothing else trusts it).
+    pub admin: Option<SocketAddr>,
     /// Whether its stream is open.
     pub connected: bool,
     /// When its (latest) stream opened.
@@ -75,6 +78,8 @@ pub struct Subscriber {
     pub remote: Option<SocketAddr>,
     /// The proxy's version string.
     pub proxy_version: String,
+    /// Its admin listener, as it says (informational only).
+    pub admin: Option<SocketAddr>,
 }
 
 /// An entry's key: the node id and the identity that subscribed with it,
@@ -140,6 +145,7 @@ impl Registry {
             identity: who.identity,
             remote: who.remote,
             proxy_version: who.proxy_version,
+            admin: who.admin,
             connected: true,
             connected_since: now,
             last_seen: now,
@@ -269,6 +275,13 @@ impl Connection {
         });
     }
 
+    /// The proxy said where its admin listener is (after subscribing).
+    pub fn admin(&self, admin: Option<SocketAddr>) {
+        self.registry.update(&self.key, self.stream, |e| {
+            e.status.admin = admin;
+        });
+    }
+
     /// The proxy sent something (e.g. a stale ACK).
     pub fn seen(&self) {
         self.registry.update(&self.key, self.stream, |_| {});
@@ -320,6 +333,8 @@ fn status_json(s: &ProxyStatus) -> Value {
         "identity": s.identity,
         "remote": s.remote.map(|a| a.to_string()),
         "proxy_version": s.proxy_version,
+        // Where the CLI reads the proxy's debug endpoints; not trusted.
+        "admin": s.admin.map(|a| a.to_string()),
         "connected": s.connected,
         "connected_since": unix(s.connected_since),
         "last_seen": unix(s.last_seen),
@@ -349,6 +364,7 @@ mod tests {
             identity: "spiffe://td/ns/ns/sa/a".to_string(),
             remote: None,
             proxy_version: "test".to_string(),
+            admin: None,
         }
     }
 

@@ -248,6 +248,19 @@ impl Snapshot {
         self.documents.len()
     }
 
+    /// Every document, `(origin, content)`, in load order (what
+    /// `/debug/configz` serves).
+    pub fn documents(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.documents
+            .iter()
+            .map(|d| (d.origin.as_str(), d.content.as_str()))
+    }
+
+    /// The mesh settings text as pushed to proxies (empty for none).
+    pub fn mesh_config(&self) -> &str {
+        &self.mesh_config
+    }
+
     /// When the source accepted this snapshot (for the convergence time).
     pub fn accepted_at(&self) -> Instant {
         self.accepted_at

@@ -167,6 +167,7 @@ impl Plane {
                     id: node_id.to_string(),
                     workload: workload.to_string(),
                     version: "test".to_string(),
+                    admin_address: String::new(),
                 }),
                 ..Default::default()
             },
@@ -820,4 +821,82 @@ async fn streams_past_the_bound_are_refused_until_one_closes() {
     })
     .await;
     c.next().await;
+}
+
+/// The admin address a proxy reports is shown per proxy, with its workload
+/// and identity (the CLI reads the proxy's debug endpoints there); one it
+/// learns after subscribing arrives with a later request; a malformed one
+/// is refused.
+#[tokio::test]
+async fn each_proxy_s_admin_address_is_shown_on_debug_connections() {
+    let plane = Plane::start().await;
+    let node = |id: &str, admin: &str| Node {
+        id: id.to_string(),
+        workload: "ns-a/web".to_string(),
+        version: "test".to_string(),
+        admin_address: admin.to_string(),
+    };
+    let subscribe = |n: Node| ConfigRequest {
+        node: Some(n),
+        ..Default::default()
+    };
+    let proxies = async || -> Vec<serde_json::Value> {
+        let (_, body) = plane.get("/debug/connections").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["proxies"].as_array().unwrap().clone()
+    };
+    let web = id("ns-a", "web");
+    let mut with = plane
+        .subscribe_with(Some(&web), subscribe(node("p1", "127.0.1.5:15000")))
+        .await
+        .unwrap();
+    with.next().await;
+    let mut later = plane
+        .subscribe_with(Some(&web), subscribe(node("p2", "")))
+        .await
+        .unwrap();
+    let r = later.next().await;
+    let shown = proxies().await;
+    let by_id = |all: &[serde_json::Value], id: &str| {
+        all.iter().find(|p| p["node_id"] == id).unwrap().clone()
+    };
+    let p1 = by_id(&shown, "p1");
+    assert_eq!(p1["admin"], "127.0.1.5:15000", "{p1}");
+    assert_eq!(p1["workload"], "ns-a/web", "{p1}");
+    assert_eq!(p1["identity"], web, "{p1}");
+    assert!(by_id(&shown, "p2")["admin"].is_null());
+
+    // Said with the ACK.
+    later
+        .tx
+        .send(ConfigRequest {
+            version_info: r.version_info.clone(),
+            response_nonce: r.nonce.clone(),
+            node: Some(node("p2", "127.0.1.6:15000")),
+            error_detail: None,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let p2 = by_id(&proxies().await, "p2");
+        if p2["admin"] == "127.0.1.6:15000" && p2["version_acked"] == r.version_info.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{p2}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let Err(refused) = plane
+        .subscribe_with(Some(&web), subscribe(node("p3", "nowhere")))
+        .await
+    else {
+        panic!("a malformed admin address was accepted");
+    };
+    let (code, msg) = (refused.code(), refused.message().to_string());
+    assert_eq!(code, Code::InvalidArgument, "{msg}");
+    assert!(
+        msg.contains("node.admin_address \"nowhere\" is not IP:PORT"),
+        "{msg}"
+    );
 }

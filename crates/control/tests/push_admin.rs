@@ -75,3 +75,86 @@ async fn ready_once_the_config_is_loaded_and_every_condition_holds() {
         "{text}"
     );
 }
+
+/// `/debug/configz` serves the configuration whole, in the form proxies
+/// load it: loaded back, it is the configuration the directory and the
+/// mesh settings file hold.
+#[tokio::test]
+async fn debug_configz_serves_what_loads_back_as_the_served_configuration() {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(metrics.clone()));
+    let readiness = Readiness::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(admin::serve(
+        listener,
+        registry,
+        metrics.clone(),
+        readiness.clone(),
+    ));
+    let (status, _) = http::get(addr, "localhost", "/debug/configz", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "nothing loaded yet");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(
+        config.join("a.yaml"),
+        [
+            mesh::WorkloadEntry::new("ns-a", "web")
+                .port("http", 8080)
+                .yaml(),
+            mesh::mesh_strict(),
+            mesh::allow_from(
+                "ns-a",
+                "web-allow",
+                "web",
+                "cluster.local/ns/ns-a/sa/api",
+                None,
+            ),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh_file,
+        "trustDomain: example.org\nrootNamespace: mesh-root\n",
+    )
+    .unwrap();
+    let (_source, snapshots) =
+        ConfigSource::start(vec![config.clone()], Some(mesh_file.clone()), metrics).unwrap();
+    readiness.config_loaded(snapshots.clone());
+
+    let (status, body) = http::get(addr, "localhost", "/debug/configz", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("PRIVATE KEY"), "{body}");
+    let configz = meshward_control::Configz::from_json(&body).unwrap();
+    assert_eq!(configz.version, snapshots.borrow().version());
+    assert_eq!(configz.documents.len(), 3);
+    assert_eq!(configz.documents[0].origin, "a.yaml:1");
+    let served = configz.load().unwrap().config;
+    let mut loader = meshward_config::Loader::new();
+    loader.add_path(&config);
+    loader.add_mesh_config_path(&mesh_file);
+    let direct = loader.finish().unwrap().config;
+    assert_eq!(served.counts(), direct.counts());
+    assert_eq!(served.mesh.trust_domain, "example.org");
+    assert_eq!(served.mesh.root_namespace, "mesh-root");
+    assert_eq!(
+        format!("{:?}", served.authorization_policies[0].spec),
+        format!("{:?}", direct.authorization_policies[0].spec)
+    );
+    assert_eq!(
+        format!("{:?}", served.workload_entries[0].spec),
+        format!("{:?}", direct.workload_entries[0].spec)
+    );
+
+    // What is not /debug/configz is refused, saying so.
+    let e = meshward_control::Configz::from_json("{\"version\": 1}").unwrap_err();
+    assert!(e.to_string().starts_with("not /debug/configz JSON"), "{e}");
+}

@@ -14,7 +14,10 @@
 //!   runs is what the files say or why not, the last successful load);
 //! - `GET /listeners`: every listener the proxy has bound, and those of
 //!   the current configuration it could not bind (with the error);
-//! - `GET /certs`: the loaded workload certificate and trust roots;
+//! - `GET /certs`: the loaded workload certificate and trust roots, as
+//!   facts and as PEM (never the key), and when they were installed;
+//! - `GET /access_log`: the recent access-log entries (`request_id`, `src`
+//!   and `limit` filters; see [`crate::recent`]);
 //! - `GET /stats/prometheus` (also `/metrics`): Prometheus metrics.
 
 use std::convert::Infallible;
@@ -112,10 +115,12 @@ fn route(
         ("/config_dump", false) => json_response(config_dump(state)),
         ("/listeners", false) => json_response(json!(listeners.infos())),
         ("/certs", false) => json_response(certs(state)),
+        ("/access_log", false) => access_log(state, req.uri().query().unwrap_or_default()),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /config_dump /listeners /certs /stats/prometheus\n".into(),
+            "endpoints: /healthz/ready /config_dump /listeners /certs /access_log /stats/prometheus\n"
+                .into(),
         ),
     }
 }
@@ -188,6 +193,25 @@ fn config_dump(state: &State) -> serde_json::Value {
     })
 }
 
+/// `/access_log?request_id=ID&src=IP[:PORT]&limit=N`: the recent entries.
+fn access_log(state: &State, query: &str) -> Response<Body> {
+    let Some(recent) = state.metrics.access().recent() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no access-log entries are kept (--access-log-buffer 0)\n".into(),
+        );
+    };
+    match crate::recent::Query::parse(query) {
+        Ok(q) => text(StatusCode::OK, "application/json", recent.render(&q)),
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!("/access_log: {e}\n"),
+        ),
+    }
+}
+
 fn certs(state: &State) -> serde_json::Value {
     let tls = state.tls();
     let now = time::OffsetDateTime::now_utc();
@@ -199,9 +223,19 @@ fn certs(state: &State) -> serde_json::Value {
         now,
     );
     let roots = meshward_identity::inspect::inspect_certs(tls.bundle.roots(), origin, None, now);
+    let loaded_at = time::OffsetDateTime::from(tls.loaded_at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
     json!({
         "identity": tls.credentials.id().to_string(),
         "chain": chain.map(|r| json!(r)).unwrap_or_else(|e| json!({"error": e.to_string()})),
         "roots": roots.map(|r| json!(r.certificates)).unwrap_or_else(|e| json!({"error": e.to_string()})),
+        // The certificates themselves (public: what the proxy presents
+        // and trusts), for `meshward proxy-config secret`. Never the key.
+        "pem": {
+            "chain": meshward_identity::pem::encode_certs(tls.credentials.chain()),
+            "roots": tls.bundle.to_pem(),
+        },
+        "loaded_at": loaded_at,
     })
 }

@@ -98,6 +98,7 @@ impl Conn {
             method: None,
             path: None,
             authority: None,
+            request_id: None,
             response_code: None,
             response_flags: Flag::None.as_str(),
             decision,

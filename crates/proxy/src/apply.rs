@@ -22,6 +22,11 @@ pub(crate) struct Applier {
     pub files: watch::Receiver<Arc<LocalFiles>>,
     pub state: Arc<State>,
     pub listeners: Arc<Listeners>,
+    /// The revisions of the configuration and credentials the state was
+    /// built from.
+    pub seen: (u64, u64),
+    /// The files the state was built from.
+    pub files_seen: Arc<LocalFiles>,
 }
 
 impl Applier {
@@ -29,11 +34,10 @@ impl Applier {
     /// configuration is CPU work: it runs on the blocking pool, so the
     /// data path is not held up (with one worker thread, say).
     pub(crate) async fn run(mut self) {
-        let mut seen = (
-            self.config.borrow_and_update().revision(),
-            self.credentials.borrow_and_update().revision(),
-        );
-        let mut files_seen = Arc::clone(&self.files.borrow_and_update());
+        // Not read from the channels here: what was published between
+        // the start and this task's first poll is still to be applied.
+        let mut seen = self.seen;
+        let mut files_seen = Arc::clone(&self.files_seen);
         loop {
             tokio::select! {
                 r = self.config.changed() => if r.is_err() { return },

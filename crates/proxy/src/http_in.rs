@@ -67,6 +67,16 @@ fn request_span(method: &str, path: &str) -> tracing::Span {
     )
 }
 
+/// The request header the access log reports as `request_id` (forwarded
+/// unchanged, as Envoy forwards it).
+pub(crate) const X_REQUEST_ID: &str = "x-request-id";
+
+/// A request head's `x-request-id`, when it is text.
+pub(crate) fn request_id(head: &RequestHead) -> Option<&str> {
+    head.header(X_REQUEST_ID)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// The `x-forwarded-client-cert` value for a request on `conn` (Istio's
 /// format: the proxy's identity, the peer certificate's hash and URI).
 fn xfcc(own_identity: &str, conn: &Conn) -> String {
@@ -189,6 +199,7 @@ impl H1Session {
                     ),
                     (decision.as_ref(), ext_allowed.as_deref()),
                     line,
+                    request_id(&head),
                 );
                 if sent.is_err() {
                     return false;
@@ -319,6 +330,7 @@ impl H1Session {
             (status, &end, Counts::bytes(sizes.0, sizes.1)),
             (Some(&decision), ext.as_ref().map(|x| x.words.as_str())),
             line,
+            request_id(&head),
         );
         if close || state.drain.is_draining() {
             h1::end_connection(io, buf, unread).await;
@@ -354,6 +366,11 @@ async fn handle(
     let request_bytes = Arc::new(BodyCount::default());
     let grpc = telemetry::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
     let (host, path, method) = request_line(&req);
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let headers = crate::http::HeaderView(req.headers());
     let request = admission::HttpRequest {
         method: &method,
@@ -463,6 +480,7 @@ async fn handle(
             (status, &end, counts),
             (decision.as_ref(), ext_words.as_deref()),
             [&method, &path, &host],
+            request_id.as_deref(),
         );
     });
     Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
@@ -531,7 +549,9 @@ async fn discard_body(body: &mut Incoming) {
 /// (its flag, and what the access log says beyond the decision);
 /// `counts`, its body bytes each way (a tunnel's bytes, for a tunnel)
 /// and, for gRPC, its messages; `decided`, the decision and the words of
-/// an external provider that let it through.
+/// an external provider that let it through; `request_id`, its
+/// `x-request-id`.
+#[allow(clippy::too_many_arguments)]
 fn account(
     state: &State,
     conn: &Conn,
@@ -540,6 +560,7 @@ fn account(
     (status, end, counts): (u16, &RequestEnd, Counts),
     (decision, ext_allowed): (Option<&Decision>, Option<&str>),
     [method, path, host]: [&str; 3],
+    request_id: Option<&str>,
 ) {
     let protocol = counts.protocol();
     let flag = end.flag();
@@ -560,6 +581,7 @@ fn account(
     record.method = Some(method.to_string());
     record.path = Some(path.to_string());
     record.authority = Some(host.to_string());
+    record.request_id = request_id.map(str::to_string);
     record.response_code = Some(status);
     if let Some(words) = ext_allowed {
         record.reason = format!("{}; {words}", record.reason);

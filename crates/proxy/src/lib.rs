@@ -35,6 +35,7 @@ mod jwt;
 mod listeners;
 mod outbound;
 mod outcome;
+mod recent;
 mod rewind;
 mod snapshot;
 pub mod source;
@@ -54,6 +55,9 @@ pub use idle::{DEFAULT_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT};
 pub use jwt::{JwksStore, JwtPolicy};
 pub use listeners::{BindError, ListenerInfo};
 use listeners::{Listeners, bind};
+pub use recent::{
+    DEFAULT_CAPACITY as DEFAULT_ACCESS_LOG_BUFFER, MAX_CAPACITY as MAX_ACCESS_LOG_BUFFER,
+};
 pub use source::Feed;
 
 /// The `meshward.io/` WorkloadEntry annotations that tell a proxy what
@@ -78,6 +82,24 @@ pub struct Options {
     pub idle_timeout: std::time::Duration,
     /// The resolver for `DNS` and `DNS_ROUND_ROBIN` ServiceEntries.
     pub dns: dns::DnsConfig,
+    /// How many recent access-log entries `/access_log` keeps (0: none;
+    /// at most [`MAX_ACCESS_LOG_BUFFER`]). They are kept even when
+    /// `access_log` is off.
+    pub access_log_buffer: usize,
+    /// Local overrides of the WorkloadEntry's annotations.
+    pub overrides: Overrides,
+}
+
+/// What `meshward proxy` says about where things are on this host, over
+/// the WorkloadEntry's annotations: applied whenever a snapshot is built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// The outbound HTTP listener (over `meshward.io/outbound`).
+    pub outbound: Option<SocketAddr>,
+    /// Where the application listens, per WorkloadEntry port name (over
+    /// `meshward.io/app-ports` for that name). A name that is not a port
+    /// of the WorkloadEntry makes every snapshot fail, with the reason.
+    pub app_ports: Vec<(String, SocketAddr)>,
 }
 
 /// Where the access log goes.
@@ -231,9 +253,11 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         mut files,
         info,
         guard,
+        admin,
     } = feed;
-    let first_config = first(&mut config, source::Source::Config).await?;
-    let first_credentials = first(&mut credentials, source::Source::Certs).await?;
+    let (config_revision, first_config) = first(&mut config, source::Source::Config).await?;
+    let (credentials_revision, first_credentials) =
+        first(&mut credentials, source::Source::Certs).await?;
     let first_files = Arc::clone(&files.borrow_and_update());
     let access = match &options.access_log {
         AccessLogTo::Off => AccessLog::Off,
@@ -242,21 +266,27 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         AccessLogTo::Memory(lines) => AccessLog::Memory(Arc::clone(lines)),
     };
     let sources = source::Source::ALL.map(source::Source::as_str);
+    let access = recent::AccessLogger::new(access, options.access_log_buffer);
     let metrics = Arc::new(Metrics::new(access, &sources));
     let idle_timeout = options.idle_timeout.min(idle::MAX_IDLE_TIMEOUT);
+    // Bound before the first configuration is applied, so that the
+    // source's answer to it (the control plane's ACK) can say where it is.
+    let admin_l = bind(options.admin, "admin")?;
+    let admin_addr = admin_l.local_addr().unwrap_or(options.admin);
+    let _ = admin.set(admin_addr);
     let state = State::new(
         options.workload.clone(),
-        (&first_config, first_credentials, first_files),
+        (&first_config, first_credentials, Arc::clone(&first_files)),
         &info,
         metrics,
         idle_timeout,
         options.dns.clone(),
+        options.overrides.clone(),
     )?;
     let mut fixed = Vec::new();
-    let admin_l = bind(options.admin, "admin")?;
     fixed.push(listeners::ListenerInfo {
         name: "admin".to_string(),
-        address: admin_l.local_addr().unwrap_or(options.admin),
+        address: admin_addr,
         kind: "admin",
     });
     let metrics_l = match options.metrics {
@@ -295,6 +325,10 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     }
     tokio::spawn(
         apply::Applier {
+            // What the state was built from: anything published since is
+            // applied, however soon after the start it came.
+            seen: (config_revision, credentials_revision),
+            files_seen: first_files,
             config,
             credentials,
             files,
@@ -322,16 +356,17 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
     })
 }
 
-/// The first content `rx` publishes. A problem before it is logged and
-/// waited out: the proxy is not ready until it has something to enforce.
+/// The first content `rx` publishes, with its revision. A problem before
+/// it is logged and waited out: the proxy is not ready until it has
+/// something to enforce.
 async fn first<T>(
     rx: &mut tokio::sync::watch::Receiver<source::Published<T>>,
     which: source::Source,
-) -> Result<Arc<T>, StartError> {
+) -> Result<(u64, Arc<T>), StartError> {
     loop {
         let now = rx.borrow_and_update().clone();
         match now {
-            source::Published::Update { content, .. } => return Ok(content),
+            source::Published::Update { revision, content } => return Ok((revision, content)),
             source::Published::Problem { state, error, .. } => {
                 tracing::warn!(source = which.as_str(), state = state.as_str(), error = %error, "waiting for the source's first usable content");
             }

@@ -48,6 +48,13 @@ pub enum SnapshotError {
     },
     #[error("WorkloadEntry {0} has no address")]
     NoAddress(String),
+    /// A command-line override that does not fit the WorkloadEntry.
+    #[error("WorkloadEntry {workload}: {flag}: {reason}")]
+    BadOverride {
+        workload: String,
+        flag: &'static str,
+        reason: String,
+    },
 }
 
 /// How traffic on a port is handled.
@@ -302,12 +309,26 @@ impl Snapshot {
     /// Builds the view of workload `ns/name` (a WorkloadEntry); `jwks`
     /// holds the keys of the `jwksUri`s its rules name, `dns` the
     /// addresses of the DNS names its services name.
+    #[cfg(test)]
     pub fn build(
         config: Arc<ConfigSet>,
         workload_name: &str,
         version: u64,
         jwks: &JwksStore,
         dns: &DnsStore,
+    ) -> Result<Snapshot, SnapshotError> {
+        let none = crate::Overrides::default();
+        Snapshot::build_with(config, workload_name, version, (jwks, dns), &none)
+    }
+
+    /// `Snapshot::build` with the command line's `overrides` of the
+    /// WorkloadEntry's annotations (`--outbound`, `--app-port`).
+    pub fn build_with(
+        config: Arc<ConfigSet>,
+        workload_name: &str,
+        version: u64,
+        (jwks, dns): (&JwksStore, &DnsStore),
+        overrides: &crate::Overrides,
     ) -> Result<Snapshot, SnapshotError> {
         let (ns, name) = workload_name
             .split_once('/')
@@ -328,7 +349,21 @@ impl Snapshot {
             .as_deref()
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| SnapshotError::NoAddress(workload_name.to_string()))?;
-        let app_ports = parse_app_ports(entry).map_err(|r| bad(APP_PORTS, r))?;
+        let mut app_ports = parse_app_ports(entry).map_err(|r| bad(APP_PORTS, r))?;
+        for (port_name, addr) in &overrides.app_ports {
+            if !entry.spec.ports.contains_key(port_name) {
+                let known: Vec<&str> = entry.spec.ports.keys().map(String::as_str).collect();
+                return Err(SnapshotError::BadOverride {
+                    workload: workload_name.to_string(),
+                    flag: "--app-port",
+                    reason: format!(
+                        "port \"{port_name}\" is not one of the WorkloadEntry's ports ({})",
+                        known.join(", ")
+                    ),
+                });
+            }
+            app_ports.insert(port_name.clone(), *addr);
+        }
         let protocols = port_protocols(&config, entry);
         let mut inbound = Vec::new();
         for (port_name, port) in &entry.spec.ports {
@@ -355,6 +390,7 @@ impl Snapshot {
             ),
             None => None,
         };
+        let outbound = overrides.outbound.or(outbound);
         let tcp_outbound = parse_tcp_outbound(entry).map_err(|r| bad(TCP_OUTBOUND, r))?;
         let workload = Workload::from_entry(entry);
         let identity = format!("spiffe://{}", workload.principal(&config.mesh.trust_domain));

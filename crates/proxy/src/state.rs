@@ -72,6 +72,10 @@ pub struct TlsState {
     resolver: CredentialResolver,
     /// Client configs per set of expected server identities.
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    /// When the credentials in use were installed: kept across rebuilds
+    /// for a configuration change that leaves the certificate as it was
+    /// (`/certs` shows it as `loaded_at`).
+    pub loaded_at: std::time::SystemTime,
     /// Larger for a TLS state built later (in this process), so that
     /// the outbound side can tell the newer of two client configs apart
     /// (a certificate or trust bundle rotated in between).
@@ -113,6 +117,7 @@ impl TlsState {
             verifier,
             resolver,
             clients: Mutex::new(HashMap::new()),
+            loaded_at: std::time::SystemTime::now(),
             generation: TLS_GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -155,6 +160,9 @@ const APP_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(90);
 pub struct State {
     /// This workload, `namespace/name` of its WorkloadEntry.
     pub workload: String,
+    /// The command line's overrides of its annotations, applied to every
+    /// snapshot.
+    overrides: crate::Overrides,
     snapshot: ArcSwap<Snapshot>,
     tls: ArcSwap<TlsState>,
     version: AtomicU64,
@@ -205,11 +213,12 @@ impl State {
         metrics: Arc<Metrics>,
         idle_timeout: std::time::Duration,
         dns: crate::dns::DnsConfig,
+        overrides: crate::Overrides,
     ) -> Result<Arc<State>, LoadError> {
         let (config, credentials, files) = first;
         let jwks = Arc::new(crate::jwt::JwksStore::default());
         let dns = Arc::new(crate::dns::DnsStore::new(dns));
-        let snapshot = build_snapshot(&workload, config, 1, &jwks, &dns)?;
+        let snapshot = build_snapshot((&workload, &overrides), config, 1, &jwks, &dns)?;
         let tls = tls_with(&credentials, &snapshot)?;
         metrics.cert_in_use(credentials.credentials.not_after());
         // Unusable files do not stop the proxy: their DestinationRule's
@@ -253,6 +262,7 @@ impl State {
             dns,
             sources: crate::source::Sources::new(info),
             workload,
+            overrides,
             published_credentials: Mutex::new(credentials),
         }))
     }
@@ -314,7 +324,13 @@ impl State {
     /// new snapshot (its `version` is the configuration version).
     pub fn apply_config(&self, update: &ConfigUpdate) -> Result<Arc<Snapshot>, LoadError> {
         let version = self.version.load(Ordering::Acquire) + 1;
-        let snapshot = build_snapshot(&self.workload, update, version, &self.jwks, &self.dns)?;
+        let snapshot = build_snapshot(
+            (&self.workload, &self.overrides),
+            update,
+            version,
+            &self.jwks,
+            &self.dns,
+        )?;
         // The trust domain may have changed: rebuild TLS for the new
         // snapshot, with the credentials last published, or else with the
         // certificate in use.
@@ -324,7 +340,8 @@ impl State {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        let tls = match tls_with(&published, &snapshot) {
+        let current = self.tls();
+        let mut tls = match tls_with(&published, &snapshot) {
             Ok(tls) => tls,
             Err(refused) => {
                 // The credentials last published cannot be used (half
@@ -332,7 +349,6 @@ impl State {
                 // policy change must not wait for them: the certificate in
                 // use goes on serving if it still fits the new
                 // configuration (identity, trust domains).
-                let current = self.tls();
                 let in_use = Credentials {
                     credentials: (*current.credentials).clone(),
                     bundle: current.bundle.clone(),
@@ -340,6 +356,11 @@ impl State {
                 tls_with(&in_use, &snapshot).map_err(|_| refused)?
             }
         };
+        // The same certificate rebuilt for a new configuration keeps the
+        // time it was installed.
+        if tls.credentials.chain() == current.credentials.chain() {
+            tls.loaded_at = current.loaded_at;
+        }
         // DestinationRule files: load new ones (their problems are
         // theirs; they never refuse the configuration).
         self.dr_files.sync(&snapshot, &self.metrics);
@@ -375,7 +396,7 @@ impl State {
 }
 
 fn build_snapshot(
-    workload: &str,
+    (workload, overrides): (&str, &crate::Overrides),
     update: &ConfigUpdate,
     version: u64,
     jwks: &crate::jwt::JwksStore,
@@ -384,12 +405,12 @@ fn build_snapshot(
     for w in &update.warnings {
         tracing::warn!(target: "meshward::config", "{w}");
     }
-    Ok(Snapshot::build(
+    Ok(Snapshot::build_with(
         Arc::new(update.config.clone()),
         workload,
         version,
-        jwks,
-        dns,
+        (jwks, dns),
+        overrides,
     )?)
 }
 

@@ -95,7 +95,7 @@ pub struct Metrics {
     cert_expiry: Gauge<f64, AtomicU64>,
     /// The certificate in use's `notAfter`, Unix seconds.
     cert_not_after: AtomicI64,
-    access: AccessLog,
+    access: crate::recent::AccessLogger,
 }
 
 fn duration_histogram() -> Histogram {
@@ -105,7 +105,7 @@ fn duration_histogram() -> Histogram {
 impl Metrics {
     /// The metrics, with a `meshward_config_source_up` series for each of
     /// `sources` (up at start).
-    pub fn new(access: AccessLog, sources: &[&'static str]) -> Metrics {
+    pub fn new(access: crate::recent::AccessLogger, sources: &[&'static str]) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<TrafficLabels, Counter>::default();
         let histograms = || {
@@ -264,7 +264,7 @@ impl Metrics {
             .store(unix_seconds(not_after), Ordering::Relaxed);
     }
 
-    pub fn access(&self) -> &AccessLog {
+    pub fn access(&self) -> &crate::recent::AccessLogger {
         &self.access
     }
 
@@ -567,6 +567,8 @@ pub struct AccessRecord {
     pub method: Option<String>,
     pub path: Option<String>,
     pub authority: Option<String>,
+    /// The request's `x-request-id` (HTTP; `null` when it has none).
+    pub request_id: Option<String>,
     pub response_code: Option<u16>,
     /// Envoy's response flags (`-` for none), as in the metrics' label.
     pub response_flags: &'static str,
@@ -599,21 +601,21 @@ impl AccessLog {
         !matches!(self, AccessLog::Off)
     }
 
-    pub fn write(&self, record: &AccessRecord) {
+    /// Writes one serialized [`AccessRecord`].
+    pub fn write_line(&self, line: &str) {
         match self {
             AccessLog::Off => {}
             AccessLog::Stdout(out) => {
-                if let Ok(line) = serde_json::to_string(record) {
-                    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
+                let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
             }
             #[cfg(any(test, feature = "test-util"))]
             AccessLog::Memory(lines) => {
-                if let Ok(line) = serde_json::to_string(record) {
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
+                lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.to_string());
             }
         }
     }

@@ -775,3 +775,53 @@ async fn a_dead_first_address_fails_over_to_the_next_one() {
     assert_eq!(dump["config"]["state"], "ok", "{dump}");
     assert_eq!(dump["certs"]["state"], "ok", "{dump}");
 }
+
+/// The proxy tells the control plane where its admin listener is bound
+/// (an ephemeral port here): `/debug/connections` shows it with the
+/// workload and identity, and the CLI reaches the proxy's debug endpoints
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_shows_where_each_proxy_s_admin_listener_is() {
+    let mesh = Mesh::new().await;
+    let plane = mesh.plane().await;
+    let proxy = mesh.proxy(&[plane.addr]).await;
+    acked(&plane, None).await;
+    let bound = proxy.admin_addr().unwrap().to_string();
+    let connections = || async {
+        let (status, body) = get(plane.admin, "localhost", "/debug/connections", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let shown = eventually("the admin address on /debug/connections", || async {
+        let v = connections().await;
+        let p = v["proxies"].as_array()?.first()?.clone();
+        (p["admin"] == bound.as_str()).then_some(p)
+    })
+    .await;
+    assert_eq!(shown["workload"], format!("{NS}/orders"), "{shown}");
+    assert_eq!(shown["identity"], orders_id(), "{shown}");
+    let (status, certs) = get(proxy.admin_addr().unwrap(), "admin", "/certs", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(certs.contains(&orders_id()), "{certs}");
+
+    // The control plane's configuration, as served, loads back.
+    let (status, body) = get(plane.admin, "localhost", "/debug/configz", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let served = meshward_control::Configz::from_json(&body)
+        .unwrap()
+        .load()
+        .unwrap();
+    assert!(
+        served
+            .config
+            .workload_entries
+            .iter()
+            .any(|w| w.meta.namespace == NS && w.meta.name == "orders")
+    );
+}

@@ -25,6 +25,7 @@ use super::route::{
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
 use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
+use crate::http_in::request_id;
 use crate::idle::IdleTimer;
 use crate::outcome::{DOWNSTREAM_CLOSED, FORWARDED, Flag, LocalFailure, Refusal};
 use crate::rewind::Rewind;
@@ -131,7 +132,8 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
                     e.to_string(),
                     Counts::bytes(0, body.len() as u64),
                 );
-                account(state, &snap, &cache, peer, started, None, outcome, line);
+                let id = request_id(&head);
+                account(state, &snap, &cache, peer, started, None, outcome, line, id);
                 if sent.is_err() {
                     break;
                 }
@@ -219,6 +221,7 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
             Some(&route),
             (status, flags, reason, Counts::bytes(sizes.0, sizes.1)),
             line,
+            request_id(&head),
         );
         if close {
             h1::end_connection(&mut io, &mut buf, unread).await;
@@ -383,6 +386,11 @@ async fn handle(
     let request_bytes = Arc::new(BodyCount::default());
     let grpc = telemetry::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
     let (host, path, method) = request_line(&req);
+    let request_id = req
+        .headers()
+        .get(crate::http_in::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
     let route = outbound.route(&snap, &host, port_hint);
     let (resp, flags, reason, route) = match route {
@@ -455,6 +463,7 @@ async fn handle(
             route.as_ref(),
             (status, flags, reason, counts),
             [&method, &path, &host],
+            request_id.as_deref(),
         );
     });
     Ok(resp.map(|body| CountedBody::recording(body, request_bytes, grpc, finish).boxed()))
@@ -649,6 +658,7 @@ fn account(
     route: Option<&Route>,
     (status, flags, reason, counts): (u16, Flag, String, Counts),
     [method, path, host]: [&str; 3],
+    request_id: Option<&str>,
 ) {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
     let protocol = counts.protocol();
@@ -669,6 +679,7 @@ fn account(
         method: Some(method.to_string()),
         path: Some(path.to_string()),
         authority: Some(host.to_string()),
+        request_id: request_id.map(str::to_string),
         response_code: Some(status),
         ..source_record(
             snap,

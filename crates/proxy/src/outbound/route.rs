@@ -473,6 +473,7 @@ pub(super) fn source_record(
         method: None,
         path: None,
         authority: None,
+        request_id: None,
         response_code: None,
         response_flags: flags.as_str(),
         decision: Decision::carried(flags).as_str(),

@@ -14,6 +14,7 @@ fn record() -> AccessRecord {
         method: None,
         path: None,
         authority: None,
+        request_id: None,
         response_code: None,
         response_flags: Flag::None.as_str(),
         decision: "allow",

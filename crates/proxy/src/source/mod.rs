@@ -27,7 +27,8 @@ mod scan;
 mod status;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use meshward_config::ConfigSet;
@@ -175,6 +176,9 @@ pub struct Feed {
     pub files: watch::Receiver<Arc<LocalFiles>>,
     pub info: SourceInfo,
     pub(crate) guard: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    /// Where the proxy says its admin listener's bound address, for a
+    /// source that reports it (the control plane shows it).
+    pub(crate) admin: Arc<OnceLock<SocketAddr>>,
 }
 
 /// The sending ends, for a source's implementation.
@@ -184,6 +188,7 @@ pub struct Publisher {
     credentials: watch::Sender<Published<Credentials>>,
     files: watch::Sender<Arc<LocalFiles>>,
     revision: std::sync::atomic::AtomicU64,
+    admin: Arc<OnceLock<SocketAddr>>,
 }
 
 impl Publisher {
@@ -193,12 +198,14 @@ impl Publisher {
         let (config, config_rx) = watch::channel(Published::Pending);
         let (credentials, credentials_rx) = watch::channel(Published::Pending);
         let (files, files_rx) = watch::channel(Arc::new(LocalFiles::new()));
+        let admin = Arc::new(OnceLock::new());
         (
             Publisher {
                 config,
                 credentials,
                 files,
                 revision: std::sync::atomic::AtomicU64::new(0),
+                admin: Arc::clone(&admin),
             },
             Feed {
                 config: config_rx,
@@ -206,6 +213,7 @@ impl Publisher {
                 files: files_rx,
                 info,
                 guard: None,
+                admin,
             },
         )
     }
@@ -264,6 +272,12 @@ impl Publisher {
                 });
             }
         }
+    }
+
+    /// The proxy's admin listener as bound, once it is (`None` before, and
+    /// for a proxy without one).
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.get().copied()
     }
 
     /// Whether the proxy still listens (it has not been dropped).

@@ -180,6 +180,8 @@ impl Mesh {
             access_log: AccessLogTo::Off,
             idle_timeout: meshward_proxy::DEFAULT_IDLE_TIMEOUT,
             dns: meshward_proxy::DnsConfig::System,
+            access_log_buffer: meshward_proxy::DEFAULT_ACCESS_LOG_BUFFER,
+            overrides: Default::default(),
         };
         tokio::time::timeout(patience(), meshward_proxy::start(feed, options))
             .await

@@ -40,6 +40,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct Replica {
     /// Its gRPC address.
     pub addr: SocketAddr,
+    /// Its admin listener (`/debug/connections`, `/debug/configz`).
+    pub admin: SocketAddr,
     /// Every proxy that subscribed, with its state.
     pub registry: Arc<Registry>,
     /// Its metrics.
@@ -84,7 +86,7 @@ impl Replica {
                 match meshward_control::start(options).await {
                     Ok(cp) => {
                         let _ = ready.send(Ok((
-                            cp.grpc_addr(),
+                            (cp.grpc_addr(), cp.admin_addr()),
                             Arc::clone(cp.registry()),
                             Arc::clone(cp.metrics()),
                         )));
@@ -99,12 +101,13 @@ impl Replica {
             // Dropping the runtime drops every connection it holds.
             rt.shutdown_timeout(Duration::from_secs(1));
         });
-        let (addr, registry, metrics) = started
+        let ((addr, admin), registry, metrics) = started
             .await
             .expect("the control plane's thread")
             .expect("the control plane started");
         Replica {
             addr,
+            admin,
             registry,
             metrics,
             log,

@@ -58,6 +58,15 @@ impl Harness {
     /// WorkloadEntry (TCP port `tcp` to an echo application, HTTP port
     /// `http` to an HTTP/1.1 application) and `extra` resources.
     pub async fn start(extra: &str) -> Harness {
+        Harness::try_start(extra, |_| {}).await.unwrap()
+    }
+
+    /// [`Harness::start`] with the proxy's options changed by `tweak`;
+    /// the proxy's start error if it does not start.
+    pub async fn try_start(
+        extra: &str,
+        tweak: impl FnOnce(&mut Options),
+    ) -> Result<Harness, meshward_proxy::StartError> {
         let ca =
             MeshCa::generate("cluster.local", "meshward-test", Duration::from_secs(3600)).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -80,16 +89,19 @@ impl Harness {
             .write_workload(&dir.path().join("orders-1"), NS, "orders")
             .unwrap();
         push_credentials(&source, &orders).unwrap();
-        let options = Options {
+        let mut options = Options {
             workload: format!("{NS}/orders"),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics: None,
             access_log: AccessLogTo::Memory(Arc::clone(&access_log)),
             idle_timeout: meshward_proxy::DEFAULT_IDLE_TIMEOUT,
             dns: meshward_proxy::DnsConfig::System,
+            access_log_buffer: meshward_proxy::DEFAULT_ACCESS_LOG_BUFFER,
+            overrides: Default::default(),
         };
-        let proxy = meshward_proxy::start(feed, options).await.unwrap();
-        Harness {
+        tweak(&mut options);
+        let proxy = meshward_proxy::start(feed, options).await?;
+        Ok(Harness {
             source,
             proxy,
             ca,
@@ -100,7 +112,7 @@ impl Harness {
             echo,
             app,
             access_log,
-        }
+        })
     }
 
     pub fn ports(&self) -> Ports {

@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshward_config::Loader;
 use meshward_identity::verify::TrustDomains;
 use meshward_identity::{Side, SvidVerifier, TrustBundle, WorkloadCredentials};
 use meshward_proto::config::config_discovery_service_client::ConfigDiscoveryServiceClient;
@@ -46,6 +45,7 @@ pub(crate) async fn run(shared: Arc<Shared>, node_id: String) {
         id: node_id,
         workload: shared.workload.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        admin_address: String::new(),
     };
     let mut credentials = shared.credentials.subscribe();
     let mut stream = Stream {
@@ -122,6 +122,18 @@ struct Stream {
 }
 
 impl Stream {
+    /// The node, with the proxy's admin address once it is bound (the
+    /// first subscription may come before it is; the ACK of the first
+    /// configuration carries it).
+    fn node(&mut self) -> Node {
+        if self.node.admin_address.is_empty()
+            && let Some(admin) = self.shared.publisher.admin_address()
+        {
+            self.node.admin_address = admin.to_string();
+        }
+        self.node.clone()
+    }
+
     /// Opens the stream on `address` and follows it until it ends.
     /// Returns whether a response arrived, and why it ended.
     async fn follow(&mut self, address: &Address) -> (bool, String) {
@@ -135,7 +147,7 @@ impl Stream {
         let (tx, rx) = mpsc::channel::<ConfigRequest>(4);
         let subscribe = ConfigRequest {
             version_info: String::new(),
-            node: Some(self.node.clone()),
+            node: Some(self.node()),
             response_nonce: String::new(),
             error_detail: None,
         };
@@ -197,7 +209,7 @@ impl Stream {
                         self.applied = version.clone();
                         return Some(ConfigRequest {
                             version_info: version,
-                            node: Some(self.node.clone()),
+                            node: Some(self.node()),
                             response_nonce: nonce,
                             error_detail: None,
                         });
@@ -223,7 +235,7 @@ impl Stream {
         };
         Some(ConfigRequest {
             version_info: self.applied.clone(),
-            node: Some(self.node.clone()),
+            node: Some(self.node()),
             response_nonce: nonce,
             error_detail: Some(Status {
                 code: INVALID_ARGUMENT,
@@ -269,14 +281,12 @@ fn load(
         }
         Some(bundle)
     };
-    let mut loader = Loader::new();
-    for d in &response.documents {
-        loader.add_source(&d.origin, &d.content);
-    }
-    if !response.mesh_config.trim().is_empty() {
-        loader.add_mesh_config_source("mesh_config", &response.mesh_config);
-    }
-    let loaded = loader.finish().map_err(|d| d.to_string())?;
+    let documents = response
+        .documents
+        .iter()
+        .map(|d| (d.origin.as_str(), d.content.as_str()));
+    let loaded = meshward_config::load_served(documents, &response.mesh_config)
+        .map_err(|d| d.to_string())?;
     Ok((ConfigUpdate::from(loaded), bundle))
 }
 
