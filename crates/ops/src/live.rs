@@ -150,20 +150,13 @@ fn record(v: &Value) -> ProxyRecord {
     }
 }
 
-/// The configuration in a `/debug/configz` answer.
+/// The configuration in a `/debug/configz` answer, loaded as the proxies
+/// load what is pushed to them.
 fn config_of(configz: &Value) -> Result<ConfigSet, OpsError> {
-    let mut loader = meshward_config::Loader::new();
-    for d in configz["documents"].as_array().into_iter().flatten() {
-        loader.add_source(
-            d["origin"].as_str().unwrap_or("configz"),
-            d["content"].as_str().unwrap_or_default(),
-        );
-    }
-    if let Some(mesh) = configz["mesh_config"].as_str().filter(|m| !m.is_empty()) {
-        loader.add_mesh_config_source("mesh_config", mesh);
-    }
-    loader
-        .finish()
+    let served = meshward_control::configz::Configz::from_json(&configz.to_string())
+        .map_err(|e| OpsError::Config(e.to_string()))?;
+    served
+        .load()
         .map(|l| l.config)
-        .map_err(|d| OpsError::Config(d.to_string()))
+        .map_err(|e| OpsError::Config(e.to_string()))
 }

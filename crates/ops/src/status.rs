@@ -29,18 +29,11 @@ pub struct ProxyStatus {
 pub async fn status(live: &Live) -> Vec<ProxyStatus> {
     let mut out = Vec::new();
     for p in &live.proxies {
-        let sync = if p
-            .last_nack
-            .as_ref()
-            .is_some_and(|(v, _)| Some(v) == p.version_sent.as_ref())
-        {
-            "NACKED"
-        } else if p.version_acked.as_deref() == Some(live.version.as_str()) {
-            "SYNCED"
-        } else if p.version_sent.is_none() {
-            "NOT SENT"
-        } else {
-            "STALE"
+        let sync = match (&p.version_sent, &p.version_acked, &p.last_nack) {
+            (None, ..) => "NOT SENT",
+            (Some(sent), _, Some((nacked, _))) if nacked == sent => "NACKED",
+            (Some(sent), Some(acked), _) if acked == sent => "SYNCED",
+            _ => "STALE",
         };
         let cert_expiry = match (p.connected, p.admin) {
             (true, Some(admin)) => {
@@ -89,13 +82,13 @@ fn short(v: &str) -> String {
     v.chars().take(12).collect()
 }
 
-/// As a table, with the version served first.
+/// As a table.
 pub fn render(live: &Live, rows: &[ProxyStatus]) -> String {
     let mut table = vec![[
         "NAME".to_string(),
         "CONNECTED".to_string(),
         "CONFIG".to_string(),
-        "VERSION ACKED".to_string(),
+        "VERSION".to_string(),
         "CERT EXPIRES".to_string(),
         "NODE".to_string(),
     ]];
@@ -120,7 +113,7 @@ pub fn render(live: &Live, rows: &[ProxyStatus]) -> String {
         ]);
     }
     let mut out = format!(
-        "control plane {}: serving configuration version {}\n\n",
+        "control plane {} (configuration {}; each proxy's version is a hash of its own view)\n\n",
         live.control_admin,
         short(&live.version)
     );

@@ -102,13 +102,16 @@ impl ExampleCall {
     pub fn mismatches(&self, got: &CallOutcome) -> Vec<String> {
         let e = &self.expect;
         let mut out = Vec::new();
-        match (e.status, e.refused, got.status()) {
-            (Some(want), _, Some(s)) if want != s => {
-                out.push(format!("status {s}, expected {want}"))
-            }
-            (Some(want), _, None) => out.push(format!("no response, expected status {want}")),
-            (_, true, Some(s)) => out.push(format!("status {s}, expected the connection refused")),
-            _ => {}
+        match (&got.reply, e.refused) {
+            (crate::call::Reply::Failed(why), false) => out.push(format!("no reply ({why})")),
+            (crate::call::Reply::Failed(_), true) => {}
+            (_, true) => out.push("a reply came, expected the connection refused".to_string()),
+            (_, false) => {}
+        }
+        if let (Some(want), Some(s)) = (e.status, got.status())
+            && want != s
+        {
+            out.push(format!("status {s}, expected {want}"));
         }
         if let Some(want) = &e.decision {
             match got.decision() {
@@ -138,9 +141,10 @@ impl ExampleCall {
 /// One line for a call's outcome: status, decision, policy, TLS.
 pub fn summary(got: &CallOutcome) -> String {
     let mut parts = Vec::new();
-    match got.status() {
-        Some(s) => parts.push(s.to_string()),
-        None => parts.push("refused".to_string()),
+    match &got.reply {
+        crate::call::Reply::Response { status, .. } => parts.push(status.to_string()),
+        crate::call::Reply::Bytes { len, .. } => parts.push(format!("connected, {len} bytes back")),
+        crate::call::Reply::Failed(_) => parts.push("refused".to_string()),
     }
     match (got.decision(), got.policy()) {
         (Some(d), Some(p)) => parts.push(format!("{} by {p}", d.to_uppercase())),

@@ -390,7 +390,7 @@ pub async fn run_calls(
         let mark = if wrong.is_empty() { "ok  " } else { "FAIL" };
         let _ = writeln!(
             out,
-            "{mark} meshward call {} {}{}\n       {}",
+            "{mark} meshward call {} {}{}{}\n       {}",
             c.from,
             if c.method == "GET" {
                 String::new()
@@ -398,6 +398,10 @@ pub async fn run_calls(
                 format!("-X {} ", c.method)
             },
             c.url,
+            c.body
+                .as_ref()
+                .map(|b| format!(" -d '{b}'"))
+                .unwrap_or_default(),
             calls::summary(&got)
         );
         for w in &wrong {

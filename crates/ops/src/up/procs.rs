@@ -124,7 +124,8 @@ pub async fn wait_ready(
 }
 
 /// Waits until the control plane records a connected proxy for each of
-/// `workloads` that has acknowledged the version it serves.
+/// `workloads` that has acknowledged the version it was sent (each proxy's
+/// version is the hash of its own view).
 pub async fn wait_synced(
     control_admin: SocketAddr,
     workloads: &BTreeSet<String>,
@@ -132,15 +133,15 @@ pub async fn wait_synced(
 ) -> Result<(), OpsError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let version = get_json(Side::Control, control_admin, "/debug/config").await?;
-        let version = version["version"].as_str().unwrap_or_default().to_string();
         let connections = get_json(Side::Control, control_admin, "/debug/connections").await?;
         let synced: BTreeSet<String> = connections["proxies"]
             .as_array()
             .into_iter()
             .flatten()
             .filter(|p| {
-                p["connected"] == true && p["version_acked"].as_str() == Some(version.as_str())
+                p["connected"] == true
+                    && p["version_sent"].is_string()
+                    && p["version_acked"] == p["version_sent"]
             })
             .filter_map(|p| p["workload"].as_str().map(str::to_string))
             .collect();
