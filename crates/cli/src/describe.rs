@@ -161,7 +161,7 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
         "Workload {} (its running proxy, admin {}, configuration version {})",
         proxy.workload,
         proxy.admin.map(|a| a.to_string()).unwrap_or_default(),
-        s(&dump["version"])
+        dump["version"]
     );
     println!("  identity: {}", s(&dump["identity"]));
     println!("\nPeer authentication (inbound mTLS), as the proxy enforces it:");
@@ -191,7 +191,7 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
             .find(|r| r.meta.namespace == ns && r.meta.name == name);
         let rules = spec.map_or(0, |r| r.spec.rules.len());
         let origin = spec
-            .map(|r| format!("{}:{}", r.origin.file, r.origin.line))
+            .map(|r| meshward_ops::live::origin(&r.origin))
             .unwrap_or_default();
         let scope = if ns == live.config.mesh.root_namespace {
             " (mesh-wide, root namespace)"

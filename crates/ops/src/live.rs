@@ -160,3 +160,19 @@ fn config_of(configz: &Value) -> Result<ConfigSet, OpsError> {
         .map(|l| l.config)
         .map_err(|e| OpsError::Config(e.to_string()))
 }
+
+/// Where a resource of the served configuration was written: the control
+/// plane names each document `FILE:LINE`, which the loader takes for a file
+/// name (the document then starts at its line 1).
+pub fn origin(o: &meshward_config::Origin) -> String {
+    let served = o.line == 1
+        && o
+            .file
+            .rsplit_once(':')
+            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if served {
+        o.file.to_string()
+    } else {
+        format!("{}:{}", o.file, o.line)
+    }
+}

@@ -276,7 +276,7 @@ fn authz(live: &Live, dump: &Value) -> Shown {
             .find(|r| r.meta.namespace == ns && r.meta.name == name);
         let rules = spec.map_or(0, |r| r.spec.rules.len());
         let origin = spec
-            .map(|r| format!("{}:{}", r.origin.file, r.origin.line))
+            .map(|r| crate::live::origin(&r.origin))
             .unwrap_or_else(|| "-".to_string());
         let mut action = p["action"].as_str().unwrap_or("?").to_string();
         if p["dry_run"] == true {
