@@ -201,15 +201,15 @@ fn custom(cx: &Context<'_>, p: &Resource<AuthorizationPolicy>, out: &mut Vec<Mes
     let name = p.spec.provider.as_deref().unwrap_or_default();
     let problem = if let Some(why) = mesh.invalid_providers.get(name) {
         Some(format!(
-            "extension provider \"{name}\" cannot be used: {why}"
+            "Extension provider \"{name}\" cannot be used: {why}"
         ))
     } else {
         match mesh.provider(name) {
             None => Some(format!(
-                "extension provider \"{name}\" is not defined in meshConfig.extensionProviders"
+                "Extension provider \"{name}\" is not defined in meshConfig.extensionProviders"
             )),
             Some(prov) if !prov.is_authz() => Some(format!(
-                "extension provider \"{name}\" is a {} provider, not an authorization provider",
+                "Extension provider \"{name}\" is a {} provider, not an authorization provider",
                 prov.kind
             )),
             Some(_) => None,

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use meshward_config::model::WorkloadEntry;
-use meshward_config::{ConfigSet, Resource, WorkloadSelector};
+use meshward_config::{ConfigSet, Diagnostic, Diagnostics, Resource, WorkloadSelector};
 
 use crate::{PolicyEngine, Workload};
 
@@ -84,6 +84,13 @@ pub mod codes {
         name: "ReferencedResourceNotFound",
         level: Level::Error,
     };
+    /// Istio's: a resource is invalid. meshward loads all or nothing, so
+    /// the other checks do not run on a set with this message.
+    pub const SCHEMA_VALIDATION_ERROR: Code = Code {
+        code: "IST0106",
+        name: "SchemaValidationError",
+        level: Level::Error,
+    };
     /// Istio's: a selector (or a namespace-wide policy) matches no workload.
     pub const NO_MATCHING_WORKLOADS_FOUND: Code = Code {
         code: "IST0127",
@@ -153,9 +160,10 @@ pub mod codes {
         level: Level::Error,
     };
 
-    /// Every code [`super::analyze`] can report, in code order.
-    pub const ALL: [Code; 11] = [
+    /// Every code, in code order.
+    pub const ALL: [Code; 12] = [
         REFERENCED_RESOURCE_NOT_FOUND,
+        SCHEMA_VALIDATION_ERROR,
         NO_MATCHING_WORKLOADS_FOUND,
         UNKNOWN_DESTINATION_RULE_HOST,
         SELECTS_ONLY_WORKLOADS_WITHOUT_PROXY,
@@ -207,6 +215,49 @@ impl Message {
             file: r.origin.file.clone(),
             line: r.origin.line,
         }
+    }
+}
+
+impl Message {
+    /// The load errors of an invalid set that lie in a resource, as
+    /// IST0106 SchemaValidationError. Errors outside any resource (a file
+    /// that cannot be read or parsed) are returned apart: istioctl reports
+    /// those as files it could not parse.
+    pub fn from_load_errors(diags: &Diagnostics) -> (Vec<Message>, Vec<&Diagnostic>) {
+        let mut messages = Vec::new();
+        let mut unparsed = Vec::new();
+        for d in diags.errors() {
+            let Some(resource) = &d.resource else {
+                unparsed.push(d);
+                continue;
+            };
+            let field = d.field.clone().filter(|f| !f.is_empty());
+            let detail = match &field {
+                Some(f) => format!("{f}: {}", d.message),
+                None => d.message.clone(),
+            };
+            messages.push(Message {
+                code: codes::SCHEMA_VALIDATION_ERROR.code,
+                level: codes::SCHEMA_VALIDATION_ERROR.level,
+                resource: resource.clone(),
+                origin: format!("{}:{}", d.file, d.pos.line),
+                field,
+                message: format!("Schema validation error: {detail}"),
+                file: d.file.clone(),
+                line: d.pos.line,
+            });
+        }
+        (messages, unparsed)
+    }
+
+    /// Istio's documentation page for an `IST` code; none for meshward's.
+    pub fn documentation_url(&self) -> Option<String> {
+        self.code.starts_with("IST").then(|| {
+            format!(
+                "https://istio.io/latest/docs/reference/config/analysis/{}/",
+                self.code.to_ascii_lowercase()
+            )
+        })
     }
 }
 

@@ -429,7 +429,7 @@ spec:
         m.field.as_deref(),
         Some("spec.trafficPolicy.portLevelSettings[0].tls.mode")
     );
-    assert!(m.message.starts_with("tls mode SIMPLE"), "{m}");
+    assert!(m.message.starts_with("TLS mode SIMPLE"), "{m}");
 }
 
 #[test]
@@ -617,4 +617,40 @@ spec:
             ("test.yaml:10", "IST0127"),
         ]
     );
+}
+
+#[test]
+fn load_errors_in_a_resource_are_ist0106_and_the_others_unparsed() {
+    let mut loader = Loader::new();
+    loader.add_source(
+        "bad.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: production}
+spec:
+  action: ALOW
+"#,
+    );
+    loader.add_source("broken.yaml", "key: [unclosed\n");
+    let Err(diags) = loader.finish() else {
+        panic!("the set must be invalid");
+    };
+    let (messages, unparsed) = Message::from_load_errors(&diags);
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    let m = &messages[0];
+    assert_eq!((m.code, m.level), ("IST0106", Level::Error));
+    assert_eq!(m.resource, "AuthorizationPolicy production/p");
+    assert!(m.origin.starts_with("bad.yaml:"), "{m}");
+    assert!(
+        m.message
+            .starts_with("Schema validation error: spec.action: "),
+        "{m}"
+    );
+    assert_eq!(
+        m.documentation_url().as_deref(),
+        Some("https://istio.io/latest/docs/reference/config/analysis/ist0106/")
+    );
+    assert_eq!(unparsed.len(), 1, "{unparsed:#?}");
+    assert_eq!(&*unparsed[0].file, "broken.yaml");
 }

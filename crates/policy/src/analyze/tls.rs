@@ -186,7 +186,7 @@ fn destination_rule(cx: &Context<'_>, dr: &Resource<DestinationRule>, out: &mut 
                             dr,
                             Some(field),
                             format!(
-                                "tls mode {} sends {sends} to {host} port {}, but STRICT mutual TLS is required on {}: the connections are refused",
+                                "TLS mode {} sends {sends} to {host} port {}, but STRICT mutual TLS is required on {}: the connections are refused",
                                 mode.as_str(),
                                 port.number,
                                 list(&strict)
@@ -207,7 +207,7 @@ fn destination_rule(cx: &Context<'_>, dr: &Resource<DestinationRule>, out: &mut 
                             dr,
                             Some(field),
                             format!(
-                                "tls mode ISTIO_MUTUAL toward {host} port {}, but {} run{} without a proxy and cannot answer the mesh's mutual TLS: the connections fail",
+                                "TLS mode ISTIO_MUTUAL toward {host} port {}, but {} run{} without a proxy and cannot answer the mesh's mutual TLS: the connections fail",
                                 port.number,
                                 list(&bare),
                                 if bare.len() == 1 { "s" } else { "" }
