@@ -37,7 +37,7 @@ enum Command {
     /// Validate Istio security and networking resources; print every error.
     Validate(validate::Args),
     /// Find configuration that loads but cannot do what its author meant
-    /// (istioctl analyze): message codes IST0127, MW0104, ...; exit status
+    /// (istioctl analyze): message codes IST0127, MW0103, ...; exit status
     /// 79 when issues at or above --failure-threshold are found.
     Analyze(Box<analyze::Args>),
     /// Test and evaluate authorization and peer-authentication policies offline.

@@ -135,6 +135,13 @@ spec:
   action: CUSTOM
   provider: {name: opa}
   rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: unenforced, namespace: legacy}
+spec:
+  selector: {matchLabels: {app: legacy}}
+  rules: [{}]
 "#;
 
 fn planted() -> (tempfile::TempDir, String) {
@@ -158,12 +165,13 @@ fn every_planted_mistake_is_found_with_istioctls_message_form() {
     let expected = [
         format!("Warning [IST0127] (AuthorizationPolicy production/typo {file}:7"),
         format!("Error [IST0101] (AuthorizationPolicy production/callers {file}:14"),
-        format!("Warning [MW0102] (AuthorizationPolicy production/callers {file}:14"),
-        format!("Error [MW0104] (DestinationRule production/plaintext {file}:25"),
-        format!("Error [MW0105] (DestinationRule legacy/legacy-mtls {file}:33"),
-        format!("Warning [MW0106] (PeerAuthentication production/orders-ports {file}:41"),
-        format!("Warning [MW0107] (RequestAuthentication production/jwt {file}:49"),
-        format!("Error [MW0108] (AuthorizationPolicy production/ext {file}:56"),
+        format!("Warning [MW0101] (AuthorizationPolicy production/callers {file}:14"),
+        format!("Error [MW0103] (DestinationRule production/plaintext {file}:25"),
+        format!("Error [MW0104] (DestinationRule legacy/legacy-mtls {file}:33"),
+        format!("Warning [MW0105] (PeerAuthentication production/orders-ports {file}:41"),
+        format!("Warning [MW0106] (RequestAuthentication production/jwt {file}:49"),
+        format!("Error [MW0107] (AuthorizationPolicy production/ext {file}:56"),
+        format!("Warning [IST0167] (AuthorizationPolicy legacy/unenforced {file}:65"),
     ];
     assert_eq!(starts, expected, "{stdout}");
     assert_eq!(
@@ -262,7 +270,7 @@ fn json_and_yaml_carry_istioctls_fields() {
         first["documentationUrl"],
         "https://istio.io/latest/docs/reference/config/analysis/ist0127/"
     );
-    assert_eq!(list.as_array().map(Vec::len), Some(8));
+    assert_eq!(list.as_array().map(Vec::len), Some(9));
 
     let o = analyze(&[dir.path().to_str().unwrap(), "-o", "yaml"]);
     assert_eq!(o.status.code(), Some(79));
@@ -271,7 +279,7 @@ fn json_and_yaml_carry_istioctls_fields() {
         stdout.starts_with("- code: \"IST0127\"\n  documentationUrl: "),
         "{stdout}"
     );
-    assert_eq!(stdout.matches("\n- code: ").count() + 1, 8, "{stdout}");
+    assert_eq!(stdout.matches("\n- code: ").count() + 1, 9, "{stdout}");
     assert!(stdout.contains("  reference: \""), "{stdout}");
 }
 

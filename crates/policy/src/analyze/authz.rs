@@ -1,6 +1,6 @@
 //! AuthorizationPolicy and RequestAuthentication checks: identities and
-//! namespaces nobody has (IST0101, MW0102, MW0103), unusable CUSTOM
-//! providers (MW0108), and JWT validation that nothing requires (MW0107).
+//! namespaces nobody has (IST0101, MW0101, MW0102), unusable CUSTOM
+//! providers (MW0107), and JWT validation that nothing requires (MW0106).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -97,30 +97,31 @@ pub mod codes {
         name: "NoMatchingWorkloadsFound",
         level: Level::Warning,
     };
+    /// Istio's: a policy has no effect: it selects only workloads without
+    /// a proxy, or it is a PeerAuthentication with a selector in the root
+    /// namespace.
+    pub const INEFFECTIVE_POLICY: Code = Code {
+        code: "IST0167",
+        name: "IneffectivePolicy",
+        level: Level::Warning,
+    };
     /// Istio's: a DestinationRule host matches no service.
     pub const UNKNOWN_DESTINATION_RULE_HOST: Code = Code {
         code: "IST0174",
         name: "UnknownDestinationRuleHost",
         level: Level::Warning,
     };
-    /// A policy selects only workloads without a proxy, which enforce
-    /// nothing (Istio's IST0127 counts only pods with a proxy).
-    pub const SELECTS_ONLY_WORKLOADS_WITHOUT_PROXY: Code = Code {
-        code: "MW0101",
-        name: "SelectsOnlyWorkloadsWithoutProxy",
-        level: Level::Warning,
-    };
     /// A `principals`/`notPrincipals` (or `source.principal`) value that no
     /// known workload has.
     pub const UNKNOWN_PRINCIPAL: Code = Code {
-        code: "MW0102",
+        code: "MW0101",
         name: "UnknownPrincipal",
         level: Level::Warning,
     };
     /// A `namespaces`/`notNamespaces` (or `source.namespace`) value naming
     /// namespaces that have configuration but no workload.
     pub const NAMESPACE_WITHOUT_WORKLOADS: Code = Code {
-        code: "MW0103",
+        code: "MW0102",
         name: "NamespaceWithoutWorkloads",
         level: Level::Warning,
     };
@@ -128,34 +129,34 @@ pub mod codes {
     /// whose effective mTLS mode is STRICT: the connections are refused
     /// (Istio's retired IST0113 MTLSPolicyConflict).
     pub const DESTINATION_RULE_TLS_CONFLICT: Code = Code {
-        code: "MW0104",
+        code: "MW0103",
         name: "DestinationRuleTlsConflict",
         level: Level::Error,
     };
     /// A DestinationRule sends ISTIO_MUTUAL to a destination without a
     /// proxy, which cannot answer the mesh TLS handshake.
     pub const ISTIO_MUTUAL_WITHOUT_PROXY: Code = Code {
-        code: "MW0105",
+        code: "MW0104",
         name: "IstioMutualWithoutProxy",
         level: Level::Error,
     };
     /// `portLevelMtls` names a port the selected workloads do not have.
     pub const PORT_LEVEL_MTLS_UNKNOWN_PORT: Code = Code {
-        code: "MW0106",
+        code: "MW0105",
         name: "PortLevelMtlsUnknownPort",
         level: Level::Warning,
     };
     /// A RequestAuthentication without any ALLOW or DENY policy that looks
     /// at the token: requests without a token pass.
     pub const TOKEN_NOT_REQUIRED: Code = Code {
-        code: "MW0107",
+        code: "MW0106",
         name: "TokenNotRequired",
         level: Level::Warning,
     };
     /// A CUSTOM AuthorizationPolicy whose provider cannot be used: what its
     /// rules match is denied.
     pub const UNUSABLE_CUSTOM_PROVIDER: Code = Code {
-        code: "MW0108",
+        code: "MW0107",
         name: "UnusableCustomProvider",
         level: Level::Error,
     };
@@ -165,8 +166,8 @@ pub mod codes {
         REFERENCED_RESOURCE_NOT_FOUND,
         SCHEMA_VALIDATION_ERROR,
         NO_MATCHING_WORKLOADS_FOUND,
+        INEFFECTIVE_POLICY,
         UNKNOWN_DESTINATION_RULE_HOST,
-        SELECTS_ONLY_WORKLOADS_WITHOUT_PROXY,
         UNKNOWN_PRINCIPAL,
         NAMESPACE_WITHOUT_WORKLOADS,
         DESTINATION_RULE_TLS_CONFLICT,
@@ -182,7 +183,7 @@ pub use codes::Code;
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// `IST0127`, `MW0104`, ...
+    /// `IST0127`, `MW0103`, ...
     pub code: &'static str,
     pub level: Level,
     /// `Kind namespace/name`.

@@ -1,10 +1,11 @@
-//! Selectors that select nothing: IST0127 NoMatchingWorkloadsFound, and
-//! MW0101 for policies whose workloads all lack the proxy that would
-//! enforce them.
+//! Selectors that select nothing: IST0127 NoMatchingWorkloadsFound; and
+//! IST0167 IneffectivePolicy for policies whose workloads all lack the
+//! proxy that would enforce them, and for PeerAuthentications with a
+//! selector in the root namespace, which Istio ignores.
 
 use meshward_config::{Resource, WorkloadSelector};
 
-use super::codes::{NO_MATCHING_WORKLOADS_FOUND, SELECTS_ONLY_WORKLOADS_WITHOUT_PROXY};
+use super::codes::{INEFFECTIVE_POLICY, NO_MATCHING_WORKLOADS_FOUND};
 use super::{Context, Message, selector_text};
 
 /// How a kind's selector scopes, and whether a proxy must enforce it.
@@ -24,6 +25,26 @@ struct Scope<'a> {
 
 pub(super) fn check(cx: &Context<'_>, out: &mut Vec<Message>) {
     for p in &cx.config.peer_authentications {
+        let with_labels = p
+            .spec
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.match_labels.is_empty());
+        if p.spec.target_refs.is_empty() && with_labels && p.meta.namespace == cx.root() {
+            // Istio composes workload policies only from the workload's
+            // own namespace: this one applies to no workload.
+            out.push(Message::new(
+                INEFFECTIVE_POLICY,
+                "PeerAuthentication",
+                p,
+                Some("spec.selector".to_string()),
+                format!(
+                    "The policy has no impact: a PeerAuthentication with a selector in the root namespace ({}) applies to no workload; put it in the namespace of the workloads it is for.",
+                    cx.root()
+                ),
+            ));
+            continue;
+        }
         if p.spec.target_refs.is_empty() {
             let scope = Scope {
                 kind: "PeerAuthentication",
@@ -122,19 +143,19 @@ fn one<T>(cx: &Context<'_>, r: &Resource<T>, scope: &Scope<'_>, out: &mut Vec<Me
     if scope.needs_proxy && selected.iter().all(|w| !w.has_proxy) {
         let names: Vec<String> = selected.iter().map(|w| w.key()).collect();
         let what = if selector.is_some() {
-            format!("The selector ({labels}) matches")
+            format!("the selector ({labels}) matches")
         } else {
-            format!("Namespace {ns} has")
+            format!("namespace {ns} has")
         };
+        let verb = if names.len() == 1 { "runs" } else { "run" };
         out.push(Message::new(
-            SELECTS_ONLY_WORKLOADS_WITHOUT_PROXY,
+            INEFFECTIVE_POLICY,
             scope.kind,
             r,
             selector.map(|_| format!("{}.matchLabels", scope.field)),
             format!(
-                "{what} only workloads without a proxy ({}); nothing applies this {}",
+                "The policy has no impact: {what} only {}, which {verb} without a proxy.",
                 super::list(&names),
-                scope.kind
             ),
         ));
     }

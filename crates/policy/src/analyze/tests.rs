@@ -193,7 +193,7 @@ spec: {}
 }
 
 #[test]
-fn policy_selecting_only_workloads_without_a_proxy_is_mw0101() {
+fn policy_selecting_only_workloads_without_a_proxy_is_ist0167() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -202,8 +202,11 @@ spec:
   selector: {matchLabels: {app: legacy}}
   rules: [{}]
 "#);
-    let m = only(&m, "MW0101");
-    assert!(m.message.contains("legacy/legacy"), "{m}");
+    let m = only(&m, "IST0167");
+    assert_eq!(
+        m.message,
+        "The policy has no impact: the selector (app=legacy) matches only legacy/legacy, which runs without a proxy."
+    );
 
     // Live facts: the proxy of legacy/legacy does run after all, and
     // production/orders' does not.
@@ -231,12 +234,12 @@ spec:
         ])),
     };
     let m = analyze(&config, &facts);
-    let m = only(&m, "MW0101");
+    let m = only(&m, "IST0167");
     assert_eq!(m.resource, "AuthorizationPolicy production/orders");
 }
 
 #[test]
-fn principal_no_workload_has_is_mw0102() {
+fn principal_no_workload_has_is_mw0101() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -257,11 +260,11 @@ spec:
         found,
         [
             (
-                "MW0102",
+                "MW0101",
                 Some("spec.rules[0].from[0].source.notPrincipals[1]")
             ),
-            ("MW0102", Some("spec.rules[0].from[0].source.principals[0]")),
-            ("MW0102", Some("spec.rules[1].when[0].values[1]")),
+            ("MW0101", Some("spec.rules[0].from[0].source.principals[0]")),
+            ("MW0101", Some("spec.rules[1].when[0].values[1]")),
         ]
     );
     let typo = m
@@ -315,7 +318,7 @@ spec:
     - source:
         principals: ["*/ns/production/sa/*"]
 "#);
-    let m = only(&m, "MW0102");
+    let m = only(&m, "MW0101");
     assert!(
         m.message.contains("only as the first or else the last"),
         "{m}"
@@ -323,7 +326,7 @@ spec:
 }
 
 #[test]
-fn unknown_namespace_is_ist0101_and_namespace_without_workloads_mw0103() {
+fn unknown_namespace_is_ist0101_and_namespace_without_workloads_mw0102() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -349,7 +352,7 @@ spec:
                 Some("spec.rules[0].from[0].source.namespaces[0]")
             ),
             (
-                "MW0103",
+                "MW0102",
                 Level::Warning,
                 Some("spec.rules[0].from[0].source.namespaces[3]")
             ),
@@ -362,7 +365,7 @@ spec:
 }
 
 #[test]
-fn destination_rule_disable_toward_strict_is_mw0104() {
+fn destination_rule_disable_toward_strict_is_mw0103() {
     let strict = r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -379,7 +382,7 @@ spec:
     tls: {mode: DISABLE}
 "#;
     let m = run(strict);
-    let m = only(&m, "MW0104");
+    let m = only(&m, "MW0103");
     assert_eq!(m.level, Level::Error);
     assert_eq!(m.field.as_deref(), Some("spec.trafficPolicy.tls.mode"));
     assert!(
@@ -424,7 +427,7 @@ spec:
     - port: {number: 80}
       tls: {mode: SIMPLE}
 "#);
-    let m = only(&m, "MW0104");
+    let m = only(&m, "MW0103");
     assert_eq!(
         m.field.as_deref(),
         Some("spec.trafficPolicy.portLevelSettings[0].tls.mode")
@@ -433,7 +436,7 @@ spec:
 }
 
 #[test]
-fn istio_mutual_toward_a_workload_without_proxy_is_mw0105() {
+fn istio_mutual_toward_a_workload_without_proxy_is_mw0104() {
     let m = run(r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -443,7 +446,7 @@ spec:
   trafficPolicy:
     tls: {mode: ISTIO_MUTUAL}
 "#);
-    let m = only(&m, "MW0105");
+    let m = only(&m, "MW0104");
     assert_eq!(m.level, Level::Error);
     assert!(
         m.message.contains("legacy/legacy runs without a proxy"),
@@ -482,7 +485,7 @@ spec:
 }
 
 #[test]
-fn port_level_mtls_on_a_port_the_workload_lacks_is_mw0106() {
+fn port_level_mtls_on_a_port_the_workload_lacks_is_mw0105() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -495,13 +498,13 @@ spec:
     8080: {mode: PERMISSIVE}
     9090: {mode: DISABLE}
 "#);
-    let m = only(&m, "MW0106");
+    let m = only(&m, "MW0105");
     assert_eq!(m.field.as_deref(), Some("spec.portLevelMtls.80"));
     assert!(m.message.contains("production/orders: 8080, 9090"), "{m}");
 }
 
 #[test]
-fn request_authentication_without_a_policy_requiring_a_token_is_mw0107() {
+fn request_authentication_without_a_policy_requiring_a_token_is_mw0106() {
     let ra = r#"
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
@@ -511,7 +514,7 @@ spec:
   jwtRules: [{issuer: "https://issuer.example", jwksUri: "https://issuer.example/jwks"}]
 "#;
     let m = run(ra);
-    let m = only(&m, "MW0107");
+    let m = only(&m, "MW0106");
     assert!(m.message.contains("production/orders"), "{m}");
 
     let required = format!(
@@ -533,7 +536,7 @@ spec:
 }
 
 #[test]
-fn unusable_custom_provider_is_mw0108() {
+fn unusable_custom_provider_is_mw0107() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -544,14 +547,14 @@ spec:
   provider: {name: missing}
   rules: [{to: [{operation: {paths: ["/admin"]}}]}]
 "#);
-    let m = only(&m, "MW0108");
+    let m = only(&m, "MW0107");
     assert_eq!(m.level, Level::Error);
     assert_eq!(m.field.as_deref(), Some("spec.provider.name"));
     assert!(m.message.contains("\"missing\" is not defined"), "{m}");
 }
 
 #[test]
-fn custom_policies_mixing_providers_on_one_workload_are_mw0108() {
+fn custom_policies_mixing_providers_on_one_workload_are_mw0107() {
     let mesh = r#"
 apiVersion: meshward.io/v1alpha1
 kind: MeshConfig
@@ -587,7 +590,7 @@ spec:
     );
     let m = run(&both);
     // Both policies are reported: each names the workload.
-    assert_eq!(codes(&m), ["MW0108", "MW0108"]);
+    assert_eq!(codes(&m), ["MW0107", "MW0107"]);
     assert!(m.iter().all(|m| m.message.contains("production/orders")));
 }
 
@@ -653,4 +656,22 @@ spec:
     );
     assert_eq!(unparsed.len(), 1, "{unparsed:#?}");
     assert_eq!(&*unparsed[0].file, "broken.yaml");
+}
+
+#[test]
+fn peer_authentication_with_a_selector_in_the_root_namespace_is_ist0167() {
+    let all = run(r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: orders, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: orders}}
+  mtls: {mode: STRICT}
+"#);
+    assert_eq!(codes(&all), ["IST0167"]);
+    assert!(
+        all[0].message.contains("root namespace (istio-system)"),
+        "{}",
+        all[0]
+    );
 }

@@ -1,6 +1,6 @@
 //! Mutual TLS checks: DestinationRules whose client TLS the destination
-//! cannot accept (MW0104, MW0105) or whose host is no service (IST0174),
-//! and `portLevelMtls` on ports the workload does not have (MW0106).
+//! cannot accept (MW0103, MW0104) or whose host is no service (IST0174),
+//! and `portLevelMtls` on ports the workload does not have (MW0105).
 
 use std::collections::BTreeMap;
 
