@@ -14,7 +14,7 @@ use super::codes::{
 };
 use super::{Context, Message, list};
 use crate::compile::Compiler;
-use crate::matcher::Glob;
+use crate::matcher::{Glob, service_account_globs};
 
 const AP: &str = "AuthorizationPolicy";
 
@@ -85,9 +85,9 @@ impl Identities {
     }
 }
 
-/// `principals`, `namespaces` (and their `not*` forms, and the
-/// `source.principal` / `source.namespace` conditions) against the known
-/// workloads.
+/// `principals`, `serviceAccounts`, `namespaces` (their `not*` forms, and
+/// the `source.principal`, `source.serviceAccount` and `source.namespace`
+/// conditions) against the known workloads.
 fn peers(
     cx: &Context<'_>,
     ids: &Identities,
@@ -97,7 +97,7 @@ fn peers(
     let compiler = Compiler {
         mesh: &cx.config.mesh,
     };
-    let mut principal = |value: &str, field: String| {
+    let principal = |value: &str, field: String, out: &mut Vec<Message>| {
         if value == "*" {
             return;
         }
@@ -132,6 +132,28 @@ fn peers(
         }
         out.push(Message::new(UNKNOWN_PRINCIPAL, AP, p, Some(field), text));
     };
+    let service_account = |value: &str, field: String, out: &mut Vec<Message>| {
+        let (ns, sa) = value
+            .split_once('/')
+            .unwrap_or((p.meta.namespace.as_str(), value));
+        let globs = service_account_globs(ns, sa);
+        if ids
+            .principals
+            .iter()
+            .any(|known| globs.iter().any(|g| g.matches(known)))
+        {
+            return;
+        }
+        let mut text = format!("No known workload has service account \"{ns}/{sa}\"");
+        if let Some(accounts) = ids.accounts.get(ns) {
+            let accounts: Vec<String> = accounts.iter().cloned().collect();
+            text.push_str(&format!(
+                "; the service accounts of namespace {ns} are {}",
+                list(&accounts)
+            ));
+        }
+        out.push(Message::new(UNKNOWN_PRINCIPAL, AP, p, Some(field), text));
+    };
     let namespace = |value: &str, field: String, out: &mut Vec<Message>| {
         if value == "*" {
             return;
@@ -155,7 +177,6 @@ fn peers(
             ));
         }
     };
-    // Collected first: both closures report into `out`.
     let mut found = Vec::new();
     for (i, rule) in p.spec.rules.iter().enumerate() {
         for (j, from) in rule.from.iter().enumerate() {
@@ -165,7 +186,15 @@ fn peers(
                 ("notPrincipals", &from.not_principals),
             ] {
                 for (k, v) in values.iter().enumerate() {
-                    principal(v, format!("{base}.{name}[{k}]"));
+                    principal(v, format!("{base}.{name}[{k}]"), &mut found);
+                }
+            }
+            for (name, values) in [
+                ("serviceAccounts", &from.service_accounts),
+                ("notServiceAccounts", &from.not_service_accounts),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    service_account(v, format!("{base}.{name}[{k}]"), &mut found);
                 }
             }
             for (name, values) in [
@@ -183,7 +212,8 @@ fn peers(
                 for (k, v) in values.iter().enumerate() {
                     let field = format!("{base}.{name}[{k}]");
                     match c.key {
-                        ConditionKey::SourcePrincipal => principal(v, field),
+                        ConditionKey::SourcePrincipal => principal(v, field, &mut found),
+                        ConditionKey::SourceServiceAccount => service_account(v, field, &mut found),
                         ConditionKey::SourceNamespace => namespace(v, field, &mut found),
                         _ => {}
                     }

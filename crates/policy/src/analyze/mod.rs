@@ -111,8 +111,9 @@ pub mod codes {
         name: "UnknownDestinationRuleHost",
         level: Level::Warning,
     };
-    /// A `principals`/`notPrincipals` (or `source.principal`) value that no
-    /// known workload has.
+    /// A `principals` or `serviceAccounts` value (or their `not*` forms,
+    /// or a `source.principal` / `source.serviceAccount` condition value)
+    /// that no known workload has.
     pub const UNKNOWN_PRINCIPAL: Code = Code {
         code: "MW0101",
         name: "UnknownPrincipal",

@@ -675,3 +675,36 @@ spec:
         all[0]
     );
 }
+
+#[test]
+fn service_account_no_workload_has_is_mw0101() {
+    let m = run(r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: production}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+  - from:
+    - source:
+        serviceAccounts: ["frontend", "legacy/legacy", "production/fronted"]
+  - when:
+    - key: source.serviceAccount
+      notValues: ["legacy"]
+"#);
+    let found: Vec<(&str, Option<&str>)> = m.iter().map(|m| (m.code, m.field.as_deref())).collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "MW0101",
+                Some("spec.rules[0].from[0].source.serviceAccounts[2]")
+            ),
+            ("MW0101", Some("spec.rules[1].when[0].notValues[0]")),
+        ]
+    );
+    assert_eq!(
+        m[1].message,
+        "No known workload has service account \"production/legacy\"; the service accounts of namespace production are frontend and orders"
+    );
+}
