@@ -32,8 +32,11 @@ pub const HAS_PROXY_ANNOTATION: &str = "meshward.io/proxy";
 /// least to the most serious, so `level >= threshold` selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
+    /// Worth knowing; nothing fails because of it.
     Info,
+    /// Probably not what the author meant.
     Warning,
+    /// Traffic fails or a policy cannot work as written.
     Error,
 }
 
@@ -72,8 +75,11 @@ pub mod codes {
     /// Istio's) and its level.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct Code {
+        /// `IST0127`, `MW0103`, ...
         pub code: &'static str,
+        /// `NoMatchingWorkloadsFound`, ...
         pub name: &'static str,
+        /// The level every message of this code has.
         pub level: Level,
     }
 
@@ -186,6 +192,7 @@ pub use codes::Code;
 pub struct Message {
     /// `IST0127`, `MW0103`, ...
     pub code: &'static str,
+    /// The level of the code.
     pub level: Level,
     /// `Kind namespace/name`.
     pub resource: String,
@@ -193,6 +200,7 @@ pub struct Message {
     pub origin: String,
     /// The field the message is about, e.g. `spec.selector`.
     pub field: Option<String>,
+    /// What is wrong, in the code's wording.
     pub message: String,
     /// For sorting: the file and the line, apart.
     file: Arc<str>,
@@ -415,11 +423,20 @@ fn selector_text(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-/// `a, b and c` for lists in messages.
+/// `a, b and c` for lists in messages; past [`LIST_MAX`] items, the first
+/// ones and how many more.
 fn list(items: &[String]) -> String {
     match items {
         [] => String::new(),
         [one] => one.clone(),
+        many if many.len() > LIST_MAX => format!(
+            "{} and {} more",
+            many[..LIST_MAX].join(", "),
+            many.len() - LIST_MAX
+        ),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
+
+/// The most items [`list`] names.
+const LIST_MAX: usize = 5;

@@ -708,3 +708,11 @@ spec:
         "No known workload has service account \"production/legacy\"; the service accounts of namespace production are frontend and orders"
     );
 }
+
+#[test]
+fn long_lists_are_cut() {
+    let items: Vec<String> = (1..=7).map(|i| format!("w{i}")).collect();
+    assert_eq!(super::list(&items[..2]), "w1 and w2");
+    assert_eq!(super::list(&items[..5]), "w1, w2, w3, w4 and w5");
+    assert_eq!(super::list(&items), "w1, w2, w3, w4, w5 and 2 more");
+}
