@@ -336,3 +336,31 @@ fn without_a_path_it_says_what_to_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn mesh_config_defines_the_custom_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    write(&policies, "workloads.yaml", WORKLOADS);
+    write(
+        &policies,
+        "ext.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: production}\nspec:\n  selector: {matchLabels: {app: orders}}\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]\n",
+    );
+    let mesh = write(
+        dir.path(),
+        "mesh.yaml",
+        "extensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {service: opa.example, port: 9191}\n",
+    );
+    let path = policies.to_str().unwrap();
+    let o = analyze(&[path]);
+    let (stdout, _) = text(&o);
+    assert_eq!(o.status.code(), Some(79), "{stdout}");
+    assert!(stdout.starts_with("Error [MW0107]"), "{stdout}");
+
+    let o = analyze(&[path, "--mesh-config", &mesh]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "");
+}
