@@ -31,7 +31,9 @@ pub enum Format {
     /// istioctl's text lines (`log` in istioctl).
     #[value(alias = "log")]
     Text,
+    /// A list of objects with istioctl's keys, plus `field`.
     Json,
+    /// The same list as YAML.
     Yaml,
 }
 
