@@ -162,28 +162,29 @@ fn every_planted_mistake_is_found_with_istioctls_message_form() {
         .iter()
         .map(|l| l.split(')').next().unwrap_or_default().to_string())
         .collect();
+    // istioctl's order: errors first, then by code, then by resource.
     let expected = [
-        format!("Warning [IST0127] (AuthorizationPolicy production/typo {file}:7"),
         format!("Error [IST0101] (AuthorizationPolicy production/callers {file}:14"),
-        format!("Warning [MW0101] (AuthorizationPolicy production/callers {file}:14"),
         format!("Error [MW0103] (DestinationRule production/plaintext {file}:25"),
         format!("Error [MW0104] (DestinationRule legacy/legacy-mtls {file}:33"),
+        format!("Error [MW0107] (AuthorizationPolicy production/ext {file}:56"),
+        format!("Warning [IST0127] (AuthorizationPolicy production/typo {file}:7"),
+        format!("Warning [IST0167] (AuthorizationPolicy legacy/unenforced {file}:65"),
+        format!("Warning [MW0101] (AuthorizationPolicy production/callers {file}:14"),
         format!("Warning [MW0105] (PeerAuthentication production/orders-ports {file}:41"),
         format!("Warning [MW0106] (RequestAuthentication production/jwt {file}:49"),
-        format!("Error [MW0107] (AuthorizationPolicy production/ext {file}:56"),
-        format!("Warning [IST0167] (AuthorizationPolicy legacy/unenforced {file}:65"),
     ];
     assert_eq!(starts, expected, "{stdout}");
     assert_eq!(
-        lines[0],
+        lines[4],
         format!(
             "Warning [IST0127] (AuthorizationPolicy production/typo {file}:7) No matching workloads for this resource with the following labels: app=order"
         )
     );
     assert!(
-        lines[1].ends_with("Referenced namespace not found: \"prodution\""),
+        lines[0].ends_with("Referenced namespace not found: \"prodution\""),
         "{}",
-        lines[1]
+        lines[0]
     );
     assert!(
         !stderr.contains("No validation issues"),
@@ -260,23 +261,29 @@ fn json_and_yaml_carry_istioctls_fields() {
     let o = analyze(&[dir.path().to_str().unwrap(), "-o", "json"]);
     assert_eq!(o.status.code(), Some(79), "{:?}", text(&o));
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON output");
-    let first = &list[0];
-    assert_eq!(first["code"], "IST0127");
-    assert_eq!(first["level"], "Warning");
-    assert_eq!(first["origin"], "AuthorizationPolicy production/typo");
-    assert_eq!(first["reference"], format!("{file}:7"));
-    assert_eq!(first["field"], "spec.selector.matchLabels");
+    let typo = &list[4];
+    assert_eq!(typo["code"], "IST0127");
+    assert_eq!(typo["level"], "Warning");
+    assert_eq!(typo["origin"], "AuthorizationPolicy production/typo");
+    assert_eq!(typo["reference"], format!("{file}:7"));
+    assert_eq!(typo["field"], "spec.selector.matchLabels");
     assert_eq!(
-        first["documentationUrl"],
+        typo["message"],
+        "No matching workloads for this resource with the following labels: app=order"
+    );
+    assert_eq!(
+        typo["documentationUrl"],
         "https://istio.io/latest/docs/reference/config/analysis/ist0127/"
     );
+    assert_eq!(list[1]["code"], "MW0103");
+    assert_eq!(list[1].get("documentationUrl"), None);
     assert_eq!(list.as_array().map(Vec::len), Some(9));
 
     let o = analyze(&[dir.path().to_str().unwrap(), "-o", "yaml"]);
     assert_eq!(o.status.code(), Some(79));
     let (stdout, _) = text(&o);
     assert!(
-        stdout.starts_with("- code: \"IST0127\"\n  documentationUrl: "),
+        stdout.starts_with("- code: \"IST0101\"\n  documentationUrl: "),
         "{stdout}"
     );
     assert_eq!(stdout.matches("\n- code: ").count() + 1, 9, "{stdout}");

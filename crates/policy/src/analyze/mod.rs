@@ -5,7 +5,8 @@
 //! running mesh ([`Facts`]); the output is a list of [`Message`]s, sorted by
 //! where the resource is written. Messages use Istio's analyzer codes
 //! (`IST0127`, ...) where Istio has an equivalent check, and meshward's own
-//! `MW01xx` codes where it has none (see [`codes`]). Pure: no I/O.
+//! `MW01xx` codes where it has none (see [`codes`]), sorted as istioctl
+//! sorts them. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -257,6 +258,7 @@ impl Message {
                 line: d.pos.line,
             });
         }
+        sort(&mut messages);
         (messages, unparsed)
     }
 
@@ -293,26 +295,43 @@ pub struct Facts {
     pub workloads_with_proxy: Option<BTreeSet<(String, String)>>,
 }
 
-/// Runs every check on `config`; the messages come sorted by file, line,
-/// resource and code.
+/// Runs every check on `config`; the messages come sorted as istioctl
+/// sorts them: errors first, then by code, then by resource.
 pub fn analyze(config: &ConfigSet, facts: &Facts) -> Vec<Message> {
     let cx = Context::new(config, facts);
     let mut out = Vec::new();
     selectors::check(&cx, &mut out);
     authz::check(&cx, &mut out);
     tls::check(&cx, &mut out);
-    out.sort_by(|a, b| {
-        (&a.file, a.line, &a.resource, a.code, &a.field, &a.message).cmp(&(
-            &b.file,
-            b.line,
-            &b.resource,
-            b.code,
-            &b.field,
-            &b.message,
-        ))
-    });
-    out.dedup();
+    sort(&mut out);
     out
+}
+
+/// istioctl's order (`diag.Messages.Sort`): by level, errors first, then
+/// code, then resource; then where, for a stable order within a resource.
+fn sort(messages: &mut Vec<Message>) {
+    type Key<'m> = (
+        std::cmp::Reverse<Level>,
+        &'static str,
+        &'m str,
+        &'m str,
+        u32,
+        Option<&'m str>,
+        &'m str,
+    );
+    fn key(m: &Message) -> Key<'_> {
+        (
+            std::cmp::Reverse(m.level),
+            m.code,
+            &m.resource,
+            &m.file,
+            m.line,
+            m.field.as_deref(),
+            &m.message,
+        )
+    }
+    messages.sort_by(|a, b| key(a).cmp(&key(b)));
+    messages.dedup();
 }
 
 /// A workload of the configuration, with what the checks need to know.

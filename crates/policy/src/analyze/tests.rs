@@ -595,7 +595,7 @@ spec:
 }
 
 #[test]
-fn messages_are_sorted_by_file_and_line() {
+fn messages_are_sorted_as_istioctl_sorts_them() {
     let m = run(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -612,12 +612,14 @@ spec:
   selector: {matchLabels: {app: nobody}}
 "#);
     let order: Vec<(&str, &str)> = m.iter().map(|m| (m.origin.as_str(), m.code)).collect();
+    // Errors first, then by code, then by resource (production/a before
+    // production/b, whatever the file order).
     assert_eq!(
         order,
         [
             ("test.yaml:2", "IST0101"),
-            ("test.yaml:2", "IST0127"),
             ("test.yaml:10", "IST0127"),
+            ("test.yaml:2", "IST0127"),
         ]
     );
 }
