@@ -15,7 +15,8 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use meshward_config::ConfigSet;
-use meshward_policy::analyze::{Facts, Level, Message, analyze};
+use meshward_policy::analyze::{Facts, Level, Message, analyze, codes};
+use meshward_policy::matcher::Glob;
 
 use crate::output;
 
@@ -56,6 +57,54 @@ pub struct Args {
     /// The level (Info, Warning, Error) from which messages are printed.
     #[arg(long, value_parser = level, default_value = "Info", value_name = "LEVEL")]
     pub output_threshold: Level,
+    /// Leave out a code for some resources: `CODE=Kind namespace/name`
+    /// (or istioctl's `Kind name.namespace`), `*` matching any run of
+    /// characters, e.g. `IST0127=AuthorizationPolicy staging/*`. Repeatable.
+    /// A resource may also carry the annotation
+    /// `galley.istio.io/analyze-suppress: "CODE,..."`.
+    #[arg(long, short = 'S', value_parser = suppression, value_name = "CODE=RESOURCE")]
+    pub suppress: Vec<Suppression>,
+}
+
+/// One `--suppress` value.
+#[derive(Debug, Clone)]
+pub struct Suppression {
+    code: String,
+    resource: Glob,
+}
+
+impl Suppression {
+    /// Whether `m` is suppressed: its code, and its resource as
+    /// `Kind namespace/name` or `Kind name.namespace`.
+    fn covers(&self, m: &Message) -> bool {
+        if m.code != self.code {
+            return false;
+        }
+        let dotted = m
+            .resource
+            .split_once(' ')
+            .and_then(|(kind, key)| {
+                let (ns, name) = key.split_once('/')?;
+                Some(format!("{kind} {name}.{ns}"))
+            })
+            .unwrap_or_default();
+        self.resource.matches(&m.resource) || self.resource.matches(&dotted)
+    }
+}
+
+fn suppression(s: &str) -> Result<Suppression, String> {
+    let (code, resource) = s
+        .split_once('=')
+        .ok_or_else(|| format!("\"{s}\" is not CODE=RESOURCE"))?;
+    if !codes::ALL.iter().any(|c| c.code == code) {
+        eprintln!(
+            "warning: supplied message code '{code}' is an unknown message code and will not have any effect"
+        );
+    }
+    Ok(Suppression {
+        code: code.to_string(),
+        resource: Glob::star(resource),
+    })
 }
 
 fn level(s: &str) -> Result<Level, String> {
@@ -101,8 +150,13 @@ pub fn run_on(config: &ConfigSet, facts: &Facts, args: &Args, analyzed: &[String
 
 /// Prints `messages` in the chosen format and picks the exit status.
 fn report(messages: &[Message], args: &Args, analyzed: &[String], unparsed: usize) -> ExitCode {
+    let messages: Vec<&Message> = messages
+        .iter()
+        .filter(|m| !args.suppress.iter().any(|s| s.covers(m)))
+        .collect();
     let shown: Vec<&Message> = messages
         .iter()
+        .copied()
         .filter(|m| m.level >= args.output_threshold)
         .collect();
     match args.output {

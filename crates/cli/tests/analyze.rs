@@ -371,3 +371,46 @@ fn mesh_config_defines_the_custom_provider() {
     assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
     assert_eq!(stdout, "");
 }
+
+#[test]
+fn suppressions_leave_messages_out_of_output_and_exit_status() {
+    let (dir, _) = planted();
+    let path = dir.path().to_str().unwrap();
+    let o = analyze(&[path, "-S", "IST0127=AuthorizationPolicy production/*"]);
+    let (stdout, _) = text(&o);
+    assert!(!stdout.contains("[IST0127]"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+
+    // Every error suppressed, in both of istioctl's resource spellings:
+    // the warnings remain, the exit status is 0.
+    let o = analyze(&[
+        path,
+        "-S",
+        "IST0101=AuthorizationPolicy production/callers",
+        "-S",
+        "MW0103=DestinationRule plaintext.production",
+        "--suppress",
+        "MW0104=DestinationRule *.legacy",
+        "-S",
+        "MW0107=*",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(!stdout.contains("Error ["), "{stdout}");
+    assert!(stdout.contains("Warning [IST0127]"), "{stdout}");
+
+    let o = analyze(&[path, "-S", "IST0127"]);
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr.contains("\"IST0127\" is not CODE=RESOURCE"),
+        "{stderr}"
+    );
+
+    let o = analyze(&[path, "-S", "IST9999=*"]);
+    let (_, stderr) = text(&o);
+    assert!(
+        stderr.contains("'IST9999' is an unknown message code"),
+        "{stderr}"
+    );
+}

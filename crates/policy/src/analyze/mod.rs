@@ -29,6 +29,10 @@ mod tests;
 /// (`"true"`). The proxy crate reads the same annotation.
 pub const HAS_PROXY_ANNOTATION: &str = "meshward.io/proxy";
 
+/// The annotation with which a resource silences messages about itself,
+/// as in Istio: a comma-separated list of codes, or `*` for every code.
+pub const SUPPRESS_ANNOTATION: &str = "galley.istio.io/analyze-suppress";
+
 /// How serious a message is, as istioctl grades them. Ordered from the
 /// least to the most serious, so `level >= threshold` selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -206,6 +210,8 @@ pub struct Message {
     /// For sorting: the file and the line, apart.
     file: Arc<str>,
     line: u32,
+    /// The resource carries [`SUPPRESS_ANNOTATION`] for this code.
+    suppressed: bool,
 }
 
 impl Message {
@@ -225,6 +231,16 @@ impl Message {
             message,
             file: r.origin.file.clone(),
             line: r.origin.line,
+            suppressed: r
+                .meta
+                .annotations
+                .get(SUPPRESS_ANNOTATION)
+                .is_some_and(|codes| {
+                    codes
+                        .split(',')
+                        .map(str::trim)
+                        .any(|c| c == "*" || c == code.code)
+                }),
         }
     }
 }
@@ -256,6 +272,7 @@ impl Message {
                 message: format!("Schema validation error: {detail}"),
                 file: d.file.clone(),
                 line: d.pos.line,
+                suppressed: false,
             });
         }
         sort(&mut messages);
@@ -296,13 +313,15 @@ pub struct Facts {
 }
 
 /// Runs every check on `config`; the messages come sorted as istioctl
-/// sorts them: errors first, then by code, then by resource.
+/// sorts them: errors first, then by code, then by resource. Messages a
+/// resource suppresses with [`SUPPRESS_ANNOTATION`] are left out.
 pub fn analyze(config: &ConfigSet, facts: &Facts) -> Vec<Message> {
     let cx = Context::new(config, facts);
     let mut out = Vec::new();
     selectors::check(&cx, &mut out);
     authz::check(&cx, &mut out);
     tls::check(&cx, &mut out);
+    out.retain(|m| !m.suppressed);
     sort(&mut out);
     out
 }

@@ -718,3 +718,16 @@ fn long_lists_are_cut() {
     assert_eq!(super::list(&items[..5]), "w1, w2, w3, w4 and w5");
     assert_eq!(super::list(&items), "w1, w2, w3, w4, w5 and 2 more");
 }
+
+#[test]
+fn a_resource_suppresses_codes_with_istios_annotation() {
+    let policy = |codes: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: typo\n  namespace: production\n  annotations: {{galley.istio.io/analyze-suppress: \"{codes}\"}}\nspec:\n  selector: {{matchLabels: {{app: order}}}}\n  rules: [{{from: [{{source: {{namespaces: [nowhere]}}}}]}}]\n"
+        )
+    };
+    assert_eq!(codes(&run(&policy("MW0101"))), ["IST0101", "IST0127"]);
+    assert_eq!(codes(&run(&policy("IST0127"))), ["IST0101"]);
+    assert_eq!(codes(&run(&policy("IST0101, IST0127"))), Vec::<&str>::new());
+    assert_eq!(codes(&run(&policy("*"))), Vec::<&str>::new());
+}
