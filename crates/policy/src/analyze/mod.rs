@@ -172,9 +172,17 @@ pub mod codes {
         name: "UnusableCustomProvider",
         level: Level::Error,
     };
+    /// With `enableAutoMtls: false`, no DestinationRule sets TLS toward a
+    /// service port whose workloads are STRICT: clients send plaintext,
+    /// which is refused.
+    pub const AUTO_MTLS_OFF_TOWARD_STRICT: Code = Code {
+        code: "MW0108",
+        name: "AutoMtlsOffTowardStrict",
+        level: Level::Error,
+    };
 
     /// Every code, in code order.
-    pub const ALL: [Code; 12] = [
+    pub const ALL: [Code; 13] = [
         REFERENCED_RESOURCE_NOT_FOUND,
         SCHEMA_VALIDATION_ERROR,
         NO_MATCHING_WORKLOADS_FOUND,
@@ -187,6 +195,7 @@ pub mod codes {
         PORT_LEVEL_MTLS_UNKNOWN_PORT,
         TOKEN_NOT_REQUIRED,
         UNUSABLE_CUSTOM_PROVIDER,
+        AUTO_MTLS_OFF_TOWARD_STRICT,
     ];
 }
 

@@ -731,3 +731,46 @@ fn a_resource_suppresses_codes_with_istios_annotation() {
     assert_eq!(codes(&run(&policy("IST0101, IST0127"))), Vec::<&str>::new());
     assert_eq!(codes(&run(&policy("*"))), Vec::<&str>::new());
 }
+
+#[test]
+fn plaintext_toward_strict_with_auto_mtls_off_is_mw0108() {
+    let off = r#"
+apiVersion: meshward.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  enableAutoMtls: false
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+"#;
+    let m = run(off);
+    let m = only(&m, "MW0108");
+    assert_eq!(m.level, Level::Error);
+    assert_eq!(m.resource, "ServiceEntry production/orders");
+    assert_eq!(m.field.as_deref(), Some("spec.ports[0]"));
+    assert!(
+        m.message
+            .contains("orders.production.svc.cluster.local port 80")
+            && m.message.contains("production/orders port 8080"),
+        "{m}"
+    );
+
+    // A DestinationRule that sets mTLS for the service: nothing to say.
+    let with_rule = format!(
+        "{off}---\n{}",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: orders, namespace: production}
+spec:
+  host: orders
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL}
+"#
+    );
+    assert_eq!(run(&with_rule), vec![]);
+}

@@ -1,18 +1,19 @@
 //! Mutual TLS checks: DestinationRules whose client TLS the destination
 //! cannot accept (MW0103, MW0104) or whose host is no service (IST0174),
-//! and `portLevelMtls` on ports the workload does not have (MW0105).
+//! `portLevelMtls` on ports the workload does not have (MW0105), and
+//! plaintext toward STRICT workloads when auto-mTLS is off (MW0108).
 
 use std::collections::BTreeMap;
 
 use meshward_config::Resource;
 use meshward_config::model::networking::{
-    ClientTls, DestinationRule, ServiceEntry, TlsMode, WorkloadEntry,
+    ClientTls, DestinationRule, ServiceEntry, ServicePort, TlsMode, WorkloadEntry,
 };
 use meshward_config::model::security::MtlsMode;
 
 use super::codes::{
-    DESTINATION_RULE_TLS_CONFLICT, ISTIO_MUTUAL_WITHOUT_PROXY, PORT_LEVEL_MTLS_UNKNOWN_PORT,
-    UNKNOWN_DESTINATION_RULE_HOST,
+    AUTO_MTLS_OFF_TOWARD_STRICT, DESTINATION_RULE_TLS_CONFLICT, ISTIO_MUTUAL_WITHOUT_PROXY,
+    PORT_LEVEL_MTLS_UNKNOWN_PORT, UNKNOWN_DESTINATION_RULE_HOST,
 };
 use super::{Context, HAS_PROXY_ANNOTATION, Message, list};
 use crate::Workload;
@@ -23,6 +24,7 @@ pub(super) fn check(cx: &Context<'_>, out: &mut Vec<Message>) {
         destination_rule(cx, dr, out);
     }
     port_level_mtls(cx, out);
+    auto_mtls_off(cx, out);
 }
 
 /// One endpoint behind a service host.
@@ -125,57 +127,17 @@ fn destination_rule(cx: &Context<'_>, dr: &Resource<DestinationRule>, out: &mut 
         ));
         return;
     }
-    let Some(tp) = dr.spec.traffic_policy.as_ref() else {
-        return;
-    };
-    let applied = AppliedDestinationRule {
-        rules: vec![dr],
-        traffic_policy: Some(tp),
-    };
-    let (default_tls, port_tls) = applied.tls();
     for (se, host) in services {
         let dests = endpoints(cx, se);
         for port in &se.spec.ports {
-            let (tls, field) = match port_tls.get(&port.number) {
-                Some(tls) => {
-                    let i = tp
-                        .port_level_settings
-                        .iter()
-                        .position(|s| s.port == port.number)
-                        .unwrap_or_default();
-                    (
-                        tls,
-                        format!("spec.trafficPolicy.portLevelSettings[{i}].tls.mode"),
-                    )
-                }
-                None => (&default_tls, "spec.trafficPolicy.tls.mode".to_string()),
-            };
-            let Some(ClientTls { mode, .. }) = tls else {
+            let Some((mode, field)) = dr_tls(dr, port.number) else {
                 continue;
-            };
-            let target = |d: &Dest| {
-                d.ports
-                    .get(&port.name)
-                    .copied()
-                    .or(port.target_port)
-                    .unwrap_or(port.number)
             };
             match mode {
                 TlsMode::Disable | TlsMode::Simple => {
-                    let strict: Vec<String> = dests
-                        .iter()
-                        .filter(|d| d.has_proxy)
-                        .filter_map(|d| {
-                            let w = d.workload.as_ref()?;
-                            let t = target(d);
-                            let view = cx.engine.workload(w);
-                            let decision = view.mtls(t);
-                            (decision.mode == MtlsMode::Strict)
-                                .then(|| format!("{} port {t} ({})", d.name, decision.source))
-                        })
-                        .collect();
+                    let strict = strict_targets(cx, &dests, port);
                     if !strict.is_empty() {
-                        let sends = if *mode == TlsMode::Disable {
+                        let sends = if mode == TlsMode::Disable {
                             "plaintext"
                         } else {
                             "TLS without the mesh client certificate"
@@ -216,6 +178,93 @@ fn destination_rule(cx: &Context<'_>, dr: &Resource<DestinationRule>, out: &mut 
                     }
                 }
                 TlsMode::Mutual => {}
+            }
+        }
+    }
+}
+
+/// The client TLS mode a DestinationRule sets for service port `port`,
+/// with the field that sets it: the `portLevelSettings` entry of the port
+/// (which inherits nothing from the rule), else the rule's `tls`.
+fn dr_tls(dr: &Resource<DestinationRule>, port: u16) -> Option<(TlsMode, String)> {
+    let tp = dr.spec.traffic_policy.as_ref()?;
+    let applied = AppliedDestinationRule {
+        rules: vec![dr],
+        traffic_policy: Some(tp),
+    };
+    let (default_tls, port_tls) = applied.tls();
+    match port_tls.get(&port) {
+        Some(tls) => {
+            let i = tp
+                .port_level_settings
+                .iter()
+                .position(|s| s.port == port)
+                .unwrap_or_default();
+            let ClientTls { mode, .. } = tls.as_ref()?;
+            Some((
+                *mode,
+                format!("spec.trafficPolicy.portLevelSettings[{i}].tls.mode"),
+            ))
+        }
+        None => default_tls.map(|t| (t.mode, "spec.trafficPolicy.tls.mode".to_string())),
+    }
+}
+
+/// The destinations with a proxy whose effective mode on the port the
+/// traffic of service port `port` arrives on is STRICT, described as
+/// `ns/name port N (the policy that makes it STRICT)`.
+fn strict_targets(cx: &Context<'_>, dests: &[Dest], port: &ServicePort) -> Vec<String> {
+    dests
+        .iter()
+        .filter(|d| d.has_proxy)
+        .filter_map(|d| {
+            let w = d.workload.as_ref()?;
+            let target = d
+                .ports
+                .get(&port.name)
+                .copied()
+                .or(port.target_port)
+                .unwrap_or(port.number);
+            let view = cx.engine.workload(w);
+            let decision = view.mtls(target);
+            (decision.mode == MtlsMode::Strict)
+                .then(|| format!("{} port {target} ({})", d.name, decision.source))
+        })
+        .collect()
+}
+
+/// With `enableAutoMtls: false`, a client sends plaintext wherever no
+/// DestinationRule sets TLS: a STRICT destination refuses it.
+fn auto_mtls_off(cx: &Context<'_>, out: &mut Vec<Message>) {
+    if cx.config.mesh.enable_auto_mtls {
+        return;
+    }
+    for se in &cx.config.service_entries {
+        let dests = endpoints(cx, se);
+        for host in &se.spec.hosts {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            for (i, port) in se.spec.ports.iter().enumerate() {
+                let covered = cx.config.destination_rules.iter().any(|dr| {
+                    host_matches(&qualified_host(dr), &host) && dr_tls(dr, port.number).is_some()
+                });
+                if covered {
+                    continue;
+                }
+                let strict = strict_targets(cx, &dests, port);
+                if strict.is_empty() {
+                    continue;
+                }
+                out.push(Message::new(
+                    AUTO_MTLS_OFF_TOWARD_STRICT,
+                    "ServiceEntry",
+                    se,
+                    Some(format!("spec.ports[{i}]")),
+                    format!(
+                        "enableAutoMtls is false and no DestinationRule sets TLS for {host} port {}: clients send plaintext, but STRICT mutual TLS is required on {}: the connections are refused",
+                        port.number,
+                        list(&strict)
+                    ),
+                ));
             }
         }
     }
