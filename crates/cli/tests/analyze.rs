@@ -414,3 +414,25 @@ fn suppressions_leave_messages_out_of_output_and_exit_status() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_info_message_fails_only_at_the_info_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    write(
+        dir.path(),
+        "trial.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: trial\n  namespace: production\n  annotations: {istio.io/dry-run: \"true\"}\nspec:\n  selector: {matchLabels: {app: orders}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]\n",
+    );
+    let path = dir.path().to_str().unwrap();
+    let o = analyze(&[path]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("Info [MW0109]"), "{stdout}");
+    let o = analyze(&[path, "--failure-threshold", "info"]);
+    assert_eq!(o.status.code(), Some(79), "{:?}", text(&o));
+    let o = analyze(&[path, "--output-threshold", "Warning"]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("No validation issues found"), "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! AuthorizationPolicy and RequestAuthentication checks: identities and
 //! namespaces nobody has (IST0101, MW0101, MW0102), unusable CUSTOM
-//! providers (MW0107), and JWT validation that nothing requires (MW0106).
+//! providers (MW0107), JWT validation that nothing requires (MW0106), and
+//! dry-run policies (MW0109).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,7 +10,7 @@ use meshward_config::model::security::{Action, AuthorizationPolicy};
 use meshward_config::values::ConditionKey;
 
 use super::codes::{
-    NAMESPACE_WITHOUT_WORKLOADS, REFERENCED_RESOURCE_NOT_FOUND, TOKEN_NOT_REQUIRED,
+    DRY_RUN_POLICY, NAMESPACE_WITHOUT_WORKLOADS, REFERENCED_RESOURCE_NOT_FOUND, TOKEN_NOT_REQUIRED,
     UNKNOWN_PRINCIPAL, UNUSABLE_CUSTOM_PROVIDER,
 };
 use super::{Context, Message, list};
@@ -22,6 +23,7 @@ pub(super) fn check(cx: &Context<'_>, out: &mut Vec<Message>) {
     let ids = Identities::new(cx);
     for p in &cx.config.authorization_policies {
         peers(cx, &ids, p, out);
+        dry_run(p, out);
         if p.spec.action == Action::Custom && p.spec.target_refs.is_empty() {
             custom(cx, p, out);
         }
@@ -222,6 +224,29 @@ fn peers(
         }
     }
     out.extend(found);
+}
+
+/// A dry-run policy is evaluated and logged, never enforced: worth a
+/// reminder, as the annotation is easily left behind. (Validation refuses
+/// it on actions other than ALLOW and DENY.)
+fn dry_run(p: &Resource<AuthorizationPolicy>, out: &mut Vec<Message>) {
+    let annotation = meshward_config::DRY_RUN_ANNOTATION;
+    let on = p
+        .meta
+        .annotations
+        .get(annotation)
+        .and_then(|v| meshward_config::parse_go_bool(v))
+        .unwrap_or(false);
+    if on {
+        out.push(Message::new(
+            DRY_RUN_POLICY,
+            AP,
+            p,
+            Some(format!("metadata.annotations[{annotation}]")),
+            "The policy is in dry-run mode: it is evaluated and logged, never enforced."
+                .to_string(),
+        ));
+    }
 }
 
 /// A CUSTOM policy whose provider is missing, broken or not an authorizer,

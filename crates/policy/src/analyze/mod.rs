@@ -180,9 +180,16 @@ pub mod codes {
         name: "AutoMtlsOffTowardStrict",
         level: Level::Error,
     };
+    /// An AuthorizationPolicy in dry-run mode (`istio.io/dry-run: "true"`):
+    /// evaluated and logged, never enforced.
+    pub const DRY_RUN_POLICY: Code = Code {
+        code: "MW0109",
+        name: "DryRunPolicy",
+        level: Level::Info,
+    };
 
     /// Every code, in code order.
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 14] = [
         REFERENCED_RESOURCE_NOT_FOUND,
         SCHEMA_VALIDATION_ERROR,
         NO_MATCHING_WORKLOADS_FOUND,
@@ -196,6 +203,7 @@ pub mod codes {
         TOKEN_NOT_REQUIRED,
         UNUSABLE_CUSTOM_PROVIDER,
         AUTO_MTLS_OFF_TOWARD_STRICT,
+        DRY_RUN_POLICY,
     ];
 }
 

@@ -774,3 +774,22 @@ spec:
     );
     assert_eq!(run(&with_rule), vec![]);
 }
+
+#[test]
+fn dry_run_policy_is_mw0109_info() {
+    let policy = |action: &str, value: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: trial\n  namespace: production\n  annotations: {{istio.io/dry-run: \"{value}\"}}\nspec:\n  selector: {{matchLabels: {{app: orders}}}}\n  action: {action}\n  rules: [{{to: [{{operation: {{paths: [\"/admin\"]}}}}]}}]\n"
+        )
+    };
+    let m = run(&policy("DENY", "true"));
+    let m = only(&m, "MW0109");
+    assert_eq!(m.level, Level::Info);
+    assert_eq!(
+        m.field.as_deref(),
+        Some("metadata.annotations[istio.io/dry-run]")
+    );
+    assert!(m.message.contains("never enforced"), "{m}");
+    assert_eq!(codes(&run(&policy("ALLOW", "1"))), ["MW0109"]);
+    assert_eq!(run(&policy("DENY", "false")), vec![]);
+}
