@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use meshward_config::ConfigSet;
-use meshward_policy::analyze::{Facts, Level, Message, analyze, codes};
+use meshward_policy::analyze::{Facts, Level, Message, analyze, codes, compares_with_workloads};
 use meshward_policy::matcher::Glob;
 
 use crate::output;
@@ -144,6 +144,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// was analyzed, for the line printed when nothing is found (files, or a
 /// description of a live mesh).
 pub fn run_on(config: &ConfigSet, facts: &Facts, args: &Args, analyzed: &[String]) -> ExitCode {
+    if !compares_with_workloads(config) {
+        eprintln!(
+            "note: the configuration describes no WorkloadEntry, so selectors, principals and namespaces were not checked against workloads (IST0127, IST0167, IST0101, MW0101, MW0102)"
+        );
+    }
     let messages = analyze(config, facts);
     report(&messages, args, analyzed, 0)
 }

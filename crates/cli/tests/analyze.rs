@@ -436,3 +436,17 @@ fn an_info_message_fails_only_at_the_info_threshold() {
     assert_eq!(stdout, "");
     assert!(stderr.contains("No validation issues found"), "{stderr}");
 }
+
+#[test]
+fn policies_without_workloads_are_not_compared_with_workloads() {
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/shop/policies/authorization.yaml");
+    let o = analyze(&[policies.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(!stdout.contains("IST0127"), "{stdout}");
+    assert!(
+        stderr.contains("note: the configuration describes no WorkloadEntry"),
+        "{stderr}"
+    );
+}

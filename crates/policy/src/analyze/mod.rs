@@ -332,6 +332,12 @@ pub struct Facts {
 /// Runs every check on `config`; the messages come sorted as istioctl
 /// sorts them: errors first, then by code, then by resource. Messages a
 /// resource suppresses with [`SUPPRESS_ANNOTATION`] are left out.
+///
+/// A configuration without any WorkloadEntry (policies kept apart from
+/// the workloads they are for) gets none of the checks that compare
+/// against workloads: selectors (IST0127, IST0167 for missing proxies)
+/// and identities and namespaces (IST0101, MW0101, MW0102); see
+/// [`compares_with_workloads`].
 pub fn analyze(config: &ConfigSet, facts: &Facts) -> Vec<Message> {
     let cx = Context::new(config, facts);
     let mut out = Vec::new();
@@ -368,6 +374,12 @@ fn sort(messages: &mut Vec<Message>) {
     }
     messages.sort_by(|a, b| key(a).cmp(&key(b)));
     messages.dedup();
+}
+
+/// Whether [`analyze`] compares selectors, identities and namespaces with
+/// the workloads: only when the configuration describes some.
+pub fn compares_with_workloads(config: &ConfigSet) -> bool {
+    !config.workload_entries.is_empty()
 }
 
 /// A workload of the configuration, with what the checks need to know.

@@ -118,6 +118,10 @@ pub(super) fn check(cx: &Context<'_>, out: &mut Vec<Message>) {
 }
 
 fn one<T>(cx: &Context<'_>, r: &Resource<T>, scope: &Scope<'_>, out: &mut Vec<Message>) {
+    if cx.workloads.is_empty() {
+        // No workload is described: nothing to match against.
+        return;
+    }
     let ns = r.meta.namespace.as_str();
     let in_root = ns == cx.root();
     // An empty selector selects like none.

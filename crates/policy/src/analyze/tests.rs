@@ -793,3 +793,36 @@ fn dry_run_policy_is_mw0109_info() {
     assert_eq!(codes(&run(&policy("ALLOW", "1"))), ["MW0109"]);
     assert_eq!(run(&policy("DENY", "false")), vec![]);
 }
+
+#[test]
+fn without_workloads_nothing_is_compared_with_workloads() {
+    let mut loader = Loader::new();
+    loader.add_source(
+        "policies.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: production}
+spec:
+  selector: {matchLabels: {app: nobody}}
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
+        namespaces: ["elsewhere"]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: root-selector, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: nobody}}
+"#,
+    );
+    let config = match loader.finish() {
+        Ok(l) => l.config,
+        Err(d) => panic!("{d}"),
+    };
+    assert!(!super::compares_with_workloads(&config));
+    // Only what holds whatever the workloads: the root-namespace selector.
+    assert_eq!(codes(&analyze(&config, &Facts::default())), ["IST0167"]);
+}
