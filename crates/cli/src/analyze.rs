@@ -8,6 +8,10 @@
 //! format; istioctl only sets it for its text format); 65 when a file could
 //! not be read or parsed and nothing else was found. A resource that fails
 //! validation is an IST0106 error message, so exit status 79.
+//!
+//! Offline, [`run`] loads the files and calls [`run_on`] with no facts; a
+//! live path (the control plane's config and connected proxies) builds the
+//! `ConfigSet` and the `Facts` itself and calls [`run_on`] the same way.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
