@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod analyze;
 mod ca;
 mod call;
 mod cert;
@@ -41,6 +42,10 @@ struct Cli {
 enum Command {
     /// Validate Istio security and networking resources; print every error.
     Validate(validate::Args),
+    /// Find configuration that loads but cannot do what its author meant
+    /// (istioctl analyze): message codes IST0127, MW0103, ...; exit status
+    /// 79 when issues at or above --failure-threshold are found.
+    Analyze(Box<analyze::Args>),
     /// Test and evaluate authorization and peer-authentication policies offline.
     #[command(subcommand)]
     Policy(policy::Command),
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
+        Command::Analyze(args) => analyze::run(*args),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Describe(args) => describe::run(*args),
         Command::Proxy(args) => proxy::run(*args),

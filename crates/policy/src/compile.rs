@@ -298,7 +298,7 @@ impl Compiler<'_> {
     /// Principals, with Istio's trust-domain alias expansion: a principal of
     /// exactly five parts whose trust domain is `cluster.local`, the mesh
     /// trust domain or one of its aliases stands for all of them.
-    fn principals(&self, values: &[String]) -> Vec<StrMatch> {
+    pub(crate) fn principals(&self, values: &[String]) -> Vec<StrMatch> {
         let mut domains: Vec<&str> = vec![self.mesh.trust_domain.as_str()];
         domains.extend(self.mesh.trust_domain_aliases.iter().map(String::as_str));
         let mut out: Vec<String> = Vec::new();

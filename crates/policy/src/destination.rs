@@ -152,7 +152,7 @@ pub fn service_visible(export_to: &[String], ns: &str, client_ns: &str) -> bool 
 }
 
 /// The rule's host, short names qualified with its namespace.
-fn qualified_host(r: &Resource<DestinationRule>) -> String {
+pub(crate) fn qualified_host(r: &Resource<DestinationRule>) -> String {
     let h = r.spec.host.to_ascii_lowercase();
     if h == "*" || h.contains('.') || h.parse::<std::net::IpAddr>().is_ok() {
         h
@@ -220,7 +220,7 @@ fn most_specific<'c>(
 
 /// Whether rule host `pattern` covers service host `host` (either may be
 /// a wildcard `*.suffix`; `*` covers everything).
-fn host_matches(pattern: &str, host: &str) -> bool {
+pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     if pattern == host {
         return true;
     }

@@ -9,10 +9,14 @@
 //!
 //! Policies are compiled once; [`PolicyEngine::workload`] collects the ones
 //! that select one workload, so a decision costs what those policies cost.
+//! [`analyze`] checks a whole configuration for what cannot work as its
+//! author meant (`meshward analyze`).
+//!
 //! No I/O, no async, no global state.
 
 #![forbid(unsafe_code)]
 
+pub mod analyze;
 mod compile;
 mod decision;
 pub mod destination;
