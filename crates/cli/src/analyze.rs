@@ -68,6 +68,12 @@ pub struct Args {
     /// `galley.istio.io/analyze-suppress: "CODE,..."`.
     #[arg(long, short = 'S', value_parser = suppression, value_name = "CODE=RESOURCE")]
     pub suppress: Vec<Suppression>,
+    /// Analyze what the running control plane serves (`/debug/configz`),
+    /// knowing which workloads have a proxy connected, instead of files.
+    #[arg(long, conflicts_with_all = ["paths", "mesh_config"])]
+    pub live: bool,
+    #[command(flatten)]
+    pub control: crate::live::ControlArgs,
 }
 
 /// One `--suppress` value.
@@ -116,8 +122,11 @@ fn level(s: &str) -> Result<Level, String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.live {
+        return live(&args);
+    }
     if args.paths.is_empty() {
-        bail!("name the files or directories to analyze");
+        bail!("name the files or directories to analyze, or pass --live");
     }
     let analyzed = analyzed_files(&args.paths);
     match output::load(&args.paths, args.mesh_config.as_ref()) {
@@ -147,6 +156,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// prints the messages, and returns the exit status. `analyzed` names what
 /// was analyzed, for the line printed when nothing is found (files, or a
 /// description of a live mesh).
+/// `--live`: the configuration the control plane serves, with the
+/// workloads whose proxies are connected to it.
+fn live(args: &Args) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let live = rt.block_on(args.control.live())?;
+    let with_proxy = live
+        .proxies
+        .iter()
+        .filter(|p| p.connected)
+        .filter_map(|p| {
+            let (ns, name) = p.workload.split_once('/')?;
+            Some((ns.to_string(), name.to_string()))
+        })
+        .collect();
+    let facts = Facts {
+        workloads_with_proxy: Some(with_proxy),
+    };
+    let analyzed = [format!(
+        "the configuration the control plane at {} serves",
+        live.control_admin
+    )];
+    Ok(run_on(&live.config, &facts, args, &analyzed))
+}
+
 pub fn run_on(config: &ConfigSet, facts: &Facts, args: &Args, analyzed: &[String]) -> ExitCode {
     if !compares_with_workloads(config) {
         eprintln!(

@@ -373,6 +373,30 @@ async fn live_operations_on_a_running_mesh() {
         "{json}"
     );
 
+    // analyze --live: the example passes; a mistake written into the
+    // running mesh's directory is found once the control plane serves it.
+    let out = live(admin, &["analyze", "--live"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(
+        state.path().join("config/typo.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ordres-reads, namespace: production}\nspec:\n  selector: {matchLabels: {app: ordres}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
+    )
+    .unwrap();
+    let found = wait::within(wait::patience(), || {
+        let out = live(admin, &["analyze", "--live"]);
+        async move {
+            (out.status.code() == Some(79))
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    })
+    .await
+    .expect("analyze --live never found the planted mistake");
+    assert!(
+        found.contains("[IST0127] (AuthorizationPolicy production/ordres-reads"),
+        "{found}"
+    );
+    std::fs::remove_file(state.path().join("config/typo.yaml")).unwrap();
+
     // The seed's Prometheus query, on metrics a real Prometheus scraped.
     prometheus_names_the_plaintext_caller(state.path()).await;
 

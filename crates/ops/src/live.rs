@@ -166,8 +166,7 @@ fn config_of(configz: &Value) -> Result<ConfigSet, OpsError> {
 /// name (the document then starts at its line 1).
 pub fn origin(o: &meshward_config::Origin) -> String {
     let served = o.line == 1
-        && o
-            .file
+        && o.file
             .rsplit_once(':')
             .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if served {
