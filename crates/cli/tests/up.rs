@@ -170,9 +170,15 @@ const ORDERS: &str = "http://orders.production.svc.cluster.local:8080/api/v1/ord
 const PAYMENTS: &str = "http://payment-service.production.svc.cluster.local:8080/api/v1/payments";
 const MYSQL: &str = "tcp://mysql.production.svc.cluster.local:3306";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn live_operations_on_a_running_mesh() {
+#[test]
+fn live_operations_on_a_running_mesh() {
     let _one = ONE_MESH.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(live_operations());
+}
+
+async fn live_operations() {
     let state = tempfile::tempdir().unwrap();
     let (grpc, admin) = control_ports();
     let mut up = Process::spawn_captured(

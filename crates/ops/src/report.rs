@@ -268,7 +268,10 @@ impl Report {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let window = match self.options.since {
-            Some(d) => format!("in the last {}", human_duration(d)),
+            Some(d) => format!(
+                "in the last {}",
+                meshward_identity::duration::format_duration(d)
+            ),
             None => "since each proxy started".to_string(),
         };
         out.push_str(&format!("mTLS migration report ({window})\n\n"));
@@ -387,16 +390,5 @@ impl Report {
             "if_strict": self.options.if_strict,
             "unreachable": self.unreachable.iter().map(|(w, e)| json!({"workload": w, "error": e})).collect::<Vec<_>>(),
         })
-    }
-}
-
-fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s % 3600 == 0 && s > 0 {
-        format!("{}h", s / 3600)
-    } else if s % 60 == 0 && s > 0 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
     }
 }
