@@ -184,15 +184,7 @@ fn live(args: &Args) -> anyhow::Result<ExitCode> {
     }
     for p in &policies {
         let (ns, name) = (s(&p["namespace"]), s(&p["name"]));
-        let spec = live
-            .config
-            .authorization_policies
-            .iter()
-            .find(|r| r.meta.namespace == ns && r.meta.name == name);
-        let rules = spec.map_or(0, |r| r.spec.rules.len());
-        let origin = spec
-            .map(|r| meshward_ops::live::origin(&r.origin))
-            .unwrap_or_default();
+        let (rules, origin) = live.authorization_policy(&ns, &name);
         let scope = if ns == live.config.mesh.root_namespace {
             " (mesh-wide, root namespace)"
         } else {

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use support::*;
@@ -18,18 +18,8 @@ fn analyze(args: &[&str]) -> Output {
         .expect("run meshward")
 }
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
+use support::output_text as text;
+use support::tls::write;
 
 const WORKLOADS: &str = r#"apiVersion: networking.istio.io/v1
 kind: WorkloadEntry

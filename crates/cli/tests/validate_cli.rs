@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use support::*;
@@ -18,18 +17,8 @@ fn validate(args: &[&str]) -> Output {
         .expect("run meshward")
 }
 
-fn out(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
+use support::output_text as out;
+use support::tls::write;
 
 const LOWER_CASE_GET: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

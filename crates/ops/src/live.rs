@@ -96,6 +96,18 @@ impl Live {
         }
     }
 
+    /// The rule count and origin of the AuthorizationPolicy
+    /// `namespace/name` in the configuration served (`0` and `-` when it
+    /// is not there).
+    pub fn authorization_policy(&self, namespace: &str, name: &str) -> (usize, String) {
+        self.config
+            .authorization_policies
+            .iter()
+            .find(|r| r.meta.namespace == namespace && r.meta.name == name)
+            .map(|r| (r.spec.rules.len(), origin(&r.origin)))
+            .unwrap_or((0, "-".to_string()))
+    }
+
     /// Every connected proxy with an admin address.
     pub fn reachable(&self) -> impl Iterator<Item = (&ProxyRecord, SocketAddr)> {
         self.proxies

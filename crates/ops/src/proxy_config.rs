@@ -269,15 +269,7 @@ fn authz(live: &Live, dump: &Value) -> Shown {
             p["namespace"].as_str().unwrap_or_default(),
             p["name"].as_str().unwrap_or_default(),
         );
-        let spec = live
-            .config
-            .authorization_policies
-            .iter()
-            .find(|r| r.meta.namespace == ns && r.meta.name == name);
-        let rules = spec.map_or(0, |r| r.spec.rules.len());
-        let origin = spec
-            .map(|r| crate::live::origin(&r.origin))
-            .unwrap_or_else(|| "-".to_string());
+        let (rules, origin) = live.authorization_policy(ns, name);
         let mut action = p["action"].as_str().unwrap_or("?").to_string();
         if p["dry_run"] == true {
             action.push_str(" (dry-run)");

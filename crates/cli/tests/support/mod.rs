@@ -37,6 +37,14 @@ pub fn run_ok(args: &[&str]) {
     stdout_of(args);
 }
 
+/// A finished command's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// Runs `meshward` with `args`, which must succeed, and returns what it
 /// printed.
 pub fn stdout_of(args: &[&str]) -> String {
