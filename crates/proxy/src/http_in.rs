@@ -20,11 +20,12 @@ use tracing::Instrument;
 use crate::admission::{self, Admitted, Conn, Refused, Reply, Verdict};
 use crate::conns::TrackedRequest;
 use crate::ext_authz;
+use crate::flows::Event;
 use crate::h1::codec::{RequestHead, Upgrade};
 use crate::h1::{self, XFCC};
 use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::IdleTimer;
-use crate::outcome::{Flag, LocalFailure, RequestEnd};
+use crate::outcome::{Flag, LocalFailure, Refusal, RequestEnd};
 use crate::rewind::Rewind;
 use crate::state::State;
 use crate::telemetry::{self, BodyCount, CountedBody, Counts};
@@ -573,6 +574,15 @@ fn account(
             state.metrics.request_handles(&labels)
         });
     handles.record(started.elapsed(), counts);
+    if let Some(flow) = &conn.flow {
+        flow.count(Event::Request);
+        if let RequestEnd::Refused(
+            Refusal::Rbac | Refusal::ExtAuthz { .. } | Refusal::Unauthenticated { .. },
+        ) = end
+        {
+            flow.count(Event::Denied);
+        }
+    }
     if !state.metrics.access().enabled() {
         return;
     }

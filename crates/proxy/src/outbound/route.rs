@@ -18,6 +18,7 @@ use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::outcome::Decision;
 use crate::outcome::{Flag, LocalFailure};
+use crate::peers::{UNKNOWN, WorkloadLabels};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
@@ -282,8 +283,17 @@ impl Outbound {
                 Some((config, server_name))
             }
         };
+        // Connections from another source address are others: the
+        // workload's address changed.
+        if let Some(source) = snap.source_address {
+            match source {
+                std::net::IpAddr::V4(a) => key.add(&a.octets()),
+                std::net::IpAddr::V6(a) => key.add(&a.octets()),
+            };
+        }
         let target = Target {
             addr,
+            source: snap.source_address,
             tls,
             h2,
             connect_timeout,
@@ -493,35 +503,34 @@ pub(super) fn source_labels(
     protocol: &'static str,
     mtls: bool,
 ) -> TrafficLabels {
-    let name = snap.workload_short_name().to_string();
-    let (dst_ns, _) = route
-        .map(|r| principal_parts(&r.endpoint().identity))
-        .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    TrafficLabels {
-        reporter: "source",
-        source_workload: name,
-        source_workload_namespace: snap.workload.namespace.clone(),
-        source_principal: snap.identity.clone(),
-        destination_workload: "unknown".to_string(),
-        destination_workload_namespace: dst_ns,
-        destination_principal: route
-            .filter(|_| mtls)
-            .map(|r| r.endpoint().identity.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service: route
-            .map(|r| r.svc.host.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service_name: route
-            .map(|r| r.svc.name.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service_namespace: route
-            .map(|r| r.svc.namespace.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        request_protocol: protocol,
-        response_code: String::new(),
-        response_flags: Flag::None.as_str().to_string(),
-        connection_security_policy: TrafficLabels::security(mtls),
-    }
+    let unknown = || UNKNOWN.to_string();
+    let endpoint = route.map(|r| r.endpoint());
+    let dst_ns = endpoint.map(|e| principal_parts(&e.identity).0);
+    let destination = WorkloadLabels::of(
+        endpoint.and_then(|e| e.workload.as_deref()),
+        dst_ns.as_deref(),
+    );
+    let service = match route {
+        Some(r) => [
+            r.svc.host.clone(),
+            r.svc.name.clone(),
+            r.svc.namespace.clone(),
+        ],
+        None => [unknown(), unknown(), unknown()],
+    };
+    TrafficLabels::new(
+        "source",
+        WorkloadLabels::of(Some(&snap.own), None),
+        destination,
+        (
+            snap.identity.clone(),
+            endpoint
+                .filter(|_| mtls)
+                .map_or_else(unknown, |e| e.identity.clone()),
+        ),
+        service,
+        (protocol, mtls),
+    )
 }
 
 /// A stable small key for a service (FNV-1a of `namespace/name`), to tell
