@@ -41,7 +41,8 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn start() -> Mesh {
+    /// The mesh, with `extra` resources.
+    async fn start(extra: &str) -> Mesh {
         let ca =
             MeshCa::generate("cluster.local", "meshward-test", Duration::from_secs(3600)).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -84,6 +85,7 @@ impl Mesh {
                 "no-admin",
                 "  selector: {matchLabels: {app: orders}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]",
             ),
+            extra.to_string(),
         ]
         .concat();
         let start = |name: &'static str, log: Arc<Mutex<Vec<String>>>| {
@@ -198,7 +200,7 @@ async fn mtls_get(m: &Mesh, from: &str, sa: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mtls_callers_metrics_name_both_workloads_and_it_calls_from_its_own_address() {
-    let m = Mesh::start().await;
+    let m = Mesh::start("").await;
     let (status, body) = get(m.outbound, HOST, "/api", &[]).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "orders"));
 
@@ -291,7 +293,7 @@ async fn an_mtls_callers_metrics_name_both_workloads_and_it_calls_from_its_own_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_callers_are_named_by_address_and_counted_in_the_flow_table() {
-    let m = Mesh::start().await;
+    let m = Mesh::start("").await;
     let from = |a: &str| Some(ip(a));
     let send = |a: &'static str, path: &'static str| {
         meshward_test_support::http::request_from(from(a), m.http, "GET", HOST, path, &[])
@@ -408,7 +410,7 @@ async fn plaintext_callers_are_named_by_address_and_counted_in_the_flow_table() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_sharing_a_service_account_are_told_apart_by_address() {
-    let m = Mesh::start().await;
+    let m = Mesh::start("").await;
     assert_eq!(mtls_get(&m, "127.0.2.2", "pay").await, 200);
     assert_eq!(mtls_get(&m, "127.0.2.1", "pay").await, 200);
     assert_eq!(mtls_get(&m, "127.0.0.1", "pay").await, 200);
@@ -449,4 +451,59 @@ async fn workloads_sharing_a_service_account_are_told_apart_by_address() {
         none["source"]["principal"],
         "spiffe://cluster.local/ns/production/sa/pay"
     );
+}
+
+/// A connection to the frontend's outbound listener whose requests go to
+/// two workloads of one service: each request's reporter=source series
+/// names the workload it went to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_connection_name_the_endpoint_workload_each_went_to() {
+    // orders-v2 runs without a proxy, on its own address.
+    let listener = tokio::net::TcpListener::bind("127.0.1.6:0").await.unwrap();
+    let v2 = listener.local_addr().unwrap();
+    let server = tokio::spawn(meshward_test_support::app::serve_on(
+        listener,
+        meshward_test_support::app::Protocol::Http1,
+        |_req| async { http::Response::new(Full::new(Bytes::from_static(b"v2"))) },
+    ));
+    let extra = WorkloadEntry::new(NS, "orders-v2")
+        .address("127.0.1.6")
+        .app("orders")
+        .label("version", "v2")
+        .annotation("meshward.io/proxy", "false")
+        .port("http", v2.port())
+        .yaml();
+    let m = Mesh::start(&extra).await;
+    let mut conn = meshward_test_support::http::connect(m.outbound).await;
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        let (status, body) =
+            meshward_test_support::http::send_on(&mut conn, "GET", HOST, "/api", &[])
+                .await
+                .unwrap();
+        assert_eq!(status, 200);
+        bodies.push(body);
+    }
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies, ["orders", "v2"]);
+    for (workload, version, security) in
+        [("orders", "v1", "mutual_tls"), ("orders-v2", "v2", "none")]
+    {
+        let labels = [
+            ("reporter", "source"),
+            ("destination_workload", workload),
+            ("destination_version", version),
+            ("destination_service", HOST),
+            ("connection_security_policy", security),
+        ];
+        // Round robin: two requests each (counted once their response
+        // has gone).
+        eventually(&format!("two requests to {workload}"), || async {
+            let metrics = Mesh::admin(&m.frontend, "/stats/prometheus").await;
+            (find_series(&metrics, "istio_requests_total", &labels) == Some(2.0)).then_some(())
+        })
+        .await;
+    }
+    server.abort();
 }

@@ -283,9 +283,14 @@ impl Outbound {
                 Some((config, server_name))
             }
         };
-        // Connections from another source address are others: the
-        // workload's address changed.
-        if let Some(source) = snap.source_address {
+        // Connections to another workload come from this workload's
+        // address (a loopback one only towards loopback: a packet from
+        // 127.x cannot leave the host). Connections from another source
+        // address are others: the workload's address changed.
+        let source = snap.source_address.filter(|s| {
+            endpoint.workload.is_some() && s.is_loopback() == endpoint.address.is_loopback()
+        });
+        if let Some(source) = source {
             match source {
                 std::net::IpAddr::V4(a) => key.add(&a.octets()),
                 std::net::IpAddr::V6(a) => key.add(&a.octets()),
@@ -293,7 +298,7 @@ impl Outbound {
         }
         let target = Target {
             addr,
-            source: snap.source_address,
+            source,
             tls,
             h2,
             connect_timeout,
@@ -533,15 +538,20 @@ pub(super) fn source_labels(
     )
 }
 
-/// A stable small key for a service (FNV-1a of `namespace/name`), to tell
-/// its metric handles apart in a connection's cache.
-pub(super) fn service_tag(svc: &Service) -> usize {
-    let h = Fnv::new()
-        .add(svc.namespace.as_bytes())
-        .add(svc.name.as_bytes())
-        .0;
+/// A stable small key for a route's metric labels (FNV-1a of the
+/// service's `namespace/name` and the endpoint's address, which decides
+/// the `destination_workload` and principal), to tell its metric handles
+/// apart in a connection's cache.
+pub(super) fn route_tag(route: &Route) -> usize {
+    let mut h = Fnv::new();
+    h.add(route.svc.namespace.as_bytes())
+        .add(route.svc.name.as_bytes());
+    match route.endpoint().address {
+        std::net::IpAddr::V4(a) => h.add(&a.octets()),
+        std::net::IpAddr::V6(a) => h.add(&a.octets()),
+    };
     // Tag 0 means "no route".
-    (h as usize) | 1
+    (h.0 as usize) | 1
 }
 
 /// An outbound connection's span: the application's address and this
