@@ -92,9 +92,20 @@ pub struct Endpoint {
     pub identity: String,
     pub has_proxy: bool,
     /// The WorkloadEntry it is, when it is one (`destination_workload`
-    /// and the other workload labels of the reporter=source metrics).
-    #[serde(skip)]
+    /// and the other workload labels of the reporter=source metrics);
+    /// `namespace/name` in `/config_dump`.
+    #[serde(serialize_with = "workload_key")]
     pub workload: Option<Arc<WorkloadMeta>>,
+}
+
+fn workload_key<S: serde::Serializer>(
+    w: &Option<Arc<WorkloadMeta>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match w {
+        Some(m) => s.serialize_str(&format!("{}/{}", m.namespace, m.name)),
+        None => s.serialize_none(),
+    }
 }
 
 /// The facts of an endpoint whose address is not known when the snapshot

@@ -103,7 +103,9 @@ impl TrafficLabels {
             destination_service_namespace,
             request_protocol,
             response_code: String::new(),
-            response_flags: crate::outcome::Flag::None.as_str().to_string(),
+            // Envoy's "no flag" (`outcome::Flag::None`, which imports this
+            // module's access record).
+            response_flags: "-".to_string(),
             connection_security_policy: TrafficLabels::security(mtls),
         }
     }
