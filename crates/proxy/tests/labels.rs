@@ -246,6 +246,8 @@ async fn an_mtls_callers_metrics_name_both_workloads_and_it_calls_from_its_own_a
             ("destination_version", "v1"),
             ("destination_canonical_service", "orders"),
             ("destination_service", HOST),
+            ("destination_service_name", "orders"),
+            ("destination_service_namespace", NS),
             ("connection_security_policy", "mutual_tls"),
         ],
     )

@@ -18,7 +18,7 @@ use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::outcome::Decision;
 use crate::outcome::{Flag, LocalFailure};
-use crate::peers::{UNKNOWN, WorkloadLabels};
+use crate::peers::{ServiceName, UNKNOWN, WorkloadLabels};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
@@ -516,11 +516,11 @@ pub(super) fn source_labels(
         dst_ns.as_deref(),
     );
     let service = match route {
-        Some(r) => [
-            r.svc.host.clone(),
-            r.svc.name.clone(),
-            r.svc.namespace.clone(),
-        ],
+        Some(r) => {
+            // Named as the destination proxy names it.
+            let s = ServiceName::new(&r.svc.host, &r.svc.namespace);
+            [s.host, s.name, s.namespace]
+        }
         None => [unknown(), unknown(), unknown()],
     };
     TrafficLabels::new(
