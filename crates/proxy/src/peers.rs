@@ -155,8 +155,8 @@ impl ServiceName {
 /// Every workload of the mesh, by identity and by address.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// By (namespace, service account).
-    by_identity: HashMap<(String, String), Vec<Arc<WorkloadMeta>>>,
+    /// By namespace, then service account (looked up without allocating).
+    by_identity: HashMap<String, HashMap<String, Vec<Arc<WorkloadMeta>>>>,
     by_address: HashMap<IpAddr, Vec<Arc<WorkloadMeta>>>,
     by_name: HashMap<(String, String), Arc<WorkloadMeta>>,
     /// The trust domains whose identities name workloads of this mesh
@@ -177,7 +177,9 @@ impl Registry {
         for entry in &config.workload_entries {
             let meta = Arc::new(WorkloadMeta::of(entry));
             r.by_identity
-                .entry((meta.namespace.clone(), meta.service_account.clone()))
+                .entry(meta.namespace.clone())
+                .or_default()
+                .entry(meta.service_account.clone())
                 .or_default()
                 .push(Arc::clone(&meta));
             if let Some(ip) = meta.address {
@@ -213,7 +215,7 @@ impl Registry {
                 if !self.trust_domains.iter().any(|t| t == td) {
                     return None;
                 }
-                let list = self.by_identity.get(&(ns.to_string(), sa.to_string()))?;
+                let list = self.by_identity.get(ns)?.get(sa)?;
                 match list.as_slice() {
                     [one] => Some(Arc::clone(one)),
                     several => at_ip(several),
