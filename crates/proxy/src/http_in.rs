@@ -573,7 +573,7 @@ fn account(
             labels.response_flags = flag.as_str().to_string();
             state.metrics.request_handles(&labels)
         });
-    handles.record(started.elapsed(), counts);
+    // The flow first: what the metrics show is in the flow table then.
     if let Some(flow) = &conn.flow {
         flow.count(Event::Request);
         if let RequestEnd::Refused(
@@ -583,6 +583,7 @@ fn account(
             flow.count(Event::Denied);
         }
     }
+    handles.record(started.elapsed(), counts);
     if !state.metrics.access().enabled() {
         return;
     }

@@ -80,10 +80,15 @@ impl Mesh {
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: orders, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: orders}}}}\n  mtls: {{mode: PERMISSIVE}}\n  portLevelMtls: {{{}: {{mode: STRICT}}}}\n---\n",
                 tcp.port()
             ),
+            // On the HTTP port only: on a TCP port, a DENY ignores the
+            // HTTP fields it cannot match, and denies every connection.
             mesh::authorization_policy(
                 NS,
                 "no-admin",
-                "  selector: {matchLabels: {app: orders}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]",
+                &format!(
+                    "  selector: {{matchLabels: {{app: orders}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{}\"], paths: [\"/admin\"]}}}}]}}]",
+                    http.port()
+                ),
             ),
             extra.to_string(),
         ]
@@ -508,4 +513,75 @@ async fn requests_on_one_connection_name_the_endpoint_workload_each_went_to() {
         .await;
     }
     server.abort();
+}
+
+/// TCP flows over mTLS: one allowed (its caller named by identity alone,
+/// from an address that is not its workload's), one denied by policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_flows_over_mtls_count_connections_and_denials() {
+    let m = Mesh::start(&deny_from("intruder")).await;
+    let connect = |sa: &'static str| {
+        let certs =
+            m.ca.write_workload(&m.dir.path().join(format!("tcp-{sa}")), NS, sa)
+                .unwrap();
+        async move {
+            mtls_connect(&certs.dir, &certs.root(), m.tcp, b"istio")
+                .await
+                .unwrap()
+        }
+    };
+    let mut allowed = connect("frontend").await;
+    echo_back(&mut allowed, "ping").await.unwrap();
+    let mut denied = connect("intruder").await;
+    assert!(echo_back(&mut denied, "ping").await.is_err());
+    drop(allowed);
+
+    let flows = m.flows().await;
+    let of = |sa: &str| {
+        flows["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| {
+                f["port"] == m.tcp.port()
+                    && f["source"]["principal"] == format!("spiffe://cluster.local/ns/{NS}/sa/{sa}")
+            })
+            .unwrap_or_else(|| panic!("{sa}: {flows:#}"))
+            .clone()
+    };
+    let frontend = of("frontend");
+    assert_eq!(frontend["source"]["workload"], "frontend", "{frontend:#}");
+    assert_eq!(frontend["source"]["address"], "127.0.0.1");
+    assert_eq!(
+        (&frontend["protocol"], &frontend["security"]),
+        (&"tcp".into(), &"mutual_tls".into())
+    );
+    assert_eq!(
+        (
+            &frontend["connections"],
+            &frontend["requests"],
+            &frontend["denied"]
+        ),
+        (&1.into(), &0.into(), &0.into())
+    );
+    let intruder = of("intruder");
+    assert_eq!(intruder["source"]["workload"], serde_json::Value::Null);
+    assert_eq!(intruder["source"]["namespace"], serde_json::Value::Null);
+    assert_eq!(
+        (&intruder["connections"], &intruder["denied"]),
+        (&1.into(), &1.into()),
+        "{intruder:#}"
+    );
+    // The metrics name the identified caller on the TCP series too.
+    m.series(
+        &m.orders,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("source_workload", "frontend"),
+            ("destination_workload", "orders"),
+            ("destination_service", HOST),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    )
+    .await;
 }
