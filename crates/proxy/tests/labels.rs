@@ -142,13 +142,13 @@ impl Mesh {
         serde_json::from_str(&Mesh::admin(&self.orders, "/debug/flows").await).unwrap()
     }
 
-    /// Waits until `proxy`'s metrics have a `name` series with `labels`;
-    /// returns its value.
+    /// Waits until `proxy`'s metrics have a `name` series with `labels`
+    /// that has counted something; returns its value.
     async fn series(&self, proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
         let what = format!("{name} with {labels:?}");
         eventually(&what, || async {
             let metrics = Mesh::admin(proxy, "/stats/prometheus").await;
-            find_series(&metrics, name, labels)
+            find_series(&metrics, name, labels).filter(|v| *v > 0.0)
         })
         .await
     }
