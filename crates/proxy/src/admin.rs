@@ -18,6 +18,10 @@
 //!   facts and as PEM (never the key), and when they were installed;
 //! - `GET /access_log`: the recent access-log entries (`request_id`, `src`
 //!   and `limit` filters; see [`crate::recent`]);
+//! - `GET /debug/flows`: the inbound flow table (per source workload,
+//!   principal and address, port, protocol and security: connections,
+//!   requests, denials, refusals, per minute for the last hour), which
+//!   `meshward mtls report` reads;
 //! - `GET /stats/prometheus` (also `/metrics`): Prometheus metrics.
 
 use std::convert::Infallible;
@@ -116,10 +120,14 @@ fn route(
         ("/listeners", false) => json_response(json!(listeners.infos())),
         ("/certs", false) => json_response(certs(state)),
         ("/access_log", false) => access_log(state, req.uri().query().unwrap_or_default()),
+        ("/debug/flows", false) => {
+            let snap = state.snapshot();
+            json_response(state.flows.json(&snap.workload_name, &snap.identity))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /config_dump /listeners /certs /access_log /stats/prometheus\n"
+            "endpoints: /healthz/ready /config_dump /listeners /certs /access_log /debug/flows /stats/prometheus\n"
                 .into(),
         ),
     }

@@ -22,6 +22,7 @@ use meshward_policy::{Decision, HttpAttributes, Request};
 use crate::ext_authz::{self, Fields};
 use crate::jwt;
 use crate::outcome::{self, ExtAuthzWords, Flag, Refusal};
+use crate::peers::{UNKNOWN, WorkloadLabels, WorkloadMeta};
 use crate::snapshot::Snapshot;
 use crate::state::State;
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
@@ -47,6 +48,11 @@ pub struct Conn {
     pub cert_hash: Option<String>,
     pub sni: Option<String>,
     pub mtls: bool,
+    /// The workload the peer is, resolved once from its identity and
+    /// address ([`crate::peers::Registry::resolve`]).
+    pub source: Option<Arc<WorkloadMeta>>,
+    /// This connection's entry of the flow table (`None` past its bound).
+    pub flow: Option<Arc<crate::flows::Flow>>,
     /// Request metric handles of this connection, by response code.
     pub handles: crate::telemetry::HandleCache,
     /// The outbound side, through which the external authorization
@@ -156,33 +162,39 @@ impl Conn {
     }
 
     /// Labels for this connection (reporter destination); the response code
-    /// and protocol are filled in per request.
+    /// and protocol are filled in per request. The source is the workload
+    /// resolved when the connection was identified ([`Conn::source`]).
     pub fn labels(&self, state: &State, protocol: &'static str) -> TrafficLabels {
         let snap = state.snapshot();
-        let (src_ns, _src_sa) = match &self.identity {
-            Some(id) => principal_parts(id),
-            None => ("unknown".to_string(), "unknown".to_string()),
+        let src_ns = match (&self.source, &self.identity) {
+            (Some(_), _) => None,
+            (None, Some(id)) => Some(principal_parts(id).0),
+            (None, None) => None,
         };
-        let name = snap.workload_short_name().to_string();
-        TrafficLabels {
-            reporter: "destination",
-            source_workload: "unknown".to_string(),
-            source_workload_namespace: src_ns,
-            source_principal: self
-                .identity
-                .clone()
-                .unwrap_or_else(|| "unknown".to_string()),
-            destination_workload: name.clone(),
-            destination_workload_namespace: snap.workload.namespace.clone(),
-            destination_principal: snap.identity.clone(),
-            destination_service: "unknown".to_string(),
-            destination_service_name: name,
-            destination_service_namespace: snap.workload.namespace.clone(),
-            request_protocol: protocol,
-            response_code: String::new(),
-            response_flags: Flag::None.as_str().to_string(),
-            connection_security_policy: TrafficLabels::security(self.mtls),
-        }
+        let source = WorkloadLabels::of(self.source.as_deref(), src_ns.as_deref());
+        let destination = WorkloadLabels::of(Some(&snap.own), None);
+        let service = match snap
+            .inbound_port(self.port)
+            .and_then(|p| p.service.as_ref())
+        {
+            Some(s) => [s.host.clone(), s.name.clone(), s.namespace.clone()],
+            None => [
+                UNKNOWN.to_string(),
+                snap.workload_short_name().to_string(),
+                snap.workload.namespace.clone(),
+            ],
+        };
+        TrafficLabels::new(
+            "destination",
+            source,
+            destination,
+            (
+                self.identity.clone().unwrap_or_else(|| UNKNOWN.to_string()),
+                snap.identity.clone(),
+            ),
+            service,
+            (protocol, self.mtls),
+        )
     }
 }
 

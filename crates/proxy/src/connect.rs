@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 /// A connection that was not done within its connect timeout.
@@ -81,6 +81,21 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         .await?;
     let _ = s.set_nodelay(true);
     Ok(s)
+}
+
+/// A TCP connection to `addr`, from `source` (port chosen by the system)
+/// when given, so the peer sees that address.
+pub async fn tcp_from(source: Option<IpAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
+    let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 /// The connect timeout in `err`'s chain, if that is why it failed.

@@ -20,11 +20,12 @@ use tracing::Instrument;
 use crate::admission::{self, Admitted, Conn, Refused, Reply, Verdict};
 use crate::conns::TrackedRequest;
 use crate::ext_authz;
+use crate::flows::Event;
 use crate::h1::codec::{RequestHead, Upgrade};
 use crate::h1::{self, XFCC};
 use crate::http::{Body, full, request_line, serve_hyper_conn, strip_hop_by_hop};
 use crate::idle::IdleTimer;
-use crate::outcome::{Flag, LocalFailure, RequestEnd};
+use crate::outcome::{Flag, LocalFailure, Refusal, RequestEnd};
 use crate::rewind::Rewind;
 use crate::state::State;
 use crate::telemetry::{self, BodyCount, CountedBody, Counts};
@@ -572,6 +573,16 @@ fn account(
             labels.response_flags = flag.as_str().to_string();
             state.metrics.request_handles(&labels)
         });
+    // The flow first: what the metrics show is in the flow table then.
+    if let Some(flow) = &conn.flow {
+        flow.count(Event::Request);
+        if let RequestEnd::Refused(
+            Refusal::Rbac | Refusal::ExtAuthz { .. } | Refusal::Unauthenticated { .. },
+        ) = end
+        {
+            flow.count(Event::Denied);
+        }
+    }
     handles.record(started.elapsed(), counts);
     if !state.metrics.access().enabled() {
         return;

@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::admission::{self, TcpVerdict};
+use crate::flows::{Event, FlowKey};
 use crate::idle::{Activity, Counted};
 use crate::outbound::Outbound;
 use crate::outcome::{Close, ConnRefusal, TcpEnd};
@@ -97,6 +98,9 @@ async fn handle(
         span.record("dst.addr", tracing::field::display(local));
         span.record("dst.identity", snap.identity.as_str());
     }
+    // Plaintext peers are known by their address; an mTLS peer is
+    // resolved again once its identity is known.
+    let source = snap.peers.resolve(None, peer.ip());
     drop(snap);
     let mut conn = Conn {
         peer,
@@ -109,6 +113,8 @@ async fn handle(
         cert_hash: None,
         sni: None,
         mtls: false,
+        source,
+        flow: None,
         handles: Default::default(),
         ext_authz: outbound,
     };
@@ -232,6 +238,10 @@ async fn handle(
         ))
     });
     conn.mtls = true;
+    conn.source = state
+        .snapshot()
+        .peers
+        .resolve(conn.identity.as_deref(), conn.peer.ip());
     if let Some(span) = crate::telemetry::current_span() {
         span.record("src.identity", conn.identity.as_deref());
         span.record("tls.mode", conn.tls_mode());
@@ -239,12 +249,15 @@ async fn handle(
     dispatch(state, conn, info.protocol, stream, started).await;
 }
 
-async fn dispatch<S>(state: Arc<State>, conn: Conn, protocol: Protocol, io: S, started: Instant)
+async fn dispatch<S>(state: Arc<State>, mut conn: Conn, protocol: Protocol, io: S, started: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match protocol {
-        Protocol::Http => crate::http_in::serve(state, Arc::new(conn), io).await,
+        Protocol::Http => {
+            conn.flow = state.flows.open(flow_key(&conn, "http"), Event::Connection);
+            crate::http_in::serve(state, Arc::new(conn), io).await
+        }
         Protocol::Tcp => tcp(state, conn, io, started).await,
     }
 }
@@ -252,10 +265,11 @@ where
 /// The TCP path: one admission per connection ([`admission::admit_tcp`]),
 /// then bytes both ways until either side is done, the idle timeout, or a
 /// policy change that denies the connection.
-async fn tcp<S>(state: Arc<State>, conn: Conn, io: S, started: Instant)
+async fn tcp<S>(state: Arc<State>, mut conn: Conn, io: S, started: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    conn.flow = state.flows.open(flow_key(&conn, "tcp"), Event::Connection);
     let snap = state.snapshot();
     let verdict = admission::admit_tcp(&snap, &conn).await;
     drop(snap);
@@ -270,6 +284,9 @@ where
             // Refused by the provider (flag UAEX), or by policy (no flag:
             // Envoy's network RBAC filter sets none).
             labels.response_flags = outcome.flag().as_str().to_string();
+            if let Some(flow) = &conn.flow {
+                flow.count(Event::Denied);
+            }
             state.metrics.tcp_opened(&labels);
             state.metrics.tcp_closed(&labels, 0, 0);
             log_tcp(&state, &conn, &decision, started, (0, 0), |record| {
@@ -364,6 +381,13 @@ fn refuse(state: &State, conn: &Conn, started: Instant, why: ConnRefusal, explan
         span.record("reason", why.as_str());
     }
     let snap = state.snapshot();
+    if why == ConnRefusal::PlaintextRejected {
+        let protocol = match snap.inbound_port(conn.port).map(|p| p.protocol) {
+            Some(Protocol::Http) => "http",
+            _ => "tcp",
+        };
+        state.flows.open(flow_key(conn, protocol), Event::Refused);
+    }
     let mut labels = conn.labels(state, "tcp");
     labels.response_flags = why.flag().as_str().to_string();
     state.metrics.tcp_opened(&labels);
@@ -373,4 +397,19 @@ fn refuse(state: &State, conn: &Conn, started: Instant, why: ConnRefusal, explan
     record.reason = why.as_str().to_string();
     record.explanation = explanation;
     state.metrics.access().write(&record);
+}
+
+/// The flow-table key of `conn` ([`crate::flows`]) as `protocol`.
+fn flow_key(conn: &Conn, protocol: &'static str) -> FlowKey {
+    FlowKey {
+        workload: conn
+            .source
+            .as_ref()
+            .map(|m| (m.namespace.clone(), m.name.clone())),
+        principal: conn.identity.clone(),
+        address: conn.peer.ip(),
+        port: conn.port,
+        protocol,
+        security: conn.tls_mode(),
+    }
 }

@@ -18,6 +18,7 @@ use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, 
 
 use crate::dns::{DnsName, DnsStore};
 use crate::jwt::{JwksStore, JwtPolicy};
+use crate::peers::{Registry, ServiceName, WorkloadMeta};
 
 /// Annotation on a WorkloadEntry: where the application listens, per port
 /// name: `"http=127.0.0.1:18080,metrics=19090"` (a bare port means
@@ -76,6 +77,9 @@ pub struct InboundPort {
     /// The application speaks HTTP/2 (cleartext, prior knowledge) on this
     /// port: protocol `GRPC` or `HTTP2`.
     pub app_h2: bool,
+    /// The service this port serves (`destination_service`): the first
+    /// host of the ServiceEntries that select the workload and have it.
+    pub service: Option<ServiceName>,
 }
 
 /// One endpoint of a service.
@@ -87,6 +91,21 @@ pub struct Endpoint {
     /// `spiffe://...` identity the endpoint must present.
     pub identity: String,
     pub has_proxy: bool,
+    /// The WorkloadEntry it is, when it is one (`destination_workload`
+    /// and the other workload labels of the reporter=source metrics);
+    /// `namespace/name` in `/config_dump`.
+    #[serde(serialize_with = "workload_key")]
+    pub workload: Option<Arc<WorkloadMeta>>,
+}
+
+fn workload_key<S: serde::Serializer>(
+    w: &Option<Arc<WorkloadMeta>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match w {
+        Some(m) => s.serialize_str(&format!("{}/{}", m.namespace, m.name)),
+        None => s.serialize_none(),
+    }
 }
 
 /// The facts of an endpoint whose address is not known when the snapshot
@@ -97,6 +116,7 @@ pub struct EndpointFacts {
     pub ports: BTreeMap<String, u16>,
     pub identity: String,
     pub has_proxy: bool,
+    pub workload: Option<Arc<WorkloadMeta>>,
 }
 
 impl EndpointFacts {
@@ -106,6 +126,7 @@ impl EndpointFacts {
             ports: self.ports.clone(),
             identity: self.identity.clone(),
             has_proxy: self.has_proxy,
+            workload: self.workload.clone(),
         }
     }
 }
@@ -294,6 +315,15 @@ pub struct Snapshot {
     /// How long a connection to the application may take
     /// (`meshConfig.connectTimeout`).
     pub app_connect_timeout: Duration,
+    /// Every workload of the mesh, to name peers ([`crate::peers`]).
+    pub peers: Registry,
+    /// This workload's metric labels.
+    pub own: Arc<WorkloadMeta>,
+    /// The local address outbound connections to other workloads are made
+    /// from: the workload's address when it is assigned to this host (as
+    /// a pod's connections come from the pod IP), so that a destination
+    /// sees the caller's workload address as its peer.
+    pub source_address: Option<IpAddr>,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
 }
@@ -365,6 +395,7 @@ impl Snapshot {
             app_ports.insert(port_name.clone(), *addr);
         }
         let protocols = port_protocols(&config, entry);
+        let mut port_services = crate::peers::port_services(&config, entry);
         let mut inbound = Vec::new();
         for (port_name, port) in &entry.spec.ports {
             let app = app_ports
@@ -381,6 +412,7 @@ impl Snapshot {
                 protocol,
                 app,
                 app_h2,
+                service: port_services.remove(port),
             });
         }
         let outbound = match entry.meta.annotations.get(OUTBOUND) {
@@ -397,7 +429,12 @@ impl Snapshot {
         let engine = PolicyEngine::new(Arc::clone(&config));
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
-        let (services, hosts) = build_services(&config, &workload, dns);
+        let peers = Registry::build(&config);
+        let (services, hosts) = build_services(&config, &workload, dns, &peers);
+        let own = peers
+            .named(ns, name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(WorkloadMeta::of(entry)));
         Ok(Snapshot {
             version,
             workload_name: workload_name.to_string(),
@@ -411,6 +448,9 @@ impl Snapshot {
             jwt,
             services,
             app_connect_timeout: config.mesh.connect_timeout,
+            peers,
+            own,
+            source_address: source_address(address),
             hosts,
             config,
         })
@@ -446,6 +486,27 @@ impl Snapshot {
             Some(tls) => tls.mode,
             None if ep.has_proxy && self.config.mesh.enable_auto_mtls => TlsMode::IstioMutual,
             None => TlsMode::Disable,
+        }
+    }
+}
+
+/// `address` when a socket can be bound to it on this host (it is one of
+/// the host's addresses, as each workload's loopback address is under
+/// `meshward up`), else `None`, said once at INFO.
+fn source_address(address: IpAddr) -> Option<IpAddr> {
+    if address.is_unspecified() {
+        return None;
+    }
+    match std::net::TcpListener::bind(SocketAddr::new(address, 0)) {
+        Ok(_) => Some(address),
+        Err(e) => {
+            tracing::info!(
+                target: "meshward::outbound",
+                address = %address,
+                error = %e,
+                "the workload's address is not one of this host's: outbound connections are made from an address the system picks"
+            );
+            None
         }
     }
 }
@@ -569,6 +630,7 @@ fn build_services(
     config: &ConfigSet,
     client: &Workload,
     dns: &DnsStore,
+    peers: &Registry,
 ) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
@@ -589,6 +651,7 @@ fn build_services(
             .get(HAS_PROXY)
             .is_some_and(|v| v == "true");
         let facts = |e: &WorkloadEntry, ns: &str, has_proxy: bool| EndpointFacts {
+            workload: None,
             ports: e.ports.clone(),
             identity: format!(
                 "spiffe://{td}/ns/{ns}/sa/{}",
@@ -599,11 +662,17 @@ fn build_services(
         let implicit = facts(&WorkloadEntry::default(), ns, external_has_proxy);
         let mut endpoints = Vec::new();
         let mut dns_endpoints = Vec::new();
-        let mut add = |e: &WorkloadEntry, ns: &str, has_proxy: bool| {
+        let mut add = |e: &WorkloadEntry,
+                       ns: &str,
+                       has_proxy: bool,
+                       workload: Option<Arc<WorkloadMeta>>| {
             let Some(address) = e.address.as_deref().filter(|a| !a.is_empty()) else {
                 return;
             };
-            let facts = facts(e, ns, has_proxy);
+            let facts = EndpointFacts {
+                workload,
+                ..facts(e, ns, has_proxy)
+            };
             match address.parse::<IpAddr>() {
                 Ok(ip) => endpoints.push(facts.at(ip)),
                 Err(_) if by_dns => dns_endpoints.push(DnsEndpoint {
@@ -630,7 +699,12 @@ fn build_services(
                             .annotations
                             .get(HAS_PROXY)
                             .is_none_or(|v| v != "false");
-                        add(&we.spec, &we.meta.namespace, has_proxy);
+                        add(
+                            &we.spec,
+                            &we.meta.namespace,
+                            has_proxy,
+                            peers.named(&we.meta.namespace, &we.meta.name).cloned(),
+                        );
                     }
                 }
             }
@@ -647,7 +721,7 @@ fn build_services(
             }
             None => {
                 for e in &se.spec.endpoints {
-                    add(e, ns, external_has_proxy);
+                    add(e, ns, external_has_proxy, None);
                 }
             }
         }

@@ -179,6 +179,8 @@ pub struct State {
     app_connector: crate::connect::AppConnector,
     /// Open inbound TCP connections, re-checked when policy changes.
     pub tcp_conns: Conns,
+    /// The inbound flow table (`/debug/flows`).
+    pub flows: crate::flows::Flows,
     /// The shutdown signal every data-plane connection follows
     /// ([`crate::drain`]).
     pub drain: crate::drain::Drain,
@@ -255,6 +257,7 @@ impl State {
             .build(app_connector.clone()),
             app_connector,
             tcp_conns: Conns::default(),
+            flows: crate::flows::Flows::default(),
             drain: crate::drain::Drain::new(),
             idle_timeout,
             jwks,

@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Buf;
 
+use crate::peers::WorkloadLabels;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,9 +39,17 @@ pub struct TrafficLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -53,6 +63,51 @@ impl TrafficLabels {
     /// `mutual_tls` or `none`, Istio's `connection_security_policy`.
     pub fn security(mtls: bool) -> &'static str {
         if mtls { "mutual_tls" } else { "none" }
+    }
+
+    /// The labels of a request or connection from `source` to
+    /// `destination` (each side's workload labels), with `principals`
+    /// (source, destination) and `service`; the response code and flags
+    /// are filled in later.
+    pub fn new(
+        reporter: &'static str,
+        source: WorkloadLabels,
+        destination: WorkloadLabels,
+        (source_principal, destination_principal): (String, String),
+        service: [String; 3],
+        (request_protocol, mtls): (&'static str, bool),
+    ) -> TrafficLabels {
+        let [
+            destination_service,
+            destination_service_name,
+            destination_service_namespace,
+        ] = service;
+        TrafficLabels {
+            reporter,
+            source_workload: source.workload,
+            source_workload_namespace: source.namespace,
+            source_principal,
+            source_app: source.app,
+            source_version: source.version,
+            source_canonical_service: source.canonical_service,
+            source_canonical_revision: source.canonical_revision,
+            destination_workload: destination.workload,
+            destination_workload_namespace: destination.namespace,
+            destination_principal,
+            destination_app: destination.app,
+            destination_version: destination.version,
+            destination_canonical_service: destination.canonical_service,
+            destination_canonical_revision: destination.canonical_revision,
+            destination_service,
+            destination_service_name,
+            destination_service_namespace,
+            request_protocol,
+            response_code: String::new(),
+            // Envoy's "no flag" (`outcome::Flag::None`, which imports this
+            // module's access record).
+            response_flags: "-".to_string(),
+            connection_security_policy: TrafficLabels::security(mtls),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Small HTTP clients on new or kept-alive connections, for tests and
 //! readiness probes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,9 +25,43 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    request_from(None, addr, method, host, path, headers).await
+}
+
+/// A TCP connection to `addr` from local address `from` (any port) when
+/// given: a loopback address such as `127.0.4.1` stands for a workload's
+/// address, as Linux routes all of 127.0.0.0/8 to `lo`.
+pub async fn tcp_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpStream, String> {
+    let Some(from) = from else {
+        return tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .map_err(|e| format!("binding {from}: {e}"))?;
+    socket.connect(addr).await.map_err(|e| e.to_string())
+}
+
+/// [`request`] from local address `from` when given ([`tcp_from`]).
+pub async fn request_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let stream = tcp_from(from, addr).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;

@@ -4,13 +4,16 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-/// A `WorkloadEntry` on 127.0.0.1, labelled `app: <name>`.
+/// A `WorkloadEntry` on 127.0.0.1 (or [`WorkloadEntry::address`]),
+/// labelled `app: <name>` (and [`WorkloadEntry::label`]s).
 #[derive(Debug, Clone)]
 pub struct WorkloadEntry {
     namespace: String,
     name: String,
     service_account: String,
+    address: String,
     app: String,
+    labels: Vec<(String, String)>,
     ports: Vec<(String, u16)>,
     annotations: Vec<(String, String)>,
 }
@@ -22,7 +25,9 @@ impl WorkloadEntry {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             service_account: name.to_owned(),
+            address: "127.0.0.1".to_owned(),
             app: name.to_owned(),
+            labels: Vec::new(),
             ports: Vec::new(),
             annotations: Vec::new(),
         }
@@ -30,6 +35,18 @@ impl WorkloadEntry {
 
     pub fn service_account(mut self, sa: &str) -> Self {
         self.service_account = sa.to_owned();
+        self
+    }
+
+    /// `spec.address` (default `127.0.0.1`).
+    pub fn address(mut self, address: &str) -> Self {
+        self.address = address.to_owned();
+        self
+    }
+
+    /// A label besides `app`.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -79,10 +96,15 @@ impl WorkloadEntry {
                 .collect();
             let _ = writeln!(y, "  annotations: {{{}}}", a.join(", "));
         }
+        let labels: String = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!(", {k}: \"{v}\""))
+            .collect();
         let _ = write!(
             y,
-            "spec:\n  address: 127.0.0.1\n  labels: {{app: {}}}\n  serviceAccount: {}\n",
-            self.app, self.service_account
+            "spec:\n  address: {}\n  labels: {{app: {}{labels}}}\n  serviceAccount: {}\n",
+            self.address, self.app, self.service_account
         );
         if !self.ports.is_empty() {
             let p: Vec<String> = self

@@ -2,7 +2,7 @@
 //! the mesh roots, any SPIFFE server identity of any trust domain (tests
 //! check the identity they expect themselves).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// An mTLS connection made by [`mtls_connect`].
@@ -10,6 +10,18 @@ pub type MtlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// An mTLS connection to `addr` with the credentials in `dir`, trusting `root`.
 pub async fn mtls_connect(
+    dir: &std::path::Path,
+    root: &std::path::Path,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> Result<MtlsStream, String> {
+    mtls_connect_from(None, dir, root, addr, alpn).await
+}
+
+/// [`mtls_connect`] from local address `from` (a loopback address such as
+/// `127.0.2.2`, standing for a workload's address) when given.
+pub async fn mtls_connect_from(
+    from: Option<IpAddr>,
     dir: &std::path::Path,
     root: &std::path::Path,
     addr: SocketAddr,
@@ -27,9 +39,7 @@ pub async fn mtls_connect(
     )
     .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp = crate::http::tcp_from(from, addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::IpAddress(addr.ip().into()),

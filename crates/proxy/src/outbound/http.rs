@@ -20,7 +20,7 @@ use tracing::Instrument;
 use super::Outbound;
 use super::pool::{BoxError, Origin, Upstream, connect};
 use super::route::{
-    Route, connection_span, record_route, request_span, service_tag, source_labels, source_record,
+    Route, connection_span, record_route, request_span, route_tag, source_labels, source_record,
 };
 use crate::h1::codec::{self, Framing, RequestHead, Upgrade};
 use crate::h1::{self, Sent, XFCC};
@@ -662,7 +662,7 @@ fn account(
 ) {
     let mtls = route.is_some_and(|r| r.mode != TlsMode::Disable);
     let protocol = counts.protocol();
-    let tag = (route.map_or(0, |r| service_tag(&r.svc)), protocol);
+    let tag = (route.map_or(0, route_tag), protocol);
     let handles = cache.get_or_insert(tag, status, flags.as_str(), || {
         let mut labels = source_labels(snap, route, protocol, mtls);
         labels.response_code = status.to_string();

@@ -26,6 +26,9 @@ use crate::connect::{self, Deadline};
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     pub(super) addr: SocketAddr,
+    /// The local address to connect from (the workload's own,
+    /// [`crate::snapshot::Snapshot::source_address`]), else any.
+    pub(super) source: Option<std::net::IpAddr>,
     /// TLS settings, or plaintext.
     pub(super) tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     /// Speak HTTP/2 (gRPC): prior knowledge in plaintext, ALPN under TLS.
@@ -291,7 +294,7 @@ impl tower_service::Service<Uri> for MeshConnector {
 pub(super) async fn connect(t: &Target) -> io::Result<Upstream> {
     let deadline = Deadline::after(t.connect_timeout);
     let tcp = deadline
-        .run(connect::TCP, TcpStream::connect(t.addr))
+        .run(connect::TCP, connect::tcp_from(t.source, t.addr))
         .await?;
     let _ = tcp.set_nodelay(true);
     match &t.tls {

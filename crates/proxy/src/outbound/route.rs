@@ -18,6 +18,7 @@ use crate::connect;
 use crate::dr_tls::{self, Loaded, Presented};
 use crate::outcome::Decision;
 use crate::outcome::{Flag, LocalFailure};
+use crate::peers::{ServiceName, UNKNOWN, WorkloadLabels};
 use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
@@ -282,8 +283,22 @@ impl Outbound {
                 Some((config, server_name))
             }
         };
+        // Connections to another workload come from this workload's
+        // address (a loopback one only towards loopback: a packet from
+        // 127.x cannot leave the host). Connections from another source
+        // address are others: the workload's address changed.
+        let source = snap.source_address.filter(|s| {
+            endpoint.workload.is_some() && s.is_loopback() == endpoint.address.is_loopback()
+        });
+        if let Some(source) = source {
+            match source {
+                std::net::IpAddr::V4(a) => key.add(&a.octets()),
+                std::net::IpAddr::V6(a) => key.add(&a.octets()),
+            };
+        }
         let target = Target {
             addr,
+            source,
             tls,
             h2,
             connect_timeout,
@@ -493,46 +508,50 @@ pub(super) fn source_labels(
     protocol: &'static str,
     mtls: bool,
 ) -> TrafficLabels {
-    let name = snap.workload_short_name().to_string();
-    let (dst_ns, _) = route
-        .map(|r| principal_parts(&r.endpoint().identity))
-        .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    TrafficLabels {
-        reporter: "source",
-        source_workload: name,
-        source_workload_namespace: snap.workload.namespace.clone(),
-        source_principal: snap.identity.clone(),
-        destination_workload: "unknown".to_string(),
-        destination_workload_namespace: dst_ns,
-        destination_principal: route
-            .filter(|_| mtls)
-            .map(|r| r.endpoint().identity.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service: route
-            .map(|r| r.svc.host.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service_name: route
-            .map(|r| r.svc.name.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        destination_service_namespace: route
-            .map(|r| r.svc.namespace.clone())
-            .unwrap_or_else(|| "unknown".to_string()),
-        request_protocol: protocol,
-        response_code: String::new(),
-        response_flags: Flag::None.as_str().to_string(),
-        connection_security_policy: TrafficLabels::security(mtls),
-    }
+    let unknown = || UNKNOWN.to_string();
+    let endpoint = route.map(|r| r.endpoint());
+    let dst_ns = endpoint.map(|e| principal_parts(&e.identity).0);
+    let destination = WorkloadLabels::of(
+        endpoint.and_then(|e| e.workload.as_deref()),
+        dst_ns.as_deref(),
+    );
+    let service = match route {
+        Some(r) => {
+            // Named as the destination proxy names it.
+            let s = ServiceName::new(&r.svc.host, &r.svc.namespace);
+            [s.host, s.name, s.namespace]
+        }
+        None => [unknown(), unknown(), unknown()],
+    };
+    TrafficLabels::new(
+        "source",
+        WorkloadLabels::of(Some(&snap.own), None),
+        destination,
+        (
+            snap.identity.clone(),
+            endpoint
+                .filter(|_| mtls)
+                .map_or_else(unknown, |e| e.identity.clone()),
+        ),
+        service,
+        (protocol, mtls),
+    )
 }
 
-/// A stable small key for a service (FNV-1a of `namespace/name`), to tell
-/// its metric handles apart in a connection's cache.
-pub(super) fn service_tag(svc: &Service) -> usize {
-    let h = Fnv::new()
-        .add(svc.namespace.as_bytes())
-        .add(svc.name.as_bytes())
-        .0;
+/// A stable small key for a route's metric labels (FNV-1a of the
+/// service's `namespace/name` and the endpoint's address, which decides
+/// the `destination_workload` and principal), to tell its metric handles
+/// apart in a connection's cache.
+pub(super) fn route_tag(route: &Route) -> usize {
+    let mut h = Fnv::new();
+    h.add(route.svc.namespace.as_bytes())
+        .add(route.svc.name.as_bytes());
+    match route.endpoint().address {
+        std::net::IpAddr::V4(a) => h.add(&a.octets()),
+        std::net::IpAddr::V6(a) => h.add(&a.octets()),
+    };
     // Tag 0 means "no route".
-    (h as usize) | 1
+    (h.0 as usize) | 1
 }
 
 /// An outbound connection's span: the application's address and this

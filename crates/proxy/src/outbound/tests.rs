@@ -25,6 +25,7 @@ fn origin_of(key: &str) -> Arc<Origin> {
 fn target(port: u16) -> Target {
     Target {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        source: None,
         tls: None,
         h2: true,
         connect_timeout: Duration::from_secs(10),

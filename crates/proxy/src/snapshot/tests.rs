@@ -309,3 +309,33 @@ fn hosts_without_ports() {
     );
     assert_eq!(inbound_protocol("https", None).0, Protocol::Tcp);
 }
+
+#[test]
+fn ports_know_their_service_and_endpoints_their_workload() {
+    let s = snapshot(BASE, "prod/api").unwrap();
+    let service = |n: u16| s.inbound_port(n).unwrap().service.clone();
+    let db = service(5432).expect("the ServiceEntry's port targets 5432");
+    assert_eq!(
+        (db.host.as_str(), db.name.as_str(), db.namespace.as_str()),
+        ("api.prod.svc.cluster.local", "api", "prod")
+    );
+    assert_eq!(service(7000), None, "no ServiceEntry has the port");
+    assert_eq!((s.own.name.as_str(), s.own.app.as_str()), ("api", "api"));
+    let legacy = s.service_for_host("legacy.prod.svc.cluster.local").unwrap();
+    let w = legacy.endpoints[0].workload.as_ref().unwrap();
+    assert_eq!((w.namespace.as_str(), w.name.as_str()), ("prod", "legacy"));
+    let dumped = serde_json::to_value(&legacy.endpoints[0]).unwrap();
+    assert_eq!(dumped["workload"], "prod/legacy");
+}
+
+#[test]
+fn outbound_connections_come_from_the_workload_address_only_when_the_host_has_it() {
+    // BASE's workload is on 127.0.0.1.
+    let s = snapshot(BASE, "prod/api").unwrap();
+    assert_eq!(s.source_address, Some(ip("127.0.0.1")));
+    // 192.0.2.1 (TEST-NET-1) is no host's.
+    let elsewhere = BASE.replacen("address: 127.0.0.1", "address: 192.0.2.1", 1);
+    let s = snapshot(&elsewhere, "prod/api").unwrap();
+    assert_eq!(s.address, ip("192.0.2.1"));
+    assert_eq!(s.source_address, None);
+}
