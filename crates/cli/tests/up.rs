@@ -389,7 +389,10 @@ async fn live_operations() {
     )
     .unwrap();
     let found = wait::within(wait::patience(), || {
-        let out = live(admin, &["analyze", "--live"]);
+        let out = live(
+            admin,
+            &["analyze", "--live", "--failure-threshold", "Warning"],
+        );
         async move {
             (out.status.code() == Some(79))
                 .then(|| String::from_utf8_lossy(&out.stdout).into_owned())

@@ -104,7 +104,12 @@ impl Live {
             .authorization_policies
             .iter()
             .find(|r| r.meta.namespace == namespace && r.meta.name == name)
-            .map(|r| (r.spec.rules.len(), origin(&r.origin)))
+            .map(|r| {
+                (
+                    r.spec.rules.len(),
+                    format!("{}:{}", r.origin.file, r.origin.line),
+                )
+            })
             .unwrap_or((0, "-".to_string()))
     }
 
@@ -167,23 +172,35 @@ fn record(v: &Value) -> ProxyRecord {
 fn config_of(configz: &Value) -> Result<ConfigSet, OpsError> {
     let served = meshward_control::configz::Configz::from_json(&configz.to_string())
         .map_err(|e| OpsError::Config(e.to_string()))?;
-    served
+    let mut config = served
         .load()
         .map(|l| l.config)
-        .map_err(|e| OpsError::Config(e.to_string()))
+        .map_err(|e| OpsError::Config(e.to_string()))?;
+    restore_origins(&mut config.peer_authentications);
+    restore_origins(&mut config.authorization_policies);
+    restore_origins(&mut config.request_authentications);
+    restore_origins(&mut config.destination_rules);
+    restore_origins(&mut config.service_entries);
+    restore_origins(&mut config.workload_entries);
+    Ok(config)
 }
 
-/// Where a resource of the served configuration was written: the control
-/// plane names each document `FILE:LINE`, which the loader takes for a file
-/// name (the document then starts at its line 1).
-pub fn origin(o: &meshward_config::Origin) -> String {
-    let served = o.line == 1
-        && o.file
-            .rsplit_once(':')
-            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    if served {
-        o.file.to_string()
-    } else {
-        format!("{}:{}", o.file, o.line)
+/// The control plane names each document it serves `FILE:LINE` (where it
+/// was written), which loads as a file of that name whose document starts
+/// at line 1: give each resource its file and line back, so that messages
+/// point where the author wrote it.
+fn restore_origins<T>(resources: &mut [meshward_config::Resource<T>]) {
+    for r in resources {
+        let o = &mut r.origin;
+        if o.line != 1 {
+            continue;
+        }
+        if let Some((file, line)) = o.file.rsplit_once(':')
+            && let Ok(line) = line.parse::<u32>()
+        {
+            let file: std::sync::Arc<str> = std::sync::Arc::from(file);
+            o.file = file;
+            o.line = line;
+        }
     }
 }
