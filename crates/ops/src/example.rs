@@ -41,3 +41,21 @@ pub fn write_policies(dir: &Path) -> Result<(), OpsError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file of examples/shop/policies is compiled in, and nothing else.
+    #[test]
+    fn the_built_in_example_is_the_whole_policies_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shop/policies");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let compiled: Vec<String> = POLICIES.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(compiled, on_disk);
+    }
+}
