@@ -13,7 +13,7 @@ use crate::output::Format;
 pub struct Args {
     /// The calling workload, NAMESPACE/NAME (or a NAME only one namespace has).
     from: String,
-    /// http://HOST[:PORT]/PATH: HOST is a service's host name, as the
+    /// `http://HOST[:PORT]/PATH` or `tcp://HOST:PORT`: HOST is a service's host name, as the
     /// application would put it in `Host`.
     url: String,
     /// The request method.
