@@ -40,6 +40,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole mesh on this host: a control plane, a proxy per
+    /// workload, echo applications; the built-in example without DIR.
+    Up(Box<up::Args>),
+    /// Send one request as a workload, through its sidecar, and show the
+    /// decision the destination recorded.
+    Call(Box<call::Args>),
+    /// Every proxy the control plane knows: connected, configuration in
+    /// sync (or its last NACK), certificate expiry (as istioctl proxy-status).
+    Status(status::Args),
+    /// What a running proxy holds: its certificates, listeners, endpoints
+    /// or authorization policies (as istioctl proxy-config).
+    ProxyConfig(Box<proxy_config::Args>),
+    /// mTLS operations: the migration report.
+    #[command(subcommand)]
+    Mtls(mtls::Command),
     /// Validate Istio security and networking resources; print every error.
     Validate(validate::Args),
     /// Find configuration that loads but cannot do what its author meant
@@ -62,21 +77,6 @@ enum Command {
     /// Run the control plane: the mesh CA (Istio's certificate service) and
     /// the config push to proxies; `control token` mints bootstrap tokens.
     Control(Box<control::Args>),
-    /// Run a whole mesh on this host: a control plane, a proxy per
-    /// workload, echo applications; the built-in example without DIR.
-    Up(Box<up::Args>),
-    /// Send one request as a workload, through its sidecar, and show the
-    /// decision the destination recorded.
-    Call(Box<call::Args>),
-    /// Every proxy the control plane knows: connected, configuration in
-    /// sync (or its last NACK), certificate expiry (as istioctl proxy-status).
-    Status(status::Args),
-    /// What a running proxy holds: its certificates, listeners, endpoints
-    /// or authorization policies (as istioctl proxy-config).
-    ProxyConfig(Box<proxy_config::Args>),
-    /// mTLS operations: the migration report.
-    #[command(subcommand)]
-    Mtls(mtls::Command),
 }
 
 fn main() -> ExitCode {
