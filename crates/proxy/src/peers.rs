@@ -251,30 +251,13 @@ pub fn port_services(
     entry: &Resource<WorkloadEntry>,
 ) -> BTreeMap<u16, ServiceName> {
     let mut candidates: BTreeMap<u16, Vec<ServiceName>> = BTreeMap::new();
-    for se in &config.service_entries {
-        let selects =
-            se.meta.namespace == entry.meta.namespace
-                && se.spec.workload_selector.as_ref().is_some_and(|sel| {
-                    sel.iter().all(|(k, v)| entry.spec.labels.get(k) == Some(v))
-                });
-        if !selects {
-            continue;
-        }
-        for p in &se.spec.ports {
-            let number = entry
-                .spec
-                .ports
-                .get(&p.name)
-                .copied()
-                .or(p.target_port)
-                .unwrap_or(p.number);
-            for host in &se.spec.hosts {
-                let host = host.trim_end_matches('.').to_ascii_lowercase();
-                candidates
-                    .entry(number)
-                    .or_default()
-                    .push(ServiceName::new(&host, &se.meta.namespace));
-            }
+    for (se, _, number) in crate::snapshot::selected_service_ports(config, entry) {
+        for host in &se.spec.hosts {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            candidates
+                .entry(number)
+                .or_default()
+                .push(ServiceName::new(&host, &se.meta.namespace));
         }
     }
     candidates

@@ -593,32 +593,54 @@ fn parse_tcp_outbound(entry: &Resource<WorkloadEntry>) -> Result<Vec<TcpOutbound
     Ok(out)
 }
 
+/// The ports of the ServiceEntries that select workload `entry` (in its
+/// namespace, by `workloadSelector`), each with the workload port it
+/// reaches: the WorkloadEntry's port of that name, else `targetPort`, else
+/// the service port's number.
+pub(crate) fn selected_service_ports<'a>(
+    config: &'a ConfigSet,
+    entry: &'a Resource<WorkloadEntry>,
+) -> impl Iterator<
+    Item = (
+        &'a Resource<meshward_config::model::ServiceEntry>,
+        &'a ServicePort,
+        u16,
+    ),
+> + 'a {
+    config
+        .service_entries
+        .iter()
+        .filter(move |se| {
+            se.meta.namespace == entry.meta.namespace
+                && se
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|sel| sel.iter().all(|(k, v)| entry.spec.labels.get(k) == Some(v)))
+        })
+        .flat_map(move |se| {
+            se.spec.ports.iter().map(move |p| {
+                let number = entry
+                    .spec
+                    .ports
+                    .get(&p.name)
+                    .copied()
+                    .or(p.target_port)
+                    .unwrap_or(p.number);
+                (se, p, number)
+            })
+        })
+}
+
 /// Protocols of this workload's ports, from the ServiceEntries selecting it.
 fn port_protocols(
     config: &ConfigSet,
     entry: &Resource<WorkloadEntry>,
 ) -> BTreeMap<u16, (Protocol, bool)> {
     let mut out = BTreeMap::new();
-    for se in &config.service_entries {
-        let selects =
-            se.meta.namespace == entry.meta.namespace
-                && se.spec.workload_selector.as_ref().is_some_and(|sel| {
-                    sel.iter().all(|(k, v)| entry.spec.labels.get(k) == Some(v))
-                });
-        if !selects {
-            continue;
-        }
-        for p in &se.spec.ports {
-            let number = entry
-                .spec
-                .ports
-                .get(&p.name)
-                .copied()
-                .or(p.target_port)
-                .unwrap_or(p.number);
-            out.entry(number)
-                .or_insert_with(|| inbound_protocol(&p.name, p.protocol.as_deref()));
-        }
+    for (_, p, number) in selected_service_ports(config, entry) {
+        out.entry(number)
+            .or_insert_with(|| inbound_protocol(&p.name, p.protocol.as_deref()));
     }
     out
 }
