@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod annotations;
 pub mod decode;
 pub mod diag;
 mod load;

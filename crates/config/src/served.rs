@@ -24,7 +24,31 @@ pub fn load_served<'a>(
     if !mesh_config.trim().is_empty() {
         loader.add_mesh_config_source(MESH_CONFIG_ORIGIN, mesh_config);
     }
-    loader.finish()
+    let mut loaded = loader.finish()?;
+    let c = &mut loaded.config;
+    restore_origins(&mut c.peer_authentications);
+    restore_origins(&mut c.authorization_policies);
+    restore_origins(&mut c.request_authentications);
+    restore_origins(&mut c.destination_rules);
+    restore_origins(&mut c.service_entries);
+    restore_origins(&mut c.workload_entries);
+    Ok(loaded)
+}
+
+/// Each document is loaded under its origin `FILE:LINE` as if that were a
+/// file name, the document starting at its line 1: give each resource the
+/// file and line it was written at, so that what points at it (logs,
+/// `/config_dump`, `meshward analyze --live`, `describe`) says where.
+fn restore_origins<T>(resources: &mut [crate::Resource<T>]) {
+    for r in resources {
+        let o = &mut r.origin;
+        if let Some((file, line)) = o.file.rsplit_once(':')
+            && let Ok(start) = line.parse::<u32>()
+        {
+            o.line = start.saturating_add(o.line.saturating_sub(1));
+            o.file = std::sync::Arc::from(file);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -38,6 +62,11 @@ mod tests {
             load_served([("policies/pa.yaml:1", pa)], "trustDomain: example.org\n").unwrap();
         assert_eq!(loaded.config.mesh.trust_domain, "example.org");
         assert_eq!(loaded.config.peer_authentications.len(), 1);
+        let origin = &loaded.config.peer_authentications[0].origin;
+        assert_eq!((&*origin.file, origin.line), ("policies/pa.yaml", 1));
+        let later = load_served([("policies/pa.yaml:12", pa)], "").unwrap();
+        let origin = &later.config.peer_authentications[0].origin;
+        assert_eq!((&*origin.file, origin.line), ("policies/pa.yaml", 12));
         let defaults = load_served([("policies/pa.yaml:1", pa)], "  \n").unwrap();
         assert_eq!(defaults.config.mesh.trust_domain, "cluster.local");
 

@@ -80,6 +80,15 @@ pub async fn get_json(
     addr: SocketAddr,
     path: &str,
 ) -> Result<serde_json::Value, OpsError> {
+    get_as(side, addr, path).await
+}
+
+/// `GET path` on `addr`, expecting `200` with a JSON body of type `T`.
+pub async fn get_as<T: serde::de::DeserializeOwned>(
+    side: Side,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<T, OpsError> {
     let (status, body) = get(side, addr, path).await?;
     let err = |reason: String| OpsError::Admin {
         what: side.what(),
@@ -93,7 +102,7 @@ pub async fn get_json(
             String::from_utf8_lossy(&body).trim()
         )));
     }
-    serde_json::from_slice(&body).map_err(|e| err(format!("not JSON: {e}")))
+    serde_json::from_slice(&body).map_err(|e| err(format!("not what was expected: {e}")))
 }
 
 /// Percent-encodes a query parameter value.

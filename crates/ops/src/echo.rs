@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::OpsError;
 
-/// The largest request body read (the rest is counted, not kept).
-const MAX_BODY: usize = 1 << 20;
+/// How much of a request body is read (counted, never kept) before the
+/// echo answers anyway.
+const MAX_BODY_READ: usize = 64 << 20;
 
 /// Whether a workload port carries HTTP, by Istio's port-name convention
 /// (as the proxy decides it without a ServiceEntry protocol).
@@ -103,7 +104,7 @@ async fn answer(
             Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len()),
             Err(_) => break,
         }
-        if body_bytes > MAX_BODY * 64 {
+        if body_bytes > MAX_BODY_READ {
             break;
         }
     }

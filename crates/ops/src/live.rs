@@ -8,8 +8,9 @@ use meshward_config::ConfigSet;
 use serde_json::Value;
 
 use crate::OpsError;
-use crate::admin::{Side, get_json};
+use crate::admin::{Side, get_as, get_json};
 use crate::mesh::{MeshWorkload, workloads};
+use meshward_control::configz::Configz;
 
 /// The control plane's admin address unless told otherwise (`meshward
 /// control`'s default `--admin`).
@@ -49,12 +50,12 @@ impl Live {
     pub async fn fetch(control_admin: SocketAddr) -> Result<Live, OpsError> {
         let (connections, configz) = tokio::join!(
             get_json(Side::Control, control_admin, "/debug/connections"),
-            get_json(Side::Control, control_admin, "/debug/configz"),
+            get_as::<Configz>(Side::Control, control_admin, "/debug/configz"),
         );
         let connections = connections.map_err(hint)?;
         let configz = configz?;
         let config = config_of(&configz)?;
-        let version = configz["version"].as_str().unwrap_or_default().to_string();
+        let version = configz.version;
         let mut proxies: Vec<ProxyRecord> = connections["proxies"]
             .as_array()
             .map(|a| a.iter().map(record).collect())
@@ -169,38 +170,9 @@ fn record(v: &Value) -> ProxyRecord {
 
 /// The configuration in a `/debug/configz` answer, loaded as the proxies
 /// load what is pushed to them.
-fn config_of(configz: &Value) -> Result<ConfigSet, OpsError> {
-    let served = meshward_control::configz::Configz::from_json(&configz.to_string())
-        .map_err(|e| OpsError::Config(e.to_string()))?;
-    let mut config = served
+fn config_of(served: &Configz) -> Result<ConfigSet, OpsError> {
+    served
         .load()
         .map(|l| l.config)
-        .map_err(|e| OpsError::Config(e.to_string()))?;
-    restore_origins(&mut config.peer_authentications);
-    restore_origins(&mut config.authorization_policies);
-    restore_origins(&mut config.request_authentications);
-    restore_origins(&mut config.destination_rules);
-    restore_origins(&mut config.service_entries);
-    restore_origins(&mut config.workload_entries);
-    Ok(config)
-}
-
-/// The control plane names each document it serves `FILE:LINE` (where it
-/// was written), which loads as a file of that name whose document starts
-/// at line 1: give each resource its file and line back, so that messages
-/// point where the author wrote it.
-fn restore_origins<T>(resources: &mut [meshward_config::Resource<T>]) {
-    for r in resources {
-        let o = &mut r.origin;
-        if o.line != 1 {
-            continue;
-        }
-        if let Some((file, line)) = o.file.rsplit_once(':')
-            && let Ok(line) = line.parse::<u32>()
-        {
-            let file: std::sync::Arc<str> = std::sync::Arc::from(file);
-            o.file = file;
-            o.line = line;
-        }
-    }
+        .map_err(|e| OpsError::Config(e.to_string()))
 }

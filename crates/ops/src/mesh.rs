@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use meshward_config::ConfigSet;
-use meshward_proxy::annotations::HAS_PROXY;
 
 use crate::OpsError;
 
@@ -57,7 +56,7 @@ pub fn workloads(config: &ConfigSet) -> Vec<MeshWorkload> {
                 .service_account
                 .clone()
                 .unwrap_or_else(|| "default".to_string()),
-            has_proxy: we.meta.annotations.get(HAS_PROXY).map(String::as_str) != Some("false"),
+            has_proxy: meshward_config::annotations::workload_has_proxy(&we.meta),
         })
         .collect();
     out.sort_by_key(MeshWorkload::key);

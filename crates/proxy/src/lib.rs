@@ -62,11 +62,6 @@ pub use recent::{
 };
 pub use source::Feed;
 
-/// The `meshward.io/` WorkloadEntry annotations that tell a proxy what
-/// Istio would learn from the pod (README, "Running the sidecar").
-pub mod annotations {
-    pub use crate::snapshot::{APP_PORTS, HAS_PROXY, OUTBOUND, TCP_OUTBOUND};
-}
 pub use state::LoadError;
 use state::State;
 use telemetry::{AccessLog, Metrics};

@@ -20,20 +20,7 @@ use crate::dns::{DnsName, DnsStore};
 use crate::jwt::{JwksStore, JwtPolicy};
 use crate::peers::{Registry, ServiceName, WorkloadMeta};
 
-/// Annotation on a WorkloadEntry: where the application listens, per port
-/// name: `"http=127.0.0.1:18080,metrics=19090"` (a bare port means
-/// 127.0.0.1). Default: 127.0.0.1 and the workload port.
-pub const APP_PORTS: &str = "meshward.io/app-ports";
-/// Annotation on a WorkloadEntry: `"false"` when the workload runs without a
-/// sidecar, so callers send it plaintext under auto-mTLS.
-pub const HAS_PROXY: &str = "meshward.io/proxy";
-/// Annotation on a WorkloadEntry: the address of its outbound HTTP
-/// listener (where the application sends plaintext requests), e.g.
-/// `"127.0.0.1:15001"`.
-pub const OUTBOUND: &str = "meshward.io/outbound";
-/// Annotation on a WorkloadEntry: local TCP listeners for TCP services,
-/// `"127.0.0.1:15432=db.prod.svc.cluster.local:5432,..."`.
-pub const TCP_OUTBOUND: &str = "meshward.io/tcp-outbound";
+use meshward_config::annotations::{APP_PORTS, OUTBOUND, TCP_OUTBOUND};
 
 /// Why a snapshot cannot be built for this proxy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -667,11 +654,8 @@ fn build_services(
         // Endpoints the entry lists have no sidecar unless the ServiceEntry
         // is annotated otherwise; selected WorkloadEntries have one unless
         // they are.
-        let external_has_proxy = se
-            .meta
-            .annotations
-            .get(HAS_PROXY)
-            .is_some_and(|v| v == "true");
+        let external_has_proxy =
+            meshward_config::annotations::listed_endpoints_have_proxy(&se.meta);
         let facts = |e: &WorkloadEntry, ns: &str, has_proxy: bool| EndpointFacts {
             workload: None,
             ports: e.ports.clone(),
@@ -716,11 +700,7 @@ fn build_services(
                     let selected = &we.meta.namespace == ns
                         && sel.iter().all(|(k, v)| we.spec.labels.get(k) == Some(v));
                     if selected {
-                        let has_proxy = we
-                            .meta
-                            .annotations
-                            .get(HAS_PROXY)
-                            .is_none_or(|v| v != "false");
+                        let has_proxy = meshward_config::annotations::workload_has_proxy(&we.meta);
                         add(
                             &we.spec,
                             &we.meta.namespace,

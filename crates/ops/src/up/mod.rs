@@ -138,7 +138,7 @@ pub async fn start(opts: &UpOptions, out: &mut dyn Write) -> Result<Mesh, OpsErr
         let Some(addr) = w.address else { continue };
         let declared = w
             .annotations
-            .contains_key(meshward_proxy::annotations::APP_PORTS);
+            .contains_key(meshward_config::annotations::APP_PORTS);
         let mut app_ports = Vec::new();
         if !declared {
             for (name, port) in &w.ports {
@@ -182,7 +182,7 @@ pub async fn start(opts: &UpOptions, out: &mut dyn Write) -> Result<Mesh, OpsErr
         ];
         if !w
             .annotations
-            .contains_key(meshward_proxy::annotations::OUTBOUND)
+            .contains_key(meshward_config::annotations::OUTBOUND)
         {
             args.push("--outbound".into());
             args.push(SocketAddr::new(addr, OUTBOUND_PORT).to_string());
@@ -192,20 +192,13 @@ pub async fn start(opts: &UpOptions, out: &mut dyn Write) -> Result<Mesh, OpsErr
             args.push(p.clone());
         }
         let log = logs.join(format!("{}.{}.log", w.namespace, w.name));
-        proxies.push(Child::spawn(
-            &format!("proxy of {}", w.key()),
-            &opts.binary,
-            &args,
-            &log,
-        )?);
+        let child = Child::spawn(&format!("proxy of {}", w.key()), &opts.binary, &args, &log)?;
+        proxies.push((child, SocketAddr::new(addr, ADMIN_PORT)));
     }
-    for (child, w) in proxies
-        .iter_mut()
-        .zip(all.iter().filter(|w| w.has_proxy && w.address.is_some()))
-    {
-        let admin = SocketAddr::new(w.address.expect("filtered"), ADMIN_PORT);
-        procs::wait_ready(child, crate::admin::Side::Proxy, admin, opts.ready_timeout).await?;
+    for (child, admin) in &mut proxies {
+        procs::wait_ready(child, crate::admin::Side::Proxy, *admin, opts.ready_timeout).await?;
     }
+    let proxies: Vec<Child> = proxies.into_iter().map(|(child, _)| child).collect();
     let expected: BTreeSet<String> = all
         .iter()
         .filter(|w| w.has_proxy && w.address.is_some())
@@ -332,7 +325,7 @@ fn plan_check(all: &[MeshWorkload], opts: &UpOptions) -> Result<(), OpsError> {
             let mut ports = vec![(ADMIN_PORT, "admin"), (METRICS_PORT, "metrics")];
             if !w
                 .annotations
-                .contains_key(meshward_proxy::annotations::OUTBOUND)
+                .contains_key(meshward_config::annotations::OUTBOUND)
             {
                 ports.push((OUTBOUND_PORT, "outbound"));
             }

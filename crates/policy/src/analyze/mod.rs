@@ -24,11 +24,6 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
-/// The annotation that marks a WorkloadEntry as running without a sidecar
-/// (`"false"`), or a ServiceEntry's listed endpoints as running one
-/// (`"true"`). The proxy crate reads the same annotation.
-pub const HAS_PROXY_ANNOTATION: &str = "meshward.io/proxy";
-
 /// The annotation with which a resource silences messages about itself,
 /// as in Istio: a comma-separated list of codes, or `*` for every code.
 pub const SUPPRESS_ANNOTATION: &str = "galley.istio.io/analyze-suppress";
@@ -416,11 +411,7 @@ impl<'c> Context<'c> {
                     Some(set) => {
                         set.contains(&(entry.meta.namespace.clone(), entry.meta.name.clone()))
                     }
-                    None => entry
-                        .meta
-                        .annotations
-                        .get(HAS_PROXY_ANNOTATION)
-                        .is_none_or(|v| v != "false"),
+                    None => meshward_config::annotations::workload_has_proxy(&entry.meta),
                 };
                 let mut ports: BTreeSet<u16> = entry.spec.ports.values().copied().collect();
                 for se in &config.service_entries {

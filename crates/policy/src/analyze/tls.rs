@@ -15,7 +15,7 @@ use super::codes::{
     AUTO_MTLS_OFF_TOWARD_STRICT, DESTINATION_RULE_TLS_CONFLICT, ISTIO_MUTUAL_WITHOUT_PROXY,
     PORT_LEVEL_MTLS_UNKNOWN_PORT, UNKNOWN_DESTINATION_RULE_HOST,
 };
-use super::{Context, HAS_PROXY_ANNOTATION, Message, list};
+use super::{Context, Message, list};
 use crate::Workload;
 use crate::destination::{AppliedDestinationRule, host_matches, qualified_host};
 
@@ -44,11 +44,7 @@ struct Dest {
 /// `meshward.io/proxy: "true"`.
 fn endpoints(cx: &Context<'_>, se: &Resource<ServiceEntry>) -> Vec<Dest> {
     let ns = &se.meta.namespace;
-    let listed_have_proxy = se
-        .meta
-        .annotations
-        .get(HAS_PROXY_ANNOTATION)
-        .is_some_and(|v| v == "true");
+    let listed_have_proxy = meshward_config::annotations::listed_endpoints_have_proxy(&se.meta);
     if let Some(sel) = &se.spec.workload_selector {
         return cx
             .workloads
