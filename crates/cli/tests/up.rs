@@ -477,9 +477,14 @@ async fn prometheus_names_the_plaintext_caller(dir: &std::path::Path) {
                 .await
                 .ok()?;
             let series = v["data"]["result"].as_array()?.clone();
+            // Each proxy is scraped on its own: wait for the mysql one,
+            // not just any series naming billing.
             series
                 .iter()
-                .any(|s| s["metric"]["source_workload"] == "billing")
+                .any(|s| {
+                    s["metric"]["source_workload"] == "billing"
+                        && s["metric"]["destination_workload"] == "mysql"
+                })
                 .then_some(series)
         }
     })
