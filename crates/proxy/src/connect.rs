@@ -77,24 +77,26 @@ impl Deadline {
 /// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY`.
 pub async fn tcp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let s = Deadline::after(timeout)
-        .run(TCP, TcpStream::connect(addr))
+        .run(TCP, tcp_from(None, addr))
         .await?;
     let _ = s.set_nodelay(true);
     Ok(s)
 }
 
 /// A TCP connection to `addr`, from `source` (port chosen by the system)
-/// when given, so the peer sees that address.
+/// when given, so the peer sees that address. Every upstream connection
+/// of the proxy is made here: under traffic capture its socket carries
+/// the proxy's mark ([`crate::own`]), so that it is not captured again.
 pub async fn tcp_from(source: Option<IpAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
-    let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) else {
-        return TcpStream::connect(addr).await;
-    };
-    let socket = if source.is_ipv4() {
+    let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    socket.bind(SocketAddr::new(source, 0))?;
+    crate::own::own(socket2::SockRef::from(&socket))?;
+    if let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
     socket.connect(addr).await
 }
 

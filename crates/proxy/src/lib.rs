@@ -36,6 +36,7 @@ mod jwt;
 mod listeners;
 mod outbound;
 mod outcome;
+pub mod own;
 mod peers;
 mod recent;
 mod rewind;
