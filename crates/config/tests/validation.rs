@@ -3977,3 +3977,36 @@ fn ext_authz_settings_are_decoded() {
         (600_000, false, 403)
     );
 }
+
+/// `outboundTrafficPolicy.mode`: ALLOW_ANY unless set; REGISTRY_ONLY
+/// read; anything else refused as Istio's mesh validation refuses it.
+#[test]
+fn outbound_traffic_policy_is_decoded() {
+    use meshward_config::model::OutboundTrafficPolicy;
+    let none = load(&res(MC, "connectTimeout: 1s\n")).unwrap();
+    assert_eq!(
+        none.config.mesh.outbound_traffic_policy,
+        OutboundTrafficPolicy::AllowAny
+    );
+    let strict = load(&res(MC, "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n")).unwrap();
+    assert_eq!(
+        strict.config.mesh.outbound_traffic_policy,
+        OutboundTrafficPolicy::RegistryOnly
+    );
+    assert!(
+        strict.warnings.warnings().next().is_none(),
+        "{}",
+        render(&strict.warnings)
+    );
+    let any = load(&res(MC, "outboundTrafficPolicy: {mode: ALLOW_ANY}\n")).unwrap();
+    assert_eq!(
+        any.config.mesh.outbound_traffic_policy,
+        OutboundTrafficPolicy::AllowAny
+    );
+    let bad = load(&res(MC, "outboundTrafficPolicy:\n  mode: DENY\n")).unwrap_err();
+    assert!(
+        render(&bad).contains("outboundTrafficPolicy.mode: unknown mode \"DENY\""),
+        "{}",
+        render(&bad)
+    );
+}

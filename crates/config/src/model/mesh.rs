@@ -28,7 +28,6 @@ const NOT_ACTED_ON: &[&str] = &[
     "accessLogEncoding",
     "enableTracing",
     "enableEnvoyAccessLogService",
-    "outboundTrafficPolicy",
     "inboundTrafficPolicy",
     "localityLbSetting",
     "dnsRefreshRate",
@@ -325,6 +324,31 @@ pub struct MeshConfig {
     /// Istio's 5 s). The only `defaultConfig` (ProxyConfig) field meshward
     /// acts on.
     pub termination_drain_duration: Option<std::time::Duration>,
+    /// `outboundTrafficPolicy.mode`: what a captured connection to an
+    /// address outside the mesh gets (only traffic capture sees such
+    /// connections).
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+/// `outboundTrafficPolicy.mode`: where a captured connection to a
+/// destination no service or endpoint of the mesh owns goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutboundTrafficPolicy {
+    /// Passed through to the original destination, untouched (Istio's
+    /// default, its `PassthroughCluster`).
+    #[default]
+    AllowAny,
+    /// Refused (Istio's `BlackHoleCluster`).
+    RegistryOnly,
+}
+
+impl OutboundTrafficPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundTrafficPolicy::AllowAny => "ALLOW_ANY",
+            OutboundTrafficPolicy::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
 }
 
 /// The longest `defaultConfig.terminationDrainDuration` meshward accepts:
@@ -353,6 +377,7 @@ impl Default for MeshConfig {
             workload_cert_ttl: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             termination_drain_duration: None,
+            outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
         }
     }
 }
@@ -442,6 +467,29 @@ impl MeshConfig {
                 Ok(d) => m.connect_timeout = d,
                 Err(e) => sink.error(ct_pos, &f.field_path("connectTimeout"), e),
             }
+        }
+        let otp_path = f.field_path("outboundTrafficPolicy");
+        if let Some(otp) = f.take("outboundTrafficPolicy") {
+            let mut of = Fields::new(sink, otp, &otp_path);
+            let mode_path = of.field_path("mode");
+            if let Some(n) = of.take("mode")
+                && let Some(mode) = decode::string(sink, n, &mode_path)
+            {
+                // Istio's enum: ALLOW_ANY (the default) or REGISTRY_ONLY;
+                // anything else fails its mesh config.
+                match mode.as_str() {
+                    "ALLOW_ANY" => m.outbound_traffic_policy = OutboundTrafficPolicy::AllowAny,
+                    "REGISTRY_ONLY" => {
+                        m.outbound_traffic_policy = OutboundTrafficPolicy::RegistryOnly;
+                    }
+                    _ => sink.error(
+                        n.pos,
+                        &mode_path,
+                        format!("unknown mode \"{mode}\" (expected ALLOW_ANY or REGISTRY_ONLY)"),
+                    ),
+                }
+            }
+            of.finish_ignoring_unknown(sink, IGNORED_AS_IN_ISTIO);
         }
         let dc_path = f.field_path("defaultConfig");
         if let Some(dc) = f.take("defaultConfig") {

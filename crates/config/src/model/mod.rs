@@ -12,6 +12,7 @@ pub mod networking;
 pub mod security;
 
 pub use mesh::{
+    OutboundTrafficPolicy,
     ExtAuthz, ExtensionProvider, MAX_TERMINATION_DRAIN_DURATION, MeshConfig, header_listed,
 };
 pub use networking::{
