@@ -18,6 +18,7 @@ mod output;
 mod policy;
 mod process;
 mod proxy;
+mod proxy_capture;
 mod proxy_config;
 mod status;
 mod up;

@@ -106,6 +106,22 @@ pub struct Args {
     /// port of the WorkloadEntry.
     #[arg(long = "app-port", value_name = "NAME=ADDR", value_parser = parse_app_port)]
     app_ports: Vec<(String, SocketAddr)>,
+    /// Transparent capture: take the application's traffic through the
+    /// namespace's rules instead of local listeners. The outbound capture
+    /// listener (15001) routes each connection by its original
+    /// destination, the inbound one (15006) serves every workload port,
+    /// and the application is reached on its own port of the workload's
+    /// address. `install` (the default): the proxy installs the rules once
+    /// ready and removes them when it exits (needs CAP_NET_ADMIN);
+    /// `external`: `meshward capture install` set them up before, and the
+    /// proxy leaves them alone.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "install")]
+    capture: Option<crate::proxy_capture::CaptureMode>,
+    /// Under capture: the socket mark of the proxy's own connections, which
+    /// the rules let through (needs CAP_NET_ADMIN; a proxy that runs as
+    /// the exempt user or group, 1337, needs none).
+    #[arg(long, value_name = "N", default_value_t = crate::proxy_capture::DEFAULT_MARK, requires = "capture")]
+    capture_mark: u32,
     /// Files mode: do not reload configuration and certificates when files
     /// change.
     #[arg(long)]
@@ -194,8 +210,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             overrides: meshward_proxy::Overrides {
                 outbound: args.outbound,
                 app_ports: args.app_ports,
+                capture: args
+                    .capture
+                    .map(|_| meshward_proxy::capture::CaptureListen::default_ports()),
             },
         };
+        if args.capture.is_some() {
+            crate::proxy_capture::own_traffic_exempt(args.capture_mark)?;
+        }
         // Taken over before the start, which may wait for a usable
         // configuration for long: a stop signal then ends the wait.
         let mut signals = crate::process::Signals::new()?;
@@ -211,6 +233,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "{{\"listener\":\"{}\",\"address\":\"{}\"}}",
                 l.name, l.address
             );
+        }
+        // The rules go in once the capture listeners are bound, and come
+        // out when the proxy exits, however it gets there.
+        if args.capture == Some(crate::proxy_capture::CaptureMode::Install) {
+            anyhow::bail!("--capture install: not yet wired");
         }
         let first = signals.next().await;
         // The flag wins over the mesh setting, read now: the configuration

@@ -83,6 +83,17 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A TCP connection to the local application at `addr` within
+/// `timeout` (from the capture source under capture, see
+/// [`crate::own::app_source`]).
+pub async fn app(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = Deadline::after(timeout)
+        .run(TCP, tcp_from(crate::own::app_source(addr.ip()), addr))
+        .await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
 /// A TCP connection to `addr`, from `source` (port chosen by the system)
 /// when given, so the peer sees that address. Every upstream connection
 /// of the proxy is made here: under traffic capture its socket carries
@@ -169,7 +180,7 @@ impl tower_service::Service<Uri> for AppConnector {
                 .unwrap_or_default()
                 .parse()
                 .map_err(|_| format!("no application address in {uri}"))?;
-            Ok(TokioIo::new(tcp(addr, timeout).await?))
+            Ok(TokioIo::new(app(addr, timeout).await?))
         })
     }
 }

@@ -73,6 +73,59 @@ pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listen
     }
 }
 
+/// Accepts the connections the capture rules redirect to the inbound
+/// capture port (15006) until the listener is closed: each is handled as
+/// if it had come to its original destination's port, which selects the
+/// workload port, its mTLS mode and its policies. A port the workload
+/// does not declare is served as opaque TCP to the application at the
+/// original destination under the workload's mTLS mode and policies (as
+/// Istio's inbound passthrough).
+pub async fn serve_captured(state: Arc<State>, outbound: Arc<Outbound>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound capture accept failed");
+                continue;
+            }
+        };
+        // The listener is dual-stack: an IPv4 client is an IPv4-mapped
+        // address, named as IPv4 (peers, logs, policies' ipBlocks).
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let orig = match crate::capture::original_dst(&stream) {
+            Ok(orig) if !crate::capture::is_own_listener(&state, orig) => orig,
+            Ok(orig) => {
+                tracing::warn!(peer = %peer, destination = %orig, "inbound capture: a connection to the proxy's own listener (a capture loop, or a client dialing 15006); closed");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %peer, error = %e, "inbound capture: not a redirected connection (no original destination); closed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let span = tracing::debug_span!(
+            "inbound",
+            src.addr = %peer,
+            src.identity = tracing::field::Empty,
+            dst.addr = tracing::field::Empty,
+            dst.identity = tracing::field::Empty,
+            tls.mode = tracing::field::Empty,
+            policy = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        let outbound = Arc::clone(&outbound);
+        let guard = state.drain.guard();
+        tokio::spawn(
+            guard
+                .run(handle_at(state, outbound, orig, stream, peer))
+                .instrument(span),
+        );
+    }
+}
+
 async fn handle(
     state: Arc<State>,
     outbound: Arc<Outbound>,
@@ -80,18 +133,48 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let started = Instant::now();
-    let snap = state.snapshot();
-    let Some(info) = snap.inbound_port(port).cloned() else {
+    let local = stream
+        .local_addr()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
+    let info = state.snapshot().inbound_port(port).cloned();
+    let Some(info) = info else {
         tracing::warn!(
             port,
             "connection on a port the configuration no longer has; closing"
         );
         return;
     };
-    let local = stream
-        .local_addr()
-        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], port)));
+    serve_conn(state, outbound, (info, local), stream, peer).await;
+}
+
+/// A captured connection whose original destination is `orig`.
+async fn handle_at(
+    state: Arc<State>,
+    outbound: Arc<Outbound>,
+    orig: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let info = state
+        .snapshot()
+        .inbound_port(orig.port())
+        .cloned()
+        .unwrap_or_else(|| crate::snapshot::InboundPort::passthrough(orig));
+    serve_conn(state, outbound, (info, orig), stream, peer).await;
+}
+
+/// Serves a connection to workload port `info` at `local` (the address
+/// the client dialed).
+async fn serve_conn(
+    state: Arc<State>,
+    outbound: Arc<Outbound>,
+    (info, local): (crate::snapshot::InboundPort, SocketAddr),
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let port = info.port;
+    let snap = state.snapshot();
     let mode = snap.policy.mtls(port).mode;
     let app_connect_timeout = snap.app_connect_timeout;
     if let Some(span) = crate::telemetry::current_span() {
@@ -300,7 +383,7 @@ where
     let (approved, ext_allowed) = ext.unzip();
     state.metrics.tcp_opened(&labels);
     let (id, close) = state.tcp_conns.track(&conn, None, approved);
-    let (sent, received, end) = match crate::connect::tcp(conn.app, conn.app_connect_timeout).await
+    let (sent, received, end) = match crate::connect::app(conn.app, conn.app_connect_timeout).await
     {
         Ok(app) => {
             let activity = Activity::new();

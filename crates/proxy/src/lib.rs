@@ -20,6 +20,7 @@
 mod admin;
 mod admission;
 mod apply;
+pub mod capture;
 mod connect;
 mod conns;
 mod dns;
@@ -98,6 +99,10 @@ pub struct Overrides {
     /// `meshward.io/app-ports` for that name). A name that is not a port
     /// of the WorkloadEntry makes every snapshot fail, with the reason.
     pub app_ports: Vec<(String, SocketAddr)>,
+    /// Traffic capture: the capture listeners replace the per-port
+    /// inbound listeners, and the application is reached at the
+    /// workload's own address unless `app_ports` says otherwise.
+    pub capture: Option<capture::CaptureListen>,
 }
 
 /// Where the access log goes.

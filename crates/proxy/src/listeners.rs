@@ -43,6 +43,10 @@ enum Serves {
     OutboundHttp,
     /// A TCP service reached through a local port.
     OutboundTcp(TcpOutbound),
+    /// Traffic capture's outbound listener (15001).
+    CapturedOutbound,
+    /// Traffic capture's inbound listener (15006): inbound, for drains.
+    CapturedInbound,
 }
 
 /// A listener the configuration asks for.
@@ -244,7 +248,7 @@ impl Listeners {
                 .store(true, std::sync::atomic::Ordering::Release);
             let (inbound, outbound) = std::mem::take(&mut *running)
                 .into_iter()
-                .partition(|r| matches!(r.serves, Serves::Inbound(_)));
+                .partition(|r| matches!(r.serves, Serves::Inbound(_) | Serves::CapturedInbound));
             *running = outbound;
             inbound
         };
@@ -294,6 +298,8 @@ impl Listeners {
             Serves::Inbound(port) => self.runtime.spawn(inbound::serve(state, out, *port, l)),
             Serves::OutboundHttp => self.runtime.spawn(outbound::serve_http(out, l)),
             Serves::OutboundTcp(t) => self.runtime.spawn(outbound::serve_tcp(out, t.clone(), l)),
+            Serves::CapturedOutbound => self.runtime.spawn(outbound::serve_captured(out, l)),
+            Serves::CapturedInbound => self.runtime.spawn(inbound::serve_captured(state, out, l)),
         };
         Running {
             serves: w.serves,
@@ -310,7 +316,35 @@ impl Listeners {
 
 /// The data-plane listeners `snap` asks for.
 fn wanted(snap: &Snapshot) -> Vec<Wanted> {
-    let inbound = snap.inbound.iter().map(|p| Wanted {
+    // Under capture the inbound capture listener serves every port.
+    let per_port = if snap.capture.is_some() {
+        &[][..]
+    } else {
+        &snap.inbound[..]
+    };
+    let captured = snap.capture.iter().flat_map(|c| {
+        [
+            Wanted {
+                serves: Serves::CapturedInbound,
+                info: ListenerInfo {
+                    name: "inbound|capture".to_string(),
+                    address: c.inbound,
+                    kind: "inbound",
+                },
+                what: "inbound capture".to_string(),
+            },
+            Wanted {
+                serves: Serves::CapturedOutbound,
+                info: ListenerInfo {
+                    name: "outbound|capture".to_string(),
+                    address: c.outbound,
+                    kind: "outbound",
+                },
+                what: "outbound capture".to_string(),
+            },
+        ]
+    });
+    let inbound = per_port.iter().map(|p| Wanted {
         serves: Serves::Inbound(p.port),
         info: ListenerInfo {
             name: format!("inbound|{}|{}", p.port, p.name),
@@ -337,7 +371,7 @@ fn wanted(snap: &Snapshot) -> Vec<Wanted> {
         },
         what: format!("outbound TCP to {}:{}", t.host, t.port),
     });
-    inbound.chain(http).chain(tcp).collect()
+    captured.chain(inbound).chain(http).chain(tcp).collect()
 }
 
 /// Binds a listener (with `SO_REUSEADDR`, so that connections of an

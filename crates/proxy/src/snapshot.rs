@@ -16,6 +16,7 @@ use meshward_config::model::{AppProtocol, ServicePort, WorkloadEntry};
 use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, service_visible};
 
+pub use self::by_address::Owner;
 use crate::dns::{DnsName, DnsStore};
 use crate::jwt::{JwksStore, JwtPolicy};
 use crate::peers::{Registry, ServiceName, WorkloadMeta};
@@ -67,6 +68,22 @@ pub struct InboundPort {
     /// The service this port serves (`destination_service`): the first
     /// host of the ServiceEntries that select the workload and have it.
     pub service: Option<ServiceName>,
+}
+
+impl InboundPort {
+    /// A port the workload does not declare, reached through capture at
+    /// `orig`: opaque TCP to the application at that address (Istio's
+    /// inbound passthrough).
+    pub fn passthrough(orig: SocketAddr) -> InboundPort {
+        InboundPort {
+            name: "passthrough".to_string(),
+            port: orig.port(),
+            protocol: Protocol::Tcp,
+            app: orig,
+            app_h2: false,
+            service: None,
+        }
+    }
 }
 
 /// One endpoint of a service.
@@ -313,6 +330,10 @@ pub struct Snapshot {
     pub source_address: Option<IpAddr>,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
+    /// Traffic capture's listeners, when capture is on.
+    pub capture: Option<crate::capture::CaptureListen>,
+    /// Service and endpoint addresses to their owners.
+    by_address: by_address::AddressIndex,
 }
 
 impl Snapshot {
@@ -385,10 +406,17 @@ impl Snapshot {
         let mut port_services = crate::peers::port_services(&config, entry);
         let mut inbound = Vec::new();
         for (port_name, port) in &entry.spec.ports {
+            // Under capture the application listens on its own port of
+            // the workload's address (Istio sends inbound traffic to the
+            // pod IP); else on loopback.
+            let default_app = match overrides.capture {
+                Some(_) => address,
+                None => IpAddr::from([127, 0, 0, 1]),
+            };
             let app = app_ports
                 .get(port_name.as_str())
                 .copied()
-                .unwrap_or(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), *port));
+                .unwrap_or(SocketAddr::new(default_app, *port));
             let (protocol, app_h2) = protocols
                 .get(port)
                 .copied()
@@ -418,6 +446,7 @@ impl Snapshot {
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
         let peers = Registry::build(&config);
         let (services, hosts) = build_services(&config, &workload, dns, &peers);
+        let by_address = by_address::AddressIndex::build(&services);
         let own = peers
             .named(ns, name)
             .cloned()
@@ -438,6 +467,8 @@ impl Snapshot {
             peers,
             own,
             source_address: source_address(address),
+            capture: overrides.capture,
+            by_address,
             hosts,
             config,
         })
@@ -459,6 +490,12 @@ impl Snapshot {
                 s.resolution == Resolution::None && s.addresses.iter().any(|n| n.contains(&ip))
             })
             .map(|s| (s, ip))
+    }
+
+    /// The service or endpoint that owns `ip`:`port`, the original
+    /// destination of a captured connection ([`by_address`]).
+    pub fn owner_of(&self, ip: IpAddr, port: u16) -> Option<Owner<'_>> {
+        self.by_address.owner(&self.services, ip, port)
     }
 
     pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
@@ -808,5 +845,6 @@ fn build_services(
     (services, hosts)
 }
 
+pub mod by_address;
 #[cfg(test)]
 mod tests;

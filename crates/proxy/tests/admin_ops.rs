@@ -243,6 +243,7 @@ async fn command_line_overrides_move_the_outbound_listener_and_the_application()
         o.overrides = Overrides {
             outbound: Some(outbound),
             app_ports: vec![("http".to_string(), other.addr)],
+            ..Overrides::default()
         };
     })
     .await

@@ -12,8 +12,8 @@ pub mod networking;
 pub mod security;
 
 pub use mesh::{
-    OutboundTrafficPolicy,
-    ExtAuthz, ExtensionProvider, MAX_TERMINATION_DRAIN_DURATION, MeshConfig, header_listed,
+    ExtAuthz, ExtensionProvider, MAX_TERMINATION_DRAIN_DURATION, MeshConfig, OutboundTrafficPolicy,
+    header_listed,
 };
 pub use networking::{
     AppProtocol, ClientTls, ConnectionPool, DestinationRule, PortTrafficPolicy, ServiceEntry,

@@ -83,7 +83,7 @@ impl AppConn {
         let mut retried = false;
         let (resp, early) = loop {
             if self.stream.is_none() {
-                match crate::connect::tcp(conn.app, conn.app_connect_timeout).await {
+                match crate::connect::app(conn.app, conn.app_connect_timeout).await {
                     Ok(s) => {
                         self.stream = Some(s);
                         self.buf.clear();

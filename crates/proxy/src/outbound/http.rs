@@ -49,24 +49,34 @@ pub async fn serve_http(outbound: Arc<Outbound>, listener: TcpListener) {
         let guard = outbound.state.drain.guard();
         tokio::spawn(
             guard
-                .run(async move {
-                    let mut stream = stream;
-                    let mut buf = BytesMut::with_capacity(h1::READ_BUF);
-                    match h1::sniff_h2(&mut stream, &mut buf).await {
-                        Ok(Some(false)) => serve_h1(outbound, peer, stream, buf).await,
-                        Ok(Some(true)) => {
-                            serve_hyper(outbound, peer, Rewind::new(buf.to_vec(), stream)).await;
-                        }
-                        Ok(None) | Err(_) => {}
-                    }
-                })
+                .run(serve_connection(outbound, stream, peer, None))
                 .instrument(span),
         );
     }
 }
 
+/// Serves one HTTP connection of the application: HTTP/1.x or HTTP/2 by
+/// its first bytes. `orig` is a captured connection's original
+/// destination: a request whose host names no service goes there, and a
+/// host without a port means that port.
+pub(super) async fn serve_connection(
+    outbound: Arc<Outbound>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    orig: Option<SocketAddr>,
+) {
+    let mut buf = BytesMut::with_capacity(h1::READ_BUF);
+    match h1::sniff_h2(&mut stream, &mut buf).await {
+        Ok(Some(false)) => serve_h1(outbound, peer, orig, stream, buf).await,
+        Ok(Some(true)) => {
+            serve_hyper(outbound, peer, orig, Rewind::new(buf.to_vec(), stream)).await;
+        }
+        Ok(None) | Err(_) => {}
+    }
+}
+
 /// Serves an HTTP/2 connection from the application through hyper.
-async fn serve_hyper<S>(outbound: Arc<Outbound>, peer: SocketAddr, io: S)
+async fn serve_hyper<S>(outbound: Arc<Outbound>, peer: SocketAddr, orig: Option<SocketAddr>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -75,7 +85,7 @@ where
     let drain = outbound.state.drain.clone();
     let svc = move |req: HttpRequest<Incoming>| {
         let span = request_span(req.method().as_str(), req.uri().path());
-        handle(Arc::clone(&outbound), peer, Arc::clone(&cache), req).instrument(span)
+        handle(Arc::clone(&outbound), (peer, orig), Arc::clone(&cache), req).instrument(span)
     };
     if let Err(e) = serve_hyper_conn(io, (timeout, &drain), svc).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
@@ -89,7 +99,13 @@ type Current = Option<(Arc<Origin>, Upstream)>;
 /// The HTTP/1.x fast path from the application: each request is routed by
 /// its host, sent on a pooled connection for its route (kept while the
 /// next requests go the same way), and its response streamed back.
-async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, mut buf: BytesMut) {
+async fn serve_h1(
+    outbound: Arc<Outbound>,
+    peer: SocketAddr,
+    orig: Option<SocketAddr>,
+    mut io: TcpStream,
+    mut buf: BytesMut,
+) {
     let state = &outbound.state;
     let cache = crate::telemetry::HandleCache::default();
     let mut current: Current = None;
@@ -110,14 +126,10 @@ async fn serve_h1(outbound: Arc<Outbound>, peer: SocketAddr, mut io: TcpStream, 
         };
         let line = [head.method(), &*target.path, target.host];
         let span = request_span(head.method(), &target.path);
-        let port_hint = target
-            .host
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok());
         let framing = head.framing();
         // A draining proxy closes every connection after its response.
         let mut close = !head.keep_alive() || drain.is_draining();
-        let route = match outbound.route(&snap, target.host, port_hint) {
+        let route = match outbound.route_request(&snap, target.host, orig) {
             Ok(route) => route,
             Err(e) => {
                 let failure = e.failure();
@@ -376,7 +388,7 @@ async fn exchange(
 
 async fn handle(
     outbound: Arc<Outbound>,
-    peer: SocketAddr,
+    (peer, orig): (SocketAddr, Option<SocketAddr>),
     cache: Arc<crate::telemetry::HandleCache>,
     mut req: HttpRequest<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
@@ -391,8 +403,7 @@ async fn handle(
         .get(crate::http_in::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let port_hint = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
-    let route = outbound.route(&snap, &host, port_hint);
+    let route = outbound.route_request(&snap, &host, orig);
     let (resp, flags, reason, route) = match route {
         Err(e) => {
             let failure = e.failure();

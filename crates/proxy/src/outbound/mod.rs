@@ -6,6 +6,7 @@
 //! those that do not. Under mesh mTLS the server must present one of the
 //! service's identities (secure naming).
 
+mod captured;
 mod http;
 mod pool;
 mod route;
@@ -26,6 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub use self::captured::serve_captured;
 pub use self::http::serve_http;
 use self::pool::{InUse, Origin, POOL_IDLE};
 pub use self::pool::{MeshConnector, Pool, Upstream};

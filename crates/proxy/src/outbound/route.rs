@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use meshward_config::model::networking::{ClientTls, TlsMode};
+use meshward_config::model::networking::{ClientTls, Resolution, TlsMode};
 use rustls_pki_types::ServerName;
 
 use super::Outbound;
@@ -19,7 +19,7 @@ use crate::dr_tls::{self, Loaded, Presented};
 use crate::outcome::Decision;
 use crate::outcome::{Flag, LocalFailure};
 use crate::peers::{ServiceName, UNKNOWN, WorkloadLabels};
-use crate::snapshot::{Endpoint, Service, Snapshot, strip_port};
+use crate::snapshot::{Endpoint, Owner, Service, Snapshot, strip_port};
 use crate::telemetry::{AccessRecord, TrafficLabels, now_rfc3339, principal_parts};
 
 /// Routes prepared for one configuration snapshot, TLS state,
@@ -235,6 +235,29 @@ impl Outbound {
         endpoints[i].clone()
     }
 
+    /// The route of an HTTP request for `host` (`name[:port]`). On a
+    /// captured connection (`orig`, its original destination), a host
+    /// without a port means the port dialed, and a host that names no
+    /// service (an address, or a name the mesh does not know) goes to the
+    /// original destination's owner.
+    pub(super) fn route_request(
+        &self,
+        snap: &Arc<Snapshot>,
+        host: &str,
+        orig: Option<SocketAddr>,
+    ) -> Result<Route, RouteError> {
+        let port_hint = host
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .or(orig.map(|o| o.port()));
+        match (self.route(snap, host, port_hint), orig) {
+            (Err(RouteError::NoService(_) | RouteError::NoPort(..)), Some(o)) => {
+                self.route(snap, &address_host(o.ip()), Some(o.port()))
+            }
+            (r, _) => r,
+        }
+    }
+
     /// The route to `endpoint` of `svc` on service port `port`, for a
     /// request that named `host` (and `port_hint`).
     fn prepare(
@@ -351,6 +374,30 @@ pub(super) fn service<'s>(
     host: &str,
     port_hint: Option<u16>,
 ) -> Result<(&'s Arc<Service>, u16, Vec<Endpoint>), RouteError> {
+    // A host that is an address of the mesh (a service's VIP or an
+    // endpoint's address: a captured connection's original destination,
+    // or a request naming the address) goes to its owner.
+    if let (Some(port), Ok(ip)) = (port_hint, strip_port(host).parse::<std::net::IpAddr>())
+        && let Some(owner) = snap.owner_of(ip, port)
+    {
+        let svc = owner.service();
+        let endpoints = match owner {
+            Owner::Endpoint { endpoint, .. } => vec![endpoint.clone()],
+            // NONE: to the address the application asked for.
+            Owner::Service { .. } if svc.resolution == Resolution::None => {
+                vec![svc.implicit.at(ip)]
+            }
+            Owner::Service { .. } => svc.endpoints_for(&svc.host).into_owned(),
+        };
+        if endpoints.is_empty() {
+            let service = format!("{}/{}", svc.namespace, svc.name);
+            return Err(RouteError::NoEndpoints(
+                service,
+                svc.why_no_endpoint(&svc.host),
+            ));
+        }
+        return Ok((svc, owner.port(), endpoints));
+    }
     let (svc, original) = match snap.service_for_host(host) {
         Some(svc) => (svc, None),
         None => snap
@@ -603,5 +650,13 @@ pub(super) fn tls_word(mode: TlsMode) -> &'static str {
         TlsMode::Mutual => "mutual",
         TlsMode::Simple => "simple",
         TlsMode::Disable => "none",
+    }
+}
+
+/// An address as a request's host names it (`10.0.0.1`, `[fd00::1]`).
+pub(super) fn address_host(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
     }
 }
