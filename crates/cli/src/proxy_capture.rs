@@ -31,13 +31,20 @@ pub fn own_traffic_exempt(mark: u32) -> anyhow::Result<()> {
     match probe.set_mark(mark) {
         Ok(()) => {
             meshward_proxy::own::set_mark(mark);
-            tracing::info!(mark, "capture: the proxy's own connections carry the exempt mark");
+            tracing::info!(
+                mark,
+                "capture: the proxy's own connections carry the exempt mark"
+            );
             Ok(())
         }
         Err(e) => {
             let (uid, gid) = effective_ids().context("--capture: cannot read /proc/self/status")?;
             if uid == EXEMPT_ID || gid == EXEMPT_ID {
-                tracing::info!(uid, gid, "capture: the proxy runs as the exempt user or group");
+                tracing::info!(
+                    uid,
+                    gid,
+                    "capture: the proxy runs as the exempt user or group"
+                );
                 return Ok(());
             }
             anyhow::bail!(

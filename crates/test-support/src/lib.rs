@@ -34,6 +34,7 @@ pub mod envoy;
 pub mod http;
 pub mod jwt;
 pub mod mesh;
+pub mod netns;
 pub mod process;
 pub mod tls;
 pub mod wait;
