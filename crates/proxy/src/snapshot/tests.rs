@@ -339,3 +339,84 @@ fn outbound_connections_come_from_the_workload_address_only_when_the_host_has_it
     assert_eq!(s.address, ip("192.0.2.1"));
     assert_eq!(s.source_address, None);
 }
+
+/// Under capture a connection is known by its original destination: a
+/// service address (VIP), an endpoint's address (its endpoint port,
+/// reached as the service port that maps to it), or an address range of
+/// a ServiceEntry; anything else is nobody's.
+#[test]
+fn original_destinations_have_owners() {
+    let yaml = format!(
+        "{BASE}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: vip, namespace: prod}}
+spec:
+  hosts: [vip.prod.svc.cluster.local]
+  addresses: [10.96.0.7]
+  ports: [{{number: 8080, name: tcp-x}}]
+  workloadSelector: {{labels: {{app: legacy}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: range, namespace: prod}}
+spec:
+  hosts: [range.example.com]
+  addresses: [192.0.2.0/24]
+  resolution: NONE
+  ports: [{{number: 443, name: tls}}]
+"
+    );
+    let s = snapshot(&yaml, "prod/api").unwrap();
+    let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+    let name = |o: Option<Owner<'_>>| o.map(|o| (o.service().host.clone(), o.port()));
+    // The VIP, on a port the service has.
+    let vip = s.owner_of(ip("10.96.0.7"), 8080);
+    assert!(matches!(vip, Some(Owner::Service { .. })));
+    assert_eq!(name(vip), Some(("vip.prod.svc.cluster.local".into(), 8080)));
+    assert!(!vip.unwrap().is_http());
+    assert!(s.owner_of(ip("10.96.0.7"), 9999).is_none());
+    // An endpoint's address: legacy's port 80 is an HTTP service port.
+    let ep = s.owner_of(ip("10.0.0.9"), 80);
+    assert!(matches!(ep, Some(Owner::Endpoint { endpoint, .. }) if endpoint.address == ip("10.0.0.9")));
+    assert_eq!(name(ep), Some(("legacy.prod.svc.cluster.local".into(), 80)));
+    assert!(ep.unwrap().is_http());
+    // The endpoint port is what was dialed: api's service port 80 maps to
+    // its port 5432.
+    let target = s.owner_of(ip("127.0.0.1"), 5432);
+    assert_eq!(name(target), Some(("api.prod.svc.cluster.local".into(), 80)));
+    assert!(s.owner_of(ip("127.0.0.1"), 80).is_none());
+    // A range of addresses.
+    let ranged = s.owner_of(ip("192.0.2.55"), 443);
+    assert_eq!(name(ranged), Some(("range.example.com".into(), 443)));
+    // Nobody's.
+    assert!(s.owner_of(ip("203.0.113.1"), 443).is_none());
+}
+
+/// Under capture the application is reached at the workload's address
+/// (not loopback) unless an annotation or flag says where it listens.
+#[test]
+fn under_capture_the_application_is_at_the_workload_address() {
+    let mut loader = meshward_config::Loader::new();
+    loader.add_source("test.yaml", BASE);
+    let config = Arc::new(loader.finish().unwrap().config);
+    let build = |capture| {
+        let overrides = crate::Overrides {
+            capture,
+            ..Default::default()
+        };
+        Snapshot::build_with(
+            Arc::clone(&config),
+            "prod/legacy",
+            1,
+            (&JwksStore::default(), &DnsStore::default()),
+            &overrides,
+        )
+        .unwrap()
+    };
+    let app = |s: &Snapshot| s.inbound.iter().find(|p| p.name == "http").unwrap().app;
+    assert_eq!(app(&build(None)), "127.0.0.1:80".parse().unwrap());
+    let s = build(Some(crate::capture::CaptureListen::default_ports()));
+    assert_eq!(app(&s), "10.0.0.9:80".parse().unwrap());
+    assert!(s.capture.is_some());
+}
