@@ -14,6 +14,7 @@ mod certs;
 mod envoy;
 mod load;
 mod meshward;
+mod netns;
 mod procs;
 mod report;
 mod run;
@@ -65,7 +66,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
     /// Targets to run, comma-separated: direct, relay (two plain TCP
-    /// relays: the floor any proxy pair pays), envoy, meshward.
+    /// relays: the floor any proxy pair pays), envoy, meshward, captured
+    /// (the meshward pair with the client's traffic captured; needs
+    /// --netns).
     #[arg(
         long,
         value_delimiter = ',',
@@ -107,10 +110,20 @@ pub struct Args {
     /// Keep the work directory (configs, certificates, proxy logs).
     #[arg(long)]
     keep_workdir: bool,
+    /// Run everything in a network namespace of the harness's own (root):
+    /// needed by the `captured` target, which installs a redirect rule.
+    #[arg(long)]
+    netns: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.netns && std::env::var_os(netns::INSIDE).is_none() {
+        return netns::rerun_inside().unwrap_or_else(|e| {
+            eprintln!("meshward-bench: {e:#}");
+            ExitCode::FAILURE
+        });
+    }
     match run::run(args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

@@ -15,7 +15,13 @@ use crate::envoy::{Ports, SERVICE_HOST};
 /// The mesh configuration, one file per resource kind. The policy is the
 /// one the server-side Envoy's RBAC filter implements: `client` (Istio's
 /// principal form) may GET any path.
-pub fn config_files(p: &Ports, client: &str) -> Vec<(&'static str, String)> {
+/// With `vip`, the service has that address (the captured pair's).
+pub fn config_files(
+    p: &Ports,
+    client: &str,
+    vip: Option<std::net::Ipv4Addr>,
+) -> Vec<(&'static str, String)> {
+    let addresses = vip.map(|a| format!("  addresses: [{a}]\n")).unwrap_or_default();
     let app = SocketAddr::from(([127, 0, 0, 1], p.app));
     vec![
         (
@@ -53,7 +59,7 @@ metadata:
 spec:
   hosts:
   - {SERVICE_HOST}
-  location: MESH_INTERNAL
+{addresses}  location: MESH_INTERNAL
   ports:
   - number: {inb}
     name: http
@@ -138,7 +144,7 @@ mod tests {
             inbound: 15006,
             app: 8080,
         };
-        for (name, text) in config_files(&ports, "cluster.local/ns/bench/sa/client") {
+        for (name, text) in config_files(&ports, "cluster.local/ns/bench/sa/client", None) {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         match meshward_config::load_paths(&[dir.path()]) {

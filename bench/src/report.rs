@@ -15,6 +15,10 @@ pub enum TargetKind {
     /// A second meshward binary (`--baseline`), e.g. the previous commit's
     /// build, measured in the same rounds for an A/B comparison.
     Baseline,
+    /// The meshward pair with the client's side captured: the load
+    /// generator dials the service's address and the kernel redirects it
+    /// to the client proxy's capture listener (`--netns` only).
+    Captured,
 }
 
 impl TargetKind {
@@ -25,6 +29,7 @@ impl TargetKind {
             TargetKind::Envoy => "Envoy pair",
             TargetKind::Meshward => "meshward pair",
             TargetKind::Baseline => "meshward pair, baseline build",
+            TargetKind::Captured => "meshward pair, client captured",
         }
     }
 }

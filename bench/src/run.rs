@@ -76,7 +76,15 @@ fn settings(a: &Args) -> Result<Settings> {
             "relay" => TargetKind::Relay,
             "envoy" => TargetKind::Envoy,
             "meshward" => TargetKind::Meshward,
-            other => bail!("unknown target {other:?} (direct, relay, envoy, meshward)"),
+            "captured" => {
+                if std::env::var_os(crate::netns::INSIDE).is_none() {
+                    bail!(
+                        "target captured needs --netns (as root): it installs nftables rules, which the harness does only in a network namespace of its own"
+                    );
+                }
+                TargetKind::Captured
+            }
+            other => bail!("unknown target {other:?} (direct, relay, envoy, meshward, captured)"),
         });
     }
     if !targets.contains(&TargetKind::Direct) {
@@ -197,6 +205,10 @@ async fn run_all(
                 }
                 Err(e) => Err(e),
             },
+            TargetKind::Captured => {
+                let bin = meshward_binary(args);
+                start_captured(&bin, work, certs, app.port(), s).await
+            }
             TargetKind::Meshward | TargetKind::Baseline => {
                 let bin = match (kind, &args.baseline) {
                     (TargetKind::Baseline, Some(b)) => b.clone(),
@@ -572,8 +584,59 @@ async fn start_meshward(
     s: &Settings,
     extra: &[&str],
 ) -> Result<Deployment> {
+    let (p, procs) = start_pair(kind, bin, (work, certs), app_port, s, (extra, &[])).await?;
+    Ok(Deployment {
+        kind,
+        entry: SocketAddr::from(([127, 0, 0, 1], p.outbound)),
+        procs,
+    })
+}
+
+/// The meshward pair with the client captured: the service gets an
+/// address of its own ([`netns::SERVICE_VIP`]), the client proxy runs
+/// with `--capture external`, and one rule of the harness's own
+/// (`netns::redirect`) sends what the load generator dials there to the
+/// client proxy's capture listener. The same traffic as the meshward
+/// pair's, so the difference is what capture costs: the redirect, the
+/// original destination and the routing by it.
+async fn start_captured(
+    bin: &Path,
+    work: &Path,
+    certs: &Certs,
+    app_port: u16,
+    s: &Settings,
+) -> Result<Deployment> {
+    let kind = TargetKind::Captured;
+    let (p, procs) = start_pair(
+        kind,
+        bin,
+        (work, certs),
+        app_port,
+        s,
+        (&[], &["--capture", "external"]),
+    )
+    .await?;
+    crate::netns::redirect(p.inbound)?;
+    Ok(Deployment {
+        kind,
+        entry: SocketAddr::from((crate::netns::SERVICE_VIP, p.inbound)),
+        procs,
+    })
+}
+
+/// Starts a meshward pair (server, then client) of `kind`; `extra` are
+/// the arguments of both, then the client's own.
+async fn start_pair(
+    kind: TargetKind,
+    bin: &Path,
+    (work, certs): (&Path, &Certs),
+    app_port: u16,
+    s: &Settings,
+    (extra, client_extra): (&[&str], &[&str]),
+) -> Result<(Ports, Vec<(&'static str, Process)>)> {
     let dir = work.join(match kind {
         TargetKind::Baseline => "meshward-baseline",
+        TargetKind::Captured => "meshward-captured",
         _ => "meshward",
     });
     let config = dir.join("config");
@@ -584,7 +647,8 @@ async fn start_meshward(
         inbound: ports[1],
         app: app_port,
     };
-    for (name, text) in meshward::config_files(&p, &certs.client_principal) {
+    let vip = (kind == TargetKind::Captured).then_some(crate::netns::SERVICE_VIP);
+    for (name, text) in meshward::config_files(&p, &certs.client_principal, vip) {
         std::fs::write(config.join(name), text)?;
     }
     let mut started = Vec::new();
@@ -594,9 +658,14 @@ async fn start_meshward(
     ] {
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let workload = format!("{}/{role}", certs::NAMESPACE);
-        let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, extra);
+        let mut args = extra.to_vec();
+        if role == "client" {
+            args.extend(client_extra);
+        }
+        let cmd = meshward::command(bin, &config, &workload, certs_dir, admin, &args);
         let name = match kind {
             TargetKind::Baseline => format!("meshward-baseline-{role}"),
+            TargetKind::Captured => format!("meshward-captured-{role}"),
             _ => format!("meshward-{role}"),
         };
         let mut proc = spawn(&name, cmd, &dir)?;
@@ -604,11 +673,7 @@ async fn start_meshward(
         started.push((role, proc));
     }
     started.reverse();
-    Ok(Deployment {
-        kind,
-        entry: SocketAddr::from(([127, 0, 0, 1], p.outbound)),
-        procs: started,
-    })
+    Ok((p, started))
 }
 
 /// Two plain TCP relays in a row, client then server, each started like a

@@ -172,6 +172,18 @@ impl Proxy {
         &self.state.workload
     }
 
+    /// The metadata of this workload's WorkloadEntry in the current
+    /// configuration (its annotations say how traffic capture applies).
+    pub fn workload_meta(&self) -> Option<meshward_config::model::ObjectMeta> {
+        let snap = self.state.snapshot();
+        let (ns, name) = snap.workload_name.split_once('/')?;
+        snap.config
+            .workload_entries
+            .iter()
+            .find(|e| e.meta.namespace == ns && e.meta.name == name)
+            .map(|e| e.meta.clone())
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.listeners
             .bound()
