@@ -500,16 +500,20 @@ mod tests {
                 .to_string()
                 .contains("must differ")
         );
-        let mut s = CaptureSpec::default();
-        s.proxy_mark = Some(0);
+        let s = CaptureSpec {
+            proxy_mark: Some(0),
+            ..CaptureSpec::default()
+        };
         assert!(s.validate().unwrap_err().to_string().contains("mark is 0"));
         let mut s = CaptureSpec::default();
         s.proxy_uids.clear();
         s.proxy_gids.clear();
         s.proxy_mark = None;
         assert!(s.validate().unwrap_err().to_string().contains("loop"));
-        let mut s = CaptureSpec::default();
-        s.outbound_port = 0;
+        let s = CaptureSpec {
+            outbound_port: 0,
+            ..CaptureSpec::default()
+        };
         assert!(s.validate().unwrap_err().to_string().contains("is 0"));
     }
 }
