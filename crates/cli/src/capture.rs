@@ -24,9 +24,7 @@ pub enum Command {
     Show,
 }
 
-/// Settings default to Istio's; a WorkloadEntry's
-/// `traffic.sidecar.istio.io/` annotations apply over them, and flags over
-/// both. List flags take Istio's annotation syntax.
+/// `meshward capture install`.
 #[derive(Debug, clap::Args)]
 pub struct InstallArgs {
     /// Print the nft script and change nothing.
@@ -45,6 +43,17 @@ pub struct InstallArgs {
     /// traffic annotations apply (with --config).
     #[arg(long, value_name = "NS/NAME", requires = "config")]
     workload: Option<String>,
+    #[command(flatten)]
+    flags: CaptureFlags,
+}
+
+/// The capture settings as flags (for `capture install`, and for any
+/// command that installs capture itself). Settings default to Istio's; a
+/// WorkloadEntry's `traffic.sidecar.istio.io/` annotations apply over
+/// them, and these flags over both. List flags take Istio's annotation
+/// syntax.
+#[derive(Debug, Default, clap::Args)]
+pub struct CaptureFlags {
     /// The proxy's outbound capture port.
     #[arg(long, value_name = "PORT")]
     outbound_port: Option<u16>,
@@ -156,68 +165,76 @@ fn spec(args: &InstallArgs) -> anyhow::Result<CaptureSpec> {
         };
         spec = spec.with_annotations(&entry.meta)?;
     }
-    let lists = [
-        (
-            Setting::IncludeOutboundIpRanges,
-            "--include-outbound-ip-ranges",
-            &args.include_outbound_ip_ranges,
-        ),
-        (
-            Setting::ExcludeOutboundIpRanges,
-            "--exclude-outbound-ip-ranges",
-            &args.exclude_outbound_ip_ranges,
-        ),
-        (
-            Setting::ExcludeOutboundPorts,
-            "--exclude-outbound-ports",
-            &args.exclude_outbound_ports,
-        ),
-        (
-            Setting::IncludeInboundPorts,
-            "--include-inbound-ports",
-            &args.include_inbound_ports,
-        ),
-        (
-            Setting::ExcludeInboundPorts,
-            "--exclude-inbound-ports",
-            &args.exclude_inbound_ports,
-        ),
-    ];
-    let mut bad = Vec::new();
-    for (setting, flag, value) in lists {
-        if let Some(value) = value {
-            bad.extend(spec.set(setting, value, &format!("flag {flag}")));
+    args.flags.apply(spec)
+}
+
+impl CaptureFlags {
+    /// `spec` with these flags applied over it, validated. Every bad list
+    /// item is reported, naming its flag.
+    pub fn apply(&self, mut spec: CaptureSpec) -> anyhow::Result<CaptureSpec> {
+        let lists = [
+            (
+                Setting::IncludeOutboundIpRanges,
+                "--include-outbound-ip-ranges",
+                &self.include_outbound_ip_ranges,
+            ),
+            (
+                Setting::ExcludeOutboundIpRanges,
+                "--exclude-outbound-ip-ranges",
+                &self.exclude_outbound_ip_ranges,
+            ),
+            (
+                Setting::ExcludeOutboundPorts,
+                "--exclude-outbound-ports",
+                &self.exclude_outbound_ports,
+            ),
+            (
+                Setting::IncludeInboundPorts,
+                "--include-inbound-ports",
+                &self.include_inbound_ports,
+            ),
+            (
+                Setting::ExcludeInboundPorts,
+                "--exclude-inbound-ports",
+                &self.exclude_inbound_ports,
+            ),
+        ];
+        let mut bad = Vec::new();
+        for (setting, flag, value) in lists {
+            if let Some(value) = value {
+                bad.extend(spec.set(setting, value, &format!("flag {flag}")));
+            }
         }
+        if !bad.is_empty() {
+            return Err(meshward_capture::SpecError::BadValues(bad).into());
+        }
+        if let Some(p) = self.outbound_port {
+            spec.outbound_port = p;
+        }
+        if let Some(p) = self.inbound_port {
+            spec.inbound_port = p;
+        }
+        if let Some(p) = self.dns_port {
+            spec.dns_port = p;
+        }
+        if let Some(b) = self.capture_dns {
+            spec.capture_dns = b;
+        }
+        if let Some(b) = self.ipv6 {
+            spec.ipv6 = b;
+        }
+        if let Some(u) = &self.proxy_uid {
+            spec.proxy_uids = u.clone();
+        }
+        if let Some(g) = &self.proxy_gid {
+            spec.proxy_gids = g.clone();
+        }
+        if let Some(m) = self.proxy_mark {
+            spec.proxy_mark = Some(m);
+        }
+        spec.validate()?;
+        Ok(spec)
     }
-    if !bad.is_empty() {
-        return Err(meshward_capture::SpecError::BadValues(bad).into());
-    }
-    if let Some(p) = args.outbound_port {
-        spec.outbound_port = p;
-    }
-    if let Some(p) = args.inbound_port {
-        spec.inbound_port = p;
-    }
-    if let Some(p) = args.dns_port {
-        spec.dns_port = p;
-    }
-    if let Some(b) = args.capture_dns {
-        spec.capture_dns = b;
-    }
-    if let Some(b) = args.ipv6 {
-        spec.ipv6 = b;
-    }
-    if let Some(u) = &args.proxy_uid {
-        spec.proxy_uids = u.clone();
-    }
-    if let Some(g) = &args.proxy_gid {
-        spec.proxy_gids = g.clone();
-    }
-    if let Some(m) = args.proxy_mark {
-        spec.proxy_mark = Some(m);
-    }
-    spec.validate()?;
-    Ok(spec)
 }
 
 /// A mark in decimal or `0x` hex.

@@ -142,8 +142,13 @@ impl Drop for Running {
 /// Starts a listener probe named `name` on `addr` in `ns`; returns once it
 /// listens.
 fn listen(ns: &Netns, name: &str, addr: &str) -> Running {
+    start(ns, &["listen", name, addr])
+}
+
+/// Starts the probe `args` in `ns`; returns once it says it is ready.
+fn start(ns: &Netns, args: &[&str]) -> Running {
     let mut child = ns
-        .probe(&["listen", name, addr])
+        .probe(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -161,17 +166,37 @@ fn listen(ns: &Netns, name: &str, addr: &str) -> Running {
     });
     match rx.recv_timeout(support::patience()) {
         Ok(line) if line == "PROBE ready" => running,
-        other => panic!(
-            "listener {name} on {addr} in {} did not start: {other:?}",
-            ns.name
-        ),
+        other => panic!("probe {args:?} in {} did not start: {other:?}", ns.name),
     }
+}
+
+/// Starts a UDP listener probe named `name` on `addr` in `ns`; returns
+/// once it is bound.
+fn listen_udp(ns: &Netns, name: &str, addr: &str) -> Running {
+    start(ns, &["udp-listen", name, addr])
 }
 
 /// Connects from `ns` to `to` as `uid`/`gid` (with socket mark `mark`
 /// when given); the listener's answer: `NAME ORIGINAL_DST`.
 fn connect(ns: &Netns, uid: u32, gid: u32, mark: Option<u32>, to: &str) -> String {
     connect_from(ns, uid, gid, mark, "-", to)
+}
+
+/// Sends a datagram from `ns` to `to` as `uid`/`gid` (with socket mark
+/// `mark` when given); the listener's answer: its name.
+fn ask_udp(ns: &Netns, uid: u32, gid: u32, mark: Option<u32>, to: &str) -> String {
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    let mark = mark.map_or("-".to_string(), |m| m.to_string());
+    let out = ns
+        .probe(&["as", &uid, &gid, "self", "udp-ask", to, &mark])
+        .output()
+        .expect("running the client probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| said(l)?.strip_prefix("PROBE reply "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("UDP to {to} in {}: no reply\n{stdout}", ns.name))
 }
 
 /// [`connect`], from source address `from` (`-`: the kernel's choice).
@@ -213,6 +238,14 @@ fn probe() {
     let args: Vec<&str> = args.split(' ').collect();
     match args.as_slice() {
         ["listen", name, addr] => probe_listen(name, addr.parse().expect("listen address")),
+        ["udp-listen", name, addr] => probe_udp_listen(name, addr.parse().expect("listen address")),
+        ["udp-ask", to, mark] => {
+            let reply = probe_udp_ask(to.parse().expect("address"), mark.parse().ok());
+            println!(
+                "PROBE reply {}",
+                reply.unwrap_or_else(|e| format!("error {e}"))
+            );
+        }
         ["connect", to, mark, from] => {
             let reply = probe_connect(
                 to.parse().expect("address"),
@@ -278,6 +311,35 @@ fn probe_listen(name: &str, addr: SocketAddr) {
             .map_or("-".to_string(), |a| a.to_string());
         let _ = writeln!(stream, "{name} {original}");
     }
+}
+
+fn probe_udp_listen(name: &str, addr: SocketAddr) {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None).expect("socket");
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).expect("IPV6_V6ONLY");
+    }
+    socket.bind(&addr.into()).expect("bind");
+    let socket: std::net::UdpSocket = socket.into();
+    println!("PROBE ready");
+    std::io::stdout().flush().expect("stdout");
+    let mut buf = [0u8; 512];
+    while let Ok((_, from)) = socket.recv_from(&mut buf) {
+        let _ = socket.send_to(name.as_bytes(), from);
+    }
+}
+
+fn probe_udp_ask(to: SocketAddr, mark: Option<u32>) -> std::io::Result<String> {
+    let socket = Socket::new(Domain::for_address(to), Type::DGRAM, None)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.connect(&to.into())?;
+    let socket: std::net::UdpSocket = socket.into();
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.send(b"query")?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn probe_connect(
@@ -640,4 +702,42 @@ fn inbound_and_loopback_are_handled_as_istio_does() {
     );
     client.meshward_ok(&["capture", "remove"]);
     assert!(connect(&server, 0, 0, None, "10.201.0.1:8080").starts_with("app "));
+}
+
+/// DNS: the application's queries, over UDP and TCP, land on the DNS
+/// port; the proxy's own reach the resolver; `--capture-dns false` leaves
+/// DNS alone.
+#[test]
+fn dns_queries_reach_the_dns_port_except_the_proxys() {
+    let (client, server) = pair("dns");
+    let _listeners = [
+        listen_udp(&server, "resolver", "0.0.0.0:53"),
+        listen(&server, "resolver-tcp", "0.0.0.0:53"),
+        // On loopback, where the redirect sends the queries: a wildcard UDP
+        // socket would answer from the interface's address, which
+        // conntrack cannot match to the query (the answer is dropped).
+        listen_udp(&client, "dns-proxy", "127.0.0.1:15053"),
+        listen_udp(&client, "dns-proxy", "[::1]:15053"),
+        listen_udp(&server, "resolver", "[::]:53"),
+        listen(&client, "dns-proxy-tcp", "0.0.0.0:15053"),
+    ];
+    client.meshward_ok(&["capture", "install"]);
+    let resolver = "10.201.0.2:53";
+    assert_eq!(ask_udp(&client, 65534, 65534, None, resolver), "dns-proxy");
+    assert_eq!(ask_udp(&client, 0, 0, None, resolver), "dns-proxy");
+    assert_eq!(ask_udp(&client, 1337, 65534, None, resolver), "resolver");
+    assert_eq!(ask_udp(&client, 65534, 1337, None, resolver), "resolver");
+    assert_eq!(ask_udp(&client, 0, 0, Some(1337), resolver), "resolver");
+    let resolver6 = "[fd00:201::2]:53";
+    assert_eq!(ask_udp(&client, 65534, 65534, None, resolver6), "dns-proxy");
+    assert_eq!(ask_udp(&client, 1337, 1337, None, resolver6), "resolver");
+    assert_eq!(
+        connect(&client, 65534, 65534, None, resolver),
+        "dns-proxy-tcp 10.201.0.2:53"
+    );
+    assert!(connect(&client, 1337, 1337, None, resolver).starts_with("resolver-tcp "));
+
+    client.meshward_ok(&["capture", "install", "--capture-dns", "false"]);
+    assert_eq!(ask_udp(&client, 65534, 65534, None, resolver), "resolver");
+    assert_eq!(ask_udp(&client, 65534, 65534, None, resolver6), "resolver");
 }
