@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod analyze;
 mod ca;
 mod call;
+mod capture;
 mod cert;
 mod control;
 mod describe;
@@ -72,6 +73,10 @@ enum Command {
     /// Certificate authority operations (create a root/intermediate, issue workload certificates).
     #[command(subcommand)]
     Ca(ca::Command),
+    /// Traffic capture in this network namespace: install, remove or show
+    /// the rules that send the workload's traffic through its proxy.
+    #[command(subcommand)]
+    Capture(capture::Command),
     /// Certificate inspection.
     #[command(subcommand)]
     Cert(cert::Command),
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(*args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Capture(cmd) => capture::run(cmd),
         Command::Control(args) => control::run(*args),
         Command::Up(args) => up::run(*args),
         Command::Call(args) => call::run(*args),

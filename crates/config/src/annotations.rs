@@ -1,6 +1,7 @@
 //! The `meshward.io/` annotations: the facts Istio learns from a pod that a
 //! WorkloadEntry or ServiceEntry must state outside Kubernetes (README,
-//! "Running the sidecar"). The proxy, the analysis and the live commands
+//! "Running the sidecar"), and the Istio traffic-capture annotations
+//! meshward honours. The proxy, the analysis and the live commands
 //! read them through this module, so they agree on what each means.
 
 use crate::ObjectMeta;
@@ -31,3 +32,29 @@ pub fn workload_has_proxy(meta: &ObjectMeta) -> bool {
 pub fn listed_endpoints_have_proxy(meta: &ObjectMeta) -> bool {
     meta.annotations.get(HAS_PROXY).is_some_and(|v| v == "true")
 }
+
+/// Istio's traffic-capture annotation (on a WorkloadEntry here, on a pod
+/// in Istio): only outbound traffic to these CIDRs is captured, `*` all
+/// (the default), `""` none.
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+/// Istio's traffic-capture annotation: outbound traffic to these CIDRs is
+/// never captured.
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+/// Istio's traffic-capture annotation: outbound traffic to these ports is
+/// never captured.
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+/// Istio's traffic-capture annotation: only inbound traffic to these
+/// ports is captured, `*` all (meshward's default), `""` none.
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+/// Istio's traffic-capture annotation: inbound traffic to these ports is
+/// never captured.
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+/// Every traffic-capture annotation meshward honours (read by
+/// `meshward-capture`).
+pub const CAPTURE: [&str; 5] = [
+    INCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS,
+    EXCLUDE_INBOUND_PORTS,
+];
