@@ -21,7 +21,9 @@ pub fn config_files(
     client: &str,
     vip: Option<std::net::Ipv4Addr>,
 ) -> Vec<(&'static str, String)> {
-    let addresses = vip.map(|a| format!("  addresses: [{a}]\n")).unwrap_or_default();
+    let addresses = vip
+        .map(|a| format!("  addresses: [{a}]\n"))
+        .unwrap_or_default();
     let app = SocketAddr::from(([127, 0, 0, 1], p.app));
     vec![
         (

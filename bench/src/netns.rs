@@ -50,7 +50,10 @@ pub fn rerun_inside() -> Result<ExitCode> {
             .status()
             .context("running the harness in its namespace")?;
         Ok(ExitCode::from(
-            status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1),
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
         ))
     })();
     let _ = ip(&["netns", "del", &ns]);

@@ -236,9 +236,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         // The rules go in once the capture listeners are bound, and come
         // out when the proxy exits, however it gets there.
-        if args.capture == Some(crate::proxy_capture::CaptureMode::Install) {
-            anyhow::bail!("--capture install: not yet wired");
-        }
+        // The rules go in once the capture listeners are bound, and come
+        // out when the proxy exits (after its drain).
+        let _rules = match args.capture {
+            Some(crate::proxy_capture::CaptureMode::Install) => Some(
+                crate::proxy_capture::Installed::install(&proxy, args.capture_mark)?,
+            ),
+            _ => None,
+        };
         let first = signals.next().await;
         // The flag wins over the mesh setting, read now: the configuration
         // may have changed since the start.

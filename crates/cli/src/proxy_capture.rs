@@ -80,3 +80,42 @@ mod tests {
         assert_eq!((uid, gid), (meta.uid(), meta.gid()));
     }
 }
+
+/// Capture rules the proxy installed (`--capture`, mode `install`):
+/// removed when dropped, so they go when the proxy exits (a proxy killed
+/// outright leaves them: `meshward capture remove` takes them out).
+#[derive(Debug)]
+pub struct Installed(());
+
+impl Installed {
+    /// Installs the rules for `proxy`'s workload: Istio's defaults, the
+    /// WorkloadEntry's traffic annotations, and `mark` on the proxy's own
+    /// sockets.
+    pub fn install(proxy: &meshward_proxy::Proxy, mark: u32) -> anyhow::Result<Installed> {
+        let mut spec = meshward_capture::CaptureSpec::default();
+        spec.proxy_mark = Some(mark);
+        if let Some(meta) = proxy.workload_meta() {
+            spec = spec.with_annotations(&meta)?;
+        }
+        meshward_capture::install(&spec).context("--capture")?;
+        tracing::info!(
+            table = meshward_capture::TABLE,
+            outbound = spec.outbound_port,
+            inbound = spec.inbound_port,
+            dns = spec.capture_dns.then_some(spec.dns_port),
+            "capture rules installed"
+        );
+        Ok(Installed(()))
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        match meshward_capture::remove() {
+            Ok(_) => tracing::info!("capture rules removed"),
+            Err(e) => {
+                tracing::error!(error = %e, "capture rules not removed: run `meshward capture remove` in the workload's network namespace")
+            }
+        }
+    }
+}

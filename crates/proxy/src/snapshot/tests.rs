@@ -378,13 +378,18 @@ spec:
     assert!(s.owner_of(ip("10.96.0.7"), 9999).is_none());
     // An endpoint's address: legacy's port 80 is an HTTP service port.
     let ep = s.owner_of(ip("10.0.0.9"), 80);
-    assert!(matches!(ep, Some(Owner::Endpoint { endpoint, .. }) if endpoint.address == ip("10.0.0.9")));
+    assert!(
+        matches!(ep, Some(Owner::Endpoint { endpoint, .. }) if endpoint.address == ip("10.0.0.9"))
+    );
     assert_eq!(name(ep), Some(("legacy.prod.svc.cluster.local".into(), 80)));
     assert!(ep.unwrap().is_http());
     // The endpoint port is what was dialed: api's service port 80 maps to
     // its port 5432.
     let target = s.owner_of(ip("127.0.0.1"), 5432);
-    assert_eq!(name(target), Some(("api.prod.svc.cluster.local".into(), 80)));
+    assert_eq!(
+        name(target),
+        Some(("api.prod.svc.cluster.local".into(), 80))
+    );
     assert!(s.owner_of(ip("127.0.0.1"), 80).is_none());
     // A range of addresses.
     let ranged = s.owner_of(ip("192.0.2.55"), 443);
