@@ -205,11 +205,7 @@ async fn run_all(
                 }
                 Err(e) => Err(e),
             },
-            TargetKind::Captured => {
-                let bin = meshward_binary(args);
-                start_captured(&bin, work, certs, app.port(), s).await
-            }
-            TargetKind::Meshward | TargetKind::Baseline => {
+            TargetKind::Meshward | TargetKind::Baseline | TargetKind::Captured => {
                 let bin = match (kind, &args.baseline) {
                     (TargetKind::Baseline, Some(b)) => b.clone(),
                     _ => meshward_binary(args),
@@ -231,7 +227,11 @@ async fn run_all(
                     if !extra.is_empty() {
                         notes.push(format!("{} started with {}", kind.label(), extra.join(" ")));
                     }
-                    start_meshward(kind, &bin, work, certs, app.port(), s, &extra).await
+                    if kind == TargetKind::Captured {
+                        start_captured(&bin, work, certs, app.port(), s, &extra).await
+                    } else {
+                        start_meshward(kind, &bin, work, certs, app.port(), s, &extra).await
+                    }
                 } else {
                     eprintln!(
                         "meshward proxy not available (`{} proxy --help` failed): skipping the meshward pair",
@@ -312,17 +312,26 @@ async fn run_all(
                     .collect::<Vec<_>>()
             })
         };
-        if let (Some(a), Some(b)) = (cpu_of(TargetKind::Meshward), cpu_of(TargetKind::Baseline)) {
-            let ratios: Vec<String> = a
-                .iter()
-                .zip(&b)
-                .filter_map(|(a, b)| Some(format!("{:.3}", (*a)? / (*b)?)))
-                .collect();
-            notes.push(format!(
-                "{}: meshward / baseline CPU per 1,000 requests, round by round: {}",
-                scenario.title(),
-                ratios.join(", ")
-            ));
+        for (num, den, what) in [
+            (TargetKind::Meshward, TargetKind::Baseline, "meshward / baseline"),
+            (
+                TargetKind::Captured,
+                TargetKind::Meshward,
+                "captured / explicit outbound listener",
+            ),
+        ] {
+            if let (Some(a), Some(b)) = (cpu_of(num), cpu_of(den)) {
+                let ratios: Vec<String> = a
+                    .iter()
+                    .zip(&b)
+                    .filter_map(|(a, b)| Some(format!("{:.3}", (*a)? / (*b)?)))
+                    .collect();
+                notes.push(format!(
+                    "{}: {what} CPU per 1,000 requests, round by round: {}",
+                    scenario.title(),
+                    ratios.join(", ")
+                ));
+            }
         }
         for (dep, mut ms) in deployments.iter().zip(rounds) {
             if ms.len() > 1 {
@@ -605,6 +614,7 @@ async fn start_captured(
     certs: &Certs,
     app_port: u16,
     s: &Settings,
+    extra: &[&str],
 ) -> Result<Deployment> {
     let kind = TargetKind::Captured;
     let (p, procs) = start_pair(
@@ -613,7 +623,7 @@ async fn start_captured(
         (work, certs),
         app_port,
         s,
-        (&[], &["--capture", "external"]),
+        (extra, &["--capture", "external"]),
     )
     .await?;
     crate::netns::redirect(p.inbound)?;
