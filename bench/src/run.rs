@@ -313,7 +313,11 @@ async fn run_all(
             })
         };
         for (num, den, what) in [
-            (TargetKind::Meshward, TargetKind::Baseline, "meshward / baseline"),
+            (
+                TargetKind::Meshward,
+                TargetKind::Baseline,
+                "meshward / baseline",
+            ),
             (
                 TargetKind::Captured,
                 TargetKind::Meshward,

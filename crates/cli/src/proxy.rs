@@ -166,6 +166,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rt = rt.build().context("cannot start the runtime")?;
     let drain_flag = args.drain_duration;
     let code = rt.block_on(async move {
+        // Before anything else: a proxy whose own connections would be
+        // captured again must not start.
+        if args.capture.is_some() {
+            crate::proxy_capture::own_traffic_exempt(args.capture_mark)?;
+        }
         let feed = match args.control {
             Some(addresses) => {
                 // clap requires both with --control.
@@ -215,9 +220,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .map(|_| meshward_proxy::capture::CaptureListen::default_ports()),
             },
         };
-        if args.capture.is_some() {
-            crate::proxy_capture::own_traffic_exempt(args.capture_mark)?;
-        }
+
         // Taken over before the start, which may wait for a usable
         // configuration for long: a stop signal then ends the wait.
         let mut signals = crate::process::Signals::new()?;

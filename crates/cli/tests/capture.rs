@@ -285,3 +285,36 @@ async fn unmodified_programs_talk_through_both_sidecars() {
     // Mesh services still work.
     assert_eq!(curl(&client, &[url]).0, 200);
 }
+
+/// A proxy that could neither mark its own sockets nor runs as the
+/// exempt user would capture its own connections again: it refuses to
+/// start, saying what to change. As the exempt user it passes that check
+/// (and goes on to what else it needs).
+#[test]
+fn a_proxy_whose_traffic_would_loop_does_not_start() {
+    use std::os::unix::process::CommandExt;
+    let run = |uid: u32| {
+        let out = std::process::Command::new(bin())
+            .args(["proxy", "--capture", "--workload", "shop/client"])
+            .args(["--config", "/nonexistent", "--certs", "/nonexistent"])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run meshward as another user (the test needs root)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(65534);
+    assert!(!ok);
+    assert!(
+        err.contains("would be captured again")
+            && err.contains("CAP_NET_ADMIN")
+            && err.contains("uid 1337"),
+        "{err}"
+    );
+    let (ok, err) = run(1337);
+    assert!(!ok, "started without a configuration");
+    assert!(!err.contains("would be captured again"), "{err}");
+}
