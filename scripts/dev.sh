@@ -24,9 +24,10 @@ setup() {
         # jq, prometheus: the live-operations tests (crates/cli/tests/up.rs)
         # pipe `proxy-config secret -o json` through jq, and evaluate the
         # seed article's PromQL query on what a real Prometheus scraped.
-        # nftables, iproute2: the traffic-capture tests (crates/cli/tests/
-        # capture_rules.rs) run the real nft in network namespaces they create.
-        for p in gcc libc6-dev make ca-certificates openssl jq prometheus nftables iproute2; do
+        # nftables, iproute2, curl: the traffic-capture tests (crates/cli/
+        # tests/capture_rules.rs, capture.rs) run the real nft in network
+        # namespaces they create, with unmodified curl (and python3) clients.
+        for p in gcc libc6-dev make ca-certificates openssl jq prometheus nftables iproute2 curl; do
             dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
         done
         if [ ${#need[@]} -gt 0 ]; then
