@@ -121,6 +121,12 @@ pub struct Args {
     /// /etc/hosts), which are used without it.
     #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
     dns_servers: Vec<SocketAddr>,
+    /// Serve DNS on ADDR (UDP and TCP, e.g. 127.0.0.1:15053): the mesh's
+    /// hosts (and the short names of name.ns.svc.cluster.local hosts) are
+    /// answered from the configuration, other queries forwarded to the
+    /// --dns-server name servers, else those of /etc/resolv.conf.
+    #[arg(long = "dns-proxy", value_name = "ADDR")]
+    dns_proxy: Option<SocketAddr>,
     /// On SIGTERM or SIGINT, let connections finish for this long before
     /// exiting (Istio's `terminationDrainDuration`; a second signal exits
     /// at once). Wins over the mesh setting
@@ -195,6 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 outbound: args.outbound,
                 app_ports: args.app_ports,
             },
+            dns_proxy: args.dns_proxy,
         };
         // Taken over before the start, which may wait for a usable
         // configuration for long: a stop signal then ends the wait.

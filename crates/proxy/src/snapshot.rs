@@ -6,7 +6,7 @@
 //! is swapped in atomically (see [`crate::state`]).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use meshward_config::{ConfigSet, Resource};
 use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, service_visible};
 
 use crate::dns::{DnsName, DnsStore};
+use crate::dns_proxy::NameTable;
 use crate::jwt::{JwksStore, JwtPolicy};
 use crate::peers::{Registry, ServiceName, WorkloadMeta};
 
@@ -162,6 +163,11 @@ pub struct Service {
     /// is an IP in one of them goes to that IP.
     #[serde(skip)]
     pub addresses: Vec<ipnet::IpNet>,
+    /// The addresses meshward allocated to the host (IPv4 and IPv6, see
+    /// [`crate::vip`]) when its ServiceEntry has no `addresses`, its
+    /// resolution is not `NONE` and the host is not a wildcard; else empty.
+    #[serde(skip)]
+    pub allocated: Vec<IpAddr>,
     /// The facts of an endpoint the ServiceEntry does not list.
     #[serde(skip)]
     pub implicit: EndpointFacts,
@@ -188,6 +194,26 @@ pub struct Service {
 }
 
 impl Service {
+    /// The `addresses` that are single IPs (not CIDR blocks).
+    pub fn explicit_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .filter(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| n.addr())
+    }
+
+    /// The addresses a DNS query for the host is answered with: the
+    /// ServiceEntry's single-IP `addresses`, else the allocated ones
+    /// (empty when it has neither).
+    pub fn dns_addresses(&self) -> Vec<IpAddr> {
+        let explicit: Vec<IpAddr> = self.explicit_addresses().collect();
+        if explicit.is_empty() {
+            self.allocated.clone()
+        } else {
+            explicit
+        }
+    }
+
     /// The endpoints a request for `host` may go to now: those with an IP
     /// address, then the current addresses of the DNS names that serve
     /// `host` (all of them under `DNS`, as Envoy's STRICT_DNS cluster; only
@@ -311,8 +337,13 @@ pub struct Snapshot {
     /// a pod's connections come from the pod IP), so that a destination
     /// sees the caller's workload address as its peer.
     pub source_address: Option<IpAddr>,
+    /// The DNS proxy's names: each visible mesh host (and the short names
+    /// of `name.ns.svc.cluster.local` hosts) with its addresses.
+    pub names: NameTable,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
+    /// Single-IP `addresses` and allocated addresses to service index.
+    by_ip: HashMap<IpAddr, usize>,
 }
 
 impl Snapshot {
@@ -417,7 +448,10 @@ impl Snapshot {
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
         let peers = Registry::build(&config);
-        let (services, hosts) = build_services(&config, &workload, dns, &peers);
+        let allocation = crate::vip::Allocation::of(&config);
+        let (services, hosts) = build_services(&config, &workload, dns, &peers, &allocation);
+        let by_ip = index_by_ip(&services);
+        let names = NameTable::build(&services, &workload.namespace);
         let own = peers
             .named(ns, name)
             .cloned()
@@ -438,7 +472,9 @@ impl Snapshot {
             peers,
             own,
             source_address: source_address(address),
+            names,
             hosts,
+            by_ip,
             config,
         })
     }
@@ -446,6 +482,16 @@ impl Snapshot {
     /// The service a Host header names (port and case ignored).
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.hosts.get(&bare_host(host)).map(|i| &self.services[*i])
+    }
+
+    /// The service whose address `ip` is: one of its ServiceEntry's
+    /// single-IP `addresses` (the first service that has it, in
+    /// configuration order), else its allocated address. CIDR `addresses`
+    /// are not looked up here ([`Snapshot::original_destination`]).
+    // For the outbound capture listener (routing by original destination).
+    #[allow(dead_code)]
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_ip.get(&ip).map(|i| &self.services[*i])
     }
 
     /// A request whose host is an IP address (`10.1.2.3:8080`) has that
@@ -475,6 +521,23 @@ impl Snapshot {
             None => TlsMode::Disable,
         }
     }
+}
+
+/// The index of [`Snapshot::service_at`]: explicit single addresses
+/// first (an allocated address never hides one).
+fn index_by_ip(services: &[Arc<Service>]) -> HashMap<IpAddr, usize> {
+    let mut by_ip = HashMap::new();
+    for (i, s) in services.iter().enumerate() {
+        for ip in s.explicit_addresses() {
+            by_ip.entry(ip).or_insert(i);
+        }
+    }
+    for (i, s) in services.iter().enumerate() {
+        for ip in &s.allocated {
+            by_ip.entry(*ip).or_insert(i);
+        }
+    }
+    by_ip
 }
 
 /// `address` when a socket can be bound to it on this host (it is one of
@@ -640,6 +703,7 @@ fn build_services(
     client: &Workload,
     dns: &DnsStore,
     peers: &Registry,
+    allocation: &crate::vip::Allocation,
 ) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
@@ -751,8 +815,8 @@ fn build_services(
             .iter()
             .filter_map(|a| meshward_config::values::parse_ip_block(a).ok())
             .collect();
-        for host in &se.spec.hosts {
-            let host = bare_host(host);
+        for original in &se.spec.hosts {
+            let host = bare_host(original);
             // One ServiceEntry owns a host: the client's own namespace's,
             // else the oldest, as Istio's sidecar scope picks it.
             let slot = match hosts.get(&host) {
@@ -786,6 +850,14 @@ fn build_services(
                     .cloned()
                     .collect(),
                 addresses: addresses.clone(),
+                allocated: if crate::vip::eligible(&se.spec, original) {
+                    allocation
+                        .addresses(&host)
+                        .map(Vec::from)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 implicit: implicit.clone(),
                 identities: identities.clone(),
                 destination_rule: dr.map(|d| d.source().key()),
