@@ -59,18 +59,18 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The transport a query came over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub enum Transport {
     Udp,
     Tcp,
 }
 
-/// What to do with a query.
+/// What to do with a query ([`decide`]).
 #[derive(Debug)]
-enum Decision {
+pub enum Decision {
     /// Send this message back.
     Reply(Vec<u8>),
-    /// Ask the upstream name servers (id of the query).
-    Forward(Message),
+    /// Ask the upstream name servers (the query, parsed).
+    Forward(Box<Message>),
     /// Say nothing.
     Drop,
 }
@@ -230,63 +230,71 @@ impl DnsProxy {
         );
     }
 
-    /// Answers from the name table, or says why not.
+    /// [`decide`] with the current snapshot's names.
     fn decide(&self, bytes: &[u8], transport: Transport) -> Decision {
         self.state.metrics.dns_request();
-        let msg = match Message::from_vec(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                // A header is 12 bytes; the id is its first two and the
-                // QR bit the top one of the third. Responses are never
-                // answered (no loops between two servers).
-                if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
-                    return Decision::Drop;
-                }
-                tracing::debug!(target: "meshward::dns_proxy", error = %e, "malformed DNS query: FORMERR");
-                let id = u16::from_be_bytes([bytes[0], bytes[1]]);
-                return Decision::Reply(encode(&Message::error_msg(
-                    id,
-                    OpCode::Query,
-                    ResponseCode::FormErr,
-                )));
-            }
-        };
-        if msg.metadata.message_type != MessageType::Query {
-            return Decision::Drop;
-        }
-        let error = |code| Decision::Reply(encode(&error_reply(&msg, code)));
-        if msg.metadata.op_code != OpCode::Query {
-            return error(ResponseCode::NotImp);
-        }
-        if msg.queries.len() != 1
-            || (transport == Transport::Udp && bytes.len() > MAX_PLAIN_UDP && msg.edns.is_none())
-        {
-            return error(ResponseCode::FormErr);
-        }
-        let q = &msg.queries[0];
-        let local = q.query_class() == DNSClass::IN
-            && matches!(q.query_type(), RecordType::A | RecordType::AAAA);
-        if !local {
-            return Decision::Forward(msg);
-        }
-        let snapshot = self.state.snapshot();
-        let Some(entry) = snapshot.names.lookup(&q.name().to_ascii()) else {
-            return Decision::Forward(msg);
-        };
-        let reply = answer(&msg, entry);
-        let limit = match (transport, &msg.edns) {
-            (Transport::Tcp, _) => usize::from(u16::MAX),
-            (Transport::Udp, None) => MAX_PLAIN_UDP,
-            (Transport::Udp, Some(e)) => usize::from(e.max_payload()).max(MAX_PLAIN_UDP),
-        };
-        let bytes = encode(&reply);
-        if bytes.len() > limit {
-            // The client asks again over TCP.
-            return Decision::Reply(encode(&reply.truncate()));
-        }
-        Decision::Reply(bytes)
+        decide(bytes, transport, &self.state.snapshot().names)
     }
+}
 
+/// What the DNS proxy does with the query `bytes` that came over
+/// `transport`, `names` being the mesh's names: answer it (a mesh name,
+/// or an error), forward it, or drop it. Never panics, whatever the bytes.
+pub fn decide(bytes: &[u8], transport: Transport, names: &NameTable) -> Decision {
+    let msg = match Message::from_vec(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            // A header is 12 bytes; the id is its first two and the
+            // QR bit the top one of the third. Responses are never
+            // answered (no loops between two servers).
+            if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+                return Decision::Drop;
+            }
+            tracing::debug!(target: "meshward::dns_proxy", error = %e, "malformed DNS query: FORMERR");
+            let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+            return Decision::Reply(encode(&Message::error_msg(
+                id,
+                OpCode::Query,
+                ResponseCode::FormErr,
+            )));
+        }
+    };
+    if msg.metadata.message_type != MessageType::Query {
+        return Decision::Drop;
+    }
+    let error = |code| Decision::Reply(encode(&error_reply(&msg, code)));
+    if msg.metadata.op_code != OpCode::Query {
+        return error(ResponseCode::NotImp);
+    }
+    if msg.queries.len() != 1
+        || (transport == Transport::Udp && bytes.len() > MAX_PLAIN_UDP && msg.edns.is_none())
+    {
+        return error(ResponseCode::FormErr);
+    }
+    let q = &msg.queries[0];
+    let local = q.query_class() == DNSClass::IN
+        && matches!(q.query_type(), RecordType::A | RecordType::AAAA);
+    if !local {
+        return Decision::Forward(Box::new(msg));
+    }
+    let Some(entry) = names.lookup(&q.name().to_ascii()) else {
+        return Decision::Forward(Box::new(msg));
+    };
+    let reply = answer(&msg, entry);
+    let limit = match (transport, &msg.edns) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, None) => MAX_PLAIN_UDP,
+        (Transport::Udp, Some(e)) => usize::from(e.max_payload()).clamp(MAX_PLAIN_UDP, MAX_QUERY),
+    };
+    let bytes = encode(&reply);
+    if bytes.len() > limit {
+        // The client asks again over TCP.
+        return Decision::Reply(encode(&reply.truncate()));
+    }
+    Decision::Reply(bytes)
+}
+
+impl DnsProxy {
     /// The upstream answer to `query` (its bytes), else SERVFAIL.
     async fn forward(&self, msg: &Message, query: &[u8], transport: Transport) -> Vec<u8> {
         let metrics = &self.state.metrics;
@@ -331,13 +339,16 @@ fn answer(msg: &Message, entry: &NameEntry) -> Message {
     reply
 }
 
-/// A reply to `msg` with `code` and its question, no records.
+/// A reply to `msg` with `code`, no records, and its question when it has
+/// one (not several: the reply stays smaller than a UDP datagram).
 fn error_reply(msg: &Message, code: ResponseCode) -> Message {
     let mut reply = Message::response(msg.metadata.id, msg.metadata.op_code);
     reply.metadata = Metadata::response_from_request(&msg.metadata);
     reply.metadata.recursion_available = true;
     reply.metadata.response_code = code;
-    reply.add_queries(msg.queries.iter().cloned());
+    if msg.queries.len() == 1 {
+        reply.add_queries(msg.queries.iter().cloned());
+    }
     if msg.edns.is_some() {
         let mut edns = Edns::new();
         edns.set_max_payload(MAX_QUERY as u16);
@@ -370,4 +381,151 @@ pub(crate) fn is_self(addr: SocketAddr, listening: SocketAddr) -> bool {
 
 fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified()
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    use super::*;
+
+    fn query(name: &str, rtype: RecordType) -> Message {
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        m
+    }
+
+    fn reply(d: Decision) -> Message {
+        match d {
+            Decision::Reply(r) => Message::from_vec(&r).unwrap(),
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    fn table(n: u8) -> NameTable {
+        let many: Vec<IpAddr> = (0..n).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        NameTable::from_names([("many.example.com", &many[..])])
+    }
+
+    #[test]
+    fn an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() {
+        let names = table(40);
+        let q = query("many.example.com.", RecordType::A);
+        let bytes = q.to_vec().unwrap();
+        let udp = reply(decide(&bytes, Transport::Udp, &names));
+        assert!(udp.metadata.truncation);
+        assert!(udp.answers.is_empty());
+        assert_eq!(udp.metadata.id, q.metadata.id);
+        assert_eq!(udp.queries, q.queries);
+        let tcp = reply(decide(&bytes, Transport::Tcp, &names));
+        assert!(!tcp.metadata.truncation);
+        assert_eq!(tcp.answers.len(), 40);
+        // With EDNS and a 4096-byte buffer it fits in UDP.
+        let mut q = q;
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        q.set_edns(edns);
+        let udp = reply(decide(&q.to_vec().unwrap(), Transport::Udp, &names));
+        assert_eq!(udp.answers.len(), 40);
+        assert!(udp.edns.is_some());
+        // A few fit without EDNS.
+        let udp = reply(decide(&bytes, Transport::Udp, &table(3)));
+        assert_eq!(udp.answers.len(), 3);
+        assert!(udp.metadata.authoritative);
+        assert!(udp.answers.iter().all(|r| r.ttl == TTL));
+    }
+
+    #[test]
+    fn what_is_not_a_standard_query_for_a_mesh_address_is_not_answered_here() {
+        let names = table(1);
+        // Another class, another type, another name: forwarded.
+        let mut chaos = query("many.example.com.", RecordType::A);
+        chaos.queries[0].set_query_class(DNSClass::CH);
+        for q in [
+            chaos,
+            query("many.example.com.", RecordType::TXT),
+            query("other.example.com.", RecordType::A),
+        ] {
+            let d = decide(&q.to_vec().unwrap(), Transport::Udp, &names);
+            assert!(matches!(d, Decision::Forward(_)), "{d:?}");
+        }
+        // Another opcode: NOTIMP.
+        let mut notify = query("many.example.com.", RecordType::SOA);
+        notify.metadata.op_code = OpCode::Notify;
+        let r = reply(decide(&notify.to_vec().unwrap(), Transport::Udp, &names));
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+        // No question, or two: FORMERR, the questions not echoed.
+        let mut two = query("many.example.com.", RecordType::A);
+        two.add_query(Query::query(Name::from_ascii("x.").unwrap(), RecordType::A));
+        for q in [Message::query(), two] {
+            let r = reply(decide(&q.to_vec().unwrap(), Transport::Tcp, &names));
+            assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+            assert!(r.queries.is_empty());
+        }
+        // Responses and runts: dropped.
+        let mut response = query("many.example.com.", RecordType::A);
+        response.metadata.message_type = MessageType::Response;
+        let d = decide(&response.to_vec().unwrap(), Transport::Udp, &names);
+        assert!(matches!(d, Decision::Drop), "{d:?}");
+        assert!(matches!(
+            decide(&[0; 11], Transport::Udp, &names),
+            Decision::Drop
+        ));
+        assert!(matches!(
+            decide(&[], Transport::Tcp, &names),
+            Decision::Drop
+        ));
+        // A v4-only name has no AAAA, but exists.
+        let q = query("MANY.example.com", RecordType::AAAA);
+        let r = reply(decide(&q.to_vec().unwrap(), Transport::Udp, &names));
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+    }
+
+    #[test]
+    fn every_byte_of_a_query_changed_never_panics_and_replies_stay_replies() {
+        // The fuzz target's properties, on every one-byte change of a
+        // query with EDNS and of one for a name with many addresses.
+        let names = table(60);
+        let mut with_edns = query("many.example.com.", RecordType::A);
+        with_edns.set_edns(Edns::new());
+        let queries = [
+            with_edns.to_vec().unwrap(),
+            query("many.example.com.", RecordType::AAAA)
+                .to_vec()
+                .unwrap(),
+        ];
+        for q in queries {
+            for i in 0..q.len() {
+                for v in [0x00, 0x01, 0x3f, 0x40, 0x7f, 0x80, 0xc0, 0xff] {
+                    let mut bytes = q.clone();
+                    bytes[i] = v;
+                    for cut in [bytes.len(), i + 1] {
+                        let bytes = &bytes[..cut];
+                        for t in [Transport::Udp, Transport::Tcp] {
+                            if let Decision::Reply(r) = decide(bytes, t, &names) {
+                                assert!(r.len() >= 12);
+                                assert_eq!(r[..2], bytes[..2]);
+                                assert!(r[2] & 0x80 != 0);
+                                if t == Transport::Udp {
+                                    assert!(r.len() <= MAX_QUERY);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_upstream_is_never_the_proxy_itself() {
+        let me: SocketAddr = "127.0.0.1:15053".parse().unwrap();
+        assert!(is_self(me, me));
+        assert!(!is_self("127.0.0.1:53".parse().unwrap(), me));
+        let any: SocketAddr = "0.0.0.0:15053".parse().unwrap();
+        assert!(is_self(me, any));
+        assert!(!is_self("10.0.0.2:15053".parse().unwrap(), any));
+    }
 }

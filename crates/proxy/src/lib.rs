@@ -23,7 +23,8 @@ mod apply;
 mod connect;
 mod conns;
 mod dns;
-mod dns_proxy;
+/// The DNS proxy; its query handling is public for its fuzz target.
+pub mod dns_proxy;
 mod dr_tls;
 mod drain;
 mod ext_authz;

@@ -184,6 +184,20 @@ mod tests {
     }
 
     #[test]
+    fn the_rule_is_pinned_so_every_version_of_the_proxy_agrees() {
+        // The README's example; a change here changes every allocated
+        // address in running meshes (applications may have cached them).
+        let a = Allocation::for_hosts(["catalog.production.svc.cluster.local"]);
+        assert_eq!(
+            addrs(&a, "catalog.production.svc.cluster.local"),
+            [
+                IpAddr::V4(Ipv4Addr::new(240, 240, 212, 233)),
+                IpAddr::V6("2001:2::f0f0:d4e9".parse().unwrap())
+            ]
+        );
+    }
+
+    #[test]
     fn a_host_gets_its_home_slot_in_v4_and_v6_whatever_else_is_there() {
         let host = "api.example.com";
         let alone = Allocation::for_hosts([host]);

@@ -43,8 +43,25 @@ pub struct NameTable {
 }
 
 impl NameTable {
+    /// A table of the given names and addresses (no short names), for
+    /// tests and the fuzz target.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>) -> NameTable {
+        let mut table = HashMap::new();
+        for (name, addresses) in names {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            let (v4, v6) = split(addresses.iter().copied());
+            let entry = NameEntry {
+                host: name.clone(),
+                v4,
+                v6,
+            };
+            table.insert(name, Arc::new(entry));
+        }
+        NameTable { names: table }
+    }
+
     /// The table of `services` for a workload in namespace `client_ns`.
-    pub fn build(services: &[Arc<Service>], client_ns: &str) -> NameTable {
+    pub(crate) fn build(services: &[Arc<Service>], client_ns: &str) -> NameTable {
         let mut names: HashMap<String, Arc<NameEntry>> = HashMap::new();
         let mut entries = Vec::new();
         for svc in services {
@@ -55,15 +72,7 @@ impl NameTable {
             if addresses.is_empty() && svc.resolution == Resolution::None {
                 addresses = svc.endpoints.iter().map(|e| e.address).collect();
             }
-            let mut v4 = Vec::new();
-            let mut v6 = Vec::new();
-            for a in addresses {
-                match a {
-                    IpAddr::V4(a) if !v4.contains(&a) => v4.push(a),
-                    IpAddr::V6(a) if !v6.contains(&a) => v6.push(a),
-                    _ => {}
-                }
-            }
+            let (v4, v6) = split(addresses);
             if v4.is_empty() && v6.is_empty() {
                 continue;
             }
@@ -99,6 +108,20 @@ impl NameTable {
     pub fn len(&self) -> usize {
         self.names.len()
     }
+}
+
+/// IPv4 and IPv6 addresses apart, each once, in order.
+fn split(addresses: impl IntoIterator<Item = IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for a in addresses {
+        match a {
+            IpAddr::V4(a) if !v4.contains(&a) => v4.push(a),
+            IpAddr::V6(a) if !v6.contains(&a) => v6.push(a),
+            _ => {}
+        }
+    }
+    (v4, v6)
 }
 
 /// The alternative names of a `name.ns.svc.cluster.local` host, as seen
