@@ -520,6 +520,15 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_table_forwards_every_question() {
+        let names = NameTable::default();
+        assert!(names.is_empty());
+        let q = query("many.example.com.", RecordType::A);
+        let d = decide(&q.to_vec().unwrap(), Transport::Udp, &names);
+        assert!(matches!(d, Decision::Forward(_)), "{d:?}");
+    }
+
+    #[test]
     fn an_upstream_is_never_the_proxy_itself() {
         let me: SocketAddr = "127.0.0.1:15053".parse().unwrap();
         assert!(is_self(me, me));

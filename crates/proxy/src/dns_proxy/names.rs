@@ -108,6 +108,11 @@ impl NameTable {
     pub fn len(&self) -> usize {
         self.names.len()
     }
+
+    /// Whether the table holds no name.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
 }
 
 /// IPv4 and IPv6 addresses apart, each once, in order.
