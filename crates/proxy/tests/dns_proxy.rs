@@ -421,3 +421,18 @@ async fn malformed_and_oversized_queries_are_refused_and_the_server_keeps_servin
     let reply = Message::from_vec(&read_tcp_message(&mut s).await.unwrap()).unwrap();
     assert_eq!(records(&reply), [(IpAddr::from([192, 0, 2, 44]), 30)]);
 }
+
+#[tokio::test]
+async fn a_dns_address_in_use_stops_the_start_with_the_address() {
+    let taken = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = Harness::try_start(SERVICES, |o| o.dns_proxy = Some(addr))
+        .await
+        .err()
+        .expect("the start fails");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&addr.to_string()) && msg.contains("DNS proxy"),
+        "{msg}"
+    );
+}
