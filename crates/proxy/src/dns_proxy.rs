@@ -127,7 +127,7 @@ impl DnsProxy {
                 Err(e) => {
                     // ICMP errors of earlier replies surface here; the
                     // socket keeps working.
-                    tracing::debug!(target: "meshward::dns_proxy", error = %e, "UDP receive failed");
+                    tracing::debug!(error = %e, "UDP receive failed");
                     continue;
                 }
             };
@@ -162,14 +162,14 @@ impl DnsProxy {
             let (stream, peer) = match tcp.accept().await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(target: "meshward::dns_proxy", error = %e, "TCP accept failed");
+                    tracing::debug!(error = %e, "TCP accept failed");
                     // Out of file descriptors: do not spin.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let Ok(permit) = Arc::clone(&self.tcp_connections).try_acquire_owned() else {
-                tracing::debug!(target: "meshward::dns_proxy", peer = %peer, "too many DNS TCP connections: closed");
+                tracing::debug!(src.addr = %peer, "too many DNS TCP connections: closed");
                 continue;
             };
             let this = Arc::clone(&self);
@@ -190,7 +190,7 @@ impl DnsProxy {
             }
             let len = usize::from(u16::from_be_bytes(len));
             if len > MAX_QUERY {
-                tracing::debug!(target: "meshward::dns_proxy", peer = %peer, len, "DNS TCP message too long: connection closed");
+                tracing::debug!(src.addr = %peer, len, "DNS TCP message too long: connection closed");
                 return;
             }
             let mut query = vec![0u8; len];
@@ -223,8 +223,7 @@ impl DnsProxy {
 
     fn overloaded(&self, msg: &Message, peer: SocketAddr) {
         tracing::debug!(
-            target: "meshward::dns_proxy",
-            peer = %peer,
+            src.addr = %peer,
             id = msg.metadata.id,
             "{MAX_IN_FLIGHT} queries already forwarded: SERVFAIL"
         );
@@ -250,7 +249,7 @@ pub fn decide(bytes: &[u8], transport: Transport, names: &NameTable) -> Decision
             if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
                 return Decision::Drop;
             }
-            tracing::debug!(target: "meshward::dns_proxy", error = %e, "malformed DNS query: FORMERR");
+            tracing::debug!(error = %e, "malformed DNS query: FORMERR");
             let id = u16::from_be_bytes([bytes[0], bytes[1]]);
             return Decision::Reply(encode(&Message::error_msg(
                 id,
@@ -306,7 +305,6 @@ impl DnsProxy {
             Ok(reply) => reply,
             Err(e) => {
                 tracing::debug!(
-                    target: "meshward::dns_proxy",
                     name = %msg.queries.first().map(|q| q.name().to_ascii()).unwrap_or_default(),
                     error = %e,
                     "no upstream answer: SERVFAIL"
