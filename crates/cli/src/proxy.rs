@@ -137,6 +137,13 @@ pub struct Args {
     /// /etc/hosts), which are used without it.
     #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
     dns_servers: Vec<SocketAddr>,
+    /// Serve DNS on ADDR (UDP and TCP, e.g. 127.0.0.1:15053; with
+    /// --capture, 127.0.0.1:15053 unless given): the mesh's
+    /// hosts (and the short names of name.ns.svc.cluster.local hosts) are
+    /// answered from the configuration, other queries forwarded to the
+    /// --dns-server name servers, else those of /etc/resolv.conf.
+    #[arg(long = "dns-proxy", value_name = "ADDR")]
+    dns_proxy: Option<SocketAddr>,
     /// On SIGTERM or SIGINT, let connections finish for this long before
     /// exiting (Istio's `terminationDrainDuration`; a second signal exits
     /// at once). Wins over the mesh setting
@@ -219,6 +226,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .capture
                     .map(|_| meshward_proxy::capture::CaptureListen::default_ports()),
             },
+            // Under capture the namespace's DNS queries come to the
+            // proxy's DNS port (Istio's 15053) on loopback.
+            dns_proxy: args.dns_proxy.or(args.capture.map(|_| {
+                SocketAddr::from(([127, 0, 0, 1], meshward_capture::DEFAULT_DNS_PORT))
+            })),
         };
 
         // Taken over before the start, which may wait for a usable

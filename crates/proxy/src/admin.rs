@@ -171,6 +171,9 @@ fn config_dump(state: &State) -> serde_json::Value {
                 "destination_rule": s.destination_rule,
                 "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol, "connect_timeout_ms": s.connect_timeout_for(p.number).as_millis()})).collect::<Vec<_>>(),
                 "resolution": s.resolution.as_str(),
+                "addresses": s.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                // Allocated by meshward (crate::vip) when it has none.
+                "allocated_addresses": s.allocated,
                 "endpoints": s.endpoints,
                 "dns": dns,
                 "identities": s.identities,
@@ -191,6 +194,8 @@ fn config_dump(state: &State) -> serde_json::Value {
         "custom_problem": snap.policy.custom_problem(),
         "request_authentication": snap.jwt.describe(),
         "services": services,
+        // The DNS proxy's name table (mesh hosts and short names).
+        "dns_names": snap.names.len(),
         // SIMPLE and MUTUAL settings' files: what is loaded, and why a
         // change was refused or nothing could be loaded.
         "destination_rule_tls": state.dr_files.describe(),

@@ -24,6 +24,8 @@ pub mod capture;
 mod connect;
 mod conns;
 mod dns;
+/// The DNS proxy; its query handling is public for its fuzz target.
+pub mod dns_proxy;
 mod dr_tls;
 mod drain;
 mod ext_authz;
@@ -45,6 +47,7 @@ mod snapshot;
 pub mod source;
 mod state;
 mod telemetry;
+pub mod vip;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,6 +90,11 @@ pub struct Options {
     pub access_log_buffer: usize,
     /// Local overrides of the WorkloadEntry's annotations.
     pub overrides: Overrides,
+    /// Where the DNS proxy listens (UDP and TCP, one port), off when
+    /// `None`: it answers the mesh's hosts and forwards other queries to
+    /// the name servers of `dns` ([`DnsConfig::System`]: those of
+    /// `/etc/resolv.conf`). Port 0 picks a port free in both.
+    pub dns_proxy: Option<SocketAddr>,
 }
 
 /// What `meshward proxy` says about where things are on this host, over
@@ -304,6 +312,21 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         address: admin_addr,
         kind: "admin",
     });
+    let dns_l = match options.dns_proxy {
+        Some(addr) => {
+            let (udp, tcp) = dns_proxy::bind(addr).await?;
+            let bound = udp.local_addr().unwrap_or(addr);
+            for name in ["dns-udp", "dns-tcp"] {
+                fixed.push(listeners::ListenerInfo {
+                    name: name.to_string(),
+                    address: bound,
+                    kind: "dns",
+                });
+            }
+            Some((udp, tcp, bound))
+        }
+        None => None,
+    };
     let metrics_l = match options.metrics {
         Some(addr) => {
             let l = bind(addr, "metrics")?;
@@ -330,6 +353,13 @@ pub async fn start(feed: Feed, options: Options) -> Result<Proxy, StartError> {
         Arc::clone(&listeners),
         false,
     ));
+    if let Some((udp, tcp, bound)) = dns_l {
+        let upstreams = dns_proxy::Upstreams::new(options.dns.clone(), bound);
+        let server = Arc::new(dns_proxy::DnsProxy::new(Arc::clone(&state), upstreams));
+        tokio::spawn(Arc::clone(&server).serve_udp(udp));
+        tokio::spawn(server.serve_tcp(tcp));
+        tracing::info!(address = %bound, "DNS proxy listening (UDP and TCP)");
+    }
     if let Some(l) = metrics_l {
         tokio::spawn(admin::serve(
             Arc::clone(&state),

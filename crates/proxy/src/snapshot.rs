@@ -18,6 +18,7 @@ use meshward_policy::{PolicyEngine, Workload, WorkloadPolicy, destination_rule, 
 
 pub use self::by_address::Owner;
 use crate::dns::{DnsName, DnsStore};
+use crate::dns_proxy::NameTable;
 use crate::jwt::{JwksStore, JwtPolicy};
 use crate::peers::{Registry, ServiceName, WorkloadMeta};
 
@@ -179,6 +180,11 @@ pub struct Service {
     /// is an IP in one of them goes to that IP.
     #[serde(skip)]
     pub addresses: Vec<ipnet::IpNet>,
+    /// The addresses meshward allocated to the host (IPv4 and IPv6, see
+    /// [`crate::vip`]) when its ServiceEntry has no `addresses`, its
+    /// resolution is not `NONE` and the host is not a wildcard; else empty.
+    #[serde(skip)]
+    pub allocated: Vec<IpAddr>,
     /// The facts of an endpoint the ServiceEntry does not list.
     #[serde(skip)]
     pub implicit: EndpointFacts,
@@ -205,6 +211,26 @@ pub struct Service {
 }
 
 impl Service {
+    /// The `addresses` that are single IPs (not CIDR blocks).
+    pub fn explicit_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .filter(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| n.addr())
+    }
+
+    /// The addresses a DNS query for the host is answered with: the
+    /// ServiceEntry's single-IP `addresses`, else the allocated ones
+    /// (empty when it has neither).
+    pub fn dns_addresses(&self) -> Vec<IpAddr> {
+        let explicit: Vec<IpAddr> = self.explicit_addresses().collect();
+        if explicit.is_empty() {
+            self.allocated.clone()
+        } else {
+            explicit
+        }
+    }
+
     /// The endpoints a request for `host` may go to now: those with an IP
     /// address, then the current addresses of the DNS names that serve
     /// `host` (all of them under `DNS`, as Envoy's STRICT_DNS cluster; only
@@ -328,11 +354,15 @@ pub struct Snapshot {
     /// a pod's connections come from the pod IP), so that a destination
     /// sees the caller's workload address as its peer.
     pub source_address: Option<IpAddr>,
+    /// The DNS proxy's names: each visible mesh host (and the short names
+    /// of `name.ns.svc.cluster.local` hosts) with its addresses.
+    pub names: NameTable,
     /// Lower-case host (without port) to service index.
     hosts: BTreeMap<String, usize>,
     /// Traffic capture's listeners, when capture is on.
     pub capture: Option<crate::capture::CaptureListen>,
-    /// Service and endpoint addresses to their owners.
+    /// Service addresses (single-IP `addresses`, allocated ones) and
+    /// endpoint addresses to their owners.
     by_address: by_address::AddressIndex,
 }
 
@@ -445,8 +475,10 @@ impl Snapshot {
         let policy = engine.workload(&workload);
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
         let peers = Registry::build(&config);
-        let (services, hosts) = build_services(&config, &workload, dns, &peers);
+        let allocation = crate::vip::Allocation::of(&config);
+        let (services, hosts) = build_services(&config, &workload, dns, &peers, &allocation);
         let by_address = by_address::AddressIndex::build(&services);
+        let names = NameTable::build(&services, &workload.namespace);
         let own = peers
             .named(ns, name)
             .cloned()
@@ -469,6 +501,7 @@ impl Snapshot {
             source_address: source_address(address),
             capture: overrides.capture,
             by_address,
+            names,
             hosts,
             config,
         })
@@ -478,6 +511,7 @@ impl Snapshot {
     pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.hosts.get(&bare_host(host)).map(|i| &self.services[*i])
     }
+
 
     /// A request whose host is an IP address (`10.1.2.3:8080`) has that
     /// address as its original destination: the first `resolution: NONE`
@@ -677,6 +711,7 @@ fn build_services(
     client: &Workload,
     dns: &DnsStore,
     peers: &Registry,
+    allocation: &crate::vip::Allocation,
 ) -> (Vec<Arc<Service>>, BTreeMap<String, usize>) {
     let td = &config.mesh.trust_domain;
     let mut services = Vec::new();
@@ -788,8 +823,8 @@ fn build_services(
             .iter()
             .filter_map(|a| meshward_config::values::parse_ip_block(a).ok())
             .collect();
-        for host in &se.spec.hosts {
-            let host = bare_host(host);
+        for original in &se.spec.hosts {
+            let host = bare_host(original);
             // One ServiceEntry owns a host: the client's own namespace's,
             // else the oldest, as Istio's sidecar scope picks it.
             let slot = match hosts.get(&host) {
@@ -823,6 +858,14 @@ fn build_services(
                     .cloned()
                     .collect(),
                 addresses: addresses.clone(),
+                allocated: if crate::vip::eligible(&se.spec, original) {
+                    allocation
+                        .addresses(&host)
+                        .map(Vec::from)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 implicit: implicit.clone(),
                 identities: identities.clone(),
                 destination_rule: dr.map(|d| d.source().key()),

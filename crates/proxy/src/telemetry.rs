@@ -143,6 +143,9 @@ pub struct Metrics {
     tcp_sent: Family<TrafficLabels, Counter>,
     tcp_received: Family<TrafficLabels, Counter>,
     config_rejected: Counter,
+    dns_requests: Counter,
+    dns_upstream_requests: Counter,
+    dns_upstream_failures: Counter,
     source_up: Family<SourceLabels, Gauge>,
     source_lost: Family<SourceLabels, Counter>,
     /// Seconds left before the workload certificate expires, computed at
@@ -176,6 +179,8 @@ impl Metrics {
         let tcp_sent = Family::<TrafficLabels, Counter>::default();
         let tcp_received = Family::<TrafficLabels, Counter>::default();
         let config_rejected = Counter::default();
+        let (dns_requests, dns_upstream_requests, dns_upstream_failures) =
+            (Counter::default(), Counter::default(), Counter::default());
         let source_up = Family::<SourceLabels, Gauge>::default();
         let source_lost = Family::<SourceLabels, Counter>::default();
         let cert_expiry = Gauge::<f64, AtomicU64>::default();
@@ -230,6 +235,22 @@ impl Metrics {
             "Configuration or certificate changes refused",
             config_rejected.clone(),
         );
+        // The DNS proxy's, named as Istio's agent names them.
+        registry.register(
+            "istio_agent_dns_requests",
+            "DNS queries the DNS proxy received",
+            dns_requests.clone(),
+        );
+        registry.register(
+            "istio_agent_dns_upstream_requests",
+            "DNS queries the DNS proxy forwarded to an upstream name server (one per server tried)",
+            dns_upstream_requests.clone(),
+        );
+        registry.register(
+            "istio_agent_dns_upstream_failures",
+            "Forwarded DNS queries an upstream name server did not answer",
+            dns_upstream_failures.clone(),
+        );
         registry.register(
             "meshward_config_source_up",
             "1 while the source's files can be read, 0 while it is lost (missing or unreadable; the last good state is kept)",
@@ -263,6 +284,9 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             config_rejected,
+            dns_requests,
+            dns_upstream_requests,
+            dns_upstream_failures,
             source_up,
             source_lost,
             cert_expiry,
@@ -287,6 +311,21 @@ impl Metrics {
                 )
             }),
         }
+    }
+
+    /// A query reached the DNS proxy.
+    pub fn dns_request(&self) {
+        self.dns_requests.inc();
+    }
+
+    /// A query was sent to an upstream name server.
+    pub fn dns_upstream_request(&self) {
+        self.dns_upstream_requests.inc();
+    }
+
+    /// An upstream name server did not answer a query.
+    pub fn dns_upstream_failure(&self) {
+        self.dns_upstream_failures.inc();
     }
 
     pub fn tcp_opened(&self, labels: &TrafficLabels) {

@@ -107,6 +107,7 @@ impl Mesh {
                 dns: meshward_proxy::DnsConfig::System,
                 access_log_buffer: meshward_proxy::DEFAULT_ACCESS_LOG_BUFFER,
                 overrides: Default::default(),
+                dns_proxy: None,
             };
             (source, meshward_proxy::start(feed, options))
         };

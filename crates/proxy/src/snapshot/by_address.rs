@@ -4,8 +4,9 @@
 //! as Envoy's listeners per service address and port do in Istio.
 //!
 //! An address is owned by a service through the ServiceEntry's
-//! `addresses` (a single address, the service's VIP) and by an endpoint
-//! through its own address (a WorkloadEntry's or a listed endpoint's).
+//! `addresses` (a single address, the service's VIP) or the address
+//! allocated to it (`crate::vip`), and by an endpoint through its own
+//! address (a WorkloadEntry's or a listed endpoint's).
 //! The index is built once per snapshot; a lookup is one hash probe, then
 //! a scan of the ServiceEntries whose `addresses` are ranges (few).
 
@@ -68,6 +69,8 @@ pub struct AddressIndex {
 impl AddressIndex {
     pub fn build(services: &[Arc<Service>]) -> AddressIndex {
         let mut index = AddressIndex::default();
+        // Explicit addresses and endpoints first: an allocated address
+        // never hides one.
         for (i, svc) in services.iter().enumerate() {
             let mut ranged = false;
             for net in &svc.addresses {
@@ -86,6 +89,11 @@ impl AddressIndex {
                     .entry(ep.address)
                     .or_default()
                     .push((i, Some(e)));
+            }
+        }
+        for (i, svc) in services.iter().enumerate() {
+            for ip in &svc.allocated {
+                index.exact.entry(*ip).or_default().push((i, None));
             }
         }
         index

@@ -424,4 +424,184 @@ fn under_capture_the_application_is_at_the_workload_address() {
     let s = build(Some(crate::capture::CaptureListen::default_ports()));
     assert_eq!(app(&s), "10.0.0.9:80".parse().unwrap());
     assert!(s.capture.is_some());
+const NAMES: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: prod}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: prod}
+spec:
+  hosts: ["*.wild.example.com"]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 10.3.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: prod}
+spec:
+  hosts: [fixed.example.com]
+  addresses: [192.0.2.10, "2001:db8::10", 198.51.100.0/24]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: blocks, namespace: prod}
+spec:
+  hosts: [blocks.example.com]
+  addresses: [198.51.100.0/24]
+  ports: [{number: 80, name: http}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: headless, namespace: prod}
+spec:
+  hosts: [headless.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: NONE
+  workloadSelector: {labels: {app: legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pay, namespace: billing}
+spec:
+  hosts: [pay.billing.svc.cluster.local]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.2.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: hidden, namespace: billing}
+spec:
+  hosts: [hidden.billing.svc.cluster.local]
+  exportTo: ["."]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.2.0.2}]
+"#;
+
+fn allocated(host: &str) -> Vec<IpAddr> {
+    let (v4, v6) = crate::vip::addresses_of(crate::vip::home_slot(host));
+    vec![IpAddr::V4(v4), IpAddr::V6(v6)]
+}
+
+#[test]
+fn entries_without_addresses_get_allocated_ones_explicit_ones_win() {
+    let s = snapshot(&format!("{BASE}{NAMES}"), "prod/api").unwrap();
+    let svc = |h: &str| s.service_for_host(h).unwrap();
+    // Selected workloads, resolution NONE by default: no allocation.
+    assert!(svc("api.prod.svc.cluster.local").allocated.is_empty());
+    // STATIC and DNS without addresses: allocated from the host.
+    assert_eq!(
+        svc("api.example.com").allocated,
+        allocated("api.example.com")
+    );
+    assert_eq!(
+        svc("api.example.com").dns_addresses(),
+        allocated("api.example.com")
+    );
+    assert!(svc("*.wild.example.com").allocated.is_empty(), "wildcard");
+    assert_eq!(
+        svc("pay.billing.svc.cluster.local").allocated,
+        allocated("pay.billing.svc.cluster.local")
+    );
+    // Explicit single addresses are the DNS addresses; blocks are not.
+    assert!(svc("fixed.example.com").allocated.is_empty());
+    assert_eq!(
+        svc("fixed.example.com").dns_addresses(),
+        [ip("192.0.2.10"), ip("2001:db8::10")]
+    );
+    assert!(svc("blocks.example.com").dns_addresses().is_empty());
+    // The same host gets the same address in another workload's proxy
+    // (one that does not even see some of the services).
+    let other = snapshot(&format!("{BASE}{NAMES}"), "prod/legacy").unwrap();
+    assert_eq!(
+        other.service_for_host("api.example.com").unwrap().allocated,
+        allocated("api.example.com")
+    );
+}
+
+#[test]
+fn service_addresses_and_allocated_ones_have_owners() {
+    let s = snapshot(&format!("{BASE}{NAMES}"), "prod/api").unwrap();
+    // The service whose address it is, on a port of the service.
+    let at = |a: &str, port: u16| match s.owner_of(ip(a), port) {
+        Some(Owner::Service { svc, .. }) => Some(svc.host.as_str()),
+        _ => None,
+    };
+    assert_eq!(at("192.0.2.10", 80), Some("fixed.example.com"));
+    assert_eq!(at("2001:db8::10", 80), Some("fixed.example.com"));
+    for a in allocated("api.example.com") {
+        let owner = s.owner_of(a, 443).unwrap();
+        assert!(matches!(owner, Owner::Service { .. }));
+        assert_eq!(owner.service().host, "api.example.com");
+    }
+    // An explicit range of a NONE service is its; an endpoint's address
+    // is the endpoint's, not the service's.
+    assert_eq!(at("198.51.100.7", 80), Some("fixed.example.com"));
+    assert!(matches!(
+        s.owner_of(ip("10.1.0.1"), 80),
+        Some(Owner::Endpoint { .. })
+    ));
+    assert_eq!(at("240.240.255.254", 443).is_some(), {
+        let (v4, _) = crate::vip::addresses_of(crate::vip::SLOTS - 1);
+        s.services
+            .iter()
+            .any(|x| x.allocated.contains(&IpAddr::V4(v4)))
+    });
+}
+
+#[test]
+fn the_name_table_has_hosts_short_names_and_headless_endpoints() {
+    let s = snapshot(&format!("{BASE}{NAMES}"), "prod/api").unwrap();
+    let v4 = |n: &str| s.names.lookup(n).map(|e| e.v4.clone());
+    let v6 = |n: &str| s.names.lookup(n).map(|e| e.v6.clone());
+    // Explicit addresses, v4 and v6 kept apart; any case, final dot.
+    assert_eq!(
+        v4("Fixed.Example.com."),
+        Some(vec!["192.0.2.10".parse().unwrap()])
+    );
+    assert_eq!(
+        v6("fixed.example.com"),
+        Some(vec!["2001:db8::10".parse().unwrap()])
+    );
+    // Allocated.
+    let a = allocated("api.example.com");
+    assert_eq!(v4("api.example.com").unwrap().len(), 1);
+    assert_eq!(IpAddr::V4(v4("api.example.com").unwrap()[0]), a[0]);
+    // NONE without addresses: the endpoints (Istio's headless answer).
+    assert_eq!(
+        v4("headless.example.com"),
+        Some(vec!["10.0.0.9".parse().unwrap()])
+    );
+    assert_eq!(v6("headless.example.com"), Some(vec![]));
+    // NONE with only CIDR blocks and wildcards: not answered.
+    assert!(s.names.lookup("blocks.example.com").is_none());
+    assert!(s.names.lookup("x.wild.example.com").is_none());
+    // Kubernetes-style short names: the bare name only in the namespace.
+    let legacy = v4("legacy.prod.svc.cluster.local");
+    assert_eq!(legacy, Some(vec!["10.0.0.9".parse().unwrap()]));
+    for n in ["legacy.prod.svc", "legacy.prod", "legacy"] {
+        assert_eq!(v4(n), legacy, "{n}");
+    }
+    let pay = v4("pay.billing.svc.cluster.local");
+    assert!(pay.is_some());
+    assert_eq!(v4("pay.billing.svc"), pay);
+    assert_eq!(v4("pay.billing"), pay);
+    assert_eq!(v4("pay"), None, "another namespace's service");
+    // Not exported to this namespace: not there at all.
+    assert!(s.names.lookup("hidden.billing.svc.cluster.local").is_none());
+    assert!(s.names.lookup("hidden.billing").is_none());
+    assert!(s.names.lookup("unknown.example.com").is_none());
 }

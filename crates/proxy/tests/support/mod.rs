@@ -98,6 +98,7 @@ impl Harness {
             dns: meshward_proxy::DnsConfig::System,
             access_log_buffer: meshward_proxy::DEFAULT_ACCESS_LOG_BUFFER,
             overrides: Default::default(),
+            dns_proxy: None,
         };
         tweak(&mut options);
         let proxy = meshward_proxy::start(feed, options).await?;
