@@ -211,15 +211,22 @@ async fn unmodified_programs_talk_through_both_sidecars() {
         client_proxy.logs()
     );
 
-    // A Python client, unchanged, by the pod's address.
-    let py = client.run(
-        "python3",
-        &[
-            "-c",
-            "import urllib.request as u; print(u.urlopen('http://10.89.0.3:8080/', timeout=5).status)",
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "200", "{py:?}");
+    // A Python client, unchanged, by the short name (its namespace's) and
+    // by the server's own address.
+    for url in ["http://server:8080/", "http://10.89.0.3:8080/"] {
+        let py = client.run(
+            "python3",
+            &[
+                "-c",
+                &format!("import urllib.request as u; print(u.urlopen('{url}', timeout=5).status)"),
+            ],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&py.stdout).trim(),
+            "200",
+            "{url}: {py:?}"
+        );
+    }
 
     // STRICT: a plaintext client without a sidecar is refused.
     let (code, _) = curl(&legacy, &["http://10.89.0.3:8080/"]);

@@ -512,7 +512,6 @@ impl Snapshot {
         self.hosts.get(&bare_host(host)).map(|i| &self.services[*i])
     }
 
-
     /// A request whose host is an IP address (`10.1.2.3:8080`) has that
     /// address as its original destination: the first `resolution: NONE`
     /// service whose `addresses` contain it, and the IP.

@@ -424,6 +424,8 @@ fn under_capture_the_application_is_at_the_workload_address() {
     let s = build(Some(crate::capture::CaptureListen::default_ports()));
     assert_eq!(app(&s), "10.0.0.9:80".parse().unwrap());
     assert!(s.capture.is_some());
+}
+
 const NAMES: &str = r#"
 ---
 apiVersion: networking.istio.io/v1
