@@ -23,7 +23,7 @@ mod apply;
 mod connect;
 mod conns;
 mod dns;
-/// The DNS proxy; its query handling is public for its fuzz target.
+// The DNS proxy; its query handling is public for its fuzz target.
 pub mod dns_proxy;
 mod dr_tls;
 mod drain;
