@@ -24,7 +24,7 @@ pub mod capture;
 mod connect;
 mod conns;
 mod dns;
-/// The DNS proxy; its query handling is public for its fuzz target.
+// The DNS proxy; its query handling is public for its fuzz target.
 pub mod dns_proxy;
 mod dr_tls;
 mod drain;

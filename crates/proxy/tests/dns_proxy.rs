@@ -436,3 +436,37 @@ async fn a_dns_address_in_use_stops_the_start_with_the_address() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn past_the_in_flight_limit_forwarded_queries_get_servfail_at_once() {
+    // A silent upstream holds every forwarded query for the upstream
+    // timeout (2 s); the queries past the limit are answered at once.
+    let silent_udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_h, dns) = start(silent_udp.local_addr().unwrap()).await;
+    let limit = meshward_proxy::dns_proxy::MAX_IN_FLIGHT;
+    let extra = 20;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(dns).await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..limit + extra {
+        let mut q = question(&format!("n{i}.example.org."), RecordType::A);
+        q.metadata.id = u16::try_from(i).unwrap();
+        sock.send(&q.to_vec().unwrap()).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut early = 0;
+    while early < extra {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+            .await
+            .expect("SERVFAILs")
+            .unwrap();
+        let reply = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        early += 1;
+    }
+    assert!(
+        started.elapsed() < meshward_proxy::dns_proxy::UPSTREAM_TIMEOUT,
+        "the queries past the limit were answered before the upstream timeout ({:?})",
+        started.elapsed()
+    );
+}
