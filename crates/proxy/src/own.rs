@@ -6,7 +6,7 @@
 //! (Istio's 1337) and packets carrying its socket mark. A proxy that runs
 //! as another user marks every socket it opens towards an upstream, so
 //! that its own connections are never captured again (a loop).
-//! [`set_mark`] is called once at start; [`own`] on every upstream
+//! [`set_mark`] is called once at start; `own` on every upstream
 //! socket before it connects.
 
 use std::io;
