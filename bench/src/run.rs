@@ -606,7 +606,7 @@ async fn start_meshward(
 }
 
 /// The meshward pair with the client captured: the service gets an
-/// address of its own ([`netns::SERVICE_VIP`]), the client proxy runs
+/// address of its own ([`crate::netns::SERVICE_VIP`]), the client proxy runs
 /// with `--capture external`, and one rule of the harness's own
 /// (`netns::redirect`) sends what the load generator dials there to the
 /// client proxy's capture listener. The same traffic as the meshward
