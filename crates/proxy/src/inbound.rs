@@ -49,28 +49,38 @@ pub async fn serve(state: Arc<State>, outbound: Arc<Outbound>, port: u16, listen
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        // At `debug`, so that with the default filter it is never built.
-        let span = tracing::debug_span!(
-            "inbound",
-            src.addr = %peer,
-            src.identity = tracing::field::Empty,
-            dst.addr = tracing::field::Empty,
-            dst.identity = tracing::field::Empty,
-            tls.mode = tracing::field::Empty,
-            policy = tracing::field::Empty,
-            decision = tracing::field::Empty,
-            reason = tracing::field::Empty,
+        let conn = handle(
+            Arc::clone(&state),
+            Arc::clone(&outbound),
+            port,
+            stream,
+            peer,
         );
-        let outbound = Arc::clone(&outbound);
-        // Counted from the accept on, so a drain waits for it.
-        let guard = state.drain.guard();
-        tokio::spawn(
-            guard
-                .run(handle(state, outbound, port, stream, peer))
-                .instrument(span),
-        );
+        spawn_connection(&state, peer, conn);
     }
+}
+
+/// Runs one inbound connection's task, counted by the drain from the
+/// accept on, in its span.
+fn spawn_connection(
+    state: &State,
+    peer: SocketAddr,
+    conn: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    // At `debug`, so that with the default filter it is never built.
+    let span = tracing::debug_span!(
+        "inbound",
+        src.addr = %peer,
+        src.identity = tracing::field::Empty,
+        dst.addr = tracing::field::Empty,
+        dst.identity = tracing::field::Empty,
+        tls.mode = tracing::field::Empty,
+        policy = tracing::field::Empty,
+        decision = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    let guard = state.drain.guard();
+    tokio::spawn(guard.run(conn).instrument(span));
 }
 
 /// Accepts the connections the capture rules redirect to the inbound
@@ -104,25 +114,14 @@ pub async fn serve_captured(state: Arc<State>, outbound: Arc<Outbound>, listener
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        let span = tracing::debug_span!(
-            "inbound",
-            src.addr = %peer,
-            src.identity = tracing::field::Empty,
-            dst.addr = tracing::field::Empty,
-            dst.identity = tracing::field::Empty,
-            tls.mode = tracing::field::Empty,
-            policy = tracing::field::Empty,
-            decision = tracing::field::Empty,
-            reason = tracing::field::Empty,
+        let conn = handle_at(
+            Arc::clone(&state),
+            Arc::clone(&outbound),
+            orig,
+            stream,
+            peer,
         );
-        let outbound = Arc::clone(&outbound);
-        let guard = state.drain.guard();
-        tokio::spawn(
-            guard
-                .run(handle_at(state, outbound, orig, stream, peer))
-                .instrument(span),
-        );
+        spawn_connection(&state, peer, conn);
     }
 }
 
