@@ -62,11 +62,12 @@ pub fn rerun_inside() -> Result<ExitCode> {
 
 /// Sends TCP connections to [`SERVICE_VIP`]:`port` (but the proxy's own)
 /// to the client proxy's capture listener: the one rule the captured
-/// target needs, in a table of the harness's own (gone with the
+/// target needs, in the table a capture init step would install
+/// (`inet meshward`, which `--capture external` checks for; gone with the
 /// namespace).
 pub fn redirect(port: u16) -> Result<()> {
     let script = format!(
-        "table ip meshward-bench {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    meta mark {PROXY_MARK} return\n    ip daddr {SERVICE_VIP} tcp dport {port} redirect to :{CAPTURE_PORT}\n  }}\n}}\n"
+        "table inet meshward {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    meta mark {PROXY_MARK} return\n    ip daddr {SERVICE_VIP} tcp dport {port} redirect to :{CAPTURE_PORT}\n  }}\n}}\n"
     );
     let mut child = Command::new("nft")
         .args(["-f", "-"])

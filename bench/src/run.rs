@@ -630,7 +630,6 @@ async fn start_captured(
         (extra, &["--capture", "external"]),
     )
     .await?;
-    crate::netns::redirect(p.inbound)?;
     Ok(Deployment {
         kind,
         entry: SocketAddr::from((crate::netns::SERVICE_VIP, p.inbound)),
@@ -664,6 +663,11 @@ async fn start_pair(
     let vip = (kind == TargetKind::Captured).then_some(crate::netns::SERVICE_VIP);
     for (name, text) in meshward::config_files(&p, &certs.client_principal, vip) {
         std::fs::write(config.join(name), text)?;
+    }
+    if vip.is_some() {
+        // The client proxy (`--capture external`) starts only with the
+        // rules in place.
+        crate::netns::redirect(p.inbound)?;
     }
     let mut started = Vec::new();
     for (role, certs_dir, admin_port) in [

@@ -178,6 +178,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if args.capture.is_some() {
             crate::proxy_capture::own_traffic_exempt(args.capture_mark)?;
         }
+        if args.capture == Some(crate::proxy_capture::CaptureMode::External) {
+            crate::proxy_capture::rules_installed()?;
+        }
         let feed = match args.control {
             Some(addresses) => {
                 // clap requires both with --control.

@@ -30,7 +30,7 @@ pub fn own_traffic_exempt(mark: u32) -> anyhow::Result<()> {
         .context("--capture: cannot open a socket")?;
     match probe.set_mark(mark) {
         Ok(()) => {
-            meshward_proxy::own::set_mark(mark);
+            meshward_proxy::own::set_capture(Some(mark));
             tracing::info!(
                 mark,
                 "capture: the proxy's own connections carry the exempt mark"
@@ -40,6 +40,7 @@ pub fn own_traffic_exempt(mark: u32) -> anyhow::Result<()> {
         Err(e) => {
             let (uid, gid) = effective_ids().context("--capture: cannot read /proc/self/status")?;
             if uid == EXEMPT_ID || gid == EXEMPT_ID {
+                meshward_proxy::own::set_capture(None);
                 tracing::info!(
                     uid,
                     gid,
@@ -116,6 +117,25 @@ impl Drop for Installed {
             Err(e) => {
                 tracing::error!(error = %e, "capture rules not removed: run `meshward capture remove` in the workload's network namespace")
             }
+        }
+    }
+}
+
+/// `--capture external`: the init step must have installed the rules, or
+/// the application's traffic would bypass the proxy (inbound plaintext
+/// straight to the application). Refused when they are visibly missing;
+/// a proxy that may not read the rules (no CAP_NET_ADMIN, as an
+/// unprivileged sidecar runs) says so and trusts the init step.
+pub fn rules_installed() -> anyhow::Result<()> {
+    match meshward_capture::show() {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => anyhow::bail!(
+            "--capture external: no capture rules in this network namespace (no table inet {}): run `meshward capture install` first, or use --capture to let the proxy install them",
+            meshward_capture::TABLE
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "--capture external: cannot read the capture rules; trusting the init step that installed them");
+            Ok(())
         }
     }
 }

@@ -324,4 +324,26 @@ fn a_proxy_whose_traffic_would_loop_does_not_start() {
     let (ok, err) = run(1337);
     assert!(!ok, "started without a configuration");
     assert!(!err.contains("would be captured again"), "{err}");
+
+    // `--capture external` where no init step installed the rules (this
+    // test's own namespace has none): the application's traffic would
+    // bypass the proxy, so it does not start.
+    let out = std::process::Command::new(bin())
+        .args([
+            "proxy",
+            "--capture",
+            "external",
+            "--workload",
+            "shop/client",
+        ])
+        .args(["--config", "/nonexistent", "--certs", "/nonexistent"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no capture rules in this network namespace")
+            && err.contains("meshward capture install"),
+        "{err}"
+    );
 }

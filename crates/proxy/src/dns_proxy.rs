@@ -36,6 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
+pub(crate) use names::short_names;
 pub use names::{NameEntry, NameTable};
 pub(crate) use upstream::Upstreams;
 

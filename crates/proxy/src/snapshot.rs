@@ -357,7 +357,8 @@ pub struct Snapshot {
     /// The DNS proxy's names: each visible mesh host (and the short names
     /// of `name.ns.svc.cluster.local` hosts) with its addresses.
     pub names: NameTable,
-    /// Lower-case host (without port) to service index.
+    /// Lower-case host (without port), and the short names of
+    /// Kubernetes-style hosts, to service index.
     hosts: BTreeMap<String, usize>,
     /// Traffic capture's listeners, when capture is on.
     pub capture: Option<crate::capture::CaptureListen>,
@@ -476,7 +477,15 @@ impl Snapshot {
         let jwt = JwtPolicy::compile(engine.request_authentications(&workload), jwks);
         let peers = Registry::build(&config);
         let allocation = crate::vip::Allocation::of(&config);
-        let (services, hosts) = build_services(&config, &workload, dns, &peers, &allocation);
+        let (services, mut hosts) = build_services(&config, &workload, dns, &peers, &allocation);
+        // A request may name a Kubernetes-style host by its short names
+        // (`catalog`, `catalog.production`), as the DNS proxy answers
+        // them: a full host wins, then the first service.
+        for (i, svc) in services.iter().enumerate() {
+            for alt in crate::dns_proxy::short_names(&svc.host, &workload.namespace) {
+                hosts.entry(alt).or_insert(i);
+            }
+        }
         let by_address = by_address::AddressIndex::build(&services);
         let names = NameTable::build(&services, &workload.namespace);
         let own = peers

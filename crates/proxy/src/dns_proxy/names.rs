@@ -130,8 +130,10 @@ fn split(addresses: impl IntoIterator<Item = IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv
 }
 
 /// The alternative names of a `name.ns.svc.cluster.local` host, as seen
-/// from namespace `client_ns`; none for other hosts.
-fn short_names(host: &str, client_ns: &str) -> Vec<String> {
+/// from namespace `client_ns`; none for other hosts. The DNS proxy answers
+/// them, and a request's `Host` may name them (`crate::snapshot`), as
+/// Istio's virtual hosts list them.
+pub(crate) fn short_names(host: &str, client_ns: &str) -> Vec<String> {
     let Some(rest) = host.strip_suffix(SERVICE_DOMAIN) else {
         return Vec::new();
     };

@@ -418,13 +418,17 @@ pub(super) fn service<'s>(
             .or(svc.ports.first())
             .ok_or_else(|| RouteError::NoPort(svc.name.clone(), 0))?,
     };
+    // By the service's own host: `host` may be a short name of it.
     let endpoints = match original {
         Some(ip) => vec![svc.implicit.at(ip)],
-        None => svc.endpoints_for(host).into_owned(),
+        None => svc.endpoints_for(&svc.host).into_owned(),
     };
     if endpoints.is_empty() {
         let service = format!("{}/{}", svc.namespace, svc.name);
-        return Err(RouteError::NoEndpoints(service, svc.why_no_endpoint(host)));
+        return Err(RouteError::NoEndpoints(
+            service,
+            svc.why_no_endpoint(&svc.host),
+        ));
     }
     Ok((svc, svc_port.number, endpoints))
 }

@@ -607,3 +607,52 @@ fn the_name_table_has_hosts_short_names_and_headless_endpoints() {
     assert!(s.names.lookup("hidden.billing").is_none());
     assert!(s.names.lookup("unknown.example.com").is_none());
 }
+
+/// A request may name a Kubernetes-style host by the short names the DNS
+/// proxy answers: `name.ns.svc`, `name.ns`, and `name` from the same
+/// namespace only.
+#[test]
+fn requests_may_name_kubernetes_hosts_by_their_short_names() {
+    let yaml = format!(
+        "{BASE}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: cart, namespace: prod}}
+spec:
+  hosts: [cart.prod.svc.cluster.local]
+  ports: [{{number: 8080, name: http}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.4.0.1}}]
+"
+    );
+    let from_prod = snapshot(&yaml, "prod/api").unwrap();
+    let host = |s: &Snapshot, h: &str| s.service_for_host(h).map(|svc| svc.host.clone());
+    for name in [
+        "cart",
+        "cart:8080",
+        "CART.prod",
+        "cart.prod.svc",
+        "cart.prod.svc.cluster.local",
+    ] {
+        assert_eq!(
+            host(&from_prod, name).as_deref(),
+            Some("cart.prod.svc.cluster.local"),
+            "{name}"
+        );
+    }
+    let from_other = snapshot(
+        &format!(
+            "{yaml}---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: client, namespace: other}}
+spec: {{address: 10.5.0.1}}
+"
+        ),
+        "other/client",
+    )
+    .unwrap();
+    assert!(host(&from_other, "cart.prod").is_some());
+    assert_eq!(host(&from_other, "cart"), None);
+    assert_eq!(host(&from_prod, "cart.other"), None);
+}
